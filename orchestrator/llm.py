@@ -1,0 +1,289 @@
+"""An async client pool for OpenAI-compatible servers (vLLM, OpenRouter, the trainer service).
+
+One `httpx.AsyncClient` per base_url (connections are reused across requests and endpoints that share a
+server), a concurrency limit per endpoint, an optional global limit on requests in flight across every search,
+timeouts, and retries with jittered exponential backoff on 429 / 5xx / connection errors / timeouts / malformed
+JSON, honouring `Retry-After`. API keys come from the environment variable an endpoint names; they are sent as a
+Bearer header and never appear in errors, logs or reprs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from orchestrator.settings import EndpointSpec
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class LLMError(Exception):
+    """A request to an endpoint failed for good. Carries no secrets: endpoint name, status and a short message."""
+
+    def __init__(self, endpoint: str, status: int | None, message: str, retryable: bool = False):
+        self.endpoint = endpoint
+        self.status = status
+        self.message = message
+        self.retryable = retryable
+        super().__init__(f"[{endpoint}] {'HTTP ' + str(status) if status else 'error'}: {message}")
+
+
+class LogprobsUnavailable(LLMError):
+    """Log-probs were asked for and the server answered without them."""
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str | None
+    token_logprobs: list[float] | None = None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if not self.token_logprobs:
+            return None
+        return sum(self.token_logprobs) / len(self.token_logprobs)
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    usage: dict = field(default_factory=dict)
+    adapter_version: int | None = None
+    endpoint: str = ""
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Full-jitter exponential backoff: wait U(0, min(cap, base * 2**attempt)), or Retry-After when given."""
+
+    max_retries: int = 3
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 8.0
+    retry_after_max_s: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry_after_max_s)
+        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt)))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def api_key(endpoint: EndpointSpec, environ: dict | None = None) -> str | None:
+    if not endpoint.api_key_env:
+        return None
+    return (environ if environ is not None else os.environ).get(endpoint.api_key_env) or None
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def parse_completion(data: dict, endpoint: str, chat: bool, want_logprobs: bool) -> Completion:
+    """OpenAI response JSON -> Completion; raises LLMError for shapes that are not a completion."""
+    try:
+        raw_choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        choices = []
+        for c in raw_choices:
+            text = (c.get("message") or {}).get("content") if chat else c.get("text")
+            lp = c.get("logprobs")
+            token_logprobs = None
+            if lp:
+                if chat:
+                    token_logprobs = [float(t["logprob"]) for t in (lp.get("content") or [])]
+                else:
+                    token_logprobs = [float(x) for x in (lp.get("token_logprobs") or []) if x is not None]
+            if want_logprobs and token_logprobs is None:
+                raise LogprobsUnavailable(endpoint, None, "logprobs were requested but the server returned none "
+                                          "(does this server support logprobs for this model?)")
+            choices.append(Choice(text=text or "", finish_reason=c.get("finish_reason"),
+                                  token_logprobs=token_logprobs))
+    except LLMError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LLMError(endpoint, None, f"malformed completion response ({type(exc).__name__})", retryable=True)
+    version = data.get("adapter_version")
+    return Completion(choices=choices, usage=data.get("usage") or {}, endpoint=endpoint,
+                      adapter_version=int(version) if isinstance(version, int) else None)
+
+
+class LLMPool:
+    """Shared by every search of a process. Use as `async with LLMPool(...) as pool:`."""
+
+    def __init__(self, max_in_flight: int | None = None, retry: RetryPolicy | None = None,
+                 environ: dict | None = None, extra_headers: dict | None = None):
+        self.retry = retry or RetryPolicy()
+        self._environ = environ
+        self._extra_headers = dict(extra_headers or {})
+        self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._endpoint_limits: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._global_limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        # Counters for stats and the bench; plain ints mutated only from the event loop.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+        self.errors: Counter[str] = Counter()
+        self.retries = 0
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> "LLMPool":
+        pool = cls(max_in_flight=settings.max_requests_in_flight, **kwargs)
+        if getattr(settings, "api_token", None) is not None:
+            # The trainer's routes need the deployment's API_TOKEN once it is set; no endpoint names a key env.
+            pool._base_url_keys[settings.trainer_v1.rstrip("/")] = settings.api_token.get_secret_value()
+        return pool
+
+    async def __aenter__(self) -> "LLMPool":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    def _client(self, endpoint: EndpointSpec) -> httpx.AsyncClient:
+        base = endpoint.base_url.rstrip("/")
+        client = self._clients.get(base)
+        if client is None:
+            client = httpx.AsyncClient(
+                base_url=base,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
+                headers={"User-Agent": "alphazero-llm-trainer"},
+            )
+            self._clients[base] = client
+        return client
+
+    def _limit(self, endpoint: EndpointSpec) -> asyncio.Semaphore:
+        key = (endpoint.base_url, endpoint.name)
+        sem = self._endpoint_limits.get(key)
+        if sem is None:
+            sem = self._endpoint_limits[key] = asyncio.Semaphore(endpoint.max_concurrency)
+        return sem
+
+    async def chat(self, endpoint: EndpointSpec, messages: list[dict], **params) -> Completion:
+        """POST /chat/completions. `params` are OpenAI fields (n, max_tokens, temperature, stop, seed, logprobs,
+        top_logprobs, ...) plus vLLM extensions (continue_final_message, add_generation_prompt)."""
+        payload = {"model": endpoint.model, "messages": messages, **_drop_none(params)}
+        want = bool(payload.get("logprobs"))
+        data, latency = await self._post(endpoint, "/chat/completions", payload)
+        completion = parse_completion(data, endpoint.name, chat=True, want_logprobs=want)
+        completion.latency_s = latency
+        return completion
+
+    async def complete(self, endpoint: EndpointSpec, prompt: str, **params) -> Completion:
+        """POST /completions (raw prompt). `logprobs` is an int here, as in the OpenAI completions API."""
+        payload = {"model": endpoint.model, "prompt": prompt, **_drop_none(params)}
+        want = payload.get("logprobs") is not None and payload.get("logprobs") is not False
+        data, latency = await self._post(endpoint, "/completions", payload)
+        completion = parse_completion(data, endpoint.name, chat=False, want_logprobs=want)
+        completion.latency_s = latency
+        return completion
+
+    async def _post(self, endpoint: EndpointSpec, path: str, payload: dict) -> tuple[dict, float]:
+        key = api_key(endpoint, self._environ) or self._base_url_keys.get(endpoint.base_url.rstrip("/"))
+        headers = dict(self._extra_headers)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(endpoint.timeout_s, connect=min(endpoint.timeout_s, 10.0))
+        client = self._client(endpoint)
+        last: LLMError | None = None
+        for attempt in range(self.retry.max_retries + 1):
+            retry_after = None
+            try:
+                async with self._slot(endpoint):
+                    started = time.perf_counter()
+                    response = await client.post(path, json=payload, headers=headers, timeout=timeout)
+                    body = response.content
+                    latency = time.perf_counter() - started
+                if response.status_code == 200:
+                    try:
+                        return json.loads(body), latency
+                    except ValueError:
+                        last = LLMError(endpoint.name, 200, "response is not valid JSON", retryable=True)
+                else:
+                    detail = _scrub(body[:300].decode("utf-8", "replace"), key)
+                    retryable = response.status_code in RETRYABLE_STATUS
+                    last = LLMError(endpoint.name, response.status_code, detail or response.reason_phrase,
+                                    retryable=retryable)
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+            except httpx.TimeoutException as exc:
+                last = LLMError(endpoint.name, None, f"timeout after {endpoint.timeout_s:g}s ({type(exc).__name__})",
+                                retryable=True)
+            except httpx.TransportError as exc:
+                last = LLMError(endpoint.name, None, f"connection error ({type(exc).__name__})", retryable=True)
+            self.errors[endpoint.name] += 1
+            if not last.retryable or attempt == self.retry.max_retries:
+                break
+            self.retries += 1
+            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        assert last is not None
+        raise last
+
+    def _slot(self, endpoint: EndpointSpec):
+        return _Slot(self, self._limit(endpoint))
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "retries": self.retries, "errors": dict(self.errors)}
+
+
+class _Slot:
+    """Holds the global and the per-endpoint limit around one HTTP attempt (not across backoff sleeps)."""
+
+    def __init__(self, pool: LLMPool, endpoint_limit: asyncio.Semaphore):
+        self.pool, self.endpoint_limit = pool, endpoint_limit
+
+    async def __aenter__(self):
+        if self.pool._global_limit is not None:
+            await self.pool._global_limit.acquire()
+        try:
+            await self.endpoint_limit.acquire()
+        except BaseException:
+            if self.pool._global_limit is not None:
+                self.pool._global_limit.release()
+            raise
+        pool = self.pool
+        pool.requests += 1
+        pool.in_flight += 1
+        pool.max_in_flight = max(pool.max_in_flight, pool.in_flight)
+
+    async def __aexit__(self, *exc):
+        self.pool.in_flight -= 1
+        self.endpoint_limit.release()
+        if self.pool._global_limit is not None:
+            self.pool._global_limit.release()
+
+
+def _drop_none(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}

@@ -1,0 +1,111 @@
+"""Async client for the trainer service's own routes (/health, /logprobs, /grpo/step, /checkpoints).
+
+Chat and completions from the student go through `LLMPool` like any OpenAI-compatible server; this client
+covers the rest. Idempotent calls are retried on 503 (model loading), 429/5xx and connection errors; a
+/grpo/step is retried only when it carries a step_key, which makes a replay harmless on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from orchestrator.llm import RETRYABLE_STATUS, RetryPolicy, parse_retry_after
+
+
+class TrainerError(Exception):
+    def __init__(self, status: int | None, message: str, retryable: bool = False):
+        self.status, self.message, self.retryable = status, message, retryable
+        super().__init__(f"trainer {'HTTP ' + str(status) if status else 'error'}: {message}")
+
+
+class TrainerClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8001", api_token: str | None = None,
+                 timeout_s: float = 600.0, retry: RetryPolicy | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
+        self.requests = 0
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> "TrainerClient":
+        token = settings.api_token.get_secret_value() if settings.api_token is not None else None
+        return cls(settings.trainer_url, api_token=token, **kwargs)
+
+    async def __aenter__(self) -> "TrainerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # --- routes -----------------------------------------------------------------------------------------
+    async def health(self) -> dict:
+        return await self._call("GET", "/health")
+
+    async def logprobs(self, items: list[dict], model: str = "student") -> dict:
+        """items: [{prompt?|messages?, context?, completion}] -> {adapter_version, results:[{mean, sum, ...}]}."""
+        return await self._call("POST", "/logprobs", {"model": model, "items": items})
+
+    async def grpo_step(self, items: list[dict], loss: dict, step_key: str | None = None) -> dict:
+        body = {"items": items, "loss": loss}
+        if step_key is not None:
+            body["step_key"] = step_key
+        return await self._call("POST", "/grpo/step", body, idempotent=step_key is not None)
+
+    async def save_checkpoint(self, name: str | None = None) -> dict:
+        return await self._call("POST", "/checkpoints", {"name": name} if name else {}, idempotent=False)
+
+    async def load_checkpoint(self, name: str) -> dict:
+        return await self._call("POST", "/checkpoints/load", {"name": name})
+
+    async def list_checkpoints(self) -> dict:
+        return await self._call("GET", "/checkpoints")
+
+    async def wait_ready(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> dict:
+        """Poll /health until the service answers "ok" (it says 503 while loading)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                health = await self.health()
+                if health.get("status") == "ok":
+                    return health
+            except TrainerError:
+                pass
+            if time.monotonic() > deadline:
+                raise TrainerError(None, f"not ready after {timeout_s:g}s")
+            await asyncio.sleep(poll_s)
+
+    # --- transport ----------------------------------------------------------------------------------------
+    async def _call(self, method: str, path: str, body: dict | None = None, idempotent: bool = True) -> dict:
+        attempts = self.retry.max_retries + 1 if idempotent else 1
+        last: TrainerError | None = None
+        for attempt in range(attempts):
+            retry_after = None
+            try:
+                self.requests += 1
+                response = await self._client.request(method, path, json=body)
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        last = TrainerError(200, f"{path}: response is not valid JSON", retryable=True)
+                else:
+                    last = TrainerError(response.status_code, f"{path}: {response.text[:300]}",
+                                        retryable=response.status_code in RETRYABLE_STATUS)
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+            except httpx.TimeoutException as exc:
+                last = TrainerError(None, f"{path}: timeout ({type(exc).__name__})", retryable=True)
+            except httpx.TransportError as exc:
+                last = TrainerError(None, f"{path}: connection error ({type(exc).__name__})", retryable=True)
+            if not last.retryable or attempt == attempts - 1:
+                break
+            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        assert last is not None
+        raise last
