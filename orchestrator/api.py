@@ -1,0 +1,236 @@
+"""The orchestrator's REST API: a thin HTTP layer over the JobManager.
+
+    POST /train, POST /eval            -> 202 {job_id}
+    GET  /jobs, GET /jobs/{id}          status, progress, metrics, result
+    GET  /jobs/{id}/events              server-sent events, replayed from Last-Event-ID
+    GET  /jobs/{id}/steps               per-step metrics of a train job
+    POST /jobs/{id}/cancel, /resume
+    GET  /jobs/{id}/trees/{n}           one search tree as JSON (?format=svg for a picture)
+    GET  /jobs/{id}/results.jsonl       per-problem eval results; /jobs/{id}/files/{name} other job files
+    GET  /health                        reachability of every configured endpoint
+    GET  /metrics                       Prometheus
+OpenAPI docs at /docs. With API_TOKEN set, every route but /health needs `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+from orchestrator.events import SSE_KEEPALIVE, sse_frame
+from orchestrator.jobs import JobManager, JobNotFound, JobStateError
+from orchestrator.schemas import (EndpointHealth, EvalRequest, HealthView, JobAccepted, JobList, JobView,
+                                  TrainRequest)
+from orchestrator.settings import EndpointSpec, Settings
+from orchestrator.store import JobRecord
+from orchestrator.telemetry import CONTENT_TYPE_LATEST, Telemetry
+
+JOB_FILES = {"curves.png", "report.png", "report.html", "report.json", "eval.jsonl"}
+
+
+def job_links(job_id: str) -> dict[str, str]:
+    base = f"/jobs/{job_id}"
+    return {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel", "resume": f"{base}/resume"}
+
+
+def job_view(job: JobRecord) -> JobView:
+    links = job_links(job.id)
+    if job.kind == "train":
+        links.update(steps=f"/jobs/{job.id}/steps", trees=f"/jobs/{job.id}/trees/{{n}}",
+                     plot=f"/jobs/{job.id}/files/curves.png")
+    else:
+        links.update(results=f"/jobs/{job.id}/results.jsonl", report=f"/jobs/{job.id}/files/report.html",
+                     plot=f"/jobs/{job.id}/files/report.png")
+    return JobView(id=job.id, kind=job.kind, status=job.status, request=job.request, progress=job.progress,
+                   metrics=job.metrics, result=job.result, error=job.error, created=job.created,
+                   updated=job.updated, links=links)
+
+
+async def probe(client: httpx.AsyncClient, name: str, url: str, headers: dict | None = None) -> EndpointHealth:
+    started = time.perf_counter()
+    try:
+        response = await client.get(url, headers=headers or {})
+        ok = response.status_code == 200
+        return EndpointHealth(name=name, url=url, ok=ok, status_code=response.status_code,
+                              latency_ms=round(1000 * (time.perf_counter() - started), 1),
+                              error=None if ok else response.text[:200])
+    except httpx.HTTPError as exc:
+        return EndpointHealth(name=name, url=url, ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def endpoint_probes(settings: Settings) -> list[tuple[str, str, EndpointSpec | None]]:
+    """(name, url, endpoint) of everything the orchestrator talks to; OpenAI servers are probed at /models."""
+    probes: list[tuple[str, str, EndpointSpec | None]] = [("trainer", settings.trainer_url.rstrip("/") + "/health",
+                                                           None)]
+    seen = {probes[0][1]}
+    for endpoint in [*settings.teacher_endpoints(), settings.checker_endpoint()]:
+        url = endpoint.base_url.rstrip("/") + "/models"
+        if url not in seen:
+            seen.add(url)
+            probes.append((endpoint.name, url, endpoint))
+    return probes
+
+
+def probe_headers(settings: Settings, endpoint: EndpointSpec | None, token: str | None) -> dict[str, str]:
+    """The endpoint's own key when it names one; the deployment's API_TOKEN for the trainer."""
+    if endpoint is not None and endpoint.api_key_env:
+        key = os.environ.get(endpoint.api_key_env)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+    on_trainer = endpoint is None or endpoint.base_url.startswith(settings.trainer_url.rstrip("/"))
+    return {"Authorization": f"Bearer {token}"} if token and on_trainer else {}
+
+
+def create_app(settings: Settings | None = None, manager: JobManager | None = None) -> FastAPI:
+    settings = settings or Settings()
+    telemetry = manager.telemetry if manager and manager.telemetry else Telemetry()
+    manager = manager or JobManager(settings, telemetry=telemetry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await manager.start()
+        yield
+        await manager.close()
+
+    app = FastAPI(title="alphazero-llm-trainer orchestrator", version="0.1.0", lifespan=lifespan,
+                  description="Train a small LLM on GSM8K with AlphaZero-style MCTS + GRPO. Jobs run in the "
+                              "background; follow them with GET /jobs/{id} or the SSE stream.")
+    app.state.settings, app.state.manager, app.state.telemetry = settings, manager, telemetry
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+
+    async def require_token(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(require_token)]
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        telemetry.http_requests.labels(method=request.method, route=getattr(route, "path", "unmatched"),
+                                       status=str(response.status_code)).inc()
+        return response
+
+    async def get_job(job_id: str) -> JobRecord:
+        try:
+            return await manager.get(job_id)
+        except JobNotFound:
+            raise HTTPException(404, f"no job {job_id!r}") from None
+
+    # --- jobs -------------------------------------------------------------------------------------------
+    @app.post("/train", status_code=202, response_model=JobAccepted, dependencies=auth)
+    async def train(body: TrainRequest) -> JobAccepted:
+        job = await manager.submit("train", body.model_dump(mode="json"))
+        return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
+
+    @app.post("/eval", status_code=202, response_model=JobAccepted, dependencies=auth)
+    async def evaluate(body: EvalRequest) -> JobAccepted:
+        job = await manager.submit("eval", body.model_dump(mode="json"))
+        return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
+
+    @app.get("/jobs", response_model=JobList, dependencies=auth)
+    async def list_jobs(limit: int = Query(100, ge=1, le=1000), status: str | None = None,
+                        kind: str | None = None) -> JobList:
+        return JobList(jobs=[job_view(j) for j in await manager.list(limit, status, kind)])
+
+    @app.get("/jobs/{job_id}", response_model=JobView, dependencies=auth)
+    async def show_job(job_id: str) -> JobView:
+        return job_view(await get_job(job_id))
+
+    @app.get("/jobs/{job_id}/steps", dependencies=auth)
+    async def job_steps(job_id: str) -> dict:
+        await get_job(job_id)
+        return {"job_id": job_id, "steps": await manager.steps(job_id)}
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobView, dependencies=auth)
+    async def cancel_job(job_id: str) -> JobView:
+        await get_job(job_id)
+        try:
+            return job_view(await manager.cancel(job_id))
+        except JobStateError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/jobs/{job_id}/resume", status_code=202, response_model=JobView, dependencies=auth)
+    async def resume_job(job_id: str) -> JobView:
+        await get_job(job_id)
+        try:
+            return job_view(await manager.resume(job_id))
+        except JobStateError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.get("/jobs/{job_id}/events", dependencies=auth,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}})
+    async def job_events(job_id: str, last_event_id: str | None = Header(default=None),
+                         after: int | None = Query(None, ge=0, description="replay events after this id")):
+        await get_job(job_id)
+        start = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+
+        async def stream():
+            async for event in manager.hub.follow(job_id, start):
+                yield SSE_KEEPALIVE if event is None else sse_frame(event)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/jobs/{job_id}/trees/{n}", dependencies=auth)
+    async def job_tree(job_id: str, n: int, format: str = Query("json", pattern="^(json|svg)$")):
+        await get_job(job_id)
+        path = manager.job_dir(job_id) / "trees" / f"{n:06d}.json"
+        if n < 0 or not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no tree {n}")
+        if format == "json":
+            return FileResponse(path, media_type="application/json")
+        from orchestrator import plots
+
+        record = json.loads(await asyncio.to_thread(path.read_text))
+        return Response(plots.tree_svg(record["tree"]), media_type="image/svg+xml")
+
+    @app.get("/jobs/{job_id}/results.jsonl", dependencies=auth)
+    async def job_results(job_id: str):
+        job = await get_job(job_id)
+        path = manager.job_dir(job_id) / "eval.jsonl"
+        if job.kind != "eval" or not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no per-problem results (yet)")
+        return FileResponse(path, media_type="application/x-ndjson", filename=f"{job_id}.jsonl")
+
+    @app.get("/jobs/{job_id}/files/{name}", dependencies=auth)
+    async def job_file(job_id: str, name: str):
+        await get_job(job_id)
+        path: Path = manager.job_dir(job_id) / name
+        if name not in JOB_FILES or not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no file {name!r}")
+        return FileResponse(path)
+
+    # --- service ----------------------------------------------------------------------------------------
+    @app.get("/health", response_model=HealthView)
+    async def health() -> HealthView:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            endpoints = list(await asyncio.gather(*(
+                probe(client, name, url, probe_headers(settings, endpoint, token))
+                for name, url, endpoint in endpoint_probes(settings))))
+        counts = await manager.store.count_by_status()
+        return HealthView(status="ok" if all(e.ok for e in endpoints) else "degraded", endpoints=endpoints,
+                          jobs=counts)
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        telemetry.set_job_counts(await manager.store.count_by_status())
+        return Response(telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(JobNotFound)
+    async def not_found(_request: Request, exc: JobNotFound):
+        return JSONResponse({"detail": f"no job {exc.args[0]!r}"}, status_code=404)
+
+    return app

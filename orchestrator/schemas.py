@@ -1,0 +1,135 @@
+"""Request and response bodies of the orchestrator's REST API, with the limits a request must respect.
+
+Unknown fields are rejected (extra="forbid") so a typo gives a 422 naming the field instead of being ignored.
+Search fields left out (None) fall back to the service settings (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS,
+MAX_TOKENS, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+GSM8K_TRAIN_SIZE = 7473
+GSM8K_TEST_SIZE = 1319
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchParams(_Strict):
+    """Overrides of the search defaults for one job."""
+
+    max_depth: int | None = Field(default=None, ge=1, le=64, description="deepest reasoning step of a path")
+    iterations: int | None = Field(default=None, ge=1, le=4096, description="MCTS simulations per problem")
+    max_tokens: int | None = Field(default=None, ge=16, le=65536, description="token budget of one search path")
+    chunk_tokens: int | None = Field(default=None, ge=4, le=4096, description="cap of one reasoning step")
+    parallel_simulations: int | None = Field(default=None, ge=1, le=256)
+    selection: Literal["puct", "uct"] | None = None
+    c_puct: float | None = Field(default=None, gt=0, le=100)
+    n_teacher_right: int | None = Field(default=None, ge=0, le=64)
+    n_teacher_wrong: int | None = Field(default=None, ge=0, le=64)
+    n_student: int | None = Field(default=None, ge=0, le=64)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    rollout: bool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class LossParams(_Strict):
+    """The /grpo/step loss settings (see the trainer contract)."""
+
+    type: Literal["grpo", "dr_grpo", "legacy"] = "grpo"
+    beta: float = Field(default=0.04, ge=0, le=10)
+    clip_eps: float = Field(default=0.2, gt=0, le=10)
+    clip_eps_high: float | None = Field(default=None, gt=0, le=10)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
+    micro_batch_size: int = Field(default=8, ge=1, le=1024)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+
+
+class TrainRequest(_Strict):
+    split: Literal["train", "test"] = "train"
+    num_examples: int = Field(default=8, ge=1, le=GSM8K_TRAIN_SIZE, description="problems to train on")
+    offset: int = Field(default=0, ge=0, le=GSM8K_TRAIN_SIZE - 1, description="index of the first problem")
+    epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=2, ge=1, le=256, description="problems (search trees) per GRPO step")
+    search: SearchParams = Field(default_factory=SearchParams)
+    loss: LossParams = Field(default_factory=LossParams)
+    advantage_mode: Literal["flat", "tree"] = "flat"
+    advantage_clip: float = Field(default=5.0, gt=0, le=100)
+    checkpoint_every: int = Field(default=1, ge=1, le=100000, description="save a checkpoint every N steps")
+    eval_every: int | None = Field(default=None, ge=1, le=100000, description="evaluate every M steps")
+    eval_examples: int = Field(default=10, ge=1, le=GSM8K_TEST_SIZE)
+    eval_max_tokens: int = Field(default=256, ge=16, le=4096)
+    trees_in_flight: int | None = Field(default=None, ge=1, le=1024, description="searches run concurrently")
+
+    @model_validator(mode="after")
+    def _fits_split(self) -> "TrainRequest":
+        size = GSM8K_TRAIN_SIZE if self.split == "train" else GSM8K_TEST_SIZE
+        if self.offset + self.num_examples > size:
+            raise ValueError(f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
+                             f"{size} problems of the {self.split} split")
+        return self
+
+
+class EvalRequest(_Strict):
+    split: Literal["train", "test"] = "test"
+    num_examples: int = Field(default=50, ge=1, le=GSM8K_TEST_SIZE)
+    offset: int = Field(default=0, ge=0, le=GSM8K_TRAIN_SIZE - 1)
+    models: list[Literal["base", "student"]] = Field(default_factory=lambda: ["base", "student"], min_length=1,
+                                                      max_length=2)
+    max_tokens: int = Field(default=256, ge=16, le=4096, description="token budget of one answer")
+    concurrency: int = Field(default=8, ge=1, le=256, description="answers requested at once")
+
+    @model_validator(mode="after")
+    def _fits_split(self) -> "EvalRequest":
+        size = GSM8K_TRAIN_SIZE if self.split == "train" else GSM8K_TEST_SIZE
+        if self.offset + self.num_examples > size:
+            raise ValueError(f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
+                             f"{size} problems of the {self.split} split")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models must not repeat")
+        return self
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    links: dict[str, str]
+
+
+class JobView(BaseModel):
+    id: str
+    kind: Literal["train", "eval"]
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+    request: dict[str, Any]
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created: float
+    updated: float
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class EndpointHealth(BaseModel):
+    name: str
+    url: str
+    ok: bool
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class HealthView(BaseModel):
+    status: Literal["ok", "degraded"]
+    endpoints: list[EndpointHealth]
+    jobs: dict[str, int]
