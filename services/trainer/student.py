@@ -1,0 +1,447 @@
+"""The student engine: one causal LM with a LoRA adapter that generates, scores and learns.
+
+It knows nothing of HTTP or of queues; exactly one thread (the batcher's worker) calls it at a time.
+Backends: Unsloth FastLanguageModel (4-bit + LoRA) on CUDA when installed; otherwise transformers + peft, with
+bitsandbytes 4-bit on CUDA and float32 on CPU. "base" = the same model with the adapter disabled (no copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .grpo import grpo_loss, selective_log_softmax
+from .model_source import ModelSourceError, resolve_model
+from .sampling import sample_next
+from .settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no log-probs; k >= 0: the sampled token's plus the top k alternatives
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # the generated ids behind `text` (an end-of-sequence token is not included)
+    text: str
+    finish_reason: str  # "stop" | "length"
+    num_generated: int  # tokens produced, including a final end-of-sequence token
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class ScoreItem:
+    context_ids: list[int]  # conditioning only
+    completion_ids: list[int]  # scored
+
+
+@dataclass
+class GrpoItem:
+    context_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    old_logprobs: list[float] | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    type: str = "grpo"
+    beta: float = 0.04
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8
+    learning_rate: float | None = None
+    max_length: int | None = None  # dr_grpo's constant; None = the longest completion of the step
+
+
+@dataclass
+class StepResult:
+    loss: float
+    kl: float
+    clip_fraction: float
+    grad_norm: float
+    tokens: int
+    adapter_version: int
+    step: int
+
+
+class Student:
+    def __init__(self, model, tokenizer, *, backend: str, device: torch.device, name: str,
+                 settings: TrainerSettings):
+        self.model = model  # a peft model
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.device = device
+        self.name = name
+        self.max_context = settings.max_context
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.step = 0
+        self.adapter_version = 0
+        self.forward_passes = 0  # model forward calls, reported by /health
+        self.last_step_key: str | None = None
+        self.last_step_result: StepResult | None = None
+        self.sampling_generator = torch.Generator().manual_seed(settings.seed)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.base_learning_rate = settings.learning_rate
+        self.optimizer = _make_optimizer(self.trainable, settings, device)
+        causal_lm = model.get_base_model()
+        self.decoder = causal_lm.model  # the transformer stack: hidden states without the lm_head
+        self.lm_head = causal_lm.get_output_embeddings()
+        model.eval()
+
+    # ----- adapters -----
+    def adapter(self, enabled: bool):
+        """Context in which the model runs with its LoRA adapter on ("student") or off ("base")."""
+        return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+
+    # ----- generation -----
+    @torch.inference_mode()
+    def generate(self, requests: list[GenerationRequest], *, use_adapter: bool = True) -> list[list[Sample]]:
+        """Generate for many requests in one batched decode loop; returns each request's n samples.
+
+        Prompts are left-padded and prefilled once each; the KV cache is then expanded so a request's n samples
+        share its prefill. Finished rows leave the batch (their cache rows are dropped).
+        """
+        with self.adapter(use_adapter):
+            return self._generate(requests)
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[list[Sample]]:
+        from transformers import DynamicCache
+
+        input_ids, mask = self._left_pad([r.prompt_ids for r in requests])
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.forward_passes += 1
+        owner = [i for i, r in enumerate(requests) for _ in range(r.n)]  # row -> request
+        sample_index = [j for r in requests for j in range(r.n)]
+        expand = torch.tensor(owner, device=self.device)
+        cache.batch_select_indices(expand)
+        logits = out.logits[:, -1, :][expand]
+        mask = mask[expand]
+        rows = list(range(len(owner)))  # live rows -> index into owner
+        generated: list[list[int]] = [[] for _ in owner]
+        logprobs: list[list[float]] = [[] for _ in owner]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in owner]
+        finish: list[str | None] = [None] * len(owner)
+        stop_cut: list[int | None] = [None] * len(owner)
+        generators = [self._row_generator(requests[owner[r]], sample_index[r]) for r in rows]
+
+        while rows:
+            reqs = [requests[owner[r]] for r in rows]
+            next_ids = sample_next(logits, [q.temperature for q in reqs], [q.top_p for q in reqs],
+                                   [generators[r] for r in rows], self.sampling_generator)
+            want_logprobs = [q.logprobs is not None for q in reqs]
+            if any(want_logprobs):
+                log_dist = torch.log_softmax(logits.float(), dim=-1)
+                picked = log_dist.gather(-1, next_ids.unsqueeze(1)).squeeze(1).tolist()
+                k_max = max(q.logprobs or 0 for q in reqs)
+                top_v, top_i = (log_dist.topk(k_max, dim=-1) if k_max else (None, None))
+            next_list = next_ids.tolist()
+            keep = []
+            for k, r in enumerate(rows):
+                token, req = next_list[k], reqs[k]
+                generated[r].append(token)
+                if want_logprobs[k]:
+                    logprobs[r].append(picked[k])
+                    if req.logprobs:
+                        tops[r].append(list(zip(top_i[k, :req.logprobs].tolist(),
+                                                top_v[k, :req.logprobs].tolist())))
+                if token in self.eos_ids:
+                    finish[r] = "stop"
+                elif req.stop and (cut := self._stop_position(generated[r], req.stop)) is not None:
+                    finish[r], stop_cut[r] = "stop", cut
+                elif len(generated[r]) >= req.max_tokens:
+                    finish[r] = "length"
+                else:
+                    keep.append(k)
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                next_ids = next_ids[index]
+                rows = [rows[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            out = self.model(input_ids=next_ids.unsqueeze(1).to(self.device), attention_mask=mask,
+                             position_ids=(mask.sum(1, keepdim=True) - 1), past_key_values=cache, use_cache=True)
+            self.forward_passes += 1
+            logits = out.logits[:, -1, :]
+
+        results: list[list[Sample]] = [[] for _ in requests]
+        for r, request_index in enumerate(owner):
+            results[request_index].append(self._finish_sample(requests[request_index], generated[r], logprobs[r],
+                                                              tops[r], finish[r] or "length", stop_cut[r]))
+        return results
+
+    def _row_generator(self, request: GenerationRequest, sample_index: int) -> torch.Generator | None:
+        if request.seed is None:
+            return None
+        return torch.Generator().manual_seed((request.seed * 1_000_003 + sample_index) % (2**63))
+
+    def _stop_position(self, ids: list[int], stops: list[str]) -> int | None:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _finish_sample(self, request, ids, logprobs, tops, finish_reason, stop_cut) -> Sample:
+        num_generated = len(ids)
+        if ids and ids[-1] in self.eos_ids:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if stop_cut is not None:
+            text = text[:stop_cut]
+            # The last token completed the stop string; keep it only if text it carries precedes the stop.
+            if ids and self.tokenizer.decode(ids[:-1], skip_special_tokens=True) == text:
+                ids = ids[:-1]
+        sample = Sample(token_ids=ids, text=text, finish_reason=finish_reason, num_generated=num_generated)
+        if request.logprobs is not None:
+            sample.token_logprobs = logprobs[:len(ids)]
+            sample.top_logprobs = tops[:len(ids)] if request.logprobs else None
+        return sample
+
+    # ----- scoring -----
+    @torch.inference_mode()
+    def logprobs(self, items: list[ScoreItem], *, use_adapter: bool = True, batch_size: int = 16) -> list[list[float]]:
+        """Per-token log-probs of each item's completion given its context, in padded batches."""
+        results: list[list[float]] = []
+        with self.adapter(use_adapter):
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                logp, mask = self._completion_logprobs(chunk)
+                for row, item in enumerate(chunk):
+                    n = len(item.completion_ids)
+                    results.append(logp[row, logp.shape[1] - n:].tolist() if n else [])
+        return results
+
+    def _completion_logprobs(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs of the completion tokens, right-aligned (left-padded), and their mask.
+
+        Only the hidden states that predict completion tokens go through the lm_head, so logits are (B, T, V)
+        with T the longest completion, not the whole sequence.
+        """
+        sequences = [list(it.context_ids) + list(it.completion_ids) for it in items]
+        input_ids, mask = self._left_pad(sequences)
+        width = max(len(it.completion_ids) for it in items)
+        hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
+                              use_cache=False).last_hidden_state
+        self.forward_passes += 1
+        if width == 0:
+            empty = hidden.new_zeros(len(items), 0)
+            return empty, empty
+        logits = self.lm_head(hidden[:, -width - 1:-1, :])
+        targets = input_ids[:, -width:]
+        completion_mask = torch.zeros(len(items), width, device=self.device)
+        for row, it in enumerate(items):
+            completion_mask[row, width - len(it.completion_ids):] = 1.0
+        return selective_log_softmax(logits, targets), completion_mask
+
+    # ----- learning -----
+    def grpo_step(self, items: list[GrpoItem], loss: LossConfig) -> StepResult:
+        """One optimizer step over all items (micro-batches with gradient accumulation)."""
+        _check_grpo_items(items, loss)
+        n = len(items)
+        max_length = loss.max_length or max(len(it.completion_ids) for it in items)
+        order = sorted(range(n), key=lambda i: len(items[i].context_ids) + len(items[i].completion_ids))
+        totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        try:
+            for start in range(0, n, loss.micro_batch_size):
+                chunk = [items[i] for i in order[start:start + loss.micro_batch_size]]
+                ref_logp = None
+                if loss.beta != 0.0:
+                    with torch.no_grad(), self.model.disable_adapter():
+                        ref_logp, _ = self._completion_logprobs(chunk)
+                logp, mask = self._completion_logprobs(chunk)
+                old = _old_logprobs(chunk, mask) if any(it.old_logprobs is not None for it in chunk) else None
+                if old is not None:  # items without old log-probs are on-policy: ratio 1
+                    old = torch.where(torch.isnan(old), logp.detach(), old)
+                terms = grpo_loss(
+                    logp, mask, torch.tensor([it.advantage for it in chunk], device=self.device),
+                    loss_type=loss.type, old_logp=old, ref_logp=ref_logp,
+                    weights=torch.tensor([it.weight for it in chunk], device=self.device),
+                    beta=loss.beta, clip_eps=loss.clip_eps, clip_eps_high=loss.clip_eps_high,
+                    num_sequences=n, max_length=max_length)
+                terms.loss.backward()
+                totals["loss"] += float(terms.loss.detach())
+                totals["kl"] += float(terms.kl_sum)
+                totals["clipped"] += float(terms.clipped_tokens)
+                totals["tokens"] += float(terms.tokens)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, loss.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError("the gradient is not finite; the step was not applied")
+            for group in self.optimizer.param_groups:
+                group["lr"] = loss.learning_rate if loss.learning_rate is not None else self.base_learning_rate
+            self.optimizer.step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+        self.step += 1
+        self.adapter_version += 1
+        return StepResult(loss=totals["loss"], kl=totals["kl"] / n,
+                          clip_fraction=totals["clipped"] / max(totals["tokens"], 1.0), grad_norm=grad_norm,
+                          tokens=int(totals["tokens"]), adapter_version=self.adapter_version, step=self.step)
+
+    # ----- state for checkpoints -----
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the adapter weights; raises ValueError (changing nothing) when names or shapes differ."""
+        from peft import set_peft_model_state_dict
+
+        current = self.adapter_state()
+        if set(state) != set(current):
+            missing, extra = sorted(set(current) - set(state))[:3], sorted(set(state) - set(current))[:3]
+            raise ValueError(f"adapter tensors do not match this model (missing {missing}, unexpected {extra})")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(current[key].shape):
+                raise ValueError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(current[key].shape)}")
+        set_peft_model_state_dict(self.model, state)
+
+    # ----- helpers -----
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if seq:
+                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _old_logprobs(items: list[GrpoItem], mask: torch.Tensor) -> torch.Tensor:
+    old = torch.full(mask.shape, float("nan"), device=mask.device)
+    width = mask.shape[1]
+    for row, it in enumerate(items):
+        if it.old_logprobs is not None and it.old_logprobs:
+            old[row, width - len(it.old_logprobs):] = torch.tensor(it.old_logprobs, device=mask.device)
+    return torch.where(mask.bool(), old, torch.zeros_like(old))
+
+
+def _check_grpo_items(items: list[GrpoItem], loss: LossConfig) -> None:
+    if not items:
+        raise ValueError("items: at least one item is required")
+    if loss.type not in ("grpo", "dr_grpo", "legacy"):
+        raise ValueError(f"loss.type: unknown loss type {loss.type!r}")
+    for i, it in enumerate(items):
+        if not it.completion_ids:
+            raise ValueError(f"items[{i}].completion: must contain at least one token")
+        if not math.isfinite(it.advantage):
+            raise ValueError(f"items[{i}].advantage: must be finite")
+        if not math.isfinite(it.weight):
+            raise ValueError(f"items[{i}].weight: must be finite")
+        if it.old_logprobs is not None:
+            if len(it.old_logprobs) != len(it.completion_ids):
+                raise ValueError(f"items[{i}].old_logprobs: {len(it.old_logprobs)} values for "
+                                 f"{len(it.completion_ids)} completion tokens")
+            if not all(math.isfinite(x) for x in it.old_logprobs):
+                raise ValueError(f"items[{i}].old_logprobs: must be finite")
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _make_optimizer(params, settings: TrainerSettings, device: torch.device):
+    if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+# ----- loading -----
+def load_student(settings: TrainerSettings) -> Student:
+    """Resolve the model source, load the backend that fits the machine, and attach a fresh LoRA adapter."""
+    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    torch.manual_seed(settings.seed)  # LoRA A matrices are random; B starts at zero
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolved = resolve_model(settings.model_source, settings.model_cache_dir)
+    want_unsloth = settings.backend == "unsloth" or (
+        settings.backend == "auto" and device.type == "cuda" and importlib.util.find_spec("unsloth") is not None)
+    if want_unsloth and resolved.kind != "random":
+        model, tokenizer = _load_unsloth(resolved.path, settings)
+        backend = "unsloth"
+    else:
+        model, tokenizer = _load_transformers(resolved, settings, device)
+        backend = "transformers"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Student(model, tokenizer, backend=backend, device=device, name=resolved.name, settings=settings)
+
+
+def _load_unsloth(path: str, settings: TrainerSettings):
+    from unsloth import FastLanguageModel  # imported only here: it patches transformers on import
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=settings.max_context,
+                                                         load_in_4bit=settings.load_in_4bit, dtype=None)
+    model = FastLanguageModel.get_peft_model(
+        model, r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.lora_target_modules), bias="none", random_state=settings.seed)
+    return model, tokenizer
+
+
+def _load_transformers(resolved, settings: TrainerSettings, device: torch.device):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        if resolved.kind == "random":
+            config = AutoConfig.from_pretrained(resolved.path)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            kwargs: dict = {"dtype": torch.float32}
+            if device.type == "cuda":
+                kwargs["dtype"] = torch.bfloat16
+                if settings.load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
+                    from transformers import BitsAndBytesConfig
+
+                    kwargs["quantization_config"] = BitsAndBytesConfig(
+                        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                        bnb_4bit_use_double_quant=True)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except ModelSourceError:
+        raise
+    except Exception as exc:  # corrupt weights, unreadable tokenizer, unknown architecture
+        raise ModelSourceError(f"model_source: cannot load {resolved.path}: {exc}") from exc
+    if getattr(model, "quantization_config", None) is None:
+        model.to(device)
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=list(settings.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
