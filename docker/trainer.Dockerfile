@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1.7
+# The trainer: the student (Unsloth, 4-bit base + LoRA) served over the OpenAI API and trained by /grpo/step.
+#   docker build -f docker/trainer.Dockerfile -t alphazero-llm-trainer/trainer .
+# Torch comes from the PyTorch CUDA index at a pinned version; the CUDA runtime libraries ship inside its wheels,
+# and the host's driver arrives through the NVIDIA container toolkit.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS base
+# gcc + libc headers: Triton (under Unsloth's kernels) compiles a small launcher on first use.
+# The base image's tag pins the distribution, and with it these packages' versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM base AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && echo "torch==${TORCH_VERSION}" > constraints.txt
+# Dependencies (base + the gpu extra) from pyproject.toml alone, so that a change of code reuses this layer.
+# The constraint keeps Unsloth from swapping the CUDA torch for another build.
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" \
+        > requirements.txt \
+    && pip install -r requirements.txt -c constraints.txt
+COPY README.md ./
+COPY services ./services
+RUN pip install --no-cache-dir --no-deps --no-compile .
+
+FROM base
+RUN useradd --create-home --uid 1000 --user-group app \
+    && mkdir -p /cache/models /cache/huggingface /data/checkpoints \
+    && chown -R app:app /cache /data
+COPY --from=build /opt/venv /opt/venv
+# No secret has a default here: HF_TOKEN and any API token arrive at run time through the environment.
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
+    HF_HOME=/cache/huggingface \
+    TRAINER_HOST=0.0.0.0 TRAINER_PORT=8001 TRAINER_BACKEND=unsloth \
+    TRAINER_MODEL_CACHE_DIR=/cache/models TRAINER_CHECKPOINT_DIR=/data/checkpoints
+USER 1000:1000
+WORKDIR /home/app
+EXPOSE 8001
+HEALTHCHECK --interval=15s --timeout=10s --start-period=15m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TRAINER_PORT', '8001'), timeout=5)"]
+CMD ["python", "-m", "services.trainer"]
