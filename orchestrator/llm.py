@@ -47,6 +47,7 @@ class Choice:
     text: str
     finish_reason: str | None
     token_logprobs: list[float] | None = None
+    eos: bool = False  # the model ended the sequence itself (vLLM's stop_reason null), not a stop string
 
     @property
     def mean_logprob(self) -> float | None:
@@ -123,8 +124,9 @@ def parse_completion(data: dict, endpoint: str, chat: bool, want_logprobs: bool)
             if want_logprobs and token_logprobs is None:
                 raise LogprobsUnavailable(endpoint, None, "logprobs were requested but the server returned none "
                                           "(does this server support logprobs for this model?)")
+            eos = c.get("finish_reason") == "stop" and "stop_reason" in c and c["stop_reason"] is None
             choices.append(Choice(text=text or "", finish_reason=c.get("finish_reason"),
-                                  token_logprobs=token_logprobs))
+                                  token_logprobs=token_logprobs, eos=eos))
     except LLMError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -267,6 +267,16 @@ class ScriptedServer:
         words = " ".join(f"w{_h(salt, k, j) % 97}" for j in range(max(cfg.step_words - 3, 1)))
         return f"Step {k}: {words}{' (wrong)' if wrong else ''}"
 
+    def _continue(self, partial: str, wrong: bool, salt: str, stop) -> str:
+        """One step when generation stops at a newline, else the rest of the solution (a rollout)."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if "\n" in stops:
+            return self._next_step(partial, wrong, salt)
+        lines = []
+        while not lines or not lines[-1].startswith("####"):
+            lines.append(self._next_step(partial + "".join(ln + "\n" for ln in lines), wrong, salt))
+        return "\n".join(lines)
+
     def _chat(self, payload: dict, with_logprobs: bool) -> dict:
         messages = payload.get("messages") or []
         model = payload.get("model", "")
@@ -284,7 +294,8 @@ class ScriptedServer:
             teacher_wrong = "plausible but wrong" in user.lower()
             wrong_flags = [teacher_wrong or model in self.config.wrong_models or (not _is_teacher(user) and i % 2 == 1)
                            for i in range(n)]
-            texts = [self._next_step(partial, w, f"{model}|{i}|{payload.get('seed')}") for i, w in enumerate(wrong_flags)]
+            texts = [self._continue(partial, w, f"{model}|{i}|{payload.get('seed')}", payload.get("stop"))
+                     for i, w in enumerate(wrong_flags)]
         max_tokens = payload.get("max_tokens")
         for i, text in enumerate(texts):
             finish = "stop"

@@ -1,0 +1,163 @@
+"""The teacher ensemble: prompts for "right" and "wrong" next steps, dynamic weights and fail-over.
+
+Weights. Each teacher keeps an exponential moving average of the values its children earn in backprop
+(score_t <- score_t + lr * (value - score_t), starting at 0). A teacher is picked with probability
+    p_t = (1 - explore) * softmax(score / temperature)_t + explore / T
+over the healthy teachers of the best tier that has any (tiers are in the order first seen), so a teacher
+whose steps lead to better paths is asked more, and every teacher keeps being tried a little.
+
+Fail-over. When a request fails (after the pool's own retries) the next teacher by weight is tried, first in
+the same tier, then in the others; the failure is recorded. After `max_consecutive_failures` failures in a row
+a teacher rests for `cooldown_s`, so a dead or hanging endpoint stops costing a timeout per expansion.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from orchestrator.llm import Completion, LLMError, LLMPool
+from orchestrator.settings import EndpointSpec
+
+SYSTEM = "You are a careful math tutor who writes grade-school solutions one short step per line."
+RIGHT_PROMPT = (
+    "Question:\n{question}\n\nPartial solution so far:\n<partial>\n{partial}</partial>\n\n"
+    "Write only the next single step of a correct solution, on one line. If this step reaches the final "
+    "answer, write it as '#### <number>'."
+)
+WRONG_PROMPT = (
+    "Question:\n{question}\n\nPartial solution so far:\n<partial>\n{partial}</partial>\n\n"
+    "Write only the next single step, on one line, but make it plausible but wrong: a typical student mistake "
+    "(a wrong operation, a misread quantity or an arithmetic slip). If this step reaches a final answer, write "
+    "it as '#### <number>'. Do not say that it is wrong."
+)
+
+
+def teacher_messages(kind: str, question: str, partial: str) -> list[dict]:
+    template = RIGHT_PROMPT if kind == "right" else WRONG_PROMPT
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": template.format(question=question.strip(), partial=partial)}]
+
+
+def first_line(text: str) -> str:
+    """Teachers sometimes open with a blank line or echo a label; keep the first non-empty line."""
+    for line in text.split("\n"):
+        line = line.strip()
+        if line:
+            return line
+    return ""
+
+
+class AllTeachersFailed(Exception):
+    pass
+
+
+@dataclass
+class TeacherState:
+    endpoint: EndpointSpec
+    score: float = 0.0
+    rewards: int = 0
+    requests: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    resting_until: float = 0.0
+    last_error: str | None = None
+
+
+@dataclass
+class TeacherReply:
+    teacher: str
+    completion: Completion
+    failed: list[str] = field(default_factory=list)  # errors of teachers tried before this one
+
+
+class TeacherEnsemble:
+    def __init__(self, endpoints: list[EndpointSpec], learning_rate: float = 0.2, temperature: float = 0.25,
+                 explore: float = 0.1, max_consecutive_failures: int = 2, cooldown_s: float = 30.0,
+                 seed: int | None = None):
+        if not endpoints:
+            raise ValueError("a teacher ensemble needs at least one endpoint")
+        names = [e.name for e in endpoints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique: {names}")
+        self.states = {e.name: TeacherState(endpoint=e) for e in endpoints}
+        self.tier_order = list(dict.fromkeys(e.tier or "default" for e in endpoints))
+        self.learning_rate, self.temperature, self.explore = learning_rate, temperature, explore
+        self.max_consecutive_failures, self.cooldown_s = max_consecutive_failures, cooldown_s
+        self.rng = random.Random(seed)
+
+    # --- weights ------------------------------------------------------------------------------------------
+    def tiers(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {t: [] for t in self.tier_order}
+        for name, s in self.states.items():
+            out[s.endpoint.tier or "default"].append(name)
+        return out
+
+    def healthy(self, name: str, now: float | None = None) -> bool:
+        return self.states[name].resting_until <= (time.monotonic() if now is None else now)
+
+    def weights(self, names: list[str] | None = None) -> dict[str, float]:
+        names = list(self.states) if names is None else names
+        if not names:
+            return {}
+        scores = [self.states[n].score / max(self.temperature, 1e-6) for n in names]
+        m = max(scores)
+        exps = [math.exp(s - m) for s in scores]
+        total = sum(exps)
+        return {n: (1 - self.explore) * e / total + self.explore / len(names) for n, e in zip(names, exps)}
+
+    def record_reward(self, name: str, value: float) -> None:
+        state = self.states.get(name)
+        if state is None:
+            return
+        state.rewards += 1
+        state.score += self.learning_rate * (value - state.score)
+
+    def order(self, exclude: set[str] = frozenset()) -> list[str]:
+        """Teachers to try, in order: a weighted draw in the best tier with a healthy teacher first, then the
+        rest of that tier by weight, then the other tiers; resting teachers last (better than nothing)."""
+        now = time.monotonic()
+        ordered: list[str] = []
+        for tier, names in self.tiers().items():
+            names = [n for n in names if n not in exclude]
+            healthy = [n for n in names if self.healthy(n, now)]
+            if healthy:
+                w = self.weights(healthy)
+                first = self.rng.choices(healthy, weights=[w[n] for n in healthy])[0]
+                ordered.append(first)
+                ordered += sorted((n for n in healthy if n != first), key=lambda n: -w[n])
+        resting = [n for n in self.states if n not in exclude and n not in ordered]
+        return ordered + sorted(resting, key=lambda n: self.states[n].resting_until)
+
+    # --- requests -----------------------------------------------------------------------------------------
+    async def generate(self, pool: LLMPool, kind: str, question: str, partial: str, n: int, max_tokens: int,
+                       temperature: float, seed: int | None = None) -> TeacherReply:
+        """n next steps of `kind` ("right" | "wrong") from the best available teacher, failing over."""
+        messages = teacher_messages(kind, question, partial)
+        failed: list[str] = []
+        for name in self.order():
+            state = self.states[name]
+            state.requests += 1
+            try:
+                completion = await pool.chat(state.endpoint, messages, n=n, max_tokens=max_tokens,
+                                             temperature=temperature, stop=["\n\n"], seed=seed)
+            except LLMError as exc:
+                state.failures += 1
+                state.consecutive_failures += 1
+                state.last_error = str(exc)
+                if state.consecutive_failures >= self.max_consecutive_failures:
+                    state.resting_until = time.monotonic() + self.cooldown_s
+                failed.append(str(exc))
+                continue
+            state.consecutive_failures = 0
+            state.resting_until = 0.0
+            return TeacherReply(teacher=name, completion=completion, failed=failed)
+        raise AllTeachersFailed("; ".join(failed) or "no teacher available")
+
+    def snapshot(self) -> dict:
+        w = self.weights()
+        return {n: {"weight": w[n], "score": s.score, "rewards": s.rewards, "requests": s.requests,
+                    "failures": s.failures, "healthy": self.healthy(n), "tier": s.endpoint.tier}
+                for n, s in self.states.items()}
