@@ -30,10 +30,14 @@ class EventHub:
 
     async def publish(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
         event = await self.store.append_event(job_id, type, data)
+        await self.notify(job_id)
+        return event
+
+    async def notify(self, job_id: str) -> None:
+        """Wake the followers of a job (after an event was stored by other means)."""
         condition = self._condition(job_id)
         async with condition:
             condition.notify_all()
-        return event
 
     async def follow(self, job_id: str, after_seq: int = 0,
                      keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[EventRecord | None]:
@@ -42,17 +46,25 @@ class EventHub:
         condition = self._condition(job_id)
         last = after_seq
         while True:
+            timed_out = False
             async with condition:
                 events = await self.store.events_after(job_id, last)
                 if not events:
                     job = await self.store.get_job(job_id)
-                    if job is None or job.finished or job.status == "interrupted":
+                    if job is None:
                         return
-                    try:
-                        await asyncio.wait_for(condition.wait(), timeout=keepalive_s)
-                    except TimeoutError:
-                        yield None
-                    continue
+                    if job.finished or job.status == "interrupted":
+                        # The final status event is committed with the status: read once more, then stop.
+                        events = await self.store.events_after(job_id, last)
+                        if not events:
+                            return
+                    else:
+                        try:
+                            await asyncio.wait_for(condition.wait(), timeout=keepalive_s)
+                        except TimeoutError:
+                            timed_out = True
+            if timed_out:  # yield outside the lock: a slow reader must not block publishers
+                yield None
             for event in events:
                 last = event.seq
                 yield event

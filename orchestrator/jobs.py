@@ -130,8 +130,7 @@ class JobManager:
         job = await self.get(job_id)
         if job_id in self._tasks or job.status not in RESUMABLE:
             raise JobStateError(f"job {job_id} is {job.status}; only {sorted(RESUMABLE)} jobs can be resumed")
-        await self.store.update_job(job_id, status="queued", clear_error=True)
-        await self.hub.publish(job_id, "status", {"status": "queued", "resumed": True})
+        await self._set_status(job_id, "queued", clear_error=True, event_data={"resumed": True})
         self._launch(await self.get(job_id), resumed=True)
         return await self.get(job_id)
 
@@ -154,11 +153,11 @@ class JobManager:
         self._cancels.pop(job_id, None)
 
     async def _set_status(self, job_id: str, status: str, **fields: Any) -> None:
-        await self.store.update_job(job_id, status=status, **fields)
-        event = {"status": status}
-        if fields.get("error"):
-            event["error"] = fields["error"]
-        await self.hub.publish(job_id, "status", event)
+        """Store the status and its "status" event together, then wake the followers."""
+        event = {"status": status, **({"error": fields["error"]} if fields.get("error") else {}),
+                 **fields.pop("event_data", {})}
+        await self.store.update_job(job_id, status=status, event=("status", event), **fields)
+        await self.hub.notify(job_id)
 
     async def _run(self, job: JobRecord, resumed: bool) -> None:
         runners = self._runners or default_runners()
@@ -178,5 +177,4 @@ class JobManager:
             log.exception("job %s failed", job.id)
             await self._set_status(job.id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
             return
-        await self.store.update_job(job.id, result=result)
-        await self._set_status(job.id, "completed")
+        await self._set_status(job.id, "completed", result=result)

@@ -18,6 +18,7 @@ import json
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,16 @@ class JobStore:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     # --- jobs -------------------------------------------------------------------------------------------
     def create_job(self, job_id: str, kind: str, request: dict[str, Any], status: str = "queued") -> JobRecord:
         now = time.time()
@@ -139,9 +150,10 @@ class JobStore:
 
     def update_job(self, job_id: str, *, status: str | None = None, progress: dict | None = None,
                    metrics: dict | None = None, result: dict | None = None, error: str | None = None,
-                   clear_error: bool = False) -> None:
-        """Overwrite the given fields. `progress` and `metrics` are merged into the stored dicts."""
-        with self._lock:
+                   clear_error: bool = False, event: tuple[str, dict] | None = None) -> EventRecord | None:
+        """Overwrite the given fields. `progress` and `metrics` are merged into the stored dicts. `event`
+        (type, data) is appended in the same transaction, so a reader never sees the one without the other."""
+        with self._lock, self._transaction():
             row = self._db.execute("SELECT progress, metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise KeyError(job_id)
@@ -164,6 +176,9 @@ class JobStore:
                 sets.append("error = ?")
                 args.append(error)
             self._db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+            if event is None:
+                return None
+            return self._insert_event(job_id, *event)
 
     def mark_interrupted(self) -> list[str]:
         """On start-up: jobs that were running (or queued) when the last process died become interrupted."""
@@ -183,12 +198,13 @@ class JobStore:
 
     # --- events -----------------------------------------------------------------------------------------
     def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
-        now = time.time()
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO events (job_id, type, data, created) VALUES (?, ?, ?, ?)",
-                (job_id, type, json.dumps(data), now),
-            )
+            return self._insert_event(job_id, type, data)
+
+    def _insert_event(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
+        now = time.time()
+        cur = self._db.execute("INSERT INTO events (job_id, type, data, created) VALUES (?, ?, ?, ?)",
+                               (job_id, type, json.dumps(data), now))
         return EventRecord(seq=cur.lastrowid, job_id=job_id, type=type, data=data, created=now)
 
     def events_after(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[EventRecord]:

@@ -1,0 +1,171 @@
+"""The orchestrator as a real process (uvicorn on 127.0.0.1) over the scripted OpenAI-compatible server standing
+in for the trainer's /v1 routes: routes, validation, eval jobs end to end, SSE replay, cancel, restart + resume.
+Training end to end against the real trainer lives in test_e2e_demo.py."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from orchestrator.client import OrchestratorClient
+from orchestrator.processes import free_port, orchestrator_process
+from tests.support.scripted_server import ScriptedServer, ServerConfig
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    # Every answer ends with "#### 42"; "base" answers 43, so base and student differ.
+    with ScriptedServer(ServerConfig(answer="42", answer_depth=1, wrong_models=["base"])) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def orchestrator(scripted, tmp_path_factory, gsm8k_dir):
+    workdir = tmp_path_factory.mktemp("orch")
+    proc = orchestrator_process(free_port(), scripted.url, workdir, env={"GSM8K_PATH": str(gsm8k_dir)})
+    with proc:
+        proc.wait_ready(timeout_s=60)
+        yield proc
+
+
+@pytest.fixture
+def client(orchestrator):
+    with OrchestratorClient(orchestrator.url) as c:
+        yield c
+
+
+def test_health_docs_and_metrics(client, scripted):
+    health = client.health()
+    trainer = next(e for e in health["endpoints"] if e["name"] == "trainer")
+    assert trainer["ok"] and trainer["url"] == scripted.url + "/health"
+    assert health["status"] == "ok"
+    assert client.http.get("/docs").status_code == 200
+    paths = client.http.get("/openapi.json").json()["paths"]
+    for route in ("/train", "/eval", "/jobs", "/jobs/{job_id}/events", "/jobs/{job_id}/resume",
+                  "/jobs/{job_id}/trees/{n}", "/health", "/metrics"):
+        assert route in paths
+    metrics = client.http.get("/metrics")
+    assert metrics.status_code == 200 and "azt_jobs{" in metrics.text
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/train", {"num_examples": 0}, "num_examples"),
+    ("/train", {"search": {"max_depth": 1000}}, "max_depth"),
+    ("/train", {"search": {"iterations": 0}}, "iterations"),
+    ("/train", {"search": {"max_tokens": 10**7}}, "max_tokens"),
+    ("/eval", {"max_tokens": 5}, "max_tokens"),
+    ("/eval", {"models": ["gpt"]}, "models"),
+    ("/eval", {"num_examples": 10, "offset": 1315}, "exceeds"),
+])
+def test_invalid_requests_get_422_naming_the_field(client, route, body, field):
+    response = client.http.post(route, json=body)
+    assert response.status_code == 422
+    assert field in json.dumps(response.json()["detail"])
+
+
+def test_unknown_job_is_404(client):
+    assert client.http.get("/jobs/nope").status_code == 404
+    assert client.http.get("/jobs/nope/events").status_code == 404
+    assert client.http.post("/jobs/nope/resume").status_code == 404
+
+
+def test_eval_job_end_to_end_with_events_and_results(client):
+    response = client.http.post("/eval", json={"num_examples": 4, "offset": 10, "max_tokens": 32})
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    events = list(client.follow(job_id))
+    types = [e.type for e in events]
+    assert [e.data["status"] for e in events if e.type == "status"] == ["queued", "running", "completed"]
+    assert types.count("answer") == 8
+    ids = [e.id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+    job = client.job(job_id)
+    assert job["status"] == "completed" and job["progress"]["done"] == 8
+    report = job["result"]
+    rows = client.results(job_id)
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"base", "student"}
+    for model in ("base", "student"):
+        mrows = [r for r in rows if r["model"] == model]
+        assert report["models"][model]["strict_correct"] == sum(r["strict_correct"] for r in mrows)
+        assert report["models"][model]["flexible_acc"] == sum(r["flexible_correct"] for r in mrows) / len(mrows)
+    assert all(r["strict_pred"] == ("43" if r["model"] == "base" else "42") for r in rows)
+    assert "p_value" in report["comparison"]["strict"]
+    assert client.http.get(f"/jobs/{job_id}/files/report.png").content.startswith(b"\x89PNG")
+    assert "GSM8K eval" in client.http.get(f"/jobs/{job_id}/files/report.html").text
+    assert client.http.get(f"/jobs/{job_id}/files/..%2Fjobs.sqlite").status_code == 404
+
+    # Replay from an event id: only the later events, the same ones.
+    middle = ids[len(ids) // 2]
+    replay = list(client.follow(job_id, after=middle))
+    assert [e.id for e in replay] == [i for i in ids if i > middle]
+    with client.http.stream("GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[-2])}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    assert body.count("id: ") == 1 and f"id: {ids[-1]}" in body
+
+    assert client.http.post(f"/jobs/{job_id}/resume").status_code == 409  # completed jobs are not resumed
+    assert any(j["id"] == job_id for j in client.jobs())
+
+
+def test_cancel_a_running_job(client, scripted):
+    scripted.config.latency_ms = 500
+    try:
+        job_id = client.eval(num_examples=40, concurrency=2, max_tokens=32)
+        for event in client.follow(job_id):
+            if event.type == "answer":
+                break
+        job = client.cancel(job_id)
+        assert job["status"] == "cancelled"
+        assert client.job(job_id)["progress"]["done"] < 80
+        assert client.http.post(f"/jobs/{job_id}/cancel").status_code == 409
+    finally:
+        scripted.config.latency_ms = 0
+
+
+def test_restart_marks_running_jobs_interrupted_and_resume_finishes_them(scripted, tmp_path, gsm8k_dir):
+    port = free_port()
+    env = {"GSM8K_PATH": str(gsm8k_dir)}
+    scripted.config.latency_ms = 300
+    try:
+        first = orchestrator_process(port, scripted.url, tmp_path, env=env).start()
+        first.wait_ready(timeout_s=60)
+        with OrchestratorClient(first.url) as client:
+            job_id = client.eval(num_examples=30, concurrency=2, max_tokens=32)
+            for event in client.follow(job_id):
+                if event.type == "answer":
+                    break
+            first.kill()  # SIGKILL mid-job, as a crash would
+
+        second = orchestrator_process(port, scripted.url, tmp_path, env=env).start()
+        try:
+            second.wait_ready(timeout_s=60)
+            scripted.config.latency_ms = 0
+            with OrchestratorClient(second.url) as client:
+                job = client.job(job_id)
+                assert job["status"] == "interrupted"
+                assert client.http.post(f"/jobs/{job_id}/resume").status_code == 202
+                job = client.wait(job_id, timeout_s=120)
+                assert job["status"] == "completed"
+                assert len(client.results(job_id)) == 60
+                statuses = [e.data["status"] for e in client.follow(job_id) if e.type == "status"]
+                assert statuses[-4:] == ["interrupted", "queued", "running", "completed"]
+        finally:
+            second.stop()
+    finally:
+        scripted.config.latency_ms = 0
+
+
+def test_api_token_guards_everything_but_health(scripted, tmp_path, gsm8k_dir):
+    proc = orchestrator_process(free_port(), scripted.url, tmp_path,
+                                env={"GSM8K_PATH": str(gsm8k_dir), "API_TOKEN": "s3cret"})
+    with proc:
+        proc.wait_ready(timeout_s=60)
+        assert httpx.get(proc.url + "/jobs").status_code == 401
+        assert httpx.post(proc.url + "/eval", json={}).status_code == 401
+        assert httpx.get(proc.url + "/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(proc.url + "/health").status_code == 200
