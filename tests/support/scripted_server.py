@@ -61,6 +61,7 @@ class ServerConfig:
     checker_reply: str = "no"
     wrong_models: list[str] = field(default_factory=list)
     step_words: int = 6  # words per non-final step
+    keep_log: bool = True  # record every request in .log (off for long benchmarks)
 
 
 def _h(*parts: Any) -> int:
@@ -80,6 +81,7 @@ class ScriptedServer:
         self.host, self.port = host, port
         self.in_flight = 0
         self.max_in_flight = 0
+        self.connections = 0  # TCP connections accepted (connection reuse shows as few)
         self.requests: dict[str, int] = {}
         self.models: dict[str, int] = {}
         self.log: list[dict] = []  # one entry per request: path, model, n, mode
@@ -138,15 +140,17 @@ class ScriptedServer:
 
     def reset(self) -> None:
         self.rules = []
-        self.in_flight = self.max_in_flight = 0
+        self.in_flight = self.max_in_flight = self.connections = 0
         self.requests, self.models, self.log = {}, {}, []
 
     def stats(self) -> dict:
         return {"requests": dict(self.requests), "models": dict(self.models), "in_flight": self.in_flight,
+                "connections": self.connections,
                 "max_in_flight": self.max_in_flight, "total": sum(self.requests.values())}
 
     # --- HTTP ---------------------------------------------------------------------------------------------
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -184,7 +188,9 @@ class ScriptedServer:
         if model:
             self.models[model] = self.models.get(model, 0) + 1
         rule = self._rule(path, model, headers.get("x-scripted-mode"))
-        self.log.append({"path": path, "model": model, "n": payload.get("n", 1), "mode": rule.mode})
+        if self.config.keep_log:
+            self.log.append({"path": path, "model": model, "n": payload.get("n", 1), "mode": rule.mode,
+                             "authorization": headers.get("authorization"), "payload": payload})
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -370,8 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        server = ScriptedServer(ServerConfig(latency_ms=args.latency_ms, answer_depth=args.answer_depth),
-                                port=args.port)
+        server = ScriptedServer(ServerConfig(latency_ms=args.latency_ms, answer_depth=args.answer_depth,
+                                             keep_log=False), port=args.port)
         await server.start()
         print(f"READY {server.port}", flush=True)
         await asyncio.Event().wait()
