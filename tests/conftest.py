@@ -22,6 +22,29 @@ def gsm8k_dir() -> Path:
     return GSM8K_DIR
 
 
+# ----- trainer service (trainer dev) -----
+@pytest.fixture(scope="session")
+def trainer_model_dir() -> Path:
+    """The tiny model as a plain HF directory (the shipped GGUF converted once into the shared model cache)."""
+    pytest.importorskip("transformers")
+    from services.trainer.model_source import resolve_model
+    from services.trainer.settings import TrainerSettings
+
+    return Path(resolve_model(None, TrainerSettings().model_cache_dir).path)
+
+
+@pytest.fixture(scope="module")
+def trainer_service(trainer_model_dir, tmp_path_factory):
+    """A real trainer service (uvicorn subprocess on 127.0.0.1) with the tiny model, shared by one test module.
+
+    Yields tests.support.trainer_process.TrainerProcess: .url, .base_url (with /v1), .checkpoint_dir, .restart().
+    """
+    from support.trainer_process import TrainerProcess
+
+    with TrainerProcess(checkpoint_dir=tmp_path_factory.mktemp("trainer-ckpt")) as trainer:
+        yield trainer
+
+
 # ----- scripted OpenAI-compatible server (search dev) -----
 @pytest.fixture(scope="session")
 def _scripted_server_session():
