@@ -61,6 +61,10 @@ class ProblemTask(vf.Task[ProblemData, vf.State, ScoringConfig]):
     def key(self) -> str:
         return self.data.id or self.hash  # "test-17": stable across runs, unlike the positional idx
 
+    def prompt_messages(self) -> list[dict]:
+        """The chat prompt the model saw, as wire dicts (`orchestrator.data.question_messages`)."""
+        return [{"role": m.role, "content": m.content} for m in self.data.prompt]
+
     @vf.stop
     async def single_turn(self, trace: vf.Trace) -> bool:
         return trace.num_turns >= 1  # a solution is one reply; a second request would be refused
@@ -79,8 +83,8 @@ class ProblemTask(vf.Task[ProblemData, vf.State, ScoringConfig]):
         reply = trace.last_reply
         if not reply:
             return step_pre(None, 0.0)
-        messages = question_messages(self.data.prompt_text)
-        items = [{"messages": messages, "completion": text} for text in (reply, self.data.info["solution"])]
+        items = [{"messages": self.prompt_messages(), "completion": text}
+                 for text in (reply, self.data.info["solution"])]
         async with TrainerClient(self.config.trainer_url or Settings().trainer_url) as trainer:
             scored = await trainer.logprobs(items, model=self.config.pre_model)
         reply_mean, gold_mean = (r["mean"] for r in scored["results"])

@@ -13,7 +13,7 @@ vf = pytest.importorskip("verifiers.v1", reason="needs the verifiers extra: pip 
 from orchestrator.data import load_gsm8k, question_messages  # noqa: E402
 from orchestrator.rewards import RewardWeights  # noqa: E402
 from orchestrator.trainer_client import TrainerClient  # noqa: E402
-from tests.support.scripted_server import ScriptedServer, ServerConfig  # noqa: E402
+from support.scripted_server import ScriptedServer, ServerConfig  # noqa: E402
 
 ENV_ID = "alphazero-llm-trainer"
 
@@ -90,7 +90,8 @@ async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solutio
         trace = scored_trace(task, reply)
         await task.score(trace)
         async with TrainerClient(server.url) as trainer:
-            items = [{"messages": question_messages(task.data.prompt_text), "completion": c}
+            problem = load_gsm8k("test", path=str(gsm8k_dir), limit=1)[0]
+            items = [{"messages": question_messages(problem), "completion": c}
                      for c in (reply, task.data.info["solution"])]
             reply_mean, gold_mean = (r["mean"] for r in (await trainer.logprobs(items))["results"])
     assert server.requests.get("/logprobs") == 2  # one call from the reward, one from this test

@@ -1,0 +1,63 @@
+"""`vf-eval alphazero-llm-trainer` (verifiers' own CLI, a separate process) against the real trainer service on
+127.0.0.1: the tiny student answers two GSM8K problems, the rewards come from the project's scoring and PRE
+from the trainer's /logprobs. Needs the `verifiers` extra (skipped without it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("verifiers.v1", reason="needs the verifiers extra: pip install -e '.[verifiers]'")
+
+from orchestrator.data import load_gsm8k, question_messages  # noqa: E402
+from orchestrator.rewards import RewardWeights, hre, step_pre  # noqa: E402
+from orchestrator.trainer_client import TrainerClient  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def vf_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """verifiers' `vf-eval` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("vf-eval")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # discovery must use the installed module
+    return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_service, gsm8k_dir, tmp_path):
+    out = tmp_path / "outputs"
+    run = vf_eval(
+        "alphazero-llm-trainer", "-m", "student", "-n", "2", "--no-push", "--no-rich", "-o", str(out),
+        "--client.base-url", trainer_service.base_url, "--client.api-key-var", "AZT_TEST_NO_KEY",
+        "--sampling.max-tokens", "40", "--sampling.temperature", "0",
+        "--env.taskset.path", str(gsm8k_dir),
+        "--env.taskset.task.use-student-model", "true", "--env.taskset.task.trainer-url", trainer_service.url,
+        cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    traces = [json.loads(line) for line in next(out.rglob("traces.jsonl")).open()]
+    traces = [t for record in traces for t in record.get("traces", [record])]  # one episode = one trace here
+    assert len(traces) == 2
+    weights = RewardWeights()
+    async with TrainerClient(trainer_service.url) as trainer:
+        for trace in traces:
+            assert trace["ok"] and not trace["errors"], trace["errors"]
+            data = trace["task"]["data"]
+            reply = next(n["message"]["content"] for n in reversed(trace["nodes"])
+                         if n["message"]["role"] == "assistant").strip()
+            assert reply and trace["calls"][0]["model"] == "student"
+            rewards = trace["rewards"]
+            assert set(rewards) == {"correct", "format", "perplexity"}
+            assert rewards["correct"] == {"score": hre(reply, data["answer"]), "weight": weights.hre}
+            # PRE as the trainer scores it now (same adapter, deterministic forward pass)
+            problem = load_gsm8k("test", path=str(gsm8k_dir), limit=1, offset=data["info"]["index"])[0]
+            items = [{"messages": question_messages(problem), "completion": c}
+                     for c in (reply, data["info"]["solution"])]
+            reply_mean, gold_mean = (r["mean"] for r in (await trainer.logprobs(items))["results"])
+            assert rewards["perplexity"]["weight"] == weights.pre
+            assert math.isfinite(rewards["perplexity"]["score"])
+            assert rewards["perplexity"]["score"] == pytest.approx(step_pre(reply_mean, gold_mean), abs=1e-3)
