@@ -1,0 +1,87 @@
+"""The dynamic batcher with a plain function as the batch runner (the batcher does not know about models)."""
+
+import asyncio
+import threading
+import time
+
+from services.trainer.batching import Batcher
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[tuple] = []
+        self.delay = delay
+        self.running = 0
+        self.overlap = False
+        self.lock = threading.Lock()
+
+    def __call__(self, kind, payloads):
+        self.batches.append((kind, list(payloads)))
+        time.sleep(self.delay)
+        return [(kind, p) for p in payloads]
+
+
+async def test_concurrent_jobs_of_one_kind_are_merged():
+    recorder = Recorder()
+    batcher = Batcher(recorder, max_batch_rows=32, wait_ms=50)
+    try:
+        results = await asyncio.gather(*(batcher.call("gen", i) for i in range(8)))
+        assert results == [("gen", i) for i in range(8)]
+        assert batcher.counters.requests == 8
+        assert batcher.counters.forward_batches < 8
+    finally:
+        batcher.close()
+
+
+async def test_kinds_are_never_mixed_and_rows_are_capped():
+    recorder = Recorder()
+    batcher = Batcher(recorder, max_batch_rows=4, wait_ms=50)
+    try:
+        jobs = [batcher.call("a" if i % 2 else "b", i, rows=2) for i in range(8)]
+        await asyncio.gather(*jobs)
+        for kind, payloads in recorder.batches:
+            assert {("a" if p % 2 else "b") for p in payloads} == {kind}
+            assert len(payloads) * 2 <= 4
+        assert batcher.counters.max_batch_rows <= 4
+    finally:
+        batcher.close()
+
+
+async def test_exclusive_jobs_run_alone_between_batches():
+    events: list[str] = []
+
+    def run_batch(kind, payloads):
+        events.append(f"start {len(payloads)}")
+        time.sleep(0.02)
+        events.append("end")
+        return payloads
+
+    batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=20)
+    try:
+        def exclusive():
+            events.append("exclusive")
+            return "done"
+
+        calls = [batcher.call("gen", i) for i in range(4)] + [batcher.exclusive(exclusive)]
+        calls += [batcher.call("gen", i) for i in range(4)]
+        results = await asyncio.gather(*calls)
+        assert results[4] == "done"
+        position = events.index("exclusive")
+        assert events[position - 1] == "end" and (position + 1 == len(events) or events[position + 1].startswith("start"))
+    finally:
+        batcher.close()
+
+
+async def test_a_failing_batch_fails_each_of_its_callers_and_the_worker_survives():
+    def run_batch(kind, payloads):
+        if "bad" in payloads:
+            raise RuntimeError("boom")
+        return payloads
+
+    batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=20)
+    try:
+        outcomes = await asyncio.gather(batcher.call("k", "bad"), batcher.call("k", "ok"), return_exceptions=True)
+        assert all(isinstance(o, RuntimeError) for o in outcomes)
+        assert await batcher.call("k", "fine") == "fine"
+    finally:
+        batcher.close()

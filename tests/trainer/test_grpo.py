@@ -1,0 +1,81 @@
+"""GRPO losses against values computed by hand."""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from services.trainer.grpo import grpo_loss, k3_kl, selective_log_softmax  # noqa: E402
+
+
+def test_selective_log_softmax_equals_gathered_log_softmax_in_chunks():
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    ids = torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(selective_log_softmax(logits, ids, chunk_rows=4).double(), expected, atol=1e-6)
+
+
+def test_k3_is_zero_at_equality_and_matches_the_formula():
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-1.0, -1.5])
+    kl = k3_kl(logp, ref)
+    assert kl[0] == 0.0
+    assert kl[1].item() == pytest.approx(math.exp(0.5) - 0.5 - 1.0)
+
+
+def test_grpo_on_policy_is_minus_the_mean_advantage_per_sequence():
+    # ratio = 1, no KL: per token loss = -A; per-sequence mean, then mean over sequences.
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [0.0, -1.0, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    terms = grpo_loss(logp, mask, torch.tensor([2.0, -1.0]), beta=0.0)
+    assert terms.loss.item() == pytest.approx(-(2.0 + -1.0) / 2)
+    terms.loss.backward()
+    # d/dlogp of -A * exp(logp - sg(logp)) / |y| / N = -A / |y| / N on real tokens, 0 on padding.
+    assert logp.grad.flatten().tolist() == pytest.approx([-1 / 3, -1 / 3, -1 / 3, 0.0, 0.25, 0.25])
+    assert terms.tokens.item() == 5
+
+
+def test_ppo_clipping_with_old_log_probs():
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))  # ratio 1.5 and 0.5 against old log-probs of 0
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    positive = grpo_loss(logp, mask, torch.tensor([1.0]), old_logp=old, beta=0.0, clip_eps=0.2)
+    # A > 0: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5 -> loss = -(1.2 + 0.5) / 2
+    assert positive.loss.item() == pytest.approx(-0.85)
+    assert positive.clipped_tokens.item() == 1
+    negative = grpo_loss(logp, mask, torch.tensor([-1.0]), old_logp=old, beta=0.0, clip_eps=0.2, clip_eps_high=0.3)
+    # A < 0: min(-1.5, -1.3) = -1.5 and min(-0.5, -0.8) = -0.8 -> loss = (1.5 + 0.8) / 2
+    assert negative.loss.item() == pytest.approx(1.15)
+    assert negative.clipped_tokens.item() == 1
+
+
+def test_kl_term_and_report():
+    logp = torch.tensor([[-1.0, -1.0]])
+    ref = torch.tensor([[-1.0, -2.0]])
+    terms = grpo_loss(logp, torch.ones(1, 2), torch.tensor([0.0]), ref_logp=ref, beta=0.5)
+    k = math.exp(-1.0) + 1.0 - 1.0
+    assert terms.kl_sum.item() == pytest.approx(k / 2)
+    assert terms.loss.item() == pytest.approx(0.5 * k / 2)
+
+
+def test_dr_grpo_divides_by_a_constant_and_weights_scale_items():
+    logp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    terms = grpo_loss(logp, mask, torch.tensor([1.0, 1.0]), loss_type="dr_grpo", beta=0.0, max_length=8,
+                      weights=torch.tensor([1.0, 0.5]), num_sequences=4)
+    # sum over tokens / 8, weighted, / N=4: (-(4/8) * 1 - (2/8) * 0.5) / 4
+    assert terms.loss.item() == pytest.approx((-0.5 - 0.125) / 4)
+
+
+def test_legacy_is_reward_weighted_nll():
+    logp = torch.tensor([[-1.0, -3.0]], requires_grad=True)
+    terms = grpo_loss(logp, torch.ones(1, 2), torch.tensor([2.0]), loss_type="legacy", beta=0.0)
+    assert terms.loss.item() == pytest.approx(-2.0 * (-1.0 - 3.0) / 2)
+    terms.loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-1.0, -1.0])
+
+
+def test_unknown_loss_type_names_the_field():
+    with pytest.raises(ValueError, match="loss.type"):
+        grpo_loss(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1), loss_type="ppo")
