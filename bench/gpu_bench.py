@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+import types
 from pathlib import Path
 
 import torch
@@ -32,9 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_fused import linear_selective_log_softmax  # noqa: E402
+from bench.gpu_fused import fused_completion_logprobs  # noqa: E402
 from bench.gpu_naive import Sequence, deep_copied_reference, naive_grpo_step, naive_logprobs  # noqa: E402
-from services.trainer.grpo import grpo_loss, selective_log_softmax  # noqa: E402
 
 H100_BF16_FLOPS = 989e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,34 +67,16 @@ def random_model_dir(name: str, scratch: Path, tokenizer_dir: Path | None) -> Pa
     return target
 
 
-@dataclass
-class Student:
-    model: torch.nn.Module       # the peft model
-    optimizer: torch.optim.Optimizer
-    vocab: int
+def load_engine_student(path: Path, quant: str, scratch: Path):
+    """The product's own engine (services.trainer.student.load_student), as the trainer service loads it."""
+    from services.trainer.settings import TrainerSettings
+    from services.trainer.student import load_student
 
-
-def load_student(path: Path, quant: str, checkpointing: bool, lora_r: int = 32) -> Student:
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs = {}
-    if quant == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
-                                                attn_implementation="sdpa", **kwargs)
-    base.config.use_cache = False
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_r, lora_dropout=0.0,
-                                            target_modules=TARGETS, task_type="CAUSAL_LM"),
-                           autocast_adapter_dtype=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-5)
-    return Student(model, optimizer, base.config.vocab_size)
+    settings = TrainerSettings(model_source=str(path), device="cuda", load_in_4bit=quant == "nf4",
+                               backend="transformers", max_context=8192, checkpoint_dir=scratch / "checkpoints")
+    student = load_student(settings)
+    torch.set_num_threads(min(torch.get_num_threads(), 8))
+    return student
 
 
 def count_params(name: str) -> int:
@@ -107,56 +88,51 @@ def count_params(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------- batches and fast path
+# ---------------------------------------------------------------- the proposed patches, applied in stages
 
-def random_batch(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Random token ids (B, L), prompt length P (a quarter of L, like a GSM8K question + chat template), advantages."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    ids = torch.randint(0, min(vocab, 49152), (batch, length), device="cuda", generator=gen)
-    adv = torch.randn(batch, device="cuda", generator=gen)
-    return ids, length // 4, adv
+def apply_stage(student, stage: str) -> None:
+    """Add one proposed change to a loaded engine (cumulative); 'engine' = the trainer's code as it is."""
+    if stage == "engine":
+        return
+    if stage == "ckpt":  # activation checkpointing of the decoder layers (recompute in backward)
+        student.model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif stage == "fused":  # lm_head fused into a chunked selective log-softmax (bench/gpu_fused.py)
+        student._completion_logprobs = types.MethodType(fused_completion_logprobs, student)
+    elif stage == "tf32":  # the float32 LoRA matmuls on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif stage == "compile":  # regional torch.compile: each decoder layer, code shared by all layers
+        from torch import _dynamo
 
-
-def decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor]:
-    causal_lm = model.get_base_model()
-    return causal_lm.model, causal_lm.lm_head.weight
-
-
-def completion_logprobs(model, ids: torch.Tensor, prompt_len: int, head: str) -> torch.Tensor:
-    """(B, C) log-probs of the completion tokens ids[:, P:], batched; head = 'fused' or 'logits'."""
-    targets = ids[:, prompt_len:]
-    if head == "fused":
-        decoder, weight = decoder_and_head(model)
-        hidden = decoder(input_ids=ids).last_hidden_state[:, prompt_len - 1:-1]
-        return linear_selective_log_softmax(hidden, weight, targets)
-    logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - prompt_len + 1).logits[:, :-1]
-    return selective_log_softmax(logits, targets)
-
-
-def fast_grpo_step(student: Student, ids: torch.Tensor, prompt_len: int, adv: torch.Tensor, head: str,
-                   micro_batch: int) -> dict:
-    """Reference pass (adapters disabled, no grad) + policy pass + backward per micro-batch, one optimizer step."""
-    model = student.model
-    model.train()
-    n = ids.shape[0]
-    for start in range(0, n, micro_batch):
-        mb = ids[start:start + micro_batch]
-        with torch.no_grad(), model.disable_adapter():
-            ref = completion_logprobs(model, mb, prompt_len, head)
-        logp = completion_logprobs(model, mb, prompt_len, head)
-        mask = torch.ones_like(logp)
-        terms = grpo_loss(logp, mask, adv[start:start + micro_batch], ref_logp=ref, num_sequences=n)
-        terms.loss.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-    student.optimizer.step()
-    student.optimizer.zero_grad(set_to_none=True)
-    return {}
+        _dynamo.config.cache_size_limit = 64
+        _dynamo.config.accumulated_cache_size_limit = 4096
+        for layer in student.decoder.layers:
+            layer.compile()
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
 
 
-def fast_logprobs(student: Student, ids: torch.Tensor, prompt_len: int, head: str) -> torch.Tensor:
-    with torch.no_grad():
-        return completion_logprobs(student.model, ids, prompt_len, head)
+def random_batch(batch: int, length: int, seed: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Random token ids (B, L) below 49152 (any tokenizer's range), prompt length P = L/4 (a GSM8K question with
+    its chat template is ~100-150 tokens, a solution ~200-400), and advantages."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49152, (batch, length), generator=gen)
+    return ids, length // 4, torch.randn(batch, generator=gen)
+
+
+def grpo_items(ids: torch.Tensor, prompt_len: int, adv: torch.Tensor):
+    from services.trainer.student import GrpoItem
+
+    rows = ids.tolist()
+    return [GrpoItem(context_ids=r[:prompt_len], completion_ids=r[prompt_len:], advantage=float(a))
+            for r, a in zip(rows, adv.tolist())]
+
+
+def score_items(ids: torch.Tensor, prompt_len: int):
+    from services.trainer.student import ScoreItem
+
+    return [ScoreItem(context_ids=r[:prompt_len], completion_ids=r[prompt_len:]) for r in ids.tolist()]
 
 
 # ---------------------------------------------------------------- timing
@@ -184,72 +160,96 @@ def row(**fields) -> dict:
     return fields
 
 
-def bench_config(name: str, quant: str, args, scratch: Path, tok_dir: Path | None) -> list[dict]:
+def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None) -> list[dict]:
+    from services.trainer.student import GenerationRequest, LossConfig
+
     rows = []
     path = random_model_dir(name, scratch, tok_dir)
     params = count_params(name)
-    checkpointing = quant == "nf4" or args.checkpointing
-    student = load_student(path, quant, checkpointing)
-    common = dict(model=name, quant=quant, params=params, checkpointing=checkpointing,
-                  device=torch.cuda.get_device_name())
-    for shape in args.grid:
-        batch, length = map(int, shape.split("x"))
-        ids, plen, adv = random_batch(batch, length, student.vocab, seed=batch * 7919 + length)
-        tokens = batch * length
-        for head in args.heads:
-            try:
-                sec, peak = timed(lambda: fast_grpo_step(student, ids, plen, adv, head, args.micro_batch or batch),
-                                  args.warmup, args.repeat)
-                rows.append(row(op="grpo", path=f"fast-{head}", batch=batch, length=length, seconds=sec,
-                                tok_s=tokens / sec, peak_gib=peak, mfu=6 * params * tokens / sec / H100_BF16_FLOPS,
-                                **common))
-            except torch.OutOfMemoryError as exc:
-                rows.append(row(op="grpo", path=f"fast-{head}", batch=batch, length=length, error=str(exc)[:200],
-                                **common))
-            student.optimizer.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-            sec, peak = timed(lambda: fast_logprobs(student, ids, plen, head), args.warmup, args.repeat)
-            rows.append(row(op="logprobs", path=f"fast-{head}", batch=batch, length=length, seconds=sec,
-                            tok_s=tokens / sec, peak_gib=peak, **common))
-    if args.gen_tokens:
-        batch = args.gen_batch
-        ids, plen, _ = random_batch(batch, 128, student.vocab, seed=1)
-        model = student.model
-        model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    student = load_engine_student(path, quant, scratch)
+    common = dict(model=name, quant=quant, params=params, device=torch.cuda.get_device_name())
 
-        def generate():
-            with torch.no_grad():
-                model.generate(input_ids=ids[:, :plen], attention_mask=torch.ones_like(ids[:, :plen]),
-                               max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=True,
-                               pad_token_id=0, use_cache=True)
-        sec, peak = timed(generate, 1, 2)
-        rows.append(row(op="generate", path="hf-generate", batch=batch, length=args.gen_tokens, seconds=sec,
-                        tok_s=batch * args.gen_tokens / sec, peak_gib=peak, **common))
-    for shape in args.naive_grid:
+    def flops_share(tokens: int, sec: float) -> float:
+        return 6 * params * tokens / sec / H100_BF16_FLOPS
+
+    for shape in args.naive_grid:  # the original's way, on the same loaded model, before any patch
         batch, length = map(int, shape.split("x"))
-        ids, plen, adv = random_batch(batch, length, student.vocab, seed=batch * 7919 + length)
-        seqs = [Sequence(ids[i], plen, float(adv[i])) for i in range(batch)]
+        ids, plen, adv = random_batch(batch, length, seed=batch * 7919 + length)
+        seqs = [Sequence(ids[i].to(student.device), plen, float(adv[i])) for i in range(batch)]
+        tokens = batch * length
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
         try:
             reference = deep_copied_reference(student.model)
-        except Exception as exc:  # noqa: BLE001 - report why the original's deep copy fails here
+            sec, peak = timed(lambda: naive_grpo_step(student.model, reference, student.optimizer, seqs),
+                              1, args.naive_repeat)
+            rows.append(row(op="grpo", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
+                            peak_gib=peak, mfu=flops_share(tokens, sec), **common))
+            del reference
+        except Exception as exc:  # noqa: BLE001 - a failure of the baseline is a result too
             rows.append(row(op="grpo", path="naive", batch=batch, length=length,
-                            error=f"deepcopy: {type(exc).__name__}: {exc}"[:300], **common))
-            continue
-        tokens = batch * length
-        sec, peak = timed(lambda: naive_grpo_step(student.model, reference, student.optimizer, seqs),
-                          1, max(1, args.repeat - 1))
-        rows.append(row(op="grpo", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
-                        peak_gib=peak, mfu=6 * params * tokens / sec / H100_BF16_FLOPS, **common))
-        del reference
+                            error=f"{type(exc).__name__}: {exc}"[:300], **common))
+        student.optimizer.zero_grad(set_to_none=True)
+        student.model.eval()
         gc.collect()
         torch.cuda.empty_cache()
-        sec, peak = timed(lambda: naive_logprobs(student.model, seqs), 1, max(1, args.repeat - 1))
+        sec, peak = timed(lambda: naive_logprobs(student.model, seqs), 1, args.naive_repeat)
         rows.append(row(op="logprobs", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
                         peak_gib=peak, **common))
+
+    if args.gen_tokens:  # /v1/completions work: the engine's batched decode loop
+        prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()
+        requests = [GenerationRequest(prompt_ids=prompt, n=args.gen_batch, max_tokens=args.gen_tokens,
+                                      temperature=1.0, seed=3)]
+        produced = []
+
+        def generate():
+            samples = student.generate(requests)
+            produced.append(sum(s.num_generated for s in samples[0]))
+        sec, peak = timed(generate, 1, 2)
+        rows.append(row(op="generate", path="engine", batch=args.gen_batch, length=args.gen_tokens, seconds=sec,
+                        tok_s=produced[-1] / sec, peak_gib=peak, **common))
+
+    applied = []
+    for index, stage in enumerate(stages):
+        try:
+            apply_stage(student, stage)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(row(op="stage", path=stage, batch=0, length=0, error=f"{type(exc).__name__}: {exc}"[:300],
+                            **common))
+            break
+        applied.append(stage)
+        label = "+".join(applied)
+        grid = args.grid if index == len(stages) - 1 else args.stage_grid
+        for shape in grid:
+            batch, length = map(int, shape.split("x"))
+            ids, plen, adv = random_batch(batch, length, seed=batch * 7919 + length)
+            items, scored = grpo_items(ids, plen, adv), score_items(ids, plen)
+            tokens = batch * length
+            loss = LossConfig(micro_batch_size=args.micro_batch or batch)
+            gc.collect()
+            torch.cuda.empty_cache()
+            try:
+                t0 = time.time()
+                student.grpo_step(items, loss)  # the first call pays for compilation, if any
+                first = time.time() - t0
+                sec, peak = timed(lambda: student.grpo_step(items, loss), args.warmup, args.repeat)
+                rows.append(row(op="grpo", path=label, batch=batch, length=length, micro_batch=loss.micro_batch_size,
+                                seconds=sec, first_call_s=first, tok_s=tokens / sec, peak_gib=peak,
+                                mfu=flops_share(tokens, sec), **common))
+            except Exception as exc:  # noqa: BLE001 - out of memory or a compile failure: record and go on
+                rows.append(row(op="grpo", path=label, batch=batch, length=length,
+                                error=f"{type(exc).__name__}: {exc}"[:300], **common))
+            gc.collect()
+            torch.cuda.empty_cache()
+            try:
+                sec, peak = timed(lambda: student.logprobs(scored, batch_size=batch), args.warmup, args.repeat)
+                rows.append(row(op="logprobs", path=label, batch=batch, length=length, seconds=sec,
+                                tok_s=tokens / sec, peak_gib=peak, **common))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(row(op="logprobs", path=label, batch=batch, length=length,
+                                error=f"{type(exc).__name__}: {exc}"[:300], **common))
     del student
     gc.collect()
     torch.cuda.empty_cache()
@@ -258,45 +258,50 @@ def bench_config(name: str, quant: str, args, scratch: Path, tok_dir: Path | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="qwen2.5-0.5b,llama-3.2-3b")
-    parser.add_argument("--quant", default="bf16,nf4")
-    parser.add_argument("--grid", default="8x512,16x512,8x1024")
+    parser.add_argument("--configs", default="qwen2.5-0.5b:nf4,llama-3.2-3b:nf4,llama-3.2-3b:bf16",
+                        help="model:quant pairs (quant nf4 or bf16)")
+    parser.add_argument("--stages-nf4", default="engine,ckpt,fused,tf32,compile")
+    parser.add_argument("--stages-bf16", default="engine,fused,tf32,compile")
+    parser.add_argument("--grid", default="8x512,16x512,8x1024", help="BxL settings timed at the last stage")
+    parser.add_argument("--stage-grid", default="8x512", help="BxL settings timed at the earlier stages")
     parser.add_argument("--naive-grid", default="8x512")
-    parser.add_argument("--heads", default="fused,logits", help="fast-path output heads to time")
-    parser.add_argument("--micro-batch", type=int, default=0, help="0 = whole batch in one micro-batch")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for bf16 too")
-    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=0, help="0 = the whole batch in one micro-batch")
+    parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--gen-batch", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--naive-repeat", type=int, default=2)
     parser.add_argument("--scratch", default="/tmp/bench_models")
     parser.add_argument("--tokenizer", default=str(REPO / ".bench_assets" / "tokenizer"))
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    args.grid = [s for s in args.grid.split(",") if s]
-    args.naive_grid = [s for s in args.naive_grid.split(",") if s]
-    args.heads = [s for s in args.heads.split(",") if s]
+    split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
+    args.grid, args.stage_grid, args.naive_grid = split(args.grid), split(args.stage_grid), split(args.naive_grid)
     tok_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else None
     scratch = Path(args.scratch)
     rows = []
-    for name in args.models.split(","):
-        for quant in args.quant.split(","):
-            log("config", name, quant)
-            rows += bench_config(name, quant, args, scratch, tok_dir)
-            if args.out:
-                Path(args.out).write_text(json.dumps({"rows": rows, "command": " ".join(sys.argv)}, indent=1))
+    command = "python3 bench/gpu_bench.py " + " ".join(sys.argv[1:])
+    for pair in split(args.configs):
+        name, quant = pair.split(":")
+        stages = split(args.stages_nf4 if quant == "nf4" else args.stages_bf16)
+        log("config", name, quant, stages)
+        rows += bench_config(name, quant, stages, args, scratch, tok_dir)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"rows": rows, "command": command,
+                                                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                                 indent=1))
     print_table(rows)
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':14} {'q':5} {'op':9} {'path':12} {'BxL':9} {'tok/s':>10} {'GiB':>6} {'mfu':>6}")
+    print(f"{'model':13} {'q':4} {'op':8} {'path':28} {'BxL':8} {'tok/s':>8} {'GiB':>6} {'mfu':>6}")
     for r in rows:
+        head = f"{r['model']:13} {r['quant']:4} {r['op']:8} {r['path']:28} {str(r['batch']) + 'x' + str(r['length']):8}"
         if "error" in r:
-            print(f"{r['model']:14} {r['quant']:5} {r['op']:9} {r['path']:12} {r['batch']}x{r['length']:<6} ERROR")
+            print(head, "ERROR", r["error"][:60])
             continue
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else ""
-        print(f"{r['model']:14} {r['quant']:5} {r['op']:9} {r['path']:12} {r['batch']}x{r['length']:<6} "
-              f"{r['tok_s']:10.0f} {r['peak_gib']:6.2f} {mfu:>6}")
+        print(f"{head} {r['tok_s']:8.0f} {r['peak_gib']:6.2f} {mfu:>6}")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,27 @@ def linear_selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, tar
         flat = flat.contiguous()
     logp = _LinearSelectiveLogSoftmax.apply(flat, weight, targets.reshape(-1), chunk_rows)
     return logp.reshape(shape)
+
+
+def fused_completion_logprobs(student, items) -> tuple[torch.Tensor, torch.Tensor]:
+    """services.trainer.student.Student._completion_logprobs with the lm_head fused into the log-softmax.
+
+    Same inputs, outputs and padding layout (left-padded, completions right-aligned); the (B, T, V) logits and
+    their float32 copies are never stored. Bound onto a Student by the benchmark to measure the proposed patch.
+    """
+    from services.trainer.student import _positions
+
+    sequences = [list(it.context_ids) + list(it.completion_ids) for it in items]
+    input_ids, mask = student._left_pad(sequences)
+    width = max(len(it.completion_ids) for it in items)
+    hidden = student.decoder(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
+                             use_cache=False).last_hidden_state
+    student.forward_passes += 1
+    lengths = torch.tensor([len(it.completion_ids) for it in items], device=input_ids.device)
+    columns = torch.arange(width, device=input_ids.device)
+    completion_mask = (columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)).float()
+    if width == 0:
+        empty = hidden.new_zeros(len(items), 0)
+        return empty, empty
+    logp = linear_selective_log_softmax(hidden[:, -width - 1:-1, :], student.lm_head.weight, input_ids[:, -width:])
+    return logp, completion_mask
