@@ -140,13 +140,16 @@ class LLMPool:
     """Shared by every search of a process. Use as `async with LLMPool(...) as pool:`."""
 
     def __init__(self, max_in_flight: int | None = None, retry: RetryPolicy | None = None,
-                 environ: dict | None = None, extra_headers: dict | None = None):
+                 environ: dict | None = None, extra_headers: dict | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.retry = retry or RetryPolicy()
+        self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
         self._environ = environ
         self._extra_headers = dict(extra_headers or {})
         self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._endpoint_limits: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._targets: dict[tuple, tuple[httpx.URL, dict]] = {}
         self._global_limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         # Counters for stats and the bench; plain ints mutated only from the event loop.
         self.in_flight = 0
@@ -182,9 +185,20 @@ class LLMPool:
                 base_url=base,
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
                 headers={"User-Agent": "alphazero-llm-trainer"},
+                transport=self._transport,
             )
             self._clients[base] = client
         return client
+
+    def _target(self, endpoint: EndpointSpec, path: str) -> tuple[httpx.URL, dict]:
+        """The parsed URL and timeout of one endpoint's route, computed once."""
+        key = (endpoint.base_url, path, endpoint.timeout_s)
+        target = self._targets.get(key)
+        if target is None:
+            url = httpx.URL(endpoint.base_url.rstrip("/") + path)
+            timeout = httpx.Timeout(endpoint.timeout_s, connect=min(endpoint.timeout_s, 10.0)).as_dict()
+            target = self._targets[key] = (url, timeout)
+        return target
 
     def _limit(self, endpoint: EndpointSpec) -> asyncio.Semaphore:
         key = (endpoint.base_url, endpoint.name)
@@ -214,18 +228,22 @@ class LLMPool:
 
     async def _post(self, endpoint: EndpointSpec, path: str, payload: dict) -> tuple[dict, float]:
         key = api_key(endpoint, self._environ) or self._base_url_keys.get(endpoint.base_url.rstrip("/"))
-        headers = dict(self._extra_headers)
+        headers = {"Content-Type": "application/json", "User-Agent": "alphazero-llm-trainer", **self._extra_headers}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        timeout = httpx.Timeout(endpoint.timeout_s, connect=min(endpoint.timeout_s, 10.0))
         client = self._client(endpoint)
+        url, timeout = self._target(endpoint, path)
+        content = json.dumps(payload).encode()
         last: LLMError | None = None
         for attempt in range(self.retry.max_retries + 1):
             retry_after = None
             try:
                 async with self._slot(endpoint):
                     started = time.perf_counter()
-                    response = await client.post(path, json=payload, headers=headers, timeout=timeout)
+                    # A prebuilt request skips the client's per-call URL merging (half its cost per request).
+                    request = httpx.Request("POST", url, content=content, headers=headers,
+                                            extensions={"timeout": timeout})
+                    response = await client.send(request)
                     body = response.content
                     latency = time.perf_counter() - started
                 if response.status_code == 200:

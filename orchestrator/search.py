@@ -10,9 +10,11 @@ One simulation:
    POST /logprobs; priors = softmax over siblings of the student's mean token log-prob (uniform when there
    is no trainer, recorded in stats.degraded). Each child is checked for being terminal (rules, then the LLM
    checker) and for the depth and token limits.
-3. Evaluate every new child: a terminal child scores its exact path reward (rewards.py); otherwise the student
-   rolls out to an answer (when `rollout`) and the path is scored with the rollout's answer.
-4. Backprop each child's value along root..child, credit the teachers on that path, remove the virtual loss.
+3. Evaluate the new children: every terminal child scores its exact path reward (rewards.py, no request); of
+   the others the one with the highest prior (`rollouts="best"`, the default) or all of them (`"all"`) get a
+   student rollout to an answer (when `rollout`), and the path is scored with the rollout's answer.
+4. Backprop each evaluated child's value along root..child, credit the teachers on that path, remove the
+   virtual loss.
 `parallel_simulations` simulations run at once until `iterations` have started; the pool's global semaphore
 bounds requests in flight across every tree; `run_searches` bounds the trees in flight. Setting `cancel` stops
 a search at once (in-flight requests are cancelled) and returns the tree so far.
@@ -67,7 +69,8 @@ class SearchConfig(BaseModel):
     temperature: float = 0.8  # student sampling
     teacher_temperature: float = 0.7
     prior_temperature: float = 1.0
-    rollout: bool = True
+    rollout: bool = True  # evaluate open children by a student rollout to an answer (else PRE/length terms only)
+    rollouts: Literal["best", "all"] = "best"  # which open children of an expansion are evaluated
     rollout_max_tokens: int = Field(default=256, ge=1)
     use_checker: bool = True
     max_expand_failures: int = 2  # then the leaf becomes terminal ("expansion_failed")
@@ -214,6 +217,7 @@ class _Search:
                 results = [(path, leaf.reward if leaf.reward is not None else self._score_terminal(leaf))]
             else:
                 children = await self._expand(leaf, w)
+                self._release(leaf)  # waiting simulations may descend into the new children right away
                 if not children:
                     leaf.expand_failures += 1
                     if leaf.expand_failures < self.cfg.max_expand_failures:
@@ -221,8 +225,9 @@ class _Search:
                     leaf.terminal, leaf.terminal_reason = True, "expansion_failed"
                     results = [(path, self._score_terminal(leaf))]
                 else:
-                    values = await self._evaluate(children, w)
-                    results = [(path + [c], v) for c, v in zip(children, values)]
+                    evaluated = self._to_evaluate(children)
+                    values = await self._evaluate(evaluated, w)
+                    results = [(path + [c], v) for c, v in zip(evaluated, values)]
             for nodes, value in results:
                 backprop(nodes, value)
                 for node in nodes:
@@ -230,9 +235,12 @@ class _Search:
                         self.svc.teachers.record_reward(node.source, value)
         finally:
             remove_virtual_loss(path)
-            claim = self.claims.pop(leaf.id, None)
-            if claim is not None:
-                claim.set()
+            self._release(leaf)
+
+    def _release(self, leaf: Node) -> None:
+        claim = self.claims.pop(leaf.id, None)
+        if claim is not None:
+            claim.set()
 
     async def _select(self, w: int) -> list[Node]:
         tree, cfg = self.tree, self.cfg
@@ -435,6 +443,15 @@ class _Search:
     def _path_value(self, node: Node, hre_value: float) -> tuple[float, dict]:
         directions = [n.direction for n in self.tree.steps(node)]
         return path_reward(hre_value, node.accumulated_pre, node.depth, directions, self.cfg.rewards)
+
+    def _to_evaluate(self, children: list[Node]) -> list[Node]:
+        """Terminal children always (their score is exact and free); of the others, all of them or only the
+        one with the highest prior (one simulation per expansion, as in AlphaZero), per `rollouts`."""
+        terminal = [c for c in children if c.terminal]
+        open_ = [c for c in children if not c.terminal]
+        if self.cfg.rollouts == "best" and open_:
+            open_ = [max(open_, key=lambda c: c.prior)]
+        return terminal + open_
 
     async def _evaluate(self, children: list[Node], w: int) -> list[float]:
         latencies: list[float] = []

@@ -23,12 +23,14 @@ class TrainerError(Exception):
 
 class TrainerClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8001", api_token: str | None = None,
-                 timeout_s: float = 600.0, retry: RetryPolicy | None = None):
+                 timeout_s: float = 600.0, retry: RetryPolicy | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
+                                         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+                                         transport=transport)
         self.requests = 0
 
     @classmethod

@@ -1,0 +1,48 @@
+"""The search against the real trainer service with the tiny model (SmolLM2-135M on CPU): the student is the
+trainer's "student", teacher and checker its "base" (the embedded default). Tiny budgets: this is about the
+wiring (continue_final_message, stop, logprobs, /logprobs priors, /grpo/step items), not about accuracy."""
+
+import pytest
+
+from orchestrator.data import Problem
+from orchestrator.llm import LLMPool, RetryPolicy
+from orchestrator.search import SearchConfig, SearchServices, run_search
+from orchestrator.settings import Settings
+from orchestrator.trainer_client import TrainerClient
+from orchestrator.trajectories import grpo_group
+
+pytestmark = pytest.mark.integration
+PROBLEM = Problem(id="test-0", prompt="Tom has 3 apples and buys 4 more. How many apples does he have?", answer="7")
+
+
+@pytest.fixture(scope="module")
+def settings(trainer_service) -> Settings:
+    return Settings(trainer_url=trainer_service.url, teacher_tier="embedded", request_timeout_s=300)
+
+
+async def test_search_over_the_real_trainer(settings):
+    config = SearchConfig(iterations=2, parallel_simulations=2, max_depth=2, max_tokens=48, chunk_tokens=10,
+                          n_student=2, n_teacher_right=1, n_teacher_wrong=1, rollout=True, rollout_max_tokens=12,
+                          temperature=1.0, seed=7)
+    async with LLMPool.from_settings(settings, retry=RetryPolicy(max_retries=1)) as pool:
+        services = SearchServices.from_settings(settings, pool)
+        async with services.trainer:
+            result = await run_search(PROBLEM, config, services)
+            tree, stats = result.tree, result.stats
+            assert stats["expansions"] >= 1 and stats["simulations"] == 2
+            assert not any(d.startswith("uniform_priors") for d in stats["degraded"]), stats["degraded"]
+            assert stats["teacher_errors"] == 0 and not stats["errors"], stats["errors"]
+            root_children = tree.children(tree.root)
+            assert {c.kind for c in root_children} >= {"student"}
+            assert sum(c.prior for c in root_children) == pytest.approx(1.0)
+            assert all(c.step_logprob is not None and c.step_logprob < 0 for c in root_children)
+            assert all(n.depth <= 2 and n.path_tokens <= 48 and n.virtual_loss == 0 for n in tree)
+            assert all("\n" not in n.text for n in tree)  # a node is one line
+            assert stats["tokens"] > 0 and tree.to_json()["nodes"][0]["visits"] == tree.root.visits
+
+            # whatever the tiny model wrote, the items are valid input for a real GRPO step
+            items = [i.to_trainer_item() for i in grpo_group(tree, "tree")]
+            if items:
+                out = await services.trainer.grpo_step(items[:4], {"type": "grpo", "micro_batch_size": 4},
+                                                       step_key="search-trainer-test")
+                assert out["adapter_version"] >= 1 and out["tokens"] > 0
