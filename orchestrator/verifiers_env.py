@@ -12,7 +12,7 @@ this one. What each piece is:
   rules. Default weights are the search's (`RewardWeights`: 0.4 HRE, 0.6 PRE; format 0); change them with
   verifiers' own `rewards.<name>.weight` overrides (`load_environment(hre_weight=...)` sets the same).
 - `AnswerHarness` (the program): one chat completion through verifiers' interception endpoint, in process, so a
-  run needs neither `uv` nor a container; `--env.agent.harness.id null` (verifiers' own chat loop) works too.
+  run needs neither `uv` nor a container (verifiers' built-in `null`/`bash` harnesses launch `uv` scripts).
 - `ProblemEnv` (the episode): one agent, local subprocess runtime by default (verifiers' default is a remote
   Prime sandbox).
 """

@@ -19,7 +19,7 @@ from orchestrator.data import load_gsm8k, question_messages  # noqa: E402
 from orchestrator.rewards import RewardWeights, hre, step_pre  # noqa: E402
 from orchestrator.trainer_client import TrainerClient  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~40 s on an idle 2-core machine
 
 
 def vf_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -34,7 +34,7 @@ async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_servi
     run = vf_eval(
         "alphazero-llm-trainer", "-m", "student", "-n", "2", "--no-push", "--no-rich", "-o", str(out),
         "--client.base-url", trainer_service.base_url, "--client.api-key-var", "AZT_TEST_NO_KEY",
-        "--sampling.max-tokens", "40", "--sampling.temperature", "0",
+        "--sampling.max-tokens", "24", "--sampling.temperature", "0",
         "--env.taskset.path", str(gsm8k_dir),
         "--env.taskset.task.use-student-model", "true", "--env.taskset.task.trainer-url", trainer_service.url,
         cwd=tmp_path)
