@@ -65,3 +65,20 @@ def scripted_server(_scripted_server_session):
     server.config = ServerConfig()
     yield server
     server.reset()
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model_dir(trainer_model_dir, tmp_path_factory):
+    """A config-only model directory (2 tiny layers, the real tokenizer): the trainer initialises it randomly."""
+    import json
+    import shutil
+
+    target = tmp_path_factory.mktemp("tiny-random-model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (trainer_model_dir / name).is_file():
+            shutil.copy(trainer_model_dir / name, target / name)
+    config = json.loads((trainer_model_dir / "config.json").read_text())
+    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    (target / "config.json").write_text(json.dumps(config))
+    return target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -107,6 +108,8 @@ class Student:
         causal_lm = model.get_base_model()
         self.decoder = causal_lm.model  # the transformer stack: hidden states without the lm_head
         self.lm_head = causal_lm.get_output_embeddings()
+        # transformers 5.x renamed the KV-cache argument from past_key_values to cache.
+        self.cache_arg = "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
         model.eval()
 
     # ----- adapters -----
@@ -131,7 +134,7 @@ class Student:
         input_ids, mask = self._left_pad([r.prompt_ids for r in requests])
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
         self.forward_passes += 1
         owner = [i for i, r in enumerate(requests) for _ in range(r.n)]  # row -> request
         sample_index = [j for r in requests for j in range(r.n)]
@@ -185,7 +188,7 @@ class Student:
                 rows = [rows[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self.model(input_ids=next_ids.unsqueeze(1).to(self.device), attention_mask=mask,
-                             position_ids=(mask.sum(1, keepdim=True) - 1), past_key_values=cache, use_cache=True)
+                             position_ids=(mask.sum(1, keepdim=True) - 1), use_cache=True, **{self.cache_arg: cache})
             self.forward_passes += 1
             logits = out.logits[:, -1, :]
 
