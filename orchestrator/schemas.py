@@ -34,6 +34,10 @@ class SearchParams(_Strict):
     n_student: int | None = Field(default=None, ge=0, le=64)
     temperature: float | None = Field(default=None, ge=0, le=2)
     rollout: bool | None = None
+    rollout_max_tokens: int | None = Field(default=None, ge=1, le=65536, description="token budget of a rollout")
+    use_checker: bool | None = None
+    teacher_temperature: float | None = Field(default=None, ge=0, le=2)
+    seed: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

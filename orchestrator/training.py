@@ -42,9 +42,7 @@ def checkpoint_name(job_id: str, step: int) -> str:
 
 def search_config(settings, request: TrainRequest) -> SearchConfig:
     """The service defaults (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, MAX_TOKENS, ...) with the request's overrides."""
-    defaults = {"max_depth": settings.max_tree_depth, "iterations": settings.num_mcts_iterations,
-                "max_tokens": settings.max_tokens, "chunk_tokens": settings.chunk_tokens}
-    return SearchConfig(**{**defaults, **request.search.overrides()})
+    return SearchConfig.from_settings(settings, **request.search.overrides())
 
 
 def tree_metrics(trees: list[Any]) -> dict[str, Any]:
@@ -161,7 +159,7 @@ async def run_train_job(ctx) -> dict[str, Any]:
     batches = plan_batches(len(problems), request.batch_size, request.epochs)
     total_steps = len(batches)
     config = search_config(settings, request)
-    services = SearchServices.from_settings(settings, ctx.pool)
+    services = SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer)
     trees_in_flight = request.trees_in_flight or settings.max_trees_in_flight
     loss = request.loss.model_dump(exclude_none=True)
 
@@ -178,7 +176,8 @@ async def run_train_job(ctx) -> dict[str, Any]:
         start_step = 0
         health = await ctx.trainer.health()
         adapter_start = health.get("adapter_version")
-        await ctx.store.update_job(ctx.job_id, progress={"adapter_version_start": adapter_start})
+        await ctx.store.update_job(ctx.job_id, progress={"adapter_version_start": adapter_start,
+                                                         "trainer_step_start": health.get("step")})
         checkpoint = await _save_checkpoint(ctx, 0)
 
     await ctx.set_progress(phase="training", step=start_step, total_steps=total_steps,
@@ -208,7 +207,7 @@ async def run_train_job(ctx) -> dict[str, Any]:
                                        "search_errors": search_stats["search_errors"],
                                        "degraded": search_stats["degraded"],
                                        "search_seconds": round(search_seconds, 3)}
-            if items:
+            if any(item["advantage"] != 0 for item in items):
                 grpo_started = time.perf_counter()
                 last_result = await ctx.trainer.grpo_step(items, loss, step_key=f"{ctx.job_id}:{step}")
                 metrics.update(loss=last_result.get("loss"), kl=last_result.get("kl"),
@@ -221,7 +220,7 @@ async def run_train_job(ctx) -> dict[str, Any]:
                     ctx.telemetry.train_steps.inc()
                     if last_result.get("adapter_version") is not None:
                         ctx.telemetry.adapter_version.set(last_result["adapter_version"])
-            else:  # every path scored the same (or no tree): nothing to learn from this batch
+            else:  # no tree, or every path scored the same: nothing to learn from this batch
                 metrics.update(skipped=True, kl=None, loss=None)
             metrics["tokens"] = (metrics["search_tokens"] or 0) + int(metrics.get("train_tokens") or 0)
             if request.eval_every and (step % request.eval_every == 0 or step == total_steps):
