@@ -7,8 +7,8 @@ this one. What each piece is:
 
 - `ProblemTaskset` (the data): GSM8K problems from `orchestrator.data` with the project's chat prompt;
   each task carries `prompt`, `answer` (the gold number) and `info` (split, index, gold solution).
-- `ProblemTask` (the scoring): rewards `correct` (HRE), `perplexity` (PRE, only with `use_student_model`; it
-  asks the trainer's /logprobs) and `format`, computed by `orchestrator.rewards` and the terminal checker's
+- `ProblemTask` (the scoring): rewards `correct` (HRE), `perplexity` (PRE, with `use_student_model` or a
+  `trainer_url`; it asks the trainer's /logprobs) and `format`, computed by `orchestrator.rewards` and the terminal checker's
   rules. Default weights are the search's (`RewardWeights`: 0.4 HRE, 0.6 PRE; format 0); change them with
   verifiers' own `rewards.<name>.weight` overrides (`load_environment(hre_weight=...)` sets the same).
 - `AnswerHarness` (the program): one chat completion through verifiers' interception endpoint, in process, so a
@@ -28,7 +28,7 @@ from pydantic import Field
 from orchestrator.answers import extract_answer
 from orchestrator.data import Problem, load_gsm8k, question_messages
 from orchestrator.rewards import RewardWeights, hre, step_pre
-from orchestrator.settings import Settings, TeacherTier
+from orchestrator.settings import EndpointSpec, Settings, TeacherTier
 from orchestrator.terminal import rule_verdict
 from orchestrator.trainer_client import TrainerClient
 
@@ -51,9 +51,13 @@ class ScoringConfig(vf.TaskConfig):
     """Per-task scoring knobs (`--env.taskset.task.*`). Reward weights use verifiers' own overrides:
     `--env.taskset.task.rewards.perplexity.weight 0.6` (`load_environment(pre_weight=...)` sets the same)."""
 
-    use_student_model: bool = False  # PRE needs the student's log-probs from the trainer service
+    use_student_model: bool = False  # PRE from the student's log-probs; also on when trainer_url is set
     trainer_url: str | None = None  # None: the orchestrator settings' TRAINER_URL (default 127.0.0.1:8001)
     pre_model: Literal["student", "base"] = "student"
+
+    @property
+    def pre_enabled(self) -> bool:
+        return self.use_student_model or self.trainer_url is not None
 
 
 class ProblemTask(vf.Task[ProblemData, vf.State, ScoringConfig]):
@@ -102,7 +106,7 @@ class ProblemTask(vf.Task[ProblemData, vf.State, ScoringConfig]):
 
     def hooks(self, attr: str):
         fns = super().hooks(attr)
-        if attr == "reward" and not self.config.use_student_model:
+        if attr == "reward" and not self.config.pre_enabled:
             fns = [fn for fn in fns if fn.__name__ != "perplexity"]  # PRE off: not recorded at all
         return fns
 
@@ -115,13 +119,14 @@ class ProblemTasksetConfig(vf.TasksetConfig):
     limit: int | None = Field(default=None, ge=0)
     offset: int = Field(default=0, ge=0)
     tier: TeacherTier = "free"  # the search's teacher tier (TEACHER_TIER), as in the original
+    teachers: list[EndpointSpec] | None = None  # the endpoints of tier "custom" (TEACHERS)
     task: ScoringConfig = ScoringConfig()
 
     def search_settings(self) -> Settings:
         """The orchestrator settings a search for these tasks runs with: this tier's teachers, this trainer.
         Single-turn scoring needs no teachers; a trainer or search driven from verifiers reads them here."""
         trainer = {"trainer_url": self.task.trainer_url} if self.task.trainer_url else {}
-        return Settings(teacher_tier=self.tier, **trainer)
+        return Settings(teacher_tier=self.tier, teachers=self.teachers, **trainer)
 
 
 class ProblemTaskset(vf.Taskset[ProblemTask, ProblemTasksetConfig]):

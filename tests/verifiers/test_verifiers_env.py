@@ -83,6 +83,13 @@ def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
     weights = {fn.__name__: fn._vf_weight for fn in task.hooks("reward")}
     assert weights == {"correct": 1.0, "format": 0.25, "perplexity": RewardWeights().pre}
 
+    custom = [{"name": "t1", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]
+    env = alphazero_llm_trainer.load_environment(tier="custom", teachers=custom, trainer_url="http://127.0.0.1:9",
+                                                 path=str(gsm8k_dir), limit=1)
+    assert [t.name for t in env.config.taskset.search_settings().teacher_endpoints()] == ["t1"]
+    task = list(env.taskset)[0]  # a trainer URL alone switches PRE on, as `use_student_model` does
+    assert "perplexity" in [fn.__name__ for fn in task.hooks("reward")]
+
 
 async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solution(gsm8k_dir):
     with ScriptedServer() as server:  # serves the trainer's POST /logprobs
