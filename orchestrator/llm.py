@@ -15,11 +15,13 @@ import json
 import math
 import os
 import random
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import certifi
 import httpx
 
 from orchestrator.settings import EndpointSpec
@@ -141,13 +143,15 @@ class LLMPool:
 
     def __init__(self, max_in_flight: int | None = None, retry: RetryPolicy | None = None,
                  environ: dict | None = None, extra_headers: dict | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, connections_per_client: int = 8):
         self.retry = retry or RetryPolicy()
         self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
         self._environ = environ
         self._extra_headers = dict(extra_headers or {})
         self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[str, list[_Shard]] = {}  # per server: a few small connection pools
+        self.connections_per_client = connections_per_client
+        self._ssl_context: ssl.SSLContext | None = None
         self._endpoint_limits: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._targets: dict[tuple, tuple[httpx.URL, dict]] = {}
         self._global_limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
@@ -173,22 +177,31 @@ class LLMPool:
         await self.aclose()
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
+        shards, self._clients = [s for group in self._clients.values() for s in group], {}
+        for shard in shards:
+            await shard.client.aclose()
 
-    def _client(self, endpoint: EndpointSpec) -> httpx.AsyncClient:
+    def _client(self, endpoint: EndpointSpec) -> "_Shard":
+        """The least busy client of the endpoint's server, opening another one when all are full.
+
+        httpcore's connection pool does work proportional to its open connections on every request (it
+        polls idle sockets), so hundreds of connections in one client cost more CPU than the requests
+        themselves. Small pools of `connections_per_client` keep that bounded; each still reuses its
+        connections."""
         base = endpoint.base_url.rstrip("/")
-        client = self._clients.get(base)
-        if client is None:
+        shards = self._clients.setdefault(base, [])
+        shard = min(shards, key=lambda s: s.in_flight, default=None)
+        if shard is None or shard.in_flight >= self.connections_per_client:
+            if self._ssl_context is None:  # building one costs ~40 ms: share it between the clients
+                self._ssl_context = ssl.create_default_context(cafile=certifi.where())
             client = httpx.AsyncClient(
-                base_url=base,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
-                headers={"User-Agent": "alphazero-llm-trainer"},
-                transport=self._transport,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.connections_per_client,
+                                    keepalive_expiry=30),
+                transport=self._transport, verify=self._ssl_context,
             )
-            self._clients[base] = client
-        return client
+            shard = _Shard(client)
+            shards.append(shard)
+        return shard
 
     def _target(self, endpoint: EndpointSpec, path: str) -> tuple[httpx.URL, dict]:
         """The parsed URL and timeout of one endpoint's route, computed once."""
@@ -207,35 +220,39 @@ class LLMPool:
             sem = self._endpoint_limits[key] = asyncio.Semaphore(endpoint.max_concurrency)
         return sem
 
-    async def chat(self, endpoint: EndpointSpec, messages: list[dict], **params) -> Completion:
+    async def chat(self, endpoint: EndpointSpec, messages: list[dict], retry: RetryPolicy | None = None,
+                   **params) -> Completion:
         """POST /chat/completions. `params` are OpenAI fields (n, max_tokens, temperature, stop, seed, logprobs,
-        top_logprobs, ...) plus vLLM extensions (continue_final_message, add_generation_prompt)."""
+        top_logprobs, ...) plus vLLM extensions (continue_final_message, add_generation_prompt). `retry`
+        overrides the pool's retry policy for this call."""
         payload = {"model": endpoint.model, "messages": messages, **_drop_none(params)}
         want = bool(payload.get("logprobs"))
-        data, latency = await self._post(endpoint, "/chat/completions", payload)
+        data, latency = await self._post(endpoint, "/chat/completions", payload, retry)
         completion = parse_completion(data, endpoint.name, chat=True, want_logprobs=want)
         completion.latency_s = latency
         return completion
 
-    async def complete(self, endpoint: EndpointSpec, prompt: str, **params) -> Completion:
+    async def complete(self, endpoint: EndpointSpec, prompt: str, retry: RetryPolicy | None = None,
+                       **params) -> Completion:
         """POST /completions (raw prompt). `logprobs` is an int here, as in the OpenAI completions API."""
         payload = {"model": endpoint.model, "prompt": prompt, **_drop_none(params)}
         want = payload.get("logprobs") is not None and payload.get("logprobs") is not False
-        data, latency = await self._post(endpoint, "/completions", payload)
+        data, latency = await self._post(endpoint, "/completions", payload, retry)
         completion = parse_completion(data, endpoint.name, chat=False, want_logprobs=want)
         completion.latency_s = latency
         return completion
 
-    async def _post(self, endpoint: EndpointSpec, path: str, payload: dict) -> tuple[dict, float]:
+    async def _post(self, endpoint: EndpointSpec, path: str, payload: dict,
+                    retry: RetryPolicy | None = None) -> tuple[dict, float]:
+        retry = retry or self.retry
         key = api_key(endpoint, self._environ) or self._base_url_keys.get(endpoint.base_url.rstrip("/"))
         headers = {"Content-Type": "application/json", "User-Agent": "alphazero-llm-trainer", **self._extra_headers}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        client = self._client(endpoint)
         url, timeout = self._target(endpoint, path)
         content = json.dumps(payload).encode()
         last: LLMError | None = None
-        for attempt in range(self.retry.max_retries + 1):
+        for attempt in range(retry.max_retries + 1):
             retry_after = None
             try:
                 async with self._slot(endpoint):
@@ -243,7 +260,12 @@ class LLMPool:
                     # A prebuilt request skips the client's per-call URL merging (half its cost per request).
                     request = httpx.Request("POST", url, content=content, headers=headers,
                                             extensions={"timeout": timeout})
-                    response = await client.send(request)
+                    shard = self._client(endpoint)
+                    shard.in_flight += 1
+                    try:
+                        response = await shard.client.send(request)
+                    finally:
+                        shard.in_flight -= 1
                     body = response.content
                     latency = time.perf_counter() - started
                 if response.status_code == 200:
@@ -263,10 +285,10 @@ class LLMPool:
             except httpx.TransportError as exc:
                 last = LLMError(endpoint.name, None, f"connection error ({type(exc).__name__})", retryable=True)
             self.errors[endpoint.name] += 1
-            if not last.retryable or attempt == self.retry.max_retries:
+            if not last.retryable or attempt == retry.max_retries:
                 break
             self.retries += 1
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+            await asyncio.sleep(retry.delay(attempt, retry_after))
         assert last is not None
         raise last
 
@@ -278,6 +300,12 @@ class LLMPool:
                 "retries": self.retries, "errors": dict(self.errors)}
 
 
+class _Shard:
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self.in_flight = 0
+
+
 class _Slot:
     """Holds the global and the per-endpoint limit around one HTTP attempt (not across backoff sleeps)."""
 
@@ -285,14 +313,15 @@ class _Slot:
         self.pool, self.endpoint_limit = pool, endpoint_limit
 
     async def __aenter__(self):
+        # Endpoint first: a request queued behind a saturated endpoint must not hold a global slot that
+        # another endpoint's request could use.
+        await self.endpoint_limit.acquire()
         if self.pool._global_limit is not None:
-            await self.pool._global_limit.acquire()
-        try:
-            await self.endpoint_limit.acquire()
-        except BaseException:
-            if self.pool._global_limit is not None:
-                self.pool._global_limit.release()
-            raise
+            try:
+                await self.pool._global_limit.acquire()
+            except BaseException:
+                self.endpoint_limit.release()
+                raise
         pool = self.pool
         pool.requests += 1
         pool.in_flight += 1

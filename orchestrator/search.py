@@ -179,9 +179,11 @@ class _Search:
                 else:
                     all_done.result()  # re-raise a worker's bug
         finally:
-            if not all_done.done():  # run_search itself was cancelled
-                all_done.cancel()
-                await asyncio.gather(all_done, return_exceptions=True)
+            # run_search itself cancelled, or one worker failed: stop the others before touching the tree
+            pending = [t for t in workers if not t.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             for node in self.tree:  # pending simulations of a cancelled search leave virtual loss behind
                 node.virtual_loss = 0
             for event in self.claims.values():

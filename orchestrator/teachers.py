@@ -6,8 +6,8 @@ Weights. Each teacher keeps an exponential moving average of the values its chil
 over the healthy teachers of the best tier that has any (tiers are in the order first seen), so a teacher
 whose steps lead to better paths is asked more, and every teacher keeps being tried a little.
 
-Fail-over. When a request fails (after the pool's own retries) the next teacher by weight is tried, first in
-the same tier, then in the others; the failure is recorded. After `max_consecutive_failures` failures in a row
+Fail-over. When a request fails the next teacher by weight is tried, first in the same tier, then in the
+others; the failure is recorded. Only the last teacher in line gets the pool's retries. After `max_consecutive_failures` failures in a row
 a teacher rests for `cooldown_s`, so a dead or hanging endpoint stops costing a timeout per expansion.
 """
 
@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.llm import Completion, LLMError, LLMPool
+from orchestrator.llm import Completion, LLMError, LLMPool, RetryPolicy
 from orchestrator.settings import EndpointSpec
 
 SYSTEM = "You are a careful math tutor who writes grade-school solutions one short step per line."
@@ -48,6 +48,9 @@ def first_line(text: str) -> str:
         if line:
             return line
     return ""
+
+
+NO_RETRY = RetryPolicy(max_retries=0)
 
 
 class AllTeachersFailed(Exception):
@@ -137,11 +140,14 @@ class TeacherEnsemble:
         """n next steps of `kind` ("right" | "wrong") from the best available teacher, failing over."""
         messages = teacher_messages(kind, question, partial)
         failed: list[str] = []
-        for name in self.order():
+        order = self.order()
+        for i, name in enumerate(order):
             state = self.states[name]
             state.requests += 1
+            # While another teacher is left to fail over to, don't spend retries (or timeouts) on this one.
+            retry = NO_RETRY if i < len(order) - 1 else None
             try:
-                completion = await pool.chat(state.endpoint, messages, n=n, max_tokens=max_tokens,
+                completion = await pool.chat(state.endpoint, messages, retry=retry, n=n, max_tokens=max_tokens,
                                              temperature=temperature, stop=["\n\n"], seed=seed)
             except LLMError as exc:
                 state.failures += 1

@@ -21,8 +21,8 @@ def settings(trainer_service) -> Settings:
 
 
 async def test_search_over_the_real_trainer(settings):
-    config = SearchConfig(iterations=2, parallel_simulations=2, max_depth=2, max_tokens=48, chunk_tokens=10,
-                          n_student=2, n_teacher_right=1, n_teacher_wrong=1, rollout=True, rollout_max_tokens=12,
+    config = SearchConfig(iterations=2, parallel_simulations=2, max_depth=2, max_tokens=40, chunk_tokens=8,
+                          n_student=2, n_teacher_right=1, n_teacher_wrong=1, rollout=True, rollout_max_tokens=8,
                           temperature=1.0, seed=7)
     async with LLMPool.from_settings(settings, retry=RetryPolicy(max_retries=1)) as pool:
         services = SearchServices.from_settings(settings, pool)
@@ -36,7 +36,7 @@ async def test_search_over_the_real_trainer(settings):
             assert {c.kind for c in root_children} >= {"student"}
             assert sum(c.prior for c in root_children) == pytest.approx(1.0)
             assert all(c.step_logprob is not None and c.step_logprob < 0 for c in root_children)
-            assert all(n.depth <= 2 and n.path_tokens <= 48 and n.virtual_loss == 0 for n in tree)
+            assert all(n.depth <= 2 and n.path_tokens <= 40 and n.virtual_loss == 0 for n in tree)
             assert all("\n" not in n.text for n in tree)  # a node is one line
             assert stats["tokens"] > 0 and tree.to_json()["nodes"][0]["visits"] == tree.root.visits
 

@@ -148,3 +148,29 @@ def test_config_and_services_from_settings():
     assert svc.student.model == "student" and list(svc.teachers.states) == ["embedded-base"]
     assert svc.trainer is not None and svc.checker.endpoint.model == "base"
     assert SearchServices.from_settings(Settings(trainer_url=""), pool=LLMPool()).trainer is None
+
+
+@pytest.mark.parametrize("rollouts", ["best", "all"])
+async def test_rollouts_best_or_all(scripted_server, rollouts):
+    config = SearchConfig(iterations=1, parallel_simulations=1, rollouts=rollouts)
+    result, _ = await search(scripted_server, config)
+    tree = result.tree
+    children = tree.children(tree.root)
+    open_children = [c for c in children if not c.terminal]
+    rolled = [c for c in children if c.rollout is not None]
+    if rollouts == "best":
+        assert rolled == [max(open_children, key=lambda c: c.prior)]
+    else:
+        assert rolled == open_children
+    assert result.stats["rollouts"] == len(rolled)
+    assert all(c.visits == 1 for c in rolled) and tree.root.visits == len(rolled)
+    assert all("####" in c.rollout for c in rolled)  # the scripted student writes on to an answer
+
+
+async def test_teachers_are_credited_with_their_childrens_values(scripted_server):
+    config = SearchConfig(iterations=4, parallel_simulations=1, rollouts="all")
+    result, svc = await search(scripted_server, config)
+    snap = svc.teachers.snapshot()
+    teacher_visits = sum(n.visits for n in result.tree if n.kind in ("right", "wrong"))
+    assert snap["t1"]["rewards"] + snap["t2"]["rewards"] >= teacher_visits > 0
+    assert any(s["score"] != 0.0 for s in snap.values())
