@@ -36,7 +36,7 @@ from orchestrator.llm import LLMError, LLMPool, LogprobsUnavailable
 from orchestrator.rewards import RewardWeights, RunningMean, accumulated_pre, path_reward, step_pre
 from orchestrator.settings import EndpointSpec
 from orchestrator.teachers import AllTeachersFailed, TeacherEnsemble, first_line
-from orchestrator.terminal import TerminalChecker, Verdict, rule_verdict
+from orchestrator.terminal import TerminalChecker, rule_verdict
 from orchestrator.trainer_client import TrainerClient, TrainerError
 from orchestrator.tree import (
     ROOT,
@@ -63,8 +63,8 @@ class SearchConfig(BaseModel):
     c_uct: float = 1.414
     virtual_loss: float = 1.0  # the value each pending visit pretends to lose
     fpu: float = 0.0  # Q of an unvisited child
-    n_teacher_right: int = Field(default=1, ge=0, le=16)
-    n_teacher_wrong: int = Field(default=1, ge=0, le=16)
+    n_teacher_right: int = Field(default=1, ge=0, le=64)
+    n_teacher_wrong: int = Field(default=1, ge=0, le=64)
     n_student: int = Field(default=2, ge=0, le=64)
     temperature: float = 0.8  # student sampling
     teacher_temperature: float = 0.7
@@ -405,27 +405,24 @@ class _Search:
         return children
 
     async def _check_terminal(self, children: list[Node], eos_flags: list[bool], partial: str, w: int) -> None:
+        """Rules for every child; the LLM checker (in parallel) only for the children the rules are unsure of."""
         cfg = self.cfg
-
-        async def verdict(child: Node, eos: bool) -> Verdict:
-            if not cfg.use_checker:
-                v = rule_verdict(child.text, child.finish_reason, eos)
-                return Verdict(bool(v.terminal), v.reason)
+        verdicts = [rule_verdict(c.text, c.finish_reason, eos) for c, eos in zip(children, eos_flags)]
+        unsure = [i for i, v in enumerate(verdicts) if v.terminal is None]
+        if unsure and cfg.use_checker:
             started = time.perf_counter()
-            calls = self.svc.checker.llm_calls
-            v = await self.svc.checker.check(self.tree.question, partial + child.text + "\n", child.text,
-                                             child.finish_reason, eos)
-            if self.svc.checker.llm_calls > calls:
-                self.stats.checker_calls += 1
-                self.stats.requests += 1
-                latencies.append(time.perf_counter() - started)
-            if v.reason == "checker_failed":
+            checked = await asyncio.gather(*(
+                self.svc.checker.check(self.tree.question, partial + children[i].text + "\n", children[i].text,
+                                       children[i].finish_reason, eos_flags[i]) for i in unsure))
+            asked = sum(1 for v in checked if v.reason in ("checker", "checker_failed"))
+            self.stats.checker_calls += asked
+            self.stats.requests += asked
+            if asked:
+                self.chain[w] += time.perf_counter() - started
+            if any(v.reason == "checker_failed" for v in checked):
                 self.stats.degrade("checker_failed")
-            return v
-
-        latencies: list[float] = []
-        verdicts = await asyncio.gather(*(verdict(c, e) for c, e in zip(children, eos_flags)))
-        self.chain[w] += max(latencies, default=0.0)
+            for i, v in zip(unsure, checked):
+                verdicts[i] = v
         for child, v in zip(children, verdicts):
             if v.terminal:
                 child.terminal, child.terminal_reason = True, v.reason
@@ -456,10 +453,16 @@ class _Search:
         return terminal + open_
 
     async def _evaluate(self, children: list[Node], w: int) -> list[float]:
-        latencies: list[float] = []
-        values = await asyncio.gather(*(self._evaluate_one(c, latencies) for c in children))
-        self.chain[w] += max(latencies, default=0.0)
-        return list(values)
+        """Exact scores of terminal children (no request); rollouts of the open ones, in parallel."""
+        values = [self._score_terminal(c) if c.terminal else 0.0 for c in children]
+        open_ = [i for i, c in enumerate(children) if not c.terminal]
+        if open_:
+            latencies: list[float] = []
+            rolled = await asyncio.gather(*(self._evaluate_one(children[i], latencies) for i in open_))
+            self.chain[w] += max(latencies, default=0.0)
+            for i, v in zip(open_, rolled):
+                values[i] = v
+        return values
 
     async def _evaluate_one(self, node: Node, latencies: list[float]) -> float:
         if node.terminal:

@@ -8,7 +8,7 @@ Rules, on the newest step:
 - a step that sounds concluding and ends in a number ("so she makes $18 a day.") -> unsure
 - anything else                          -> not terminal ("rule")
 Unsure cases go to the checker endpoint ("... Answer yes or no."), one call per distinct state (cached, and
-concurrent asks for the same state share one request). A checker failure counts as "not terminal" and is
+concurrent asks for the same state share one request: reason "checker_cached"). A checker failure counts as "not terminal" and is
 recorded, so the search goes on.
 """
 
@@ -77,10 +77,10 @@ class TerminalChecker:
         if key in self._cache:
             self.cache_hits += 1
             self._cache.move_to_end(key)
-            return Verdict(self._cache[key], "checker")
+            return Verdict(self._cache[key], "checker_cached")
         if key in self._pending:
             self.cache_hits += 1
-            return Verdict(await asyncio.shield(self._pending[key]), "checker")
+            return Verdict(await asyncio.shield(self._pending[key]), "checker_cached")
         future = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:

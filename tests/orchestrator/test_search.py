@@ -174,3 +174,20 @@ async def test_teachers_are_credited_with_their_childrens_values(scripted_server
     teacher_visits = sum(n.visits for n in result.tree if n.kind in ("right", "wrong"))
     assert snap["t1"]["rewards"] + snap["t2"]["rewards"] >= teacher_visits > 0
     assert any(s["score"] != 0.0 for s in snap.values())
+
+
+@pytest.mark.parametrize("reply,terminal", [("yes", True), ("no", False)])
+async def test_checker_decides_when_the_rules_are_unsure(scripted_server, reply, terminal):
+    scripted_server.config.final_style = "sentence"  # "So in total she has 42 apples."
+    scripted_server.config.answer_depth = 2
+    scripted_server.config.checker_reply = reply
+    config = SearchConfig(iterations=3, parallel_simulations=1, max_depth=3, rollout=False)
+    result, svc = await search(scripted_server, config)
+    sentences = [n for n in result.tree if n.text.startswith("So in total")]
+    assert sentences and result.stats["checker_calls"] >= 1
+    assert result.stats["checker_calls"] == scripted_server.stats()["models"]["checker"]
+    if terminal:
+        assert all(n.terminal and n.terminal_reason in ("checker", "checker_cached") for n in sentences)
+        assert any(n.correct for n in sentences)  # flexible extraction of "42 apples."
+    else:
+        assert not any(n.terminal_reason in ("checker", "checker_cached") for n in result.tree)

@@ -62,6 +62,7 @@ class ServerConfig:
     wrong_models: list[str] = field(default_factory=list)
     step_words: int = 6  # words per non-final step
     keep_log: bool = True  # record every request in .log (off for long benchmarks)
+    final_style: str = "line"  # "line": "#### N"; "sentence": "So in total she has N apples." (rules unsure)
 
 
 def _h(*parts: Any) -> int:
@@ -269,7 +270,7 @@ class ScriptedServer:
         k = len(done) + 1
         if k >= cfg.answer_depth:
             value = cfg.answer if not wrong else str(int(float(cfg.answer)) + 1)
-            return f"#### {value}"
+            return f"So in total she has {value} apples." if cfg.final_style == "sentence" else f"#### {value}"
         words = " ".join(f"w{_h(salt, k, j) % 97}" for j in range(max(cfg.step_words - 3, 1)))
         return f"Step {k}: {words}{' (wrong)' if wrong else ''}"
 
@@ -279,7 +280,7 @@ class ScriptedServer:
         if "\n" in stops:
             return self._next_step(partial, wrong, salt)
         lines = []
-        while not lines or not lines[-1].startswith("####"):
+        while not lines or not (lines[-1].startswith("####") or lines[-1].startswith("So in total")):
             lines.append(self._next_step(partial + "".join(ln + "\n" for ln in lines), wrong, salt))
         return "\n".join(lines)
 
