@@ -3,8 +3,10 @@
 Callers (asyncio handlers) submit jobs and await their futures. The worker takes the first waiting job, then
 waits up to `wait_ms` for more, and runs every mergeable job it collected as one batch: generation jobs with the
 same adapter setting share one decode loop, log-prob jobs with the same setting share padded forward passes.
-"Exclusive" jobs (a GRPO step, loading a checkpoint) run alone, so an update never overlaps a generation, and
-every result is tagged with the adapter version that produced it.
+A running batch may also `admit` jobs that arrive while it runs (continuous batching of generation) and
+`resolve` a job as soon as it is done. "Exclusive" jobs (a GRPO step, a checkpoint) run alone, so an update
+never overlaps a generation, and every result is tagged with the adapter version that produced it; while one is
+waiting, running batches admit nothing new.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+EXCLUSIVE = "exclusive"
+
 
 @dataclass
 class Job:
-    kind: str  # a merge key, e.g. ("generate", True); jobs with equal kinds can share a batch; or "exclusive"
-    payload: Any  # for merged jobs: the item(s) handed to the batch runner; for exclusive jobs: a callable
+    kind: Any  # a merge key, e.g. ("generate", True): jobs of equal kinds can share a batch; or EXCLUSIVE
+    payload: Any  # for merged jobs: what the batch runner gets; for exclusive jobs: a callable
     rows: int = 1  # batch rows this job occupies (n samples of a generation request)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -34,19 +38,40 @@ class BatcherCounters:
     exclusive_jobs: int = 0
     max_batch_rows: int = 0
     merged_requests: int = 0  # jobs that ran in a batch together with at least one other job
+    admitted_requests: int = 0  # jobs that joined a batch already running
+
+
+class Batch:
+    """What a batch runner sees: the payloads, plus ways to take in late jobs and to answer jobs early."""
+
+    def __init__(self, batcher: "Batcher", kind: Any, jobs: list[Job]):
+        self._batcher, self.kind, self.jobs = batcher, kind, jobs
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [job.payload for job in self.jobs]
+
+    def admit(self, free_rows: int) -> list[Any]:
+        """Payloads of waiting jobs of this batch's kind that fit in free_rows (they join the batch)."""
+        joined = self._batcher._take_matching(self.kind, free_rows)
+        self.jobs.extend(joined)
+        return [job.payload for job in joined]
+
+    def resolve(self, index: int, result: Any) -> None:
+        self._batcher._finish(self.jobs[index], result=result)
 
 
 class Batcher:
-    """`run_batch(kind, payloads) -> results` is called on the worker thread with the payloads of one batch."""
+    """`run_batch(kind, batch) -> results` runs on the worker thread; results[i] answers batch.jobs[i]."""
 
-    def __init__(self, run_batch: Callable[[Any, list[Any]], list[Any]], *, max_batch_rows: int = 32,
+    def __init__(self, run_batch: Callable[[Any, Batch], list[Any]], *, max_batch_rows: int = 32,
                  wait_ms: float = 5.0):
         self._run_batch = run_batch
         self.max_batch_rows = max_batch_rows
         self.wait_s = wait_ms / 1000.0
         self.counters = BatcherCounters()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._held: list[Job] = []  # taken from the queue but left for the next batch
+        self._held: list[Job] = []  # taken from the queue, waiting for a later batch (worker thread only)
         self._thread = threading.Thread(target=self._work, name="trainer-batcher", daemon=True)
         self._thread.start()
 
@@ -64,7 +89,7 @@ class Batcher:
 
     async def exclusive(self, fn: Callable[[], Any]) -> Any:
         """Run fn() on the worker thread with nothing else running on the model."""
-        return await self.call("exclusive", fn)
+        return await self.call(EXCLUSIVE, fn)
 
     def close(self, timeout: float = 10.0) -> None:
         self._queue.put(None)
@@ -74,14 +99,38 @@ class Batcher:
     def _next(self, timeout: float | None) -> Job | None:
         if self._held:
             return self._held.pop(0)
-        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        if timeout is None:
+            return self._queue.get()
+        return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._held.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _take_matching(self, kind: Any, free_rows: int) -> list[Job]:
+        self._drain()
+        if any(job is None or job.kind == EXCLUSIVE for job in self._held):
+            return []  # an update or shutdown is waiting: let the running batch finish instead
+        taken, kept = [], []
+        for job in self._held:
+            if job.kind == kind and job.rows <= free_rows and job.future.set_running_or_notify_cancel():
+                taken.append(job)
+                free_rows -= job.rows
+            elif not job.future.cancelled():
+                kept.append(job)
+        self._held = kept
+        self.counters.admitted_requests += len(taken)
+        return taken
 
     def _work(self) -> None:
         while True:
             first = self._next(None)
             if first is None:
                 return
-            if first.kind == "exclusive":
+            if first.kind == EXCLUSIVE:
                 self._run_exclusive(first)
                 continue
             batch, rows = [first], first.rows
@@ -92,11 +141,8 @@ class Batcher:
                     job = self._next(deadline - time.monotonic())
                 except queue.Empty:
                     break
-                if job is None:  # closing: finish this batch first
-                    self._queue.put(None)
-                    break
-                if job.kind == "exclusive":
-                    skipped.append(job)  # runs right after this batch, before anything newer
+                if job is None or job.kind == EXCLUSIVE:  # runs right after this batch, before anything newer
+                    skipped.append(job)
                     break
                 if job.kind != first.kind or rows + job.rows > self.max_batch_rows:
                     skipped.append(job)
@@ -104,34 +150,44 @@ class Batcher:
                 batch.append(job)
                 rows += job.rows
             self._held = skipped + self._held
-            self._run_merged(batch, rows)
+            self._run_merged(batch)
 
-    def _run_merged(self, batch: list[Job], rows: int) -> None:
-        # A caller that went away (client disconnect) cancelled its future: drop its job.
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        if not batch:
+    def _finish(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        if job.future.done():
             return
-        rows = sum(job.rows for job in batch)
-        self.counters.forward_batches += 1
-        self.counters.max_batch_rows = max(self.counters.max_batch_rows, rows)
-        if len(batch) > 1:
-            self.counters.merged_requests += len(batch)
-        try:
-            results = self._run_batch(batch[0].kind, [job.payload for job in batch])
-        except BaseException as exc:  # every caller of the batch learns of the failure
-            for job in batch:
-                job.future.set_exception(exc)
+        if error is not None:
+            job.future.set_exception(error)
         else:
-            for job, result in zip(batch, results):
-                job.future.set_result(result)
-        self.counters.requests += len(batch)
+            job.future.set_result(result)
+        self.counters.requests += 1
+
+    def _run_merged(self, jobs: list[Job]) -> None:
+        # A caller that went away (client disconnect) cancelled its future: drop its job.
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        self.counters.forward_batches += 1
+        batch = Batch(self, jobs[0].kind, jobs)
+        try:
+            results = self._run_batch(batch.kind, batch)
+        except BaseException as exc:  # every caller of the batch learns of the failure
+            for job in batch.jobs:
+                self._finish(job, error=exc)
+        else:
+            for job, result in zip(batch.jobs, results):
+                self._finish(job, result=result)
+        rows = sum(job.rows for job in batch.jobs)
+        self.counters.max_batch_rows = max(self.counters.max_batch_rows, rows)
+        if len(batch.jobs) > 1:
+            self.counters.merged_requests += len(batch.jobs)
 
     def _run_exclusive(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
         self.counters.exclusive_jobs += 1
         try:
-            job.future.set_result(job.payload())
+            result = job.payload()
         except BaseException as exc:
-            job.future.set_exception(exc)
-        self.counters.requests += 1
+            self._finish(job, error=exc)
+        else:
+            self._finish(job, result=result)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints as ckpt
-from .batching import Batcher
+from .batching import Batch, Batcher
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GrpoStepRequest, LogprobsRequest
 from .settings import TrainerSettings
 from .student import GenerationRequest, GrpoItem, LossConfig, ScoreItem, Student, _check_grpo_items
@@ -40,12 +40,15 @@ class TrainerEngine:
         self.batcher.close()
 
     # ----- the worker side: one merged batch at a time -----
-    def _run_batch(self, kind: tuple[str, bool], payloads: list[Any]) -> list[Any]:
+    def _run_batch(self, kind: tuple[str, bool], batch: Batch) -> list[Any]:
         what, use_adapter = kind
-        version = self.student.adapter_version
+        version = self.student.adapter_version  # constant for the batch: updates never run alongside it
         if what == "generate":
-            results = self.student.generate(payloads, use_adapter=use_adapter)
+            results = self.student.generate(
+                batch.payloads, use_adapter=use_adapter, admit=batch.admit,
+                on_done=lambda index, samples: batch.resolve(index, (samples, version)))
         else:  # "logprobs": each payload is a list of ScoreItems; score them all together, then split
+            payloads = batch.payloads
             flat = [item for items in payloads for item in items]
             scores = self.student.logprobs(flat, use_adapter=use_adapter, batch_size=self.settings.max_batch_size)
             results, start = [], 0

@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,7 @@ class Student:
         self.device = device
         self.name = name
         self.max_context = settings.max_context
+        self.max_batch_rows = settings.max_batch_size
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.step = 0
@@ -119,16 +121,22 @@ class Student:
 
     # ----- generation -----
     @torch.inference_mode()
-    def generate(self, requests: list[GenerationRequest], *, use_adapter: bool = True) -> list[list[Sample]]:
+    def generate(self, requests: list[GenerationRequest], *, use_adapter: bool = True,
+                 admit: Callable[[int], list[GenerationRequest]] | None = None,
+                 on_done: Callable[[int, list[Sample]], None] | None = None) -> list[list[Sample]]:
         """Generate for many requests in one batched decode loop; returns each request's n samples.
 
         Prompts are left-padded and prefilled once each; the KV cache is then expanded so a request's n samples
-        share its prefill. Finished rows leave the batch (their cache rows are dropped).
+        share its prefill. Finished rows leave the batch (their cache rows are dropped). Continuous batching:
+        between decode steps `admit(free_rows)` may hand over new requests, which are prefilled and joined to the
+        running batch (their indices follow the earlier ones); `on_done(index, samples)` reports each request as
+        soon as all its samples are finished.
         """
         with self.adapter(use_adapter):
-            return self._generate(requests)
+            return self._generate(list(requests), admit, on_done)
 
-    def _generate(self, requests: list[GenerationRequest]) -> list[list[Sample]]:
+    def _prefill(self, requests: list[GenerationRequest]):
+        """Prefill prompts once each; return (cache, mask, last logits) expanded to one row per sample."""
         from transformers import DynamicCache
 
         input_ids, mask = self._left_pad([r.prompt_ids for r in requests])
@@ -136,21 +144,45 @@ class Student:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
         self.forward_passes += 1
-        owner = [i for i, r in enumerate(requests) for _ in range(r.n)]  # row -> request
-        sample_index = [j for r in requests for j in range(r.n)]
-        expand = torch.tensor(owner, device=self.device)
+        expand = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=self.device)
         cache.batch_select_indices(expand)
-        logits = out.logits[:, -1, :][expand]
-        mask = mask[expand]
-        rows = list(range(len(owner)))  # live rows -> index into owner
-        generated: list[list[int]] = [[] for _ in owner]
-        logprobs: list[list[float]] = [[] for _ in owner]
-        tops: list[list[list[tuple[int, float]]]] = [[] for _ in owner]
-        finish: list[str | None] = [None] * len(owner)
-        stop_cut: list[int | None] = [None] * len(owner)
-        generators = [self._row_generator(requests[owner[r]], sample_index[r]) for r in rows]
+        return cache, mask[expand], out.logits[:, -1, :][expand]
 
+    def _generate(self, requests, admit, on_done) -> list[list[Sample]]:
+        owner: list[int] = []  # row -> request index
+        sample_index: list[int] = []
+        generators: list[torch.Generator | None] = []
+        remaining: list[int] = []  # per request: samples not finished yet
+        generated: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        tops: list[list[list[tuple[int, float]]]] = []
+        finish: list[str | None] = []
+        stop_cut: list[int | None] = []
+        results: list[list[Sample] | None] = []
+
+        def add_rows(new_requests: list[GenerationRequest]) -> list[int]:
+            first_row = len(owner)
+            for request in new_requests:
+                index = len(remaining)
+                remaining.append(request.n)
+                results.append(None)
+                for j in range(request.n):
+                    owner.append(index)
+                    sample_index.append(j)
+                    generators.append(self._row_generator(request, j))
+                    generated.append([]), logprobs.append([]), tops.append([])
+                    finish.append(None), stop_cut.append(None)
+            return list(range(first_row, len(owner)))
+
+        cache, mask, logits = self._prefill(requests)
+        rows = add_rows(requests)  # live rows, in cache order
         while rows:
+            if admit is not None and (joining := admit(self._free_rows(len(rows)))):
+                requests.extend(joining)
+                new_cache, new_mask, new_logits = self._prefill(joining)
+                mask = _join_cache(cache, mask, new_cache, new_mask)
+                logits = torch.cat([logits, new_logits])
+                rows = rows + add_rows(joining)
             reqs = [requests[owner[r]] for r in rows]
             next_ids = sample_next(logits, [q.temperature for q in reqs], [q.top_p for q in reqs],
                                    [generators[r] for r in rows], self.sampling_generator)
@@ -178,25 +210,32 @@ class Student:
                     finish[r] = "length"
                 else:
                     keep.append(k)
+                    continue
+                remaining[owner[r]] -= 1
+                if remaining[owner[r]] == 0:  # the request's last sample: report it now
+                    index = owner[r]
+                    results[index] = [self._finish_sample(requests[index], generated[row], logprobs[row],
+                                                          tops[row], finish[row] or "length", stop_cut[row])
+                                      for row in range(len(owner)) if owner[row] == index]
+                    if on_done is not None:
+                        on_done(index, results[index])
             if not keep:
                 break
             if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask = mask[index]
-                next_ids = next_ids[index]
+                index_tensor = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index_tensor)
+                mask = mask[index_tensor]
+                next_ids = next_ids[index_tensor]
                 rows = [rows[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self.model(input_ids=next_ids.unsqueeze(1).to(self.device), attention_mask=mask,
                              position_ids=(mask.sum(1, keepdim=True) - 1), use_cache=True, **{self.cache_arg: cache})
             self.forward_passes += 1
             logits = out.logits[:, -1, :]
-
-        results: list[list[Sample]] = [[] for _ in requests]
-        for r, request_index in enumerate(owner):
-            results[request_index].append(self._finish_sample(requests[request_index], generated[r], logprobs[r],
-                                                              tops[r], finish[r] or "length", stop_cut[r]))
         return results
+
+    def _free_rows(self, live_rows: int) -> int:
+        return max(self.max_batch_rows - live_rows, 0)
 
     def _row_generator(self, request: GenerationRequest, sample_index: int) -> torch.Generator | None:
         if request.seed is None:
@@ -337,6 +376,27 @@ class Student:
                 ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
                 mask[row, width - len(seq):] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _join_cache(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append new_cache's rows to cache (in place), left-padding the shorter one; return the joined mask.
+
+    Keys already carry their rotary positions, so zero-filled, masked-out slots on the left change nothing.
+    """
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def pad(tensor: torch.Tensor, to: int, dim: int) -> torch.Tensor:
+        missing = to - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = missing
+        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([pad(layer.keys, width, -2), pad(new_layer.keys, width, -2)])
+        layer.values = torch.cat([pad(layer.values, width, -2), pad(new_layer.values, width, -2)])
+    return torch.cat([pad(mask, width, 1), pad(new_mask, width, 1)])
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

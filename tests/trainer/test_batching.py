@@ -15,7 +15,8 @@ class Recorder:
         self.overlap = False
         self.lock = threading.Lock()
 
-    def __call__(self, kind, payloads):
+    def __call__(self, kind, batch):
+        payloads = batch.payloads
         self.batches.append((kind, list(payloads)))
         time.sleep(self.delay)
         return [(kind, p) for p in payloads]
@@ -50,7 +51,8 @@ async def test_kinds_are_never_mixed_and_rows_are_capped():
 async def test_exclusive_jobs_run_alone_between_batches():
     events: list[str] = []
 
-    def run_batch(kind, payloads):
+    def run_batch(kind, batch):
+        payloads = batch.payloads
         events.append(f"start {len(payloads)}")
         time.sleep(0.02)
         events.append("end")
@@ -73,7 +75,8 @@ async def test_exclusive_jobs_run_alone_between_batches():
 
 
 async def test_a_failing_batch_fails_each_of_its_callers_and_the_worker_survives():
-    def run_batch(kind, payloads):
+    def run_batch(kind, batch):
+        payloads = batch.payloads
         if "bad" in payloads:
             raise RuntimeError("boom")
         return payloads
@@ -83,5 +86,56 @@ async def test_a_failing_batch_fails_each_of_its_callers_and_the_worker_survives
         outcomes = await asyncio.gather(batcher.call("k", "bad"), batcher.call("k", "ok"), return_exceptions=True)
         assert all(isinstance(o, RuntimeError) for o in outcomes)
         assert await batcher.call("k", "fine") == "fine"
+    finally:
+        batcher.close()
+
+
+async def test_a_running_batch_admits_late_jobs_and_answers_early():
+    started = threading.Event()
+    answered_early = []
+
+    def run_batch(kind, batch):
+        started.set()
+        joined = []
+        deadline = time.monotonic() + 5
+        while not joined and time.monotonic() < deadline:  # a decode loop polling between steps
+            joined = batch.admit(free_rows=8)
+            time.sleep(0.01)
+        batch.resolve(0, "first, early")
+        answered_early.append(batch.jobs[0].future.done())
+        return ["first, late", *[f"joined {p}" for p in joined]]
+
+    batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=0)
+    try:
+        first = asyncio.ensure_future(batcher.call("gen", 0))
+        await asyncio.to_thread(started.wait, 5)
+        late = await batcher.call("gen", 1)
+        assert late == "joined 1" and await first == "first, early" and answered_early == [True]
+        assert batcher.counters.forward_batches == 1 and batcher.counters.admitted_requests == 1
+        assert batcher.counters.requests == 2
+    finally:
+        batcher.close()
+
+
+async def test_no_job_is_admitted_while_an_exclusive_job_waits():
+    started, release = threading.Event(), threading.Event()
+    admitted = []
+
+    def run_batch(kind, batch):
+        started.set()
+        release.wait(5)
+        admitted.extend(batch.admit(free_rows=8))
+        return batch.payloads
+
+    batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=0)
+    try:
+        first = asyncio.ensure_future(batcher.call("gen", 0))
+        await asyncio.to_thread(started.wait, 5)
+        update = asyncio.ensure_future(batcher.exclusive(lambda: "updated"))
+        late = asyncio.ensure_future(batcher.call("gen", 1))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await first == 0 and await update == "updated" and await late == 1
+        assert admitted == []
     finally:
         batcher.close()

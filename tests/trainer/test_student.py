@@ -104,3 +104,19 @@ def test_adapter_state_round_trip_refuses_foreign_tensors(student):
     with pytest.raises(ValueError, match="shape"):
         student.load_adapter_state({**state, key: torch.zeros(1)})
     student.load_adapter_state(state)
+
+
+def test_a_request_joining_a_running_decode_loop_gets_the_same_greedy_text(student):
+    long_prompt, short_prompt = ids(student, "A much longer prompt than the other one, with many words"), ids(
+        student, "Short")
+    alone = student.generate([GenerationRequest(short_prompt, max_tokens=5, temperature=0)])[0][0]
+    calls, done = [], []
+
+    def admit(free_rows):
+        calls.append(free_rows)
+        return [GenerationRequest(short_prompt, max_tokens=5, temperature=0)] if len(calls) == 3 else []
+
+    results = student.generate([GenerationRequest(long_prompt, max_tokens=8, temperature=0)], admit=admit,
+                               on_done=lambda index, samples: done.append(index))
+    assert len(results) == 2 and results[1][0].token_ids == alone.token_ids
+    assert sorted(done) == [0, 1] and calls[0] == student.max_batch_rows - 1
