@@ -46,6 +46,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-max-tokens", type=int, default=256)
     p.add_argument("--eval-concurrency", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=None, help="override the trainer's learning rate")
+    p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per LLM request")
     p.add_argument("--port", type=int, default=0, help="orchestrator port (0 = a free one)")
     p.add_argument("--trainer-port", type=int, default=0, help="trainer port (0 = a free one)")
     p.add_argument("--json-out", default=None, help="write the demo's figures here (e.g. bench/results/demo.json)")
@@ -87,7 +88,8 @@ def run_demo(args) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     workdir = Path(args.workdir or Path("runs") / f"demo-{stamp}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {"TEACHER_TIER": "embedded"}
+    # Generous timeouts: on a busy 2-core machine one long answer can take minutes.
+    env = {"TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": str(args.request_timeout)}
     gsm8k = default_gsm8k_path()
     if gsm8k:
         env["GSM8K_PATH"] = gsm8k

@@ -33,7 +33,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def start_orchestrator(port: int, trainer: TrainerProcess, workdir: Path, gsm8k_dir: Path):
     proc = orchestrator_process(port, trainer.url, workdir, env={"GSM8K_PATH": str(gsm8k_dir),
-                                                                 "TEACHER_TIER": "embedded"}).start()
+                                                                 "TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": "900"}).start()
     proc.wait_ready(timeout_s=60)
     return proc
 
