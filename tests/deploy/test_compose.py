@@ -182,7 +182,7 @@ def test_secrets_reach_only_the_services_that_need_them(tmp_path):
     holders = {key: {n for n, s in services.items() if (s.get("environment") or {}).get(key) == value}
                for key, value in secrets.items()}
     assert holders["OPENROUTER_API_KEY"] == {"orchestrator"}
-    assert holders["API_TOKEN"] == {"orchestrator"}
+    assert holders["API_TOKEN"] == {"orchestrator", "trainer"}  # the orchestrator authenticates to the trainer
     assert holders["WANDB_API_KEY"] == {"orchestrator"}
     assert holders["TEACHER_API_KEY"] == {"orchestrator"}
     assert holders["HF_TOKEN"] == VLLM_SERVICES | {"trainer"}
