@@ -92,6 +92,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf.resolve()))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; vLLM in a container may run as another user
         for file in tmp.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,4 +43,6 @@ class TrainerSettings(BaseSettings):
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
     torch_threads: int | None = None  # None = all cores
     seed: int = 0
-    api_token: SecretStr | None = None
+    # Bearer token required on every route but /health; the shared API_TOKEN works as well as TRAINER_API_TOKEN.
+    api_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("TRAINER_API_TOKEN",
+                                                                                     "API_TOKEN", "api_token"))

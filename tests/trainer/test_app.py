@@ -1,0 +1,41 @@
+"""The FastAPI app in-process: bearer auth, and a clear /health when the model cannot load."""
+
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from services.trainer.app import create_app  # noqa: E402
+from services.trainer.settings import TrainerSettings  # noqa: E402
+
+
+def wait_loaded(client, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = client.get("/health")
+        if health.json().get("status") != "loading":
+            return health
+        time.sleep(0.2)
+    raise TimeoutError("still loading")
+
+
+def test_bearer_token_guards_every_route_but_health(tiny_random_model_dir, tmp_path):
+    settings = TrainerSettings(model_source=str(tiny_random_model_dir), checkpoint_dir=tmp_path, api_token="sekret",
+                               lora_r=2)
+    with TestClient(create_app(settings)) as client:
+        assert wait_loaded(client).status_code == 200
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+
+
+def test_a_missing_model_is_reported_on_health_and_routes_answer_503(tmp_path):
+    settings = TrainerSettings(model_source=str(tmp_path / "nowhere.gguf"), checkpoint_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        health = wait_loaded(client)
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "GGUF file not found" in health.json()["error"]
+        response = client.post("/v1/completions", json={"model": "student", "prompt": "hi"})
+        assert response.status_code == 503 and "GGUF file not found" in response.json()["error"]["message"]
