@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_fused import fused_completion_logprobs  # noqa: E402
+from bench.gpu_sampling import DeviceSampler  # noqa: E402
 from bench.gpu_naive import Sequence, deep_copied_reference, naive_grpo_step, naive_logprobs  # noqa: E402
 
 H100_BF16_FLOPS = 989e12
@@ -113,6 +114,34 @@ def apply_stage(student, stage: str) -> None:
         raise ValueError(f"unknown stage {stage!r}")
 
 
+def split_list(text: str) -> list[str]:
+    return [s for s in text.split(",") if s]
+
+
+def parse_shape(shape: str, default_micro: int) -> tuple[int, int, int]:
+    """'BxL' or 'BxL/M' (M sequences per micro-batch; default: --micro-batch, 0 = all B)."""
+    dims, _, micro = shape.partition("/")
+    batch, length = map(int, dims.split("x"))
+    return batch, length, int(micro) if micro else (default_micro or batch)
+
+
+def profile_step(step, title: str) -> None:
+    """One step under torch.profiler: GPU busy time against wall time, and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.time()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.time() - t0
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e6
+    log(f"profile {title}: wall {wall:.3f} s (profiled), GPU kernels {gpu:.3f} s, "
+        f"kernel launches {sum(e.count for e in events if e.device_type.name == 'CUDA')}")
+    print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60), flush=True)
+
+
 def random_batch(batch: int, length: int, seed: int) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Random token ids (B, L) below 49152 (any tokenizer's range), prompt length P = L/4 (a GSM8K question with
     its chat template is ~100-150 tokens, a solution ~200-400), and advantages."""
@@ -174,7 +203,7 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
         return 6 * params * tokens / sec / H100_BF16_FLOPS
 
     for shape in args.naive_grid:  # the original's way, on the same loaded model, before any patch
-        batch, length = map(int, shape.split("x"))
+        batch, length, _ = parse_shape(shape, 0)
         ids, plen, adv = random_batch(batch, length, seed=batch * 7919 + length)
         seqs = [Sequence(ids[i].to(student.device), plen, float(adv[i])) for i in range(batch)]
         tokens = batch * length
@@ -198,18 +227,30 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
         rows.append(row(op="logprobs", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
                         peak_gib=peak, **common))
 
-    if args.gen_tokens:  # /v1/completions work: the engine's batched decode loop
+    if args.gen_tokens and not args.no_gen:  # /v1/completions work: the engine's batched decode loop
+        import services.trainer.student as student_module
+
         prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()
         requests = [GenerationRequest(prompt_ids=prompt, n=args.gen_batch, max_tokens=args.gen_tokens,
                                       temperature=1.0, seed=3)]
-        produced = []
+        engine_sampler = student_module.sample_next
+        for variant in split_list(args.gen_variants):
+            student_module.sample_next = DeviceSampler() if variant == "device-sampling" else engine_sampler
+            produced = []
 
-        def generate():
-            samples = student.generate(requests)
-            produced.append(sum(s.num_generated for s in samples[0]))
-        sec, peak = timed(generate, 1, 2)
-        rows.append(row(op="generate", path="engine", batch=args.gen_batch, length=args.gen_tokens, seconds=sec,
-                        tok_s=produced[-1] / sec, peak_gib=peak, **common))
+            def generate():
+                samples = student.generate(requests)
+                produced.append(sum(s.num_generated for s in samples[0]))
+            try:
+                sec, peak = timed(generate, 1, 1)
+                rows.append(row(op="generate", path=variant, batch=args.gen_batch, length=args.gen_tokens,
+                                seconds=sec, tok_s=produced[-1] / sec, peak_gib=peak, **common))
+                if args.profile:
+                    profile_step(generate, f"{name} {quant} generate {variant}")
+            except Exception as exc:  # noqa: BLE001
+                rows.append(row(op="generate", path=variant, batch=args.gen_batch, length=args.gen_tokens,
+                                error=f"{type(exc).__name__}: {exc}"[:300], **common))
+        student_module.sample_next = engine_sampler
 
     applied = []
     for index, stage in enumerate(stages):
@@ -223,11 +264,11 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
         label = "+".join(applied)
         grid = args.grid if index == len(stages) - 1 else args.stage_grid
         for shape in grid:
-            batch, length = map(int, shape.split("x"))
+            batch, length, micro = parse_shape(shape, args.micro_batch)
             ids, plen, adv = random_batch(batch, length, seed=batch * 7919 + length)
             items, scored = grpo_items(ids, plen, adv), score_items(ids, plen)
             tokens = batch * length
-            loss = LossConfig(micro_batch_size=args.micro_batch or batch)
+            loss = LossConfig(micro_batch_size=micro)
             gc.collect()
             torch.cuda.empty_cache()
             try:
@@ -238,6 +279,11 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
                 rows.append(row(op="grpo", path=label, batch=batch, length=length, micro_batch=loss.micro_batch_size,
                                 seconds=sec, first_call_s=first, tok_s=tokens / sec, peak_gib=peak,
                                 mfu=flops_share(tokens, sec), **common))
+                if args.profile and index == len(stages) - 1 and shape == grid[0]:
+                    try:
+                        profile_step(lambda: student.grpo_step(items, loss), f"{name} {quant} {label} {shape}")
+                    except Exception as exc:  # noqa: BLE001 - the profile is a diagnostic only
+                        log("profile failed:", exc)
             except Exception as exc:  # noqa: BLE001 - out of memory or a compile failure: record and go on
                 rows.append(row(op="grpo", path=label, batch=batch, length=length,
                                 error=f"{type(exc).__name__}: {exc}"[:300], **common))
@@ -259,7 +305,7 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="qwen2.5-0.5b:nf4,llama-3.2-3b:nf4,llama-3.2-3b:bf16",
-                        help="model:quant pairs (quant nf4 or bf16)")
+                        help="model:quant[:stage+stage...] entries (quant nf4 or bf16)")
     parser.add_argument("--stages-nf4", default="engine,ckpt,fused,tf32,compile")
     parser.add_argument("--stages-bf16", default="engine,fused,tf32,compile")
     parser.add_argument("--grid", default="8x512,16x512,8x1024", help="BxL settings timed at the last stage")
@@ -268,11 +314,15 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=0, help="0 = the whole batch in one micro-batch")
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--gen-batch", type=int, default=16)
+    parser.add_argument("--gen-variants", default="engine,device-sampling",
+                        help="engine = the trainer's sampler; device-sampling = bench/gpu_sampling.py")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--naive-repeat", type=int, default=2)
     parser.add_argument("--scratch", default="/tmp/bench_models")
     parser.add_argument("--tokenizer", default=str(REPO / ".bench_assets" / "tokenizer"))
+    parser.add_argument("--profile", action="store_true", help="profile one step of the last stage")
+    parser.add_argument("--no-gen", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
@@ -281,9 +331,9 @@ def main() -> None:
     scratch = Path(args.scratch)
     rows = []
     command = "python3 bench/gpu_bench.py " + " ".join(sys.argv[1:])
-    for pair in split(args.configs):
-        name, quant = pair.split(":")
-        stages = split(args.stages_nf4 if quant == "nf4" else args.stages_bf16)
+    for entry in split(args.configs):
+        name, quant, *own = entry.split(":")
+        stages = own[0].split("+") if own else split(args.stages_nf4 if quant == "nf4" else args.stages_bf16)
         log("config", name, quant, stages)
         rows += bench_config(name, quant, stages, args, scratch, tok_dir)
         if args.out:
