@@ -227,7 +227,7 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
         rows.append(row(op="logprobs", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
                         peak_gib=peak, **common))
 
-    if args.gen_tokens and not args.no_gen:  # /v1/completions work: the engine's batched decode loop
+    if args.gen_tokens and quant in split_list(args.gen_quants):  # /v1/completions work: the engine's batched decode loop
         import services.trainer.student as student_module
 
         prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()
@@ -322,7 +322,7 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/bench_models")
     parser.add_argument("--tokenizer", default=str(REPO / ".bench_assets" / "tokenizer"))
     parser.add_argument("--profile", action="store_true", help="profile one step of the last stage")
-    parser.add_argument("--no-gen", action="store_true")
+    parser.add_argument("--gen-quants", default="nf4,bf16", help="quantisations whose generation is timed")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
