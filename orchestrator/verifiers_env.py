@@ -11,8 +11,9 @@ this one. What each piece is:
   `trainer_url`; it asks the trainer's /logprobs) and `format`, computed by `orchestrator.rewards` and the terminal checker's
   rules. Default weights are the search's (`RewardWeights`: 0.4 HRE, 0.6 PRE; format 0); change them with
   verifiers' own `rewards.<name>.weight` overrides (`load_environment(hre_weight=...)` sets the same).
-- `AnswerHarness` (the program): one chat completion through verifiers' interception endpoint, in process, so a
-  run needs neither `uv` nor a container (verifiers' built-in `null`/`bash` harnesses launch `uv` scripts).
+- `AnswerHarness` (the program): one non-streaming chat completion through verifiers' interception endpoint, in
+  process. verifiers' built-in chat loops (`null`, `bash`) run `uv` scripts and ask with `stream: true`, which
+  the trainer service refuses; this one needs neither `uv` nor a container.
 - `ProblemEnv` (the episode): one agent, local subprocess runtime by default (verifiers' default is a remote
   Prime sandbox).
 """
