@@ -13,8 +13,12 @@ plus `latency_ms` per rule or for the whole server.
 
 The default script plays a GSM8K solver whose answer is `answer` (default "42") after `answer_depth` steps:
 step k of a partial solution is "Step k: ...". A "wrong" teacher prompt, a student choice with an odd index and
-a model named in `wrong_models` end with a wrong answer (answer + 1). A checker prompt ("yes or no") gets the
-`checker_reply`. Everything is a pure function of the request, so results are reproducible.
+a model named in `wrong_models` end with a wrong answer (answer + 1); with `final_style="sentence"` the last
+step is "So in total she has N apples." (a step the terminal rules are unsure of). Without a "\n" stop the
+student writes on to the answer (a rollout). A checker prompt ("yes or no") gets the `checker_reply`. POST
+/logprobs scores any text with deterministic per-word log-probs (`token_logprobs`). Everything is a pure
+function of the request, so results are reproducible. Counters: requests per path and model, in_flight,
+max_in_flight, connections; `.log` keeps every request (payload and Authorization header) unless keep_log=False.
 
 Use in a test:  `with ScriptedServer() as server: server.url` (runs in a background thread), or as a process:
 `python -m tests.support.scripted_server --port 0` prints `READY <port>` on stdout.
