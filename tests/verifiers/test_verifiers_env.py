@@ -36,6 +36,16 @@ def test_verifiers_loader_finds_the_environment_by_its_id(gsm8k_dir):
     assert env.config.agent.runtime.type == "subprocess"  # not verifiers' default remote sandbox
 
 
+def test_vf_eval_console_script_finds_the_installed_environment(tmp_path, vf_eval):
+    run = vf_eval(ENV_ID, "--dry-run", "-m", "student", "-o", str(tmp_path), "--env.taskset.tier", "production",
+                  "--env.taskset.task.use-student-model", "true", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    env = json.loads(next(tmp_path.rglob("eval.json")).read_text())["env"]
+    assert env["taskset"]["id"] == ENV_ID and env["taskset"]["tier"] == "production"
+    assert env["taskset"]["task"]["use_student_model"] is True
+    assert env["agent"]["runtime"]["type"] == "subprocess"
+
+
 def test_dataset_has_prompt_answer_info_from_the_project_loader(gsm8k_dir):
     tasks = list(vf.load_environment(env_config(gsm8k_dir, offset=5)).taskset)
     problems = load_gsm8k("test", path=str(gsm8k_dir), limit=3, offset=5)

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,17 +15,11 @@ from orchestrator.data import load_gsm8k, question_messages  # noqa: E402
 from orchestrator.rewards import RewardWeights, hre, step_pre  # noqa: E402
 from orchestrator.trainer_client import TrainerClient  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~40 s on an idle 2-core machine
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the student generates on CPU
 
 
-def vf_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """verifiers' `vf-eval` console script of this interpreter's environment."""
-    script = Path(sys.executable).with_name("vf-eval")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # discovery must use the installed module
-    return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_service, gsm8k_dir, tmp_path):
+async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_service, gsm8k_dir, tmp_path,
+                                                                  vf_eval):
     out = tmp_path / "outputs"
     run = vf_eval(
         "alphazero-llm-trainer", "-m", "student", "-n", "2", "--no-push", "--no-rich", "-o", str(out),
