@@ -71,7 +71,9 @@ def cmd_serve(args) -> int:
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # Open event streams would hold a graceful shutdown until their jobs end; give them a few seconds only.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
     return 0
 
 
