@@ -6,4 +6,4 @@ verifiers >=0.4 derives from the id. Needs the `verifiers` extra: pip install -e
 
 from orchestrator.verifiers_env import AnswerHarness, ProblemEnv, ProblemTaskset, load_environment
 
-__all__ = ["ProblemTaskset", "AnswerHarness", "ProblemEnv", "load_environment"]
+__all__ = ["AnswerHarness", "ProblemEnv", "ProblemTaskset", "load_environment"]

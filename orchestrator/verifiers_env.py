@@ -8,12 +8,13 @@ this one. What each piece is:
 - `ProblemTaskset` (the data): GSM8K problems from `orchestrator.data` with the project's chat prompt;
   each task carries `prompt`, `answer` (the gold number) and `info` (split, index, gold solution).
 - `ProblemTask` (the scoring): rewards `correct` (HRE), `perplexity` (PRE, with `use_student_model` or a
-  `trainer_url`; it asks the trainer's /logprobs) and `format`, computed by `orchestrator.rewards` and the terminal checker's
-  rules. Default weights are the search's (`RewardWeights`: 0.4 HRE, 0.6 PRE; format 0); change them with
-  verifiers' own `rewards.<name>.weight` overrides (`load_environment(hre_weight=...)` sets the same).
-- `AnswerHarness` (the program): one non-streaming chat completion through verifiers' interception endpoint, in
-  process. verifiers' built-in chat loops (`null`, `bash`) run `uv` scripts and ask with `stream: true`, which
-  the trainer service refuses; this one needs neither `uv` nor a container.
+  `trainer_url`; it asks the trainer's /logprobs) and `format`, computed by `orchestrator.rewards` and the
+  terminal checker's rules. Default weights are the search's (`RewardWeights`: 0.4 HRE, 0.6 PRE; format 0);
+  change them with verifiers' own `rewards.<name>.weight` overrides (`load_environment(hre_weight=...)` sets
+  the same).
+- `AnswerHarness` (the program): one non-streaming chat completion through verifiers' interception endpoint,
+  in process. verifiers' built-in chat loops (`null`, `bash`) run `uv` scripts and ask with `stream: true`,
+  which the trainer service refuses; this one needs neither `uv` nor a container.
 - `ProblemEnv` (the episode): one agent, local subprocess runtime by default (verifiers' default is a remote
   Prime sandbox).
 """
@@ -76,7 +77,7 @@ class ProblemTask(vf.Task[ProblemData, vf.State, ScoringConfig]):
 
     @vf.reward(weight=DEFAULT_WEIGHTS.hre)
     async def correct(self, trace: vf.Trace) -> float:
-        """HRE: 1.0 when the reply's final answer (strict `####`, else the last number) equals the gold one."""
+        """HRE: 1.0 when the reply's final answer (strict `####`, else the last number) is the gold one."""
         return hre(trace.last_reply, self.data.answer)
 
     @vf.reward(weight=DEFAULT_WEIGHTS.pre)
@@ -185,10 +186,11 @@ class ProblemEnv(vf.Env[ProblemEnvConfig]):
         await agents.agent.run(task)
 
 
-# --- convenience: the pre-0.4 entry point --------------------------------------------------------------------
-def load_environment(tier: TeacherTier = "free", use_student_model: bool = False, trainer_url: str | None = None,
-                     hre_weight: float | None = None, pre_weight: float | None = None,
-                     format_weight: float | None = None, **taskset: Any) -> vf.Env:
+# --- convenience: the pre-0.4 entry point ----------------------------------------------------------------
+def load_environment(tier: TeacherTier = "free", use_student_model: bool = False,
+                     trainer_url: str | None = None, hre_weight: float | None = None,
+                     pre_weight: float | None = None, format_weight: float | None = None,
+                     **taskset: Any) -> vf.Env:
     """The environment through verifiers' own loader, configured the pre-0.4 way (keyword arguments).
 
     `taskset` takes the other taskset fields (split, path, limit, offset). Weights left None keep the defaults
@@ -201,4 +203,4 @@ def load_environment(tier: TeacherTier = "free", use_student_model: bool = False
     return vf.load_environment(config)
 
 
-__all__ = ["ProblemTaskset", "AnswerHarness", "ProblemEnv", "load_environment"]
+__all__ = ["AnswerHarness", "ProblemEnv", "ProblemTaskset", "load_environment"]

@@ -1,5 +1,5 @@
-"""The verifiers environment `alphazero-llm-trainer`: discovery through verifiers' own loader, the dataset, the
-rewards on known-right and known-wrong replies, and one in-process `vf-eval` run against the scripted
+"""The verifiers environment `alphazero-llm-trainer`: discovery through verifiers' own loader, the dataset,
+the rewards on known-right and known-wrong replies, and one in-process `vf-eval` run against the scripted
 OpenAI-compatible server. Needs the `verifiers` extra (skipped without it)."""
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ async def test_known_right_and_wrong_replies_get_the_expected_rewards(gsm8k_dir)
 def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
     import alphazero_llm_trainer
 
-    env = alphazero_llm_trainer.load_environment(tier="free", use_student_model=True, trainer_url="http://127.0.0.1:9",
-                                  hre_weight=1.0, format_weight=0.25, path=str(gsm8k_dir), limit=2)
+    env = alphazero_llm_trainer.load_environment(tier="free", use_student_model=True,
+                                                 trainer_url="http://127.0.0.1:9", hre_weight=1.0,
+                                                 format_weight=0.25, path=str(gsm8k_dir), limit=2)
     cfg = env.config.taskset
     assert (cfg.tier, cfg.limit, cfg.task.use_student_model) == ("free", 2, True)
     settings = cfg.search_settings()
@@ -94,7 +95,8 @@ def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
     assert weights == {"correct": 1.0, "format": 0.25, "perplexity": RewardWeights().pre}
 
     custom = [{"name": "t1", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]
-    env = alphazero_llm_trainer.load_environment(tier="custom", teachers=custom, trainer_url="http://127.0.0.1:9",
+    env = alphazero_llm_trainer.load_environment(tier="custom", teachers=custom,
+                                                 trainer_url="http://127.0.0.1:9",
                                                  path=str(gsm8k_dir), limit=1)
     assert [t.name for t in env.config.taskset.search_settings().teacher_endpoints()] == ["t1"]
     task = list(env.taskset)[0]  # a trainer URL alone switches PRE on, as `use_student_model` does
@@ -103,7 +105,8 @@ def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
 
 async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solution(gsm8k_dir):
     with ScriptedServer() as server:  # serves the trainer's POST /logprobs
-        env = vf.load_environment(env_config(gsm8k_dir, task={"use_student_model": True, "trainer_url": server.url}))
+        scoring = {"use_student_model": True, "trainer_url": server.url}
+        env = vf.load_environment(env_config(gsm8k_dir, task=scoring))
         task = list(env.taskset)[0]
         reply = "She sells 9 eggs.\n#### 18"
         trace = scored_trace(task, reply)

@@ -1,5 +1,5 @@
-"""`vf-eval alphazero-llm-trainer` (verifiers' own CLI, a separate process) against the real trainer service on
-127.0.0.1: the tiny student answers two GSM8K problems, the rewards come from the project's scoring and PRE
+"""`vf-eval alphazero-llm-trainer` (verifiers' own CLI, a separate process) against the real trainer service
+on 127.0.0.1: the tiny student answers two GSM8K problems, the rewards come from the project's scoring and PRE
 from the trainer's /logprobs. Needs the `verifiers` extra (skipped without it)."""
 
 from __future__ import annotations
