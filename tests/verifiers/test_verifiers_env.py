@@ -37,8 +37,8 @@ def test_verifiers_loader_finds_the_environment_by_its_id(gsm8k_dir):
 
 
 def test_vf_eval_console_script_finds_the_installed_environment(tmp_path, vf_eval):
-    run = vf_eval(ENV_ID, "--dry-run", "-m", "student", "-o", str(tmp_path), "--env.taskset.tier", "production",
-                  "--env.taskset.task.use-student-model", "true", cwd=tmp_path)
+    flags = ["--env.taskset.tier", "production", "--env.taskset.task.use-student-model", "true"]
+    run = vf_eval(ENV_ID, "--dry-run", "-m", "student", "-o", str(tmp_path), *flags, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     env = json.loads(next(tmp_path.rglob("eval.json")).read_text())["env"]
     assert env["taskset"]["id"] == ENV_ID and env["taskset"]["tier"] == "production"
