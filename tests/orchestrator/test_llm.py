@@ -76,7 +76,7 @@ async def test_timeout_on_a_hanging_server(scripted_server):
 
 
 async def test_per_endpoint_and_global_limits(scripted_server):
-    scripted_server.config.latency_ms = 30
+    scripted_server.config.latency_ms = 100  # long enough for the three to overlap even on a loaded machine
     async with LLMPool(retry=FAST) as pool:
         await asyncio.gather(*(pool.chat(endpoint(scripted_server, max_concurrency=3), USER) for _ in range(12)))
         assert pool.max_in_flight == 3
