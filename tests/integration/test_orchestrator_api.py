@@ -5,6 +5,8 @@ Training end to end against the real trainer lives in test_e2e_demo.py."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import httpx
 import pytest
@@ -169,3 +171,40 @@ def test_api_token_guards_everything_but_health(scripted, tmp_path, gsm8k_dir):
         assert httpx.post(proc.url + "/eval", json={}).status_code == 401
         assert httpx.get(proc.url + "/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(proc.url + "/health").status_code == 200
+
+
+def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job(scripted, tmp_path, gsm8k_dir):
+    import threading
+
+    from orchestrator.store import JobStore
+
+    scripted.config.latency_ms = 300
+    proc = orchestrator_process(free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)})
+    try:
+        proc.start()
+        proc.wait_ready(timeout_s=60)
+        with OrchestratorClient(proc.url) as client:
+            job_id = client.eval(num_examples=30, concurrency=1, max_tokens=32)
+            seen = threading.Event()
+
+            def listen():  # an SSE client that stays connected
+                try:
+                    with httpx.stream("GET", f"{proc.url}/jobs/{job_id}/events", timeout=None) as r:
+                        for line in r.iter_lines():
+                            if line.startswith("event: answer"):
+                                seen.set()
+                except httpx.HTTPError:
+                    pass
+
+            threading.Thread(target=listen, daemon=True).start()
+            assert seen.wait(30)
+        started = time.monotonic()
+        proc.stop(grace_s=30)
+        # uvicorn re-raises SIGTERM after its graceful shutdown; a SIGKILL would mean the grace ran out.
+        assert proc.proc.returncode == -signal.SIGTERM and time.monotonic() - started < 25
+        store = JobStore(tmp_path / "orchestrator" / "jobs.sqlite")
+        assert store.get_job(job_id).status == "interrupted"
+        store.close()
+    finally:
+        proc.stop()
+        scripted.config.latency_ms = 0
