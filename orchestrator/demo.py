@@ -42,6 +42,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-depth", type=int, default=4, help="deepest reasoning step")
     p.add_argument("--chunk-tokens", type=int, default=48, help="cap of one reasoning step")
     p.add_argument("--max-tokens", type=int, default=256, help="token budget of one search path")
+    p.add_argument("--rollout-max-tokens", type=int, default=128, help="token budget of one rollout (0 = none)")
     p.add_argument("--eval-examples", type=int, default=30, help="GSM8K test problems for base vs trained")
     p.add_argument("--eval-max-tokens", type=int, default=256)
     p.add_argument("--eval-concurrency", type=int, default=8)
@@ -113,7 +114,9 @@ def run_demo(args) -> int:
             train_request = {
                 "num_examples": args.train_examples, "batch_size": args.batch_size, "checkpoint_every": 1,
                 "search": {"iterations": args.iterations, "max_depth": args.max_depth,
-                           "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens},
+                           "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens,
+                           "rollout": args.rollout_max_tokens > 0,
+                           "rollout_max_tokens": max(1, args.rollout_max_tokens)},
             }
             if args.learning_rate:
                 train_request["loss"] = {"learning_rate": args.learning_rate}
