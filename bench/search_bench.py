@@ -60,22 +60,39 @@ class ScriptTransport(httpx.AsyncBaseTransport):
 
 
 def problems(n: int) -> list[Problem]:
-    return [Problem(id=f"bench-{i}", prompt=f"Tom has {i} apples and buys {42 - i} more. How many?", answer="42")
-            for i in range(n)]
+    return [
+        Problem(id=f"bench-{i}", prompt=f"Tom has {i} apples and buys {42 - i} more. How many?", answer="42")
+        for i in range(n)
+    ]
 
 
 def services(base: str, pool: LLMPool, trainer: TrainerClient, timeout_s: float = 30.0) -> SearchServices:
     def ep(name: str) -> EndpointSpec:
-        return EndpointSpec(name=name, base_url=base + "/v1", model=name, timeout_s=timeout_s, max_concurrency=4096)
+        return EndpointSpec(
+            name=name, base_url=base + "/v1", model=name, timeout_s=timeout_s, max_concurrency=4096
+        )
 
-    return SearchServices(pool=pool, teachers=TeacherEnsemble([ep("t1"), ep("t2")], seed=0),
-                          checker=TerminalChecker(pool, ep("checker")), student=ep("student"), trainer=trainer)
+    return SearchServices(
+        pool=pool,
+        teachers=TeacherEnsemble([ep("t1"), ep("t2")], seed=0),
+        checker=TerminalChecker(pool, ep("checker")),
+        student=ep("student"),
+        trainer=trainer,
+    )
 
 
 def bench_config(args) -> SearchConfig:
-    return SearchConfig(iterations=args.iterations, max_depth=args.depth, parallel_simulations=args.parallel,
-                        n_student=2, n_teacher_right=1, n_teacher_wrong=1, rollout=True, rollouts=args.rollouts,
-                        chunk_tokens=32)
+    return SearchConfig(
+        iterations=args.iterations,
+        max_depth=args.depth,
+        parallel_simulations=args.parallel,
+        n_student=2,
+        n_teacher_right=1,
+        n_teacher_wrong=1,
+        rollout=True,
+        rollouts=args.rollouts,
+        chunk_tokens=32,
+    )
 
 
 class TimedClient(httpx.AsyncClient):
@@ -96,31 +113,54 @@ async def overhead_in_process(args) -> dict:
     server = ScriptedServer(ServerConfig(answer_depth=args.answer_depth, keep_log=False))
     transport = ScriptTransport(server)
     httpx_client, httpx.AsyncClient = httpx.AsyncClient, TimedClient  # both clients below time their sends
-    async with LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0), transport=transport) as pool, \
-            TrainerClient("http://bench", transport=transport) as trainer:
+    async with (
+        LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0), transport=transport) as pool,
+        TrainerClient("http://bench", transport=transport) as trainer,
+    ):
         svc = services("http://bench", pool, trainer)
         await run_searches(problems(4), bench_config(args), svc, max_trees_in_flight=4)  # warm-up
         transport.script_s, TimedClient.send_s = 0.0, 0.0
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        results = await run_searches(problems(args.trees), bench_config(args), svc,
-                                     max_trees_in_flight=args.trees_in_flight)
+        results = await run_searches(
+            problems(args.trees), bench_config(args), svc, max_trees_in_flight=args.trees_in_flight
+        )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     httpx.AsyncClient = httpx_client
     expansions = sum(r.stats["expansions"] for r in results)
     requests = sum(r.stats["requests"] for r in results)
     overhead = cpu - transport.script_s
     search_logic = cpu - TimedClient.send_s
-    return {"expansions": expansions, "requests": requests, "cpu_s": cpu, "script_cpu_s": transport.script_s,
-            "httpx_send_cpu_s": TimedClient.send_s - transport.script_s, "overhead_cpu_s": overhead,
-            "search_logic_cpu_s": search_logic, "wall_s": wall, "expansions_per_s": expansions / overhead,
-            "expansions_per_s_search_logic": expansions / search_logic,
-            "requests_per_expansion": requests / expansions, "nodes": sum(r.stats["nodes"] for r in results)}
+    return {
+        "expansions": expansions,
+        "requests": requests,
+        "cpu_s": cpu,
+        "script_cpu_s": transport.script_s,
+        "httpx_send_cpu_s": TimedClient.send_s - transport.script_s,
+        "overhead_cpu_s": overhead,
+        "search_logic_cpu_s": search_logic,
+        "wall_s": wall,
+        "expansions_per_s": expansions / overhead,
+        "expansions_per_s_search_logic": expansions / search_logic,
+        "requests_per_expansion": requests / expansions,
+        "nodes": sum(r.stats["nodes"] for r in results),
+    }
 
 
 def start_server(latency_ms: float, answer_depth: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests/support/scripted_server.py"), "--port", "0",
-                             "--latency-ms", str(latency_ms), "--answer-depth", str(answer_depth)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests/support/scripted_server.py"),
+            "--port",
+            "0",
+            "--latency-ms",
+            str(latency_ms),
+            "--answer-depth",
+            str(answer_depth),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     if not line.startswith("READY"):
         proc.kill()
@@ -129,48 +169,75 @@ def start_server(latency_ms: float, answer_depth: int) -> tuple[subprocess.Popen
 
 
 async def overhead_http(args, url: str) -> dict:
-    async with LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0)) as pool, TrainerClient(url) as trainer:
+    async with (
+        LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0)) as pool,
+        TrainerClient(url) as trainer,
+    ):
         svc = services(url, pool, trainer)
         await run_searches(problems(4), bench_config(args), svc, max_trees_in_flight=4)
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        results = await run_searches(problems(args.trees), bench_config(args), svc,
-                                     max_trees_in_flight=args.trees_in_flight)
+        results = await run_searches(
+            problems(args.trees), bench_config(args), svc, max_trees_in_flight=args.trees_in_flight
+        )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     expansions = sum(r.stats["expansions"] for r in results)
-    return {"expansions": expansions, "cpu_s": cpu, "wall_s": wall, "expansions_per_cpu_s": expansions / cpu,
-            "expansions_per_wall_s": expansions / wall}
+    return {
+        "expansions": expansions,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "expansions_per_cpu_s": expansions / cpu,
+        "expansions_per_wall_s": expansions / wall,
+    }
 
 
 async def slow_in_flight(args, url: str) -> dict:
     admin(url, "reset")
-    async with LLMPool(max_in_flight=args.max_in_flight, retry=RetryPolicy(max_retries=0)) as pool, \
-            TrainerClient(url) as trainer:
+    async with (
+        LLMPool(max_in_flight=args.max_in_flight, retry=RetryPolicy(max_retries=0)) as pool,
+        TrainerClient(url) as trainer,
+    ):
         svc = services(url, pool, trainer)
         config = bench_config(args).model_copy(update={"iterations": 8})
         wall0 = time.perf_counter()
-        results = await run_searches(problems(args.slow_trees), config, svc, max_trees_in_flight=args.slow_trees)
+        results = await run_searches(
+            problems(args.slow_trees), config, svc, max_trees_in_flight=args.slow_trees
+        )
         wall = time.perf_counter() - wall0
         pool_peak = pool.max_in_flight
     server = admin(url, "stats")
-    return {"trees": args.slow_trees, "wall_s": wall, "pool_max_in_flight": pool_peak,
-            "server_max_in_flight": server["max_in_flight"], "requests": server["total"],
-            "expansions": sum(r.stats["expansions"] for r in results)}
+    return {
+        "trees": args.slow_trees,
+        "wall_s": wall,
+        "pool_max_in_flight": pool_peak,
+        "server_max_in_flight": server["max_in_flight"],
+        "requests": server["total"],
+        "expansions": sum(r.stats["expansions"] for r in results),
+    }
 
 
 async def slow_critical_path(args, url: str) -> dict:
-    async with LLMPool(max_in_flight=args.max_in_flight, retry=RetryPolicy(max_retries=0)) as pool, \
-            TrainerClient(url) as trainer:
+    async with (
+        LLMPool(max_in_flight=args.max_in_flight, retry=RetryPolicy(max_retries=0)) as pool,
+        TrainerClient(url) as trainer,
+    ):
         svc = services(url, pool, trainer)
-        config = bench_config(args).model_copy(update={"iterations": args.cp_iterations,
-                                                       "parallel_simulations": args.cp_parallel})
+        config = bench_config(args).model_copy(
+            update={"iterations": args.cp_iterations, "parallel_simulations": args.cp_parallel}
+        )
         wall0 = time.perf_counter()
         result = await run_search(problems(1)[0], config, svc)
         wall = time.perf_counter() - wall0
     cp = result.stats["critical_path_s"]
-    return {"wall_s": wall, "critical_path_s": cp, "critical_path_ratio": wall / cp,
-            "critical_path_requests": round(cp / (args.latency_ms / 1000.0), 2),
-            "expansions": result.stats["expansions"], "requests": result.stats["requests"],
-            "iterations": config.iterations, "parallel_simulations": config.parallel_simulations}
+    return {
+        "wall_s": wall,
+        "critical_path_s": cp,
+        "critical_path_ratio": wall / cp,
+        "critical_path_requests": round(cp / (args.latency_ms / 1000.0), 2),
+        "expansions": result.stats["expansions"],
+        "requests": result.stats["requests"],
+        "iterations": config.iterations,
+        "parallel_simulations": config.parallel_simulations,
+    }
 
 
 def main() -> None:
@@ -220,9 +287,14 @@ def main() -> None:
         "max_in_flight": in_flight["server_max_in_flight"],
         "critical_path_ratio": round(critical["critical_path_ratio"], 3),
         "latency_ms": args.latency_ms,
-        "details": {"in_process": in_process, "loopback_http": http, "slow_many_trees": in_flight,
-                    "slow_one_search": critical},
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "details": {
+            "in_process": in_process,
+            "loopback_http": http,
+            "slow_many_trees": in_flight,
+            "slow_one_search": critical,
+        },
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

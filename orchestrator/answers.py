@@ -50,7 +50,7 @@ def _numbers(text: str) -> list[str]:
 
 
 def extract_strict(text: str) -> str | None:
-    """The first number after the last `####` marker, or None when there is no marker or no number after it."""
+    """The first number after the last `####` marker; None without a marker or a number after it."""
     if not text or _STRICT_MARK not in text:
         return None
     tail = text.rsplit(_STRICT_MARK, 1)[1].split("\n", 1)[0]

@@ -39,8 +39,12 @@ def _problem(split: str, index: int, row: dict) -> Problem:
     gold = extract_strict(solution)
     if gold is None:
         raise ValueError(f"GSM8K {split} row {index} has no '#### N' answer line")
-    return Problem(id=f"{split}-{index}", prompt=row["question"], answer=gold,
-                   info={"split": split, "index": index, "solution": solution})
+    return Problem(
+        id=f"{split}-{index}",
+        prompt=row["question"],
+        answer=gold,
+        info={"split": split, "index": index, "solution": solution},
+    )
 
 
 def _rows_from_folder(folder: Path, split: str) -> list[dict]:
@@ -62,8 +66,9 @@ def _rows_from_hub(split: str) -> list[dict]:
     return [dict(r) for r in datasets.load_dataset(*HUB_DATASET, split=split)]
 
 
-def load_gsm8k(split: str = "test", path: str | None = None, limit: int | None = None,
-               offset: int = 0) -> list[Problem]:
+def load_gsm8k(
+    split: str = "test", path: str | None = None, limit: int | None = None, offset: int = 0
+) -> list[Problem]:
     """Problems `offset .. offset+limit` of a split.
 
     `path` is a folder with `{split}.jsonl` (fields `question`, `answer`); None falls back to the GSM8K_PATH

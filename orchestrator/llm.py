@@ -2,9 +2,9 @@
 
 One `httpx.AsyncClient` per base_url (connections are reused across requests and endpoints that share a
 server), a concurrency limit per endpoint, an optional global limit on requests in flight across every search,
-timeouts, and retries with jittered exponential backoff on 429 / 5xx / connection errors / timeouts / malformed
-JSON, honouring `Retry-After`. API keys come from the environment variable an endpoint names; they are sent as a
-Bearer header and never appear in errors, logs or reprs.
+timeouts, and retries with jittered exponential backoff on 429 / 5xx / connection errors / timeouts /
+malformed JSON, honouring `Retry-After`. API keys come from the environment variable an endpoint names; they
+are sent as a Bearer header and never appear in errors, logs or reprs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class LLMError(Exception):
-    """A request to an endpoint failed for good. Carries no secrets: endpoint name, status and a short message."""
+    """A request to an endpoint failed for good. No secrets in it: endpoint name, status, a short message."""
 
     def __init__(self, endpoint: str, status: int | None, message: str, retryable: bool = False):
         self.endpoint = endpoint
@@ -79,7 +79,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.retry_after_max_s)
-        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt)))
+        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * (2**attempt)))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -124,26 +124,48 @@ def parse_completion(data: dict, endpoint: str, chat: bool, want_logprobs: bool)
                 else:
                     token_logprobs = [float(x) for x in (lp.get("token_logprobs") or []) if x is not None]
             if want_logprobs and token_logprobs is None:
-                raise LogprobsUnavailable(endpoint, None, "logprobs were requested but the server returned none "
-                                          "(does this server support logprobs for this model?)")
+                raise LogprobsUnavailable(
+                    endpoint,
+                    None,
+                    "logprobs were requested but the server returned none "
+                    "(does this server support logprobs for this model?)",
+                )
             eos = c.get("finish_reason") == "stop" and "stop_reason" in c and c["stop_reason"] is None
-            choices.append(Choice(text=text or "", finish_reason=c.get("finish_reason"),
-                                  token_logprobs=token_logprobs, eos=eos))
+            choices.append(
+                Choice(
+                    text=text or "",
+                    finish_reason=c.get("finish_reason"),
+                    token_logprobs=token_logprobs,
+                    eos=eos,
+                )
+            )
     except LLMError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise LLMError(endpoint, None, f"malformed completion response ({type(exc).__name__})", retryable=True)
+        raise LLMError(
+            endpoint, None, f"malformed completion response ({type(exc).__name__})", retryable=True
+        )
     version = data.get("adapter_version")
-    return Completion(choices=choices, usage=data.get("usage") or {}, endpoint=endpoint,
-                      adapter_version=int(version) if isinstance(version, int) else None)
+    return Completion(
+        choices=choices,
+        usage=data.get("usage") or {},
+        endpoint=endpoint,
+        adapter_version=int(version) if isinstance(version, int) else None,
+    )
 
 
 class LLMPool:
     """Shared by every search of a process. Use as `async with LLMPool(...) as pool:`."""
 
-    def __init__(self, max_in_flight: int | None = None, retry: RetryPolicy | None = None,
-                 environ: dict | None = None, extra_headers: dict | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, connections_per_client: int = 8):
+    def __init__(
+        self,
+        max_in_flight: int | None = None,
+        retry: RetryPolicy | None = None,
+        environ: dict | None = None,
+        extra_headers: dict | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connections_per_client: int = 8,
+    ):
         self.retry = retry or RetryPolicy()
         self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
         self._environ = environ
@@ -166,7 +188,7 @@ class LLMPool:
     def from_settings(cls, settings, **kwargs) -> "LLMPool":
         pool = cls(max_in_flight=settings.max_requests_in_flight, **kwargs)
         if getattr(settings, "api_token", None) is not None:
-            # The trainer's routes need the deployment's API_TOKEN once it is set; no endpoint names a key env.
+            # The trainer's routes need the deployment's API_TOKEN once set; no endpoint names a key env.
             pool._base_url_keys[settings.trainer_v1.rstrip("/")] = settings.api_token.get_secret_value()
         return pool
 
@@ -195,9 +217,13 @@ class LLMPool:
             if self._ssl_context is None:  # building one costs ~40 ms: share it between the clients
                 self._ssl_context = ssl.create_default_context(cafile=certifi.where())
             client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.connections_per_client,
-                                    keepalive_expiry=30),
-                transport=self._transport, verify=self._ssl_context,
+                limits=httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=self.connections_per_client,
+                    keepalive_expiry=30,
+                ),
+                transport=self._transport,
+                verify=self._ssl_context,
             )
             shard = _Shard(client)
             shards.append(shard)
@@ -220,11 +246,12 @@ class LLMPool:
             sem = self._endpoint_limits[key] = asyncio.Semaphore(endpoint.max_concurrency)
         return sem
 
-    async def chat(self, endpoint: EndpointSpec, messages: list[dict], retry: RetryPolicy | None = None,
-                   **params) -> Completion:
-        """POST /chat/completions. `params` are OpenAI fields (n, max_tokens, temperature, stop, seed, logprobs,
-        top_logprobs, ...) plus vLLM extensions (continue_final_message, add_generation_prompt). `retry`
-        overrides the pool's retry policy for this call."""
+    async def chat(
+        self, endpoint: EndpointSpec, messages: list[dict], retry: RetryPolicy | None = None, **params
+    ) -> Completion:
+        """POST /chat/completions. `params` are OpenAI fields (n, max_tokens, temperature, stop, seed,
+        logprobs, top_logprobs, ...) plus vLLM extensions (continue_final_message, add_generation_prompt).
+        `retry` overrides the pool's retry policy for this call."""
         payload = {"model": endpoint.model, "messages": messages, **_drop_none(params)}
         want = bool(payload.get("logprobs"))
         data, latency = await self._post(endpoint, "/chat/completions", payload, retry)
@@ -232,8 +259,9 @@ class LLMPool:
         completion.latency_s = latency
         return completion
 
-    async def complete(self, endpoint: EndpointSpec, prompt: str, retry: RetryPolicy | None = None,
-                       **params) -> Completion:
+    async def complete(
+        self, endpoint: EndpointSpec, prompt: str, retry: RetryPolicy | None = None, **params
+    ) -> Completion:
         """POST /completions (raw prompt). `logprobs` is an int here, as in the OpenAI completions API."""
         payload = {"model": endpoint.model, "prompt": prompt, **_drop_none(params)}
         want = payload.get("logprobs") is not None and payload.get("logprobs") is not False
@@ -242,11 +270,16 @@ class LLMPool:
         completion.latency_s = latency
         return completion
 
-    async def _post(self, endpoint: EndpointSpec, path: str, payload: dict,
-                    retry: RetryPolicy | None = None) -> tuple[dict, float]:
+    async def _post(
+        self, endpoint: EndpointSpec, path: str, payload: dict, retry: RetryPolicy | None = None
+    ) -> tuple[dict, float]:
         retry = retry or self.retry
         key = api_key(endpoint, self._environ) or self._base_url_keys.get(endpoint.base_url.rstrip("/"))
-        headers = {"Content-Type": "application/json", "User-Agent": "alphazero-llm-trainer", **self._extra_headers}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "alphazero-llm-trainer",
+            **self._extra_headers,
+        }
         if key:
             headers["Authorization"] = f"Bearer {key}"
         url, timeout = self._target(endpoint, path)
@@ -258,8 +291,9 @@ class LLMPool:
                 async with self._slot(endpoint):
                     started = time.perf_counter()
                     # A prebuilt request skips the client's per-call URL merging (half its cost per request).
-                    request = httpx.Request("POST", url, content=content, headers=headers,
-                                            extensions={"timeout": timeout})
+                    request = httpx.Request(
+                        "POST", url, content=content, headers=headers, extensions={"timeout": timeout}
+                    )
                     shard = self._client(endpoint)
                     shard.in_flight += 1
                     try:
@@ -276,14 +310,24 @@ class LLMPool:
                 else:
                     detail = _scrub(body[:300].decode("utf-8", "replace"), key)
                     retryable = response.status_code in RETRYABLE_STATUS
-                    last = LLMError(endpoint.name, response.status_code, detail or response.reason_phrase,
-                                    retryable=retryable)
+                    last = LLMError(
+                        endpoint.name,
+                        response.status_code,
+                        detail or response.reason_phrase,
+                        retryable=retryable,
+                    )
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
             except httpx.TimeoutException as exc:
-                last = LLMError(endpoint.name, None, f"timeout after {endpoint.timeout_s:g}s ({type(exc).__name__})",
-                                retryable=True)
+                last = LLMError(
+                    endpoint.name,
+                    None,
+                    f"timeout after {endpoint.timeout_s:g}s ({type(exc).__name__})",
+                    retryable=True,
+                )
             except httpx.TransportError as exc:
-                last = LLMError(endpoint.name, None, f"connection error ({type(exc).__name__})", retryable=True)
+                last = LLMError(
+                    endpoint.name, None, f"connection error ({type(exc).__name__})", retryable=True
+                )
             self.errors[endpoint.name] += 1
             if not last.retryable or attempt == retry.max_retries:
                 break
@@ -296,8 +340,13 @@ class LLMPool:
         return _Slot(self, self._limit(endpoint))
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "retries": self.retries, "errors": dict(self.errors)}
+        return {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "retries": self.retries,
+            "errors": dict(self.errors),
+        }
 
 
 class _Shard:

@@ -5,7 +5,8 @@ For a path root -> s_1 -> ... -> s_k (k = depth of the leaf) the value is
     R = w_hre * HRE + w_pre * A_k + length_penalty * k + sum_i bonus(d_i)
 
 - HRE (hard reward estimate): 1 when the path's final answer equals the gold answer numerically
-  (`answers.same_number`, so "1,000" == "1000.0"), else 0. Non-terminal paths are scored by their rollout's answer.
+  (`answers.same_number`, so "1,000" == "1000.0"), else 0. Non-terminal paths are scored by their rollout's
+  answer.
 - PRE (process reward estimate) of one step: the student's mean token log-prob of the step text (completion
   tokens only, from the trainer's POST /logprobs or the chat call's logprobs) minus a baseline b:
       pre_i = mean_logprob(s_i) - b
@@ -60,8 +61,9 @@ def direction_term(directions: list[int | None], weights: RewardWeights) -> floa
     return sum(weights.right_bonus if d == 1 else weights.wrong_bonus if d == 0 else 0.0 for d in directions)
 
 
-def path_reward(hre_value: float, accumulated: float, depth: int, directions: list[int | None],
-                weights: RewardWeights) -> tuple[float, dict]:
+def path_reward(
+    hre_value: float, accumulated: float, depth: int, directions: list[int | None], weights: RewardWeights
+) -> tuple[float, dict]:
     """The total R and its terms (already weighted), for logging and the tree JSON."""
     terms = {
         "hre": weights.hre * hre_value,

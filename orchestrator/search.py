@@ -69,7 +69,9 @@ class SearchConfig(BaseModel):
     temperature: float = 0.8  # student sampling
     teacher_temperature: float = 0.7
     prior_temperature: float = 1.0
-    rollout: bool = True  # evaluate open children by a student rollout to an answer (else PRE/length terms only)
+    rollout: bool = (
+        True  # evaluate open children by a student rollout to an answer (else PRE/length terms only)
+    )
     rollouts: Literal["best", "all"] = "best"  # which open children of an expansion are evaluated
     rollout_max_tokens: int = Field(default=256, ge=1)
     use_checker: bool = True
@@ -79,8 +81,12 @@ class SearchConfig(BaseModel):
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> "SearchConfig":
-        base = {"max_depth": settings.max_tree_depth, "iterations": settings.num_mcts_iterations,
-                "max_tokens": settings.max_tokens, "chunk_tokens": settings.chunk_tokens}
+        base = {
+            "max_depth": settings.max_tree_depth,
+            "iterations": settings.num_mcts_iterations,
+            "max_tokens": settings.max_tokens,
+            "chunk_tokens": settings.chunk_tokens,
+        }
         return cls(**{**base, **overrides})
 
 
@@ -100,9 +106,13 @@ class SearchServices:
         (a vLLM-only set-up: uniform priors and no PRE)."""
         if trainer is None and settings.trainer_url:
             trainer = TrainerClient.from_settings(settings)
-        return cls(pool=pool, teachers=TeacherEnsemble(settings.teacher_endpoints()),
-                   checker=TerminalChecker(pool, settings.checker_endpoint()),
-                   student=settings.student_endpoint(), trainer=trainer)
+        return cls(
+            pool=pool,
+            teachers=TeacherEnsemble(settings.teacher_endpoints()),
+            checker=TerminalChecker(pool, settings.checker_endpoint()),
+            student=settings.student_endpoint(),
+            trainer=trainer,
+        )
 
 
 @dataclass
@@ -194,10 +204,19 @@ class _Search:
         s = self.stats
         leaves = [n for n in self.tree if n.terminal]
         return {
-            "expansions": s.expansions, "simulations": s.simulations, "requests": s.requests, "tokens": s.tokens,
-            "teacher_errors": s.teacher_errors, "checker_calls": s.checker_calls, "rollouts": s.rollouts,
-            "seconds": seconds, "degraded": list(s.degraded), "errors": list(s.errors), "cancelled": cancelled,
-            "nodes": len(self.tree), "terminal_leaves": len(leaves),
+            "expansions": s.expansions,
+            "simulations": s.simulations,
+            "requests": s.requests,
+            "tokens": s.tokens,
+            "teacher_errors": s.teacher_errors,
+            "checker_calls": s.checker_calls,
+            "rollouts": s.rollouts,
+            "seconds": seconds,
+            "degraded": list(s.degraded),
+            "errors": list(s.errors),
+            "cancelled": cancelled,
+            "nodes": len(self.tree),
+            "terminal_leaves": len(leaves),
             "correct_leaves": sum(1 for n in leaves if n.correct),
             "max_depth_reached": max(n.depth for n in self.tree),
             "max_path_tokens": max(n.path_tokens for n in self.tree),
@@ -210,7 +229,7 @@ class _Search:
             self.stats.simulations += 1
             await self._simulate(w)
 
-    # --- one simulation ---------------------------------------------------------------------------------------
+    # --- one simulation -------------------------------------------------------------------------------------
     async def _simulate(self, w: int) -> None:
         path = await self._select(w)
         leaf = path[-1]
@@ -298,20 +317,29 @@ class _Search:
         """Continue the partial solution (vLLM's continue_final_message); at the root start a fresh answer."""
         if not partial:
             return self.tree.messages, {"add_generation_prompt": True, "continue_final_message": False}
-        return (self.tree.messages + [{"role": "assistant", "content": partial}],
-                {"add_generation_prompt": False, "continue_final_message": True})
+        return (
+            self.tree.messages + [{"role": "assistant", "content": partial}],
+            {"add_generation_prompt": False, "continue_final_message": True},
+        )
 
     async def _student_steps(self, partial: str, step_cap: int, latencies: list[float]) -> list[_Candidate]:
         if self.cfg.n_student <= 0:
             return []
         messages, extra = self._student_messages(partial)
-        params = dict(n=self.cfg.n_student, max_tokens=step_cap, temperature=self.cfg.temperature, stop=["\n"],
-                      seed=self._next_seed(), **extra)
+        params = dict(
+            n=self.cfg.n_student,
+            max_tokens=step_cap,
+            temperature=self.cfg.temperature,
+            stop=["\n"],
+            seed=self._next_seed(),
+            **extra,
+        )
         try:
             self.stats.requests += 1
             try:
-                completion = await self.svc.pool.chat(self.svc.student, messages, logprobs=self.student_logprobs,
-                                                      **params)
+                completion = await self.svc.pool.chat(
+                    self.svc.student, messages, logprobs=self.student_logprobs, **params
+                )
             except LogprobsUnavailable:
                 self.student_logprobs = False
                 self.stats.degrade("student_logprobs_unavailable")
@@ -323,19 +351,35 @@ class _Search:
             return []
         latencies.append(completion.latency_s)
         self.stats.tokens += int(completion.usage.get("completion_tokens", 0) or 0)
-        return [_Candidate(text=ch.text.strip(), source=STUDENT, kind="student", logprob=ch.mean_logprob,
-                           tokens=len(ch.token_logprobs) if ch.token_logprobs else None,
-                           finish_reason=ch.finish_reason, eos=ch.eos)
-                for ch in completion.choices]
+        return [
+            _Candidate(
+                text=ch.text.strip(),
+                source=STUDENT,
+                kind="student",
+                logprob=ch.mean_logprob,
+                tokens=len(ch.token_logprobs) if ch.token_logprobs else None,
+                finish_reason=ch.finish_reason,
+                eos=ch.eos,
+            )
+            for ch in completion.choices
+        ]
 
-    async def _teacher_steps(self, kind: str, n: int, partial: str, step_cap: int,
-                             latencies: list[float]) -> list[_Candidate]:
+    async def _teacher_steps(
+        self, kind: str, n: int, partial: str, step_cap: int, latencies: list[float]
+    ) -> list[_Candidate]:
         if n <= 0:
             return []
         try:
-            reply = await self.svc.teachers.generate(self.svc.pool, kind, self.tree.question, partial, n=n,
-                                                     max_tokens=step_cap, temperature=self.cfg.teacher_temperature,
-                                                     seed=self._next_seed())
+            reply = await self.svc.teachers.generate(
+                self.svc.pool,
+                kind,
+                self.tree.question,
+                partial,
+                n=n,
+                max_tokens=step_cap,
+                temperature=self.cfg.teacher_temperature,
+                seed=self._next_seed(),
+            )
         except AllTeachersFailed as exc:
             tried = len(self.svc.teachers.states)
             self.stats.requests += tried
@@ -351,9 +395,17 @@ class _Search:
             self.stats.degrade("teacher_failover")
         latencies.append(reply.completion.latency_s)
         self.stats.tokens += int(reply.completion.usage.get("completion_tokens", 0) or 0)
-        return [_Candidate(text=first_line(ch.text), source=reply.teacher, kind=kind, logprob=None, tokens=None,
-                           finish_reason=ch.finish_reason)
-                for ch in reply.completion.choices]
+        return [
+            _Candidate(
+                text=first_line(ch.text),
+                source=reply.teacher,
+                kind=kind,
+                logprob=None,
+                tokens=None,
+                finish_reason=ch.finish_reason,
+            )
+            for ch in reply.completion.choices
+        ]
 
     async def _score(self, candidates: list[_Candidate], partial: str, w: int) -> None:
         """Fill in the student's mean log-prob of every step that has none yet (teacher steps)."""
@@ -396,24 +448,44 @@ class _Search:
             similarity = None
             if cand.kind != "student" and student_texts:
                 similarity = max(jaccard(cand.text, s) for s in student_texts)
-            children.append(self.tree.add_child(
-                leaf, cand.text, cand.source, cand.kind, prior=prior,
-                step_logprob=cand.logprob, step_pre=pre,
-                accumulated_pre=accumulated_pre(leaf.accumulated_pre, pre, cfg.rewards.discount),
-                tokens=cand.tokens if cand.tokens is not None else _estimate_tokens(cand.text),
-                similarity=similarity, finish_reason=cand.finish_reason))
+            children.append(
+                self.tree.add_child(
+                    leaf,
+                    cand.text,
+                    cand.source,
+                    cand.kind,
+                    prior=prior,
+                    step_logprob=cand.logprob,
+                    step_pre=pre,
+                    accumulated_pre=accumulated_pre(leaf.accumulated_pre, pre, cfg.rewards.discount),
+                    tokens=cand.tokens if cand.tokens is not None else _estimate_tokens(cand.text),
+                    similarity=similarity,
+                    finish_reason=cand.finish_reason,
+                )
+            )
         return children
 
-    async def _check_terminal(self, children: list[Node], eos_flags: list[bool], partial: str, w: int) -> None:
-        """Rules for every child; the LLM checker (in parallel) only for the children the rules are unsure of."""
+    async def _check_terminal(
+        self, children: list[Node], eos_flags: list[bool], partial: str, w: int
+    ) -> None:
+        """Rules for every child; the LLM checker (in parallel) only for children the rules are unsure of."""
         cfg = self.cfg
         verdicts = [rule_verdict(c.text, c.finish_reason, eos) for c, eos in zip(children, eos_flags)]
         unsure = [i for i, v in enumerate(verdicts) if v.terminal is None]
         if unsure and cfg.use_checker:
             started = time.perf_counter()
-            checked = await asyncio.gather(*(
-                self.svc.checker.check(self.tree.question, partial + children[i].text + "\n", children[i].text,
-                                       children[i].finish_reason, eos_flags[i]) for i in unsure))
+            checked = await asyncio.gather(
+                *(
+                    self.svc.checker.check(
+                        self.tree.question,
+                        partial + children[i].text + "\n",
+                        children[i].text,
+                        children[i].finish_reason,
+                        eos_flags[i],
+                    )
+                    for i in unsure
+                )
+            )
             asked = sum(1 for v in checked if v.reason in ("checker", "checker_failed"))
             self.stats.checker_calls += asked
             self.stats.requests += asked
@@ -431,7 +503,7 @@ class _Search:
             elif child.path_tokens >= cfg.max_tokens:
                 child.terminal, child.terminal_reason = True, "token_limit"
 
-    # --- evaluation -------------------------------------------------------------------------------------------
+    # --- evaluation -----------------------------------------------------------------------------------------
     def _score_terminal(self, node: Node) -> float:
         text = self.tree.partial_text(node)
         node.answer = extract_answer(text)
@@ -476,8 +548,14 @@ class _Search:
             self.stats.requests += 1
             self.stats.rollouts += 1
             completion = await self.svc.pool.chat(
-                self.svc.student, messages, n=1, max_tokens=min(self.cfg.rollout_max_tokens, remaining),
-                temperature=self.cfg.temperature, seed=self._next_seed(), **extra)
+                self.svc.student,
+                messages,
+                n=1,
+                max_tokens=min(self.cfg.rollout_max_tokens, remaining),
+                temperature=self.cfg.temperature,
+                seed=self._next_seed(),
+                **extra,
+            )
         except LLMError as exc:
             self.stats.error(f"rollout: {exc}")
             self.stats.degrade("rollout_errors")
@@ -501,15 +579,21 @@ def _dedupe(candidates: list[_Candidate]) -> list[_Candidate]:
     return out
 
 
-async def run_search(problem: Problem, config: SearchConfig, services: SearchServices,
-                     cancel: asyncio.Event | None = None) -> SearchResult:
+async def run_search(
+    problem: Problem, config: SearchConfig, services: SearchServices, cancel: asyncio.Event | None = None
+) -> SearchResult:
     """Grow one tree for `problem`; returns it with stats (also when cancelled)."""
     return await _Search(problem, config, services).run(cancel)
 
 
-async def run_searches(problems: list[Problem], config: SearchConfig, services: SearchServices,
-                       max_trees_in_flight: int = 8, cancel: asyncio.Event | None = None) -> list[SearchResult]:
-    """Many trees at once, at most `max_trees_in_flight` growing together (requests are bounded by the pool)."""
+async def run_searches(
+    problems: list[Problem],
+    config: SearchConfig,
+    services: SearchServices,
+    max_trees_in_flight: int = 8,
+    cancel: asyncio.Event | None = None,
+) -> list[SearchResult]:
+    """Many trees at once, at most `max_trees_in_flight` growing together (the pool bounds requests)."""
     gate = asyncio.Semaphore(max_trees_in_flight)
 
     async def one(problem: Problem) -> SearchResult:

@@ -7,8 +7,9 @@ over the healthy teachers of the best tier that has any (tiers are in the order 
 whose steps lead to better paths is asked more, and every teacher keeps being tried a little.
 
 Fail-over. When a request fails the next teacher by weight is tried, first in the same tier, then in the
-others; the failure is recorded. Only the last teacher in line gets the pool's retries. After `max_consecutive_failures` failures in a row
-a teacher rests for `cooldown_s`, so a dead or hanging endpoint stops costing a timeout per expansion.
+others; the failure is recorded. Only the last teacher in line gets the pool's retries. After
+`max_consecutive_failures` failures in a row a teacher rests for `cooldown_s`, so a dead or hanging endpoint
+stops costing a timeout per expansion.
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ RIGHT_PROMPT = (
 )
 WRONG_PROMPT = (
     "Question:\n{question}\n\nPartial solution so far:\n<partial>\n{partial}</partial>\n\n"
-    "Write only the next single step, on one line, but make it plausible but wrong: a typical student mistake "
-    "(a wrong operation, a misread quantity or an arithmetic slip). If this step reaches a final answer, write "
+    "Write only the next single step, on one line, but make it plausible but wrong: a typical student "
+    "mistake (a wrong operation, a misread quantity or an arithmetic slip). If this step reaches a final "
+    "answer, write "
     "it as '#### <number>'. Do not say that it is wrong."
 )
 
 
 def teacher_messages(kind: str, question: str, partial: str) -> list[dict]:
     template = RIGHT_PROMPT if kind == "right" else WRONG_PROMPT
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": template.format(question=question.strip(), partial=partial)}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": template.format(question=question.strip(), partial=partial)},
+    ]
 
 
 def first_line(text: str) -> str:
@@ -77,9 +81,16 @@ class TeacherReply:
 
 
 class TeacherEnsemble:
-    def __init__(self, endpoints: list[EndpointSpec], learning_rate: float = 0.2, temperature: float = 0.25,
-                 explore: float = 0.1, max_consecutive_failures: int = 2, cooldown_s: float = 30.0,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        endpoints: list[EndpointSpec],
+        learning_rate: float = 0.2,
+        temperature: float = 0.25,
+        explore: float = 0.1,
+        max_consecutive_failures: int = 2,
+        cooldown_s: float = 30.0,
+        seed: int | None = None,
+    ):
         if not endpoints:
             raise ValueError("a teacher ensemble needs at least one endpoint")
         names = [e.name for e in endpoints]
@@ -135,8 +146,17 @@ class TeacherEnsemble:
         return ordered + sorted(resting, key=lambda n: self.states[n].resting_until)
 
     # --- requests -----------------------------------------------------------------------------------------
-    async def generate(self, pool: LLMPool, kind: str, question: str, partial: str, n: int, max_tokens: int,
-                       temperature: float, seed: int | None = None) -> TeacherReply:
+    async def generate(
+        self,
+        pool: LLMPool,
+        kind: str,
+        question: str,
+        partial: str,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+    ) -> TeacherReply:
         """n next steps of `kind` ("right" | "wrong") from the best available teacher, failing over."""
         messages = teacher_messages(kind, question, partial)
         failed: list[str] = []
@@ -147,8 +167,16 @@ class TeacherEnsemble:
             # While another teacher is left to fail over to, don't spend retries (or timeouts) on this one.
             retry = NO_RETRY if i < len(order) - 1 else None
             try:
-                completion = await pool.chat(state.endpoint, messages, retry=retry, n=n, max_tokens=max_tokens,
-                                             temperature=temperature, stop=["\n\n"], seed=seed)
+                completion = await pool.chat(
+                    state.endpoint,
+                    messages,
+                    retry=retry,
+                    n=n,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stop=["\n\n"],
+                    seed=seed,
+                )
             except LLMError as exc:
                 state.failures += 1
                 state.consecutive_failures += 1
@@ -164,6 +192,15 @@ class TeacherEnsemble:
 
     def snapshot(self) -> dict:
         w = self.weights()
-        return {n: {"weight": w[n], "score": s.score, "rewards": s.rewards, "requests": s.requests,
-                    "failures": s.failures, "healthy": self.healthy(n), "tier": s.endpoint.tier}
-                for n, s in self.states.items()}
+        return {
+            n: {
+                "weight": w[n],
+                "score": s.score,
+                "rewards": s.rewards,
+                "requests": s.requests,
+                "failures": s.failures,
+                "healthy": self.healthy(n),
+                "tier": s.endpoint.tier,
+            }
+            for n, s in self.states.items()
+        }

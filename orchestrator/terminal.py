@@ -8,8 +8,8 @@ Rules, on the newest step:
 - a step that sounds concluding and ends in a number ("so she makes $18 a day.") -> unsure
 - anything else                          -> not terminal ("rule")
 Unsure cases go to the checker endpoint ("... Answer yes or no."), one call per distinct state (cached, and
-concurrent asks for the same state share one request: reason "checker_cached"). A checker failure counts as "not terminal" and is
-recorded, so the search goes on.
+concurrent asks for the same state share one request: reason "checker_cached"). A checker failure counts
+as "not terminal" and is recorded, so the search goes on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from orchestrator.llm import LLMError, LLMPool
 from orchestrator.settings import EndpointSpec
 
 _ANSWER_PHRASE = re.compile(r"(the\s+(final\s+)?answer\s+is|answer\s*:)\s*[-$]?\s*\.?\d", re.IGNORECASE)
-_CONCLUDING = re.compile(r"\b(so|therefore|thus|hence|in total|altogether|total|answer|finally)\b", re.IGNORECASE)
+_CONCLUDING = re.compile(
+    r"\b(so|therefore|thus|hence|in total|altogether|total|answer|finally)\b", re.IGNORECASE
+)
 _TRAILING_NUMBER = re.compile(r"\d[\d,]*(\.\d+)?\s*[a-zA-Z%]*\s*[.!]?\s*$")
 
 CHECKER_PROMPT = (
@@ -55,8 +57,13 @@ def rule_verdict(step: str, finish_reason: str | None = None, eos: bool = False)
 
 
 class TerminalChecker:
-    def __init__(self, pool: LLMPool | None, endpoint: EndpointSpec | None, cache_size: int = 50_000,
-                 max_tokens: int = 3):
+    def __init__(
+        self,
+        pool: LLMPool | None,
+        endpoint: EndpointSpec | None,
+        cache_size: int = 50_000,
+        max_tokens: int = 3,
+    ):
         self.pool, self.endpoint = pool, endpoint
         self.cache_size, self.max_tokens = cache_size, max_tokens
         self._cache: OrderedDict[str, bool] = OrderedDict()
@@ -65,8 +72,9 @@ class TerminalChecker:
         self.cache_hits = 0
         self.errors: list[str] = []
 
-    async def check(self, question: str, partial: str, step: str, finish_reason: str | None = None,
-                    eos: bool = False) -> Verdict:
+    async def check(
+        self, question: str, partial: str, step: str, finish_reason: str | None = None, eos: bool = False
+    ) -> Verdict:
         """`partial` is the full solution text including `step`."""
         verdict = rule_verdict(step, finish_reason, eos)
         if verdict.terminal is not None:
@@ -102,10 +110,13 @@ class TerminalChecker:
 
     async def _ask(self, question: str, partial: str) -> bool | None:
         self.llm_calls += 1
-        messages = [{"role": "user", "content": CHECKER_PROMPT.format(question=question, partial=partial.strip())}]
+        messages = [
+            {"role": "user", "content": CHECKER_PROMPT.format(question=question, partial=partial.strip())}
+        ]
         try:
-            completion = await self.pool.chat(self.endpoint, messages, max_tokens=self.max_tokens, temperature=0.0,
-                                              n=1)
+            completion = await self.pool.chat(
+                self.endpoint, messages, max_tokens=self.max_tokens, temperature=0.0, n=1
+            )
         except LLMError as exc:
             self.errors.append(str(exc))
             return None

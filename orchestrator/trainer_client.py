@@ -22,15 +22,23 @@ class TrainerError(Exception):
 
 
 class TrainerClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8001", api_token: str | None = None,
-                 timeout_s: float = 600.0, retry: RetryPolicy | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8001",
+        api_token: str | None = None,
+        timeout_s: float = 600.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-                                         transport=transport)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            transport=transport,
+        )
         self.requests = 0
 
     @classmethod
@@ -52,7 +60,7 @@ class TrainerClient:
         return await self._call("GET", "/health")
 
     async def logprobs(self, items: list[dict], model: str = "student") -> dict:
-        """items: [{prompt?|messages?, context?, completion}] -> {adapter_version, results:[{mean, sum, ...}]}."""
+        """items: [{prompt?|messages?, context?, completion}] -> {adapter_version, results:[{mean, ...}]}."""
         return await self._call("POST", "/logprobs", {"model": model, "items": items})
 
     async def grpo_step(self, items: list[dict], loss: dict, step_key: str | None = None) -> dict:
@@ -99,8 +107,11 @@ class TrainerClient:
                     except ValueError:
                         last = TrainerError(200, f"{path}: response is not valid JSON", retryable=True)
                 else:
-                    last = TrainerError(response.status_code, f"{path}: {response.text[:300]}",
-                                        retryable=response.status_code in RETRYABLE_STATUS)
+                    last = TrainerError(
+                        response.status_code,
+                        f"{path}: {response.text[:300]}",
+                        retryable=response.status_code in RETRYABLE_STATUS,
+                    )
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
             except httpx.TimeoutException as exc:
                 last = TrainerError(None, f"{path}: timeout ({type(exc).__name__})", retryable=True)

@@ -6,7 +6,8 @@ Two advantage modes:
   (population std; all advantages 0 when every trajectory earned the same reward). Before clipping the
   advantages of a group sum to 0.
 - "tree" (TreeRL / TreeRPO style): one item per step on any trajectory, completion = that step, context =
-  the solution before it; A(step) = clip(V(node) - V(parent), -clip, clip), V = the node's mean backed-up value.
+  the solution before it; A(step) = clip(V(node) - V(parent), -clip, clip), V = the node's mean backed-up
+  value.
 Off-policy text: an item whose completion contains any teacher-written step gets weight `teacher_weight`
 (default 0.5; the trainer scales its loss by it); items made only of student steps get weight 1.
 """
@@ -55,8 +56,13 @@ class GroupItem:
 
     def to_trainer_item(self) -> dict:
         """One item of the trainer's POST /grpo/step."""
-        return {"messages": self.messages, "context": self.context, "completion": self.completion,
-                "advantage": self.advantage, "weight": self.weight}
+        return {
+            "messages": self.messages,
+            "context": self.context,
+            "completion": self.completion,
+            "advantage": self.advantage,
+            "weight": self.weight,
+        }
 
 
 def trajectories(tree: Tree) -> list[Trajectory]:
@@ -66,10 +72,19 @@ def trajectories(tree: Tree) -> list[Trajectory]:
         if not leaf.terminal or leaf.reward is None or leaf.id == 0:
             continue
         steps = tree.steps(leaf)
-        out.append(Trajectory(leaf=leaf.id, node_ids=[n.id for n in steps], steps=[n.text for n in steps],
-                              sources=[n.source for n in steps], kinds=[n.kind for n in steps],
-                              path_code=leaf.path_code, reward=leaf.reward, correct=bool(leaf.correct),
-                              answer=leaf.answer))
+        out.append(
+            Trajectory(
+                leaf=leaf.id,
+                node_ids=[n.id for n in steps],
+                steps=[n.text for n in steps],
+                sources=[n.source for n in steps],
+                kinds=[n.kind for n in steps],
+                path_code=leaf.path_code,
+                reward=leaf.reward,
+                correct=bool(leaf.correct),
+                answer=leaf.answer,
+            )
+        )
     return out
 
 
@@ -88,14 +103,24 @@ def _source(sources: list[str]) -> str:
     return distinct[0] if len(distinct) == 1 else "mixed:" + ",".join(distinct)
 
 
-def grpo_group(tree: Tree, mode: Literal["flat", "tree"] = "flat", clip: float = 5.0,
-               teacher_weight: float = 0.5) -> list[GroupItem]:
+def grpo_group(
+    tree: Tree, mode: Literal["flat", "tree"] = "flat", clip: float = 5.0, teacher_weight: float = 0.5
+) -> list[GroupItem]:
     if mode == "flat":
         paths = trajectories(tree)
         advantages = zscore([t.reward for t in paths], clip)
-        return [GroupItem(messages=tree.messages, context="", completion=t.text, advantage=a,
-                          source=_source(t.sources), weight=1.0 if t.on_policy else teacher_weight, node_id=t.leaf)
-                for t, a in zip(paths, advantages)]
+        return [
+            GroupItem(
+                messages=tree.messages,
+                context="",
+                completion=t.text,
+                advantage=a,
+                source=_source(t.sources),
+                weight=1.0 if t.on_policy else teacher_weight,
+                node_id=t.leaf,
+            )
+            for t, a in zip(paths, advantages)
+        ]
     if mode == "tree":
         items, seen = [], set()
         for t in trajectories(tree):
@@ -106,8 +131,16 @@ def grpo_group(tree: Tree, mode: Literal["flat", "tree"] = "flat", clip: float =
                 node: Node = tree.nodes[node_id]
                 parent = tree.nodes[node.parent]
                 advantage = max(-clip, min(clip, node.value - parent.value))
-                items.append(GroupItem(messages=tree.messages, context=tree.partial_text(parent),
-                                       completion=node.text, advantage=advantage, source=node.source,
-                                       weight=1.0 if node.source == STUDENT else teacher_weight, node_id=node.id))
+                items.append(
+                    GroupItem(
+                        messages=tree.messages,
+                        context=tree.partial_text(parent),
+                        completion=node.text,
+                        advantage=advantage,
+                        source=node.source,
+                        weight=1.0 if node.source == STUDENT else teacher_weight,
+                        node_id=node.id,
+                    )
+                )
         return items
     raise ValueError(f"unknown advantage mode {mode!r} (flat | tree)")

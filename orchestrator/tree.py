@@ -2,7 +2,8 @@
 
 Pure data and arithmetic: no I/O, no asyncio. The search (search.py) drives it.
 
-Selection scores, with virtual loss folded in (n = visits + virtual_loss, w = value_sum - virtual_loss * vl_value):
+Selection scores, with virtual loss folded in
+(n = visits + virtual_loss, w = value_sum - virtual_loss * vl_value):
     Q(c)    = w(c) / n(c)                       (fpu when n(c) == 0)
     PUCT(c) = Q(c) + c_puct * P(c) * sqrt(max(1, n(parent))) / (1 + n(c))
     UCT(c)  = Q(c) + c_uct * sqrt(ln(max(1, n(parent))) / n(c))       (+inf when n(c) == 0)
@@ -42,7 +43,9 @@ class Node:
     similarity: float | None = None  # teacher step vs the student's samples of the same expansion (Jaccard)
     finish_reason: str | None = None
     terminal: bool = False
-    terminal_reason: str | None = None  # "answer_line" | "answer_phrase" | "eos" | "checker" | "depth_limit" | ...
+    terminal_reason: str | None = (
+        None  # "answer_line" | "answer_phrase" | "eos" | "checker" | "depth_limit" | ...
+    )
     answer: str | None = None
     correct: bool | None = None
     reward: float | None = None  # the exact path reward of a terminal node
@@ -67,8 +70,9 @@ class Tree:
 
     def __init__(self, problem_id: str, question: str, gold: str, messages: list[dict]):
         self.problem_id, self.question, self.gold, self.messages = problem_id, question, gold, messages
-        self.nodes: list[Node] = [Node(id=0, parent=None, text="", depth=0, source=ROOT, kind=ROOT, direction=None,
-                                       path_code="")]
+        self.nodes: list[Node] = [
+            Node(id=0, parent=None, text="", depth=0, source=ROOT, kind=ROOT, direction=None, path_code="")
+        ]
 
     @property
     def root(self) -> Node:
@@ -83,8 +87,17 @@ class Tree:
     def add_child(self, parent: Node, text: str, source: str, kind: str, **fields) -> Node:
         direction = 1 if kind == "right" else 0 if kind == "wrong" else None
         code = "1" if direction == 1 else "0" if direction == 0 else "s"
-        node = Node(id=len(self.nodes), parent=parent.id, text=text, depth=parent.depth + 1, source=source,
-                    kind=kind, direction=direction, path_code=parent.path_code + code, **fields)
+        node = Node(
+            id=len(self.nodes),
+            parent=parent.id,
+            text=text,
+            depth=parent.depth + 1,
+            source=source,
+            kind=kind,
+            direction=direction,
+            path_code=parent.path_code + code,
+            **fields,
+        )
         node.path_tokens = parent.path_tokens + node.tokens
         self.nodes.append(node)
         parent.children.append(node.id)
@@ -112,11 +125,17 @@ class Tree:
         return [n for n in self.nodes if not n.children]
 
     def to_json(self) -> dict:
-        return {"problem_id": self.problem_id, "question": self.question, "gold": self.gold,
-                "messages": self.messages, "root": 0, "nodes": [n.to_json() for n in self.nodes]}
+        return {
+            "problem_id": self.problem_id,
+            "question": self.question,
+            "gold": self.gold,
+            "messages": self.messages,
+            "root": 0,
+            "nodes": [n.to_json() for n in self.nodes],
+        }
 
 
-# --- selection ------------------------------------------------------------------------------------------------
+# --- selection ----------------------------------------------------------------------------------------------
 def effective(node: Node, vl_value: float) -> tuple[int, float]:
     """(n, w) with virtual loss counted as extra visits that each lost `vl_value`."""
     return node.visits + node.virtual_loss, node.value_sum - node.virtual_loss * vl_value
@@ -141,8 +160,15 @@ def uct_score(child: Node, parent: Node, c_uct: float, vl_value: float = 1.0, fp
     return q_value(child, vl_value, fpu) + c_uct * math.sqrt(math.log(max(1, n_parent)) / n_child)
 
 
-def best_child(tree: Tree, parent: Node, selection: str, c: float, vl_value: float = 1.0, fpu: float = 0.0,
-               exclude: set[int] | frozenset = frozenset()) -> Node | None:
+def best_child(
+    tree: Tree,
+    parent: Node,
+    selection: str,
+    c: float,
+    vl_value: float = 1.0,
+    fpu: float = 0.0,
+    exclude: set[int] | frozenset = frozenset(),
+) -> Node | None:
     """The child with the highest PUCT/UCT score; ties go to the earlier child (stable, reproducible)."""
     score = puct_score if selection == "puct" else uct_score
     best, best_score = None, -math.inf

@@ -1,4 +1,5 @@
-"""The search over real HTTP: the scripted OpenAI-compatible server runs as its own process on 127.0.0.1 and is
+"""The search over real HTTP: the scripted OpenAI-compatible server runs as its own process on 127.0.0.1 and
+is
 steered through its admin routes (teachers "t1" and "t2", the student and the checker are models on it)."""
 
 import subprocess
@@ -45,11 +46,17 @@ async def search(url, config, teacher_timeout=5.0):
     def ep(name, timeout=5.0):
         return EndpointSpec(name=name, base_url=url + "/v1", model=name, timeout_s=timeout)
 
-    async with LLMPool(max_in_flight=64, retry=RetryPolicy(max_retries=1, backoff_base_s=0.01)) as pool, \
-            TrainerClient(url, retry=RetryPolicy(max_retries=1, backoff_base_s=0.01)) as trainer:
-        svc = SearchServices(pool=pool, teachers=TeacherEnsemble([ep("t1", teacher_timeout), ep("t2", teacher_timeout)],
-                                                                 seed=0),
-                             checker=TerminalChecker(pool, ep("checker")), student=ep("student"), trainer=trainer)
+    async with (
+        LLMPool(max_in_flight=64, retry=RetryPolicy(max_retries=1, backoff_base_s=0.01)) as pool,
+        TrainerClient(url, retry=RetryPolicy(max_retries=1, backoff_base_s=0.01)) as trainer,
+    ):
+        svc = SearchServices(
+            pool=pool,
+            teachers=TeacherEnsemble([ep("t1", teacher_timeout), ep("t2", teacher_timeout)], seed=0),
+            checker=TerminalChecker(pool, ep("checker")),
+            student=ep("student"),
+            trainer=trainer,
+        )
         return await run_search(PROBLEM, config, svc), svc
 
 
@@ -90,8 +97,9 @@ async def test_search_goes_on_when_a_teacher_returns_500s(url):
 
 async def test_search_goes_on_when_a_teacher_hangs_past_its_timeout(url):
     admin(url, "rules", {"rules": [{"mode": "hang", "model": "t2"}]})
-    result, svc = await search(url, SearchConfig(iterations=6, max_depth=4, parallel_simulations=3),
-                               teacher_timeout=0.3)
+    result, svc = await search(
+        url, SearchConfig(iterations=6, max_depth=4, parallel_simulations=3), teacher_timeout=0.3
+    )
     stats = result.stats
     assert stats["teacher_errors"] >= 1 and any("timeout" in e for e in stats["errors"])
     assert stats["terminal_leaves"] >= 1
@@ -100,8 +108,11 @@ async def test_search_goes_on_when_a_teacher_hangs_past_its_timeout(url):
 
 
 async def test_student_without_logprobs_and_dropped_connections(url):
-    admin(url, "rules", {"rules": [{"mode": "no_logprobs", "model": "student"},
-                                   {"mode": "drop", "model": "t1", "times": 2}]})
+    admin(
+        url,
+        "rules",
+        {"rules": [{"mode": "no_logprobs", "model": "student"}, {"mode": "drop", "model": "t1", "times": 2}]},
+    )
     result, _ = await search(url, SearchConfig(iterations=4, max_depth=4, parallel_simulations=2))
     assert "student_logprobs_unavailable" in result.stats["degraded"]
     assert result.stats["expansions"] >= 1

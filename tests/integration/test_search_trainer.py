@@ -8,11 +8,12 @@ from orchestrator.data import Problem
 from orchestrator.llm import LLMPool, RetryPolicy
 from orchestrator.search import SearchConfig, SearchServices, run_search
 from orchestrator.settings import Settings
-from orchestrator.trainer_client import TrainerClient
 from orchestrator.trajectories import grpo_group
 
 pytestmark = pytest.mark.integration
-PROBLEM = Problem(id="test-0", prompt="Tom has 3 apples and buys 4 more. How many apples does he have?", answer="7")
+PROBLEM = Problem(
+    id="test-0", prompt="Tom has 3 apples and buys 4 more. How many apples does he have?", answer="7"
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,20 @@ def settings(trainer_service) -> Settings:
 
 
 async def test_search_over_the_real_trainer(settings):
-    config = SearchConfig(iterations=2, parallel_simulations=2, max_depth=2, max_tokens=40, chunk_tokens=8,
-                          n_student=2, n_teacher_right=1, n_teacher_wrong=1, rollout=True, rollout_max_tokens=8,
-                          temperature=1.0, seed=7)
+    config = SearchConfig(
+        iterations=2,
+        parallel_simulations=2,
+        max_depth=2,
+        max_tokens=40,
+        chunk_tokens=8,
+        n_student=2,
+        n_teacher_right=1,
+        n_teacher_wrong=1,
+        rollout=True,
+        rollout_max_tokens=8,
+        temperature=1.0,
+        seed=7,
+    )
     async with LLMPool.from_settings(settings, retry=RetryPolicy(max_retries=1)) as pool:
         services = SearchServices.from_settings(settings, pool)
         async with services.trainer:
@@ -43,6 +55,7 @@ async def test_search_over_the_real_trainer(settings):
             # whatever the tiny model wrote, the items are valid input for a real GRPO step
             items = [i.to_trainer_item() for i in grpo_group(tree, "tree")]
             if items:
-                out = await services.trainer.grpo_step(items[:4], {"type": "grpo", "micro_batch_size": 4},
-                                                       step_key="search-trainer-test")
+                out = await services.trainer.grpo_step(
+                    items[:4], {"type": "grpo", "micro_batch_size": 4}, step_key="search-trainer-test"
+                )
                 assert out["adapter_version"] >= 1 and out["tokens"] > 0

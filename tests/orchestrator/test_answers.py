@@ -54,17 +54,38 @@ def test_extract_answer_prefers_strict():
     assert extract_answer("we get 5 then 9") == "9"
 
 
-@pytest.mark.parametrize("text,value", [
-    ("1,000", 1000.0), ("$1,000.00", 1000.0), ("1000.", 1000.0), ("-3", -3.0), ("0.25", 0.25),
-    ("3/4", 0.75), (None, None), ("", None), ("abc", None), ("1 and 2", None),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1,000", 1000.0),
+        ("$1,000.00", 1000.0),
+        ("1000.", 1000.0),
+        ("-3", -3.0),
+        ("0.25", 0.25),
+        ("3/4", 0.75),
+        (None, None),
+        ("", None),
+        ("abc", None),
+        ("1 and 2", None),
+    ],
+)
 def test_parse_number(text, value):
     assert parse_number(text) == value
 
 
-@pytest.mark.parametrize("a,b,equal", [
-    ("1,000", "1000.0", True), ("$18", "18", True), ("18.00", "18", True), ("0.5", "1/2", True),
-    ("18", "19", False), ("18", None, False), (None, None, False), ("x", "x", False), ("-3", "3", False),
-])
+@pytest.mark.parametrize(
+    "a,b,equal",
+    [
+        ("1,000", "1000.0", True),
+        ("$18", "18", True),
+        ("18.00", "18", True),
+        ("0.5", "1/2", True),
+        ("18", "19", False),
+        ("18", None, False),
+        (None, None, False),
+        ("x", "x", False),
+        ("-3", "3", False),
+    ],
+)
 def test_same_number(a, b, equal):
     assert same_number(a, b) is equal

@@ -16,11 +16,19 @@ def endpoint(server, **kw) -> EndpointSpec:
 
 async def test_chat_n_and_logprobs(scripted_server):
     async with LLMPool(retry=FAST) as pool:
-        c = await pool.chat(endpoint(scripted_server), USER + [{"role": "assistant", "content": "Step 1: x\n"}],
-                            n=3, logprobs=True, max_tokens=20, continue_final_message=True)
+        c = await pool.chat(
+            endpoint(scripted_server),
+            USER + [{"role": "assistant", "content": "Step 1: x\n"}],
+            n=3,
+            logprobs=True,
+            max_tokens=20,
+            continue_final_message=True,
+        )
     assert len(c.choices) == 3 and c.adapter_version == 0 and c.endpoint == "t"
     assert all(ch.text.startswith("Step 2") and ch.token_logprobs for ch in c.choices)
-    assert c.choices[0].mean_logprob == pytest.approx(sum(c.choices[0].token_logprobs) / len(c.choices[0].token_logprobs))
+    assert c.choices[0].mean_logprob == pytest.approx(
+        sum(c.choices[0].token_logprobs) / len(c.choices[0].token_logprobs)
+    )
     sent = scripted_server.log[-1]["payload"]
     assert sent["n"] == 3 and sent["continue_final_message"] is True and sent["model"] == "student"
 
@@ -40,9 +48,16 @@ async def test_missing_logprobs_is_a_clear_error(scripted_server):
     assert c.choices[0].token_logprobs is None
 
 
-@pytest.mark.parametrize("rule", [Rule(mode="error", status=500, times=2), Rule(mode="error", status=429, times=1),
-                                  Rule(mode="drop", times=1), Rule(mode="malformed", times=1),
-                                  Rule(mode="error", status=503, retry_after=0, times=2)])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        Rule(mode="error", status=500, times=2),
+        Rule(mode="error", status=429, times=1),
+        Rule(mode="drop", times=1),
+        Rule(mode="malformed", times=1),
+        Rule(mode="error", status=503, retry_after=0, times=2),
+    ],
+)
 async def test_retries_transient_failures(scripted_server, rule):
     scripted_server.set_rules([rule])
     async with LLMPool(retry=FAST) as pool:
@@ -78,12 +93,16 @@ async def test_timeout_on_a_hanging_server(scripted_server):
 async def test_per_endpoint_and_global_limits(scripted_server):
     scripted_server.config.latency_ms = 100  # long enough for the three to overlap even on a loaded machine
     async with LLMPool(retry=FAST) as pool:
-        await asyncio.gather(*(pool.chat(endpoint(scripted_server, max_concurrency=3), USER) for _ in range(12)))
+        await asyncio.gather(
+            *(pool.chat(endpoint(scripted_server, max_concurrency=3), USER) for _ in range(12))
+        )
         assert pool.max_in_flight == 3
     assert scripted_server.max_in_flight == 3
     scripted_server.reset()
     async with LLMPool(max_in_flight=2, retry=FAST) as pool:
-        await asyncio.gather(*(pool.chat(endpoint(scripted_server, name=f"e{i % 3}"), USER) for i in range(12)))
+        await asyncio.gather(
+            *(pool.chat(endpoint(scripted_server, name=f"e{i % 3}"), USER) for i in range(12))
+        )
         assert pool.max_in_flight == 2 and pool.requests == 12
 
 
@@ -91,7 +110,9 @@ async def test_connections_are_reused(scripted_server):
     async with LLMPool(retry=FAST) as pool:
         for _ in range(10):
             await pool.chat(endpoint(scripted_server), USER)
-            await pool.chat(endpoint(scripted_server, name="other", model="t2"), USER)  # same server, same client
+            await pool.chat(
+                endpoint(scripted_server, name="other", model="t2"), USER
+            )  # same server, same client
     assert scripted_server.connections == 1
 
 

@@ -16,7 +16,13 @@ W = RewardWeights()
 
 def test_defaults_are_the_originals():
     assert (W.hre, W.pre, W.length_penalty, W.right_bonus, W.wrong_bonus, W.discount) == (
-        0.4, 0.6, -0.01, 0.1, -0.05, 0.95)
+        0.4,
+        0.6,
+        -0.01,
+        0.1,
+        -0.05,
+        0.95,
+    )
 
 
 def test_hre():
@@ -40,7 +46,7 @@ def test_accumulated_pre_with_discount():
     assert a1 == pytest.approx(0.5)
     assert a2 == pytest.approx(-0.2 + 0.95 * 0.5)  # 0.275
     assert a3 == pytest.approx(0.1 + 0.95 * 0.275)  # 0.36125
-    assert a3 == pytest.approx(0.1 + 0.95 * -0.2 + 0.95 ** 2 * 0.5)
+    assert a3 == pytest.approx(0.1 + 0.95 * -0.2 + 0.95**2 * 0.5)
 
 
 def test_length_and_direction_terms():

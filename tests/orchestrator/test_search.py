@@ -20,9 +20,13 @@ def services(server, pool, trainer=True) -> SearchServices:
     def ep(name):
         return EndpointSpec(name=name, base_url=server.v1, model=name, timeout_s=5)
 
-    return SearchServices(pool=pool, teachers=TeacherEnsemble([ep("t1"), ep("t2")], seed=0),
-                          checker=TerminalChecker(pool, ep("checker")), student=ep("student"),
-                          trainer=TrainerClient(server.url, retry=RetryPolicy(max_retries=0)) if trainer else None)
+    return SearchServices(
+        pool=pool,
+        teachers=TeacherEnsemble([ep("t1"), ep("t2")], seed=0),
+        checker=TerminalChecker(pool, ep("checker")),
+        student=ep("student"),
+        trainer=TrainerClient(server.url, retry=RetryPolicy(max_retries=0)) if trainer else None,
+    )
 
 
 async def search(server, config: SearchConfig, trainer=True, cancel=None):
@@ -62,7 +66,9 @@ async def test_reaches_terminal_leaves(scripted_server):
 
 
 async def test_priors_from_student_logprobs(scripted_server):
-    result, _ = await search(scripted_server, SearchConfig(iterations=1, parallel_simulations=1, rollout=False))
+    result, _ = await search(
+        scripted_server, SearchConfig(iterations=1, parallel_simulations=1, rollout=False)
+    )
     children = result.tree.children(result.tree.root)
     for child in children:  # the scripted server's deterministic log-probs, model "student"
         lps = token_logprobs(child.text, "student")
@@ -76,7 +82,9 @@ async def test_priors_from_student_logprobs(scripted_server):
 
 
 async def test_uniform_priors_without_trainer(scripted_server):
-    result, _ = await search(scripted_server, SearchConfig(iterations=2, parallel_simulations=1), trainer=False)
+    result, _ = await search(
+        scripted_server, SearchConfig(iterations=2, parallel_simulations=1), trainer=False
+    )
     children = result.tree.children(result.tree.root)
     assert [c.prior for c in children] == pytest.approx([1 / len(children)] * len(children))
     assert any(d.startswith("uniform_priors") for d in result.stats["degraded"])
@@ -128,8 +136,9 @@ async def test_many_trees_and_group(scripted_server):
     problems = [Problem(id=f"t-{i}", prompt=f"What is {i} + 40?", answer="42") for i in range(5)]
     async with LLMPool(max_in_flight=4, retry=RetryPolicy(max_retries=0)) as pool:
         svc = services(scripted_server, pool)
-        results = await run_searches(problems, SearchConfig(iterations=4, parallel_simulations=2), svc,
-                                     max_trees_in_flight=2)
+        results = await run_searches(
+            problems, SearchConfig(iterations=4, parallel_simulations=2), svc, max_trees_in_flight=2
+        )
         await svc.trainer.aclose()
         assert pool.max_in_flight <= 4
     assert [r.tree.problem_id for r in results] == [p.id for p in problems]

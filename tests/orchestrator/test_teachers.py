@@ -47,8 +47,13 @@ def test_tiers_order_and_validation():
 async def test_failover_and_cooldown(scripted_server):
     url = scripted_server.v1
     scripted_server.set_rules([Rule(mode="error", status=500, model="bad")])
-    ens = TeacherEnsemble([ep("bad", url=url), ep("good", url=url)], explore=0.0, max_consecutive_failures=2,
-                          cooldown_s=60, seed=0)
+    ens = TeacherEnsemble(
+        [ep("bad", url=url), ep("good", url=url)],
+        explore=0.0,
+        max_consecutive_failures=2,
+        cooldown_s=60,
+        seed=0,
+    )
     ens.record_reward("bad", 5.0)  # make "bad" the favourite so it is tried first
     async with LLMPool(retry=RetryPolicy(max_retries=0)) as pool:
         r1 = await ens.generate(pool, "right", "q", "", n=2, max_tokens=16, temperature=0.7)

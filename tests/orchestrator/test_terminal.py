@@ -8,26 +8,31 @@ from orchestrator.settings import EndpointSpec
 from orchestrator.terminal import TerminalChecker, rule_verdict
 
 
-@pytest.mark.parametrize("step,finish,eos,expected,reason", [
-    ("#### 18", "stop", False, True, "answer_line"),
-    ("So she makes $18.\n#### 18", "stop", False, True, "answer_line"),
-    ("The answer is 18.", "stop", False, True, "answer_phrase"),
-    ("Answer: $1,000", "stop", False, True, "answer_phrase"),
-    ("She has 3 apples left", "stop", True, True, "eos"),
-    ("So the total is 5 + 3 = 8 and", "length", False, False, "truncated"),
-    ("First, 16 - 3 = 13 eggs remain.", "stop", False, False, "rule"),
-    ("Let me compute the cost per day", "stop", False, False, "rule"),
-    ("So she makes 18 dollars.", "stop", False, None, "unsure"),
-    ("Therefore, in total 42.", "stop", False, None, "unsure"),
-    ("####", "stop", False, False, "rule"),
-])
+@pytest.mark.parametrize(
+    "step,finish,eos,expected,reason",
+    [
+        ("#### 18", "stop", False, True, "answer_line"),
+        ("So she makes $18.\n#### 18", "stop", False, True, "answer_line"),
+        ("The answer is 18.", "stop", False, True, "answer_phrase"),
+        ("Answer: $1,000", "stop", False, True, "answer_phrase"),
+        ("She has 3 apples left", "stop", True, True, "eos"),
+        ("So the total is 5 + 3 = 8 and", "length", False, False, "truncated"),
+        ("First, 16 - 3 = 13 eggs remain.", "stop", False, False, "rule"),
+        ("Let me compute the cost per day", "stop", False, False, "rule"),
+        ("So she makes 18 dollars.", "stop", False, None, "unsure"),
+        ("Therefore, in total 42.", "stop", False, None, "unsure"),
+        ("####", "stop", False, False, "rule"),
+    ],
+)
 def test_rules(step, finish, eos, expected, reason):
     v = rule_verdict(step, finish, eos)
     assert (v.terminal, v.reason) == (expected, reason)
 
 
 def checker(server, pool) -> TerminalChecker:
-    return TerminalChecker(pool, EndpointSpec(name="checker", base_url=server.v1, model="checker", timeout_s=2))
+    return TerminalChecker(
+        pool, EndpointSpec(name="checker", base_url=server.v1, model="checker", timeout_s=2)
+    )
 
 
 async def test_llm_only_when_unsure_and_cached(scripted_server):
@@ -39,8 +44,9 @@ async def test_llm_only_when_unsure_and_cached(scripted_server):
         assert tc.llm_calls == 0 and scripted_server.stats()["total"] == 0
         v = await tc.check("q", "So she makes 18 dollars.\n", "So she makes 18 dollars.")
         assert (v.terminal, v.reason) == (True, "checker")
-        again = await asyncio.gather(*(tc.check("q", "So she makes 18 dollars.\n", "So she makes 18 dollars.")
-                                       for _ in range(5)))
+        again = await asyncio.gather(
+            *(tc.check("q", "So she makes 18 dollars.\n", "So she makes 18 dollars.") for _ in range(5))
+        )
         assert all(x.terminal for x in again)
         assert tc.llm_calls == 1 and tc.cache_hits == 5 and scripted_server.stats()["total"] == 1
         prompt = scripted_server.log[0]["payload"]["messages"][0]["content"]

@@ -10,8 +10,10 @@ FAST = RetryPolicy(max_retries=2, backoff_base_s=0.001, backoff_max_s=0.01)
 async def test_health_and_logprobs(scripted_server):
     async with TrainerClient(scripted_server.url, retry=FAST) as client:
         assert (await client.health())["status"] == "ok"
-        out = await client.logprobs([{"messages": [{"role": "user", "content": "q"}], "context": "",
-                                      "completion": "a b c"}], model="base")
+        out = await client.logprobs(
+            [{"messages": [{"role": "user", "content": "q"}], "context": "", "completion": "a b c"}],
+            model="base",
+        )
     assert out["results"][0]["num_tokens"] == 3
     assert scripted_server.log[-1]["payload"]["model"] == "base"
 

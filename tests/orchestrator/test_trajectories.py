@@ -8,9 +8,9 @@ from orchestrator.tree import Tree, backprop
 
 def scored_tree() -> Tree:
     """root -> a (student) -> a1 "#### 42" (reward 1.0)
-            -> a2 "#### 41" (reward 0.0)
-       root -> b (teacher t1, right) -> b1 "#### 42" (reward 0.5)
-       root -> c (teacher t1, wrong), not terminal: no trajectory."""
+         -> a2 "#### 41" (reward 0.0)
+    root -> b (teacher t1, right) -> b1 "#### 42" (reward 0.5)
+    root -> c (teacher t1, wrong), not terminal: no trajectory."""
     tree = Tree("p-0", "q?", "42", [{"role": "user", "content": "q?"}])
     a = tree.add_child(tree.root, "A", "student", "student")
     b = tree.add_child(tree.root, "B", "t1", "right")
@@ -48,8 +48,13 @@ def test_flat_group():
     assert [i.weight for i in items] == [1.0, 1.0, 0.5]
     assert [i.source for i in items] == ["student", "student", "mixed:t1,student"]
     trainer_item = items[2].to_trainer_item()
-    assert trainer_item == {"messages": [{"role": "user", "content": "q?"}], "context": "",
-                            "completion": "B\n#### 42", "advantage": items[2].advantage, "weight": 0.5}
+    assert trainer_item == {
+        "messages": [{"role": "user", "content": "q?"}],
+        "context": "",
+        "completion": "B\n#### 42",
+        "advantage": items[2].advantage,
+        "weight": 0.5,
+    }
 
 
 def test_tree_mode_is_value_minus_parent_value():

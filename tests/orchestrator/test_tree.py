@@ -120,8 +120,23 @@ def test_to_json_has_every_field():
     data = tree.to_json()
     assert data["gold"] == "42" and data["root"] == 0 and len(data["nodes"]) == 4
     node = data["nodes"][b.id]
-    for key in ("text", "path_code", "source", "visits", "value_sum", "value", "prior", "step_pre",
-                "accumulated_pre", "terminal", "reward", "children", "parent", "similarity", "virtual_loss"):
+    for key in (
+        "text",
+        "path_code",
+        "source",
+        "visits",
+        "value_sum",
+        "value",
+        "prior",
+        "step_pre",
+        "accumulated_pre",
+        "terminal",
+        "reward",
+        "children",
+        "parent",
+        "similarity",
+        "virtual_loss",
+    ):
         assert key in node
     assert node["value"] == 0.5 and data["nodes"][0]["children"] == [1, 2, 3]
     import json

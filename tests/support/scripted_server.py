@@ -12,13 +12,15 @@ request with the header `x-scripted-mode`:
 plus `latency_ms` per rule or for the whole server.
 
 The default script plays a GSM8K solver whose answer is `answer` (default "42") after `answer_depth` steps:
-step k of a partial solution is "Step k: ...". A "wrong" teacher prompt, a student choice with an odd index and
+step k of a partial solution is "Step k: ...". A "wrong" teacher prompt, a student choice with an odd index
+and
 a model named in `wrong_models` end with a wrong answer (answer + 1); with `final_style="sentence"` the last
 step is "So in total she has N apples." (a step the terminal rules are unsure of). Without a "\n" stop the
 student writes on to the answer (a rollout). A checker prompt ("yes or no") gets the `checker_reply`. POST
 /logprobs scores any text with deterministic per-word log-probs (`token_logprobs`). Everything is a pure
 function of the request, so results are reproducible. Counters: requests per path and model, in_flight,
-max_in_flight, connections; `.log` keeps every request (payload and Authorization header) unless keep_log=False.
+max_in_flight, connections; `.log` keeps every request (payload and Authorization header) unless
+keep_log=False.
 
 Use in a test:  `with ScriptedServer() as server: server.url` (runs in a background thread), or as a process:
 `python -m tests.support.scripted_server --port 0` prints `READY <port>` on stdout.
@@ -53,8 +55,11 @@ class Rule:
     times: int | None = None  # apply to the first `times` matches only; None = always
 
     def matches(self, path: str, model: str | None) -> bool:
-        return (self.path is None or self.path == path) and (self.model is None or self.model == model) and (
-            self.times is None or self.times > 0)
+        return (
+            (self.path is None or self.path == path)
+            and (self.model is None or self.model == model)
+            and (self.times is None or self.times > 0)
+        )
 
 
 @dataclass
@@ -105,8 +110,9 @@ class ScriptedServer:
         return self.url + "/v1"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port,
-                                                  reuse_address=True, backlog=1024)
+        self._server = await asyncio.start_server(
+            self._serve_connection, self.host, self.port, reuse_address=True, backlog=1024
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -149,9 +155,14 @@ class ScriptedServer:
         self.requests, self.models, self.log = {}, {}, []
 
     def stats(self) -> dict:
-        return {"requests": dict(self.requests), "models": dict(self.models), "in_flight": self.in_flight,
-                "connections": self.connections,
-                "max_in_flight": self.max_in_flight, "total": sum(self.requests.values())}
+        return {
+            "requests": dict(self.requests),
+            "models": dict(self.models),
+            "in_flight": self.in_flight,
+            "connections": self.connections,
+            "max_in_flight": self.max_in_flight,
+            "total": sum(self.requests.values()),
+        }
 
     # --- HTTP ---------------------------------------------------------------------------------------------
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -194,8 +205,16 @@ class ScriptedServer:
             self.models[model] = self.models.get(model, 0) + 1
         rule = self._rule(path, model, headers.get("x-scripted-mode"))
         if self.config.keep_log:
-            self.log.append({"path": path, "model": model, "n": payload.get("n", 1), "mode": rule.mode,
-                             "authorization": headers.get("authorization"), "payload": payload})
+            self.log.append(
+                {
+                    "path": path,
+                    "model": model,
+                    "n": payload.get("n", 1),
+                    "mode": rule.mode,
+                    "authorization": headers.get("authorization"),
+                    "payload": payload,
+                }
+            )
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -215,7 +234,9 @@ class ScriptedServer:
                 return False
             if rule.mode == "error":
                 extra = {"Retry-After": f"{rule.retry_after:g}"} if rule.retry_after is not None else {}
-                return self._send(writer, rule.status, {"error": {"message": f"scripted {rule.status}"}}, extra)
+                return self._send(
+                    writer, rule.status, {"error": {"message": f"scripted {rule.status}"}}, extra
+                )
             if rule.mode == "malformed":
                 return self._send_raw(writer, 200, b'{"choices": [{"text": "unterminated')
             result = self._route(path, payload, with_logprobs=rule.mode != "no_logprobs")
@@ -252,13 +273,17 @@ class ScriptedServer:
 
     @staticmethod
     def _send_raw(writer, status: int, body: bytes, extra_headers: dict | None = None) -> bool:
-        head = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}", "Connection: keep-alive"]
+        head = [
+            f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: keep-alive",
+        ]
         head += [f"{k}: {v}" for k, v in (extra_headers or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         return True
 
-    # --- the script -------------------------------------------------------------------------------------------
+    # --- the script -----------------------------------------------------------------------------------------
     def _route(self, path: str, payload: dict, with_logprobs: bool) -> dict | None:
         if path == "/v1/chat/completions":
             return self._chat(payload, with_logprobs)
@@ -274,7 +299,9 @@ class ScriptedServer:
         k = len(done) + 1
         if k >= cfg.answer_depth:
             value = cfg.answer if not wrong else str(int(float(cfg.answer)) + 1)
-            return f"So in total she has {value} apples." if cfg.final_style == "sentence" else f"#### {value}"
+            return (
+                f"So in total she has {value} apples." if cfg.final_style == "sentence" else f"#### {value}"
+            )
         words = " ".join(f"w{_h(salt, k, j) % 97}" for j in range(max(cfg.step_words - 3, 1)))
         return f"Step {k}: {words}{' (wrong)' if wrong else ''}"
 
@@ -303,31 +330,52 @@ class ScriptedServer:
             else:
                 partial = _between(user, "<partial>", "</partial>")  # a teacher prompt
             teacher_wrong = "plausible but wrong" in user.lower()
-            wrong_flags = [teacher_wrong or model in self.config.wrong_models or (not _is_teacher(user) and i % 2 == 1)
-                           for i in range(n)]
-            texts = [self._continue(partial, w, f"{model}|{i}|{payload.get('seed')}", payload.get("stop"))
-                     for i, w in enumerate(wrong_flags)]
+            wrong_flags = [
+                teacher_wrong or model in self.config.wrong_models or (not _is_teacher(user) and i % 2 == 1)
+                for i in range(n)
+            ]
+            texts = [
+                self._continue(partial, w, f"{model}|{i}|{payload.get('seed')}", payload.get("stop"))
+                for i, w in enumerate(wrong_flags)
+            ]
         max_tokens = payload.get("max_tokens")
         for i, text in enumerate(texts):
             finish = "stop"
             if max_tokens is not None and len(text.split()) > int(max_tokens):
                 text, finish = " ".join(text.split()[: int(max_tokens)]), "length"
-            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
+            choice = {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
             if payload.get("logprobs") and with_logprobs:
-                choice["logprobs"] = {"content": [{"token": t, "logprob": lp, "top_logprobs": []} for t, lp in
-                                                  zip(text.split() or [""], token_logprobs(text, model))]}
+                choice["logprobs"] = {
+                    "content": [
+                        {"token": t, "logprob": lp, "top_logprobs": []}
+                        for t, lp in zip(text.split() or [""], token_logprobs(text, model))
+                    ]
+                }
             choices.append(choice)
-        return {"id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": _usage(texts), "adapter_version": 0}
+        return {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": _usage(texts),
+            "adapter_version": 0,
+        }
 
     def _completions(self, payload: dict, with_logprobs: bool) -> dict:
         prompt = payload.get("prompt", "")
         prompt = prompt[0] if isinstance(prompt, list) else prompt
         n = int(payload.get("n") or 1)
         model = payload.get("model", "")
-        texts = [self._next_step(_between(prompt, "<partial>", "</partial>"), i % 2 == 1, f"{model}|{i}")
-                 for i in range(n)]
+        texts = [
+            self._next_step(_between(prompt, "<partial>", "</partial>"), i % 2 == 1, f"{model}|{i}")
+            for i in range(n)
+        ]
         choices = []
         for i, text in enumerate(texts):
             lp = None
@@ -335,15 +383,29 @@ class ScriptedServer:
                 lps = token_logprobs(text, model)
                 lp = {"tokens": text.split(), "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
             choices.append({"index": i, "text": text, "finish_reason": "stop", "logprobs": lp})
-        return {"id": "cmpl-scripted", "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": _usage(texts), "adapter_version": 0}
+        return {
+            "id": "cmpl-scripted",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": _usage(texts),
+            "adapter_version": 0,
+        }
 
     def _logprobs(self, payload: dict) -> dict:
         results = []
         for item in payload.get("items", []):
             lps = token_logprobs(item.get("completion", ""), payload.get("model", "student"))
-            results.append({"tokens": item.get("completion", "").split(), "token_logprobs": lps, "sum": sum(lps),
-                            "mean": sum(lps) / len(lps), "num_tokens": len(lps)})
+            results.append(
+                {
+                    "tokens": item.get("completion", "").split(),
+                    "token_logprobs": lps,
+                    "sum": sum(lps),
+                    "mean": sum(lps) / len(lps),
+                    "num_tokens": len(lps),
+                }
+            )
         return {"adapter_version": 0, "results": results}
 
 
@@ -381,8 +443,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        server = ScriptedServer(ServerConfig(latency_ms=args.latency_ms, answer_depth=args.answer_depth,
-                                             keep_log=False), port=args.port)
+        server = ScriptedServer(
+            ServerConfig(latency_ms=args.latency_ms, answer_depth=args.answer_depth, keep_log=False),
+            port=args.port,
+        )
         await server.start()
         print(f"READY {server.port}", flush=True)
         await asyncio.Event().wait()
