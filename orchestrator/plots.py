@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 # --- training curves ---------------------------------------------------------------------------------------
@@ -33,7 +34,9 @@ def train_curves_png(steps: list[dict[str, Any]], path: Path, title: str = "") -
             ax.plot(*zip(*pts), marker="o", ms=3)
         ax.set_title(label)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    axes[0, 1].set_ylim(-0.02, 1.02)
     ax = axes[1, 1]
     for key, label in (("eval_strict_acc", "strict"), ("eval_flexible_acc", "flexible")):
         pts = [(xi, s[key]) for xi, s in zip(x, steps) if s.get(key) is not None]
@@ -47,6 +50,7 @@ def train_curves_png(steps: list[dict[str, Any]], path: Path, title: str = "") -
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("student eval accuracy")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -193,8 +197,8 @@ def tree_svg(tree: dict[str, Any], max_label: int = 18) -> str:
             parts.append(f'<line x1="{px[parent] + box_w / 2:.1f}" y1="{py[parent] + box_h:.1f}" '
                          f'x2="{px[kid] + box_w / 2:.1f}" y2="{py[kid]:.1f}" stroke="#888"/>')
     for nid, node in nodes.items():
-        text = str(node.get("text") or ("question" if nid == root else ""))
-        label = text.strip().replace("\n", " ")
+        text = str(node.get("text") or (tree.get("question") or "question" if nid == root else ""))
+        label = "question" if nid == root else text.strip().replace("\n", " ")
         label = label if len(label) <= max_label else label[: max_label - 1] + "…"
         visits = node.get("visits", node.get("n"))
         value = node.get("value", node.get("q", node.get("mean_value")))
