@@ -103,6 +103,13 @@ def apply_stage(student, stage: str) -> None:
     elif stage == "tf32":  # the float32 LoRA matmuls on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif stage == "autocast":  # bf16 autocast: the float32 LoRA weights join the bf16 matmuls (no fp32 casts)
+        inner = student._completion_logprobs
+
+        def completion_logprobs_autocast(items):
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                return inner(items)
+        student._completion_logprobs = completion_logprobs_autocast
     elif stage == "compile":  # regional torch.compile: each decoder layer, code shared by all layers
         from torch import _dynamo
 
@@ -190,7 +197,7 @@ def row(**fields) -> dict:
 
 
 def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None) -> list[dict]:
-    from services.trainer.student import GenerationRequest, LossConfig
+    from services.trainer.student import LossConfig
 
     rows = []
     path = random_model_dir(name, scratch, tok_dir)
@@ -227,30 +234,9 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
         rows.append(row(op="logprobs", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
                         peak_gib=peak, **common))
 
-    if args.gen_tokens and quant in split_list(args.gen_quants):  # /v1/completions work: the engine's batched decode loop
-        import services.trainer.student as student_module
-
-        prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()
-        requests = [GenerationRequest(prompt_ids=prompt, n=args.gen_batch, max_tokens=args.gen_tokens,
-                                      temperature=1.0, seed=3)]
-        engine_sampler = student_module.sample_next
-        for variant in split_list(args.gen_variants):
-            student_module.sample_next = DeviceSampler() if variant == "device-sampling" else engine_sampler
-            produced = []
-
-            def generate():
-                samples = student.generate(requests)
-                produced.append(sum(s.num_generated for s in samples[0]))
-            try:
-                sec, peak = timed(generate, 1, 1)
-                rows.append(row(op="generate", path=variant, batch=args.gen_batch, length=args.gen_tokens,
-                                seconds=sec, tok_s=produced[-1] / sec, peak_gib=peak, **common))
-                if args.profile:
-                    profile_step(generate, f"{name} {quant} generate {variant}")
-            except Exception as exc:  # noqa: BLE001
-                rows.append(row(op="generate", path=variant, batch=args.gen_batch, length=args.gen_tokens,
-                                error=f"{type(exc).__name__}: {exc}"[:300], **common))
-        student_module.sample_next = engine_sampler
+    want_gen = args.gen_tokens and quant in split_list(args.gen_quants)
+    if want_gen:
+        rows += time_generation(student, args, common, suffix="")
 
     applied = []
     for index, stage in enumerate(stages):
@@ -296,9 +282,42 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
             except Exception as exc:  # noqa: BLE001
                 rows.append(row(op="logprobs", path=label, batch=batch, length=length,
                                 error=f"{type(exc).__name__}: {exc}"[:300], **common))
+    if want_gen and args.gen_after_stages:
+        rows += time_generation(student, args, common, suffix="+" + "+".join(applied))
     del student
     gc.collect()
     torch.cuda.empty_cache()
+    return rows
+
+
+def time_generation(student, args, common: dict, suffix: str) -> list[dict]:
+    """/v1/completions work: the engine's batched decode loop, n samples of one prompt, no stop strings."""
+    import services.trainer.student as student_module
+    from services.trainer.student import GenerationRequest
+
+    rows = []
+    prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()
+    requests = [GenerationRequest(prompt_ids=prompt, n=args.gen_batch, max_tokens=args.gen_tokens,
+                                  temperature=1.0, seed=3)]
+    engine_sampler = student_module.sample_next
+    for variant in split_list(args.gen_variants):
+        student_module.sample_next = DeviceSampler() if variant == "device-sampling" else engine_sampler
+        produced = []
+
+        def generate():
+            samples = student.generate(requests)
+            produced.append(sum(s.num_generated for s in samples[0]))
+        try:
+            t0 = time.time()
+            generate()  # warm-up (and compilation, if any)
+            first = time.time() - t0
+            sec, peak = timed(generate, 0, 1)
+            rows.append(row(op="generate", path=variant + suffix, batch=args.gen_batch, length=args.gen_tokens,
+                            seconds=sec, first_call_s=first, tok_s=produced[-1] / sec, peak_gib=peak, **common))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(row(op="generate", path=variant + suffix, batch=args.gen_batch, length=args.gen_tokens,
+                            error=f"{type(exc).__name__}: {exc}"[:300], **common))
+    student_module.sample_next = engine_sampler
     return rows
 
 
@@ -322,6 +341,7 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/bench_models")
     parser.add_argument("--tokenizer", default=str(REPO / ".bench_assets" / "tokenizer"))
     parser.add_argument("--profile", action="store_true", help="profile one step of the last stage")
+    parser.add_argument("--gen-after-stages", action="store_true", help="time generation again after the stages")
     parser.add_argument("--gen-quants", default="nf4,bf16", help="quantisations whose generation is timed")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
