@@ -28,8 +28,15 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from orchestrator.events import SSE_KEEPALIVE, sse_frame
 from orchestrator.jobs import JobManager, JobNotFound, JobStateError
-from orchestrator.schemas import (EndpointHealth, EvalRequest, HealthView, JobAccepted, JobList, JobView,
-                                  TrainRequest)
+from orchestrator.schemas import (
+    EndpointHealth,
+    EvalRequest,
+    HealthView,
+    JobAccepted,
+    JobList,
+    JobView,
+    TrainRequest,
+)
 from orchestrator.settings import EndpointSpec, Settings
 from orchestrator.store import JobRecord
 from orchestrator.telemetry import CONTENT_TYPE_LATEST, Telemetry
@@ -45,32 +52,56 @@ def job_links(job_id: str) -> dict[str, str]:
 def job_view(job: JobRecord) -> JobView:
     links = job_links(job.id)
     if job.kind == "train":
-        links.update(steps=f"/jobs/{job.id}/steps", trees=f"/jobs/{job.id}/trees/{{n}}",
-                     plot=f"/jobs/{job.id}/files/curves.png")
+        links.update(
+            steps=f"/jobs/{job.id}/steps",
+            trees=f"/jobs/{job.id}/trees/{{n}}",
+            plot=f"/jobs/{job.id}/files/curves.png",
+        )
     else:
-        links.update(results=f"/jobs/{job.id}/results.jsonl", report=f"/jobs/{job.id}/files/report.html",
-                     plot=f"/jobs/{job.id}/files/report.png")
-    return JobView(id=job.id, kind=job.kind, status=job.status, request=job.request, progress=job.progress,
-                   metrics=job.metrics, result=job.result, error=job.error, created=job.created,
-                   updated=job.updated, links=links)
+        links.update(
+            results=f"/jobs/{job.id}/results.jsonl",
+            report=f"/jobs/{job.id}/files/report.html",
+            plot=f"/jobs/{job.id}/files/report.png",
+        )
+    return JobView(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        request=job.request,
+        progress=job.progress,
+        metrics=job.metrics,
+        result=job.result,
+        error=job.error,
+        created=job.created,
+        updated=job.updated,
+        links=links,
+    )
 
 
-async def probe(client: httpx.AsyncClient, name: str, url: str, headers: dict | None = None) -> EndpointHealth:
+async def probe(
+    client: httpx.AsyncClient, name: str, url: str, headers: dict | None = None
+) -> EndpointHealth:
     started = time.perf_counter()
     try:
         response = await client.get(url, headers=headers or {})
         ok = response.status_code == 200
-        return EndpointHealth(name=name, url=url, ok=ok, status_code=response.status_code,
-                              latency_ms=round(1000 * (time.perf_counter() - started), 1),
-                              error=None if ok else response.text[:200])
+        return EndpointHealth(
+            name=name,
+            url=url,
+            ok=ok,
+            status_code=response.status_code,
+            latency_ms=round(1000 * (time.perf_counter() - started), 1),
+            error=None if ok else response.text[:200],
+        )
     except httpx.HTTPError as exc:
         return EndpointHealth(name=name, url=url, ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def endpoint_probes(settings: Settings) -> list[tuple[str, str, EndpointSpec | None]]:
     """(name, url, endpoint) of everything the orchestrator talks to; OpenAI servers are probed at /models."""
-    probes: list[tuple[str, str, EndpointSpec | None]] = [("trainer", settings.trainer_url.rstrip("/") + "/health",
-                                                           None)]
+    probes: list[tuple[str, str, EndpointSpec | None]] = [
+        ("trainer", settings.trainer_url.rstrip("/") + "/health", None)
+    ]
     seen = {probes[0][1]}
     for endpoint in [*settings.teacher_endpoints(), settings.checker_endpoint()]:
         url = endpoint.base_url.rstrip("/") + "/models"
@@ -100,9 +131,13 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
         yield
         await manager.close()
 
-    app = FastAPI(title="alphazero-llm-trainer orchestrator", version="0.1.0", lifespan=lifespan,
-                  description="Train a small LLM on GSM8K with AlphaZero-style MCTS + GRPO. Jobs run in the "
-                              "background; follow them with GET /jobs/{id} or the SSE stream.")
+    app = FastAPI(
+        title="alphazero-llm-trainer orchestrator",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Train a small LLM on GSM8K with AlphaZero-style MCTS + GRPO. Jobs run in the "
+        "background; follow them with GET /jobs/{id} or the SSE stream.",
+    )
     app.state.settings, app.state.manager, app.state.telemetry = settings, manager, telemetry
     token = settings.api_token.get_secret_value() if settings.api_token else None
 
@@ -119,8 +154,9 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
         route = request.scope.get("route")
-        telemetry.http_requests.labels(method=request.method, route=getattr(route, "path", "unmatched"),
-                                       status=str(response.status_code)).inc()
+        telemetry.http_requests.labels(
+            method=request.method, route=getattr(route, "path", "unmatched"), status=str(response.status_code)
+        ).inc()
         return response
 
     async def get_job(job_id: str) -> JobRecord:
@@ -141,8 +177,9 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
         return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
 
     @app.get("/jobs", response_model=JobList, dependencies=auth)
-    async def list_jobs(limit: int = Query(100, ge=1, le=1000), status: str | None = None,
-                        kind: str | None = None) -> JobList:
+    async def list_jobs(
+        limit: int = Query(100, ge=1, le=1000), status: str | None = None, kind: str | None = None
+    ) -> JobList:
         return JobList(jobs=[job_view(j) for j in await manager.list(limit, status, kind)])
 
     @app.get("/jobs/{job_id}", response_model=JobView, dependencies=auth)
@@ -170,10 +207,16 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
         except JobStateError as exc:
             raise HTTPException(409, str(exc)) from None
 
-    @app.get("/jobs/{job_id}/events", dependencies=auth,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}})
-    async def job_events(job_id: str, last_event_id: str | None = Header(default=None),
-                         after: int | None = Query(None, ge=0, description="replay events after this id")):
+    @app.get(
+        "/jobs/{job_id}/events",
+        dependencies=auth,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+    )
+    async def job_events(
+        job_id: str,
+        last_event_id: str | None = Header(default=None),
+        after: int | None = Query(None, ge=0, description="replay events after this id"),
+    ):
         await get_job(job_id)
         start = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
 
@@ -181,8 +224,11 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             async for event in manager.hub.follow(job_id, start):
                 yield SSE_KEEPALIVE if event is None else sse_frame(event)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/jobs/{job_id}/trees/{n}", dependencies=auth)
     async def job_tree(job_id: str, n: int, format: str = Query("json", pattern="^(json|svg)$")):
@@ -217,12 +263,18 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     @app.get("/health", response_model=HealthView)
     async def health() -> HealthView:
         async with httpx.AsyncClient(timeout=5.0) as client:
-            endpoints = list(await asyncio.gather(*(
-                probe(client, name, url, probe_headers(settings, endpoint, token))
-                for name, url, endpoint in endpoint_probes(settings))))
+            endpoints = list(
+                await asyncio.gather(
+                    *(
+                        probe(client, name, url, probe_headers(settings, endpoint, token))
+                        for name, url, endpoint in endpoint_probes(settings)
+                    )
+                )
+            )
         counts = await manager.store.count_by_status()
-        return HealthView(status="ok" if all(e.ok for e in endpoints) else "degraded", endpoints=endpoints,
-                          jobs=counts)
+        return HealthView(
+            status="ok" if all(e.ok for e in endpoints) else "degraded", endpoints=endpoints, jobs=counts
+        )
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> Response:

@@ -1,11 +1,11 @@
 """The `azt` command line.
 
-    azt serve                 run the orchestrator (uvicorn on HOST:PORT from the settings)
-    azt train [options]       POST /train to a running orchestrator and follow the job with a progress bar
-    azt eval [options]        POST /eval and print the accuracy table when done
-    azt jobs | azt job ID     list jobs / show one
-    azt tree JOB N -o F.svg   save a picture of search tree N of a train job
-    azt demo                  the whole loop on this machine: trainer + orchestrator, /train, /eval, table
+azt serve                 run the orchestrator (uvicorn on HOST:PORT from the settings)
+azt train [options]       POST /train to a running orchestrator and follow the job with a progress bar
+azt eval [options]        POST /eval and print the accuracy table when done
+azt jobs | azt job ID     list jobs / show one
+azt tree JOB N -o F.svg   save a picture of search tree N of a train job
+azt demo                  the whole loop on this machine: trainer + orchestrator, /train, /eval, table
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from orchestrator.client import OrchestratorClient
 
 
 def follow_with_bar(client: OrchestratorClient, job_id: str, quiet: bool = False) -> dict:
-    """Follow a job's events with a tqdm bar (steps of a train job, answers of an eval job); return the job."""
+    """Follow a job's events with a tqdm bar (train steps or eval answers); return the job."""
     bar: tqdm | None = None
     try:
         for event in client.follow(job_id):
@@ -30,22 +30,31 @@ def follow_with_bar(client: OrchestratorClient, job_id: str, quiet: bool = False
             if quiet:
                 continue
             if event.type == "progress" and data.get("total_steps") and bar is None:
-                bar = tqdm(total=data["total_steps"], initial=data.get("step", 0), unit="step",
-                           desc=f"train {job_id}", dynamic_ncols=True)
+                bar = tqdm(
+                    total=data["total_steps"],
+                    initial=data.get("step", 0),
+                    unit="step",
+                    desc=f"train {job_id}",
+                    dynamic_ncols=True,
+                )
             elif event.type == "progress" and data.get("phase") == "answering" and bar is None:
                 bar = tqdm(total=data["total"], unit="answer", desc=f"eval {job_id}", dynamic_ncols=True)
             elif event.type == "step" and bar is not None:
                 bar.update(1)
                 reward = data.get("mean_reward")
-                bar.set_postfix(reward=f"{reward:.3f}" if reward is not None else "-",
-                                correct=f"{data.get('correct_leaf_share') or 0:.2f}",
-                                kl=f"{data['kl']:.4f}" if data.get("kl") is not None else "-")
+                bar.set_postfix(
+                    reward=f"{reward:.3f}" if reward is not None else "-",
+                    correct=f"{data.get('correct_leaf_share') or 0:.2f}",
+                    kl=f"{data['kl']:.4f}" if data.get("kl") is not None else "-",
+                )
             elif event.type == "tree" and bar is not None:
                 bar.set_description(f"train {job_id} (tree {data['n']})")
             elif event.type == "answer" and bar is not None:
                 bar.update(1)
             elif event.type == "status" and data["status"] in ("failed", "cancelled", "interrupted"):
-                tqdm.write(f"job {job_id} {data['status']}" + (f": {data['error']}" if data.get("error") else ""))
+                tqdm.write(
+                    f"job {job_id} {data['status']}" + (f": {data['error']}" if data.get("error") else "")
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -58,8 +67,12 @@ def _client(args) -> OrchestratorClient:
 
 
 def _search(args) -> dict[str, Any]:
-    fields = {"max_depth": args.max_depth, "iterations": args.iterations, "max_tokens": args.max_tokens,
-              "chunk_tokens": args.chunk_tokens}
+    fields = {
+        "max_depth": args.max_depth,
+        "iterations": args.iterations,
+        "max_tokens": args.max_tokens,
+        "chunk_tokens": args.chunk_tokens,
+    }
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -72,14 +85,25 @@ def cmd_serve(args) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     # Open event streams would hold a graceful shutdown until their jobs end; give them a few seconds only.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 
 def cmd_train(args) -> int:
-    request = {"num_examples": args.num_examples, "offset": args.offset, "batch_size": args.batch_size,
-               "epochs": args.epochs, "checkpoint_every": args.checkpoint_every, "search": _search(args)}
+    request = {
+        "num_examples": args.num_examples,
+        "offset": args.offset,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "checkpoint_every": args.checkpoint_every,
+        "search": _search(args),
+    }
     if args.eval_every:
         request.update(eval_every=args.eval_every, eval_examples=args.eval_examples)
     with _client(args) as client:
@@ -95,8 +119,13 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from orchestrator.evaluation import accuracy_table
 
-    request = {"num_examples": args.num_examples, "offset": args.offset, "models": args.models,
-               "max_tokens": args.max_tokens, "concurrency": args.concurrency}
+    request = {
+        "num_examples": args.num_examples,
+        "offset": args.offset,
+        "models": args.models,
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+    }
     with _client(args) as client:
         job_id = client.eval(**request)
         print(f"eval job {job_id}")
@@ -140,7 +169,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="azt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="azt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     default_url = os.environ.get("AZT_URL", "http://127.0.0.1:8000")
 
@@ -192,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from orchestrator.demo import add_demo_arguments
 
-    p = sub.add_parser("demo", help="run trainer + orchestrator here, train and eval a little, print the table")
+    p = sub.add_parser(
+        "demo", help="run trainer + orchestrator here, train and eval a little, print the table"
+    )
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -28,8 +28,11 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     for line in lines:
         if not line:
             if "data" in fields:
-                yield Event(id=int(fields.get("id", 0) or 0), type=fields.get("event", "message"),
-                            data=json.loads(fields["data"]))
+                yield Event(
+                    id=int(fields.get("id", 0) or 0),
+                    type=fields.get("event", "message"),
+                    data=json.loads(fields["data"]),
+                )
             fields = {}
             continue
         if line.startswith(":"):
@@ -44,7 +47,9 @@ class OrchestratorError(Exception):
 
 
 class OrchestratorClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", token: str | None = None, timeout_s: float = 60.0):
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", token: str | None = None, timeout_s: float = 60.0
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
@@ -59,8 +64,10 @@ class OrchestratorClient:
 
     def _json(self, response: httpx.Response) -> dict:
         if response.status_code >= 400:
-            raise OrchestratorError(f"{response.request.method} {response.request.url.path}: "
-                                    f"HTTP {response.status_code} {response.text[:500]}")
+            raise OrchestratorError(
+                f"{response.request.method} {response.request.url.path}: "
+                f"HTTP {response.status_code} {response.text[:500]}"
+            )
         return response.json()
 
     def health(self) -> dict:
@@ -99,15 +106,20 @@ class OrchestratorClient:
             raise OrchestratorError(f"tree {n} of {job_id}: HTTP {response.status_code}")
         return response.json() if format == "json" else response.text
 
-    def follow(self, job_id: str, after: int = 0, reconnect_s: float = 1.0,
-               give_up_s: float = 120.0) -> Iterator[Event]:
-        """Every event of the job after `after` until its stream ends with the job finished (or interrupted)."""
+    def follow(
+        self, job_id: str, after: int = 0, reconnect_s: float = 1.0, give_up_s: float = 120.0
+    ) -> Iterator[Event]:
+        """Every event of the job after `after`, until the job has finished (or was interrupted)."""
         last = after
         down_since: float | None = None
         while True:
             try:
-                with self.http.stream("GET", f"/jobs/{job_id}/events", params={"after": last},
-                                      timeout=httpx.Timeout(60.0, read=None)) as response:
+                with self.http.stream(
+                    "GET",
+                    f"/jobs/{job_id}/events",
+                    params={"after": last},
+                    timeout=httpx.Timeout(60.0, read=None),
+                ) as response:
                     if response.status_code >= 400:
                         raise OrchestratorError(f"events of {job_id}: HTTP {response.status_code}")
                     down_since = None

@@ -36,13 +36,17 @@ def default_gsm8k_path() -> str | None:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="default: runs/demo-<UTC time>")
-    p.add_argument("--train-examples", type=int, default=4, help="GSM8K train problems to search and train on")
+    p.add_argument(
+        "--train-examples", type=int, default=4, help="GSM8K train problems to search and train on"
+    )
     p.add_argument("--batch-size", type=int, default=2, help="problems per GRPO step")
     p.add_argument("--iterations", type=int, default=4, help="MCTS simulations per problem")
     p.add_argument("--max-depth", type=int, default=4, help="deepest reasoning step")
     p.add_argument("--chunk-tokens", type=int, default=48, help="cap of one reasoning step")
     p.add_argument("--max-tokens", type=int, default=256, help="token budget of one search path")
-    p.add_argument("--rollout-max-tokens", type=int, default=128, help="token budget of one rollout (0 = none)")
+    p.add_argument(
+        "--rollout-max-tokens", type=int, default=128, help="token budget of one rollout (0 = none)"
+    )
     p.add_argument("--eval-examples", type=int, default=30, help="GSM8K test problems for base vs trained")
     p.add_argument("--eval-max-tokens", type=int, default=256)
     p.add_argument("--eval-concurrency", type=int, default=8)
@@ -50,7 +54,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per LLM request")
     p.add_argument("--port", type=int, default=0, help="orchestrator port (0 = a free one)")
     p.add_argument("--trainer-port", type=int, default=0, help="trainer port (0 = a free one)")
-    p.add_argument("--json-out", default=None, help="write the demo's figures here (e.g. bench/results/demo.json)")
+    p.add_argument(
+        "--json-out", default=None, help="write the demo's figures here (e.g. bench/results/demo.json)"
+    )
 
 
 def machine_description() -> str:
@@ -62,7 +68,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.machine()}"
+    return f"{system}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
 def print_table(train_job: dict, eval_job: dict) -> None:
@@ -71,16 +78,20 @@ def print_table(train_job: dict, eval_job: dict) -> None:
     base, student = models.get("base"), models.get("student")
     cmp = report.get("comparison", {})
     print()
-    print(f"GSM8K test, {report['n']} problems, greedy, chat template "
-          f"(student after {train_job['result']['applied_steps']} GRPO steps on {train_job['result']['trees']} "
-          f"train problems)")
+    print(
+        f"GSM8K test, {report['n']} problems, greedy, chat template "
+        f"(student after {train_job['result']['applied_steps']} GRPO steps on {train_job['result']['trees']} "
+        f"train problems)"
+    )
     print(f"  {'':<22}{'strict':>10}{'flexible':>10}")
     if base:
         print(f"  {'base':<22}{base['strict_acc']:>10.1%}{base['flexible_acc']:>10.1%}")
     if student:
         print(f"  {'trained (student)':<22}{student['strict_acc']:>10.1%}{student['flexible_acc']:>10.1%}")
     if cmp:
-        print(f"  {'McNemar exact p':<22}{cmp['strict']['p_value']:>10.3f}{cmp['flexible']['p_value']:>10.3f}")
+        print(
+            f"  {'McNemar exact p':<22}{cmp['strict']['p_value']:>10.3f}{cmp['flexible']['p_value']:>10.3f}"
+        )
     print()
 
 
@@ -106,17 +117,25 @@ def run_demo(args) -> int:
         trainer.wait_ready(timeout_s=600, ok=lambda body: body.get("status") == "ok")
         orchestrator.wait_ready(timeout_s=120)
         ready_s = time.perf_counter() - started
-        print(f"demo: trainer and orchestrator ready after {ready_s:.0f}s; API docs at {orchestrator.url}/docs")
+        print(
+            f"demo: trainer and orchestrator ready after {ready_s:.0f}s; API docs at {orchestrator.url}/docs"
+        )
 
         from orchestrator.cli import follow_with_bar
 
         with OrchestratorClient(orchestrator.url, timeout_s=120) as client:
             train_request = {
-                "num_examples": args.train_examples, "batch_size": args.batch_size, "checkpoint_every": 1,
-                "search": {"iterations": args.iterations, "max_depth": args.max_depth,
-                           "chunk_tokens": args.chunk_tokens, "max_tokens": args.max_tokens,
-                           "rollout": args.rollout_max_tokens > 0,
-                           "rollout_max_tokens": max(1, args.rollout_max_tokens)},
+                "num_examples": args.train_examples,
+                "batch_size": args.batch_size,
+                "checkpoint_every": 1,
+                "search": {
+                    "iterations": args.iterations,
+                    "max_depth": args.max_depth,
+                    "chunk_tokens": args.chunk_tokens,
+                    "max_tokens": args.max_tokens,
+                    "rollout": args.rollout_max_tokens > 0,
+                    "rollout_max_tokens": max(1, args.rollout_max_tokens),
+                },
             }
             if args.learning_rate:
                 train_request["loss"] = {"learning_rate": args.learning_rate}
@@ -128,8 +147,12 @@ def run_demo(args) -> int:
             tree_svg = workdir / "tree-0.svg"
             tree_svg.write_text(client.tree(train_id, 0, format="svg"))
 
-            eval_id = client.eval(num_examples=args.eval_examples, models=["base", "student"],
-                                  max_tokens=args.eval_max_tokens, concurrency=args.eval_concurrency)
+            eval_id = client.eval(
+                num_examples=args.eval_examples,
+                models=["base", "student"],
+                max_tokens=args.eval_max_tokens,
+                concurrency=args.eval_concurrency,
+            )
             print(f"demo: POST /eval -> job {eval_id}")
             eval_job = follow_with_bar(client, eval_id)
             if eval_job["status"] != "completed":
@@ -147,9 +170,12 @@ def run_demo(args) -> int:
     print(f"search trees:  {train['trees_dir']}  (picture of tree 0: {tree_svg})")
     print(f"checkpoints:   {train['checkpoint'].get('path') or workdir / 'trainer' / 'checkpoints'}")
     print(f"train curves:  {train['plot']}")
-    print(f"eval report:   {eval_job['result']['files']['html']}  (per problem: {eval_job['result']['files']['jsonl']})")
-    print(f"adapter version {train['adapter_version_start']} -> {train['adapter_version']}; "
-          f"training {train['problems_per_min']:.2f} problems/min; demo wall time {wall_s:.0f}s")
+    files = eval_job["result"]["files"]
+    print(f"eval report:   {files['html']}  (per problem: {files['jsonl']})")
+    print(
+        f"adapter version {train['adapter_version_start']} -> {train['adapter_version']}; "
+        f"training {train['problems_per_min']:.2f} problems/min; demo wall time {wall_s:.0f}s"
+    )
 
     if args.json_out:
         models = eval_job["result"]["models"]

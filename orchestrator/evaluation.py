@@ -1,10 +1,10 @@
-"""Evaluation on GSM8K: greedy answers with the chat template, strict and flexible extraction, base vs student.
+"""Evaluation on GSM8K: greedy chat answers, strict and flexible extraction, base vs student.
 
-Every (problem, model) pair is one greedy chat completion of `question_messages(problem)`. The answer is judged
-twice: strict (the number on the last `#### ` line) and flexible (the last number in the text), both compared
-numerically with the gold answer. With both models asked on the same problems the report adds McNemar's exact
-p-value of the paired results (orchestrator.stats). Requests go out concurrently so the trainer can merge them
-into shared forward batches.
+Every (problem, model) pair is one greedy chat completion of `question_messages(problem)`. The answer is
+judged twice: strict (the number on the last `#### ` line) and flexible (the last number in the text), both
+compared numerically with the gold answer. With both models asked on the same problems the report adds
+McNemar's exact p-value of the paired results (orchestrator.stats). Requests go out concurrently so the
+trainer can merge them into shared forward batches.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from orchestrator.stats import accuracy, compare_paired
 
 
 def model_endpoints(settings: Settings) -> dict[str, EndpointSpec]:
-    """"student" = the current adapter, "base" = the same model with adapters disabled (both on the trainer)."""
+    """ "student" = the current adapter, "base" = the same model, adapters off (both on the trainer)."""
     student = settings.student_endpoint()
     return {"student": student, "base": student.model_copy(update={"name": "base", "model": "base"})}
 
@@ -31,17 +31,26 @@ def model_endpoints(settings: Settings) -> dict[str, EndpointSpec]:
 def judge(problem: Problem, model: str, text: str) -> dict[str, Any]:
     strict, flexible = extract_strict(text), extract_flexible(text)
     return {
-        "problem_id": problem.id, "model": model, "gold": problem.answer,
-        "strict_pred": strict, "flexible_pred": flexible,
+        "problem_id": problem.id,
+        "model": model,
+        "gold": problem.answer,
+        "strict_pred": strict,
+        "flexible_pred": flexible,
         "strict_correct": same_number(strict, problem.answer),
         "flexible_correct": same_number(flexible, problem.answer),
         "output": text,
     }
 
 
-async def answer_all(problems: Sequence[Problem], models: Sequence[str], pool: LLMPool,
-                     endpoints: dict[str, EndpointSpec], max_tokens: int, concurrency: int,
-                     on_answer: Callable[[dict], Awaitable[None]] | None = None) -> list[dict]:
+async def answer_all(
+    problems: Sequence[Problem],
+    models: Sequence[str],
+    pool: LLMPool,
+    endpoints: dict[str, EndpointSpec],
+    max_tokens: int,
+    concurrency: int,
+    on_answer: Callable[[dict], Awaitable[None]] | None = None,
+) -> list[dict]:
     """One greedy answer per (problem, model); rows in problem order, models interleaved."""
     limit = asyncio.Semaphore(concurrency)
 
@@ -49,13 +58,17 @@ async def answer_all(problems: Sequence[Problem], models: Sequence[str], pool: L
         async with limit:
             started = time.perf_counter()
             try:
-                completion = await pool.chat(endpoints[model], question_messages(problem),
-                                             max_tokens=max_tokens, temperature=0.0)
+                completion = await pool.chat(
+                    endpoints[model], question_messages(problem), max_tokens=max_tokens, temperature=0.0
+                )
                 choice = completion.choices[0]
                 row = judge(problem, model, choice.text)
-                row.update(finish_reason=choice.finish_reason,
-                           completion_tokens=int(completion.usage.get("completion_tokens", 0) or 0),
-                           adapter_version=completion.adapter_version, error=None)
+                row.update(
+                    finish_reason=choice.finish_reason,
+                    completion_tokens=int(completion.usage.get("completion_tokens", 0) or 0),
+                    adapter_version=completion.adapter_version,
+                    error=None,
+                )
             except LLMError as exc:  # one failed answer counts as wrong and is reported, not fatal
                 row = judge(problem, model, "")
                 row.update(finish_reason=None, completion_tokens=0, adapter_version=None, error=str(exc))
@@ -80,8 +93,9 @@ def build_report(rows: Sequence[dict], models: Sequence[str]) -> dict[str, Any]:
             "flexible_acc": accuracy([r["flexible_correct"] for r in mrows]),
             "errors": sum(1 for r in mrows if r.get("error")),
             "completion_tokens": sum(r.get("completion_tokens", 0) for r in mrows),
-            "adapter_version": max((r["adapter_version"] for r in mrows if r.get("adapter_version") is not None),
-                                   default=None),
+            "adapter_version": max(
+                (r["adapter_version"] for r in mrows if r.get("adapter_version") is not None), default=None
+            ),
         }
     if "base" in by_model and "student" in by_model:
         base = {r["problem_id"]: r for r in by_model["base"]}
@@ -89,10 +103,16 @@ def build_report(rows: Sequence[dict], models: Sequence[str]) -> dict[str, Any]:
         ids = [pid for pid in base if pid in student]
         report["comparison"] = {
             kind: {
-                **(c := compare_paired([base[i][f"{kind}_correct"] for i in ids],
-                                       [student[i][f"{kind}_correct"] for i in ids])),
-                "base_acc": c["first_acc"], "student_acc": c["second_acc"],
-                "only_base": c["only_first"], "only_student": c["only_second"],
+                **(
+                    c := compare_paired(
+                        [base[i][f"{kind}_correct"] for i in ids],
+                        [student[i][f"{kind}_correct"] for i in ids],
+                    )
+                ),
+                "base_acc": c["first_acc"],
+                "student_acc": c["second_acc"],
+                "only_base": c["only_first"],
+                "only_student": c["only_second"],
             }
             for kind in ("strict", "flexible")
         }
@@ -106,9 +126,11 @@ def accuracy_table(report: dict[str, Any]) -> str:
         lines.append(f"{model:<10} {m['strict_acc']:>8.1%} {m['flexible_acc']:>9.1%}")
     if "comparison" in report:
         s, f = report["comparison"]["strict"], report["comparison"]["flexible"]
-        lines.append(f"{'McNemar p':<10} {s['p_value']:>8.3f} {f['p_value']:>9.3f}"
-                     f"   (discordant strict {s['only_base']}/{s['only_student']}, "
-                     f"flexible {f['only_base']}/{f['only_student']} base-only/student-only)")
+        lines.append(
+            f"{'McNemar p':<10} {s['p_value']:>8.3f} {f['p_value']:>9.3f}"
+            f"   (discordant strict {s['only_base']}/{s['only_student']}, "
+            f"flexible {f['only_base']}/{f['only_student']} base-only/student-only)"
+        )
     return "\n".join(lines)
 
 
@@ -117,8 +139,9 @@ async def run_eval_job(ctx) -> dict[str, Any]:
     from orchestrator import plots  # matplotlib is loaded only when a job needs it
 
     req = ctx.request
-    problems = await asyncio.to_thread(load_gsm8k, req["split"], ctx.settings.gsm8k_path, req["num_examples"],
-                                       req["offset"])
+    problems = await asyncio.to_thread(
+        load_gsm8k, req["split"], ctx.settings.gsm8k_path, req["num_examples"], req["offset"]
+    )
     models = req["models"]
     total = len(problems) * len(models)
     done = 0
@@ -130,14 +153,28 @@ async def run_eval_job(ctx) -> dict[str, Any]:
         if ctx.telemetry is not None:
             ctx.telemetry.eval_answers.labels(model=row["model"]).inc()
         ctx.raise_if_cancelled()
-        await ctx.emit("answer", done=done, total=total, problem_id=row["problem_id"], model=row["model"],
-                       strict_correct=row["strict_correct"], flexible_correct=row["flexible_correct"])
+        await ctx.emit(
+            "answer",
+            done=done,
+            total=total,
+            problem_id=row["problem_id"],
+            model=row["model"],
+            strict_correct=row["strict_correct"],
+            flexible_correct=row["flexible_correct"],
+        )
         if done % max(1, total // 20) == 0 or done == total:
             await ctx.store.update_job(ctx.job_id, progress={"done": done, "total": total})
 
     started = time.perf_counter()
-    rows = await answer_all(problems, models, ctx.pool, model_endpoints(ctx.settings), req["max_tokens"],
-                            req["concurrency"], on_answer)
+    rows = await answer_all(
+        problems,
+        models,
+        ctx.pool,
+        model_endpoints(ctx.settings),
+        req["max_tokens"],
+        req["concurrency"],
+        on_answer,
+    )
     report = build_report(rows, models)
     report["seconds"] = round(time.perf_counter() - started, 2)
     report["split"], report["offset"] = req["split"], req["offset"]

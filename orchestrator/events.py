@@ -1,9 +1,9 @@
 """Job events: stored first, then announced, so a stream can always be replayed from the store.
 
-`EventHub.publish` appends an event to the store and wakes every follower of that job. `EventHub.follow` yields
-the stored events after a given sequence number and waits for more until the job has finished; the SSE route
-turns them into `text/event-stream` frames with `sse_frame`. Reading from the store each time (instead of
-passing events through queues) means a reconnecting client with Last-Event-ID loses nothing.
+`EventHub.publish` appends an event to the store and wakes every follower of that job. `EventHub.follow`
+yields the stored events after a given sequence number and waits for more until the job has finished; the
+SSE route turns them into `text/event-stream` frames with `sse_frame`. Reading from the store each time
+(instead of passing events through queues) means a reconnecting client with Last-Event-ID loses nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class EventHub:
         async with condition:
             condition.notify_all()
 
-    async def follow(self, job_id: str, after_seq: int = 0,
-                     keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[EventRecord | None]:
+    async def follow(
+        self, job_id: str, after_seq: int = 0, keepalive_s: float = KEEPALIVE_S
+    ) -> AsyncIterator[EventRecord | None]:
         """Stored events after `after_seq`, then new ones as they come; ends once the job has finished and
         every event is out. Yields None after `keepalive_s` without news (the caller sends a keep-alive)."""
         condition = self._condition(job_id)

@@ -1,4 +1,4 @@
-"""What a running job may touch: its record, its event stream, its folder, the shared clients, its cancel flag.
+"""What a running job may touch: its record, events, folder, the shared clients and its cancel flag.
 
 The job manager builds one `JobContext` per run and hands it to the training or evaluation loop, which knows
 nothing of HTTP or of other jobs.

@@ -45,8 +45,13 @@ def default_runners() -> dict[str, Runner]:
 
 
 class JobManager:
-    def __init__(self, settings: Settings, store: JobStore | None = None, telemetry: Telemetry | None = None,
-                 runners: dict[str, Runner] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore | None = None,
+        telemetry: Telemetry | None = None,
+        runners: dict[str, Runner] | None = None,
+    ):
         self.settings = settings
         self.store = AsyncJobStore(store or JobStore(settings.resolved_db_path))
         self.hub = EventHub(self.store)
@@ -66,8 +71,11 @@ class JobManager:
         self.trainer = TrainerClient.from_settings(self.settings)
         interrupted = await self.store.mark_interrupted()
         for job_id in interrupted:
-            await self.hub.publish(job_id, "status", {"status": "interrupted",
-                                                      "reason": "the orchestrator restarted while the job ran"})
+            await self.hub.publish(
+                job_id,
+                "status",
+                {"status": "interrupted", "reason": "the orchestrator restarted while the job ran"},
+            )
         return interrupted
 
     async def close(self) -> None:
@@ -94,7 +102,9 @@ class JobManager:
             raise JobNotFound(job_id)
         return job
 
-    async def list(self, limit: int = 100, status: str | None = None, kind: str | None = None) -> list[JobRecord]:
+    async def list(
+        self, limit: int = 100, status: str | None = None, kind: str | None = None
+    ) -> list[JobRecord]:
         return await self.store.list_jobs(limit, status, kind)
 
     async def steps(self, job_id: str) -> list[dict[str, Any]]:
@@ -154,8 +164,11 @@ class JobManager:
 
     async def _set_status(self, job_id: str, status: str, **fields: Any) -> None:
         """Store the status and its "status" event together, then wake the followers."""
-        event = {"status": status, **({"error": fields["error"]} if fields.get("error") else {}),
-                 **fields.pop("event_data", {})}
+        event = {
+            "status": status,
+            **({"error": fields["error"]} if fields.get("error") else {}),
+            **fields.pop("event_data", {}),
+        }
         await self.store.update_job(job_id, status=status, event=("status", event), **fields)
         await self.hub.notify(job_id)
 
@@ -164,9 +177,19 @@ class JobManager:
         try:
             async with self._slots:
                 await self._set_status(job.id, "running")
-                ctx = JobContext(job_id=job.id, request=job.request, settings=self.settings, store=self.store,
-                                 hub=self.hub, pool=self.pool, trainer=self.trainer, job_dir=self.job_dir(job.id),
-                                 cancel=self._cancels[job.id], telemetry=self.telemetry, resumed=resumed)
+                ctx = JobContext(
+                    job_id=job.id,
+                    request=job.request,
+                    settings=self.settings,
+                    store=self.store,
+                    hub=self.hub,
+                    pool=self.pool,
+                    trainer=self.trainer,
+                    job_dir=self.job_dir(job.id),
+                    cancel=self._cancels[job.id],
+                    telemetry=self.telemetry,
+                    resumed=resumed,
+                )
                 ctx.job_dir.mkdir(parents=True, exist_ok=True)
                 result = await runners[job.kind](ctx)
         except (asyncio.CancelledError, JobCancelled):

@@ -1,4 +1,4 @@
-"""Pictures of jobs: training curves (PNG), the eval report (PNG + HTML) and one search tree (SVG, no graphviz).
+"""Pictures of jobs: training curves (PNG), the eval report (PNG + HTML), a search tree (SVG, no graphviz).
 
 matplotlib runs with the Agg backend (no display). The tree picture is plain SVG written here: a tidy layered
 layout (leaves spaced evenly, each parent centred over its children), one box per node coloured by source, an
@@ -45,8 +45,15 @@ def train_curves_png(steps: list[dict[str, Any]], path: Path, title: str = "") -
     if ax.lines:
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no eval during training\n(eval_every not set)", ha="center", va="center",
-                transform=ax.transAxes, color="grey")
+        ax.text(
+            0.5,
+            0.5,
+            "no eval during training\n(eval_every not set)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("student eval accuracy")
     ax.set_xlabel("step")
@@ -97,7 +104,9 @@ def eval_report_html(report: dict[str, Any], rows: list[dict[str, Any]], png_nam
         c = report["comparison"]
         comparison = "".join(
             f"<p>{kind}: base only {c[kind]['only_base']}, student only {c[kind]['only_student']}, "
-            f"McNemar exact p = {c[kind]['p_value']:.4f}</p>" for kind in ("strict", "flexible"))
+            f"McNemar exact p = {c[kind]['p_value']:.4f}</p>"
+            for kind in ("strict", "flexible")
+        )
     body = "".join(
         f"<tr><td>{esc(r['problem_id'])}</td><td>{esc(r['model'])}</td><td>{esc(str(r['gold']))}</td>"
         f"<td>{esc(str(r['strict_pred']))}</td><td>{'✓' if r['strict_correct'] else '✗'}</td>"
@@ -142,7 +151,9 @@ def tree_nodes(tree: dict[str, Any]) -> tuple[dict[str, dict], dict[str, list[st
         if root is None:
             raise ValueError("tree has no root (a node without a parent)")
         for nid, node in nodes.items():  # an explicit child order wins over list order
-            if isinstance(node.get("children"), list) and all(not isinstance(c, dict) for c in node["children"]):
+            if isinstance(node.get("children"), list) and all(
+                not isinstance(c, dict) for c in node["children"]
+            ):
                 children[nid] = [str(c) for c in node["children"]]
         return nodes, children, root
 
@@ -189,13 +200,17 @@ def tree_svg(tree: dict[str, Any], max_label: int = 18) -> str:
     px = {n: gap_x + x_of[n] * (box_w + gap_x) for n in nodes}
     py = {n: gap_y / 2 + depth_of[n] * (box_h + gap_y) for n in nodes}
     palette = dict(SOURCE_COLOURS)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 24}" '
-             f'font-family="sans-serif" font-size="10">',
-             '<rect width="100%" height="100%" fill="white"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 24}" '
+        f'font-family="sans-serif" font-size="10">',
+        '<rect width="100%" height="100%" fill="white"/>',
+    ]
     for parent, kids in children.items():
         for kid in kids:
-            parts.append(f'<line x1="{px[parent] + box_w / 2:.1f}" y1="{py[parent] + box_h:.1f}" '
-                         f'x2="{px[kid] + box_w / 2:.1f}" y2="{py[kid]:.1f}" stroke="#888"/>')
+            parts.append(
+                f'<line x1="{px[parent] + box_w / 2:.1f}" y1="{py[parent] + box_h:.1f}" '
+                f'x2="{px[kid] + box_w / 2:.1f}" y2="{py[kid]:.1f}" stroke="#888"/>'
+            )
     for nid, node in nodes.items():
         text = str(node.get("text") or (tree.get("question") or "question" if nid == root else ""))
         label = "question" if nid == root else text.strip().replace("\n", " ")
@@ -214,7 +229,7 @@ def tree_svg(tree: dict[str, Any], max_label: int = 18) -> str:
             stats += f" r={float(node['reward']):.2f}"
         tooltip = f"{node.get('source') or 'root'}: {text}"
         parts.append(
-            f'<g><title>{html.escape(tooltip)}</title>'
+            f"<g><title>{html.escape(tooltip)}</title>"
             f'<rect x="{px[nid]:.1f}" y="{py[nid]:.1f}" width="{box_w}" height="{box_h}" rx="5" '
             f'fill="{_colour(node.get("source"), palette)}" stroke="{stroke}" stroke-width="{stroke_w}"/>'
             f'<text x="{px[nid] + 4:.1f}" y="{py[nid] + 15:.1f}">{html.escape(label)}</text>'
@@ -222,8 +237,10 @@ def tree_svg(tree: dict[str, Any], max_label: int = 18) -> str:
         )
     legend_x = gap_x
     for source, colour in palette.items():
-        parts.append(f'<rect x="{legend_x}" y="{height + 6}" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{legend_x + 14}" y="{height + 15}">{html.escape(source)}</text>')
+        parts.append(
+            f'<rect x="{legend_x}" y="{height + 6}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{legend_x + 14}" y="{height + 15}">{html.escape(source)}</text>'
+        )
         legend_x += 20 + 7 * len(source)
     parts.append("</svg>")
     return "\n".join(parts)

@@ -1,4 +1,4 @@
-"""Start and stop local service processes (the trainer, the orchestrator) on 127.0.0.1, for the demo and tests.
+"""Start and stop local services (the trainer, the orchestrator) on 127.0.0.1, for the demo and tests.
 
 Each service runs as `python -m <module>` in its own process group with its output in a log file; `stop`
 sends SIGTERM, waits, then SIGKILL, and only ever signals the process it started.
@@ -24,8 +24,16 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, url: str,
-                 health_path: str = "/health", cwd: str | Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        url: str,
+        health_path: str = "/health",
+        cwd: str | Path | None = None,
+    ):
         self.name, self.args, self.env, self.log_path, self.url = name, args, env, log_path, url.rstrip("/")
         self.health_path, self.cwd = health_path, cwd
         self.proc: subprocess.Popen | None = None
@@ -33,8 +41,14 @@ class ServiceProcess:
     def start(self) -> "ServiceProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, *self.args], env={**os.environ, **self.env}, cwd=self.cwd,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args],
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         return self
 
@@ -49,8 +63,10 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; log "
-                                   f"{self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode}; log "
+                    f"{self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 response = httpx.get(self.url + self.health_path, timeout=5.0)
                 if response.status_code == 200 and ok(response.json()):
@@ -58,8 +74,10 @@ class ServiceProcess:
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} not ready at {self.url} after {timeout_s:g}s; log "
-                                   f"{self.log_path}:\n{self.log_tail()}")
+                raise TimeoutError(
+                    f"{self.name} not ready at {self.url} after {timeout_s:g}s; log "
+                    f"{self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def kill(self) -> None:
@@ -87,21 +105,38 @@ class ServiceProcess:
         self.stop()
 
 
-def trainer_process(port: int, workdir: Path, env: dict[str, str] | None = None,
-                    cwd: str | Path | None = None) -> ServiceProcess:
+def trainer_process(
+    port: int, workdir: Path, env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> ServiceProcess:
     """The trainer service (`python -m services.trainer`), checkpoints under workdir/trainer."""
     return ServiceProcess(
-        "trainer", ["-m", "services.trainer"],
-        {"TRAINER_HOST": "127.0.0.1", "TRAINER_PORT": str(port),
-         "TRAINER_CHECKPOINT_DIR": str(workdir / "trainer" / "checkpoints"), **(env or {})},
-        workdir / "trainer.log", f"http://127.0.0.1:{port}", cwd=cwd)
+        "trainer",
+        ["-m", "services.trainer"],
+        {
+            "TRAINER_HOST": "127.0.0.1",
+            "TRAINER_PORT": str(port),
+            "TRAINER_CHECKPOINT_DIR": str(workdir / "trainer" / "checkpoints"),
+            **(env or {}),
+        },
+        workdir / "trainer.log",
+        f"http://127.0.0.1:{port}",
+        cwd=cwd,
+    )
 
 
-def orchestrator_process(port: int, trainer_url: str, workdir: Path, env: dict[str, str] | None = None,
-                         cwd: str | Path | None = None) -> ServiceProcess:
+def orchestrator_process(
+    port: int,
+    trainer_url: str,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> ServiceProcess:
     """The orchestrator (`python -m orchestrator serve`), jobs and files under workdir/orchestrator."""
     return ServiceProcess(
-        "orchestrator", ["-m", "orchestrator", "serve", "--port", str(port), "--host", "127.0.0.1",
-                         "--log-level", "warning"],
+        "orchestrator",
+        ["-m", "orchestrator", "serve", "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"],
         {"TRAINER_URL": trainer_url, "DATA_DIR": str(workdir / "orchestrator"), **(env or {})},
-        workdir / "orchestrator.log", f"http://127.0.0.1:{port}", cwd=cwd)
+        workdir / "orchestrator.log",
+        f"http://127.0.0.1:{port}",
+        cwd=cwd,
+    )

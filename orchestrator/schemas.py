@@ -24,7 +24,9 @@ class SearchParams(_Strict):
 
     max_depth: int | None = Field(default=None, ge=1, le=64, description="deepest reasoning step of a path")
     iterations: int | None = Field(default=None, ge=1, le=4096, description="MCTS simulations per problem")
-    max_tokens: int | None = Field(default=None, ge=16, le=65536, description="token budget of one search path")
+    max_tokens: int | None = Field(
+        default=None, ge=16, le=65536, description="token budget of one search path"
+    )
     chunk_tokens: int | None = Field(default=None, ge=4, le=4096, description="cap of one reasoning step")
     parallel_simulations: int | None = Field(default=None, ge=1, le=256)
     selection: Literal["puct", "uct"] | None = None
@@ -34,7 +36,9 @@ class SearchParams(_Strict):
     n_student: int | None = Field(default=None, ge=0, le=64)
     temperature: float | None = Field(default=None, ge=0, le=2)
     rollout: bool | None = None
-    rollout_max_tokens: int | None = Field(default=None, ge=1, le=65536, description="token budget of a rollout")
+    rollout_max_tokens: int | None = Field(
+        default=None, ge=1, le=65536, description="token budget of a rollout"
+    )
     use_checker: bool | None = None
     teacher_temperature: float | None = Field(default=None, ge=0, le=2)
     seed: int | None = None
@@ -75,8 +79,10 @@ class TrainRequest(_Strict):
     def _fits_split(self) -> "TrainRequest":
         size = GSM8K_TRAIN_SIZE if self.split == "train" else GSM8K_TEST_SIZE
         if self.offset + self.num_examples > size:
-            raise ValueError(f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
-                             f"{size} problems of the {self.split} split")
+            raise ValueError(
+                f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
+                f"{size} problems of the {self.split} split"
+            )
         return self
 
 
@@ -84,8 +90,9 @@ class EvalRequest(_Strict):
     split: Literal["train", "test"] = "test"
     num_examples: int = Field(default=50, ge=1, le=GSM8K_TEST_SIZE)
     offset: int = Field(default=0, ge=0, le=GSM8K_TRAIN_SIZE - 1)
-    models: list[Literal["base", "student"]] = Field(default_factory=lambda: ["base", "student"], min_length=1,
-                                                      max_length=2)
+    models: list[Literal["base", "student"]] = Field(
+        default_factory=lambda: ["base", "student"], min_length=1, max_length=2
+    )
     max_tokens: int = Field(default=256, ge=16, le=4096, description="token budget of one answer")
     concurrency: int = Field(default=8, ge=1, le=256, description="answers requested at once")
 
@@ -93,8 +100,10 @@ class EvalRequest(_Strict):
     def _fits_split(self) -> "EvalRequest":
         size = GSM8K_TRAIN_SIZE if self.split == "train" else GSM8K_TEST_SIZE
         if self.offset + self.num_examples > size:
-            raise ValueError(f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
-                             f"{size} problems of the {self.split} split")
+            raise ValueError(
+                f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
+                f"{size} problems of the {self.split} split"
+            )
         if len(set(self.models)) != len(self.models):
             raise ValueError("models must not repeat")
         return self

@@ -1,9 +1,9 @@
 """Statistics for paired evaluations: accuracy, the 2x2 table of paired outcomes, McNemar's exact test.
 
 McNemar's exact test asks whether two classifiers judged on the same problems differ. Only the discordant
-pairs carry information: b = problems only the first model gets right, c = problems only the second gets right.
-Under H0 (no difference) each discordant pair falls either way with probability 1/2, so b ~ Binomial(b + c, 1/2)
-and the two-sided exact p-value is
+pairs carry information: b = problems only the first model gets right, c = problems only the second gets
+right. Under H0 (no difference) each discordant pair falls either way with probability 1/2, so
+b ~ Binomial(b + c, 1/2) and the two-sided exact p-value is
 
     p = min(1, 2 * sum_{i=0}^{min(b,c)} C(b+c, i) / 2^(b+c)),     p = 1 when b + c = 0.
 """

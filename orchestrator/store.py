@@ -5,8 +5,8 @@ through `AsyncJobStore`, which runs each call in a worker thread (asyncio.to_thr
 blocks on disk.
 
 Tables
-- jobs:   id, kind (train|eval), status, request JSON, progress JSON, metrics JSON, result JSON, error, created,
-          updated.
+- jobs:   id, kind (train|eval), status, request JSON, progress JSON, metrics JSON, result JSON, error,
+          created, updated.
 - events: seq (global, increasing; the SSE event id), job_id, type, data JSON, created. Replayed from any seq.
 - steps:  (job_id, step) primary key, metrics JSON. A re-run step replaces its record, so a step appears once.
 """
@@ -87,10 +87,16 @@ class EventRecord:
 
 def _job_from_row(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
-        id=row["id"], kind=row["kind"], status=row["status"], request=json.loads(row["request"]),
-        progress=json.loads(row["progress"]), metrics=json.loads(row["metrics"]),
-        result=json.loads(row["result"]) if row["result"] else None, error=row["error"],
-        created=row["created"], updated=row["updated"],
+        id=row["id"],
+        kind=row["kind"],
+        status=row["status"],
+        request=json.loads(row["request"]),
+        progress=json.loads(row["progress"]),
+        metrics=json.loads(row["metrics"]),
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+        created=row["created"],
+        updated=row["updated"],
     )
 
 
@@ -123,7 +129,9 @@ class JobStore:
         self._db.execute("COMMIT")
 
     # --- jobs -------------------------------------------------------------------------------------------
-    def create_job(self, job_id: str, kind: str, request: dict[str, Any], status: str = "queued") -> JobRecord:
+    def create_job(
+        self, job_id: str, kind: str, request: dict[str, Any], status: str = "queued"
+    ) -> JobRecord:
         now = time.time()
         with self._lock:
             self._db.execute(
@@ -137,7 +145,9 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job_from_row(row) if row else None
 
-    def list_jobs(self, limit: int = 100, status: str | None = None, kind: str | None = None) -> list[JobRecord]:
+    def list_jobs(
+        self, limit: int = 100, status: str | None = None, kind: str | None = None
+    ) -> list[JobRecord]:
         query, args = "SELECT * FROM jobs WHERE 1=1", []
         if status:
             query, args = query + " AND status = ?", args + [status]
@@ -148,9 +158,18 @@ class JobStore:
             rows = self._db.execute(query, (*args, limit)).fetchall()
         return [_job_from_row(r) for r in rows]
 
-    def update_job(self, job_id: str, *, status: str | None = None, progress: dict | None = None,
-                   metrics: dict | None = None, result: dict | None = None, error: str | None = None,
-                   clear_error: bool = False, event: tuple[str, dict] | None = None) -> EventRecord | None:
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        status: str | None = None,
+        progress: dict | None = None,
+        metrics: dict | None = None,
+        result: dict | None = None,
+        error: str | None = None,
+        clear_error: bool = False,
+        event: tuple[str, dict] | None = None,
+    ) -> EventRecord | None:
         """Overwrite the given fields. `progress` and `metrics` are merged into the stored dicts. `event`
         (type, data) is appended in the same transaction, so a reader never sees the one without the other."""
         with self._lock, self._transaction():
@@ -183,8 +202,12 @@ class JobStore:
     def mark_interrupted(self) -> list[str]:
         """On start-up: jobs that were running (or queued) when the last process died become interrupted."""
         with self._lock:
-            ids = [r["id"] for r in self._db.execute(
-                "SELECT id FROM jobs WHERE status IN ('running', 'queued')").fetchall()]
+            ids = [
+                r["id"]
+                for r in self._db.execute(
+                    "SELECT id FROM jobs WHERE status IN ('running', 'queued')"
+                ).fetchall()
+            ]
             self._db.execute(
                 "UPDATE jobs SET status = 'interrupted', updated = ? WHERE status IN ('running', 'queued')",
                 (time.time(),),
@@ -203,8 +226,10 @@ class JobStore:
 
     def _insert_event(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
         now = time.time()
-        cur = self._db.execute("INSERT INTO events (job_id, type, data, created) VALUES (?, ?, ?, ?)",
-                               (job_id, type, json.dumps(data), now))
+        cur = self._db.execute(
+            "INSERT INTO events (job_id, type, data, created) VALUES (?, ?, ?, ?)",
+            (job_id, type, json.dumps(data), now),
+        )
         return EventRecord(seq=cur.lastrowid, job_id=job_id, type=type, data=data, created=now)
 
     def events_after(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[EventRecord]:
@@ -213,8 +238,16 @@ class JobStore:
                 "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (job_id, after_seq, limit),
             ).fetchall()
-        return [EventRecord(seq=r["seq"], job_id=r["job_id"], type=r["type"], data=json.loads(r["data"]),
-                            created=r["created"]) for r in rows]
+        return [
+            EventRecord(
+                seq=r["seq"],
+                job_id=r["job_id"],
+                type=r["type"],
+                data=json.loads(r["data"]),
+                created=r["created"],
+            )
+            for r in rows
+        ]
 
     # --- steps ------------------------------------------------------------------------------------------
     def record_step(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
@@ -227,7 +260,8 @@ class JobStore:
     def steps(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT step, metrics FROM steps WHERE job_id = ? ORDER BY step", (job_id,)).fetchall()
+                "SELECT step, metrics FROM steps WHERE job_id = ? ORDER BY step", (job_id,)
+            ).fetchall()
         return [{**json.loads(r["metrics"]), "step": r["step"]} for r in rows]
 
     def drop_steps_after(self, job_id: str, step: int) -> int:

@@ -1,4 +1,4 @@
-"""The training loop of a train job: search a batch of problems, turn the trees into GRPO groups, take one step.
+"""The training loop of a train job: search a batch of problems, trees -> GRPO groups, one step.
 
     for step in start+1 .. total:
         trees  = run_search(p) for p in batch(step)            (concurrently, at most trees_in_flight)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def plan_batches(num_problems: int, batch_size: int, epochs: int) -> list[list[int]]:
     """Problem indices of every step: the problems in order, epoch after epoch, cut into batches."""
     order = [i for _ in range(epochs) for i in range(num_problems)]
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def checkpoint_name(job_id: str, step: int) -> str:
@@ -41,7 +41,7 @@ def checkpoint_name(job_id: str, step: int) -> str:
 
 
 def search_config(settings, request: TrainRequest) -> SearchConfig:
-    """The service defaults (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, MAX_TOKENS, ...) with the request's overrides."""
+    """The service defaults (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, ...) with the request's overrides."""
     return SearchConfig.from_settings(settings, **request.search.overrides())
 
 
@@ -82,8 +82,9 @@ class _WandbSink:
         key = settings.wandb_api_key.get_secret_value() if settings.wandb_api_key else None
         if key:
             wandb.login(key=key, relogin=False)
-        self.run = wandb.init(project=settings.wandb_project, name=job_id, id=job_id, resume="allow",
-                              config=config, reinit=True)
+        self.run = wandb.init(
+            project=settings.wandb_project, name=job_id, id=job_id, resume="allow", config=config, reinit=True
+        )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.run is not None:
@@ -94,12 +95,24 @@ class _WandbSink:
             self.run.finish()
 
 
-async def _search_batch(ctx, problems: list[Problem], first_tree: int, step: int, config: SearchConfig,
-                        services: SearchServices, trees_in_flight: int) -> tuple[list[Any], dict[str, Any]]:
+async def _search_batch(
+    ctx,
+    problems: list[Problem],
+    first_tree: int,
+    step: int,
+    config: SearchConfig,
+    services: SearchServices,
+    trees_in_flight: int,
+) -> tuple[list[Any], dict[str, Any]]:
     """Search every problem of a batch concurrently; save each tree; return the trees and summed stats."""
     limit = asyncio.Semaphore(trees_in_flight)
-    totals: dict[str, Any] = {"requests": 0, "tokens": 0, "teacher_errors": 0, "search_errors": 0,
-                              "degraded": []}
+    totals: dict[str, Any] = {
+        "requests": 0,
+        "tokens": 0,
+        "teacher_errors": 0,
+        "search_errors": 0,
+        "degraded": [],
+    }
 
     async def one(i: int, problem: Problem):
         async with limit:
@@ -115,8 +128,13 @@ async def _search_batch(ctx, problems: list[Problem], first_tree: int, step: int
                 return None
         seconds = time.perf_counter() - started
         n = first_tree + i
-        record = {"n": n, "step": step, "problem": problem.to_record(), "stats": result.stats,
-                  "tree": result.tree.to_json()}
+        record = {
+            "n": n,
+            "step": step,
+            "problem": problem.to_record(),
+            "stats": result.stats,
+            "tree": result.tree.to_json(),
+        }
         await asyncio.to_thread(ctx.path("trees", f"{n:06d}.json").write_text, json.dumps(record))
         for key in ("requests", "tokens", "teacher_errors"):
             totals[key] += int(result.stats.get(key, 0) or 0)
@@ -134,16 +152,22 @@ async def _search_batch(ctx, problems: list[Problem], first_tree: int, step: int
 async def _quick_eval(ctx, request: TrainRequest) -> dict[str, float]:
     """Student accuracy on the first eval_examples test problems (greedy), for the curves."""
     problems = await asyncio.to_thread(load_gsm8k, "test", ctx.settings.gsm8k_path, request.eval_examples, 0)
-    rows = await answer_all(problems, ["student"], ctx.pool, model_endpoints(ctx.settings),
-                            request.eval_max_tokens, concurrency=8)
+    rows = await answer_all(
+        problems, ["student"], ctx.pool, model_endpoints(ctx.settings), request.eval_max_tokens, concurrency=8
+    )
     student = build_report(rows, ["student"])["models"]["student"]
     return {"eval_strict_acc": student["strict_acc"], "eval_flexible_acc": student["flexible_acc"]}
 
 
 async def _save_checkpoint(ctx, step: int) -> dict[str, Any]:
     saved = await ctx.trainer.save_checkpoint(checkpoint_name(ctx.job_id, step))
-    checkpoint = {"name": saved["name"], "step": step, "path": saved.get("path"),
-                  "adapter_version": saved.get("adapter_version"), "trainer_step": saved.get("step")}
+    checkpoint = {
+        "name": saved["name"],
+        "step": step,
+        "path": saved.get("path"),
+        "adapter_version": saved.get("adapter_version"),
+        "trainer_step": saved.get("step"),
+    }
     await ctx.store.update_job(ctx.job_id, progress={"checkpoint": checkpoint})
     await ctx.emit("checkpoint", **checkpoint)
     return checkpoint
@@ -154,8 +178,9 @@ async def run_train_job(ctx) -> dict[str, Any]:
 
     request = TrainRequest.model_validate(ctx.request)
     settings = ctx.settings
-    problems = await asyncio.to_thread(load_gsm8k, request.split, settings.gsm8k_path, request.num_examples,
-                                       request.offset)
+    problems = await asyncio.to_thread(
+        load_gsm8k, request.split, settings.gsm8k_path, request.num_examples, request.offset
+    )
     batches = plan_batches(len(problems), request.batch_size, request.epochs)
     total_steps = len(batches)
     config = search_config(settings, request)
@@ -169,20 +194,31 @@ async def run_train_job(ctx) -> dict[str, Any]:
         loaded = await ctx.trainer.load_checkpoint(checkpoint["name"])
         start_step = int(checkpoint["step"])
         dropped = await ctx.store.drop_steps_after(ctx.job_id, start_step)
-        await ctx.emit("resumed", from_step=start_step, checkpoint=checkpoint["name"], dropped_steps=dropped,
-                       adapter_version=loaded.get("adapter_version"))
+        await ctx.emit(
+            "resumed",
+            from_step=start_step,
+            checkpoint=checkpoint["name"],
+            dropped_steps=dropped,
+            adapter_version=loaded.get("adapter_version"),
+        )
         adapter_start = job.progress.get("adapter_version_start")
     else:
         start_step = 0
         health = await ctx.trainer.health()
         adapter_start = health.get("adapter_version")
-        await ctx.store.update_job(ctx.job_id, progress={"adapter_version_start": adapter_start,
-                                                         "trainer_step_start": health.get("step")})
+        await ctx.store.update_job(
+            ctx.job_id,
+            progress={"adapter_version_start": adapter_start, "trainer_step_start": health.get("step")},
+        )
         checkpoint = await _save_checkpoint(ctx, 0)
 
-    await ctx.set_progress(phase="training", step=start_step, total_steps=total_steps,
-                           problems_done=sum(len(b) for b in batches[:start_step]),
-                           problems_total=sum(len(b) for b in batches))
+    await ctx.set_progress(
+        phase="training",
+        step=start_step,
+        total_steps=total_steps,
+        problems_done=sum(len(b) for b in batches[:start_step]),
+        problems_total=sum(len(b) for b in batches),
+    )
     wandb = _WandbSink(settings, ctx.job_id, {"request": ctx.request, "search": config.model_dump()})
     run_started = time.perf_counter()
     problems_this_run = 0
@@ -193,29 +229,43 @@ async def run_train_job(ctx) -> dict[str, Any]:
             step_started = time.perf_counter()
             batch = [problems[i] for i in batches[step - 1]]
             first_tree = sum(len(b) for b in batches[: step - 1])
-            trees, search_stats = await _search_batch(ctx, batch, first_tree, step, config, services,
-                                                      trees_in_flight)
+            trees, search_stats = await _search_batch(
+                ctx, batch, first_tree, step, config, services, trees_in_flight
+            )
             search_seconds = time.perf_counter() - step_started
             ctx.raise_if_cancelled()
-            items = [item.to_trainer_item() for tree in trees
-                     for item in grpo_group(tree, mode=request.advantage_mode, clip=request.advantage_clip)]
-            metrics: dict[str, Any] = {"problems": len(batch), "trees": len(trees), "items": len(items),
-                                       **tree_metrics(trees), "teacher_weights": teacher_weights(services),
-                                       "search_tokens": search_stats["tokens"],
-                                       "search_requests": search_stats["requests"],
-                                       "teacher_errors": search_stats["teacher_errors"],
-                                       "search_errors": search_stats["search_errors"],
-                                       "degraded": search_stats["degraded"],
-                                       "search_seconds": round(search_seconds, 3)}
+            items = [
+                item.to_trainer_item()
+                for tree in trees
+                for item in grpo_group(tree, mode=request.advantage_mode, clip=request.advantage_clip)
+            ]
+            metrics: dict[str, Any] = {
+                "problems": len(batch),
+                "trees": len(trees),
+                "items": len(items),
+                **tree_metrics(trees),
+                "teacher_weights": teacher_weights(services),
+                "search_tokens": search_stats["tokens"],
+                "search_requests": search_stats["requests"],
+                "teacher_errors": search_stats["teacher_errors"],
+                "search_errors": search_stats["search_errors"],
+                "degraded": search_stats["degraded"],
+                "search_seconds": round(search_seconds, 3),
+            }
             if any(item["advantage"] != 0 for item in items):
                 grpo_started = time.perf_counter()
                 last_result = await ctx.trainer.grpo_step(items, loss, step_key=f"{ctx.job_id}:{step}")
-                metrics.update(loss=last_result.get("loss"), kl=last_result.get("kl"),
-                               clip_fraction=last_result.get("clip_fraction"), grad_norm=last_result.get("grad_norm"),
-                               train_tokens=last_result.get("tokens"),
-                               adapter_version=last_result.get("adapter_version"),
-                               trainer_step=last_result.get("step"), duplicate=last_result.get("duplicate", False),
-                               grpo_seconds=round(time.perf_counter() - grpo_started, 3))
+                metrics.update(
+                    loss=last_result.get("loss"),
+                    kl=last_result.get("kl"),
+                    clip_fraction=last_result.get("clip_fraction"),
+                    grad_norm=last_result.get("grad_norm"),
+                    train_tokens=last_result.get("tokens"),
+                    adapter_version=last_result.get("adapter_version"),
+                    trainer_step=last_result.get("step"),
+                    duplicate=last_result.get("duplicate", False),
+                    grpo_seconds=round(time.perf_counter() - grpo_started, 3),
+                )
                 if ctx.telemetry is not None:
                     ctx.telemetry.train_steps.inc()
                     if last_result.get("adapter_version") is not None:
@@ -237,14 +287,19 @@ async def run_train_job(ctx) -> dict[str, Any]:
             wandb.log(step, metrics)
             if step % request.checkpoint_every == 0 or step == total_steps:
                 checkpoint = await _save_checkpoint(ctx, step)
-            await ctx.set_progress(step=step, problems_done=first_tree + len(batch),
-                                   problems_per_min=round(60 * problems_this_run / elapsed, 3))
+            await ctx.set_progress(
+                step=step,
+                problems_done=first_tree + len(batch),
+                problems_per_min=round(60 * problems_this_run / elapsed, 3),
+            )
     finally:
         wandb.finish()
 
     train_seconds = time.perf_counter() - run_started
     steps = await ctx.store.steps(ctx.job_id)
-    plot = await asyncio.to_thread(plots.train_curves_png, steps, ctx.path("curves.png"), f"train job {ctx.job_id}")
+    plot = await asyncio.to_thread(
+        plots.train_curves_png, steps, ctx.path("curves.png"), f"train job {ctx.job_id}"
+    )
     health = await ctx.trainer.health()
     return {
         "steps": total_steps,

@@ -16,8 +16,18 @@ from tests.support.trainer_process import TrainerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY_SEARCH = {"iterations": 2, "max_depth": 2, "chunk_tokens": 16, "max_tokens": 64, "parallel_simulations": 2,
-               "n_student": 2, "n_teacher_right": 1, "n_teacher_wrong": 1, "rollout": False, "use_checker": False}
+TINY_SEARCH = {
+    "iterations": 2,
+    "max_depth": 2,
+    "chunk_tokens": 16,
+    "max_tokens": 64,
+    "parallel_simulations": 2,
+    "n_student": 2,
+    "n_teacher_right": 1,
+    "n_teacher_wrong": 1,
+    "rollout": False,
+    "use_checker": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +42,12 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def start_orchestrator(port: int, trainer: TrainerProcess, workdir: Path, gsm8k_dir: Path):
-    proc = orchestrator_process(port, trainer.url, workdir, env={"GSM8K_PATH": str(gsm8k_dir),
-                                                                 "TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": "900"}).start()
+    proc = orchestrator_process(
+        port,
+        trainer.url,
+        workdir,
+        env={"GSM8K_PATH": str(gsm8k_dir), "TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": "900"},
+    ).start()
     proc.wait_ready(timeout_s=60)
     return proc
 
@@ -49,11 +63,19 @@ def test_train_then_eval_through_the_api(trainer, workdir, gsm8k_dir):
             job_id = client.train(num_examples=2, batch_size=1, checkpoint_every=1, search=TINY_SEARCH)
             events = list(client.follow(job_id))
             statuses = [e.data["status"] for e in events if e.type == "status"]
-            assert statuses == ["queued", "running", "completed"], [e.data for e in events if e.type == "status"]
+            assert statuses == ["queued", "running", "completed"], [
+                e.data for e in events if e.type == "status"
+            ]
             steps = [e.data for e in events if e.type == "step"]
             assert [s["step"] for s in steps] == [1, 2]
-            assert {"mean_reward", "correct_leaf_share", "kl", "tokens", "teacher_weights",
-                    "search_seconds"} <= set(steps[0])
+            assert {
+                "mean_reward",
+                "correct_leaf_share",
+                "kl",
+                "tokens",
+                "teacher_weights",
+                "search_seconds",
+            } <= set(steps[0])
             assert [e.data["n"] for e in events if e.type == "tree"] == [0, 1]
 
             job = client.job(job_id)
@@ -82,14 +104,21 @@ def test_train_then_eval_through_the_api(trainer, workdir, gsm8k_dir):
             for model in ("base", "student"):
                 mrows = [r for r in rows if r["model"] == model]
                 assert report["models"][model]["strict_correct"] == sum(r["strict_correct"] for r in mrows)
-                assert report["models"][model]["flexible_correct"] == sum(r["flexible_correct"] for r in mrows)
+                assert report["models"][model]["flexible_correct"] == sum(
+                    r["flexible_correct"] for r in mrows
+                )
                 assert report["models"][model]["n"] == 2
-            assert {r["adapter_version"] for r in rows if r["model"] == "student"} == {result["adapter_version"]}
-            only_base = sum(1 for pid in {r["problem_id"] for r in rows}
-                            if [r["strict_correct"] for r in rows if r["problem_id"] == pid and r["model"] == "base"]
-                            == [True] and
-                            [r["strict_correct"] for r in rows if r["problem_id"] == pid and r["model"] == "student"]
-                            == [False])
+            assert {r["adapter_version"] for r in rows if r["model"] == "student"} == {
+                result["adapter_version"]
+            }
+            only_base = sum(
+                1
+                for pid in {r["problem_id"] for r in rows}
+                if [r["strict_correct"] for r in rows if r["problem_id"] == pid and r["model"] == "base"]
+                == [True]
+                and [r["strict_correct"] for r in rows if r["problem_id"] == pid and r["model"] == "student"]
+                == [False]
+            )
             assert report["comparison"]["strict"]["only_base"] == only_base
     finally:
         orch.stop()

@@ -1,5 +1,6 @@
-"""The orchestrator as a real process (uvicorn on 127.0.0.1) over the scripted OpenAI-compatible server standing
-in for the trainer's /v1 routes: routes, validation, eval jobs end to end, SSE replay, cancel, restart + resume.
+"""The orchestrator as a real process (uvicorn on 127.0.0.1) over the scripted OpenAI-compatible server
+standing in for the trainer's /v1 routes: routes, validation, eval jobs end to end, SSE replay, cancel,
+restart + resume.
 Training end to end against the real trainer lives in test_e2e_demo.py."""
 
 from __future__ import annotations
@@ -47,22 +48,33 @@ def test_health_docs_and_metrics(client, scripted):
     assert health["status"] == "ok"
     assert client.http.get("/docs").status_code == 200
     paths = client.http.get("/openapi.json").json()["paths"]
-    for route in ("/train", "/eval", "/jobs", "/jobs/{job_id}/events", "/jobs/{job_id}/resume",
-                  "/jobs/{job_id}/trees/{n}", "/health", "/metrics"):
+    for route in (
+        "/train",
+        "/eval",
+        "/jobs",
+        "/jobs/{job_id}/events",
+        "/jobs/{job_id}/resume",
+        "/jobs/{job_id}/trees/{n}",
+        "/health",
+        "/metrics",
+    ):
         assert route in paths
     metrics = client.http.get("/metrics")
     assert metrics.status_code == 200 and "azt_jobs{" in metrics.text
 
 
-@pytest.mark.parametrize("route, body, field", [
-    ("/train", {"num_examples": 0}, "num_examples"),
-    ("/train", {"search": {"max_depth": 1000}}, "max_depth"),
-    ("/train", {"search": {"iterations": 0}}, "iterations"),
-    ("/train", {"search": {"max_tokens": 10**7}}, "max_tokens"),
-    ("/eval", {"max_tokens": 5}, "max_tokens"),
-    ("/eval", {"models": ["gpt"]}, "models"),
-    ("/eval", {"num_examples": 10, "offset": 1315}, "exceeds"),
-])
+@pytest.mark.parametrize(
+    "route, body, field",
+    [
+        ("/train", {"num_examples": 0}, "num_examples"),
+        ("/train", {"search": {"max_depth": 1000}}, "max_depth"),
+        ("/train", {"search": {"iterations": 0}}, "iterations"),
+        ("/train", {"search": {"max_tokens": 10**7}}, "max_tokens"),
+        ("/eval", {"max_tokens": 5}, "max_tokens"),
+        ("/eval", {"models": ["gpt"]}, "models"),
+        ("/eval", {"num_examples": 10, "offset": 1315}, "exceeds"),
+    ],
+)
 def test_invalid_requests_get_422_naming_the_field(client, route, body, field):
     response = client.http.post(route, json=body)
     assert response.status_code == 422
@@ -94,7 +106,9 @@ def test_eval_job_end_to_end_with_events_and_results(client):
     for model in ("base", "student"):
         mrows = [r for r in rows if r["model"] == model]
         assert report["models"][model]["strict_correct"] == sum(r["strict_correct"] for r in mrows)
-        assert report["models"][model]["flexible_acc"] == sum(r["flexible_correct"] for r in mrows) / len(mrows)
+        assert report["models"][model]["flexible_acc"] == sum(r["flexible_correct"] for r in mrows) / len(
+            mrows
+        )
     assert all(r["strict_pred"] == ("43" if r["model"] == "base" else "42") for r in rows)
     assert "p_value" in report["comparison"]["strict"]
     assert client.http.get(f"/jobs/{job_id}/files/report.png").content.startswith(b"\x89PNG")
@@ -163,8 +177,9 @@ def test_restart_marks_running_jobs_interrupted_and_resume_finishes_them(scripte
 
 
 def test_api_token_guards_everything_but_health(scripted, tmp_path, gsm8k_dir):
-    proc = orchestrator_process(free_port(), scripted.url, tmp_path,
-                                env={"GSM8K_PATH": str(gsm8k_dir), "API_TOKEN": "s3cret"})
+    proc = orchestrator_process(
+        free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir), "API_TOKEN": "s3cret"}
+    )
     with proc:
         proc.wait_ready(timeout_s=60)
         assert httpx.get(proc.url + "/jobs").status_code == 401
@@ -173,7 +188,9 @@ def test_api_token_guards_everything_but_health(scripted, tmp_path, gsm8k_dir):
         assert httpx.get(proc.url + "/health").status_code == 200
 
 
-def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job(scripted, tmp_path, gsm8k_dir):
+def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job(
+    scripted, tmp_path, gsm8k_dir
+):
     import threading
 
     from orchestrator.store import JobStore

@@ -23,7 +23,9 @@ def test_judge_strict_and_flexible():
 
 
 def test_report_counts_and_mcnemar_follow_the_rows():
-    rows = rows_for({0: (True, True), 1: (False, True), 2: (False, True), 3: (True, False), 4: (False, False)})
+    rows = rows_for(
+        {0: (True, True), 1: (False, True), 2: (False, True), 3: (True, False), 4: (False, False)}
+    )
     report = build_report(rows, ["base", "student"])
     assert report["n"] == 5
     assert report["models"]["base"]["strict_correct"] == 2

@@ -1,4 +1,4 @@
-"""The job state machine with small in-process runners (the real train/eval loops run in the integration tests)."""
+"""The job state machine with small in-process runners (the real loops run in the integration tests)."""
 
 import asyncio
 
@@ -28,7 +28,9 @@ async def make_manager(tmp_path):
     managers = []
 
     async def make(runner, **settings):
-        manager = JobManager(Settings(data_dir=tmp_path, **settings), runners={"train": runner, "eval": runner})
+        manager = JobManager(
+            Settings(data_dir=tmp_path, **settings), runners={"train": runner, "eval": runner}
+        )
         await manager.start()
         managers.append(manager)
         return manager
@@ -40,7 +42,9 @@ async def make_manager(tmp_path):
 
 
 async def statuses(manager, job_id):
-    return [e.data["status"] async for e in manager.hub.follow(job_id) if e is not None and e.type == "status"]
+    return [
+        e.data["status"] async for e in manager.hub.follow(job_id) if e is not None and e.type == "status"
+    ]
 
 
 async def test_completed_job_keeps_its_result_and_events(make_manager):

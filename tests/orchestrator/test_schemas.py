@@ -9,17 +9,20 @@ def test_defaults_are_valid():
     assert EvalRequest().models == ["base", "student"]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"num_examples": 0}, "num_examples"),
-    ({"num_examples": 100000}, "num_examples"),
-    ({"search": {"max_depth": 0}}, "max_depth"),
-    ({"search": {"iterations": 10**6}}, "iterations"),
-    ({"search": {"max_tokens": 8}}, "max_tokens"),
-    ({"search": {"typo": 1}}, "typo"),
-    ({"loss": {"type": "ppo"}}, "type"),
-    ({"batch_size": -1}, "batch_size"),
-    ({"unknown_field": 1}, "unknown_field"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"num_examples": 0}, "num_examples"),
+        ({"num_examples": 100000}, "num_examples"),
+        ({"search": {"max_depth": 0}}, "max_depth"),
+        ({"search": {"iterations": 10**6}}, "iterations"),
+        ({"search": {"max_tokens": 8}}, "max_tokens"),
+        ({"search": {"typo": 1}}, "typo"),
+        ({"loss": {"type": "ppo"}}, "type"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
 def test_train_limits_name_the_field(body, field):
     with pytest.raises(ValidationError) as info:
         TrainRequest.model_validate(body)

@@ -27,7 +27,12 @@ def test_mcnemar_is_symmetric_and_rejects_negative_counts():
 def test_paired_table_and_comparison():
     base = [True, True, False, False, False]
     student = [True, False, True, True, False]
-    assert paired_table(base, student) == {"both_correct": 1, "only_first": 1, "only_second": 2, "both_wrong": 1}
+    assert paired_table(base, student) == {
+        "both_correct": 1,
+        "only_first": 1,
+        "only_second": 2,
+        "both_wrong": 1,
+    }
     result = compare_paired(base, student)
     assert result["first_acc"] == pytest.approx(0.4)
     assert result["second_acc"] == pytest.approx(0.6)
