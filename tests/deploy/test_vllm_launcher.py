@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from support.vllm_server import LAUNCHER, VLLMUnavailable, vllm_python
+from support.vllm_server import LAUNCHER
 from test_compose import ENV_EXAMPLE, VLLM_SERVICES, compose_config
 
 pytestmark = pytest.mark.vllm
@@ -36,31 +36,40 @@ def launcher_args(env: dict[str, str]) -> list[str]:
     return done.stdout.splitlines()
 
 
-@pytest.fixture(scope="module")
-def python():
-    try:
-        return vllm_python()
-    except VLLMUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 def parse_with_vllm(python, argvs: dict[str, list[str]]) -> dict[str, dict]:
     done = subprocess.run([str(python), "-c", PARSE], input=json.dumps(argvs), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("PARSED "))
     return json.loads(line.removeprefix("PARSED "))
 
 
-def test_compose_vllm_services_parse_with_vllm(python, tmp_path):
-    overrides = {"GEMMA_TENSOR_PARALLEL_SIZE": "2", "GEMMA_GPUS": "0,1", "QWEN_PREFIX_CACHING": "false",
-                 "CHECKER_QUANTIZATION": ""}
-    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=overrides, tmp_path=tmp_path)["services"]
-    envs = {n: {k: str(v) for k, v in services[n]["environment"].items() if v is not None} for n in VLLM_SERVICES}
-    parsed = parse_with_vllm(python, {n: launcher_args(env) for n, env in envs.items()})
+OVERRIDES = {"GEMMA_TENSOR_PARALLEL_SIZE": "2", "GEMMA_GPUS": "0,1", "QWEN_PREFIX_CACHING": "false"}
 
-    for name in VLLM_SERVICES:
-        env, args = envs[name], parsed[name]
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict[str, dict]:
+    """Each vLLM service as Compose resolves it from .env.example plus a few overrides."""
+    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=OVERRIDES,
+                              tmp_path=tmp_path_factory.mktemp("compose"))["services"]
+    return {n: services[n] for n in VLLM_SERVICES}
+
+
+@pytest.fixture(scope="module")
+def parsed(vllm_python, resolved) -> dict[str, dict]:
+    """vLLM's parse of every service's flags, plus an extra-args case: one interpreter start (vLLM imports slowly)."""
+    argvs = {n: launcher_args(environment(s)) for n, s in resolved.items()}
+    argvs["extra"] = launcher_args({"VLLM_MODEL": "m", "VLLM_EXTRA_ARGS": "--max-num-seqs 64"})
+    return parse_with_vllm(vllm_python, argvs)
+
+
+def environment(service: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in service["environment"].items() if v is not None}
+
+
+def test_compose_vllm_services_parse_with_vllm(parsed, resolved):
+    for name, service in resolved.items():
+        env, args = environment(service), parsed[name]
         assert args["model"] == env["VLLM_MODEL"]
         assert set(env.get("VLLM_SERVED_MODEL_NAME", env["VLLM_MODEL"]).split()) <= set(args["served_model_name"])
         assert (args["host"], args["port"]) == ("0.0.0.0", 8000)
@@ -69,13 +78,15 @@ def test_compose_vllm_services_parse_with_vllm(python, tmp_path):
     assert parsed["teacher-llama"]["quantization"] == "fp8" and parsed["checker"]["quantization"] is None
     assert parsed["teacher-qwen"]["enable_prefix_caching"] is False
     assert parsed["teacher-llama"]["enable_prefix_caching"] is True
-    assert parsed["teacher-gemma"]["tensor_parallel_size"] == 2 and services["teacher-gemma"]["environment"][
-        "CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert parsed["teacher-gemma"]["tensor_parallel_size"] == 2
+    assert resolved["teacher-gemma"]["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
-def test_extra_args_and_bad_values(python):
-    argv = launcher_args({"VLLM_MODEL": "m", "VLLM_EXTRA_ARGS": "--max-num-seqs 64"})
-    assert parse_with_vllm(python, {"m": argv})["m"]["max_num_seqs"] == 64
+def test_extra_args_reach_vllm(parsed):
+    assert parsed["extra"]["max_num_seqs"] == 64
+
+
+def test_bad_values_stop_the_launcher():
     bad = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], "VLLM_MODEL": "m",
                                                     "VLLM_PREFIX_CACHING": "maybe", "VLLM_DRY_RUN": "true"},
                          capture_output=True, text=True)

@@ -21,7 +21,7 @@ from orchestrator.llm import LLMError, LLMPool
 from orchestrator.processes import free_port, orchestrator_process
 from orchestrator.search import SearchConfig, SearchServices, run_search
 from orchestrator.settings import OPENROUTER_MODELS, EndpointSpec, Settings
-from support.vllm_server import VLLMServer, VLLMUnavailable, vllm_python
+from support.vllm_server import VLLMServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -31,14 +31,10 @@ KEY_ENV = "AZT_TEST_VLLM_KEY"
 
 
 @pytest.fixture(scope="module")
-def vllm(trainer_model_dir):
-    try:
-        python = vllm_python()
-    except VLLMUnavailable as exc:
-        pytest.skip(str(exc))
+def vllm(trainer_model_dir, vllm_python):
     # One server answers to the custom-tier name and to the free tier's OpenRouter model names.
     names = [TEACHER, *OPENROUTER_MODELS["free"]]
-    with VLLMServer(trainer_model_dir, names, python=python, api_key=KEY) as server:
+    with VLLMServer(trainer_model_dir, names, python=vllm_python, api_key=KEY) as server:
         yield server
 
 
