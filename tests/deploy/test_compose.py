@@ -192,3 +192,17 @@ def test_secrets_reach_only_the_services_that_need_them(tmp_path):
         env = service.get("environment") or {}
         for key in secrets:
             assert env.get(key) is None, (name, key)
+
+
+def test_service_environments_name_real_settings(configs):
+    """Every setting compose passes is one the service reads (a typo would be silently ignored otherwise)."""
+    from orchestrator.settings import Settings
+    from services.trainer.settings import TrainerSettings
+
+    services = configs["*"]["services"]
+    orchestrator_env = set(services["orchestrator"]["environment"]) - {"TEACHER_API_KEY"}  # named by api_key_env
+    assert {n.lower() for n in orchestrator_env} <= set(Settings.model_fields)
+    trainer_fields = {f"TRAINER_{n.upper()}" for n in TrainerSettings.model_fields} | {"API_TOKEN"}
+    trainer_env = {n for n in services["trainer"]["environment"] if n not in ("HF_HOME", "HF_TOKEN",
+                                                                              "CUDA_VISIBLE_DEVICES")}
+    assert trainer_env <= trainer_fields, trainer_env - trainer_fields
