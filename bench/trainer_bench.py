@@ -61,8 +61,8 @@ async def completions_tok_s(url: str, concurrency: int, requests: int, max_token
     return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "requests": requests}
 
 
-def scored_items(n: int, completion_words: int) -> list[dict]:
-    completion = " ".join(f"Step {k}: 48 / 2 = 24 clips, 48 + 24 = 72." for k in range(completion_words // 10 + 1))
+def scored_items(n: int, steps: int) -> list[dict]:
+    completion = " ".join(f"Step {k}: 48 / 2 = 24 clips, 48 + 24 = 72." for k in range(steps))  # ~28 tokens/step
     return [{"prompt": chat_prompt(i), "completion": completion} for i in range(n)]
 
 
@@ -113,8 +113,9 @@ def write_results(result: dict, results_md: Path) -> None:
         f"| {result['grpo_step_tok_s']:.1f} |",
         "",
         f"32 concurrent vs 1 at a time: **{result['concurrent_speedup_32']:.2f}x** (goal >= 3x). Batcher after the "
-        f"run: {detail['batcher']['requests']} requests in {detail['batcher']['forward_batches']} merged batches, "
-        f"largest batch {detail['batcher']['max_batch_rows']} rows.",
+        f"run: {detail['batcher']['requests']} requests in {detail['batcher']['forward_batches']} merged batches "
+        f"({detail['batcher']['admitted_requests']} of them joined a decode loop already running; at most "
+        f"{detail['max_batch_size']} rows decode at once).",
         "Machine-readable: bench/results/trainer.json.",
         "",
     ])
@@ -148,7 +149,7 @@ def main() -> None:
                 completions_tok_s(url, concurrency, requests, args.max_tokens))
             print(f"completions c={concurrency}: {completions[str(concurrency)]}", flush=True)
         with httpx.Client(base_url=url, timeout=1800) as http:
-            items = scored_items(16, 100)
+            items = scored_items(16, 4)
             seconds, scored = timed_post(http, "/logprobs", {"items": items}, repeats=3)
             logprobs_tokens = sum(r["num_tokens"] for r in scored["results"])
             grpo_items = [{**item, "advantage": 1.0 if i % 2 else -1.0} for i, item in enumerate(items[:8])]
