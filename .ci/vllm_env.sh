@@ -8,7 +8,7 @@
 #
 # Usage: bash .ci/vllm_env.sh        -> prints the venv's python on its last line
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 CACHE_ROOT="${AZT_CACHE_DIR:-$HOME/.cache/alphazero-llm-trainer}"
 PYTHON="${PYTHON:-python3}"
@@ -34,9 +34,18 @@ if [ -f "$venv/.complete" ]; then
     exit 0
 fi
 
+# One builder at a time (two test runs may start together on a fresh machine); a waiter reuses its result.
+mkdir -p "$CACHE_ROOT"
+exec 9>"$venv.lock"
+flock 9
+if [ -f "$venv/.complete" ]; then
+    echo "vllm_env: ready"
+    echo "$venv/bin/python"
+    exit 0
+fi
+
 echo "vllm_env: building $venv (one time, ~4 minutes, ~3.5 GB)"
 rm -rf "$venv" "$failed"
-mkdir -p "$CACHE_ROOT"
 : >"$log"
 "$PYTHON" -m venv "$venv" >>"$log" 2>&1 || fail "cannot create a virtualenv with $PYTHON"
 "$venv/bin/pip" install "${pip_args[@]}" --upgrade pip wheel >>"$log" 2>&1 || fail "cannot upgrade pip in the venv"
