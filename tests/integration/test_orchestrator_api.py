@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import httpx
 import pytest
@@ -215,10 +214,9 @@ def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job
 
             threading.Thread(target=listen, daemon=True).start()
             assert seen.wait(30)
-        started = time.monotonic()
         proc.stop(grace_s=30)
-        # uvicorn re-raises SIGTERM after its graceful shutdown; a SIGKILL would mean the grace ran out.
-        assert proc.proc.returncode == -signal.SIGTERM and time.monotonic() - started < 25
+        # uvicorn re-raises SIGTERM after its graceful shutdown; SIGKILL (-9) would mean the grace ran out.
+        assert proc.proc.returncode == -signal.SIGTERM
         store = JobStore(tmp_path / "orchestrator" / "jobs.sqlite")
         assert store.get_job(job_id).status == "interrupted"
         store.close()
