@@ -1,18 +1,22 @@
-"""GPU trainer benchmark: the fast GRPO path against the naive baseline, on random-initialised real architectures.
+"""GPU trainer benchmark: the trainer's own engine (services/trainer/student.py) against the naive baseline.
 
-Run on a CUDA machine from the repository root, e.g.
-    python3 bench/gpu_bench.py --models qwen2.5-0.5b,llama-3.2-3b --quant bf16,nf4 --grid 8x512,16x512,8x1024 \
-        --naive-grid 8x512 --out /tmp/gpu.json
+Run on a CUDA machine from the repository root (bitsandbytes and the service's pure-Python needs on PYTHONPATH),
+e.g. the headline 4-bit run of bench/RESULTS.md:
+    python3 bench/gpu_bench.py --configs llama-3.2-3b:nf4:engine+ckpt+fused+tf32+autocast+compile \
+        --grid 8x512,16x512,8x1024 --stage-grid 8x512 --naive-grid 8x512,16x512 --gen-tokens 32 --out gpu.json
 
-For each (model config, quantisation) it builds a random model (bench/configs/<name>/config.json, weights saved
-once to a scratch directory so that loading follows the product's from_pretrained path), adds LoRA, and times:
-- grpo: one GRPO step (reference pass with adapters disabled + policy forward + backward + 8-bit AdamW) per
-  batch x length setting; tokens/s counts prompt + completion tokens; peak = torch.cuda.max_memory_allocated;
-- logprobs: a no-grad scoring pass (the /logprobs work);
-- generate: sampled generation tokens/s (the /v1/completions work);
-- naive: the original's way (bench/gpu_naive.py) at the same batch and length.
-MFU = 6 * params * tokens / seconds / 989e12 (H100 dense bf16 datasheet), 6N = reference forward + forward +
-backward of a LoRA step.
+For each model:quant[:stages] entry it writes a random bf16 model of bench/configs/<model>/config.json to a
+scratch directory (weights on disk, so the engine takes its real from_pretrained path: NF4 via bitsandbytes or
+bf16), loads it with services.trainer.student.load_student (LoRA r=32 on all projections, 8-bit AdamW), and times:
+- naive: the original's way (bench/gpu_naive.py) on the same loaded model, before any change;
+- generate: Student.generate (the /v1/completions work), with the engine's sampler and with device sampling;
+- then, stage by stage, the proposed changes to the engine (cumulative, see apply_stage; "engine" = the code as
+  it is): grpo = Student.grpo_step (reference pass with adapters disabled + policy pass + backward + optimizer
+  step), logprobs = Student.logprobs, at each BxL[/micro-batch] of --stage-grid, and of --grid at the last stage.
+tokens/s counts prompt + completion tokens (prompt = L/4); peak = torch.cuda.max_memory_allocated over the timed
+calls (weights, optimizer state and activations); times are medians of --repeat calls after --warmup.
+MFU = 6 * params * tokens / seconds / 989e12 (H100 dense bf16 datasheet); 6N = reference forward + forward +
+backward of a LoRA step (activation checkpointing adds a forward that is not counted).
 """
 
 from __future__ import annotations
