@@ -5,8 +5,8 @@ waits up to `wait_ms` for more, and runs every mergeable job it collected as one
 same adapter setting share one decode loop, log-prob jobs with the same setting share padded forward passes.
 A running batch may also `admit` jobs that arrive while it runs (continuous batching of generation) and
 `resolve` a job as soon as it is done. "Exclusive" jobs (a GRPO step, a checkpoint) run alone, so an update
-never overlaps a generation, and every result is tagged with the adapter version that produced it; while one is
-waiting, running batches admit nothing new.
+never overlaps a generation, and every result is tagged with the adapter version that produced it. While any job
+of another kind (or an exclusive one) waits, a running batch admits nothing new, so nothing starves.
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ class Batcher:
 
     def _take_matching(self, kind: Any, free_rows: int) -> list[Job]:
         self._drain()
-        if any(job is None or job.kind == EXCLUSIVE for job in self._held):
-            return []  # an update or shutdown is waiting: let the running batch finish instead
+        if any(job is None or job.kind != kind for job in self._held):
+            # An update, a shutdown or a job of another kind is waiting: let the running batch drain so it goes
+            # next, rather than starving it behind a steady stream of this kind.
+            return []
         taken, kept = [], []
         for job in self._held:
             if job.kind == kind and job.rows <= free_rows and job.future.set_running_or_notify_cancel():

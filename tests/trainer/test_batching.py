@@ -4,6 +4,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from services.trainer.batching import Batcher
 
 
@@ -117,7 +119,8 @@ async def test_a_running_batch_admits_late_jobs_and_answers_early():
         batcher.close()
 
 
-async def test_no_job_is_admitted_while_an_exclusive_job_waits():
+@pytest.mark.parametrize("waiting", ["exclusive", "other kind"])
+async def test_no_job_is_admitted_while_another_kind_waits(waiting):
     started, release = threading.Event(), threading.Event()
     admitted = []
 
@@ -131,7 +134,10 @@ async def test_no_job_is_admitted_while_an_exclusive_job_waits():
     try:
         first = asyncio.ensure_future(batcher.call("gen", 0))
         await asyncio.to_thread(started.wait, 5)
-        update = asyncio.ensure_future(batcher.exclusive(lambda: "updated"))
+        if waiting == "exclusive":
+            update = asyncio.ensure_future(batcher.exclusive(lambda: "updated"))
+        else:
+            update = asyncio.ensure_future(batcher.call("logprobs", "updated"))
         late = asyncio.ensure_future(batcher.call("gen", 1))
         await asyncio.sleep(0.05)
         release.set()
