@@ -25,17 +25,21 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from tests.support.trainer_process import TrainerProcess  # noqa: E402
+from tests.support.trainer_process import TrainerProcess
 
 SECTION = "## Trainer service (CPU)"
-QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her friends "
-            "in May. How many clips did Natalia sell altogether in April and May?")
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her friends "
+    "in May. How many clips did Natalia sell altogether in April and May?"
+)
 
 
 def chat_prompt(i: int) -> str:
     # Distinct prompts, so nothing can be cached across requests; roughly the length of a GSM8K question.
-    return (f"<|im_start|>user\nProblem {i}: {QUESTION} Solve step by step. End with a line '#### <number>'."
-            f"<|im_end|>\n<|im_start|>assistant\n")
+    return (
+        f"<|im_start|>user\nProblem {i}: {QUESTION} Solve step by step. End with a line '#### <number>'."
+        f"<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 async def completions_tok_s(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -48,8 +52,13 @@ async def completions_tok_s(url: str, concurrency: int, requests: int, max_token
         nonlocal tokens
         while not queue.empty():
             i = queue.get_nowait()
-            body = {"model": "student", "prompt": chat_prompt(i), "max_tokens": max_tokens, "temperature": 0.7,
-                    "seed": i}
+            body = {
+                "model": "student",
+                "prompt": chat_prompt(i),
+                "max_tokens": max_tokens,
+                "temperature": 0.7,
+                "seed": i,
+            }
             response = await http.post("/v1/completions", json=body)
             response.raise_for_status()
             tokens += response.json()["usage"]["completion_tokens"]
@@ -62,7 +71,9 @@ async def completions_tok_s(url: str, concurrency: int, requests: int, max_token
 
 
 def scored_items(n: int, steps: int) -> list[dict]:
-    completion = " ".join(f"Step {k}: 48 / 2 = 24 clips, 48 + 24 = 72." for k in range(steps))  # ~28 tokens/step
+    completion = " ".join(
+        f"Step {k}: 48 / 2 = 24 clips, 48 + 24 = 72." for k in range(steps)
+    )  # ~28 tokens/step
     return [{"prompt": chat_prompt(i), "completion": completion} for i in range(n)]
 
 
@@ -93,37 +104,39 @@ def write_results(result: dict, results_md: Path) -> None:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     c = result["completions_tok_s"]
     detail = result["detail"]
-    section = "\n".join([
-        SECTION,
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; load average before the run: {result['load_before']}, after: "
-        f"{result['load_after']} (the 2 cores are shared with other developers' jobs).  ",
-        f"Date: {result['date']}. Model: SmolLM2-135M-Instruct (GGUF de-quantised to float32), transformers + peft "
-        f"LoRA r=32 on CPU, max batch {detail['max_batch_size']}, batch wait {detail['batch_wait_ms']} ms.",
-        "",
-        "| what | tokens/s |",
-        "|---|---|",
-        f"| /v1/completions, 1 request at a time (max_tokens {detail['max_tokens']}) | {c['1']:.1f} |",
-        f"| /v1/completions, 8 concurrent | {c['8']:.1f} |",
-        f"| /v1/completions, 32 concurrent | {c['32']:.1f} |",
-        f"| /logprobs ({detail['logprobs_items']} items x {detail['logprobs_tokens_per_item']} completion tokens) "
-        f"| {result['logprobs_tok_s']:.1f} |",
-        f"| /grpo/step ({detail['grpo_items']} items, micro-batch {detail['grpo_micro_batch']}, beta 0.04) "
-        f"| {result['grpo_step_tok_s']:.1f} |",
-        "",
-        f"32 concurrent vs 1 at a time: **{result['concurrent_speedup_32']:.2f}x** (goal >= 3x). Batcher after the "
-        f"run: {detail['batcher']['requests']} requests in {detail['batcher']['forward_batches']} merged batches "
-        f"({detail['batcher']['admitted_requests']} of them joined a decode loop already running; at most "
-        f"{detail['max_batch_size']} rows decode at once).",
-        "Machine-readable: bench/results/trainer.json.",
-        "",
-    ])
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"Command: `{result['command']}`  ",
+            f"Machine: {result['machine']}; load average before the run: {result['load_before']}, after: "
+            f"{result['load_after']} (the 2 cores are shared with other developers' jobs).  ",
+            f"Date: {result['date']}. Model: SmolLM2-135M-Instruct (GGUF de-quantised to float32), transformers + peft "
+            f"LoRA r=32 on CPU, max batch {detail['max_batch_size']}, batch wait {detail['batch_wait_ms']} ms.",
+            "",
+            "| what | tokens/s |",
+            "|---|---|",
+            f"| /v1/completions, 1 request at a time (max_tokens {detail['max_tokens']}) | {c['1']:.1f} |",
+            f"| /v1/completions, 8 concurrent | {c['8']:.1f} |",
+            f"| /v1/completions, 32 concurrent | {c['32']:.1f} |",
+            f"| /logprobs ({detail['logprobs_items']} items x {detail['logprobs_tokens_per_item']} completion tokens) "
+            f"| {result['logprobs_tok_s']:.1f} |",
+            f"| /grpo/step ({detail['grpo_items']} items, micro-batch {detail['grpo_micro_batch']}, beta 0.04) "
+            f"| {result['grpo_step_tok_s']:.1f} |",
+            "",
+            f"32 concurrent vs 1 at a time: **{result['concurrent_speedup_32']:.2f}x** (goal >= 3x). Batcher after the "
+            f"run: {detail['batcher']['requests']} requests in {detail['batcher']['forward_batches']} merged batches "
+            f"({detail['batcher']['admitted_requests']} of them joined a decode loop already running; at most "
+            f"{detail['max_batch_size']} rows decode at once).",
+            "Machine-readable: bench/results/trainer.json.",
+            "",
+        ]
+    )
     text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
     if SECTION in text:
         head, rest = text.split(SECTION, 1)
         next_section = rest.find("\n## ")
-        tail = rest[next_section + 1:] if next_section >= 0 else ""
+        tail = rest[next_section + 1 :] if next_section >= 0 else ""
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -131,13 +144,17 @@ def write_results(result: dict, results_md: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-1", type=int, default=4, help="requests of the one-at-a-time loop")
     parser.add_argument("--requests-per-client", type=int, default=2, help="for the 8 and 32 client loops")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and json alone")
     args = parser.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]
+    )
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     env = {"TRAINER_MAX_BATCH_SIZE": "32", "TRAINER_BATCH_WAIT_MS": "10"}
     with TrainerProcess(env=env) as trainer:
@@ -146,7 +163,8 @@ def main() -> None:
         for concurrency in (1, 8, 32):
             requests = args.requests_1 if concurrency == 1 else concurrency * args.requests_per_client
             completions[str(concurrency)] = asyncio.run(
-                completions_tok_s(url, concurrency, requests, args.max_tokens))
+                completions_tok_s(url, concurrency, requests, args.max_tokens)
+            )
             print(f"completions c={concurrency}: {completions[str(concurrency)]}", flush=True)
         with httpx.Client(base_url=url, timeout=1800) as http:
             items = scored_items(16, 4)
@@ -162,17 +180,27 @@ def main() -> None:
         "logprobs_tok_s": round(logprobs_tokens / seconds, 1),
         "grpo_step_tok_s": round(step["tokens"] / grpo_seconds, 1),
         "machine": machine(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "load_before": load_before,
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                     text=True).stdout.strip(),
-        "detail": {"completions": completions, "max_tokens": args.max_tokens, "max_batch_size": 32,
-                   "batch_wait_ms": 10, "logprobs_items": len(items),
-                   "logprobs_tokens_per_item": logprobs_tokens // len(items), "logprobs_seconds": seconds,
-                   "grpo_items": len(grpo_items), "grpo_micro_batch": 4, "grpo_seconds": grpo_seconds,
-                   "grpo_tokens": step["tokens"], "batcher": batcher},
+        "git_commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "detail": {
+            "completions": completions,
+            "max_tokens": args.max_tokens,
+            "max_batch_size": 32,
+            "batch_wait_ms": 10,
+            "logprobs_items": len(items),
+            "logprobs_tokens_per_item": logprobs_tokens // len(items),
+            "logprobs_seconds": seconds,
+            "grpo_items": len(grpo_items),
+            "grpo_micro_batch": 4,
+            "grpo_seconds": grpo_seconds,
+            "grpo_tokens": step["tokens"],
+            "batcher": batcher,
+        },
     }
     print(json.dumps({k: v for k, v in result.items() if k != "detail"}, indent=2))
     if not args.no_write:

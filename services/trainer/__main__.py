@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-source")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_source": args.model_source}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"host": args.host, "port": args.port, "model_source": args.model_source}.items()
+        if v is not None
+    }
     settings = TrainerSettings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)

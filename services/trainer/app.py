@@ -17,8 +17,14 @@ from fastapi.responses import JSONResponse
 from . import checkpoints as ckpt
 from .engine import RequestError, TrainerEngine
 from .model_source import ModelSourceError
-from .schemas import (ChatCompletionRequest, CompletionRequest, GrpoStepRequest, LoadCheckpointRequest,
-                      LogprobsRequest, SaveCheckpointRequest)
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GrpoStepRequest,
+    LoadCheckpointRequest,
+    LogprobsRequest,
+    SaveCheckpointRequest,
+)
 from .settings import TrainerSettings
 from .student import load_student
 
@@ -48,8 +54,13 @@ class _Loader:
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": kind, "param": field, "code": status}, "detail": message})
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": {"message": message, "type": kind, "param": field, "code": status},
+            "detail": message,
+        },
+    )
 
 
 def create_app(settings: TrainerSettings | None = None) -> FastAPI:
@@ -74,13 +85,13 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     @app.middleware("http")
     async def bearer_auth(request: Request, call_next):
         token = settings.api_token.get_secret_value() if settings.api_token else None
-        if token and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {token}":
-                return _error(401, "missing or wrong bearer token", "Authorization")
+        authorised = request.headers.get("authorization") == f"Bearer {token}"
+        if token and request.url.path != "/health" and not authorised:
+            return _error(401, "missing or wrong bearer token", "Authorization")
         return await call_next(request)
 
     @app.exception_handler(_NotReady)
-    async def not_ready(_: Request, exc: "_NotReady"):
+    async def not_ready(_: Request, exc: _NotReady):
         return _error(503, f"model failed to load: {exc.reason}" if exc.reason else "model is loading")
 
     @app.exception_handler(RequestError)
@@ -107,15 +118,26 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     async def health():
         if loader.engine is None:
             status = "error" if loader.error else "loading"
-            return JSONResponse(status_code=503, content={"status": status, "error": loader.error,
-                                                          "loading_s": round(time.time() - loader.started, 1)})
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "status": status,
+                    "error": loader.error,
+                    "loading_s": round(time.time() - loader.started, 1),
+                },
+            )
         return loader.engine.health()
 
     @app.get("/v1/models")
     async def models():
         created = int(loader.started)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "alphazero-llm-trainer"} for name in ("student", "base")]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "alphazero-llm-trainer"}
+                for name in ("student", "base")
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):

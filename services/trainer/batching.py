@@ -44,7 +44,7 @@ class BatcherCounters:
 class Batch:
     """What a batch runner sees: the payloads, plus ways to take in late jobs and to answer jobs early."""
 
-    def __init__(self, batcher: "Batcher", kind: Any, jobs: list[Job]):
+    def __init__(self, batcher: Batcher, kind: Any, jobs: list[Job]):
         self._batcher, self.kind, self.jobs = batcher, kind, jobs
 
     @property
@@ -64,8 +64,9 @@ class Batch:
 class Batcher:
     """`run_batch(kind, batch) -> results` runs on the worker thread; results[i] answers batch.jobs[i]."""
 
-    def __init__(self, run_batch: Callable[[Any, Batch], list[Any]], *, max_batch_rows: int = 32,
-                 wait_ms: float = 5.0):
+    def __init__(
+        self, run_batch: Callable[[Any, Batch], list[Any]], *, max_batch_rows: int = 32, wait_ms: float = 5.0
+    ):
         self._run_batch = run_batch
         self.max_batch_rows = max_batch_rows
         self.wait_s = wait_ms / 1000.0

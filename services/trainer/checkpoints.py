@@ -68,8 +68,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, name: str, adapter: dict[str, torch.Tensor], optimizer: dict[str, Any],
-                    meta: dict[str, Any]) -> Path:
+def save_checkpoint(
+    root: Path, name: str, adapter: dict[str, torch.Tensor], optimizer: dict[str, Any], meta: dict[str, Any]
+) -> Path:
     """Write the checkpoint atomically; an existing checkpoint of the same name is replaced as a whole."""
     check_name(name)
     root = Path(root)
@@ -77,8 +78,13 @@ def save_checkpoint(root: Path, name: str, adapter: dict[str, torch.Tensor], opt
     buffer = io.BytesIO()
     torch.save(optimizer, buffer)
     blobs = {ADAPTER_FILE: save_safetensors(adapter), OPTIMIZER_FILE: buffer.getvalue()}
-    record = {**meta, "format": FORMAT, "name": name, "created": time.time(),
-              "files": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()}}
+    record = {
+        **meta,
+        "format": FORMAT,
+        "name": name,
+        "created": time.time(),
+        "files": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()},
+    }
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         for file, blob in blobs.items():
@@ -104,7 +110,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError as exc:
-        raise CheckpointCorrupt(f"checkpoint {path.name}: {META_FILE} is missing (partial checkpoint)") from exc
+        raise CheckpointCorrupt(
+            f"checkpoint {path.name}: {META_FILE} is missing (partial checkpoint)"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise CheckpointCorrupt(f"checkpoint {path.name}: {META_FILE} is unreadable: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
@@ -127,8 +135,10 @@ def load_checkpoint(root: Path, name: str) -> Checkpoint:
         except OSError as exc:
             raise CheckpointCorrupt(f"checkpoint {name}: {file} is missing or unreadable") from exc
         if not expected or len(blob) != expected.get("bytes"):
-            raise CheckpointCorrupt(f"checkpoint {name}: {file} has {len(blob)} bytes, expected "
-                                    f"{(expected or {}).get('bytes')} (truncated or partial)")
+            raise CheckpointCorrupt(
+                f"checkpoint {name}: {file} has {len(blob)} bytes, expected "
+                f"{(expected or {}).get('bytes')} (truncated or partial)"
+            )
         if hashlib.sha256(blob).hexdigest() != expected.get("sha256"):
             raise CheckpointCorrupt(f"checkpoint {name}: {file} does not match its recorded sha256")
         blobs[file] = blob
@@ -152,6 +162,12 @@ def list_checkpoints(root: Path) -> list[dict[str, Any]]:
                 meta = read_meta(path)
             except CheckpointCorrupt:
                 continue
-            found.append({"name": path.name, "step": meta.get("step"), "adapter_version": meta.get("adapter_version"),
-                          "created": meta.get("created")})
+            found.append(
+                {
+                    "name": path.name,
+                    "step": meta.get("step"),
+                    "adapter_version": meta.get("adapter_version"),
+                    "created": meta.get("created"),
+                }
+            )
     return sorted(found, key=lambda c: (c["created"] or 0, c["name"]))

@@ -33,8 +33,9 @@ class TrainerEngine:
         # not be used from two threads at once).
         self.tokenizer = copy.deepcopy(student.tokenizer)
         self.checkpoint_dir = Path(settings.checkpoint_dir)
-        self.batcher = Batcher(self._run_batch, max_batch_rows=settings.max_batch_size,
-                               wait_ms=settings.batch_wait_ms)
+        self.batcher = Batcher(
+            self._run_batch, max_batch_rows=settings.max_batch_size, wait_ms=settings.batch_wait_ms
+        )
 
     def close(self) -> None:
         self.batcher.close()
@@ -45,26 +46,38 @@ class TrainerEngine:
         version = self.student.adapter_version  # constant for the batch: updates never run alongside it
         if what == "generate":
             results = self.student.generate(
-                batch.payloads, use_adapter=use_adapter, admit=batch.admit,
-                on_done=lambda index, samples: batch.resolve(index, (samples, version)))
+                batch.payloads,
+                use_adapter=use_adapter,
+                admit=batch.admit,
+                on_done=lambda index, samples: batch.resolve(index, (samples, version)),
+            )
         else:  # "logprobs": each payload is a list of ScoreItems; score them all together, then split
             payloads = batch.payloads
             flat = [item for items in payloads for item in items]
-            scores = self.student.logprobs(flat, use_adapter=use_adapter, batch_size=self.settings.max_batch_size)
+            scores = self.student.logprobs(
+                flat, use_adapter=use_adapter, batch_size=self.settings.max_batch_size
+            )
             results, start = [], 0
             for items in payloads:
-                results.append(scores[start:start + len(items)])
+                results.append(scores[start : start + len(items)])
                 start += len(items)
         return [(result, version) for result in results]
 
     # ----- tokenising -----
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> str:
+    def render(
+        self,
+        messages: list[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
         plain = [{"role": m.role, "content": m.text()} for m in messages]
         if continue_final_message:
             head = self.tokenizer.apply_chat_template(plain[:-1], tokenize=False, add_generation_prompt=True)
             return head + plain[-1]["content"]
-        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            plain, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special).input_ids)
@@ -73,8 +86,11 @@ class TrainerEngine:
         if prompt_len == 0:
             raise RequestError(field, "the prompt has no tokens")
         if prompt_len + max_tokens > self.student.max_context:
-            raise RequestError("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
-                                             f"the context of {self.student.max_context} tokens")
+            raise RequestError(
+                "max_tokens",
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"the context of {self.student.max_context} tokens",
+            )
 
     # ----- generation -----
     async def _generate(self, model: str, requests: list[GenerationRequest]) -> tuple[list, int]:
@@ -89,26 +105,51 @@ class TrainerEngine:
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt, special=True)
             self._check_room("prompt" if len(prompts) == 1 else f"prompt[{i}]", len(ids), max_tokens)
-            jobs.append(GenerationRequest(ids, n=req.n, max_tokens=max_tokens, temperature=req.temperature,
-                                          top_p=req.top_p, seed=req.seed, stop=list(req.stop), logprobs=req.logprobs))
+            jobs.append(
+                GenerationRequest(
+                    ids,
+                    n=req.n,
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    stop=list(req.stop),
+                    logprobs=req.logprobs,
+                )
+            )
         per_prompt, version = await self._generate(req.model, jobs)
         prompt_scores = [None] * len(jobs)
         if req.echo and req.logprobs is not None:
             items = [ScoreItem(job.prompt_ids[:1], job.prompt_ids[1:]) for job in jobs]
-            prompt_scores, _ = await self.batcher.call(("logprobs", req.model == "student"), items, rows=len(items))
+            prompt_scores, _ = await self.batcher.call(
+                ("logprobs", req.model == "student"), items, rows=len(items)
+            )
         choices = []
         for p, (prompt, job, samples) in enumerate(zip(prompts, jobs, per_prompt)):
             for j, sample in enumerate(samples):
                 text = (prompt + sample.text) if req.echo else sample.text
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self._completion_logprobs(sample, job, prompt if req.echo else None,
-                                                         prompt_scores[p] if req.echo else None)
-                choices.append({"index": p * req.n + j, "text": text, "finish_reason": sample.finish_reason,
-                                "logprobs": logprobs})
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": _usage(jobs, per_prompt),
-                "adapter_version": version}
+                    logprobs = self._completion_logprobs(
+                        sample, job, prompt if req.echo else None, prompt_scores[p] if req.echo else None
+                    )
+                choices.append(
+                    {
+                        "index": p * req.n + j,
+                        "text": text,
+                        "finish_reason": sample.finish_reason,
+                        "logprobs": logprobs,
+                    }
+                )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": choices,
+            "usage": _usage(jobs, per_prompt),
+            "adapter_version": version,
+        }
 
     def _completion_logprobs(self, sample, job, echo_prompt: str | None, prompt_scores) -> dict[str, Any]:
         tokens, token_logprobs, top, offsets = [], [], [], []
@@ -126,21 +167,42 @@ class TrainerEngine:
             piece = self.tokenizer.decode([token_id])
             tokens.append(piece)
             token_logprobs.append(sample.token_logprobs[k])
-            top.append({self.tokenizer.decode([t]): v for t, v in sample.top_logprobs[k]}
-                       if sample.top_logprobs else None)
+            top.append(
+                {self.tokenizer.decode([t]): v for t, v in sample.top_logprobs[k]}
+                if sample.top_logprobs
+                else None
+            )
             offsets.append(offset)
             offset += len(piece)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        text = self.render(req.messages, add_generation_prompt=req.add_generation_prompt,
-                           continue_final_message=req.continue_final_message)
+        text = self.render(
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
         ids = self.encode(text)
-        max_tokens = req.max_completion_tokens or req.max_tokens or max(self.student.max_context - len(ids), 1)
+        max_tokens = (
+            req.max_completion_tokens or req.max_tokens or max(self.student.max_context - len(ids), 1)
+        )
         self._check_room("messages", len(ids), max_tokens)
         top = req.top_logprobs or 0
-        job = GenerationRequest(ids, n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, stop=list(req.stop), logprobs=top if req.logprobs else None)
+        job = GenerationRequest(
+            ids,
+            n=req.n,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=list(req.stop),
+            logprobs=top if req.logprobs else None,
+        )
         (samples,), version = await self._generate(req.model, [job])
         choices = []
         for j, sample in enumerate(samples):
@@ -149,17 +211,40 @@ class TrainerEngine:
                 content = []
                 for k, token_id in enumerate(sample.token_ids):
                     piece = self.tokenizer.decode([token_id])
-                    alternatives = [{"token": self.tokenizer.decode([t]), "logprob": v,
-                                     "bytes": list(self.tokenizer.decode([t]).encode())}
-                                    for t, v in (sample.top_logprobs[k] if sample.top_logprobs else [])]
-                    content.append({"token": piece, "logprob": sample.token_logprobs[k],
-                                    "bytes": list(piece.encode()), "top_logprobs": alternatives})
+                    alternatives = [
+                        {
+                            "token": self.tokenizer.decode([t]),
+                            "logprob": v,
+                            "bytes": list(self.tokenizer.decode([t]).encode()),
+                        }
+                        for t, v in (sample.top_logprobs[k] if sample.top_logprobs else [])
+                    ]
+                    content.append(
+                        {
+                            "token": piece,
+                            "logprob": sample.token_logprobs[k],
+                            "bytes": list(piece.encode()),
+                            "top_logprobs": alternatives,
+                        }
+                    )
                 logprobs = {"content": content}
-            choices.append({"index": j, "message": {"role": "assistant", "content": sample.text},
-                            "finish_reason": sample.finish_reason, "logprobs": logprobs})
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": _usage([job], [samples]),
-                "adapter_version": version}
+            choices.append(
+                {
+                    "index": j,
+                    "message": {"role": "assistant", "content": sample.text},
+                    "finish_reason": sample.finish_reason,
+                    "logprobs": logprobs,
+                }
+            )
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": choices,
+            "usage": _usage([job], [samples]),
+            "adapter_version": version,
+        }
 
     # ----- scoring and learning -----
     def _score_items(self, items, field: str = "items") -> list[ScoreItem]:
@@ -171,26 +256,44 @@ class TrainerEngine:
             if not context_ids:
                 raise RequestError(f"{field}[{i}].prompt", "the prompt has no tokens")
             if len(context_ids) + len(completion_ids) > self.student.max_context:
-                raise RequestError(f"{field}[{i}]", f"{len(context_ids) + len(completion_ids)} tokens exceed the "
-                                                    f"context of {self.student.max_context}")
+                raise RequestError(
+                    f"{field}[{i}]",
+                    f"{len(context_ids) + len(completion_ids)} tokens exceed the "
+                    f"context of {self.student.max_context}",
+                )
             scored.append(ScoreItem(context_ids, completion_ids))
         return scored
 
     async def logprobs(self, req: LogprobsRequest) -> dict[str, Any]:
         items = self._score_items(req.items)
-        scores, version = await self.batcher.call(("logprobs", req.model == "student"), items, rows=len(items))
+        scores, version = await self.batcher.call(
+            ("logprobs", req.model == "student"), items, rows=len(items)
+        )
         results = []
         for item, values in zip(items, scores):
-            results.append({"tokens": [self.tokenizer.decode([t]) for t in item.completion_ids],
-                            "token_logprobs": values, "sum": float(sum(values)),
-                            "mean": float(sum(values) / len(values)) if values else 0.0,
-                            "num_tokens": len(values)})
+            results.append(
+                {
+                    "tokens": [self.tokenizer.decode([t]) for t in item.completion_ids],
+                    "token_logprobs": values,
+                    "sum": float(sum(values)),
+                    "mean": float(sum(values) / len(values)) if values else 0.0,
+                    "num_tokens": len(values),
+                }
+            )
         return {"adapter_version": version, "results": results}
 
     async def grpo_step(self, req: GrpoStepRequest) -> dict[str, Any]:
         scored = self._score_items(req.items)
-        items = [GrpoItem(s.context_ids, s.completion_ids, advantage=it.advantage, old_logprobs=it.old_logprobs,
-                          weight=it.weight) for s, it in zip(scored, req.items)]
+        items = [
+            GrpoItem(
+                s.context_ids,
+                s.completion_ids,
+                advantage=it.advantage,
+                old_logprobs=it.old_logprobs,
+                weight=it.weight,
+            )
+            for s, it in zip(scored, req.items)
+        ]
         loss = LossConfig(**req.loss.model_dump())
         try:
             _check_grpo_items(items, loss)
@@ -200,7 +303,11 @@ class TrainerEngine:
 
         def apply() -> dict[str, Any]:
             student = self.student
-            if req.step_key is not None and req.step_key == student.last_step_key and student.last_step_result:
+            if (
+                req.step_key is not None
+                and req.step_key == student.last_step_key
+                and student.last_step_result
+            ):
                 return {**student.last_step_result, "duplicate": True}
             result = {**asdict(student.grpo_step(items, loss)), "duplicate": False}
             student.last_step_key, student.last_step_result = req.step_key, result
@@ -213,11 +320,23 @@ class TrainerEngine:
         def save() -> dict[str, Any]:
             s = self.student
             chosen = name or f"step-{s.step:06d}"
-            meta = {"step": s.step, "adapter_version": s.adapter_version, "step_key": s.last_step_key,
-                    "last_result": s.last_step_result, "model": s.name}
-            path = ckpt.save_checkpoint(self.checkpoint_dir, chosen, s.adapter_state(), s.optimizer.state_dict(), meta)
-            return {"name": chosen, "path": str(path), "step": s.step, "adapter_version": s.adapter_version,
-                    "step_key": s.last_step_key}
+            meta = {
+                "step": s.step,
+                "adapter_version": s.adapter_version,
+                "step_key": s.last_step_key,
+                "last_result": s.last_step_result,
+                "model": s.name,
+            }
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir, chosen, s.adapter_state(), s.optimizer.state_dict(), meta
+            )
+            return {
+                "name": chosen,
+                "path": str(path),
+                "step": s.step,
+                "adapter_version": s.adapter_version,
+                "step_key": s.last_step_key,
+            }
 
         return await self.batcher.exclusive(save)
 
@@ -230,15 +349,22 @@ class TrainerEngine:
             meta = checkpoint.meta
             previous = s.adapter_state()
             try:
-                s.load_adapter_state(checkpoint.adapter)  # validates names and shapes before changing anything
+                s.load_adapter_state(
+                    checkpoint.adapter
+                )  # validates names and shapes before changing anything
                 s.optimizer.load_state_dict(checkpoint.optimizer)
             except (ValueError, KeyError, RuntimeError) as exc:
                 s.load_adapter_state(previous)
                 raise ckpt.CheckpointCorrupt(f"checkpoint {name}: does not fit this model: {exc}") from exc
             s.step, s.adapter_version = int(meta.get("step", 0)), int(meta.get("adapter_version", 0))
             s.last_step_key, s.last_step_result = meta.get("step_key"), meta.get("last_result")
-            return {"name": name, "path": str(self.checkpoint_dir / name), "step": s.step,
-                    "adapter_version": s.adapter_version, "step_key": s.last_step_key}
+            return {
+                "name": name,
+                "path": str(self.checkpoint_dir / name),
+                "step": s.step,
+                "adapter_version": s.adapter_version,
+                "step_key": s.last_step_key,
+            }
 
         return await self.batcher.exclusive(apply)
 
@@ -249,13 +375,23 @@ class TrainerEngine:
         s = self.student
         counters = asdict(self.batcher.counters)
         counters["forward_passes"] = s.forward_passes
-        return {"status": "ok", "backend": s.backend, "device": str(s.device), "model": s.name,
-                "adapter_version": s.adapter_version, "step": s.step, "queue_depth": self.batcher.depth,
-                "batcher": counters}
+        return {
+            "status": "ok",
+            "backend": s.backend,
+            "device": str(s.device),
+            "model": s.name,
+            "adapter_version": s.adapter_version,
+            "step": s.step,
+            "queue_depth": self.batcher.depth,
+            "batcher": counters,
+        }
 
 
 def _usage(jobs: list[GenerationRequest], per_prompt: list[list]) -> dict[str, int]:
     prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
     completion_tokens = sum(s.num_generated for samples in per_prompt for s in samples)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

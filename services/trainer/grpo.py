@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import torch
 
 
-def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+def selective_log_softmax(
+    logits: torch.Tensor, token_ids: torch.Tensor, chunk_rows: int = 1024
+) -> torch.Tensor:
     """log_softmax(logits)[..., token_ids] without a full-vocabulary float32 log-softmax tensor.
 
     log p(y) = logit_y - logsumexp(logits), computed in float32 a chunk of rows at a time.
@@ -38,8 +40,8 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, chunk_r
     flat_ids = token_ids.reshape(-1)
     pieces = []
     for start in range(0, flat_logits.shape[0], chunk_rows):
-        rows = flat_logits[start:start + chunk_rows]
-        ids = flat_ids[start:start + chunk_rows]
+        rows = flat_logits[start : start + chunk_rows]
+        ids = flat_ids[start : start + chunk_rows]
         picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
         pieces.append(picked - torch.logsumexp(rows.float(), dim=-1))
     if not pieces:
@@ -55,10 +57,10 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LossTerms:
-    loss: torch.Tensor          # the scalar to backpropagate (this micro-batch's share of L)
-    kl_sum: torch.Tensor        # sum of per-sequence mean KL (for reporting; divide by N)
+    loss: torch.Tensor  # the scalar to backpropagate (this micro-batch's share of L)
+    kl_sum: torch.Tensor  # sum of per-sequence mean KL (for reporting; divide by N)
     clipped_tokens: torch.Tensor  # number of tokens whose ratio was clipped in the surrogate
-    tokens: torch.Tensor        # number of completion tokens
+    tokens: torch.Tensor  # number of completion tokens
 
 
 def grpo_loss(

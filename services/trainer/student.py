@@ -87,8 +87,9 @@ class StepResult:
 
 
 class Student:
-    def __init__(self, model, tokenizer, *, backend: str, device: torch.device, name: str,
-                 settings: TrainerSettings):
+    def __init__(
+        self, model, tokenizer, *, backend: str, device: torch.device, name: str, settings: TrainerSettings
+    ):
         self.model = model  # a peft model
         self.tokenizer = tokenizer
         self.backend = backend
@@ -111,7 +112,9 @@ class Student:
         self.decoder = causal_lm.model  # the transformer stack: hidden states without the lm_head
         self.lm_head = causal_lm.get_output_embeddings()
         # transformers 5.x renamed the KV-cache argument from past_key_values to cache.
-        self.cache_arg = "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
+        )
         model.eval()
 
     # ----- adapters -----
@@ -121,9 +124,14 @@ class Student:
 
     # ----- generation -----
     @torch.inference_mode()
-    def generate(self, requests: list[GenerationRequest], *, use_adapter: bool = True,
-                 admit: Callable[[int], list[GenerationRequest]] | None = None,
-                 on_done: Callable[[int, list[Sample]], None] | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        use_adapter: bool = True,
+        admit: Callable[[int], list[GenerationRequest]] | None = None,
+        on_done: Callable[[int, list[Sample]], None] | None = None,
+    ) -> list[list[Sample]]:
         """Generate for many requests in one batched decode loop; returns each request's n samples.
 
         Prompts are left-padded and prefilled once each; the KV cache is then expanded so a request's n samples
@@ -141,8 +149,14 @@ class Student:
 
         input_ids, mask = self._left_pad([r.prompt_ids for r in requests])
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_arg: cache},
+        )
         self.forward_passes += 1
         expand = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=self.device)
         cache.batch_select_indices(expand)
@@ -184,14 +198,19 @@ class Student:
                 logits = torch.cat([logits, new_logits])
                 rows = rows + add_rows(joining)
             reqs = [requests[owner[r]] for r in rows]
-            next_ids = sample_next(logits, [q.temperature for q in reqs], [q.top_p for q in reqs],
-                                   [generators[r] for r in rows], self.sampling_generator)
+            next_ids = sample_next(
+                logits,
+                [q.temperature for q in reqs],
+                [q.top_p for q in reqs],
+                [generators[r] for r in rows],
+                self.sampling_generator,
+            )
             want_logprobs = [q.logprobs is not None for q in reqs]
             if any(want_logprobs):
                 log_dist = torch.log_softmax(logits.float(), dim=-1)
                 picked = log_dist.gather(-1, next_ids.unsqueeze(1)).squeeze(1).tolist()
                 k_max = max(q.logprobs or 0 for q in reqs)
-                top_v, top_i = (log_dist.topk(k_max, dim=-1) if k_max else (None, None))
+                top_v, top_i = log_dist.topk(k_max, dim=-1) if k_max else (None, None)
             next_list = next_ids.tolist()
             keep = []
             for k, r in enumerate(rows):
@@ -200,8 +219,9 @@ class Student:
                 if want_logprobs[k]:
                     logprobs[r].append(picked[k])
                     if req.logprobs:
-                        tops[r].append(list(zip(top_i[k, :req.logprobs].tolist(),
-                                                top_v[k, :req.logprobs].tolist())))
+                        tops[r].append(
+                            list(zip(top_i[k, : req.logprobs].tolist(), top_v[k, : req.logprobs].tolist()))
+                        )
                 if token in self.eos_ids:
                     finish[r] = "stop"
                 elif req.stop and (cut := self._stop_position(generated[r], req.stop)) is not None:
@@ -214,9 +234,18 @@ class Student:
                 remaining[owner[r]] -= 1
                 if remaining[owner[r]] == 0:  # the request's last sample: report it now
                     index = owner[r]
-                    results[index] = [self._finish_sample(requests[index], generated[row], logprobs[row],
-                                                          tops[row], finish[row] or "length", stop_cut[row])
-                                      for row in range(len(owner)) if owner[row] == index]
+                    results[index] = [
+                        self._finish_sample(
+                            requests[index],
+                            generated[row],
+                            logprobs[row],
+                            tops[row],
+                            finish[row] or "length",
+                            stop_cut[row],
+                        )
+                        for row in range(len(owner))
+                        if owner[row] == index
+                    ]
                     if on_done is not None:
                         on_done(index, results[index])
             if not keep:
@@ -228,8 +257,13 @@ class Student:
                 next_ids = next_ids[index_tensor]
                 rows = [rows[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = self.model(input_ids=next_ids.unsqueeze(1).to(self.device), attention_mask=mask,
-                             position_ids=(mask.sum(1, keepdim=True) - 1), use_cache=True, **{self.cache_arg: cache})
+            out = self.model(
+                input_ids=next_ids.unsqueeze(1).to(self.device),
+                attention_mask=mask,
+                position_ids=(mask.sum(1, keepdim=True) - 1),
+                use_cache=True,
+                **{self.cache_arg: cache},
+            )
             self.forward_passes += 1
             logits = out.logits[:, -1, :]
         return results
@@ -259,22 +293,24 @@ class Student:
                 ids = ids[:-1]
         sample = Sample(token_ids=ids, text=text, finish_reason=finish_reason, num_generated=num_generated)
         if request.logprobs is not None:
-            sample.token_logprobs = logprobs[:len(ids)]
-            sample.top_logprobs = tops[:len(ids)] if request.logprobs else None
+            sample.token_logprobs = logprobs[: len(ids)]
+            sample.top_logprobs = tops[: len(ids)] if request.logprobs else None
         return sample
 
     # ----- scoring -----
     @torch.inference_mode()
-    def logprobs(self, items: list[ScoreItem], *, use_adapter: bool = True, batch_size: int = 16) -> list[list[float]]:
+    def logprobs(
+        self, items: list[ScoreItem], *, use_adapter: bool = True, batch_size: int = 16
+    ) -> list[list[float]]:
         """Per-token log-probs of each item's completion given its context, in padded batches."""
         results: list[list[float]] = []
         with self.adapter(use_adapter):
             for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                logp, mask = self._completion_logprobs(chunk)
+                chunk = items[start : start + batch_size]
+                logp, _ = self._completion_logprobs(chunk)
                 for row, item in enumerate(chunk):
                     n = len(item.completion_ids)
-                    results.append(logp[row, logp.shape[1] - n:].tolist() if n else [])
+                    results.append(logp[row, logp.shape[1] - n :].tolist() if n else [])
         return results
 
     def _completion_logprobs(self, items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,17 +322,18 @@ class Student:
         sequences = [list(it.context_ids) + list(it.completion_ids) for it in items]
         input_ids, mask = self._left_pad(sequences)
         width = max(len(it.completion_ids) for it in items)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
-                              use_cache=False).last_hidden_state
+        hidden = self.decoder(
+            input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+        ).last_hidden_state
         self.forward_passes += 1
         if width == 0:
             empty = hidden.new_zeros(len(items), 0)
             return empty, empty
-        logits = self.lm_head(hidden[:, -width - 1:-1, :])
+        logits = self.lm_head(hidden[:, -width - 1 : -1, :])
         targets = input_ids[:, -width:]
         completion_mask = torch.zeros(len(items), width, device=self.device)
         for row, it in enumerate(items):
-            completion_mask[row, width - len(it.completion_ids):] = 1.0
+            completion_mask[row, width - len(it.completion_ids) :] = 1.0
         return selective_log_softmax(logits, targets), completion_mask
 
     # ----- learning -----
@@ -311,7 +348,7 @@ class Student:
         self.model.train()
         try:
             for start in range(0, n, loss.micro_batch_size):
-                chunk = [items[i] for i in order[start:start + loss.micro_batch_size]]
+                chunk = [items[i] for i in order[start : start + loss.micro_batch_size]]
                 ref_logp = None
                 if loss.beta != 0.0:
                     with torch.no_grad(), self.model.disable_adapter():
@@ -321,11 +358,19 @@ class Student:
                 if old is not None:  # items without old log-probs are on-policy: ratio 1
                     old = torch.where(torch.isnan(old), logp.detach(), old)
                 terms = grpo_loss(
-                    logp, mask, torch.tensor([it.advantage for it in chunk], device=self.device),
-                    loss_type=loss.type, old_logp=old, ref_logp=ref_logp,
+                    logp,
+                    mask,
+                    torch.tensor([it.advantage for it in chunk], device=self.device),
+                    loss_type=loss.type,
+                    old_logp=old,
+                    ref_logp=ref_logp,
                     weights=torch.tensor([it.weight for it in chunk], device=self.device),
-                    beta=loss.beta, clip_eps=loss.clip_eps, clip_eps_high=loss.clip_eps_high,
-                    num_sequences=n, max_length=max_length)
+                    beta=loss.beta,
+                    clip_eps=loss.clip_eps,
+                    clip_eps_high=loss.clip_eps_high,
+                    num_sequences=n,
+                    max_length=max_length,
+                )
                 terms.loss.backward()
                 totals["loss"] += float(terms.loss.detach())
                 totals["kl"] += float(terms.kl_sum)
@@ -335,16 +380,24 @@ class Student:
             if not math.isfinite(grad_norm):
                 raise FloatingPointError("the gradient is not finite; the step was not applied")
             for group in self.optimizer.param_groups:
-                group["lr"] = loss.learning_rate if loss.learning_rate is not None else self.base_learning_rate
+                group["lr"] = (
+                    loss.learning_rate if loss.learning_rate is not None else self.base_learning_rate
+                )
             self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
         self.step += 1
         self.adapter_version += 1
-        return StepResult(loss=totals["loss"], kl=totals["kl"] / n,
-                          clip_fraction=totals["clipped"] / max(totals["tokens"], 1.0), grad_norm=grad_norm,
-                          tokens=int(totals["tokens"]), adapter_version=self.adapter_version, step=self.step)
+        return StepResult(
+            loss=totals["loss"],
+            kl=totals["kl"] / n,
+            clip_fraction=totals["clipped"] / max(totals["tokens"], 1.0),
+            grad_norm=grad_norm,
+            tokens=int(totals["tokens"]),
+            adapter_version=self.adapter_version,
+            step=self.step,
+        )
 
     # ----- state for checkpoints -----
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -359,11 +412,15 @@ class Student:
         current = self.adapter_state()
         if set(state) != set(current):
             missing, extra = sorted(set(current) - set(state))[:3], sorted(set(state) - set(current))[:3]
-            raise ValueError(f"adapter tensors do not match this model (missing {missing}, unexpected {extra})")
+            raise ValueError(
+                f"adapter tensors do not match this model (missing {missing}, unexpected {extra})"
+            )
         for key, tensor in state.items():
             if tuple(tensor.shape) != tuple(current[key].shape):
-                raise ValueError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(current[key].shape)}")
+                raise ValueError(
+                    f"adapter tensor {key} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(current[key].shape)}"
+                )
         set_peft_model_state_dict(self.model, state)
 
     # ----- helpers -----
@@ -373,8 +430,8 @@ class Student:
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
             if seq:
-                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq):] = 1
+                ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
 
@@ -408,7 +465,7 @@ def _old_logprobs(items: list[GrpoItem], mask: torch.Tensor) -> torch.Tensor:
     width = mask.shape[1]
     for row, it in enumerate(items):
         if it.old_logprobs is not None and it.old_logprobs:
-            old[row, width - len(it.old_logprobs):] = torch.tensor(it.old_logprobs, device=mask.device)
+            old[row, width - len(it.old_logprobs) :] = torch.tensor(it.old_logprobs, device=mask.device)
     return torch.where(mask.bool(), old, torch.zeros_like(old))
 
 
@@ -426,8 +483,10 @@ def _check_grpo_items(items: list[GrpoItem], loss: LossConfig) -> None:
             raise ValueError(f"items[{i}].weight: must be finite")
         if it.old_logprobs is not None:
             if len(it.old_logprobs) != len(it.completion_ids):
-                raise ValueError(f"items[{i}].old_logprobs: {len(it.old_logprobs)} values for "
-                                 f"{len(it.completion_ids)} completion tokens")
+                raise ValueError(
+                    f"items[{i}].old_logprobs: {len(it.old_logprobs)} values for "
+                    f"{len(it.completion_ids)} completion tokens"
+                )
             if not all(math.isfinite(x) for x in it.old_logprobs):
                 raise ValueError(f"items[{i}].old_logprobs: must be finite")
 
@@ -456,7 +515,10 @@ def load_student(settings: TrainerSettings) -> Student:
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve_model(settings.model_source, settings.model_cache_dir)
     want_unsloth = settings.backend == "unsloth" or (
-        settings.backend == "auto" and device.type == "cuda" and importlib.util.find_spec("unsloth") is not None)
+        settings.backend == "auto"
+        and device.type == "cuda"
+        and importlib.util.find_spec("unsloth") is not None
+    )
     if want_unsloth and resolved.kind != "random":
         model, tokenizer = _load_unsloth(resolved.path, settings)
         backend = "unsloth"
@@ -471,11 +533,18 @@ def load_student(settings: TrainerSettings) -> Student:
 def _load_unsloth(path: str, settings: TrainerSettings):
     from unsloth import FastLanguageModel  # imported only here: it patches transformers on import
 
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=settings.max_context,
-                                                         load_in_4bit=settings.load_in_4bit, dtype=None)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path, max_seq_length=settings.max_context, load_in_4bit=settings.load_in_4bit, dtype=None
+    )
     model = FastLanguageModel.get_peft_model(
-        model, r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.lora_target_modules), bias="none", random_state=settings.seed)
+        model,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.lora_target_modules),
+        bias="none",
+        random_state=settings.seed,
+    )
     return model, tokenizer
 
 
@@ -496,8 +565,11 @@ def _load_transformers(resolved, settings: TrainerSettings, device: torch.device
                     from transformers import BitsAndBytesConfig
 
                     kwargs["quantization_config"] = BitsAndBytesConfig(
-                        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                        bnb_4bit_use_double_quant=True)
+                        load_in_4bit=True,
+                        bnb_4bit_quant_type="nf4",
+                        bnb_4bit_compute_dtype=torch.bfloat16,
+                        bnb_4bit_use_double_quant=True,
+                    )
             model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except ModelSourceError:
         raise
@@ -505,6 +577,12 @@ def _load_transformers(resolved, settings: TrainerSettings, device: torch.device
         raise ModelSourceError(f"model_source: cannot load {resolved.path}: {exc}") from exc
     if getattr(model, "quantization_config", None) is None:
         model.to(device)
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=list(settings.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora), tokenizer

@@ -61,11 +61,14 @@ def test_greedy_is_deterministic_and_equals_transformers_generate(client, refere
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert first["choices"][0]["text"] == second["choices"][0]["text"] == expected
     assert first["choices"][0]["finish_reason"] == "length"
-    assert first["usage"] == {"prompt_tokens": ids.shape[1], "completion_tokens": 12,
-                              "total_tokens": ids.shape[1] + 12}
+    assert first["usage"] == {
+        "prompt_tokens": ids.shape[1],
+        "completion_tokens": 12,
+        "total_tokens": ids.shape[1] + 12,
+    }
     base = post(client, "/v1/completions", {**body, "model": "base"})
     assert base["choices"][0]["text"] == expected  # a fresh adapter changes nothing
 
@@ -73,20 +76,38 @@ def test_greedy_is_deterministic_and_equals_transformers_generate(client, refere
 def test_stop_strings_are_honoured_and_not_returned(client, reference):
     _, tokenizer = reference
     prompt = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    full = post(client, "/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 12,
-                                            "temperature": 0})["choices"][0]["text"]
+    full = post(
+        client, "/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    )["choices"][0]["text"]
     stop = full.split()[2]  # a word the greedy text reaches after a few tokens
-    cut = post(client, "/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 12, "temperature": 0,
-                                           "stop": [stop], "logprobs": 0})
+    cut = post(
+        client,
+        "/v1/completions",
+        {
+            "model": "base",
+            "prompt": prompt,
+            "max_tokens": 12,
+            "temperature": 0,
+            "stop": [stop],
+            "logprobs": 0,
+        },
+    )
     choice = cut["choices"][0]
-    assert choice["text"] == full[:full.index(stop)] and choice["finish_reason"] == "stop"
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
     assert "".join(choice["logprobs"]["tokens"]).startswith(choice["text"])
     assert cut["usage"]["completion_tokens"] < 12
 
 
 def test_seeded_sampling_is_reproducible_and_n_samples_differ(client):
-    body = {"model": "student", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "top_p": 0.95,
-            "n": 4, "seed": 7}
+    body = {
+        "model": "student",
+        "prompt": "Once upon a time",
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "n": 4,
+        "seed": 7,
+    }
     first, second = post(client, "/v1/completions", body), post(client, "/v1/completions", body)
     texts = [c["text"] for c in first["choices"]]
     assert texts == [c["text"] for c in second["choices"]]
@@ -95,23 +116,38 @@ def test_seeded_sampling_is_reproducible_and_n_samples_differ(client):
 
 def test_logprobs_match_a_direct_forward_pass(client, reference):
     prompt, completion = "The capital of France is", " Paris, a city on the Seine."
-    got = post(client, "/logprobs", {"model": "student", "items": [{"prompt": prompt, "completion": completion},
-                                                                  {"prompt": "2 + 2 =", "completion": " 4"}]})
+    got = post(
+        client,
+        "/logprobs",
+        {
+            "model": "student",
+            "items": [
+                {"prompt": prompt, "completion": completion},
+                {"prompt": "2 + 2 =", "completion": " 4"},
+            ],
+        },
+    )
     expected = direct_logprobs(reference, prompt, completion)
     result = got["results"][0]
     assert result["num_tokens"] == len(expected)
     assert max(abs(a - b) for a, b in zip(result["token_logprobs"], expected)) < 1e-4
     assert result["sum"] == pytest.approx(sum(expected), abs=1e-3)
-    assert got["results"][1]["token_logprobs"] == pytest.approx(direct_logprobs(reference, "2 + 2 =", " 4"),
-                                                                abs=1e-4)
+    assert got["results"][1]["token_logprobs"] == pytest.approx(
+        direct_logprobs(reference, "2 + 2 =", " 4"), abs=1e-4
+    )
 
 
 def test_concurrent_requests_share_forward_batches(trainer_service):
     async def run() -> list[dict]:
         async with httpx.AsyncClient(base_url=trainer_service.url, timeout=300) as http:
-            bodies = [{"model": "student", "prompt": f"Fact number {i}:", "max_tokens": 4, "temperature": 0}
-                      for i in range(8)]
-            return [r.json() for r in await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))]
+            bodies = [
+                {"model": "student", "prompt": f"Fact number {i}:", "max_tokens": 4, "temperature": 0}
+                for i in range(8)
+            ]
+            return [
+                r.json()
+                for r in await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+            ]
 
     before = httpx.get(trainer_service.url + "/health").json()["batcher"]
     results = asyncio.run(run())
@@ -122,17 +158,28 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
     assert after["max_batch_rows"] > 1
 
 
-@pytest.mark.parametrize("path, body, status, field", [
-    ("/v1/completions", {"model": "student", "prompt": ""}, 422, "prompt"),
-    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 422, "model"),
-    ("/v1/completions", {"model": "student", "prompt": "hi", "n": 65}, 422, "n"),
-    ("/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"model": "student", "messages": []}, 422, "messages"),
-    ("/logprobs", {"items": [{"completion": "x"}]}, 422, "items"),
-    ("/grpo/step", {"items": [{"prompt": "a", "completion": " b", "advantage": 1.0, "old_logprobs": [-1.0, -2.0, -3.0]}]},
-     400, "items[0].old_logprobs"),
-    ("/grpo/step", {"items": []}, 422, "items"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, field",
+    [
+        ("/v1/completions", {"model": "student", "prompt": ""}, 422, "prompt"),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 422, "model"),
+        ("/v1/completions", {"model": "student", "prompt": "hi", "n": 65}, 422, "n"),
+        ("/v1/completions", {"model": "student", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"model": "student", "messages": []}, 422, "messages"),
+        ("/logprobs", {"items": [{"completion": "x"}]}, 422, "items"),
+        (
+            "/grpo/step",
+            {
+                "items": [
+                    {"prompt": "a", "completion": " b", "advantage": 1.0, "old_logprobs": [-1.0, -2.0, -3.0]}
+                ]
+            },
+            400,
+            "items[0].old_logprobs",
+        ),
+        ("/grpo/step", {"items": []}, 422, "items"),
+    ],
+)
 def test_bad_input_names_the_field(client, path, body, status, field):
     response = client.post(path, json=body)
     assert response.status_code == status, response.text
@@ -150,21 +197,29 @@ def test_non_finite_advantage_is_refused_and_nothing_is_applied(client):
 def test_openai_client_calls_completions_and_chat_unchanged(trainer_service):
     openai = pytest.importorskip("openai")
     api = openai.OpenAI(base_url=trainer_service.base_url, api_key="unused", timeout=300)
-    completion = api.completions.create(model="student", prompt="1, 2, 3,", max_tokens=4, temperature=0,
-                                        logprobs=2, n=2, seed=1, stop=["\n"])
+    completion = api.completions.create(
+        model="student", prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2, n=2, seed=1, stop=["\n"]
+    )
     assert len(completion.choices) == 2 and completion.choices[0].text
     assert completion.choices[0].logprobs.token_logprobs and completion.usage.completion_tokens > 0
-    chat = api.chat.completions.create(model="base", messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=2)
+    chat = api.chat.completions.create(
+        model="base", messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
     assert chat.choices[0].message.content and chat.choices[0].finish_reason in ("stop", "length")
     assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
     assert chat.model_extra["adapter_version"] >= 0
 
 
 def test_chat_continue_final_message(client):
-    body = {"model": "student", "messages": CHAT + [{"role": "assistant", "content": "Tom has 3 + 4 ="}],
-            "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 6, "temperature": 0,
-            "stop": ["\n"]}
+    body = {
+        "model": "student",
+        "messages": CHAT + [{"role": "assistant", "content": "Tom has 3 + 4 ="}],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "max_tokens": 6,
+        "temperature": 0,
+        "stop": ["\n"],
+    }
     choice = post(client, "/v1/chat/completions", body)["choices"][0]
     assert "\n" not in choice["message"]["content"] and choice["message"]["content"].strip()
 
@@ -180,11 +235,17 @@ def scores(client, model="student") -> list[float]:
 
 def test_grpo_step_moves_log_probs_with_the_advantage_and_kl_grows(client):
     good_before, bad_before = scores(client)
-    items = [{"messages": CHAT, "completion": GOOD, "advantage": 1.0},
-             {"messages": CHAT, "completion": BAD, "advantage": -1.0}]
+    items = [
+        {"messages": CHAT, "completion": GOOD, "advantage": 1.0},
+        {"messages": CHAT, "completion": BAD, "advantage": -1.0},
+    ]
     loss = {"type": "grpo", "beta": 0.04, "learning_rate": 1e-4, "micro_batch_size": 1}
     first = post(client, "/grpo/step", {"items": items, "loss": loss, "step_key": "s1"})
-    assert first["kl"] == pytest.approx(0.0, abs=1e-7) and first["adapter_version"] == 1 and not first["duplicate"]
+    assert (
+        first["kl"] == pytest.approx(0.0, abs=1e-7)
+        and first["adapter_version"] == 1
+        and not first["duplicate"]
+    )
     assert first["tokens"] > 0 and first["grad_norm"] > 0
     good_after, bad_after = scores(client)
     assert good_after > good_before and bad_after < bad_before

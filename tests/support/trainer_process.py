@@ -31,8 +31,13 @@ def free_port() -> int:
 
 
 class TrainerProcess:
-    def __init__(self, checkpoint_dir: Path | str | None = None, env: dict[str, str] | None = None,
-                 port: int | None = None, startup_timeout: float = 300.0):
+    def __init__(
+        self,
+        checkpoint_dir: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        startup_timeout: float = 300.0,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
@@ -42,12 +47,22 @@ class TrainerProcess:
         self.log_path = Path(tempfile.mkstemp(prefix="azt-trainer-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "TrainerProcess":
-        env = {**os.environ, "TRAINER_HOST": "127.0.0.1", "TRAINER_PORT": str(self.port),
-               "TRAINER_CHECKPOINT_DIR": str(self.checkpoint_dir), **self.extra_env}
+    def start(self) -> TrainerProcess:
+        env = {
+            **os.environ,
+            "TRAINER_HOST": "127.0.0.1",
+            "TRAINER_PORT": str(self.port),
+            "TRAINER_CHECKPOINT_DIR": str(self.checkpoint_dir),
+            **self.extra_env,
+        }
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "services.trainer", "--log-level", "warning"],
-                                        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.trainer", "--log-level", "warning"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.wait_healthy()
         return self
 
@@ -77,14 +92,14 @@ class TrainerProcess:
                 self.process.wait()
         self.process = None
 
-    def restart(self) -> "TrainerProcess":
+    def restart(self) -> TrainerProcess:
         self.stop()
         return self.start()
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
-    def __enter__(self) -> "TrainerProcess":
+    def __enter__(self) -> TrainerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -5,10 +5,10 @@ import time
 import pytest
 
 pytest.importorskip("transformers")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from services.trainer.app import create_app  # noqa: E402
-from services.trainer.settings import TrainerSettings  # noqa: E402
+from services.trainer.app import create_app
+from services.trainer.settings import TrainerSettings
 
 
 def wait_loaded(client, timeout=120):
@@ -22,8 +22,9 @@ def wait_loaded(client, timeout=120):
 
 
 def test_bearer_token_guards_every_route_but_health(tiny_random_model_dir, tmp_path):
-    settings = TrainerSettings(model_source=str(tiny_random_model_dir), checkpoint_dir=tmp_path, api_token="sekret",
-                               lora_r=2)
+    settings = TrainerSettings(
+        model_source=str(tiny_random_model_dir), checkpoint_dir=tmp_path, api_token="sekret", lora_r=2
+    )
     with TestClient(create_app(settings)) as client:
         assert wait_loaded(client).status_code == 200
         assert client.get("/v1/models").status_code == 401

@@ -62,6 +62,7 @@ async def test_exclusive_jobs_run_alone_between_batches():
 
     batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=20)
     try:
+
         def exclusive():
             events.append("exclusive")
             return "done"
@@ -71,7 +72,9 @@ async def test_exclusive_jobs_run_alone_between_batches():
         results = await asyncio.gather(*calls)
         assert results[4] == "done"
         position = events.index("exclusive")
-        assert events[position - 1] == "end" and (position + 1 == len(events) or events[position + 1].startswith("start"))
+        assert events[position - 1] == "end" and (
+            position + 1 == len(events) or events[position + 1].startswith("start")
+        )
     finally:
         batcher.close()
 
@@ -85,7 +88,9 @@ async def test_a_failing_batch_fails_each_of_its_callers_and_the_worker_survives
 
     batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=20)
     try:
-        outcomes = await asyncio.gather(batcher.call("k", "bad"), batcher.call("k", "ok"), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            batcher.call("k", "bad"), batcher.call("k", "ok"), return_exceptions=True
+        )
         assert all(isinstance(o, RuntimeError) for o in outcomes)
         assert await batcher.call("k", "fine") == "fine"
     finally:

@@ -6,25 +6,30 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.trainer import checkpoints as ckpt  # noqa: E402
+from services.trainer import checkpoints as ckpt
 
 
 def sample_state():
     adapter = {"layer.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
-    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3)}},
-                 "param_groups": [{"lr": 1e-5, "params": [0]}]}
+    optimizer = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3)}},
+        "param_groups": [{"lr": 1e-5, "params": [0]}],
+    }
     return adapter, optimizer
 
 
 def test_round_trip_and_listing(tmp_path):
     adapter, optimizer = sample_state()
-    path = ckpt.save_checkpoint(tmp_path, "c1", adapter, optimizer, {"step": 3, "adapter_version": 3,
-                                                                      "step_key": "k3"})
+    path = ckpt.save_checkpoint(
+        tmp_path, "c1", adapter, optimizer, {"step": 3, "adapter_version": 3, "step_key": "k3"}
+    )
     assert path == tmp_path / "c1"
     loaded = ckpt.load_checkpoint(tmp_path, "c1")
     assert torch.equal(loaded.adapter["layer.lora_A.weight"], adapter["layer.lora_A.weight"])
     assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
-    assert loaded.meta["step"] == 3 and loaded.meta["adapter_version"] == 3 and loaded.meta["step_key"] == "k3"
+    assert (
+        loaded.meta["step"] == 3 and loaded.meta["adapter_version"] == 3 and loaded.meta["step_key"] == "k3"
+    )
     assert [c["name"] for c in ckpt.list_checkpoints(tmp_path)] == ["c1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
 
@@ -37,8 +42,9 @@ def test_saving_again_replaces_the_whole_checkpoint(tmp_path):
     assert set(loaded.adapter) == {"x"} and loaded.meta["step"] == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate_adapter", "flip_optimizer", "drop_meta", "garbage_meta",
-                                    "drop_adapter"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_adapter", "flip_optimizer", "drop_meta", "garbage_meta", "drop_adapter"]
+)
 def test_damaged_checkpoints_are_refused_with_a_clear_error(tmp_path, damage):
     adapter, optimizer = sample_state()
     path = ckpt.save_checkpoint(tmp_path, "c", adapter, optimizer, {"step": 1, "adapter_version": 1})

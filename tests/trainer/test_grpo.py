@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.trainer.grpo import grpo_loss, k3_kl, selective_log_softmax  # noqa: E402
+from services.trainer.grpo import grpo_loss, k3_kl, selective_log_softmax
 
 
 def test_selective_log_softmax_equals_gathered_log_softmax_in_chunks():
@@ -44,7 +44,9 @@ def test_ppo_clipping_with_old_log_probs():
     # A > 0: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5 -> loss = -(1.2 + 0.5) / 2
     assert positive.loss.item() == pytest.approx(-0.85)
     assert positive.clipped_tokens.item() == 1
-    negative = grpo_loss(logp, mask, torch.tensor([-1.0]), old_logp=old, beta=0.0, clip_eps=0.2, clip_eps_high=0.3)
+    negative = grpo_loss(
+        logp, mask, torch.tensor([-1.0]), old_logp=old, beta=0.0, clip_eps=0.2, clip_eps_high=0.3
+    )
     # A < 0: min(-1.5, -1.3) = -1.5 and min(-0.5, -0.8) = -0.8 -> loss = (1.5 + 0.8) / 2
     assert negative.loss.item() == pytest.approx(1.15)
     assert negative.clipped_tokens.item() == 1
@@ -62,8 +64,16 @@ def test_kl_term_and_report():
 def test_dr_grpo_divides_by_a_constant_and_weights_scale_items():
     logp = torch.zeros(2, 4)
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
-    terms = grpo_loss(logp, mask, torch.tensor([1.0, 1.0]), loss_type="dr_grpo", beta=0.0, max_length=8,
-                      weights=torch.tensor([1.0, 0.5]), num_sequences=4)
+    terms = grpo_loss(
+        logp,
+        mask,
+        torch.tensor([1.0, 1.0]),
+        loss_type="dr_grpo",
+        beta=0.0,
+        max_length=8,
+        weights=torch.tensor([1.0, 0.5]),
+        num_sequences=4,
+    )
     # sum over tokens / 8, weighted, / N=4: (-(4/8) * 1 - (2/8) * 0.5) / 4
     assert terms.loss.item() == pytest.approx((-0.5 - 0.125) / 4)
 

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from services.trainer.model_source import ModelSourceError, convert_gguf, default_gguf, resolve_model  # noqa: E402
-from services.trainer.settings import TrainerSettings  # noqa: E402
-from services.trainer.student import load_student  # noqa: E402
+from services.trainer.model_source import ModelSourceError, convert_gguf, default_gguf, resolve_model
+from services.trainer.settings import TrainerSettings
+from services.trainer.student import load_student
 
 
 def test_default_gguf_is_converted_once_into_a_plain_hf_directory(trainer_model_dir):
@@ -20,7 +20,9 @@ def test_default_gguf_is_converted_once_into_a_plain_hf_directory(trainer_model_
     assert again.kind == "hf_dir" and again.path == str(trainer_model_dir)
     config = json.loads((trainer_model_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
-    assert (trainer_model_dir / "model.safetensors").is_file() and (trainer_model_dir / "tokenizer.json").is_file()
+    assert (trainer_model_dir / "model.safetensors").is_file() and (
+        trainer_model_dir / "tokenizer.json"
+    ).is_file()
     # The cache is keyed by the file, and a complete entry is reused as it is.
     assert convert_gguf(gguf, trainer_model_dir.parent) == trainer_model_dir
 
@@ -30,11 +32,14 @@ def test_hf_directory_resolves_to_itself(trainer_model_dir):
     assert (resolved.kind, resolved.path) == ("hf_dir", str(trainer_model_dir))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "absent.gguf", "GGUF file not found"),
-    (lambda tmp: tmp / "no" / "such" / "dir", "not found"),
-    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "without config.json"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "absent.gguf", "GGUF file not found"),
+        (lambda tmp: tmp / "no" / "such" / "dir", "not found"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "without config.json"),
+    ],
+)
 def test_missing_sources_give_clear_errors(tmp_path, make, message):
     with pytest.raises(ModelSourceError, match=message):
         resolve_model(str(make(tmp_path)), tmp_path / "cache")

@@ -4,14 +4,25 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.trainer.settings import TrainerSettings  # noqa: E402
-from services.trainer.student import (GenerationRequest, GrpoItem, LossConfig, ScoreItem,  # noqa: E402
-                                      load_student)
+from services.trainer.settings import TrainerSettings
+from services.trainer.student import (
+    GenerationRequest,
+    GrpoItem,
+    LossConfig,
+    ScoreItem,
+    load_student,
+)
 
 
 def make_student(model_dir, tmp_path, **overrides):
-    settings = TrainerSettings(model_source=str(model_dir), checkpoint_dir=tmp_path / "ckpt", lora_r=4,
-                               lora_alpha=8, learning_rate=1e-2, **overrides)
+    settings = TrainerSettings(
+        model_source=str(model_dir),
+        checkpoint_dir=tmp_path / "ckpt",
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-2,
+        **overrides,
+    )
     return load_student(settings)
 
 
@@ -27,16 +38,29 @@ def ids(student, text):
 def test_lora_settings_reach_the_adapter(student):
     config = student.model.peft_config["default"]
     assert (config.r, config.lora_alpha) == (4, 8)
-    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"}
-    assert student.trainable and all("lora_" in n for n, p in student.model.named_parameters() if p.requires_grad)
+    assert set(config.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert student.trainable and all(
+        "lora_" in n for n, p in student.model.named_parameters() if p.requires_grad
+    )
 
 
 def test_n_samples_share_one_prefill_and_rows_leave_when_done(student):
     prompt = ids(student, "Hello there, how are you")
     before = student.forward_passes
-    samples = student.generate([GenerationRequest(prompt, n=3, max_tokens=5, temperature=1.0, seed=1),
-                                GenerationRequest(prompt[:3], n=1, max_tokens=2, temperature=0)])
+    samples = student.generate(
+        [
+            GenerationRequest(prompt, n=3, max_tokens=5, temperature=1.0, seed=1),
+            GenerationRequest(prompt[:3], n=1, max_tokens=2, temperature=0),
+        ]
+    )
     assert [len(s) for s in samples] == [3, 1]
     assert all(s.num_generated <= 5 for s in samples[0]) and samples[1][0].num_generated <= 2
     # one prefill for both prompts, then one decode pass per further token of the longest row
@@ -46,8 +70,9 @@ def test_n_samples_share_one_prefill_and_rows_leave_when_done(student):
 def test_greedy_in_a_padded_batch_equals_greedy_alone(student):
     a, b = ids(student, "The quick brown fox jumps"), ids(student, "One")
     alone = student.generate([GenerationRequest(a, max_tokens=6, temperature=0)])[0][0]
-    together = student.generate([GenerationRequest(b, max_tokens=6, temperature=0),
-                                 GenerationRequest(a, max_tokens=6, temperature=0)])[1][0]
+    together = student.generate(
+        [GenerationRequest(b, max_tokens=6, temperature=0), GenerationRequest(a, max_tokens=6, temperature=0)]
+    )[1][0]
     assert together.token_ids == alone.token_ids
 
 
@@ -63,12 +88,21 @@ def test_logprobs_in_a_padded_batch_equal_a_plain_forward(student):
 
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_random_model_dir, tmp_path):
-    items = [GrpoItem(ids_, comp, advantage=adv) for ids_, comp, adv in [
-        ([5, 6, 7], [8, 9], 1.0), ([5, 6], [10, 11, 12], -0.5), ([7], [13], 0.25), ([9, 9, 9, 9], [14, 15], -1.0)]]
+    items = [
+        GrpoItem(ids_, comp, advantage=adv)
+        for ids_, comp, adv in [
+            ([5, 6, 7], [8, 9], 1.0),
+            ([5, 6], [10, 11, 12], -0.5),
+            ([7], [13], 0.25),
+            ([9, 9, 9, 9], [14, 15], -1.0),
+        ]
+    ]
     results = []
     for micro in (1, 4):
         student = make_student(tiny_random_model_dir, tmp_path)  # the same seed: the same start
-        results.append(student.grpo_step(items, LossConfig(micro_batch_size=micro, beta=0.1, max_grad_norm=1e9)))
+        results.append(
+            student.grpo_step(items, LossConfig(micro_batch_size=micro, beta=0.1, max_grad_norm=1e9))
+        )
     full, micro = results[1], results[0]
     assert micro.loss == pytest.approx(full.loss, abs=1e-6)
     assert micro.grad_norm == pytest.approx(full.grad_norm, rel=1e-4)
@@ -107,8 +141,10 @@ def test_adapter_state_round_trip_refuses_foreign_tensors(student):
 
 
 def test_a_request_joining_a_running_decode_loop_gets_the_same_greedy_text(student):
-    long_prompt, short_prompt = ids(student, "A much longer prompt than the other one, with many words"), ids(
-        student, "Short")
+    long_prompt, short_prompt = (
+        ids(student, "A much longer prompt than the other one, with many words"),
+        ids(student, "Short"),
+    )
     alone = student.generate([GenerationRequest(short_prompt, max_tokens=5, temperature=0)])[0][0]
     calls, done = [], []
 
@@ -116,7 +152,10 @@ def test_a_request_joining_a_running_decode_loop_gets_the_same_greedy_text(stude
         calls.append(free_rows)
         return [GenerationRequest(short_prompt, max_tokens=5, temperature=0)] if len(calls) == 3 else []
 
-    results = student.generate([GenerationRequest(long_prompt, max_tokens=8, temperature=0)], admit=admit,
-                               on_done=lambda index, samples: done.append(index))
+    results = student.generate(
+        [GenerationRequest(long_prompt, max_tokens=8, temperature=0)],
+        admit=admit,
+        on_done=lambda index, samples: done.append(index),
+    )
     assert len(results) == 2 and results[1][0].token_ids == alone.token_ids
     assert sorted(done) == [0, 1] and calls[0] == student.max_batch_rows - 1
