@@ -49,6 +49,56 @@ def selective_log_softmax(
     return torch.cat(pieces).reshape(token_ids.shape)
 
 
+class _LinearSelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(h W^T)[y] a chunk of rows at a time; backward recomputes the chunk's logits.
+
+    z_n = W h_n, lse_n = log sum_v exp(z_nv) (float32), logp_n = z_{n,y_n} - lse_n;
+    dL/dh_n = sum_v g_n (1[v = y_n] - softmax(z_n)_v) W_v. W gets no gradient (LoRA never trains the output
+    matrix), so only h, W, y and lse are saved: O(N) memory instead of the (N, V) logits and float32 copies.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+        rows = hidden.shape[0]
+        logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, chunk_rows):
+            stop = min(start + chunk_rows, rows)
+            logits = hidden[start:stop] @ weight.t()
+            lse[start:stop] = torch.logsumexp(logits.float(), dim=-1)
+            picked = logits.gather(-1, targets[start:stop].unsqueeze(-1)).squeeze(-1).float()
+            logp[start:stop] = picked - lse[start:stop]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_logp = grad_logp.float()
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            stop = min(start + ctx.chunk_rows, hidden.shape[0])
+            logits = (hidden[start:stop] @ weight.t()).float()
+            g = grad_logp[start:stop].unsqueeze(-1)
+            grad_logits = torch.exp(logits - lse[start:stop].unsqueeze(-1)).mul_(-g)
+            grad_logits.scatter_add_(-1, targets[start:stop].unsqueeze(-1), g)
+            grad_hidden[start:stop] = grad_logits.to(hidden.dtype) @ weight
+        return grad_hidden, None, None, None
+
+
+def linear_selective_log_softmax(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[..., targets] in float32; hidden (..., H), weight (V, H), targets (...)."""
+    shape = targets.shape
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    logp = _LinearSelectiveLogSoftmax.apply(flat, weight, targets.reshape(-1), chunk_rows)
+    return logp.reshape(shape)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi_theta || pi_ref) estimate on the sampled tokens: exp(d) - d - 1 with d = ref - logp."""
     delta = ref_logp - logp

@@ -27,8 +27,10 @@ def sample_next(
 ) -> torch.Tensor:
     """One token id per row: greedy where temperature == 0, otherwise sampled after temperature and top-p.
 
-    Rows with a generator (a request seed) draw from it, so a seeded request gives the same text whatever else
-    shares its batch; the others draw from the engine's generator.
+    The draw stays on the logits' device (exponential race, equivalent to Gumbel-max: for i.i.d. E_v ~ Exp(1),
+    argmax_v p_v / E_v is distributed as p), so no (rows x vocabulary) matrix goes to the host. Rows with a
+    generator (a request seed; on the logits' device) draw from it, so a seeded request gives the same text
+    whatever else shares its batch; the others draw from the engine's generator.
     """
     logits = logits.float()
     chosen = logits.argmax(dim=-1)
@@ -38,11 +40,12 @@ def sample_next(
     rows = torch.tensor(sampled_rows, device=logits.device)
     temps = torch.tensor([temperature[i] for i in sampled_rows], device=logits.device).unsqueeze(1)
     scaled = logits[rows] / temps
-    ps = torch.tensor([top_p[i] for i in sampled_rows], device=logits.device)
-    if bool((ps < 1.0).any()):
+    if any(top_p[i] < 1.0 for i in sampled_rows):
+        ps = torch.tensor([top_p[i] for i in sampled_rows], device=logits.device)
         scaled = top_p_filter(scaled, ps)
-    probs = torch.softmax(scaled, dim=-1).cpu()
+    probs = torch.softmax(scaled, dim=-1)
+    race = torch.empty_like(probs)
     for k, row in enumerate(sampled_rows):
-        generator = generators[row] or default_generator
-        chosen[row] = int(torch.multinomial(probs[k], 1, generator=generator))
+        race[k].exponential_(generator=generators[row] or default_generator)
+    chosen[rows] = (probs / race).argmax(dim=-1)
     return chosen

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .grpo import grpo_loss, selective_log_softmax
+from .grpo import grpo_loss, linear_selective_log_softmax, selective_log_softmax
 from .model_source import ModelSourceError, resolve_model
 from .sampling import sample_next
 from .settings import TrainerSettings
@@ -104,13 +104,20 @@ class Student:
         self.forward_passes = 0  # model forward calls, reported by /health
         self.last_step_key: str | None = None
         self.last_step_result: StepResult | None = None
-        self.sampling_generator = torch.Generator().manual_seed(settings.seed)
+        self.sampling_generator = torch.Generator(device=device).manual_seed(settings.seed)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.base_learning_rate = settings.learning_rate
         self.optimizer = _make_optimizer(self.trainable, settings, device)
         causal_lm = model.get_base_model()
         self.decoder = causal_lm.model  # the transformer stack: hidden states without the lm_head
         self.lm_head = causal_lm.get_output_embeddings()
+        # The output projection fused into the log-softmax needs a frozen, bias-free lm_head (Llama, Qwen, SmolLM2).
+        self.fused_head = (
+            getattr(self.lm_head, "bias", None) is None and not self.lm_head.weight.requires_grad
+        )
+        # bf16 autocast on CUDA: the float32 LoRA weights join the bf16 matmuls instead of upcasting activations.
+        self.autocast = device.type == "cuda"
+        self.compiled = bool(getattr(model, "compiled_layers", False))
         # transformers 5.x renamed the KV-cache argument from past_key_values to cache.
         self.cache_arg = (
             "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
@@ -140,7 +147,9 @@ class Student:
         running batch (their indices follow the earlier ones); `on_done(index, samples)` reports each request as
         soon as all its samples are finished.
         """
-        with self.adapter(use_adapter):
+        # Decoding runs the layers eagerly: compiled layers would recompile for every KV-cache length.
+        stance = torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
+        with stance, self.adapter(use_adapter):
             return self._generate(list(requests), admit, on_done)
 
     def _prefill(self, requests: list[GenerationRequest]):
@@ -274,7 +283,8 @@ class Student:
     def _row_generator(self, request: GenerationRequest, sample_index: int) -> torch.Generator | None:
         if request.seed is None:
             return None
-        return torch.Generator().manual_seed((request.seed * 1_000_003 + sample_index) % (2**63))
+        seed = (request.seed * 1_000_003 + sample_index) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _stop_position(self, ids: list[int], stops: list[str]) -> int | None:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -322,18 +332,22 @@ class Student:
         sequences = [list(it.context_ids) + list(it.completion_ids) for it in items]
         input_ids, mask = self._left_pad(sequences)
         width = max(len(it.completion_ids) for it in items)
-        hidden = self.decoder(
-            input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
-        ).last_hidden_state
-        self.forward_passes += 1
-        if width == 0:
-            empty = hidden.new_zeros(len(items), 0)
-            return empty, empty
-        logits = self.lm_head(hidden[:, -width - 1 : -1, :])
-        targets = input_ids[:, -width:]
-        completion_mask = torch.zeros(len(items), width, device=self.device)
-        for row, it in enumerate(items):
-            completion_mask[row, width - len(it.completion_ids) :] = 1.0
+        lengths = torch.tensor([len(it.completion_ids) for it in items], device=self.device)
+        completion_mask = (torch.arange(width, device=self.device) >= (width - lengths).unsqueeze(1)).float()
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = self.decoder(
+                input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+            ).last_hidden_state
+            self.forward_passes += 1
+            if width == 0:
+                empty = hidden.new_zeros(len(items), 0)
+                return empty, empty
+            targets = input_ids[:, -width:]
+            if self.fused_head:
+                return linear_selective_log_softmax(
+                    hidden[:, -width - 1 : -1, :], self.lm_head.weight, targets
+                ), completion_mask
+            logits = self.lm_head(hidden[:, -width - 1 : -1, :])
         return selective_log_softmax(logits, targets), completion_mask
 
     # ----- learning -----
@@ -585,4 +599,25 @@ def _load_transformers(resolved, settings: TrainerSettings, device: torch.device
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), tokenizer
+    model = get_peft_model(model, lora)
+    if device.type == "cuda":
+        _speed_up_cuda(model, settings)
+    return model, tokenizer
+
+
+def _speed_up_cuda(model, settings: TrainerSettings) -> None:
+    """Activation checkpointing, TF32 for what stays float32, and a compiled decoder layer (bench/RESULTS.md)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if settings.gradient_checkpointing:  # only active in train mode, i.e. inside grpo_step
+        model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    if settings.compile_layers:
+        from torch import _dynamo
+
+        # One compiled code object serves every layer; variants: train / no-grad / inference mode, adapter on or
+        # off, and a few shapes until dynamo marks batch and length dynamic.
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
+        model.compiled_layers = True
