@@ -158,11 +158,12 @@ class Batcher:
     def _finish(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
         if job.future.done():
             return
+        # Count before answering: the caller may read the counters as soon as its future is done.
+        self.counters.requests += 1
         if error is not None:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
-        self.counters.requests += 1
 
     def _run_merged(self, jobs: list[Job]) -> None:
         # A caller that went away (client disconnect) cancelled its future: drop its job.
