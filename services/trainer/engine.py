@@ -138,6 +138,7 @@ class TrainerEngine:
                         "index": p * req.n + j,
                         "text": text,
                         "finish_reason": sample.finish_reason,
+                        "stop_reason": sample.stop_reason,
                         "logprobs": logprobs,
                     }
                 )
@@ -233,6 +234,7 @@ class TrainerEngine:
                     "index": j,
                     "message": {"role": "assistant", "content": sample.text},
                     "finish_reason": sample.finish_reason,
+                    "stop_reason": sample.stop_reason,
                     "logprobs": logprobs,
                 }
             )

@@ -46,6 +46,8 @@ class Sample:
     num_generated: int  # tokens produced, including a final end-of-sequence token
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # As vLLM reports it: the stop string that ended the sample; None for end of sequence or the length cap.
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -296,12 +298,20 @@ class Student:
         if ids and ids[-1] in self.eos_ids:
             ids = ids[:-1]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stop_reason = None
         if stop_cut is not None:
+            stop_reason = next((stop for stop in request.stop if text.startswith(stop, stop_cut)), None)
             text = text[:stop_cut]
             # The last token completed the stop string; keep it only if text it carries precedes the stop.
             if ids and self.tokenizer.decode(ids[:-1], skip_special_tokens=True) == text:
                 ids = ids[:-1]
-        sample = Sample(token_ids=ids, text=text, finish_reason=finish_reason, num_generated=num_generated)
+        sample = Sample(
+            token_ids=ids,
+            text=text,
+            finish_reason=finish_reason,
+            num_generated=num_generated,
+            stop_reason=stop_reason,
+        )
         if request.logprobs is not None:
             sample.token_logprobs = logprobs[: len(ids)]
             sample.top_logprobs = tops[: len(ids)] if request.logprobs else None

@@ -63,7 +63,7 @@ def test_greedy_is_deterministic_and_equals_transformers_generate(client, refere
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12)
     expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert first["choices"][0]["text"] == second["choices"][0]["text"] == expected
-    assert first["choices"][0]["finish_reason"] == "length"
+    assert first["choices"][0]["finish_reason"] == "length" and first["choices"][0]["stop_reason"] is None
     assert first["usage"] == {
         "prompt_tokens": ids.shape[1],
         "completion_tokens": 12,
@@ -94,6 +94,7 @@ def test_stop_strings_are_honoured_and_not_returned(client, reference):
     )
     choice = cut["choices"][0]
     assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+    assert choice["stop_reason"] == stop  # as vLLM says it: which stop string ended the text
     assert "".join(choice["logprobs"]["tokens"]).startswith(choice["text"])
     assert cut["usage"]["completion_tokens"] < 12
 
