@@ -9,9 +9,8 @@ import os
 import subprocess
 
 import pytest
-
+from support.compose import ENV_EXAMPLE, VLLM_SERVICES, compose_config
 from support.vllm_server import LAUNCHER
-from test_compose import ENV_EXAMPLE, VLLM_SERVICES, compose_config
 
 pytestmark = pytest.mark.vllm
 

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.client import OrchestratorClient
 from orchestrator.processes import free_port, orchestrator_process
-from tests.support.trainer_process import TrainerProcess
+from support.trainer_process import TrainerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.client import OrchestratorClient
 from orchestrator.processes import free_port, orchestrator_process
-from tests.support.scripted_server import ScriptedServer, ServerConfig
+from support.scripted_server import ScriptedServer, ServerConfig
 
 pytestmark = pytest.mark.integration
 
