@@ -49,7 +49,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--eval-examples", type=int, default=24, help="GSM8K test problems for base vs trained")
     p.add_argument("--eval-max-tokens", type=int, default=256)
-    p.add_argument("--eval-concurrency", type=int, default=8)
+    p.add_argument("--eval-concurrency", type=int, default=48)
     p.add_argument("--learning-rate", type=float, default=None, help="override the trainer's learning rate")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per LLM request")
     p.add_argument("--port", type=int, default=0, help="orchestrator port (0 = a free one)")
