@@ -15,47 +15,8 @@ from __future__ import annotations
 
 import torch
 
-
-class _LinearSelectiveLogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
-        rows = hidden.shape[0]
-        logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-        for start in range(0, rows, chunk_rows):
-            stop = min(start + chunk_rows, rows)
-            logits = hidden[start:stop] @ weight.t()
-            lse[start:stop] = torch.logsumexp(logits.float(), dim=-1)
-            picked = logits.gather(-1, targets[start:stop].unsqueeze(-1)).squeeze(-1).float()
-            logp[start:stop] = picked - lse[start:stop]
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_rows = chunk_rows
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_logp = grad_logp.float()
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            stop = min(start + ctx.chunk_rows, hidden.shape[0])
-            logits = (hidden[start:stop] @ weight.t()).float()
-            g = grad_logp[start:stop].unsqueeze(-1)
-            grad_logits = torch.exp(logits - lse[start:stop].unsqueeze(-1)).mul_(-g)
-            grad_logits.scatter_add_(-1, targets[start:stop].unsqueeze(-1), g)
-            grad_hidden[start:stop] = grad_logits.to(hidden.dtype) @ weight
-        return grad_hidden, None, None, None
-
-
-def linear_selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 chunk_rows: int = 1024) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[..., targets] in float32; hidden (..., H), weight (V, H), targets (...)."""
-    shape = targets.shape
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    logp = _LinearSelectiveLogSoftmax.apply(flat, weight, targets.reshape(-1), chunk_rows)
-    return logp.reshape(shape)
+# The trainer's own implementation (merged from this bench); the stage below binds it onto an engine that lacks it.
+from services.trainer.grpo import linear_selective_log_softmax
 
 
 def fused_completion_logprobs(student, items) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.trainer.grpo import grpo_loss, k3_kl, selective_log_softmax
+from services.trainer.grpo import grpo_loss, k3_kl, linear_selective_log_softmax, selective_log_softmax
 
 
 def test_selective_log_softmax_equals_gathered_log_softmax_in_chunks():
@@ -89,3 +89,18 @@ def test_legacy_is_reward_weighted_nll():
 def test_unknown_loss_type_names_the_field():
     with pytest.raises(ValueError, match="loss.type"):
         grpo_loss(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1), loss_type="ppo")
+
+
+def test_linear_selective_log_softmax_matches_float64_reference_and_its_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64)
+    targets = torch.randint(0, 11, (7,))
+    # a chunk size that does not divide the rows exercises the last, short chunk
+    fused = linear_selective_log_softmax(hidden, weight, targets, chunk_rows=3)
+    reference = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(fused.double(), reference, atol=1e-6)
+    upstream = torch.randn(7, dtype=torch.float64)
+    (grad_fused,) = torch.autograd.grad((fused.double() * upstream).sum(), hidden)
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), hidden)
+    assert torch.allclose(grad_fused, grad_reference, atol=1e-6)
