@@ -14,7 +14,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from orchestrator.machine import describe_machine  # noqa: E402
 from tests.support.trainer_process import TrainerProcess
 
 SECTION = "## Trainer service (CPU)"
@@ -84,18 +84,6 @@ def timed_post(http: httpx.Client, path: str, body: dict, repeats: int) -> tuple
         response = http.post(path, json=body)
         response.raise_for_status()
     return (time.perf_counter() - started) / repeats, response.json()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def write_results(result: dict, results_md: Path) -> None:
@@ -179,7 +167,7 @@ def main() -> None:
         "concurrent_speedup_32": round(completions["32"]["tok_s"] / completions["1"]["tok_s"], 2),
         "logprobs_tok_s": round(logprobs_tokens / seconds, 1),
         "grpo_step_tok_s": round(step["tokens"] / grpo_seconds, 1),
-        "machine": machine(),
+        "machine": describe_machine(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "load_before": load_before,

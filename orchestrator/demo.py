@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator.client import OrchestratorClient
+from orchestrator.machine import describe_machine
 from orchestrator.processes import free_port, orchestrator_process, trainer_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,19 +57,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json-out", default=None, help="write the demo's figures here (e.g. bench/results/demo.json)"
     )
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.machine()}"
-    return f"{system}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
 def print_table(train_job: dict, eval_job: dict) -> None:
@@ -197,7 +184,7 @@ def run_demo(args) -> int:
             "p_value_flexible": eval_job["result"]["comparison"]["flexible"]["p_value"],
             "adapter_version_start": train["adapter_version_start"],
             "adapter_version_end": train["adapter_version"],
-            "machine": machine_description(),
+            "machine": describe_machine(),
             "load_avg_1m_start": round(load_at_start, 2),
             "load_avg_1m_end": round(os.getloadavg()[0], 2),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
