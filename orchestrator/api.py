@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from orchestrator.events import SSE_KEEPALIVE, sse_frame
-from orchestrator.jobs import JobManager, JobNotFound, JobStateError
+from orchestrator.jobs import JobManager, JobNotFound, JobsBusy, JobStateError
 from orchestrator.schemas import (
     EndpointHealth,
     EvalRequest,
@@ -40,7 +40,9 @@ from orchestrator.schemas import (
 from orchestrator.settings import EndpointSpec, Settings
 from orchestrator.store import JobRecord
 from orchestrator.telemetry import CONTENT_TYPE_LATEST, Telemetry
+from services.body_limit import BodySizeLimit
 
+RETRY_AFTER_S = 30  # the Retry-After of a 429 when the job queue is full
 JOB_FILES = {"curves.png", "report.png", "report.html", "report.json", "eval.jsonl"}
 
 
@@ -139,6 +141,7 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
         "background; follow them with GET /jobs/{id} or the SSE stream.",
     )
     app.state.settings, app.state.manager, app.state.telemetry = settings, manager, telemetry
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, setting="MAX_REQUEST_BYTES")
     token = settings.api_token.get_secret_value() if settings.api_token else None
 
     async def require_token(authorization: str | None = Header(default=None)) -> None:
@@ -284,5 +287,10 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     @app.exception_handler(JobNotFound)
     async def not_found(_request: Request, exc: JobNotFound):
         return JSONResponse({"detail": f"no job {exc.args[0]!r}"}, status_code=404)
+
+    @app.exception_handler(JobsBusy)
+    async def busy(_request: Request, exc: JobsBusy):
+        # Refused rather than queued without bound; a queued job takes at least seconds, so ask for 30.
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     return app

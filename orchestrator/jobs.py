@@ -2,13 +2,15 @@
 
 Life of a job: queued -> running -> completed | failed | cancelled. A job whose process died (or that was
 running when the service shut down) is `interrupted`; `resume` queues it again (a train job continues from its
-last checkpoint, an eval job starts over). At most `max_concurrent_jobs` run at once; the others wait queued.
+last checkpoint, an eval job starts over). At most `max_concurrent_jobs` run at once; the others wait queued,
+at most `max_queued_jobs` of them (beyond that, submit and resume raise JobsBusy).
 Every status change is stored first and then published as a "status" event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,6 +33,15 @@ RESUMABLE = frozenset({"interrupted", "failed", "cancelled"})
 
 class JobNotFound(KeyError):
     pass
+
+
+class JobsBusy(Exception):
+    """Queued + running jobs are at max_concurrent_jobs + max_queued_jobs; the caller should retry later."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"{limit} jobs are already queued or running (MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS); "
+                         "retry later")
+        self.limit = limit
 
 
 class JobStateError(Exception):
@@ -60,6 +71,7 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._admitting = 0  # submits past the capacity check that have not launched their task yet
         self._closing = False
         self.pool: LLMPool | None = None
         self.trainer: TrainerClient | None = None
@@ -115,12 +127,13 @@ class JobManager:
     async def submit(self, kind: str, request: dict[str, Any]) -> JobRecord:
         if kind not in ("train", "eval"):
             raise ValueError(f"unknown job kind {kind!r}")
-        job_id = f"{kind}-{uuid.uuid4().hex[:12]}"
-        job = await self.store.create_job(job_id, kind, request)
-        if self.telemetry is not None:
-            self.telemetry.jobs_submitted.labels(kind=kind).inc()
-        await self.hub.publish(job_id, "status", {"status": "queued"})
-        self._launch(job, resumed=False)
+        with self._admission():
+            job_id = f"{kind}-{uuid.uuid4().hex[:12]}"
+            job = await self.store.create_job(job_id, kind, request)
+            if self.telemetry is not None:
+                self.telemetry.jobs_submitted.labels(kind=kind).inc()
+            await self.hub.publish(job_id, "status", {"status": "queued"})
+            self._launch(job, resumed=False)
         return job
 
     async def cancel(self, job_id: str) -> JobRecord:
@@ -140,8 +153,9 @@ class JobManager:
         job = await self.get(job_id)
         if job_id in self._tasks or job.status not in RESUMABLE:
             raise JobStateError(f"job {job_id} is {job.status}; only {sorted(RESUMABLE)} jobs can be resumed")
-        await self._set_status(job_id, "queued", clear_error=True, event_data={"resumed": True})
-        self._launch(await self.get(job_id), resumed=True)
+        with self._admission():
+            await self._set_status(job_id, "queued", clear_error=True, event_data={"resumed": True})
+            self._launch(await self.get(job_id), resumed=True)
         return await self.get(job_id)
 
     async def wait(self, job_id: str) -> JobRecord:
@@ -152,6 +166,19 @@ class JobManager:
         return await self.get(job_id)
 
     # --- running ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _admission(self):
+        """Admit one more job or raise JobsBusy; checked and counted before the first await, so concurrent
+        submits cannot all pass the check."""
+        limit = self.settings.max_concurrent_jobs + self.settings.max_queued_jobs
+        if len(self._tasks) + self._admitting >= limit:
+            raise JobsBusy(limit)
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+
     def _launch(self, job: JobRecord, resumed: bool) -> None:
         self._cancels[job.id] = asyncio.Event()
         task = asyncio.create_task(self._run(job, resumed), name=f"job {job.id}")

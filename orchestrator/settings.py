@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     db_path: Path | None = None  # default: data_dir / "jobs.sqlite"
     gsm8k_path: str | None = None  # local jsonl folder; None = the hub (openai/gsm8k "main")
     max_concurrent_jobs: int = Field(default=1, ge=1, le=64)
+    max_queued_jobs: int = Field(default=16, ge=0, le=4096)  # beyond running + this many, /train and /eval get 429
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger request bodies get 413
     wandb_project: str | None = None
     wandb_api_key: SecretStr | None = None
 

@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from services.body_limit import BodySizeLimit
+
 from . import checkpoints as ckpt
 from .engine import RequestError, TrainerEngine
 from .model_source import ModelSourceError
@@ -76,6 +78,7 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="alphazero-llm-trainer: trainer service", lifespan=lifespan)
     app.state.loader = loader
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, setting="TRAINER_MAX_REQUEST_BYTES")
 
     def engine() -> TrainerEngine:
         if loader.engine is None:

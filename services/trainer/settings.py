@@ -29,6 +29,8 @@ class TrainerSettings(BaseSettings):
     load_in_4bit: bool = True  # on CUDA only; CPU is always float32
     host: str = "127.0.0.1"
     port: int = Field(default=8001, ge=0, le=65535)
+    # Larger request bodies get 413; /grpo/step carries whole batches, hence the generous default.
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
     lora_r: int = Field(default=32, ge=1)
     lora_alpha: int = Field(default=32, ge=1)

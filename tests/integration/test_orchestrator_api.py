@@ -223,3 +223,41 @@ def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job
     finally:
         proc.stop()
         scripted.config.latency_ms = 0
+
+
+def test_request_bodies_over_max_request_bytes_get_413(client):
+    limit = 1024 * 1024  # the default MAX_REQUEST_BYTES
+    declared = client.http.post("/train", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and f"{limit} bytes (MAX_REQUEST_BYTES)" in declared.json()["detail"]
+
+    def chunks():  # no Content-Length: the body is counted as it streams in
+        for _ in range(3 * 16):
+            yield b" " * (64 * 1024)
+
+    streamed = client.http.post("/eval", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in streamed.request.headers
+    assert streamed.status_code == 413 and "MAX_REQUEST_BYTES" in streamed.json()["detail"]
+
+
+def test_jobs_beyond_running_plus_queued_limit_get_429_with_retry_after(scripted, tmp_path, gsm8k_dir):
+    env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUED_JOBS": "1"}
+    scripted.config.latency_ms = 500
+    try:
+        with orchestrator_process(free_port(), scripted.url, tmp_path, env=env) as proc:
+            proc.wait_ready(timeout_s=60)
+            with OrchestratorClient(proc.url) as client:
+                body = {"num_examples": 30, "max_tokens": 32}
+                running, queued = (client.http.post("/eval", json=body) for _ in range(2))
+                assert running.status_code == 202 and queued.status_code == 202
+                refused = client.http.post("/train", json={"num_examples": 1})
+                assert refused.status_code == 429 and refused.headers["Retry-After"].isdigit()
+                assert "MAX_QUEUED_JOBS" in refused.json()["detail"]
+                assert client.http.post("/eval", json=body).status_code == 429
+                assert len(client.http.get("/jobs").json()["jobs"]) == 2  # nothing was stored for the refused
+                for accepted in (queued, running):
+                    assert client.http.post(f"/jobs/{accepted.json()['job_id']}/cancel").status_code == 200
+                again = client.http.post("/eval", json=body)
+                assert again.status_code == 202
+                assert client.http.post(f"/jobs/{again.json()['job_id']}/cancel").status_code == 200
+    finally:
+        scripted.config.latency_ms = 0

@@ -107,3 +107,15 @@ async def test_shutdown_interrupts_and_a_new_manager_resumes(make_manager, tmp_p
     job = await again.wait((await again.resume(job.id)).id)
     assert job.status == "completed"
     assert (await statuses(again, job.id))[-4:] == ["interrupted", "queued", "running", "completed"]
+
+
+async def test_concurrent_submits_past_running_plus_queued_limit_raise_jobs_busy(make_manager):
+    from orchestrator.jobs import JobsBusy
+
+    manager = await make_manager(waiting_forever, max_concurrent_jobs=1, max_queued_jobs=2)
+    outcomes = await asyncio.gather(*(manager.submit("eval", {}) for _ in range(6)), return_exceptions=True)
+    accepted = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(accepted) == 3 and all(isinstance(o, JobsBusy) for o in outcomes if o not in accepted)
+    assert len(await manager.list()) == 3
+    await manager.cancel(accepted[0].id)
+    assert (await manager.submit("eval", {})).status == "queued"  # a freed place is taken again

@@ -40,3 +40,28 @@ def test_a_missing_model_is_reported_on_health_and_routes_answer_503(tmp_path):
         assert "GGUF file not found" in health.json()["error"]
         response = client.post("/v1/completions", json={"model": "student", "prompt": "hi"})
         assert response.status_code == 503 and "GGUF file not found" in response.json()["error"]["message"]
+
+
+def _chunks(total: int, size: int = 64 * 1024):
+    async def gen():
+        for start in range(0, total, size):
+            yield b"x" * min(size, total - start)
+
+    return gen()
+
+
+async def test_request_bodies_over_the_limit_get_413_with_or_without_content_length(tmp_path):
+    import httpx
+
+    # No lifespan: the model never loads, so a body under the limit reaches the route and gets 503.
+    settings = TrainerSettings(model_source=str(tmp_path / "nowhere.gguf"), max_request_bytes=4096)
+    transport = httpx.ASGITransport(app=create_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://trainer") as client:
+        declared = await client.post("/grpo/step", content=b"x" * 5000, headers={"content-type": "application/json"})
+        assert declared.status_code == 413
+        assert "4096 bytes (TRAINER_MAX_REQUEST_BYTES)" in declared.json()["detail"]
+        streamed = await client.post("/grpo/step", content=_chunks(20000), headers={"content-type": "application/json"})
+        assert "content-length" not in streamed.request.headers
+        assert streamed.status_code == 413 and "4096 bytes" in streamed.json()["detail"]
+        small = await client.post("/grpo/step", json={"items": []})
+        assert small.status_code != 413
