@@ -261,3 +261,25 @@ def test_jobs_beyond_running_plus_queued_limit_get_429_with_retry_after(scripted
                 assert client.http.post(f"/jobs/{again.json()['job_id']}/cancel").status_code == 200
     finally:
         scripted.config.latency_ms = 0
+
+
+def test_path_parameters_cannot_escape_the_job_folder(client):
+    job_id = client.eval(num_examples=1, max_tokens=32)
+    assert client.wait(job_id, timeout_s=60)["status"] == "completed"
+    assert client.http.get(f"/jobs/{job_id}/trees/0").status_code == 404  # an eval job keeps no trees
+    for path in (
+        f"/jobs/{job_id}/files/..%2F..%2Fetc%2Fpasswd",
+        f"/jobs/{job_id}/files/..%2F..%2Fjobs.sqlite",
+        f"/jobs/{job_id}/files/%2Fetc%2Fpasswd",
+        f"/jobs/{job_id}/trees/-1",
+        f"/jobs/{job_id}/files/.env",
+        f"/jobs/..%2F..%2F{job_id}/files/report.html",
+        f"/jobs/..%2F{job_id}/results.jsonl",
+    ):
+        response = client.http.get(path)
+        assert response.status_code == 404, path
+        assert b"SQLite format" not in response.content and b"root:" not in response.content
+    # Decoded, %2F is a slash, so those never match a route; a name without one reaches the checks.
+    assert client.http.get(f"/jobs/{job_id}/files/%2E%2E").status_code == 404
+    assert client.http.get(f"/jobs/{job_id}/trees/%2E%2E").status_code == 422  # n must be an integer
+    assert client.http.get(f"/jobs/{job_id}/trees/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)

@@ -65,3 +65,16 @@ async def test_request_bodies_over_the_limit_get_413_with_or_without_content_len
         assert streamed.status_code == 413 and "4096 bytes" in streamed.json()["detail"]
         small = await client.post("/grpo/step", json={"items": []})
         assert small.status_code != 413
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "/etc/passwd", "ok/../../x", "a\\..\\b"])
+async def test_checkpoint_names_that_could_escape_the_folder_get_422(tmp_path, name):
+    import httpx
+
+    # Checked on the request model, before the engine is needed: the model never loads here.
+    settings = TrainerSettings(model_source=str(tmp_path / "nowhere.gguf"), checkpoint_dir=tmp_path)
+    transport = httpx.ASGITransport(app=create_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://trainer") as client:
+        for route in ("/checkpoints", "/checkpoints/load"):
+            response = await client.post(route, json={"name": name})
+            assert response.status_code == 422 and response.json()["error"]["param"] == "name"
