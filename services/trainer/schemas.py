@@ -19,31 +19,38 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-def _stop_list(value: str | list[str] | None) -> list[str]:
-    stops = [value] if isinstance(value, str) else list(value or [])
-    if any(s == "" for s in stops):
-        raise ValueError("stop strings must not be empty")
-    return stops
+class _SamplingRequest(_Request):
+    """What /v1/completions and /v1/chat/completions share: the model and how to sample from it."""
 
-
-def _no_streaming(value: bool) -> bool:
-    if value:
-        raise ValueError("streaming is not supported by this server")
-    return value
-
-
-class CompletionRequest(_Request):
     model: ModelName
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=64)
     stop: str | list[str] | None = Field(default=None, validate_default=True)  # normalised to list[str]
     seed: int | None = None
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("streaming is not supported by this server")
+        return value
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    stream: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -52,16 +59,6 @@ class CompletionRequest(_Request):
         if not prompts or any(p == "" for p in prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
         return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        return _stop_list(value)
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value):
-        return _no_streaming(value)
 
 
 class ChatMessage(BaseModel):
@@ -75,31 +72,14 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Request):
-    model: ModelName
+class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=64)
-    stop: str | list[str] | None = Field(default=None, validate_default=True)  # normalised to list[str]
-    seed: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    stream: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        return _stop_list(value)
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value):
-        return _no_streaming(value)
 
     @model_validator(mode="after")
     def _continue_needs_assistant(self):
