@@ -59,7 +59,8 @@ class ServiceProcess:
             return ""
 
     def wait_ready(self, timeout_s: float = 600.0, ok=lambda body: True) -> dict:
-        """Poll GET health_path until it answers 200 and `ok(body)`; fail early if the process exits."""
+        """Poll GET health_path until it answers 200 and `ok(body)`; fail early if the process exits or its
+        health says status "error"."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc is not None and self.proc.poll() is not None:
@@ -69,10 +70,13 @@ class ServiceProcess:
                 )
             try:
                 response = httpx.get(self.url + self.health_path, timeout=5.0)
-                if response.status_code == 200 and ok(response.json()):
-                    return response.json()
+                body = response.json()
+                if response.status_code == 200 and ok(body):
+                    return body
             except (httpx.HTTPError, ValueError):
-                pass
+                body = None
+            if isinstance(body, dict) and body.get("status") == "error":  # e.g. the model failed to load
+                raise RuntimeError(f"{self.name} failed to start: {body.get('error')}; log {self.log_path}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{self.name} not ready at {self.url} after {timeout_s:g}s; log "

@@ -5,29 +5,18 @@
 
 The model cache is the default one (~/.cache/alphazero-llm-trainer/models, or TRAINER_MODEL_CACHE_DIR), so the
 GGUF -> HF conversion happens once per machine. Extra TRAINER_* settings go in `env`. `restart()` stops and starts
-the same service (same port, same checkpoint directory), as after a crash.
+the same service (same port, same checkpoint directory), as after a crash. Process handling (start, health wait,
+SIGTERM then SIGKILL) is the demo's own `orchestrator.processes.ServiceProcess`.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from orchestrator.processes import ServiceProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TrainerProcess:
@@ -42,62 +31,42 @@ class TrainerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         self.checkpoint_dir = Path(checkpoint_dir or tempfile.mkdtemp(prefix="azt-trainer-ckpt-"))
-        self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
-        self.log_path = Path(tempfile.mkstemp(prefix="azt-trainer-", suffix=".log")[1])
-        self.process: subprocess.Popen | None = None
+        self.service = ServiceProcess(
+            "trainer",
+            ["-m", "services.trainer", "--log-level", "warning"],
+            env={
+                "TRAINER_HOST": "127.0.0.1",
+                "TRAINER_PORT": str(self.port),
+                "TRAINER_CHECKPOINT_DIR": str(self.checkpoint_dir),
+                **(env or {}),
+            },
+            log_path=Path(tempfile.mkstemp(prefix="azt-trainer-", suffix=".log")[1]),
+            url=self.url,
+            cwd=REPO_ROOT,
+        )
 
     def start(self) -> TrainerProcess:
-        env = {
-            **os.environ,
-            "TRAINER_HOST": "127.0.0.1",
-            "TRAINER_PORT": str(self.port),
-            "TRAINER_CHECKPOINT_DIR": str(self.checkpoint_dir),
-            **self.extra_env,
-        }
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.trainer", "--log-level", "warning"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_healthy()
+        self.service.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()  # a trainer that failed to load keeps serving its error: leave nothing behind
+            raise
         return self
 
     def wait_healthy(self) -> dict:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"trainer exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                response = httpx.get(self.url + "/health", timeout=5)
-                if response.status_code == 200:
-                    return response.json()
-                if response.json().get("status") == "error":
-                    raise RuntimeError(f"trainer failed to load: {response.json().get('error')}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"trainer not healthy after {self.startup_timeout} s:\n{self.log_tail()}")
+        return self.service.wait_ready(self.startup_timeout)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        self.service.stop(grace_s=20.0)
 
     def restart(self) -> TrainerProcess:
         self.stop()
         return self.start()
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        return self.service.log_tail(chars)
 
     def __enter__(self) -> TrainerProcess:
         return self.start()
