@@ -15,8 +15,27 @@ GSM8K_TRAIN_SIZE = 7473
 GSM8K_TEST_SIZE = 1319
 
 
+def _check_fits_split(split: str, offset: int, num_examples: int) -> None:
+    size = GSM8K_TRAIN_SIZE if split == "train" else GSM8K_TEST_SIZE
+    if offset + num_examples > size:
+        raise ValueError(
+            f"offset + num_examples = {offset + num_examples} exceeds the {size} problems of the {split} split"
+        )
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class RewardParams(_Strict):
+    """Overrides of the path reward weights (orchestrator.rewards.RewardWeights); unset ones keep the default."""
+
+    hre: float | None = Field(default=None, ge=0, le=100)
+    pre: float | None = Field(default=None, ge=0, le=100)
+    length_penalty: float | None = Field(default=None, ge=-10, le=10)
+    right_bonus: float | None = Field(default=None, ge=-10, le=10)
+    wrong_bonus: float | None = Field(default=None, ge=-10, le=10)
+    discount: float | None = Field(default=None, ge=0, le=1)
 
 
 class SearchParams(_Strict):
@@ -42,6 +61,17 @@ class SearchParams(_Strict):
     use_checker: bool | None = None
     teacher_temperature: float | None = Field(default=None, ge=0, le=2)
     seed: int | None = None
+    one_line_steps: bool | None = Field(
+        default=None,
+        description="student steps end at a newline (default); false: the student writes on to the end, so "
+        "max_depth 1 with no teacher children is plain GRPO sampling",
+    )
+    teacher_reference: bool | None = Field(
+        default=None,
+        description="show the 'right' teacher the problem's gold solution as a hint (train problems only; "
+        "default off)",
+    )
+    rewards: RewardParams | None = None
 
     def overrides(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -69,6 +99,9 @@ class TrainRequest(_Strict):
     loss: LossParams = Field(default_factory=LossParams)
     advantage_mode: Literal["flat", "tree"] = "flat"
     advantage_clip: float = Field(default=5.0, gt=0, le=100)
+    teacher_weight: float = Field(
+        default=0.5, ge=0, le=10, description="loss weight of items holding teacher-written text (off-policy)"
+    )
     checkpoint_every: int = Field(default=1, ge=1, le=100000, description="save a checkpoint every N steps")
     eval_every: int | None = Field(default=None, ge=1, le=100000, description="evaluate every M steps")
     eval_examples: int = Field(default=10, ge=1, le=GSM8K_TEST_SIZE)
@@ -77,12 +110,7 @@ class TrainRequest(_Strict):
 
     @model_validator(mode="after")
     def _fits_split(self) -> "TrainRequest":
-        size = GSM8K_TRAIN_SIZE if self.split == "train" else GSM8K_TEST_SIZE
-        if self.offset + self.num_examples > size:
-            raise ValueError(
-                f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
-                f"{size} problems of the {self.split} split"
-            )
+        _check_fits_split(self.split, self.offset, self.num_examples)
         return self
 
 
@@ -98,12 +126,7 @@ class EvalRequest(_Strict):
 
     @model_validator(mode="after")
     def _fits_split(self) -> "EvalRequest":
-        size = GSM8K_TRAIN_SIZE if self.split == "train" else GSM8K_TEST_SIZE
-        if self.offset + self.num_examples > size:
-            raise ValueError(
-                f"offset + num_examples = {self.offset + self.num_examples} exceeds the "
-                f"{size} problems of the {self.split} split"
-            )
+        _check_fits_split(self.split, self.offset, self.num_examples)
         if len(set(self.models)) != len(self.models):
             raise ValueError("models must not repeat")
         return self

@@ -142,15 +142,7 @@ class TrainerEngine:
                         "logprobs": logprobs,
                     }
                 )
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": choices,
-            "usage": _usage(jobs, per_prompt),
-            "adapter_version": version,
-        }
+        return _envelope("cmpl", "text_completion", req.model, choices, _usage(jobs, per_prompt), version)
 
     def _completion_logprobs(self, sample, job, echo_prompt: str | None, prompt_scores) -> dict[str, Any]:
         tokens, token_logprobs, top, offsets = [], [], [], []
@@ -238,15 +230,7 @@ class TrainerEngine:
                     "logprobs": logprobs,
                 }
             )
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": choices,
-            "usage": _usage([job], [samples]),
-            "adapter_version": version,
-        }
+        return _envelope("chatcmpl", "chat.completion", req.model, choices, _usage([job], [samples]), version)
 
     # ----- scoring and learning -----
     def _score_items(self, items, field: str = "items") -> list[ScoreItem]:
@@ -396,4 +380,19 @@ def _usage(jobs: list[GenerationRequest], per_prompt: list[list]) -> dict[str, i
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _envelope(
+    id_prefix: str, kind: str, model: str, choices: list[dict], usage: dict[str, int], adapter_version: int
+) -> dict[str, Any]:
+    """The OpenAI response object around the choices, plus the adapter version that produced them."""
+    return {
+        "id": f"{id_prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+        "adapter_version": adapter_version,
     }
