@@ -7,10 +7,17 @@ Layout of <root>/<name>/:
                           {bytes, sha256}}}
 A checkpoint is written into a temporary sibling directory, every file fsynced, then renamed into place, so a
 reader sees either the whole checkpoint or none. Loading checks sizes and hashes before anything is applied.
+
+Crashes (kill -9) and full disks. A save that dies while writing leaves only a hidden `.<name>.tmp-*` directory,
+which listing and loading ignore. Replacing an existing checkpoint takes two renames (the old one aside into
+`.<name>.old-*/<name>`, the new one into place); a crash between them leaves no `<name>`, so listing and loading
+first move a complete aside copy back (`recover`). A write that fails (ENOSPC, EFBIG under RLIMIT_FSIZE, EIO)
+raises CheckpointWriteError naming the cause; the previous checkpoint of that name stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -18,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,9 @@ from safetensors.torch import save as save_safetensors
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FORMAT = "azt-trainer-checkpoint/1"
 ADAPTER_FILE, OPTIMIZER_FILE, META_FILE = "adapter.safetensors", "optimizer.pt", "meta.json"
+# Held across the two renames of a replacement, so `recover` in this process never mistakes a save in progress
+# for one a crash interrupted.
+_SWAP_LOCK = threading.Lock()
 
 
 class CheckpointNotFound(LookupError):
@@ -38,6 +49,15 @@ class CheckpointNotFound(LookupError):
 
 class CheckpointCorrupt(ValueError):
     pass
+
+
+class CheckpointWriteError(OSError):
+    """Saving failed on the file system. `out_of_space` when the disk (or the file size limit) is full."""
+
+    def __init__(self, name: str, cause: OSError):
+        self.out_of_space = cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        why = "no space left (disk full or file size limit)" if self.out_of_space else "write failed"
+        super().__init__(cause.errno, f"checkpoint {name}: {why}: {cause.strerror or cause}")
 
 
 @dataclass
@@ -85,6 +105,15 @@ def save_checkpoint(
         "created": time.time(),
         "files": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()},
     }
+    try:
+        return _write(root, name, blobs, record)
+    except CheckpointWriteError:
+        raise
+    except OSError as exc:
+        raise CheckpointWriteError(name, exc) from exc
+
+
+def _write(root: Path, name: str, blobs: dict[str, bytes], record: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         for file, blob in blobs.items():
@@ -92,13 +121,14 @@ def save_checkpoint(
         _fsync_file(tmp / META_FILE, json.dumps(record, indent=1).encode())
         _fsync_dir(tmp)
         target = root / name
-        if target.exists():  # rename the old one aside first so the swap itself is one rename
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-            os.replace(target, old / name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _SWAP_LOCK:
+            if target.exists():  # rename the old one aside first so the swap itself is one rename
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+                os.replace(target, old / name)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,10 +150,41 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def recover(root: Path) -> list[str]:
+    """Move back checkpoints a crash left aside while being replaced (`.<name>.old-*/<name>` with no `<name>`);
+    returns their names. Only complete copies (a readable meta record) come back."""
+    root = Path(root)
+    restored: list[str] = []
+    if not root.is_dir():
+        return restored
+    with _SWAP_LOCK:
+        for aside in sorted(root.glob(".*.old-*")):
+            _restore(root, aside, restored)
+    return restored
+
+
+def _restore(root: Path, aside: Path, restored: list[str]) -> None:
+    name = aside.name[1:].rsplit(".old-", 1)[0]
+    copy = aside / name
+    if not NAME_PATTERN.match(name) or not copy.is_dir():
+        return
+    if not (root / name).exists():
+        try:
+            read_meta(copy)
+        except CheckpointCorrupt:
+            return
+        os.replace(copy, root / name)
+        _fsync_dir(root)
+        restored.append(name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def load_checkpoint(root: Path, name: str) -> Checkpoint:
     """Read and verify a checkpoint completely; raises CheckpointNotFound or CheckpointCorrupt."""
     check_name(name)
     path = Path(root) / name
+    if not path.is_dir():
+        recover(root)
     if not path.is_dir():
         raise CheckpointNotFound(f"checkpoint {name!r} not found in {root}")
     meta = read_meta(path)
@@ -154,6 +215,7 @@ def list_checkpoints(root: Path) -> list[dict[str, Any]]:
     """Complete checkpoints under root (temporary and unreadable directories are left out), oldest first."""
     root = Path(root)
     found = []
+    recover(root)
     if root.is_dir():
         for path in root.iterdir():
             if not path.is_dir() or not NAME_PATTERN.match(path.name):

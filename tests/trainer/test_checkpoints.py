@@ -81,3 +81,88 @@ def test_meta_records_sizes_and_hashes(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     assert meta["files"]["adapter.safetensors"]["bytes"] == (path / "adapter.safetensors").stat().st_size
     assert len(meta["files"]["optimizer.pt"]["sha256"]) == 64
+
+
+# --- crashes and full disks during a save -------------------------------------------------------------------
+CRASH_POINTS = [
+    ("_fsync_file", 0, "half"),  # killed halfway through writing the adapter file
+    ("_fsync_file", 1, "after"),  # adapter written
+    ("_fsync_file", 2, "after"),  # optimizer written
+    ("_fsync_file", 3, "after"),  # meta written, temporary directory not yet synced
+    ("_fsync_dir", 1, "after"),  # temporary directory synced, not yet renamed
+    ("replace", 1, "after"),  # the old checkpoint moved aside, the new one not yet in place
+    ("replace", 2, "after"),  # the new one in place, the old copy not yet removed
+]
+
+
+def _save_and_die(root, where: str, nth: int, how: str) -> None:
+    """In a forked child: save checkpoint "c" (step 2) over the existing one and SIGKILL ourselves at a point."""
+    import os
+    import signal
+
+    calls = 0
+    target = ckpt.os if where == "replace" else ckpt
+    original = getattr(target, where)
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if how == "half" and calls == 1:
+            path, data = args
+            with open(path, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+            die()
+        result = original(*args, **kwargs)
+        if calls == nth:
+            die()
+        return result
+
+    setattr(target, where, wrapped)
+    adapter, optimizer = sample_state()
+    adapter = {k: v + 1 for k, v in adapter.items()}
+    ckpt.save_checkpoint(root, "c", adapter, optimizer, {"step": 2, "adapter_version": 2})
+    os._exit(3)  # not reached when the kill came
+
+
+@pytest.mark.parametrize("where,nth,how", CRASH_POINTS)
+def test_a_save_killed_at_any_point_leaves_a_loadable_checkpoint(tmp_path, where, nth, how):
+    import hashlib
+    import multiprocessing
+
+    adapter, optimizer = sample_state()
+    ckpt.save_checkpoint(tmp_path, "c", adapter, optimizer, {"step": 1, "adapter_version": 1})
+    child = multiprocessing.get_context("fork").Process(target=_save_and_die, args=(tmp_path, where, nth, how))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9  # SIGKILL at the chosen point, as kill -9 would
+
+    assert [c["name"] for c in ckpt.list_checkpoints(tmp_path)] == ["c"]  # recovered if it was moved aside
+    loaded = ckpt.load_checkpoint(tmp_path, "c")
+    new = where == "replace" and nth == 2  # only a crash after the final rename may show the new one
+    assert loaded.meta["step"] == (2 if new else 1)
+    expected = adapter["layer.lora_A.weight"] + (1 if new else 0)
+    assert torch.equal(loaded.adapter["layer.lora_A.weight"], expected)
+    for file, record in loaded.meta["files"].items():
+        assert hashlib.sha256((tmp_path / "c" / file).read_bytes()).hexdigest() == record["sha256"]
+    assert not list(tmp_path.glob(".*.old-*"))  # the aside copy is gone once recovered
+
+
+def test_a_write_error_names_the_cause_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    adapter, optimizer = sample_state()
+    ckpt.save_checkpoint(tmp_path, "c", adapter, optimizer, {"step": 1, "adapter_version": 1})
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_fsync_file", full)
+    with pytest.raises(ckpt.CheckpointWriteError, match="checkpoint c: no space left") as raised:
+        ckpt.save_checkpoint(tmp_path, "c", {"x": torch.zeros(1)}, optimizer, {"step": 2, "adapter_version": 2})
+    assert raised.value.out_of_space
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(tmp_path, "c").meta["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary directory is removed
