@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     checker_api_key_env: str | None = None
     endpoint_max_concurrency: int = Field(default=32, ge=1, le=4096)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    # How long a train job waits for an unreachable trainer (kill -9, restart) before it fails.
+    trainer_wait_s: float = Field(default=600.0, ge=0)
 
     # --- search defaults (a request may override within limits) -----------------------------------------
     max_tree_depth: int = Field(default=6, ge=1, le=64)

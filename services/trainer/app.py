@@ -117,6 +117,10 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     async def corrupt(_: Request, exc: ckpt.CheckpointCorrupt):
         return _error(409, str(exc), "name")
 
+    @app.exception_handler(ckpt.CheckpointWriteError)
+    async def write_failed(_: Request, exc: ckpt.CheckpointWriteError):
+        return _error(507 if exc.out_of_space else 500, str(exc), "name")  # the previous checkpoint is intact
+
     @app.get("/health")
     async def health():
         if loader.engine is None:
@@ -129,7 +133,7 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
                     "loading_s": round(time.time() - loader.started, 1),
                 },
             )
-        return loader.engine.health()
+        return {**loader.engine.health(), "started_at": loader.started}  # a new value = a restarted trainer
 
     @app.get("/v1/models")
     async def models():
