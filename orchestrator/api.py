@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from orchestrator.events import SSE_KEEPALIVE, sse_frame
@@ -40,10 +41,46 @@ from orchestrator.schemas import (
 from orchestrator.settings import EndpointSpec, Settings
 from orchestrator.store import JobRecord
 from orchestrator.telemetry import CONTENT_TYPE_LATEST, Telemetry
+from orchestrator.training import search_config
 from services.body_limit import BodySizeLimit
 
 RETRY_AFTER_S = 30  # the Retry-After of a 429 when the job queue is full
 JOB_FILES = {"curves.png", "report.png", "report.html", "report.json", "eval.jsonl"}
+# Answers the job routes give besides their own, documented so the OpenAPI schema says what clients will meet.
+SUBMIT_RESPONSES = {
+    401: {"description": "missing or wrong bearer token (API_TOKEN)"},
+    413: {"description": "request body over MAX_REQUEST_BYTES"},
+    429: {"description": "MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS jobs are queued or running; see Retry-After"},
+}
+
+
+def train_budget_errors(settings: Settings, body: TrainRequest) -> list[dict]:
+    """What a /train asks beyond the service's limits, as 422 errors: the nodes one tree may grow
+    (MAX_TREE_NODES) and the trees grown at once (MAX_TREES_IN_FLIGHT) bound the job's memory."""
+    errors = []
+    config = search_config(settings, body)
+    width = config.n_teacher_right + config.n_teacher_wrong + config.n_student
+    nodes = 1 + config.iterations * width
+    if nodes > settings.max_tree_nodes:
+        errors.append(
+            {
+                "type": "value_error",
+                "loc": ("body", "search", "iterations"),
+                "msg": f"1 + iterations x (n_teacher_right + n_teacher_wrong + n_student) = 1 + {config.iterations}"
+                f" x {width} = {nodes} nodes per tree exceeds MAX_TREE_NODES ({settings.max_tree_nodes})",
+                "input": config.iterations,
+            }
+        )
+    if body.trees_in_flight is not None and body.trees_in_flight > settings.max_trees_in_flight:
+        errors.append(
+            {
+                "type": "less_than_equal",
+                "loc": ("body", "trees_in_flight"),
+                "msg": f"trees_in_flight must be at most MAX_TREES_IN_FLIGHT ({settings.max_trees_in_flight})",
+                "input": body.trees_in_flight,
+            }
+        )
+    return errors
 
 
 def job_links(job_id: str) -> dict[str, str]:
@@ -169,12 +206,14 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             raise HTTPException(404, f"no job {job_id!r}") from None
 
     # --- jobs -------------------------------------------------------------------------------------------
-    @app.post("/train", status_code=202, response_model=JobAccepted, dependencies=auth)
+    @app.post("/train", status_code=202, response_model=JobAccepted, dependencies=auth, responses=SUBMIT_RESPONSES)
     async def train(body: TrainRequest) -> JobAccepted:
+        if errors := train_budget_errors(settings, body):
+            raise RequestValidationError(errors)
         job = await manager.submit("train", body.model_dump(mode="json"))
         return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
 
-    @app.post("/eval", status_code=202, response_model=JobAccepted, dependencies=auth)
+    @app.post("/eval", status_code=202, response_model=JobAccepted, dependencies=auth, responses=SUBMIT_RESPONSES)
     async def evaluate(body: EvalRequest) -> JobAccepted:
         job = await manager.submit("eval", body.model_dump(mode="json"))
         return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(default=64, ge=4, le=4096)  # cap of one reasoning step
     max_trees_in_flight: int = Field(default=8, ge=1, le=1024)
     max_requests_in_flight: int = Field(default=64, ge=1, le=8192)
+    # Nodes one search tree may grow (1 + iterations x (n_teacher_right + n_teacher_wrong + n_student)); a /train
+    # asking for more, or for more trees_in_flight than MAX_TREES_IN_FLIGHT, gets 422 (bounds the job's memory).
+    max_tree_nodes: int = Field(default=32768, ge=16)
 
     # --- service ---------------------------------------------------------------------------------------
     host: str = "127.0.0.1"

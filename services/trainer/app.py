@@ -6,6 +6,7 @@ The model loads in a background thread after start-up, so /health answers at onc
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -13,6 +14,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.body_limit import BodySizeLimit
 
@@ -54,10 +57,37 @@ class _Loader:
             log.exception("trainer failed to load")
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    """Every error of this service: OpenAI's `error` object, plus `detail` (the message) for FastAPI clients."""
+
+    error: ErrorInfo
+    detail: str
+
+
+class TooLarge(BaseModel):
+    detail: str
+
+
+# Documented on every route, so the OpenAPI schema describes the bodies clients really get (422 included, which
+# would otherwise be FastAPI's list-shaped default).
+ERROR_RESPONSES = {
+    **{code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 503)},
+    413: {"model": TooLarge, "description": "request body over TRAINER_MAX_REQUEST_BYTES"},
+}
+
+
+def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(
         status_code=status,
+        headers=headers,
         content={
             "error": {"message": message, "type": kind, "param": field, "code": status},
             "detail": message,
@@ -76,7 +106,9 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
         if loader.engine is not None:
             loader.engine.close()
 
-    app = FastAPI(title="alphazero-llm-trainer: trainer service", lifespan=lifespan)
+    app = FastAPI(
+        title="alphazero-llm-trainer: trainer service", lifespan=lifespan, responses=ERROR_RESPONSES
+    )
     app.state.loader = loader
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, setting="TRAINER_MAX_REQUEST_BYTES")
 
@@ -88,14 +120,32 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     @app.middleware("http")
     async def bearer_auth(request: Request, call_next):
         token = settings.api_token.get_secret_value() if settings.api_token else None
-        authorised = request.headers.get("authorization") == f"Bearer {token}"
+        given = request.headers.get("authorization", "").encode()
+        authorised = secrets.compare_digest(given, f"Bearer {token}".encode())
         if token and request.url.path != "/health" and not authorised:
             return _error(401, "missing or wrong bearer token", "Authorization")
         return await call_next(request)
 
+    def check_budget(rows: int, max_tokens: int | None) -> None:
+        """rows (prompts x n) x max_tokens within TRAINER_MAX_GENERATION_TOKENS, checked before anything runs.
+        No max_tokens means up to the whole context; a max_tokens beyond the context is the engine's 400."""
+        per_row = min(max_tokens or settings.max_context, settings.max_context)
+        if rows * per_row > settings.max_generation_tokens:
+            raise RequestError(
+                "max_tokens",
+                f"prompts x n x max_tokens = {rows} x {per_row} = {rows * per_row} exceeds the limit of "
+                f"{settings.max_generation_tokens} tokens (TRAINER_MAX_GENERATION_TOKENS)",
+                status=422,
+            )
+
     @app.exception_handler(_NotReady)
     async def not_ready(_: Request, exc: _NotReady):
         return _error(503, f"model failed to load: {exc.reason}" if exc.reason else "model is loading")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        # FastAPI's own errors (a body that is not JSON, an unknown route, a wrong method) in this service's shape.
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestError)
     async def bad_request(_: Request, exc: RequestError):
@@ -108,6 +158,12 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
         message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors))
         response = _error(422, message, fields[0] if fields else None)
         return response
+
+    @app.exception_handler(FloatingPointError)
+    async def not_finite(_: Request, exc: FloatingPointError):
+        # A GRPO step whose loss or gradient overflowed (e.g. advantage 1e16 or weight 1e308): nothing was applied,
+        # and the numbers came from the request, so it is the client's to fix.
+        return _error(422, f"{exc} (are advantages or weights too large?)", "items")
 
     @app.exception_handler(ckpt.CheckpointNotFound)
     async def not_found(_: Request, exc: ckpt.CheckpointNotFound):
@@ -148,10 +204,13 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
+        prompts = 1 if isinstance(req.prompt, str) else len(req.prompt)
+        check_budget(prompts * req.n, req.max_tokens or 16)
         return await engine().complete(req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
+        check_budget(req.n, req.max_completion_tokens or req.max_tokens)
         return await engine().chat(req)
 
     @app.post("/logprobs")

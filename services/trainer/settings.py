@@ -31,6 +31,9 @@ class TrainerSettings(BaseSettings):
     port: int = Field(default=8001, ge=0, le=65535)
     # Larger request bodies get 413; /grpo/step carries whole batches, hence the generous default.
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Tokens one completion/chat request may ask for (prompts x n x max_tokens); more gets 422. It bounds how long
+    # one request can occupy the model: 16384 is ~4.5 min of sampling on 2 CPU cores, seconds on a GPU.
+    max_generation_tokens: int = Field(default=16384, ge=1)
 
     lora_r: int = Field(default=32, ge=1)
     lora_alpha: int = Field(default=32, ge=1)

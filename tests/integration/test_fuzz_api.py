@@ -1,0 +1,208 @@
+"""Property-based fuzz of both services' OpenAPI schemas (schemathesis + hypothesis) against real processes.
+
+Every operation of the trainer (tiny model) and of the orchestrator (over the scripted OpenAI-compatible server)
+gets schema-valid and schema-violating requests; the property is that no answer is a 5xx and that answers the
+schema documents match it. Budgets are kept small by the services' own limits (TRAINER_MAX_GENERATION_TOKENS,
+MAX_TREE_NODES), which is what a deployment does too. Derandomized: the same requests on every run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import httpx
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
+
+from orchestrator.processes import free_port, orchestrator_process  # noqa: E402
+from support.scripted_server import ScriptedServer, ServerConfig  # noqa: E402
+from support.trainer_process import TrainerProcess  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "fuzz-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+EXAMPLES = 25  # per operation and per mode (schema-valid, schema-violating)
+GENERATION_TOKENS = 64  # the trainer's budget per completion request in this test: seconds, not minutes
+
+
+def fuzz(url: str, examples: int = EXAMPLES, only: set[str] | None = None, path_parameters=None):
+    """Run every operation of the service at `url` with `examples` positive and negative cases.
+
+    Returns ({operation label: Counter of status codes}, [failure descriptions]). Failures are collected, not
+    raised, so one run reports all of them."""
+    spec = httpx.get(url + "/openapi.json", headers=AUTH, timeout=30).json()
+    schema = schemathesis.openapi.from_dict(spec)
+    statuses: dict[str, Counter] = {}
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if only is not None and operation.label not in only:
+            continue
+        counts = statuses.setdefault(operation.label, Counter())
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
+
+            @settings(
+                max_examples=examples,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate],
+            )
+            @given(case=strategy)
+            def check(case):
+                response = case.call(base_url=url, headers=AUTH, timeout=300)
+                counts[f"{mode.value}:{response.status_code}"] += 1
+                try:
+                    case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
+                except BaseException as exc:  # schemathesis raises an exception group of its failures
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+                    failures.append(f"{operation.label} [{mode.value}] -> {response.status_code}: {exc}"[:3000])
+
+            try:
+                check()
+            except Unsatisfiable:  # e.g. no schema-violating value exists for a free-form string path parameter
+                counts[f"{mode.value}:unsatisfiable"] += 1
+    return statuses, failures
+
+
+def report(statuses: dict[str, Counter]) -> str:
+    return "\n".join(f"{label}: {dict(sorted(c.items()))}" for label, c in statuses.items())
+
+
+# ----- trainer ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trainer(trainer_model_dir, tmp_path_factory):
+    env = {"TRAINER_API_TOKEN": TOKEN, "TRAINER_MAX_GENERATION_TOKENS": str(GENERATION_TOKENS)}
+    with TrainerProcess(checkpoint_dir=tmp_path_factory.mktemp("fuzz-ckpt"), env=env) as process:
+        yield process
+
+
+def test_trainer_schema_fuzz_has_no_server_errors(trainer):
+    statuses, failures = fuzz(trainer.url)
+    print(report(statuses))
+    assert not failures, "\n\n".join(failures)
+    generated = sum(v for c in statuses.values() for k, v in c.items() if k == "positive:200")
+    assert generated > 0  # some fuzzed requests did reach the model, not only the validators
+    assert httpx.get(trainer.url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def test_trainer_generation_budget_beyond_the_limit_gets_422(trainer):
+    over = [
+        ("/v1/completions", {"model": "student", "prompt": "Hi", "n": 64, "max_tokens": 2048}),
+        ("/v1/completions", {"model": "student", "prompt": ["a", "b", "c", "d", "e"], "max_tokens": 16}),
+        ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi"}],
+                                  "n": 8, "max_completion_tokens": 9}),
+    ]
+    for route, body in over:
+        response = httpx.post(trainer.url + route, json=body, headers=AUTH, timeout=60)
+        assert response.status_code == 422, (route, body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "max_tokens" and "TRAINER_MAX_GENERATION_TOKENS" in error["message"]
+    within = {"model": "base", "prompt": "1 + 1 =", "n": 4, "max_tokens": 16, "temperature": 0.0}
+    response = httpx.post(trainer.url + "/v1/completions", json=within, headers=AUTH, timeout=300)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 4
+
+
+def test_trainer_errors_have_one_shape(trainer):
+    """A body that is not JSON, an unknown route and a wrong method answer in the documented error shape."""
+    for method, path, content in (
+        ("POST", "/v1/completions", b"{not json"),
+        ("GET", "/no/such/route", None),
+        ("GET", "/grpo/step", None),
+    ):
+        response = httpx.request(
+            method, trainer.url + path, content=content, headers={**AUTH, "content-type": "application/json"}
+        )
+        assert 400 <= response.status_code < 500, (path, response.status_code)
+        body = response.json()
+        assert body["error"]["code"] == response.status_code and body["detail"] == body["error"]["message"]
+
+
+# ----- orchestrator -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def orchestrator(tmp_path_factory, gsm8k_dir):
+    with ScriptedServer(ServerConfig(answer="42", answer_depth=1)) as scripted:
+        env = {"GSM8K_PATH": str(gsm8k_dir), "API_TOKEN": TOKEN, "MAX_TREE_NODES": "64"}
+        workdir = tmp_path_factory.mktemp("fuzz-orch")
+        with orchestrator_process(free_port(), scripted.url, workdir, env=env) as process:
+            process.wait_ready(timeout_s=60)
+            yield process
+
+
+def wait_done(url: str, job_id: str) -> dict:
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", headers=AUTH).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(job_id)
+
+
+def test_orchestrator_schema_fuzz_has_no_server_errors(orchestrator):
+    url = orchestrator.url
+    # A finished eval job first, so the job routes are also fuzzed with an id that exists (its files, trees,
+    # events, cancel and resume), before the fuzzed /train and /eval fill the queue.
+    job_id = httpx.post(url + "/eval", json={"num_examples": 2, "max_tokens": 16}, headers=AUTH).json()["job_id"]
+    assert wait_done(url, job_id)["status"] == "completed"
+    job_routes = {
+        "GET /jobs/{job_id}",
+        "GET /jobs/{job_id}/steps",
+        "POST /jobs/{job_id}/cancel",
+        "POST /jobs/{job_id}/resume",
+        "GET /jobs/{job_id}/events",
+        "GET /jobs/{job_id}/trees/{n}",
+        "GET /jobs/{job_id}/results.jsonl",
+        "GET /jobs/{job_id}/files/{name}",
+    }
+    known, known_failures = fuzz(url, only=job_routes, path_parameters={"job_id": job_id})
+    statuses, failures = fuzz(url)
+    print(report(known), report(statuses), sep="\n")
+    assert not known_failures + failures, "\n\n".join(known_failures + failures)
+    assert any(k.endswith(":202") for k in statuses["POST /train"])  # the fuzz did get jobs accepted
+    for job in httpx.get(url + "/jobs", headers=AUTH, params={"limit": 1000}).json()["jobs"]:
+        if job["status"] in ("queued", "running"):
+            assert httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=AUTH).status_code in (200, 409)
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_orchestrator_train_budget_beyond_the_limits_gets_422(orchestrator):
+    too_big = [
+        ({"search": {"iterations": 64}}, "MAX_TREE_NODES"),  # 1 + 64 x 4 nodes > 64
+        ({"search": {"iterations": 2, "n_student": 64}}, "MAX_TREE_NODES"),
+        ({"trees_in_flight": 1024}, "MAX_TREES_IN_FLIGHT"),
+    ]
+    for body, setting in too_big:
+        response = httpx.post(orchestrator.url + "/train", json={"num_examples": 1, **body}, headers=AUTH)
+        assert response.status_code == 422, (body, response.text)
+        assert setting in response.text
+    fits = {"num_examples": 1, "search": {"iterations": 2}, "trees_in_flight": 2}
+    response = httpx.post(orchestrator.url + "/train", json=fits, headers=AUTH)
+    assert response.status_code in (202, 429)  # within the limits: accepted, or refused only for a full queue
+    if response.status_code == 202:
+        httpx.post(f"{orchestrator.url}/jobs/{response.json()['job_id']}/cancel", headers=AUTH)
+
+
+def test_every_route_but_health_refuses_a_missing_token(orchestrator, trainer):
+    for url in (orchestrator.url, trainer.url):
+        spec = httpx.get(url + "/openapi.json", headers=AUTH).json()
+        for path, methods in spec["paths"].items():
+            concrete = path.replace("{job_id}", "x").replace("{n}", "0").replace("{name}", "report.html")
+            for method in methods:
+                response = httpx.request(method.upper(), url + concrete, headers={"Authorization": "Bearer no"})
+                expected = 200 if path == "/health" else 401
+                assert response.status_code == expected, (url, method, path, response.status_code)
