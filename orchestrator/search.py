@@ -90,6 +90,77 @@ class SearchConfig(BaseModel):
         return cls(**{**base, **overrides})
 
 
+class ScoreBatcher:
+    """Merges the trainer's POST /logprobs calls made in one turn of the event loop, by any simulation of any
+    tree that shares these services, into one request of at most `max_items` items.
+
+    Every expansion with teacher steps asks for their student log-probs; with many simulations in flight
+    those calls come together, and one HTTP exchange per call cost the orchestrator more CPU than anything
+    else in scoring (the trainer batches the rows anyway). Nothing waits for company: the merged request
+    goes out on the loop's next turn, so a lone call is not delayed. A failed request fails each of its
+    callers; when every caller of a request in flight is cancelled, the request is cancelled too."""
+
+    def __init__(self, trainer: TrainerClient, max_items: int = 32):
+        self.trainer, self.max_items = trainer, max_items
+        self._waiting: list[tuple[str, list[dict], asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.calls = 0  # score() calls
+        self.requests = 0  # HTTP requests they became
+
+    async def score(self, items: list[dict], model: str = "student") -> list[dict]:
+        """The trainer's `results` for `items`, in order (raises what `TrainerClient.logprobs` raises)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append((model, items, future))
+        self.calls += 1
+        return await future
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        open_batches: dict[str, tuple[list, int]] = {}  # per model: [(items, future)], item count
+        for model, items, future in waiting:
+            if future.done():  # its caller was cancelled before the request went out
+                continue
+            batch, size = open_batches.get(model, ([], 0))
+            if batch and size + len(items) > self.max_items:
+                self._send(model, batch)
+                batch, size = [], 0
+            batch.append((items, future))
+            open_batches[model] = (batch, size + len(items))
+        for model, (batch, _) in open_batches.items():
+            self._send(model, batch)
+
+    def _send(self, model: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._request(model, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        def abandon(_: asyncio.Future) -> None:
+            if not task.done() and all(f.cancelled() for _, f in batch):
+                task.cancel()
+
+        for _, future in batch:
+            future.add_done_callback(abandon)
+
+    async def _request(self, model: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
+        self.requests += 1
+        try:
+            response = await self.trainer.logprobs([item for items, _ in batch for item in items], model)
+            results = list(response.get("results") or [])
+        except Exception as exc:  # each caller handles it as if it had made the request alone
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for items, future in batch:
+            if not future.done():
+                future.set_result(results[start : start + len(items)])
+            start += len(items)
+
+
 @dataclass
 class SearchServices:
     """Everything a search talks to; shared by all searches of a job (teacher weights learn across trees)."""
@@ -99,6 +170,16 @@ class SearchServices:
     checker: TerminalChecker
     student: EndpointSpec
     trainer: TrainerClient | None = None
+    _scorer: ScoreBatcher | None = field(default=None, init=False, repr=False)
+
+    @property
+    def scorer(self) -> ScoreBatcher | None:
+        """The /logprobs batcher of `trainer` (None without a trainer)."""
+        if self.trainer is None:
+            return None
+        if self._scorer is None or self._scorer.trainer is not self.trainer:
+            self._scorer = ScoreBatcher(self.trainer)
+        return self._scorer
 
     @classmethod
     def from_settings(cls, settings, pool: LLMPool, trainer: TrainerClient | None = None) -> "SearchServices":
@@ -412,21 +493,22 @@ class _Search:
         missing = [c for c in candidates if c.logprob is None]
         if not missing:
             return
-        if self.svc.trainer is None:
+        scorer = self.svc.scorer
+        if scorer is None:
             self.stats.degrade("uniform_priors: no trainer for /logprobs")
             return
         items = [{"messages": self.tree.messages, "context": partial, "completion": c.text} for c in missing]
         started = time.perf_counter()
         try:
-            self.stats.requests += 1
-            response = await self.svc.trainer.logprobs(items, model="student")
+            self.stats.requests += 1  # a request merged with other expansions' counts once for each
+            results = await scorer.score(items, model="student")
         except TrainerError as exc:
             self.stats.error(f"trainer /logprobs: {exc}")
             self.stats.degrade("uniform_priors: trainer /logprobs failed")
             return
         finally:
             self.chain[w] += time.perf_counter() - started
-        for cand, result in zip(missing, response.get("results", [])):
+        for cand, result in zip(missing, results):
             cand.logprob = float(result["mean"]) if result.get("num_tokens") else None
             cand.tokens = int(result.get("num_tokens") or 0) or None
 

@@ -2,15 +2,15 @@ import asyncio
 import math
 
 import pytest
-from support.scripted_server import token_logprobs
+from support.scripted_server import Rule, token_logprobs
 
 from orchestrator.data import Problem
 from orchestrator.llm import LLMPool, RetryPolicy
-from orchestrator.search import SearchConfig, SearchServices, run_search, run_searches
+from orchestrator.search import ScoreBatcher, SearchConfig, SearchServices, run_search, run_searches
 from orchestrator.settings import EndpointSpec, Settings
 from orchestrator.teachers import TeacherEnsemble
 from orchestrator.terminal import TerminalChecker
-from orchestrator.trainer_client import TrainerClient
+from orchestrator.trainer_client import TrainerClient, TrainerError
 from orchestrator.trajectories import grpo_group
 
 PROBLEM = Problem(id="t-0", prompt="What is 6 * 7?", answer="42")
@@ -200,3 +200,72 @@ async def test_checker_decides_when_the_rules_are_unsure(scripted_server, reply,
         assert any(n.correct for n in sentences)  # flexible extraction of "42 apples."
     else:
         assert not any(n.terminal_reason in ("checker", "checker_cached") for n in result.tree)
+
+
+# --- the /logprobs batcher --------------------------------------------------------------------------------
+def scoring_items(*completions):
+    return [{"messages": [{"role": "user", "content": "q"}], "completion": c} for c in completions]
+
+
+def mean_logprob(text):  # the scripted server's deterministic score of `text` for model "student"
+    lps = token_logprobs(text, "student")
+    return sum(lps) / len(lps)
+
+
+async def test_score_batcher_merges_the_calls_of_one_loop_turn(scripted_server):
+    async with TrainerClient(scripted_server.url, retry=RetryPolicy(max_retries=0)) as trainer:
+        scorer = ScoreBatcher(trainer, max_items=3)
+        calls = [scoring_items("a b", "c"), scoring_items("d e f"), scoring_items("g", "h i")]
+        got = await asyncio.gather(*(scorer.score(items) for items in calls))
+        # 2 + 1 items fit in one request of at most 3; the third call's 2 items go in a second request
+        sent = [len(e["payload"]["items"]) for e in scripted_server.log if e["path"] == "/logprobs"]
+        assert sent == [3, 2] and (scorer.calls, scorer.requests) == (3, 2)
+        for items, results in zip(calls, got):  # every caller gets its own results, in order
+            assert [r["mean"] for r in results] == pytest.approx(
+                [mean_logprob(i["completion"]) for i in items]
+            )
+        alone = await scorer.score(scoring_items("j"))  # a lone call is sent on the next turn
+        assert alone[0]["mean"] == pytest.approx(mean_logprob("j")) and scorer.requests == 3
+
+
+async def test_score_batcher_failure_reaches_every_caller(scripted_server):
+    scripted_server.set_rules([Rule(mode="error", status=500, path="/logprobs")])
+    async with TrainerClient(scripted_server.url, retry=RetryPolicy(max_retries=0)) as trainer:
+        scorer = ScoreBatcher(trainer)
+        got = await asyncio.gather(
+            scorer.score(scoring_items("a")), scorer.score(scoring_items("b")), return_exceptions=True
+        )
+    assert all(isinstance(g, TrainerError) and g.status == 500 for g in got)
+    assert scripted_server.stats()["requests"]["/logprobs"] == 1
+
+
+async def test_score_batcher_cancellation(scripted_server):
+    scripted_server.set_rules([Rule(mode="ok", path="/logprobs", latency_ms=300)])
+    async with TrainerClient(scripted_server.url, retry=RetryPolicy(max_retries=0)) as trainer:
+        scorer = ScoreBatcher(trainer)
+        first = asyncio.create_task(scorer.score(scoring_items("a")))
+        second = asyncio.create_task(scorer.score(scoring_items("b c")))
+        await asyncio.sleep(0.05)  # the merged request is in flight
+        first.cancel()
+        assert (await second)[0]["mean"] == pytest.approx(mean_logprob("b c"))  # the other caller is served
+        assert first.cancelled()
+        both = [asyncio.create_task(scorer.score(scoring_items(x))) for x in "de"]
+        await asyncio.sleep(0.05)
+        for task in both:
+            task.cancel()
+        await asyncio.gather(*both, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert not scorer._tasks  # nobody waits for it any more: the request was cancelled
+    assert scorer.requests == 2
+
+
+async def test_searches_share_one_scorer(scripted_server):
+    problems = [Problem(id=f"t-{i}", prompt=f"What is {i} + 40?", answer="42") for i in range(4)]
+    async with LLMPool(retry=RetryPolicy(max_retries=0)) as pool:
+        svc = services(scripted_server, pool)
+        results = await run_searches(problems, SearchConfig(iterations=4, parallel_simulations=2), svc)
+        await svc.trainer.aclose()
+    scorer = svc.scorer
+    assert scorer is svc.scorer and scorer.trainer is svc.trainer
+    assert scripted_server.stats()["requests"]["/logprobs"] == scorer.requests <= scorer.calls
+    assert all(not any(d.startswith("uniform_priors") for d in r.stats["degraded"]) for r in results)
