@@ -122,3 +122,91 @@ class TrainerClient:
             await asyncio.sleep(self.retry.delay(attempt, retry_after))
         assert last is not None
         raise last
+
+
+# --- a trainer that may die and come back -----------------------------------------------------------------
+class TrainerRestarted(Exception):
+    """The trainer answering now is another process than the one the job's state lives in (its /health
+    `started_at` changed): everything since the job's last checkpoint is gone from it."""
+
+    def __init__(self, health: dict):
+        self.health = health
+        super().__init__(
+            f"the trainer restarted (started_at {health.get('started_at')}, step {health.get('step')})"
+        )
+
+
+class TrainerUnavailable(TrainerError):
+    """The trainer stayed unreachable for longer than the job may wait (TRAINER_WAIT_S)."""
+
+
+def instance_of(health: dict) -> object:
+    """What tells one trainer process from the next: /health `started_at` (None when the server has none)."""
+    return health.get("started_at")
+
+
+class TrainerWatch:
+    """Bracket a job's trainer calls with /health checks, so a kill -9 and restart cannot go unnoticed.
+
+    While the trainer is unreachable (or loading) the job waits, at most `wait_s` seconds per outage, and says
+    so through `emit` ("trainer_unavailable", then "trainer_back"). A trainer that comes back as a new process
+    raises TrainerRestarted, and the job rewinds to its last checkpoint. If the instance is the same before and
+    after a call, that call reached the process the job's state lives in.
+    """
+
+    def __init__(self, client: TrainerClient, wait_s: float, emit, poll_s: float = 1.0, max_rounds: int = 3):
+        self.client, self.wait_s, self.emit, self.poll_s = client, wait_s, emit, poll_s
+        self.max_rounds = max_rounds
+        self.instance: object = None
+
+    def accept(self, health: dict) -> None:
+        """The trainer process the job's state now lives in."""
+        self.instance = instance_of(health)
+
+    async def health(self) -> dict:
+        """/health of a ready trainer, waiting (bounded) while it is unreachable or loading."""
+        try:
+            health = await self.client.health()
+            if health.get("status") == "ok":
+                return health
+            problem = f"status {health.get('status')!r}"
+        except TrainerError as exc:
+            problem = str(exc)
+        await self.emit("trainer_unavailable", error=problem[:300], wait_s=self.wait_s)
+        started = time.monotonic()
+        try:
+            health = await self.client.wait_ready(timeout_s=self.wait_s, poll_s=self.poll_s)
+        except TrainerError as exc:
+            raise TrainerUnavailable(
+                None, f"not reachable for {self.wait_s:g} s (TRAINER_WAIT_S); last error: {problem[:300]}"
+            ) from exc
+        await self.emit(
+            "trainer_back",
+            waited_s=round(time.monotonic() - started, 1),
+            restarted=instance_of(health) != self.instance,
+            step=health.get("step"),
+        )
+        return health
+
+    async def check(self) -> dict:
+        """Raise TrainerRestarted unless the same trainer process is (still, or again) there."""
+        health = await self.health()
+        if instance_of(health) != self.instance:
+            raise TrainerRestarted(health)
+        return health
+
+    async def call(self, fn):
+        """`await fn()` on the known trainer process. A lost connection (or 5xx) waits for the trainer; the
+        call is made again if the same process answers (only for calls that are safe to repeat: a step with a
+        step_key, a checkpoint save by name), TrainerRestarted if another does. 4xx and 507 are raised."""
+        for round_ in range(self.max_rounds):
+            try:
+                result = await fn()
+            except TrainerError as exc:
+                if not exc.retryable or round_ == self.max_rounds - 1:
+                    raise
+                await self.check()
+                continue
+            await self.check()
+            return result
+        raise AssertionError("unreachable")

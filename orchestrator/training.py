@@ -18,16 +18,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+from functools import partial
 from typing import Any
 
 from orchestrator.data import Problem, load_gsm8k
 from orchestrator.evaluation import answer_all, build_report, model_endpoints
 from orchestrator.schemas import TrainRequest
 from orchestrator.search import SearchConfig, SearchServices, run_search
+from orchestrator.trainer_client import TrainerRestarted, TrainerUnavailable, TrainerWatch
 from orchestrator.trajectories import grpo_group, trajectories
 
 log = logging.getLogger(__name__)
+MAX_TRAINER_RESTARTS = 5  # per run of a job: a trainer that keeps dying fails the job instead of looping
 
 
 def plan_batches(num_problems: int, batch_size: int, epochs: int) -> list[list[int]]:
@@ -95,6 +99,14 @@ class _WandbSink:
             self.run.finish()
 
 
+async def _write_job_file(path, text: str) -> None:
+    """A job file, or an OSError that names it (a full disk fails the job with a reason one can act on)."""
+    try:
+        await asyncio.to_thread(path.write_text, text)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write the job file {path}: {exc.strerror or exc}") from exc
+
+
 async def _search_batch(
     ctx,
     problems: list[Problem],
@@ -111,6 +123,7 @@ async def _search_batch(
         "tokens": 0,
         "teacher_errors": 0,
         "search_errors": 0,
+        "first_error": None,
         "degraded": [],
     }
 
@@ -124,6 +137,7 @@ async def _search_batch(
             except Exception as exc:  # one failed search costs its tree, not the step
                 log.exception("search of %s failed", problem.id)
                 totals["search_errors"] += 1
+                totals["first_error"] = totals["first_error"] or f"{type(exc).__name__}: {exc}"[:500]
                 await ctx.emit("search_error", step=step, problem_id=problem.id, error=str(exc)[:500])
                 return None
         seconds = time.perf_counter() - started
@@ -135,7 +149,7 @@ async def _search_batch(
             "stats": result.stats,
             "tree": result.tree.to_json(),
         }
-        await asyncio.to_thread(ctx.path("trees", f"{n:06d}.json").write_text, json.dumps(record))
+        await _write_job_file(ctx.path("trees", f"{n:06d}.json"), json.dumps(record))
         for key in ("requests", "tokens", "teacher_errors"):
             totals[key] += int(result.stats.get(key, 0) or 0)
         totals["degraded"] += [d for d in result.stats.get("degraded", []) if d not in totals["degraded"]]
@@ -159,8 +173,10 @@ async def _quick_eval(ctx, request: TrainRequest) -> dict[str, float]:
     return {"eval_strict_acc": student["strict_acc"], "eval_flexible_acc": student["flexible_acc"]}
 
 
-async def _save_checkpoint(ctx, step: int) -> dict[str, Any]:
-    saved = await ctx.trainer.save_checkpoint(checkpoint_name(ctx.job_id, step))
+async def _save_checkpoint(ctx, watch: TrainerWatch, step: int) -> dict[str, Any]:
+    """Save and record the job's checkpoint; recorded only when the same trainer process answered before and
+    after the save (else TrainerRestarted, and the file, whatever it holds, is never loaded)."""
+    saved = await watch.call(lambda: ctx.trainer.save_checkpoint(checkpoint_name(ctx.job_id, step)))
     checkpoint = {
         "name": saved["name"],
         "step": step,
@@ -171,6 +187,90 @@ async def _save_checkpoint(ctx, step: int) -> dict[str, Any]:
     await ctx.store.update_job(ctx.job_id, progress={"checkpoint": checkpoint})
     await ctx.emit("checkpoint", **checkpoint)
     return checkpoint
+
+
+async def _rewind(ctx, watch: TrainerWatch, checkpoint: dict[str, Any], event: str, **data: Any) -> int:
+    """Load the job's last checkpoint into the trainer there now and forget the step records after it;
+    returns the checkpoint's step (the job goes on with the next one)."""
+    watch.accept(await watch.health())  # the job's state is about to live in this process
+    loaded = await watch.call(lambda: ctx.trainer.load_checkpoint(checkpoint["name"]))
+    start_step = int(checkpoint["step"])
+    dropped = await ctx.store.drop_steps_after(ctx.job_id, start_step)
+    await ctx.emit(
+        event,
+        from_step=start_step,
+        checkpoint=checkpoint["name"],
+        dropped_steps=dropped,
+        adapter_version=loaded.get("adapter_version"),
+        trainer_step=loaded.get("step"),
+        **data,
+    )
+    return start_step
+
+
+class NoTeacherLeft(RuntimeError):
+    """Every teacher request of a step failed: the search has no teacher to learn from."""
+
+
+class SearchFailed(RuntimeError):
+    """Every search of a step raised."""
+
+
+def error_kind(message: str | None) -> str:
+    """The kind of an LLMError message: malformed | timeout | connection | http_<status> | error."""
+    text = (message or "").split("] ", 1)[-1].lower()  # past the "[endpoint name] " prefix
+    if "not valid json" in text or "malformed" in text:
+        return "malformed"
+    if "timeout" in text:
+        return "timeout"
+    if "connection error" in text:
+        return "connection"
+    status = re.search(r"http (\d{3})", text)
+    return f"http_{status.group(1)}" if status else "error"
+
+
+def teacher_counts(services: SearchServices) -> dict[str, tuple[int, int]]:
+    """(requests, failures) so far per teacher of the job's ensemble."""
+    return {name: (s.requests, s.failures) for name, s in services.teachers.states.items()}
+
+
+async def _report_teachers(
+    ctx, services: SearchServices, before: dict, step: int
+) -> tuple[int, int, list[str]]:
+    """One "teacher_error" event per teacher that failed during the step (its name, the error kind and the
+    message; messages carry no API key, see llm.LLMError). Returns (requests, failures, summaries)."""
+    tried = failed = 0
+    summaries = []
+    for name, state in services.teachers.states.items():
+        requests0, failures0 = before.get(name, (0, 0))
+        requests, failures = state.requests - requests0, state.failures - failures0
+        tried, failed = tried + requests, failed + failures
+        if failures:
+            kind = error_kind(state.last_error)
+            summaries.append(f"{name}: {kind} ({(state.last_error or '')[:200]})")
+            await ctx.emit(
+                "teacher_error",
+                step=step,
+                teacher=name,
+                kind=kind,
+                errors=failures,
+                requests=requests,
+                error=(state.last_error or "")[:300],
+                resting=not services.teachers.healthy(name),
+            )
+    return tried, failed, summaries
+
+
+async def _note_degraded(ctx, degraded: list[str], modes: list[str], step: int) -> None:
+    """Modes the job ran degraded in (checker down, uniform priors, ...): once each as an event and in the
+    job's progress, so a finished job still says it."""
+    new = [m for m in modes if m not in degraded]
+    if not new:
+        return
+    degraded += new
+    for mode in new:
+        await ctx.emit("degraded", step=step, mode=mode)
+    await ctx.store.update_job(ctx.job_id, progress={"degraded": list(degraded)})
 
 
 async def run_train_job(ctx) -> dict[str, Any]:
@@ -187,30 +287,24 @@ async def run_train_job(ctx) -> dict[str, Any]:
     services = SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer)
     trees_in_flight = request.trees_in_flight or settings.max_trees_in_flight
     loss = request.loss.model_dump(exclude_none=True)
+    watch = TrainerWatch(ctx.trainer, settings.trainer_wait_s, ctx.emit)
 
     job = await ctx.store.get_job(ctx.job_id)
+    degraded: list[str] = list(job.progress.get("degraded", []))
     checkpoint = job.progress.get("checkpoint")
     if checkpoint:  # resume: rewind the trainer to our last checkpoint and continue after it
-        loaded = await ctx.trainer.load_checkpoint(checkpoint["name"])
-        start_step = int(checkpoint["step"])
-        dropped = await ctx.store.drop_steps_after(ctx.job_id, start_step)
-        await ctx.emit(
-            "resumed",
-            from_step=start_step,
-            checkpoint=checkpoint["name"],
-            dropped_steps=dropped,
-            adapter_version=loaded.get("adapter_version"),
-        )
+        start_step = await _rewind(ctx, watch, checkpoint, "resumed")
         adapter_start = job.progress.get("adapter_version_start")
     else:
         start_step = 0
-        health = await ctx.trainer.health()
+        health = await watch.health()
+        watch.accept(health)
         adapter_start = health.get("adapter_version")
         await ctx.store.update_job(
             ctx.job_id,
             progress={"adapter_version_start": adapter_start, "trainer_step_start": health.get("step")},
         )
-        checkpoint = await _save_checkpoint(ctx, 0)
+        checkpoint = await _save_checkpoint(ctx, watch, 0)
 
     await ctx.set_progress(
         phase="training",
@@ -223,75 +317,116 @@ async def run_train_job(ctx) -> dict[str, Any]:
     run_started = time.perf_counter()
     problems_this_run = 0
     last_result: dict[str, Any] = {}
+    restarts = 0
+    restarted: TrainerRestarted | None = None
+    step = start_step + 1
     try:
-        for step in range(start_step + 1, total_steps + 1):
-            ctx.raise_if_cancelled()
-            step_started = time.perf_counter()
-            batch = [problems[i] for i in batches[step - 1]]
-            first_tree = sum(len(b) for b in batches[: step - 1])
-            trees, search_stats = await _search_batch(
-                ctx, batch, first_tree, step, config, services, trees_in_flight
-            )
-            search_seconds = time.perf_counter() - step_started
-            ctx.raise_if_cancelled()
-            items = [
-                item.to_trainer_item()
-                for tree in trees
-                for item in grpo_group(tree, mode=request.advantage_mode, clip=request.advantage_clip)
-            ]
-            metrics: dict[str, Any] = {
-                "problems": len(batch),
-                "trees": len(trees),
-                "items": len(items),
-                **tree_metrics(trees),
-                "teacher_weights": teacher_weights(services),
-                "search_tokens": search_stats["tokens"],
-                "search_requests": search_stats["requests"],
-                "teacher_errors": search_stats["teacher_errors"],
-                "search_errors": search_stats["search_errors"],
-                "degraded": search_stats["degraded"],
-                "search_seconds": round(search_seconds, 3),
-            }
-            if any(item["advantage"] != 0 for item in items):
-                grpo_started = time.perf_counter()
-                last_result = await ctx.trainer.grpo_step(items, loss, step_key=f"{ctx.job_id}:{step}")
-                metrics.update(
-                    loss=last_result.get("loss"),
-                    kl=last_result.get("kl"),
-                    clip_fraction=last_result.get("clip_fraction"),
-                    grad_norm=last_result.get("grad_norm"),
-                    train_tokens=last_result.get("tokens"),
-                    adapter_version=last_result.get("adapter_version"),
-                    trainer_step=last_result.get("step"),
-                    duplicate=last_result.get("duplicate", False),
-                    grpo_seconds=round(time.perf_counter() - grpo_started, 3),
+        while step <= total_steps:
+            try:
+                if restarted is not None:  # the trainer lost everything since our last checkpoint
+                    checkpoint = (await ctx.store.get_job(ctx.job_id)).progress["checkpoint"]
+                    step = 1 + await _rewind(
+                        ctx,
+                        watch,
+                        checkpoint,
+                        "trainer_restarted",
+                        started_at=restarted.health.get("started_at"),
+                    )
+                    restarted = None
+                ctx.raise_if_cancelled()
+                await watch.check()
+                step_started = time.perf_counter()
+                batch = [problems[i] for i in batches[step - 1]]
+                first_tree = sum(len(b) for b in batches[: step - 1])
+                teachers_before = teacher_counts(services)
+                trees, search_stats = await _search_batch(
+                    ctx, batch, first_tree, step, config, services, trees_in_flight
                 )
-                if ctx.telemetry is not None:
-                    ctx.telemetry.train_steps.inc()
-                    if last_result.get("adapter_version") is not None:
-                        ctx.telemetry.adapter_version.set(last_result["adapter_version"])
-            else:  # no tree, or every path scored the same: nothing to learn from this batch
-                metrics.update(skipped=True, kl=None, loss=None)
-            metrics["tokens"] = (metrics["search_tokens"] or 0) + int(metrics.get("train_tokens") or 0)
-            if request.eval_every and (step % request.eval_every == 0 or step == total_steps):
-                metrics.update(await _quick_eval(ctx, request))
-            metrics["step_seconds"] = round(time.perf_counter() - step_started, 3)
-            if ctx.telemetry is not None and metrics.get("mean_reward") is not None:
-                ctx.telemetry.step_mean_reward.set(metrics["mean_reward"])
+                search_seconds = time.perf_counter() - step_started
+                ctx.raise_if_cancelled()
+                # The student is served by the trainer: trees grown while it was away or restarting are no good.
+                await watch.check()
+                tried, failed, summaries = await _report_teachers(ctx, services, teachers_before, step)
+                if search_stats["search_errors"] == len(batch):
+                    raise SearchFailed(f"every search of step {step} failed: {search_stats['first_error']}")
+                if tried and failed == tried:
+                    raise NoTeacherLeft(
+                        f"every teacher failed in step {step} ({failed} requests): " + "; ".join(summaries)
+                    )
+                await _note_degraded(ctx, degraded, search_stats["degraded"], step)
+                items = [
+                    item.to_trainer_item()
+                    for tree in trees
+                    for item in grpo_group(
+                        tree, request.advantage_mode, request.advantage_clip, request.teacher_weight
+                    )
+                ]
+                metrics: dict[str, Any] = {
+                    "problems": len(batch),
+                    "trees": len(trees),
+                    "items": len(items),
+                    **tree_metrics(trees),
+                    "teacher_weights": teacher_weights(services),
+                    "search_tokens": search_stats["tokens"],
+                    "search_requests": search_stats["requests"],
+                    "teacher_errors": search_stats["teacher_errors"],
+                    "search_errors": search_stats["search_errors"],
+                    "degraded": search_stats["degraded"],
+                    "search_seconds": round(search_seconds, 3),
+                }
+                if any(item["advantage"] != 0 for item in items):
+                    grpo_started = time.perf_counter()
+                    step_key = f"{ctx.job_id}:{step}"  # a repeated call is applied once (trainer contract)
+                    last_result = await watch.call(
+                        partial(ctx.trainer.grpo_step, items, loss, step_key=step_key)
+                    )
+                    metrics.update(
+                        loss=last_result.get("loss"),
+                        kl=last_result.get("kl"),
+                        clip_fraction=last_result.get("clip_fraction"),
+                        grad_norm=last_result.get("grad_norm"),
+                        train_tokens=last_result.get("tokens"),
+                        adapter_version=last_result.get("adapter_version"),
+                        trainer_step=last_result.get("step"),
+                        duplicate=last_result.get("duplicate", False),
+                        grpo_seconds=round(time.perf_counter() - grpo_started, 3),
+                    )
+                    if ctx.telemetry is not None:
+                        ctx.telemetry.train_steps.inc()
+                        if last_result.get("adapter_version") is not None:
+                            ctx.telemetry.adapter_version.set(last_result["adapter_version"])
+                else:  # no tree, or every path scored the same: nothing to learn from this batch
+                    metrics.update(skipped=True, kl=None, loss=None)
+                metrics["tokens"] = (metrics["search_tokens"] or 0) + int(metrics.get("train_tokens") or 0)
+                if request.eval_every and (step % request.eval_every == 0 or step == total_steps):
+                    metrics.update(await _quick_eval(ctx, request))
+                    await watch.check()  # the eval asked the student: a restart during it spoils the figures
+                metrics["step_seconds"] = round(time.perf_counter() - step_started, 3)
+                if ctx.telemetry is not None and metrics.get("mean_reward") is not None:
+                    ctx.telemetry.step_mean_reward.set(metrics["mean_reward"])
 
-            await ctx.store.record_step(ctx.job_id, step, metrics)
-            problems_this_run += len(batch)
-            elapsed = time.perf_counter() - run_started
-            await ctx.set_metrics(**{k: v for k, v in metrics.items() if k != "degraded"}, step=step)
-            await ctx.emit("step", step=step, total_steps=total_steps, **metrics)
-            wandb.log(step, metrics)
-            if step % request.checkpoint_every == 0 or step == total_steps:
-                checkpoint = await _save_checkpoint(ctx, step)
-            await ctx.set_progress(
-                step=step,
-                problems_done=first_tree + len(batch),
-                problems_per_min=round(60 * problems_this_run / elapsed, 3),
-            )
+                await ctx.store.record_step(ctx.job_id, step, metrics)
+                problems_this_run += len(batch)
+                elapsed = time.perf_counter() - run_started
+                await ctx.set_metrics(**{k: v for k, v in metrics.items() if k != "degraded"}, step=step)
+                await ctx.emit("step", step=step, total_steps=total_steps, **metrics)
+                wandb.log(step, metrics)
+                if step % request.checkpoint_every == 0 or step == total_steps:
+                    checkpoint = await _save_checkpoint(ctx, watch, step)
+                await ctx.set_progress(
+                    step=step,
+                    problems_done=first_tree + len(batch),
+                    problems_per_min=round(60 * problems_this_run / elapsed, 3),
+                )
+                step += 1
+            except TrainerRestarted as exc:
+                restarts += 1
+                if restarts > MAX_TRAINER_RESTARTS:
+                    raise TrainerUnavailable(
+                        None, f"the trainer restarted {restarts} times during this run; giving up"
+                    ) from exc
+                log.warning("job %s: %s; rewinding to the last checkpoint", ctx.job_id, exc)
+                restarted = exc
     finally:
         wandb.finish()
 
@@ -300,7 +435,7 @@ async def run_train_job(ctx) -> dict[str, Any]:
     plot = await asyncio.to_thread(
         plots.train_curves_png, steps, ctx.path("curves.png"), f"train job {ctx.job_id}"
     )
-    health = await ctx.trainer.health()
+    health = await watch.health()
     return {
         "steps": total_steps,
         "applied_steps": sum(1 for s in steps if not s.get("skipped")),
@@ -314,4 +449,6 @@ async def run_train_job(ctx) -> dict[str, Any]:
         "problems_this_run": problems_this_run,
         "problems_per_min": round(60 * problems_this_run / train_seconds, 3) if train_seconds > 0 else None,
         "resumed_from_step": start_step if ctx.resumed else None,
+        "trainer_restarts": restarts,
+        "degraded": degraded,
     }

@@ -1,0 +1,255 @@
+"""Faults injected into whole train jobs (issue #7): teachers that fail, a checker that is down, a trainer killed
+with -9 mid-job, a full disk under the job's files. Real processes on 127.0.0.1: the trainer service (tiny SmolLM2
+student), the orchestrator (`python -m orchestrator serve`) and a scripted OpenAI-compatible server whose models
+are the teachers (tests/support/scripted_server.py, faults chosen per model by rules). Driven only through the
+REST API and SSE; budgets are tiny (one or two problems per job, two simulations, 8-token steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from support.scripted_server import Rule
+
+from orchestrator.client import OrchestratorClient
+from orchestrator.processes import free_port, orchestrator_process
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY_SEARCH = {
+    "iterations": 2,
+    "max_depth": 2,
+    "chunk_tokens": 8,
+    "max_tokens": 32,
+    "parallel_simulations": 2,
+    "n_student": 1,
+    "n_teacher_right": 1,
+    "n_teacher_wrong": 1,
+    "rollout": False,
+    "use_checker": False,
+}
+SECRET = "sk-fault-test-0123456789abcdef"  # the API key of one failing teacher: it must never reach an event
+
+
+def teacher(name: str, url: str, tier: str, **extra) -> dict:
+    return {"name": name, "base_url": url, "model": name, "tier": tier, **extra}
+
+
+class Orchestrator:
+    """One orchestrator process for a test, with its own data folder."""
+
+    def __init__(self, trainer, workdir: Path, gsm8k_dir: Path, env: dict[str, str]):
+        self.workdir = workdir
+        self.process = orchestrator_process(
+            free_port(),
+            trainer.url,
+            workdir,
+            env={"GSM8K_PATH": str(gsm8k_dir), "REQUEST_TIMEOUT_S": "900", "TRAINER_WAIT_S": "300", **env},
+        )
+
+    def __enter__(self) -> OrchestratorClient:
+        self.process.start()
+        self.process.wait_ready(timeout_s=60)
+        self.client = OrchestratorClient(self.process.url, timeout_s=120)
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.process.stop()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.workdir / "orchestrator" / "jobs" / job_id
+
+
+def custom_teachers(teachers: list[dict], checker_url: str | None = None) -> dict[str, str]:
+    env = {"TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers), "FAULT_TEACHER_KEY": SECRET}
+    if checker_url:
+        env["CHECKER_URL"] = checker_url
+    return env
+
+
+def trainer_health(trainer) -> dict:
+    return httpx.get(trainer.url + "/health", timeout=10).json()
+
+
+def assert_each_step_applied_once(steps: list[dict], trainer_step_start: int, trainer) -> list[dict]:
+    """Steps 1..n recorded once each; the trainer counted exactly one update per applied step, in order."""
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    applied = [s for s in steps if not s.get("skipped")]
+    assert [s["trainer_step"] for s in applied] == list(
+        range(trainer_step_start + 1, trainer_step_start + len(applied) + 1)
+    )
+    assert not any(s.get("duplicate") for s in applied)
+    assert trainer_health(trainer)["step"] == trainer_step_start + len(applied)
+    return applied
+
+
+# --- 1. teachers ----------------------------------------------------------------------------------------------
+def test_failing_teachers_are_reported_and_the_job_goes_on_with_the_good_one(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    url = scripted_server.v1
+    # Each failing teacher in a tier of its own, ahead of the good one: every expansion tries them first (until
+    # they rest after two failures), so each fault is met, deterministically.
+    teachers = [
+        teacher("t-500", url, "a", api_key_env="FAULT_TEACHER_KEY"),
+        teacher("t-hang", url, "b", timeout_s=2.0),
+        teacher("t-drop", url, "c"),
+        teacher("t-malformed", url, "d"),
+        teacher("good", url, "z"),
+    ]
+    scripted_server.set_rules(
+        [
+            Rule(mode="error", status=500, model="t-500"),
+            Rule(mode="hang", model="t-hang"),
+            Rule(mode="drop", model="t-drop"),
+            Rule(mode="malformed", model="t-malformed"),
+        ]
+    )
+    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, custom_teachers(teachers)) as client:
+        job_id = client.train(num_examples=2, batch_size=1, checkpoint_every=2, search=TINY_SEARCH)
+        events = list(client.follow(job_id))
+        job = client.job(job_id)
+    assert job["status"] == "completed", job["error"]
+    errors = [e.data for e in events if e.type == "teacher_error"]
+    kinds = {e["teacher"]: e["kind"] for e in errors}
+    assert kinds == {
+        "t-500": "http_500",
+        "t-hang": "timeout",
+        "t-drop": "connection",
+        "t-malformed": "malformed",
+    }
+    assert "good" not in kinds
+    assert [e.data["step"] for e in events if e.type == "step"] == [1, 2]
+    assert job["result"]["applied_steps"] >= 1
+    good_requests = sum(1 for r in scripted_server.log if r["model"] == "good")
+    assert good_requests >= 2  # the good teacher carried both steps
+    # The key was sent to its teacher, and appears nowhere in what the job shows.
+    assert any(r["authorization"] == f"Bearer {SECRET}" for r in scripted_server.log if r["model"] == "t-500")
+    shown = json.dumps([e.data for e in events]) + json.dumps(job)
+    assert SECRET not in shown
+
+
+def test_a_job_with_every_teacher_failing_fails_with_the_reason(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    url = scripted_server.v1
+    teachers = [teacher("t-500", url, "a"), teacher("t-malformed", url, "b")]
+    scripted_server.set_rules(
+        [Rule(mode="error", status=503, model="t-500"), Rule(mode="malformed", model="t-malformed")]
+    )
+    step_before = trainer_health(trainer_service)["step"]
+    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, custom_teachers(teachers)) as client:
+        job_id = client.train(num_examples=2, batch_size=1, search=TINY_SEARCH)
+        events = list(client.follow(job_id))
+        job = client.job(job_id)
+        steps = client.steps(job_id)
+    assert job["status"] == "failed"
+    assert job["error"].startswith("NoTeacherLeft: every teacher failed in step 1"), job["error"]
+    assert "t-500: http_503" in job["error"] and "t-malformed: malformed" in job["error"]
+    assert {e.data["teacher"] for e in events if e.type == "teacher_error"} == {"t-500", "t-malformed"}
+    assert steps == [] and not [e for e in events if e.type == "step"]
+    assert trainer_health(trainer_service)["step"] == step_before  # nothing was learned from nothing
+
+
+# --- 2. the checker -------------------------------------------------------------------------------------------
+def test_a_dead_checker_leaves_the_rules_and_the_job_records_the_degraded_mode(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    # Teacher steps are final sentences the rules are unsure of ("So in total she has 42 apples."), so the
+    # checker is asked; nothing listens on its port.
+    scripted_server.config.answer_depth = 1
+    scripted_server.config.final_style = "sentence"
+    dead_checker = f"http://127.0.0.1:{free_port()}/v1"
+    env = custom_teachers([teacher("good", scripted_server.v1, "z")], checker_url=dead_checker)
+    search = {**TINY_SEARCH, "use_checker": True}
+    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, env) as client:
+        job_id = client.train(num_examples=1, batch_size=1, search=search)
+        events = list(client.follow(job_id))
+        job = client.job(job_id)
+        tree = client.tree(job_id, 0)["tree"]
+    assert job["status"] == "completed", job["error"]
+    assert "checker_failed" in [e.data["mode"] for e in events if e.type == "degraded"]
+    assert "checker_failed" in job["progress"]["degraded"]
+    assert "checker_failed" in job["result"]["degraded"]
+    assert "checker_failed" in client_steps_degraded(events)
+    # The search went on with the rules alone: its leaves were closed by them (depth limit, answer line, ...).
+    reasons = {n.get("terminal_reason") for n in tree["nodes"] if n.get("terminal")}
+    assert reasons and reasons <= {
+        "depth_limit",
+        "token_limit",
+        "answer_line",
+        "answer_phrase",
+        "eos",
+        "expansion_failed",
+    }, reasons
+
+
+def client_steps_degraded(events) -> set[str]:
+    return {mode for e in events if e.type == "step" for mode in e.data.get("degraded", [])}
+
+
+# --- 3. the trainer killed mid-job ----------------------------------------------------------------------------
+def test_trainer_killed_mid_job_is_waited_for_and_the_job_rewinds_to_its_checkpoint(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    env = custom_teachers([teacher("good", scripted_server.v1, "z")])
+    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, env) as client:
+        # Checkpoints at steps 0, 2 and 3; the kill comes once step 1 is done, before its checkpoint.
+        job_id = client.train(num_examples=3, offset=20, batch_size=1, checkpoint_every=2, search=TINY_SEARCH)
+        events = []
+        for event in client.follow(job_id):
+            events.append(event)
+            if event.type == "step":
+                break
+        started_at = trainer_health(trainer_service)["started_at"]
+        trainer_service.service.kill()  # SIGKILL, mid-job
+        trainer_service.start()  # the same port and checkpoint folder, a new process (it loads for a while)
+        assert trainer_health(trainer_service)["started_at"] != started_at
+        events += list(client.follow(job_id, after=events[-1].id))
+        job = client.job(job_id)
+        steps = client.steps(job_id)
+    assert job["status"] == "completed", job["error"]
+    types = [e.type for e in events]
+    restarted = [e.data for e in events if e.type == "trainer_restarted"]
+    assert len(restarted) == 1 and restarted[0]["from_step"] == 0, restarted
+    assert restarted[0]["trainer_step"] == job["progress"]["trainer_step_start"]
+    assert types.index("trainer_restarted") > types.index("step")
+    assert job["result"]["trainer_restarts"] == 1
+    assert_each_step_applied_once(steps, job["progress"]["trainer_step_start"], trainer_service)
+    assert job["result"]["checkpoint"]["step"] == 3
+
+
+# --- 6. the disk fills under a job's files ------------------------------------------------------------------------
+def test_a_full_disk_under_the_job_fails_it_clearly_and_it_resumes_once_there_is_room(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    env = custom_teachers([teacher("good", scripted_server.v1, "z")])
+    orchestrator = Orchestrator(trainer_service, tmp_path, gsm8k_dir, env)
+    with orchestrator as client:
+        job_id = client.train(num_examples=2, offset=30, batch_size=1, checkpoint_every=1, search=TINY_SEARCH)
+        # The second tree file is /dev/full: writing it fails with ENOSPC, as on a full disk. Set up long before
+        # the job gets there (it first searches and trains step 1).
+        full = orchestrator.job_dir(job_id) / "trees" / "000001.json"
+        full.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink("/dev/full", full)
+        list(client.follow(job_id))
+        job = client.job(job_id)
+        assert job["status"] == "failed"
+        assert "No space left on device" in job["error"] and "000001.json" in job["error"], job["error"]
+        assert [s["step"] for s in client.steps(job_id)] == [1]  # the store holds what was done, no more
+        assert job["progress"]["checkpoint"]["step"] == 1
+
+        full.unlink()  # room again
+        client.resume(job_id)
+        events = list(client.follow(job_id))
+        job = client.job(job_id)
+        steps = client.steps(job_id)
+    assert job["status"] == "completed", job["error"]
+    assert [e.data["from_step"] for e in events if e.type == "resumed"] == [1]
+    assert_each_step_applied_once(steps, job["progress"]["trainer_step_start"], trainer_service)
+    assert json.loads(full.read_text())["step"] == 2
