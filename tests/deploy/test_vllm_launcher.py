@@ -43,7 +43,8 @@ def parse_with_vllm(python, argvs: dict[str, list[str]]) -> dict[str, dict]:
     return json.loads(line.removeprefix("PARSED "))
 
 
-OVERRIDES = {"GEMMA_TENSOR_PARALLEL_SIZE": "2", "GEMMA_GPUS": "0,1", "QWEN_PREFIX_CACHING": "false"}
+OVERRIDES = {"GEMMA_TENSOR_PARALLEL_SIZE": "2", "GEMMA_GPUS": "0,1", "QWEN_PREFIX_CACHING": "false",
+             "API_TOKEN": "compose-test-token"}  # compose requires one
 
 
 @pytest.fixture(scope="module")
