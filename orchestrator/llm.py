@@ -164,14 +164,14 @@ class LLMPool:
         environ: dict | None = None,
         extra_headers: dict | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        connections_per_client: int = 8,
+        connections_per_client: int = 1,
     ):
         self.retry = retry or RetryPolicy()
         self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
         self._environ = environ
         self._extra_headers = dict(extra_headers or {})
         self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
-        self._clients: dict[str, list[_Shard]] = {}  # per server: a few small connection pools
+        self._servers: dict[str, _Server] = {}  # per server: small connection pools
         self.connections_per_client = connections_per_client
         self._ssl_context: ssl.SSLContext | None = None
         self._endpoint_limits: dict[tuple[str, str], asyncio.Semaphore] = {}
@@ -199,21 +199,26 @@ class LLMPool:
         await self.aclose()
 
     async def aclose(self) -> None:
-        shards, self._clients = [s for group in self._clients.values() for s in group], {}
-        for shard in shards:
-            await shard.client.aclose()
+        servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            for shard in server.shards:
+                await shard.client.aclose()
 
-    def _client(self, endpoint: EndpointSpec) -> "_Shard":
-        """The least busy client of the endpoint's server, opening another one when all are full.
+    def _acquire_shard(self, endpoint: EndpointSpec) -> _Shard:
+        """A client of the endpoint's server with a free slot (the one most recently used, so its
+        connections are warm), opening another one when all are full. Release it with `shard.release()`.
 
         httpcore's connection pool does work proportional to its open connections on every request (it
-        polls idle sockets), so hundreds of connections in one client cost more CPU than the requests
+        checks every idle socket), so hundreds of connections in one client cost more CPU than the requests
         themselves. Small pools of `connections_per_client` keep that bounded; each still reuses its
         connections."""
         base = endpoint.base_url.rstrip("/")
-        shards = self._clients.setdefault(base, [])
-        shard = min(shards, key=lambda s: s.in_flight, default=None)
-        if shard is None or shard.in_flight >= self.connections_per_client:
+        server = self._servers.get(base)
+        if server is None:
+            server = self._servers[base] = _Server()
+        if server.free:
+            shard = server.free[-1]
+        else:
             if self._ssl_context is None:  # building one costs ~40 ms: share it between the clients
                 self._ssl_context = ssl.create_default_context(cafile=certifi.where())
             client = httpx.AsyncClient(
@@ -225,11 +230,15 @@ class LLMPool:
                 transport=self._transport,
                 verify=self._ssl_context,
             )
-            shard = _Shard(client, httpx.URL(base))
-            shards.append(shard)
+            shard = _Shard(client, httpx.URL(base), server.free, self.connections_per_client)
+            server.shards.append(shard)
+            server.free.append(shard)
+        shard.in_flight += 1
+        if shard.in_flight >= shard.capacity:
+            server.free.pop()  # the shard in use is always the top of the stack
         return shard
 
-    def _target(self, endpoint: EndpointSpec, path: str) -> "_Target":
+    def _target(self, endpoint: EndpointSpec, path: str) -> _Target:
         """Everything about one endpoint's route that does not change between requests, computed once: the
         parsed URL, the timeout and the raw request headers (Host, content type, the Bearer key)."""
         secret = api_key(endpoint, self._environ) or self._base_url_keys.get(endpoint.base_url.rstrip("/"))
@@ -297,12 +306,11 @@ class LLMPool:
             try:
                 async with self._slot(endpoint):
                     started = time.perf_counter()
-                    shard = self._client(endpoint)
-                    shard.in_flight += 1
+                    shard = self._acquire_shard(endpoint)
                     try:
                         status, body, response = await shard.post(target, headers, content)
                     finally:
-                        shard.in_flight -= 1
+                        shard.release()
                     latency = time.perf_counter() - started
                 if status == 200:
                     try:
@@ -348,6 +356,14 @@ class LLMPool:
         }
 
 
+class _Server:
+    """The shards of one server, and a stack of those with a free slot (each exactly once)."""
+
+    def __init__(self) -> None:
+        self.shards: list[_Shard] = []
+        self.free: list[_Shard] = []
+
+
 @dataclass(frozen=True)
 class _Target:
     url: httpx.URL
@@ -362,16 +378,26 @@ class _Shard:
     work (URL merging, header defaults, cookies, auth and redirect handling, request logging), and that
     work cost more CPU than the HTTP exchange itself."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: httpx.URL):
+    def __init__(self, client: httpx.AsyncClient, base_url: httpx.URL, free: list, capacity: int):
         self.client = client
         self.transport = client._transport_for_url(base_url)  # the same choice `client.send` makes
         self.in_flight = 0
+        self.free, self.capacity = free, capacity  # the server's stack of shards with a free slot
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == self.capacity - 1:  # it was full, so not on the stack
+            self.free.append(self)
 
     async def post(
         self, target: _Target, headers: list[tuple[bytes, bytes]], content: bytes
     ) -> tuple[int, bytes, httpx.Response]:
         request = httpx.Request(
-            "POST", target.url, headers=headers, stream=httpx.ByteStream(content), extensions=target.extensions
+            "POST",
+            target.url,
+            headers=headers,
+            stream=httpx.ByteStream(content),
+            extensions=target.extensions,
         )
         request.read()  # marks the body as loaded (`request.content`), for transports that read it whole
         response = await self.transport.handle_async_request(request)

@@ -1,4 +1,5 @@
 import asyncio
+import json
 
 import pytest
 from support.scripted_server import Rule
@@ -138,3 +139,43 @@ def test_retry_after_parsing_and_backoff():
     assert policy.delay(0, retry_after=100.0) == 10.0
     assert all(0.0 <= policy.delay(5) <= 2.0 for _ in range(100))  # capped full jitter
     assert all(0.0 <= policy.delay(0) <= 0.5 for _ in range(100))
+
+
+async def test_concurrent_requests_get_their_own_connections_and_reuse_them(scripted_server):
+    scripted_server.config.latency_ms = 100  # the five overlap
+    async with LLMPool(retry=FAST) as pool:  # one connection per client
+        for _ in range(2):
+            await asyncio.gather(*(pool.chat(endpoint(scripted_server), USER) for _ in range(5)))
+        server = pool._servers[scripted_server.v1]
+        assert len(server.shards) == 5 and len(server.free) == 5  # all idle again, each on the stack once
+        assert all(s.in_flight == 0 for s in server.shards)
+    assert scripted_server.connections == 5  # the second round reused the first round's connections
+
+
+async def test_clients_with_several_connections(scripted_server):
+    scripted_server.config.latency_ms = 100
+    async with LLMPool(retry=FAST, connections_per_client=2) as pool:
+        await asyncio.gather(*(pool.chat(endpoint(scripted_server), USER) for _ in range(5)))
+        server = pool._servers[scripted_server.v1]
+        assert len(server.shards) == 3 and sorted(id(s) for s in server.free) == sorted(
+            id(s) for s in server.shards
+        )
+    assert scripted_server.connections == 5
+
+
+async def test_a_changed_api_key_is_sent_from_the_next_request(scripted_server, monkeypatch):
+    ep = endpoint(scripted_server, api_key_env="AZT_TEST_KEY")
+    async with LLMPool(retry=FAST, extra_headers={"X-Title": "azt"}) as pool:
+        monkeypatch.setenv("AZT_TEST_KEY", "sk-one")
+        await pool.chat(ep, USER)
+        monkeypatch.setenv("AZT_TEST_KEY", "sk-two")
+        await pool.chat(ep, USER)
+        monkeypatch.delenv("AZT_TEST_KEY")
+        await pool.chat(ep, USER)
+    assert [e["authorization"] for e in scripted_server.log] == ["Bearer sk-one", "Bearer sk-two", None]
+    sent = scripted_server.log[-1]["headers"]
+    assert sent["x-title"] == "azt" and sent["content-type"] == "application/json"
+    assert sent["host"] == f"127.0.0.1:{scripted_server.port}"
+    assert int(sent["content-length"]) == len(
+        json.dumps(scripted_server.log[-1]["payload"], separators=(",", ":"))
+    )

@@ -212,6 +212,7 @@ class ScriptedServer:
                     "n": payload.get("n", 1),
                     "mode": rule.mode,
                     "authorization": headers.get("authorization"),
+                    "headers": headers,  # lower-cased names
                     "payload": payload,
                 }
             )
