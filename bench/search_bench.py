@@ -1,16 +1,23 @@
 """Search-core benchmark: orchestrator overhead, requests in flight and critical-path efficiency.
 
 Three measurements against the scripted OpenAI-compatible server (tests/support/scripted_server.py):
-1. overhead, in-process: the endpoints answer instantly through an in-process httpx transport that calls the
-   server's script; expansions per CPU-second of the search process, with the script's own time taken out.
-   This is the orchestrator's overhead per expansion (search logic + httpx client + JSON), no network.
+1. overhead, in-process (the headline figure): the endpoints answer instantly through an in-process httpx
+   transport that runs the server's script; expansions per CPU-second of the search process with the
+   script's own CPU (decode the request, run the script, encode the response) taken out:
+       expansions_per_s = expansions / (process CPU seconds - script CPU seconds)
+   i.e. the orchestrator's overhead per expansion (search logic, the pool's HTTP client side, JSON) with no
+   sockets and no server. Nothing waits in this run, so the process's wall time equals its CPU time.
+   The same search is run, interleaved, with the request path as it was before 2026-11-25 (every request
+   through `httpx.AsyncClient.send`, one trainer request per /logprobs call), for a before/after ratio
+   under the same load.
 2. overhead, loopback HTTP: the same with the server as a separate process on 127.0.0.1; expansions per
-   CPU-second of the search process (so it includes the client side of real HTTP: sockets, h11 parsing).
+   CPU-second of the search process (so it includes the client side of real HTTP: sockets, h11, httpcore's
+   pool) and per wall-second (the server shares the 2 cores, so wall time includes its CPU).
 3. slow endpoints (every request takes --latency-ms): (a) many trees at once, the peak number of requests in
    flight as the server counts them; (b) one search, its wall time over the sum of latencies on its critical
    path (the longest chain of requests that had to wait for each other, as the search records it).
 
-Usage: .venv/bin/python bench/search_bench.py [--quick] [--out bench/results/search.json]
+Usage: .venv/bin/python bench/search_bench.py [--quick] [--repeats 3] [--out bench/results/search.json]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +42,16 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support.scripted_server import ScriptedServer, ServerConfig, admin  # noqa: E402
 
+import orchestrator.llm  # noqa: E402
 from orchestrator.data import Problem  # noqa: E402
 from orchestrator.llm import LLMPool, RetryPolicy  # noqa: E402
-from orchestrator.search import SearchConfig, SearchServices, run_search, run_searches  # noqa: E402
+from orchestrator.search import (  # noqa: E402
+    ScoreBatcher,
+    SearchConfig,
+    SearchServices,
+    run_search,
+    run_searches,
+)
 from orchestrator.settings import EndpointSpec  # noqa: E402
 from orchestrator.teachers import TeacherEnsemble  # noqa: E402
 from orchestrator.terminal import TerminalChecker  # noqa: E402
@@ -44,19 +59,23 @@ from orchestrator.trainer_client import TrainerClient  # noqa: E402
 
 
 class ScriptTransport(httpx.AsyncBaseTransport):
-    """An 'instant endpoint' inside this process: the scripted server's script without sockets."""
+    """An 'instant endpoint' inside this process: the scripted server's script without sockets. Its own CPU
+    time (request JSON decode, the script, response JSON encode and Response object) is counted apart."""
 
     def __init__(self, server: ScriptedServer):
         self.server = server
         self.script_s = 0.0
+        self.requests: dict[str, int] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.process_time()
         payload = json.loads(request.content) if request.content else {}
         path = request.url.path
+        self.requests[path] = self.requests.get(path, 0) + 1
         body = json.dumps(self.server._route(path, payload, with_logprobs=True) or {}).encode()
+        response = httpx.Response(200, content=body, headers={"content-type": "application/json"})
         self.script_s += time.process_time() - started
-        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+        return response
 
 
 def problems(n: int) -> list[Problem]:
@@ -95,54 +114,92 @@ def bench_config(args) -> SearchConfig:
     )
 
 
-class TimedClient(httpx.AsyncClient):
-    """Counts the CPU time spent inside `send`. With the in-process transport nothing in there waits, so the
-    time is the HTTP client's (plus the script's, counted separately by ScriptTransport)."""
+async def _post_through_client(self, target, headers, content):
+    """The pool's request path before 2026-11-25: an httpx.Request with content= and a header dict, sent with
+    `httpx.AsyncClient.send` (URL handling, default headers, cookies, auth and redirect handling, logging)."""
+    request = httpx.Request(
+        "POST",
+        target.url,
+        content=content,
+        headers={k.decode(): v.decode() for k, v in headers if k not in (b"Host", b"Content-Length")},
+        extensions=target.extensions,
+    )
+    response = await self.client.send(request)
+    return response.status_code, response.content, response
 
-    send_s = 0.0
 
-    async def send(self, request, **kwargs):
-        started = time.process_time()
-        try:
-            return await super().send(request, **kwargs)
-        finally:
-            TimedClient.send_s += time.process_time() - started
+async def _score_unmerged(self, items, model="student"):
+    """/logprobs before 2026-11-25: one trainer request per call."""
+    self.calls += 1
+    self.requests += 1
+    return list((await self.trainer.logprobs(items, model)).get("results") or [])
+
+
+class reference_request_path:
+    """Context manager: the search runs with the request path it had before 2026-11-25 (for a side-by-side
+    ratio in one invocation; the search logic itself is this commit's)."""
+
+    def __enter__(self):
+        self.saved = orchestrator.llm._Shard.post, ScoreBatcher.score
+        orchestrator.llm._Shard.post, ScoreBatcher.score = _post_through_client, _score_unmerged
+
+    def __exit__(self, *exc):
+        orchestrator.llm._Shard.post, ScoreBatcher.score = self.saved
 
 
 async def overhead_in_process(args) -> dict:
     server = ScriptedServer(ServerConfig(answer_depth=args.answer_depth, keep_log=False))
     transport = ScriptTransport(server)
-    httpx_client, httpx.AsyncClient = httpx.AsyncClient, TimedClient  # both clients below time their sends
     async with (
         LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0), transport=transport) as pool,
         TrainerClient("http://bench", transport=transport) as trainer,
     ):
         svc = services("http://bench", pool, trainer)
         await run_searches(problems(4), bench_config(args), svc, max_trees_in_flight=4)  # warm-up
-        transport.script_s, TimedClient.send_s = 0.0, 0.0
+        transport.script_s, transport.requests = 0.0, {}
+        calls0, requests0 = svc.scorer.calls, svc.scorer.requests
         cpu0, wall0 = time.process_time(), time.perf_counter()
         results = await run_searches(
             problems(args.trees), bench_config(args), svc, max_trees_in_flight=args.trees_in_flight
         )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    httpx.AsyncClient = httpx_client
     expansions = sum(r.stats["expansions"] for r in results)
-    requests = sum(r.stats["requests"] for r in results)
+    http_requests = sum(transport.requests.values())
     overhead = cpu - transport.script_s
-    search_logic = cpu - TimedClient.send_s
     return {
         "expansions": expansions,
-        "requests": requests,
+        "http_requests": http_requests,
+        "http_requests_per_expansion": http_requests / expansions,
+        "search_requests_per_expansion": sum(r.stats["requests"] for r in results) / expansions,
+        "logprobs_calls": svc.scorer.calls - calls0,
+        "logprobs_requests": svc.scorer.requests - requests0,
         "cpu_s": cpu,
         "script_cpu_s": transport.script_s,
-        "httpx_send_cpu_s": TimedClient.send_s - transport.script_s,
         "overhead_cpu_s": overhead,
-        "search_logic_cpu_s": search_logic,
         "wall_s": wall,
         "expansions_per_s": expansions / overhead,
-        "expansions_per_s_search_logic": expansions / search_logic,
-        "requests_per_expansion": requests / expansions,
+        "overhead_us_per_expansion": 1e6 * overhead / expansions,
         "nodes": sum(r.stats["nodes"] for r in results),
+    }
+
+
+def overhead_side_by_side(args) -> dict:
+    """This commit's request path and the reference one, interleaved `repeats` times; medians and the
+    median of the per-round ratios (each round's two runs see about the same machine load)."""
+    runs: dict[str, list[dict]] = {"current": [], "reference": []}
+    for _ in range(args.repeats):
+        runs["current"].append(asyncio.run(overhead_in_process(args)))
+        with reference_request_path():
+            runs["reference"].append(asyncio.run(overhead_in_process(args)))
+    median = {k: statistics.median(r["expansions_per_s"] for r in v) for k, v in runs.items()}
+    ratios = [
+        c["expansions_per_s"] / r["expansions_per_s"] for c, r in zip(runs["current"], runs["reference"])
+    ]
+    return {
+        "expansions_per_s": median["current"],
+        "reference_expansions_per_s": median["reference"],
+        "ratio_current_over_reference": statistics.median(ratios),
+        "runs": runs,
     }
 
 
@@ -168,22 +225,31 @@ def start_server(latency_ms: float, answer_depth: int) -> tuple[subprocess.Popen
     return proc, f"http://127.0.0.1:{int(line.split()[1])}"
 
 
-async def overhead_http(args, url: str) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of another process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def overhead_http(args, url: str, server_pid: int) -> dict:
     async with (
         LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0)) as pool,
         TrainerClient(url) as trainer,
     ):
         svc = services(url, pool, trainer)
         await run_searches(problems(4), bench_config(args), svc, max_trees_in_flight=4)
+        server0 = process_cpu_s(server_pid)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         results = await run_searches(
             problems(args.trees), bench_config(args), svc, max_trees_in_flight=args.trees_in_flight
         )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        server_cpu = process_cpu_s(server_pid) - server0
     expansions = sum(r.stats["expansions"] for r in results)
     return {
         "expansions": expansions,
         "cpu_s": cpu,
+        "server_cpu_s": server_cpu,
         "wall_s": wall,
         "expansions_per_cpu_s": expansions / cpu,
         "expansions_per_wall_s": expansions / wall,
@@ -254,18 +320,21 @@ def main() -> None:
     parser.add_argument("--max-in-flight", type=int, default=512)
     parser.add_argument("--cp-iterations", type=int, default=16)
     parser.add_argument("--cp-parallel", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="in-process rounds (current + reference)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out", default=str(REPO / "bench/results/search.json"))
     args = parser.parse_args()
     if args.quick:
-        args.trees, args.slow_trees, args.cp_iterations = 8, 8, 8
+        args.trees, args.slow_trees, args.cp_iterations, args.repeats = 8, 8, 8, 1
 
-    load_before = os.getloadavg()
-    in_process = asyncio.run(overhead_in_process(args))
-    print("in-process overhead:", json.dumps(in_process), flush=True)
+    load: dict[str, list[float]] = {"start": [round(x, 2) for x in os.getloadavg()]}
+    side = overhead_side_by_side(args)
+    in_process = side["runs"]["current"][-1]
+    print("in-process overhead:", json.dumps({k: v for k, v in side.items() if k != "runs"}), flush=True)
+    load["after_in_process"] = [round(x, 2) for x in os.getloadavg()]
     proc, url = start_server(0.0, args.answer_depth)
     try:
-        http = asyncio.run(overhead_http(args, url))
+        http = asyncio.run(overhead_http(args, url, proc.pid))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -279,24 +348,30 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+    load["end"] = [round(x, 2) for x in os.getloadavg()]
 
     result = {
-        "expansions_per_s": round(in_process["expansions_per_s"], 1),
-        "expansions_per_s_search_logic": round(in_process["expansions_per_s_search_logic"], 1),
+        "expansions_per_s": round(side["expansions_per_s"], 1),
+        "expansions_per_s_definition": "expansions / (search process CPU s - in-process script CPU s), instant "
+        "in-process endpoint, median of the repeats",
+        "overhead_us_per_expansion": round(1e6 / side["expansions_per_s"], 1),
+        "reference_expansions_per_s": round(side["reference_expansions_per_s"], 1),
+        "ratio_over_reference": round(side["ratio_current_over_reference"], 3),
+        "http_requests_per_expansion": round(in_process["http_requests_per_expansion"], 3),
         "expansions_per_cpu_s_loopback_http": round(http["expansions_per_cpu_s"], 1),
+        "expansions_per_wall_s_loopback_http": round(http["expansions_per_wall_s"], 1),
         "max_in_flight": in_flight["server_max_in_flight"],
         "critical_path_ratio": round(critical["critical_path_ratio"], 3),
         "latency_ms": args.latency_ms,
         "details": {
-            "in_process": in_process,
+            "in_process": side["runs"],
             "loopback_http": http,
             "slow_many_trees": in_flight,
             "slow_one_search": critical,
         },
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
-        "load_avg_before": [round(x, 2) for x in load_before],
-        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "load_avg": load,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
     }
