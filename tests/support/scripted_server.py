@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import socket
@@ -74,6 +75,7 @@ class ServerConfig:
     final_style: str = "line"  # "line": "#### N"; "sentence": "So in total she has N apples." (rules unsure)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the script asks for the same words again and again
 def _h(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
 
