@@ -9,7 +9,8 @@ A checkpoint is written into a temporary sibling directory, every file fsynced, 
 reader sees either the whole checkpoint or none. Loading checks sizes and hashes before anything is applied.
 
 Crashes (kill -9) and full disks. A save that dies while writing leaves only a hidden `.<name>.tmp-*` directory,
-which listing and loading ignore. Replacing an existing checkpoint takes two renames (the old one aside into
+which listing and loading ignore and the next process removes (`recover`; temporary directories carry a token of
+the process writing them, so a live save is never touched). Replacing an existing checkpoint takes two renames (the old one aside into
 `.<name>.old-*/<name>`, the new one into place); a crash between them leaves no `<name>`, so listing and loading
 first move a complete aside copy back (`recover`). A write that fails (ENOSPC, EFBIG under RLIMIT_FSIZE, EIO)
 raises CheckpointWriteError naming the cause; the previous checkpoint of that name stays as it was.
@@ -27,6 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ ADAPTER_FILE, OPTIMIZER_FILE, META_FILE = "adapter.safetensors", "optimizer.pt",
 # Held across the two renames of a replacement, so `recover` in this process never mistakes a save in progress
 # for one a crash interrupted.
 _SWAP_LOCK = threading.Lock()
+_PROCESS_TOKEN = uuid.uuid4().hex[:8]  # in the names of this process's temporary directories
 
 
 class CheckpointNotFound(LookupError):
@@ -57,7 +60,8 @@ class CheckpointWriteError(OSError):
     def __init__(self, name: str, cause: OSError):
         self.out_of_space = cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         why = "no space left (disk full or file size limit)" if self.out_of_space else "write failed"
-        super().__init__(cause.errno, f"checkpoint {name}: {why}: {cause.strerror or cause}")
+        super().__init__(f"checkpoint {name}: {why}: {cause.strerror or cause} (errno {cause.errno})")
+        self.errno = cause.errno
 
 
 @dataclass
@@ -114,7 +118,7 @@ def save_checkpoint(
 
 
 def _write(root: Path, name: str, blobs: dict[str, bytes], record: dict[str, Any]) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_PROCESS_TOKEN}-", dir=root))
     try:
         for file, blob in blobs.items():
             _fsync_file(tmp / file, blob)
@@ -151,8 +155,9 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def recover(root: Path) -> list[str]:
-    """Move back checkpoints a crash left aside while being replaced (`.<name>.old-*/<name>` with no `<name>`);
-    returns their names. Only complete copies (a readable meta record) come back."""
+    """Move back checkpoints a crash left aside while being replaced (`.<name>.old-*/<name>` with no `<name>`)
+    and remove the temporary directories of saves that died; returns the names moved back. Only complete copies
+    (a readable meta record) come back."""
     root = Path(root)
     restored: list[str] = []
     if not root.is_dir():
@@ -160,6 +165,9 @@ def recover(root: Path) -> list[str]:
     with _SWAP_LOCK:
         for aside in sorted(root.glob(".*.old-*")):
             _restore(root, aside, restored)
+        for tmp in root.glob(".*.tmp-*"):
+            if f".tmp-{_PROCESS_TOKEN}-" not in tmp.name:  # another (dead) process's unfinished save
+                shutil.rmtree(tmp, ignore_errors=True)
     return restored
 
 
