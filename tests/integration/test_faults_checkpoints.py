@@ -132,3 +132,59 @@ def test_a_full_disk_during_a_checkpoint_save_is_507_and_the_previous_one_stays(
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert post(trainer, "/checkpoints", {"name": "full"}).status_code == 200  # room again: saving works
     assert_previous_loads(trainer, previous)
+
+
+def test_a_train_job_whose_checkpoint_meets_a_full_disk_fails_clearly_and_resumes(
+    trainer, scripted_server, gsm8k_dir, tmp_path
+):
+    """The same full disk under a train job: the job fails naming it, and resumes from its last checkpoint."""
+    from orchestrator.client import OrchestratorClient
+    from orchestrator.processes import free_port, orchestrator_process
+
+    teachers = [{"name": "good", "base_url": scripted_server.v1, "model": "good"}]
+    env = {"GSM8K_PATH": str(gsm8k_dir), "TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers)}
+    search = {
+        "iterations": 2,
+        "max_depth": 2,
+        "chunk_tokens": 8,
+        "max_tokens": 32,
+        "n_student": 1,
+        "rollout": False,
+        "use_checker": False,
+    }
+    orch = orchestrator_process(free_port(), trainer.url, tmp_path, env=env).start()
+    pid = trainer.service.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    try:
+        orch.wait_ready(timeout_s=60)
+        with OrchestratorClient(orch.url, timeout_s=120) as client:
+            job_id = client.train(num_examples=2, offset=40, batch_size=1, checkpoint_every=1, search=search)
+            for event in client.follow(job_id):
+                if event.type == "checkpoint":  # step 0 saved: the disk fills before step 1's checkpoint
+                    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, hard))
+                    break
+            list(client.follow(job_id, after=event.id))
+            job = client.job(job_id)
+            assert job["status"] == "failed"
+            assert job["error"].startswith("TrainerError: trainer HTTP 507"), job["error"]
+            assert f"checkpoint {job_id}-step000001: no space left" in job["error"]
+            assert (
+                job["progress"]["checkpoint"]["step"] == 0
+            )  # the job still points at a checkpoint that exists
+
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))  # room again
+            client.resume(job_id)
+            events = list(client.follow(job_id))
+            job = client.job(job_id)
+            steps = client.steps(job_id)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        orch.stop()
+    assert job["status"] == "completed", job["error"]
+    assert [e.data["from_step"] for e in events if e.type == "resumed"] == [0]
+    assert [s["step"] for s in steps] == [1, 2]
+    start = job["progress"]["trainer_step_start"]
+    applied = [s for s in steps if not s.get("skipped")]
+    assert [s["trainer_step"] for s in applied] == list(range(start + 1, start + len(applied) + 1))
+    health = httpx.get(trainer.url + "/health", timeout=10).json()
+    assert health["step"] == start + len(applied)
