@@ -78,7 +78,7 @@ class TooLarge(BaseModel):
 # Documented on every route, so the OpenAPI schema describes the bodies clients really get (422 included, which
 # would otherwise be FastAPI's list-shaped default).
 ERROR_RESPONSES = {
-    **{code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 503)},
+    **{code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 429, 503)},
     413: {"model": TooLarge, "description": "request body over TRAINER_MAX_REQUEST_BYTES"},
 }
 
@@ -125,6 +125,23 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
         if token and request.url.path != "/health" and not authorised:
             return _error(401, "missing or wrong bearer token", "Authorization")
         return await call_next(request)
+
+    in_flight = 0
+
+    @app.middleware("http")
+    async def bounded_in_flight(request: Request, call_next):
+        # Outermost (added last): a refused request is answered before its body is read or anything is queued.
+        nonlocal in_flight
+        if request.url.path == "/health":
+            return await call_next(request)
+        if in_flight >= settings.max_requests_in_flight:
+            message = f"{in_flight} requests in flight, the limit (TRAINER_MAX_REQUESTS_IN_FLIGHT)"
+            return _error(429, message, headers={"Retry-After": "1"})
+        in_flight += 1
+        try:
+            return await call_next(request)
+        finally:
+            in_flight -= 1
 
     def check_budget(rows: int, max_tokens: int | None) -> None:
         """rows (prompts x n) x max_tokens within TRAINER_MAX_GENERATION_TOKENS, checked before anything runs.

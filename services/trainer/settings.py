@@ -34,6 +34,9 @@ class TrainerSettings(BaseSettings):
     # Tokens one completion/chat request may ask for (prompts x n x max_tokens); more gets 422. It bounds how long
     # one request can occupy the model: 16384 is ~4.5 min of sampling on 2 CPU cores, seconds on a GPU.
     max_generation_tokens: int = Field(default=16384, ge=1)
+    # Requests being served or waiting at once (all routes but /health); more get 429 with Retry-After, so a flood
+    # cannot pile up without bound. The orchestrator keeps far fewer in flight (MAX_REQUESTS_IN_FLIGHT) and retries.
+    max_requests_in_flight: int = Field(default=256, ge=1)
 
     lora_r: int = Field(default=32, ge=1)
     lora_alpha: int = Field(default=32, ge=1)

@@ -214,6 +214,6 @@ def test_request_limits_are_wired_with_the_settings_defaults(tmp_path):
                  "MAX_TREES_IN_FLIGHT", "MAX_REQUESTS_IN_FLIGHT"):
         assert int(orchestrator[name]) == defaults[name.lower()].default, name
     trainer_defaults = TrainerSettings.model_fields
-    for name in ("MAX_REQUEST_BYTES", "MAX_GENERATION_TOKENS", "MAX_BATCH_SIZE"):
+    for name in ("MAX_REQUEST_BYTES", "MAX_GENERATION_TOKENS", "MAX_REQUESTS_IN_FLIGHT", "MAX_BATCH_SIZE"):
         assert int(trainer[f"TRAINER_{name}"]) == trainer_defaults[name.lower()].default, name
     assert orchestrator["API_TOKEN"] == trainer["API_TOKEN"] == TOKEN["API_TOKEN"]
