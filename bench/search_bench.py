@@ -135,16 +135,30 @@ async def _score_unmerged(self, items, model="student"):
     return list((await self.trainer.logprobs(items, model)).get("results") or [])
 
 
-class reference_request_path:
-    """Context manager: the search runs with the request path it had before 2026-11-25 (for a side-by-side
-    ratio in one invocation; the search logic itself is this commit's)."""
+class request_path:
+    """Context manager: the search runs with the request path it had before 2026-11-25 (`client_send`: every
+    request through httpx.AsyncClient.send; `merge`: False = one trainer request per /logprobs call), for
+    side-by-side ratios in one invocation; the search logic itself is this commit's."""
+
+    def __init__(self, client_send: bool, merge: bool):
+        self.client_send, self.merge = client_send, merge
 
     def __enter__(self):
         self.saved = orchestrator.llm._Shard.post, ScoreBatcher.score
-        orchestrator.llm._Shard.post, ScoreBatcher.score = _post_through_client, _score_unmerged
+        if self.client_send:
+            orchestrator.llm._Shard.post = _post_through_client
+        if not self.merge:
+            ScoreBatcher.score = _score_unmerged
 
     def __exit__(self, *exc):
         orchestrator.llm._Shard.post, ScoreBatcher.score = self.saved
+
+
+VARIANTS = {  # name: request_path arguments
+    "current": (False, True),
+    "unmerged_logprobs": (False, False),  # this commit's pool, one trainer request per /logprobs call
+    "reference": (True, False),  # the request path before 2026-11-25
+}
 
 
 async def overhead_in_process(args) -> dict:
@@ -184,23 +198,24 @@ async def overhead_in_process(args) -> dict:
 
 
 def overhead_side_by_side(args) -> dict:
-    """This commit's request path and the reference one, interleaved `repeats` times; medians and the
-    median of the per-round ratios (each round's two runs see about the same machine load)."""
-    runs: dict[str, list[dict]] = {"current": [], "reference": []}
+    """This commit's request path and the reference ones, interleaved `repeats` times; medians, and the
+    median of the per-round ratios to the reference (each round's runs see about the same machine load)."""
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
-        runs["current"].append(asyncio.run(overhead_in_process(args)))
-        with reference_request_path():
-            runs["reference"].append(asyncio.run(overhead_in_process(args)))
-    median = {k: statistics.median(r["expansions_per_s"] for r in v) for k, v in runs.items()}
-    ratios = [
-        c["expansions_per_s"] / r["expansions_per_s"] for c, r in zip(runs["current"], runs["reference"])
-    ]
-    return {
-        "expansions_per_s": median["current"],
-        "reference_expansions_per_s": median["reference"],
-        "ratio_current_over_reference": statistics.median(ratios),
-        "runs": runs,
-    }
+        for name, (client_send, merge) in VARIANTS.items():
+            with request_path(client_send, merge):
+                runs[name].append(asyncio.run(overhead_in_process(args)))
+    out: dict = {}
+    for name in VARIANTS:
+        out[name] = statistics.median(r["expansions_per_s"] for r in runs[name])
+        if name == "reference":
+            continue
+        ratios = [
+            a["expansions_per_s"] / b["expansions_per_s"] for a, b in zip(runs[name], runs["reference"])
+        ]
+        out[f"{name}_over_reference"] = statistics.median(ratios)
+    out["runs"] = runs
+    return out
 
 
 def start_server(latency_ms: float, answer_depth: int) -> tuple[subprocess.Popen, str]:
@@ -248,6 +263,7 @@ async def overhead_http(args, url: str, server_pid: int) -> dict:
     expansions = sum(r.stats["expansions"] for r in results)
     return {
         "expansions": expansions,
+        "logprobs_calls_per_request": svc.scorer.calls / max(1, svc.scorer.requests),
         "cpu_s": cpu,
         "server_cpu_s": server_cpu,
         "wall_s": wall,
@@ -277,6 +293,8 @@ async def slow_in_flight(args, url: str) -> dict:
         "pool_max_in_flight": pool_peak,
         "server_max_in_flight": server["max_in_flight"],
         "requests": server["total"],
+        "logprobs_calls": svc.scorer.calls,
+        "logprobs_requests": svc.scorer.requests,
         "expansions": sum(r.stats["expansions"] for r in results),
     }
 
@@ -351,12 +369,17 @@ def main() -> None:
     load["end"] = [round(x, 2) for x in os.getloadavg()]
 
     result = {
-        "expansions_per_s": round(side["expansions_per_s"], 1),
+        "expansions_per_s": round(side["current"], 1),
         "expansions_per_s_definition": "expansions / (search process CPU s - in-process script CPU s), instant "
         "in-process endpoint, median of the repeats",
-        "overhead_us_per_expansion": round(1e6 / side["expansions_per_s"], 1),
-        "reference_expansions_per_s": round(side["reference_expansions_per_s"], 1),
-        "ratio_over_reference": round(side["ratio_current_over_reference"], 3),
+        "overhead_us_per_expansion": round(1e6 / side["current"], 1),
+        "unmerged_logprobs_expansions_per_s": round(side["unmerged_logprobs"], 1),
+        "reference_expansions_per_s": round(side["reference"], 1),
+        "ratio_over_reference": round(side["current_over_reference"], 3),
+        "unmerged_logprobs_ratio_over_reference": round(side["unmerged_logprobs_over_reference"], 3),
+        "logprobs_calls_per_request": round(
+            in_process["logprobs_calls"] / in_process["logprobs_requests"], 2
+        ),
         "http_requests_per_expansion": round(in_process["http_requests_per_expansion"], 3),
         "expansions_per_cpu_s_loopback_http": round(http["expansions_per_cpu_s"], 1),
         "expansions_per_wall_s_loopback_http": round(http["expansions_per_wall_s"], 1),
