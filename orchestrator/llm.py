@@ -1,7 +1,8 @@
 """An async client pool for OpenAI-compatible servers (vLLM, OpenRouter, the trainer service).
 
-One `httpx.AsyncClient` per base_url (connections are reused across requests and endpoints that share a
-server), a concurrency limit per endpoint, an optional global limit on requests in flight across every search,
+Per server (base_url), a set of small `httpx.AsyncClient`s, one per request in flight at the peak by
+default (connections are reused across requests and endpoints that share a server; requests go straight to
+the client's transport, see `_Shard`), a concurrency limit per endpoint, an optional global limit on requests in flight across every search,
 timeouts, and retries with jittered exponential backoff on 429 / 5xx / connection errors / timeouts /
 malformed JSON, honouring `Retry-After`. API keys come from the environment variable an endpoint names; they
 are sent as a Bearer header and never appear in errors, logs or reprs.
