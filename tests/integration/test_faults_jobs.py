@@ -89,12 +89,12 @@ def assert_each_step_applied_once(steps: list[dict], trainer_step_start: int, tr
 
 
 # --- 1. teachers ----------------------------------------------------------------------------------------------
-def test_failing_teachers_are_reported_and_the_job_goes_on_with_the_good_one(
+def test_teachers_failing_mid_job_are_reported_and_the_job_goes_on_with_the_good_one(
     trainer_service, scripted_server, gsm8k_dir, tmp_path
 ):
     url = scripted_server.v1
-    # Each failing teacher in a tier of its own, ahead of the good one: every expansion tries them first (until
-    # they rest after two failures), so each fault is met, deterministically.
+    # Each teacher that will fail in a tier of its own, ahead of the good one: every expansion tries them first
+    # (until they rest after two failures in a row), so each fault is met, deterministically.
     teachers = [
         teacher("t-500", url, "a", api_key_env="FAULT_TEACHER_KEY"),
         teacher("t-hang", url, "b", timeout_s=2.0),
@@ -102,18 +102,24 @@ def test_failing_teachers_are_reported_and_the_job_goes_on_with_the_good_one(
         teacher("t-malformed", url, "d"),
         teacher("good", url, "z"),
     ]
-    scripted_server.set_rules(
-        [
-            Rule(mode="error", status=500, model="t-500"),
-            Rule(mode="hang", model="t-hang"),
-            Rule(mode="drop", model="t-drop"),
-            Rule(mode="malformed", model="t-malformed"),
-        ]
-    )
+    faults = [
+        Rule(mode="error", status=500, model="t-500"),
+        Rule(mode="hang", model="t-hang"),
+        Rule(mode="drop", model="t-drop"),
+        Rule(mode="malformed", model="t-malformed"),
+    ]
     with Orchestrator(trainer_service, tmp_path, gsm8k_dir, custom_teachers(teachers)) as client:
-        job_id = client.train(num_examples=2, batch_size=1, checkpoint_every=2, search=TINY_SEARCH)
-        events = list(client.follow(job_id))
+        job_id = client.train(num_examples=3, batch_size=1, checkpoint_every=3, search=TINY_SEARCH)
+        events = []
+        for event in client.follow(job_id):
+            events.append(event)
+            if event.type == "step":  # step 1 went well; the faults begin (step 2 searches for seconds yet)
+                served_before = {r["model"] for r in scripted_server.log}
+                scripted_server.set_rules(faults)
+                break
+        events += list(client.follow(job_id, after=events[-1].id))
         job = client.job(job_id)
+    assert served_before == {"t-500"}  # first in line, it served all of step 1
     assert job["status"] == "completed", job["error"]
     errors = [e.data for e in events if e.type == "teacher_error"]
     kinds = {e["teacher"]: e["kind"] for e in errors}
@@ -123,11 +129,10 @@ def test_failing_teachers_are_reported_and_the_job_goes_on_with_the_good_one(
         "t-drop": "connection",
         "t-malformed": "malformed",
     }
-    assert "good" not in kinds
-    assert [e.data["step"] for e in events if e.type == "step"] == [1, 2]
+    assert min(e["step"] for e in errors) >= 2
+    assert [e.data["step"] for e in events if e.type == "step"] == [1, 2, 3]
     assert job["result"]["applied_steps"] >= 1
-    good_requests = sum(1 for r in scripted_server.log if r["model"] == "good")
-    assert good_requests >= 2  # the good teacher carried both steps
+    assert {r["model"] for r in scripted_server.log if r["mode"] == "ok"} >= {"t-500", "good"}
     # The key was sent to its teacher, and appears nowhere in what the job shows.
     assert any(r["authorization"] == f"Bearer {SECRET}" for r in scripted_server.log if r["model"] == "t-500")
     shown = json.dumps([e.data for e in events]) + json.dumps(job)
