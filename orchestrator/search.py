@@ -103,6 +103,7 @@ class ScoreBatcher:
     def __init__(self, trainer: TrainerClient, max_items: int = 32):
         self.trainer, self.max_items = trainer, max_items
         self._waiting: list[tuple[str, list[dict], asyncio.Future]] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         self._tasks: set[asyncio.Task] = set()
         self.calls = 0  # score() calls
         self.requests = 0  # HTTP requests they became
@@ -111,14 +112,17 @@ class ScoreBatcher:
         """The trainer's `results` for `items`, in order (raises what `TrainerClient.logprobs` raises)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if not self._waiting:
+        if self._flush_loop is not loop:
+            # No flush pending here. Calls left by a loop that ended before its flush ran are dropped (their
+            # futures belong to that loop), so services can outlive one `asyncio.run`.
+            self._waiting, self._flush_loop = [], loop
             loop.call_soon(self._flush)
         self._waiting.append((model, items, future))
         self.calls += 1
         return await future
 
     def _flush(self) -> None:
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting, self._flush_loop = self._waiting, [], None
         open_batches: dict[str, tuple[list, int]] = {}  # per model: [(items, future)], item count
         for model, items, future in waiting:
             if future.done():  # its caller was cancelled before the request went out

@@ -269,3 +269,23 @@ async def test_searches_share_one_scorer(scripted_server):
     assert scorer is svc.scorer and scorer.trainer is svc.trainer
     assert scripted_server.stats()["requests"]["/logprobs"] == scorer.requests <= scorer.calls
     assert all(not any(d.startswith("uniform_priors") for d in r.stats["degraded"]) for r in results)
+
+
+def test_score_batcher_after_a_loop_that_ended_before_its_flush(scripted_server):
+    trainer = TrainerClient(scripted_server.url, retry=RetryPolicy(max_retries=0))
+    scorer = ScoreBatcher(trainer)
+    old = asyncio.new_event_loop()
+    stale = old.create_task(scorer.score(scoring_items("a")))
+    old.call_soon(old.stop)
+    old.run_forever()  # one turn: the call is queued and its flush scheduled, then the loop stops
+    stale.cancel()
+    old.close()
+
+    async def main():
+        try:
+            return await asyncio.wait_for(scorer.score(scoring_items("b c")), 10)
+        finally:
+            await trainer.aclose()
+
+    assert asyncio.run(main())[0]["mean"] == pytest.approx(mean_logprob("b c"))
+    assert scorer.requests == 1 and scripted_server.stats()["requests"]["/logprobs"] == 1

@@ -101,6 +101,7 @@ class ScriptedServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._hangs: set[asyncio.Future] = set()
+        self._connection_tasks: set[asyncio.Task] = set()
 
     # --- lifecycle --------------------------------------------------------------------------------------
     @property
@@ -123,6 +124,12 @@ class ScriptedServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        # Connections still open (a request sleeping out its latency for a client that is gone): end them
+        # here, or closing the loop destroys their pending tasks.
+        tasks = list(self._connection_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> "ScriptedServer":
         ready = threading.Event()
@@ -169,6 +176,8 @@ class ScriptedServer:
     # --- HTTP ---------------------------------------------------------------------------------------------
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        self._connection_tasks.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -188,6 +197,7 @@ class ScriptedServer:
         except asyncio.CancelledError:
             pass
         finally:
+            self._connection_tasks.discard(task)
             writer.close()
 
     async def _handle(self, method: str, path: str, headers: dict, body: bytes, writer) -> bool:
