@@ -218,6 +218,14 @@ def test_trainer_killed_mid_job_is_waited_for_and_the_job_rewinds_to_its_checkpo
         events += list(client.follow(job_id, after=events[-1].id))
         job = client.job(job_id)
         steps = client.steps(job_id)
+    print(
+        "trainer kill -9, events:",
+        [
+            (e.type, e.data.get("step", e.data.get("from_step")))
+            for e in events
+            if e.type not in ("progress", "tree")
+        ],
+    )
     assert job["status"] == "completed", job["error"]
     types = [e.type for e in events]
     restarted = [e.data for e in events if e.type == "trainer_restarted"]
