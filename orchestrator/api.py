@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
@@ -52,6 +54,18 @@ SUBMIT_RESPONSES = {
     413: {"description": "request body over MAX_REQUEST_BYTES"},
     429: {"description": "MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS jobs are queued or running; see Retry-After"},
 }
+
+
+def json_safe(value):
+    """NaN and +-Infinity (which Python's JSON parser accepts from a client) as strings: JSON has no such numbers,
+    and echoing one back in a 422 made the response itself fail with a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def train_budget_errors(settings: Settings, body: TrainRequest) -> list[dict]:
@@ -322,6 +336,10 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     async def metrics() -> Response:
         telemetry.set_job_counts(await manager.store.count_by_status())
         return Response(telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(JobNotFound)
     async def not_found(_request: Request, exc: JobNotFound):

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -78,9 +79,33 @@ class TooLarge(BaseModel):
 # Documented on every route, so the OpenAPI schema describes the bodies clients really get (422 included, which
 # would otherwise be FastAPI's list-shaped default).
 ERROR_RESPONSES = {
-    **{code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 429, 503)},
+    **{code: {"model": ErrorBody} for code in (400, 401, 404, 409, 422, 429, 503, 507)},
     413: {"model": TooLarge, "description": "request body over TRAINER_MAX_REQUEST_BYTES"},
 }
+
+
+def not_unicode(value, path: str = "") -> str | None:
+    """The path of the first string in a request that is not valid Unicode (a lone surrogate such as "\\ud800",
+    which JSON can carry but no tokenizer can encode), else None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        key = key if str(key).startswith("[") else (f".{key}" if path else str(key))
+        if (found := not_unicode(item, f"{path}{key}")) is not None:
+            return found
+    return None
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -155,6 +180,10 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
                 status=422,
             )
 
+    def check_text(req: BaseModel) -> None:
+        if (field := not_unicode(req.model_dump(exclude_defaults=True))) is not None:
+            raise RequestError(field, "not valid Unicode (a lone UTF-16 surrogate)", status=422)
+
     @app.exception_handler(_NotReady)
     async def not_ready(_: Request, exc: _NotReady):
         return _error(503, f"model failed to load: {exc.reason}" if exc.reason else "model is loading")
@@ -175,6 +204,11 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
         message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors))
         response = _error(422, message, fields[0] if fields else None)
         return response
+
+    @app.exception_handler(TemplateError)
+    async def template_refused(_: Request, exc: TemplateError):
+        # The model's chat template rejects these messages (e.g. roles that do not alternate, for some models).
+        return _error(400, f"the chat template refused the messages: {exc}", "messages")
 
     @app.exception_handler(FloatingPointError)
     async def not_finite(_: Request, exc: FloatingPointError):
@@ -223,19 +257,26 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     async def completions(req: CompletionRequest):
         prompts = 1 if isinstance(req.prompt, str) else len(req.prompt)
         check_budget(prompts * req.n, req.max_tokens or 16)
+        check_text(req)
         return await engine().complete(req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         check_budget(req.n, req.max_completion_tokens or req.max_tokens)
+        check_text(req)
+        if req.continue_final_message and len(req.messages) < 2:
+            # The continued text follows the template's rendering of the messages before it; there must be some.
+            raise RequestError("messages", "continue_final_message needs a message before the assistant's", 422)
         return await engine().chat(req)
 
     @app.post("/logprobs")
     async def logprobs(req: LogprobsRequest):
+        check_text(req)
         return await engine().logprobs(req)
 
     @app.post("/grpo/step")
     async def grpo_step(req: GrpoStepRequest):
+        check_text(req)
         return await engine().grpo_step(req)
 
     @app.post("/checkpoints")

@@ -128,7 +128,7 @@ class LossIn(BaseModel):
     clip_eps_high: FiniteFloat | None = Field(default=None, gt=0.0)
     max_grad_norm: FiniteFloat = Field(default=1.0, gt=0.0)
     micro_batch_size: int = Field(default=8, ge=1, le=1024)
-    learning_rate: FiniteFloat | None = Field(default=None, gt=0.0)
+    learning_rate: FiniteFloat | None = Field(default=None, gt=0.0, le=1.0)  # 1e300 overflowed inside AdamW
     max_length: int | None = Field(default=None, ge=1)
 
 

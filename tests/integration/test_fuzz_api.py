@@ -206,3 +206,44 @@ def test_every_route_but_health_refuses_a_missing_token(orchestrator, trainer):
                 response = httpx.request(method.upper(), url + concrete, headers={"Authorization": "Bearer no"})
                 expected = 200 if path == "/health" else 401
                 assert response.status_code == expected, (url, method, path, response.status_code)
+
+
+# Found by probing around the schema (schemathesis rarely generates them): each was a 500 before the fix.
+BAD_TRAINER_INPUTS = [
+    ("/v1/completions", {"model": "student", "prompt": "\ud800", "max_tokens": 2}, 422, "prompt"),
+    ("/v1/completions", {"model": "student", "prompt": ["ok", "a\udfffb"], "max_tokens": 2}, 422, "prompt[1]"),
+    ("/v1/chat/completions", {"model": "student", "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "\udfff"}]}, 422, "messages[0].content"),
+    ("/v1/chat/completions", {"model": "student", "max_tokens": 2, "continue_final_message": True,
+                              "add_generation_prompt": False,
+                              "messages": [{"role": "assistant", "content": "The answer"}]}, 422, "messages"),
+    ("/logprobs", {"items": [{"prompt": "a", "completion": "\ud800"}]}, 422, "items[0].completion"),
+    ("/grpo/step", {"items": [{"prompt": "a", "completion": "b\udc00", "advantage": 1.0}]}, 422, "items[0].completion"),
+    ("/grpo/step", {"items": [{"prompt": "a", "completion": "hi", "advantage": 1.0}],
+                    "loss": {"learning_rate": 1e300}}, 422, "loss.learning_rate"),
+    ("/grpo/step", {"items": [{"prompt": "a", "completion": "hi", "advantage": 1e300, "weight": 1e300}]}, 422, "items"),
+]
+
+
+@pytest.mark.parametrize("route, body, status, field", BAD_TRAINER_INPUTS)
+def test_trainer_bad_inputs_get_a_4xx_naming_the_field(trainer, route, body, status, field):
+    import json
+
+    before = httpx.get(trainer.url + "/health", timeout=30).json()["adapter_version"]
+    # json.dumps writes lone surrogates as \\ud800 escapes, exactly as a client's JSON encoder would
+    response = httpx.post(trainer.url + route, content=json.dumps(body), timeout=120,
+                          headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == status, response.text
+    param = response.json()["error"]["param"]  # pydantic writes items.0.x where the service writes items[0].x
+    assert param.replace("[", ".").replace("]", "") == field.replace("[", ".").replace("]", ""), param
+    assert httpx.get(trainer.url + "/health", timeout=30).json()["adapter_version"] == before  # nothing applied
+
+
+def test_malformed_bodies_get_a_4xx_on_both_services(orchestrator, trainer):
+    for url, route in ((trainer.url, "/v1/completions"), (orchestrator.url, "/eval")):
+        for content in (b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+                        b'{"prompt": "\xff\xfe"}', b'{"model": "student", "prompt": "x", "temperature": NaN}',
+                        b'{"model": "student", "prompt": "x", "max_tokens": 1e999}', b'{"prompt": "x",'):
+            response = httpx.post(url + route, content=content, timeout=60,
+                                  headers={**AUTH, "content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (url, content[:20], response.status_code)
