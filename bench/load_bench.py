@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -29,17 +29,18 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.machine import describe_machine  # noqa: E402
-from orchestrator.processes import free_port, orchestrator_process, trainer_process  # noqa: E402
+from orchestrator.machine import describe_machine
+from orchestrator.processes import free_port, orchestrator_process, trainer_process
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 
 def rss_bytes(pid: int) -> int:
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
@@ -110,8 +111,12 @@ async def storm(url: str, headers: dict, waves: int, per_wave: int, gap_s: float
 
 async def trainer_storm(url: str, headers: dict, requests: int, max_tokens: int, health_every_s: float):
     """`requests` concurrent chat completions straight at the trainer while its /health is polled."""
-    body = {"model": "student", "messages": [{"role": "user", "content": "What is 2 + 3?"}],
-            "max_tokens": max_tokens, "temperature": 1.0}
+    body = {
+        "model": "student",
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+    }
     latencies: list[float] = []
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=requests + 8)
@@ -126,7 +131,9 @@ async def trainer_storm(url: str, headers: dict, requests: int, max_tokens: int,
 
         poller = asyncio.create_task(poll_health())
         started = time.perf_counter()
-        responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(requests)))
+        responses = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body) for _ in range(requests))
+        )
         wall_s = time.perf_counter() - started
         stop.set()
         await poller
@@ -134,13 +141,19 @@ async def trainer_storm(url: str, headers: dict, requests: int, max_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--waves", type=int, default=5)
     parser.add_argument("--per-wave", type=int, default=50, help="concurrent submissions per wave")
     parser.add_argument("--gap-s", type=float, default=2.0, help="pause between waves")
-    parser.add_argument("--run-s", type=float, default=30.0, help="let accepted jobs run this long, then cancel")
+    parser.add_argument(
+        "--run-s", type=float, default=30.0, help="let accepted jobs run this long, then cancel"
+    )
     parser.add_argument("--max-queued-jobs", type=int, default=16)
-    parser.add_argument("--trainer-requests", type=int, default=64, help="concurrent completions at the trainer")
+    parser.add_argument(
+        "--trainer-requests", type=int, default=64, help="concurrent completions at the trainer"
+    )
     parser.add_argument("--trainer-max-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load.json")
     args = parser.parse_args(argv)
@@ -150,8 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="azt-load-"))
     trainer_port, orch_port = free_port(), free_port()
     trainer = trainer_process(trainer_port, workdir, env={"API_TOKEN": token}, cwd=REPO)
-    env = {"GSM8K_PATH": str(GSM8K), "API_TOKEN": token, "MAX_CONCURRENT_JOBS": "1",
-           "MAX_QUEUED_JOBS": str(args.max_queued_jobs)}
+    env = {
+        "GSM8K_PATH": str(GSM8K),
+        "API_TOKEN": token,
+        "MAX_CONCURRENT_JOBS": "1",
+        "MAX_QUEUED_JOBS": str(args.max_queued_jobs),
+    }
     orchestrator = orchestrator_process(orch_port, trainer.url, workdir, env=env, cwd=REPO)
     load_before = os.getloadavg()
     with trainer, orchestrator:
@@ -174,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         peak_jobs = dict(sampler.peak)
         # Part two: the trainer alone under a storm of completion requests (its jobs are all cancelled now).
         completions, trainer_latencies, trainer_wall_s = asyncio.run(
-            trainer_storm(trainer.url, headers, args.trainer_requests, args.trainer_max_tokens, health_every_s=0.1)
+            trainer_storm(
+                trainer.url, headers, args.trainer_requests, args.trainer_max_tokens, health_every_s=0.1
+            )
         )
         sampler.done.set()
         sampler.join()
@@ -185,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     mib = 2**20
     result = {
         "bench": "load",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": describe_machine(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -204,9 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
         "refused_429": codes.get(429, 0),
         "other_status": {str(k): v for k, v in codes.items() if k not in (202, 429)},
         "storm_s": round(storm_s, 2),
-        "submit_latency_s": {"p50": round(percentile(submit_latencies, 0.5), 4),
-                             "p99": round(percentile(submit_latencies, 0.99), 4),
-                             "max": round(max(submit_latencies), 4)},
+        "submit_latency_s": {
+            "p50": round(percentile(submit_latencies, 0.5), 4),
+            "p99": round(percentile(submit_latencies, 0.99), 4),
+            "max": round(max(submit_latencies), 4),
+        },
         "health_during_storm": {
             "polls": len(latencies),
             "status_codes": {str(k): v for k, v in health_codes.items()},
@@ -214,12 +235,19 @@ def main(argv: list[str] | None = None) -> dict:
             "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
             "max_ms": round(1000 * max(latencies), 1),
         },
-        "accepted_jobs_after_run_s": {"run_s": args.run_s, "statuses": dict(statuses_before_cancel),
-                                      "cancel_status_codes": {str(k): v for k, v in cancel_codes.items()},
-                                      "final_statuses": dict(final)},
+        "accepted_jobs_after_run_s": {
+            "run_s": args.run_s,
+            "statuses": dict(statuses_before_cancel),
+            "cancel_status_codes": {str(k): v for k, v in cancel_codes.items()},
+            "final_statuses": dict(final),
+        },
         "rss_mib": {
-            name: {"idle": round(idle_rss[name] / mib, 1), "peak_job_storm": round(peak_jobs[name] / mib, 1),
-                   "peak": round(sampler.peak[name] / mib, 1), "after": round(after_rss[name] / mib, 1)}
+            name: {
+                "idle": round(idle_rss[name] / mib, 1),
+                "peak_job_storm": round(peak_jobs[name] / mib, 1),
+                "peak": round(sampler.peak[name] / mib, 1),
+                "after": round(after_rss[name] / mib, 1),
+            }
             for name in pids
         },
         "trainer_storm": {

@@ -14,9 +14,9 @@ from collections import Counter
 
 import httpx
 import pytest
+from support.scripted_server import ScriptedServer, ServerConfig
 
 from orchestrator.processes import free_port, orchestrator_process
-from support.scripted_server import ScriptedServer, ServerConfig
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +26,10 @@ LONG_EVAL = {"num_examples": 40, "concurrency": 1, "max_tokens": 32}  # 80 answe
 
 
 def rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
@@ -51,7 +52,9 @@ def scripted():
         yield server
 
 
-def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_behind(scripted, tmp_path, gsm8k_dir):
+def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_behind(
+    scripted, tmp_path, gsm8k_dir
+):
     env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUED_JOBS": str(QUEUED)}
     with orchestrator_process(free_port(), scripted.url, tmp_path, env=env) as proc:
         proc.wait_ready(timeout_s=60)
@@ -68,7 +71,9 @@ def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_b
         assert all(r.headers["Retry-After"].isdigit() for r in first if r.status_code == 429)
         accepted = [r.json()["job_id"] for r in first if r.status_code == 202]
         jobs = http.get("/jobs").json()["jobs"]
-        assert sorted(j["id"] for j in jobs) == sorted([running_id, *accepted])  # nothing stored for the refused
+        assert sorted(j["id"] for j in jobs) == sorted(
+            [running_id, *accepted]
+        )  # nothing stored for the refused
         assert all(j["status"] == "queued" for j in jobs if j["id"] != running_id)
 
         rss_after_first = rss_bytes(proc.proc.pid)

@@ -9,7 +9,6 @@ from collections import Counter
 
 import httpx
 import pytest
-
 from support.trainer_process import TrainerProcess
 
 pytestmark = pytest.mark.integration
@@ -29,7 +28,9 @@ def trainer(trainer_model_dir, tmp_path_factory):
 
 async def concurrent(url: str, bodies: list[dict]) -> tuple[list[httpx.Response], int]:
     """POST every body at once; meanwhile /health is asked once (it is never limited)."""
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)
+    ) as client:
         posts = [client.post("/v1/completions", json=b) for b in bodies]
         *responses, health = await asyncio.gather(*posts, client.get("/health"))
     return responses, health.status_code
