@@ -4,7 +4,9 @@ Life of a job: queued -> running -> completed | failed | cancelled. A job whose 
 running when the service shut down) is `interrupted`; `resume` queues it again (a train job continues from its
 last checkpoint, an eval job starts over). At most `max_concurrent_jobs` run at once; the others wait queued,
 at most `max_queued_jobs` of them (beyond that, submit and resume raise JobsBusy).
-Every status change is stored first and then published as a "status" event.
+Every status change is stored first and then published as a "status" event. A job's final status must reach the
+store: when it cannot be written (a full disk) it is tried again every few seconds while the service runs (the
+job still shows as running meanwhile; after a restart it shows as interrupted and can be resumed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from orchestrator.events import EventHub
 from orchestrator.job_context import JobCancelled, JobContext
 from orchestrator.llm import LLMPool
 from orchestrator.settings import Settings
-from orchestrator.store import AsyncJobStore, JobRecord, JobStore
+from orchestrator.store import AsyncJobStore, JobRecord, JobStore, StoreError
 from orchestrator.telemetry import Telemetry
 from orchestrator.trainer_client import TrainerClient
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[JobContext], Awaitable[dict[str, Any]]]
 RESUMABLE = frozenset({"interrupted", "failed", "cancelled"})
+STORE_RETRY_S = (0.5, 10.0)  # first and longest wait between tries to store a job's final status
 
 
 class JobNotFound(KeyError):
@@ -39,8 +42,9 @@ class JobsBusy(Exception):
     """Queued + running jobs are at max_concurrent_jobs + max_queued_jobs; the caller should retry later."""
 
     def __init__(self, limit: int):
-        super().__init__(f"{limit} jobs are already queued or running (MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS); "
-                         "retry later")
+        super().__init__(
+            f"{limit} jobs are already queued or running (MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS); retry later"
+        )
         self.limit = limit
 
 
@@ -225,6 +229,18 @@ class JobManager:
             return
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            await self._set_status(job.id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            await self._set_final_status(job.id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
             return
-        await self._set_status(job.id, "completed", result=result)
+        await self._set_final_status(job.id, "completed", result=result)
+
+    async def _set_final_status(self, job_id: str, status: str, **fields: Any) -> None:
+        delay, longest = STORE_RETRY_S
+        while True:
+            try:
+                return await self._set_status(job_id, status, **fields)
+            except StoreError as exc:
+                log.error(
+                    "job %s: cannot store status %s: %s; trying again in %g s", job_id, status, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, longest)

@@ -2,7 +2,9 @@
 
 One file, WAL mode, stdlib sqlite3. The methods are synchronous and guarded by one lock; async code calls them
 through `AsyncJobStore`, which runs each call in a worker thread (asyncio.to_thread) so the event loop never
-blocks on disk.
+blocks on disk, and turns SQLite's failures (a full disk: "database or disk is full", or "disk I/O error" under a
+file size limit) into StoreError naming the file. SQLite rolls the failed statement back, so the file stays
+consistent and works again once there is room.
 
 Tables
 - jobs:   id, kind (train|eval), status, request JSON, progress JSON, metrics JSON, result JSON, error,
@@ -271,6 +273,10 @@ class JobStore:
         return cur.rowcount
 
 
+class StoreError(RuntimeError):
+    """The job store could not be read or written."""
+
+
 class AsyncJobStore:
     """The same methods as JobStore, awaited; each call runs in a worker thread."""
 
@@ -281,6 +287,11 @@ class AsyncJobStore:
         method = getattr(self.sync, name)
 
         async def call(*args, **kwargs):
-            return await asyncio.to_thread(method, *args, **kwargs)
+            try:
+                return await asyncio.to_thread(method, *args, **kwargs)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(
+                    f"the job store {self.sync.path} could not be written: {exc} (is the disk full?)"
+                ) from exc
 
         return call

@@ -266,3 +266,85 @@ def test_a_full_disk_under_the_job_fails_it_clearly_and_it_resumes_once_there_is
     assert [e.data["from_step"] for e in events if e.type == "resumed"] == [1]
     assert_each_step_applied_once(steps, job["progress"]["trainer_step_start"], trainer_service)
     assert json.loads(full.read_text())["step"] == 2
+
+
+def test_a_full_disk_under_the_job_store_is_retried_then_the_job_fails_clearly_and_resumes(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    """The orchestrator runs with SIGXFSZ ignored; at the job's first `step` event its RLIMIT_FSIZE drops to 0
+    (prlimit(2)), so every write (SQLite's WAL, job files) fails as on a full disk. The job's next store write
+    fails, and so does storing its "failed" status: the manager logs that and tries again. Its stderr is a pipe
+    (no file size limit there), which is how the test sees it; then the limit is lifted."""
+    import resource
+    import subprocess
+    import sys
+    import threading
+
+    spec = orchestrator_process(
+        free_port(),
+        trainer_service.url,
+        tmp_path,
+        env={
+            "GSM8K_PATH": str(gsm8k_dir),
+            "TRAINER_WAIT_S": "300",
+            **custom_teachers([teacher("good", scripted_server.v1, "z")]),
+        },
+    )
+    code = (
+        "import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"sys.argv = {['orchestrator', *spec.args[2:]]!r}; "
+        "runpy.run_module('orchestrator', run_name='__main__', alter_sys=True)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, **spec.env},
+        cwd=spec.cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    retrying = threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            if "cannot store status failed" in line:
+                retrying.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    hard = resource.prlimit(proc.pid, resource.RLIMIT_FSIZE)[1]
+    try:
+        spec.wait_ready(timeout_s=60)
+        with OrchestratorClient(spec.url, timeout_s=120) as client:
+            job_id = client.train(
+                num_examples=2, offset=50, batch_size=1, checkpoint_every=1, search=TINY_SEARCH
+            )
+            for event in client.follow(job_id):
+                if event.type == "step":
+                    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (0, hard))  # the disk is full
+                    break
+            assert retrying.wait(300), "the orchestrator never reported the failed status write"
+            assert client.job(job_id)["status"] == "running"  # reads work; the failure is not stored yet
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (hard, hard))  # room again
+            job = client.wait(job_id, timeout_s=300, poll_s=0.5)
+            assert job["status"] == "failed"
+            assert job["error"].startswith("StoreError: the job store "), job["error"]
+            assert "(is the disk full?)" in job["error"]
+            assert [s["step"] for s in client.steps(job_id)] == [
+                1
+            ]  # the store is consistent: step 1 and no more
+            checkpoint_step = job["progress"]["checkpoint"]["step"]  # 0, or 1 if its record beat the limit
+            print(f"full job store: error {job['error']!r}, last stored checkpoint step {checkpoint_step}")
+            assert checkpoint_step in (0, 1)
+
+            client.resume(job_id)
+            events = list(client.follow(job_id))
+            job = client.job(job_id)
+            steps = client.steps(job_id)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(30)
+    assert job["status"] == "completed", job["error"]
+    assert [e.data["from_step"] for e in events if e.type == "resumed"] == [checkpoint_step]
+    assert_each_step_applied_once(steps, job["progress"]["trainer_step_start"], trainer_service)
