@@ -46,6 +46,7 @@ from orchestrator.telemetry import CONTENT_TYPE_LATEST, Telemetry
 from orchestrator.training import search_config
 from services.body_limit import BodySizeLimit
 
+MAX_ERRORS = 50  # validation errors listed in one 422
 RETRY_AFTER_S = 30  # the Retry-After of a 429 when the job queue is full
 JOB_FILES = {"curves.png", "report.png", "report.html", "report.json", "eval.jsonl"}
 # Answers the job routes give besides their own, documented so the OpenAPI schema says what clients will meet.
@@ -339,7 +340,11 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
-        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        errors = exc.errors()
+        detail = json_safe(jsonable_encoder(errors[:MAX_ERRORS]))
+        if len(errors) > MAX_ERRORS:  # 60k unknown fields in a 1 MiB body made a 6 MiB answer
+            detail.append({"type": "too_many_errors", "loc": ["body"], "msg": f"{len(errors)} errors in all"})
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(JobNotFound)
     async def not_found(_request: Request, exc: JobNotFound):

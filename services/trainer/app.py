@@ -84,6 +84,9 @@ ERROR_RESPONSES = {
 }
 
 
+MAX_ERRORS = 20  # validation errors spelled out in one 422
+
+
 def not_unicode(value, path: str = "") -> str | None:
     """The path of the first string in a request that is not valid Unicode (a lone surrogate such as "\\ud800",
     which JSON can carry but no tokenizer can encode), else None."""
@@ -201,9 +204,10 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     async def invalid(_: Request, exc: RequestValidationError):
         errors = exc.errors()
         fields = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors]
-        message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors))
-        response = _error(422, message, fields[0] if fields else None)
-        return response
+        message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields[:MAX_ERRORS], errors))
+        if len(errors) > MAX_ERRORS:  # the answer stays small whatever the request
+            message += f"; ... {len(errors)} errors in all"
+        return _error(422, message, fields[0] if fields else None)
 
     @app.exception_handler(TemplateError)
     async def template_refused(_: Request, exc: TemplateError):
