@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -96,6 +97,27 @@ def train_budget_errors(settings: Settings, body: TrainRequest) -> list[dict]:
             }
         )
     return errors
+
+
+class StreamCount:
+    def __init__(self) -> None:
+        self.open = 0
+
+
+class CountedStream(StreamingResponse):
+    """A streaming response counted as open from its creation until it has been sent or abandoned, so a limit on
+    open event streams (each holds a connection and a follower of the job's events) cannot leak."""
+
+    def __init__(self, count: StreamCount, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.count = count
+        count.open += 1
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.count.open -= 1
 
 
 def job_links(job_id: str) -> dict[str, str]:
@@ -204,6 +226,7 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_token)]
+    streams = StreamCount()
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -267,7 +290,10 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     @app.get(
         "/jobs/{job_id}/events",
         dependencies=auth,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
+            429: {"description": "MAX_EVENT_STREAMS streams are open; see Retry-After"},
+        },
     )
     async def job_events(
         job_id: str,
@@ -275,13 +301,20 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
         after: int | None = Query(None, ge=0, description="replay events after this id"),
     ):
         await get_job(job_id)
-        start = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+        # ASCII digits only: "\xb2".isdigit() is true but int() refuses it, as it does 5000 digits (both were 500s).
+        resume_from = int(last_event_id) if re.fullmatch(r"[0-9]{1,18}", last_event_id or "") else 0
+        start = after if after is not None else resume_from
+        if streams.open >= settings.max_event_streams:
+            raise HTTPException(
+                429, f"{streams.open} event streams are open (MAX_EVENT_STREAMS)", headers={"Retry-After": "5"}
+            )
 
         async def stream():
             async for event in manager.hub.follow(job_id, start):
                 yield SSE_KEEPALIVE if event is None else sse_frame(event)
 
-        return StreamingResponse(
+        return CountedStream(
+            streams,
             stream(),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(default=1, ge=1, le=64)
     max_queued_jobs: int = Field(default=16, ge=0, le=4096)  # beyond running + this many, /train and /eval get 429
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger request bodies get 413
+    max_event_streams: int = Field(default=256, ge=1)  # open GET /jobs/{id}/events streams; more get 429
     wandb_project: str | None = None
     wandb_api_key: SecretStr | None = None
 

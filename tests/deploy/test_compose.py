@@ -209,7 +209,7 @@ def test_request_limits_are_wired_with_the_settings_defaults(tmp_path):
     services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)["services"]
     orchestrator, trainer = services["orchestrator"]["environment"], services["trainer"]["environment"]
     defaults = Settings.model_fields
-    for name in ("MAX_CONCURRENT_JOBS", "MAX_QUEUED_JOBS", "MAX_REQUEST_BYTES", "MAX_TREE_NODES",
+    for name in ("MAX_CONCURRENT_JOBS", "MAX_QUEUED_JOBS", "MAX_REQUEST_BYTES", "MAX_TREE_NODES", "MAX_EVENT_STREAMS",
                  "MAX_TREES_IN_FLIGHT", "MAX_REQUESTS_IN_FLIGHT"):
         assert int(orchestrator[name]) == defaults[name.lower()].default, name
     trainer_defaults = TrainerSettings.model_fields

@@ -93,3 +93,38 @@ def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_b
             if response.status_code == 202:
                 assert http.post(f"/jobs/{response.json()['job_id']}/cancel").status_code in (200, 409)
         http.close()
+
+
+def test_event_streams_past_the_limit_get_429_and_ended_ones_free_their_place(scripted, tmp_path, gsm8k_dir):
+    """MAX_EVENT_STREAMS=3: a fourth stream gets 429 while three follow a running job; once the job ends and the
+    streams with it, their places are given again (twice over, so the count does not leak).
+
+    The streams end with the job rather than by the client hanging up: a client hanging up while its follower
+    waits for news can leave the job's event lock held (orchestrator/events.py, wait_for around Condition.wait),
+    after which the job's status changes block; reported, not this test's subject."""
+    from contextlib import ExitStack
+
+    env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_EVENT_STREAMS": "3"}
+    with orchestrator_process(free_port(), scripted.url, tmp_path, env=env) as proc:
+        proc.wait_ready(timeout_s=60)
+        http = httpx.Client(base_url=proc.url, timeout=60)
+        for _ in range(2):
+            job_id = http.post("/eval", json=LONG_EVAL).json()["job_id"]
+            with ExitStack() as open_streams:
+                streams = [
+                    open_streams.enter_context(http.stream("GET", f"/jobs/{job_id}/events")) for _ in range(3)
+                ]
+                assert [s.status_code for s in streams] == [200] * 3
+                refused = http.get(f"/jobs/{job_id}/events")
+                assert refused.status_code == 429 and refused.headers["Retry-After"].isdigit()
+                assert "MAX_EVENT_STREAMS" in refused.json()["detail"]
+                assert http.get(f"/jobs/{job_id}").status_code == 200  # other routes are not limited
+                assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
+                for stream in streams:  # each stream ends by itself with the job's final status
+                    assert "cancelled" in stream.read().decode().split("event: status")[-1]
+        # A Last-Event-ID that is not a plain number (a latin-1 digit, 5000 digits) replays from the start; these were
+        # 500s (int() refuses both).
+        for value in (b"\xb2", b"7" * 5000):
+            replay = http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": value})
+            assert replay.status_code == 200 and replay.text.count("event: status") >= 3
+        http.close()
