@@ -19,14 +19,13 @@ KEEPALIVE_S = 15.0
 
 
 class EventHub:
+    """Followers wait on a per-job asyncio.Event that `notify` sets and replaces. No lock is held while the
+    store is read or a follower waits, so a client that hangs up mid-wait (its task cancelled) cannot leave
+    anything held that would block the job's publishers (an asyncio.Condition under wait_for could)."""
+
     def __init__(self, store: AsyncJobStore):
         self.store = store
-        self._wakeups: dict[str, asyncio.Condition] = {}
-
-    def _condition(self, job_id: str) -> asyncio.Condition:
-        if job_id not in self._wakeups:
-            self._wakeups[job_id] = asyncio.Condition()
-        return self._wakeups[job_id]
+        self._news: dict[str, asyncio.Event] = {}
 
     async def publish(self, job_id: str, type: str, data: dict[str, Any]) -> EventRecord:
         event = await self.store.append_event(job_id, type, data)
@@ -35,37 +34,35 @@ class EventHub:
 
     async def notify(self, job_id: str) -> None:
         """Wake the followers of a job (after an event was stored by other means)."""
-        condition = self._condition(job_id)
-        async with condition:
-            condition.notify_all()
+        news = self._news.pop(job_id, None)
+        if news is not None:
+            news.set()
 
     async def follow(
         self, job_id: str, after_seq: int = 0, keepalive_s: float = KEEPALIVE_S
     ) -> AsyncIterator[EventRecord | None]:
         """Stored events after `after_seq`, then new ones as they come; ends once the job has finished and
         every event is out. Yields None after `keepalive_s` without news (the caller sends a keep-alive)."""
-        condition = self._condition(job_id)
         last = after_seq
         while True:
-            timed_out = False
-            async with condition:
-                events = await self.store.events_after(job_id, last)
-                if not events:
-                    job = await self.store.get_job(job_id)
-                    if job is None:
+            # Taken before the store is read: anything published after the read sets this very event.
+            news = self._news.setdefault(job_id, asyncio.Event())
+            events = await self.store.events_after(job_id, last)
+            if not events:
+                job = await self.store.get_job(job_id)
+                if job is None:
+                    return
+                if job.finished or job.status == "interrupted":
+                    # The final status event is committed with the status: read once more, then stop.
+                    events = await self.store.events_after(job_id, last)
+                    if not events:
                         return
-                    if job.finished or job.status == "interrupted":
-                        # The final status event is committed with the status: read once more, then stop.
-                        events = await self.store.events_after(job_id, last)
-                        if not events:
-                            return
-                    else:
-                        try:
-                            await asyncio.wait_for(condition.wait(), timeout=keepalive_s)
-                        except TimeoutError:
-                            timed_out = True
-            if timed_out:  # yield outside the lock: a slow reader must not block publishers
-                yield None
+                else:
+                    try:
+                        await asyncio.wait_for(news.wait(), timeout=keepalive_s)
+                    except TimeoutError:
+                        yield None
+                    continue
             for event in events:
                 last = event.seq
                 yield event

@@ -99,9 +99,7 @@ def test_event_streams_past_the_limit_get_429_and_ended_ones_free_their_place(sc
     """MAX_EVENT_STREAMS=3: a fourth stream gets 429 while three follow a running job; once the job ends and the
     streams with it, their places are given again (twice over, so the count does not leak).
 
-    The streams end with the job rather than by the client hanging up: a client hanging up while its follower
-    waits for news can leave the job's event lock held (orchestrator/events.py, wait_for around Condition.wait),
-    after which the job's status changes block; reported, not this test's subject."""
+    The streams end with the job rather than by the client hanging up (that is the next test's subject)."""
     from contextlib import ExitStack
 
     env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_EVENT_STREAMS": "3"}
@@ -127,4 +125,28 @@ def test_event_streams_past_the_limit_get_429_and_ended_ones_free_their_place(sc
         for value in (b"\xb2", b"7" * 5000):
             replay = http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": value})
             assert replay.status_code == 200 and replay.text.count("event: status") >= 3
+        http.close()
+
+
+def test_clients_hanging_up_on_event_streams_never_block_the_job(scripted, tmp_path, gsm8k_dir):
+    """Fifteen streams opened and dropped while their followers wait for news; the job still answers a cancel
+    at once and ends. With followers waiting on an asyncio.Condition under wait_for, a cancelled follower could
+    leave the condition's lock held, and every later status change of the job then blocked (5 of 18 runs hung)."""
+    from contextlib import ExitStack
+
+    with orchestrator_process(free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)}) as proc:
+        proc.wait_ready(timeout_s=60)
+        http = httpx.Client(base_url=proc.url, timeout=20)
+        for _ in range(3):
+            job_id = http.post("/eval", json=LONG_EVAL).json()["job_id"]
+            for _ in range(5):
+                with ExitStack() as open_streams:
+                    for _ in range(3):
+                        open_streams.enter_context(http.stream("GET", f"/jobs/{job_id}/events"))
+                    time.sleep(0.3)  # let the followers reach their wait before the hang-up
+            assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
+            deadline = time.monotonic() + 20
+            while http.get(f"/jobs/{job_id}").json()["status"] != "cancelled":
+                assert time.monotonic() < deadline, "the job's status never changed after the streams hung up"
+                time.sleep(0.1)
         http.close()
