@@ -78,6 +78,10 @@ class SearchConfig(BaseModel):
     max_expand_failures: int = 2  # then the leaf becomes terminal ("expansion_failed")
     seed: int | None = None
     rewards: RewardWeights = Field(default_factory=RewardWeights)
+    # False: a student step runs to the end of the answer (max_depth 1, no teachers = plain GRPO sampling).
+    one_line_steps: bool = True
+    # The "right" teacher sees the gold solution (Problem.info["solution"]) as a hint; off by default.
+    teacher_reference: bool = False
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> "SearchConfig":
@@ -246,6 +250,7 @@ class _Search:
     def __init__(self, problem: Problem, config: SearchConfig, services: SearchServices):
         self.cfg, self.svc = config, services
         self.tree = Tree(problem.id, problem.prompt, problem.answer, question_messages(problem))
+        self.reference = (problem.info or {}).get("solution") if config.teacher_reference else None
         self.baseline = RunningMean()
         self.stats = _Stats()
         self.claims: dict[int, asyncio.Event] = {}  # leaves being expanded
@@ -415,7 +420,7 @@ class _Search:
             n=self.cfg.n_student,
             max_tokens=step_cap,
             temperature=self.cfg.temperature,
-            stop=["\n"],
+            stop=["\n"] if self.cfg.one_line_steps else None,
             seed=self._next_seed(),
             **extra,
         )
@@ -464,6 +469,7 @@ class _Search:
                 max_tokens=step_cap,
                 temperature=self.cfg.teacher_temperature,
                 seed=self._next_seed(),
+                reference=self.reference if kind == "right" else None,
             )
         except AllTeachersFailed as exc:
             tried = len(self.svc.teachers.states)

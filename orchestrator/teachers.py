@@ -37,12 +37,21 @@ WRONG_PROMPT = (
 )
 
 
-def teacher_messages(kind: str, question: str, partial: str) -> list[dict]:
+REFERENCE_HINT = (
+    "\n\nA reference solution, for you only (do not mention it; write the next step in your own words, "
+    "one step only):\n<reference>\n{reference}\n</reference>"
+)
+
+
+def teacher_messages(kind: str, question: str, partial: str, reference: str | None = None) -> list[dict]:
+    """The teacher's chat prompt. A `reference` (the gold solution, search.teacher_reference) is shown to a
+    "right" teacher only: a weak teacher (the embedded 135M base) then writes correct steps far more often,
+    so the search finds correct, well-formatted paths to learn from."""
     template = RIGHT_PROMPT if kind == "right" else WRONG_PROMPT
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": template.format(question=question.strip(), partial=partial)},
-    ]
+    content = template.format(question=question.strip(), partial=partial)
+    if reference and kind == "right":
+        content += REFERENCE_HINT.format(reference=reference.strip())
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
 
 
 def first_line(text: str) -> str:
@@ -156,9 +165,10 @@ class TeacherEnsemble:
         max_tokens: int,
         temperature: float,
         seed: int | None = None,
+        reference: str | None = None,
     ) -> TeacherReply:
         """n next steps of `kind` ("right" | "wrong") from the best available teacher, failing over."""
-        messages = teacher_messages(kind, question, partial)
+        messages = teacher_messages(kind, question, partial, reference)
         failed: list[str] = []
         order = self.order()
         for i, name in enumerate(order):
