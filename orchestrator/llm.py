@@ -2,10 +2,12 @@
 
 Per server (base_url), a set of small `httpx.AsyncClient`s, one per request in flight at the peak by
 default (connections are reused across requests and endpoints that share a server; requests go straight to
-the client's transport, see `_Shard`), a concurrency limit per endpoint, an optional global limit on requests in flight across every search,
-timeouts, and retries with jittered exponential backoff on 429 / 5xx / connection errors / timeouts /
-malformed JSON, honouring `Retry-After`. API keys come from the environment variable an endpoint names; they
-are sent as a Bearer header and never appear in errors, logs or reprs.
+the client's transport, see `_Shard`; plain-http servers without a proxy through
+orchestrator/http_transport.py's lean transport instead of httpcore), a concurrency limit per endpoint, an
+optional global limit on requests in flight across every search, timeouts, and retries with jittered
+exponential backoff on 429 / 5xx / connection errors / timeouts / malformed JSON, honouring `Retry-After`.
+API keys come from the environment variable an endpoint names; they are sent as a Bearer header and never
+appear in errors, logs or reprs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import certifi
 import httpx
 
+from orchestrator.http_transport import LeanHTTPTransport
 from orchestrator.settings import EndpointSpec
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -166,9 +169,13 @@ class LLMPool:
         extra_headers: dict | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         connections_per_client: int = 1,
+        lean_http: bool = True,
     ):
         self.retry = retry or RetryPolicy()
         self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
+        # Plain-http servers through LeanHTTPTransport (asyncio streams) instead of httpcore: a loopback
+        # request cost ~400 us of client CPU through httpcore + anyio + h11. False = httpcore for all.
+        self.lean_http = lean_http
         self._environ = environ
         self._extra_headers = dict(extra_headers or {})
         self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
@@ -204,6 +211,8 @@ class LLMPool:
         for server in servers:
             for shard in server.shards:
                 await shard.client.aclose()
+                if isinstance(shard.transport, LeanHTTPTransport):  # ours, not the client's
+                    await shard.transport.aclose()
 
     def _acquire_shard(self, endpoint: EndpointSpec) -> _Shard:
         """A client of the endpoint's server with a free slot (the one most recently used, so its
@@ -231,7 +240,12 @@ class LLMPool:
                 transport=self._transport,
                 verify=self._ssl_context,
             )
-            shard = _Shard(client, httpx.URL(base), server.free, self.connections_per_client)
+            url = httpx.URL(base)
+            transport = client._transport_for_url(url)  # the same choice `client.send` makes
+            direct = transport is client._transport  # no proxy from the environment for this server
+            if self.lean_http and self._transport is None and url.scheme == "http" and direct:
+                transport = LeanHTTPTransport(max_idle=self.connections_per_client, idle_expiry_s=30)
+            shard = _Shard(client, transport, server.free, self.connections_per_client)
             server.shards.append(shard)
             server.free.append(shard)
         shard.in_flight += 1
@@ -375,13 +389,15 @@ class _Target:
 
 class _Shard:
     """One small connection pool of a server. Requests go straight to the transport that serves the server
-    (the client's own, or a proxy the environment names): the pool needs none of the client's per-request
-    work (URL merging, header defaults, cookies, auth and redirect handling, request logging), and that
-    work cost more CPU than the HTTP exchange itself."""
+    (the lean one for plain http, else the client's own or a proxy the environment names): the pool needs
+    none of the client's per-request work (URL merging, header defaults, cookies, auth and redirect
+    handling, request logging), and that work cost more CPU than the HTTP exchange itself."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: httpx.URL, free: list, capacity: int):
+    def __init__(
+        self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, free: list, capacity: int
+    ):
         self.client = client
-        self.transport = client._transport_for_url(base_url)  # the same choice `client.send` makes
+        self.transport = transport
         self.in_flight = 0
         self.free, self.capacity = free, capacity  # the server's stack of shards with a free slot
 
