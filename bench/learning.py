@@ -101,6 +101,7 @@ def product_request(args) -> dict:
         "eval_every": args.curve_every,
         "eval_examples": args.curve_examples,
         "eval_max_tokens": args.eval_max_tokens,
+        "eval_concurrency": min(args.eval_concurrency, 256),
         "trees_in_flight": args.trees_in_flight,
     }
 
@@ -307,13 +308,30 @@ def plot_curves(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("strict", "flexible")):
+        colors = {}
         for name, points in result["curves"].items():
-            ax.plot([p["step"] for p in points], [100 * p[kind] for p in points], marker="o", label=name)
-        ax.set_title(f"{kind} accuracy (quick eval)")
+            (line,) = ax.plot(
+                [p["step"] for p in points], [100 * p[kind] for p in points], marker="o", label=name
+            )
+            colors[name] = line.get_color()
+        key = "acc" if kind == "strict" else "acc_flexible"
+        for arm in result["ablations"]:  # the final held-out accuracy (all n problems) after the arm's steps
+            ax.plot(
+                [arm["applied_steps"]],
+                [100 * arm[key]],
+                marker="x",
+                markersize=10,
+                linestyle="none",
+                color=colors.get(arm["name"]),
+                label=f"{arm['name']} held-out (n={result['n']})",
+            )
+        base = result["base_acc" if kind == "strict" else "base_acc_flexible"]
+        ax.axhline(100 * base, color="grey", linestyle=":", label=f"base held-out (n={result['n']})")
+        ax.set_title(f"{kind} accuracy (o: quick eval, x: held-out)")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("% correct")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"GSM8K test, base = step 0; final held-out n={result['n']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,7 @@ class TrainRequest(_Strict):
     eval_every: int | None = Field(default=None, ge=1, le=100000, description="evaluate every M steps")
     eval_examples: int = Field(default=10, ge=1, le=GSM8K_TEST_SIZE)
     eval_max_tokens: int = Field(default=256, ge=16, le=4096)
+    eval_concurrency: int = Field(default=8, ge=1, le=256, description="answers in flight in the quick eval")
     trees_in_flight: int | None = Field(default=None, ge=1, le=1024, description="searches run concurrently")
 
     @model_validator(mode="after")

@@ -167,7 +167,12 @@ async def _quick_eval(ctx, request: TrainRequest) -> dict[str, float]:
     """Student accuracy on the first eval_examples test problems (greedy), for the curves."""
     problems = await asyncio.to_thread(load_gsm8k, "test", ctx.settings.gsm8k_path, request.eval_examples, 0)
     rows = await answer_all(
-        problems, ["student"], ctx.pool, model_endpoints(ctx.settings), request.eval_max_tokens, concurrency=8
+        problems,
+        ["student"],
+        ctx.pool,
+        model_endpoints(ctx.settings),
+        request.eval_max_tokens,
+        concurrency=request.eval_concurrency,
     )
     student = build_report(rows, ["student"])["models"]["student"]
     return {"eval_strict_acc": student["strict_acc"], "eval_flexible_acc": student["flexible_acc"]}
