@@ -166,7 +166,8 @@ class _Connection:
         self.reused, self.reusable = False, False
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response yet (after one, never retry)
-        self.buffer = b""  # bytes read past what has been parsed
+        # Bytes read but not parsed yet; a bytearray, so appending a large body read in pieces stays linear.
+        self.buffer = bytearray()
 
     @classmethod
     async def open(cls, host: _HostPool, connect_timeout: float | None) -> _Connection:
@@ -248,8 +249,7 @@ class _Connection:
                 raise httpx.RemoteProtocolError("server disconnected before a complete response head")
             self.got_bytes = True
             self.buffer += data
-        lines = self.buffer[:end].split(b"\r\n")
-        self.buffer = self.buffer[end + 4 :]
+        lines = self._take(end, 4).split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not _is_status(parts[1]):
             raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
@@ -267,8 +267,7 @@ class _Connection:
             if not data:
                 raise httpx.RemoteProtocolError("server disconnected before the end of the response body")
             self.buffer += data
-        body, self.buffer = self.buffer[:size], self.buffer[size:]
-        return body
+        return self._take(size)
 
     async def _read_line(self, read_timeout: float | None) -> bytes:
         while (end := self.buffer.find(b"\r\n")) < 0:
@@ -278,8 +277,7 @@ class _Connection:
             if not data:
                 raise httpx.RemoteProtocolError("server disconnected inside a chunked body")
             self.buffer += data
-        line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
-        return line
+        return self._take(end, 2)
 
     async def _read_chunked(self, read_timeout: float | None) -> bytes:
         chunks = []
@@ -302,8 +300,13 @@ class _Connection:
     async def _read_to_close(self, read_timeout: float | None) -> bytes:
         while data := await self._recv(read_timeout):
             self.buffer += data
-        body, self.buffer = self.buffer, b""
-        return body
+        return self._take(len(self.buffer))
+
+    def _take(self, size: int, separator: int = 0) -> bytes:
+        """The first `size` buffered bytes, dropping them and the `separator` bytes after them."""
+        data = bytes(self.buffer[:size])
+        del self.buffer[: size + separator]
+        return data
 
 
 async def _request_body(request: httpx.Request) -> bytes:

@@ -21,6 +21,7 @@ def reply(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
 
 
 GZIPPED = gzip.compress(b"zipped")
+BIG = bytes(range(256)) * 8192  # 2 MiB: many socket reads and a write the kernel cannot take at once
 RESPONSES = {  # path -> bytes sent as they are
     "/cl": reply(b"hello", "Content-Length: 5", "X-Path: cl"),
     "/chunked": reply(
@@ -33,14 +34,21 @@ RESPONSES = {  # path -> bytes sent as they are
     "/bad-status": b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n",
     "/bad-header": b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 0\r\n\r\n",
     "/partial": reply(b"abc", "Content-Length: 10"),  # then the server closes
+    "/partial-head": b"HTTP/1.1 200 OK\r\nContent-Le",  # likewise
     "/slow": reply(b"slow", "Content-Length: 4"),
+    "/big": reply(BIG, f"Content-Length: {len(BIG)}"),
+    "/big-chunked": reply(
+        b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (BIG[:1000], BIG[1000:], b"!"))
+        + b"0\r\n\r\n",
+        "Transfer-Encoding: chunked",
+    ),
 }
-CLOSE_AFTER = {"/close", "/eof", "/partial", "/bad-status", "/bad-header"}
+CLOSE_AFTER = {"/close", "/eof", "/partial", "/partial-head", "/bad-status", "/bad-header"}
 
 
 class TinyServer:
     """HTTP/1.1 keep-alive on 127.0.0.1 in the test's own event loop; counts connections and requests.
-    /echo answers with what it received; /hang never answers (it waits for the client to close);
+    /echo answers with what it received, /size with the body's length; /stall reads no body; /hang never answers (it waits for the client to close);
     /drop closes without an answer; /drop-reused does so on any but a connection's first request;
     /chunked arrives in pieces that split a chunk header and a chunk."""
 
@@ -49,6 +57,7 @@ class TinyServer:
         self.requests: Counter[str] = Counter()
         self.received = asyncio.Event()  # a request arrived
         self.closed = asyncio.Event()  # a connection ended
+        self.unstall = asyncio.Event()  # lets /stall handlers end
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
@@ -72,6 +81,10 @@ class TinyServer:
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = lines[0].split(" ")
                 headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+                if target == "/stall":  # reads no body: the client's write backs up
+                    self.received.set()
+                    await self.unstall.wait()
+                    return
                 body = await reader.readexactly(int(headers.get("Content-Length", "0")))
                 path = target.split("?")[0]
                 self.requests[path] += 1
@@ -84,7 +97,9 @@ class TinyServer:
                     return
                 if path == "/slow":
                     await asyncio.sleep(0.05)  # long enough for requests to overlap; nothing is timed
-                if path == "/echo":
+                if path == "/size":
+                    writer.write(reply(b"%d" % len(body), f"Content-Length: {len(str(len(body)))}"))
+                elif path == "/echo":
                     echo = {"method": method, "target": target, "headers": headers, "body": body.decode()}
                     data = json.dumps(echo).encode()
                     writer.write(reply(data, f"Content-Length: {len(data)}"))
@@ -149,6 +164,14 @@ async def test_bodies_by_length_chunked_until_close_and_gzip(server):
     assert after.content == b"hello" and server.connections == 2  # read-to-close ends the connection
 
 
+async def test_large_bodies_both_ways(server):
+    async with client(LeanHTTPTransport()) as c:
+        assert (await c.post(server.url + "/size", content=BIG + BIG)).content == b"%d" % (2 * len(BIG))
+        assert (await c.get(server.url + "/big")).content == BIG
+        assert (await c.get(server.url + "/big-chunked")).content == BIG + b"!"
+    assert server.connections == 1
+
+
 async def test_connection_close_from_the_server_is_honoured(server):
     async with client(LeanHTTPTransport()) as c:
         assert (await c.get(server.url + "/close")).content == b"bye"
@@ -187,12 +210,13 @@ async def test_fresh_connection_without_an_answer_is_not_retried(server):
     assert server.requests["/drop"] == 1
 
 
-async def test_no_retry_after_part_of_the_response_arrived(server):
+@pytest.mark.parametrize("path", ["/partial", "/partial-head"])  # 3 of 10 body bytes; half a head
+async def test_no_retry_after_part_of_the_response_arrived(server, path):
     async with client(LeanHTTPTransport()) as c:
         await c.get(server.url + "/cl")
         with pytest.raises(httpx.RemoteProtocolError):
-            await c.get(server.url + "/partial")  # reused connection, 3 of 10 body bytes, then closed
-    assert server.requests["/partial"] == 1
+            await c.get(server.url + path)  # on the reused connection, then the server closes it
+    assert server.requests[path] == 1
 
 
 @pytest.mark.parametrize("path", ["/bad-status", "/bad-header"])
@@ -211,6 +235,13 @@ async def test_read_timeout_closes_the_connection(server):
         await asyncio.wait_for(server.closed.wait(), 10)  # the server sees the client hang up
         assert (await c.get(server.url + "/cl")).content == b"hello"
     assert server.connections == 2
+
+
+async def test_write_timeout_when_the_server_reads_nothing(server):
+    async with client(LeanHTTPTransport(), write=0.2) as c:
+        with pytest.raises(httpx.WriteTimeout):
+            await c.post(server.url + "/stall", content=BIG * 32)  # 64 MiB, more than socket buffers hold
+    server.unstall.set()
 
 
 async def test_connect_error_on_a_closed_port():
