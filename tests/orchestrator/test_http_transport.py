@@ -8,6 +8,7 @@ from collections import Counter
 
 import httpx
 import pytest
+import uvicorn
 from support.scripted_server import free_port
 
 from orchestrator.http_transport import LeanHTTPTransport
@@ -298,6 +299,34 @@ async def test_header_with_a_line_break_is_refused(server):
         with pytest.raises(httpx.LocalProtocolError):
             await c.get(server.url + "/cl", headers={"X-Evil": "a\r\nX-Injected: 1"})
     assert server.requests["/cl"] == 0
+
+
+async def streaming_app(scope, receive, send):
+    """An ASGI app whose answer has no length: uvicorn sends it chunked, as vLLM's streaming routes do."""
+    if scope["type"] != "http":
+        return
+    body = (await receive())["body"]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    for part in (b"got ", body, b"!"):
+        await send({"type": "http.response.body", "body": part, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_uvicorn_chunked_answers_over_one_connection():
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(streaming_app, host="127.0.0.1", port=port, log_level="error"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        async with client(LeanHTTPTransport()) as c:
+            for i in range(3):
+                r = await c.post(f"http://127.0.0.1:{port}/", content=b"%d" % i)
+                assert r.headers["transfer-encoding"] == "chunked" and r.content == b"got %d!" % i
+            assert len(server.server_state.connections) == 1  # kept alive and reused
+    finally:
+        server.should_exit = True
+        await serving
 
 
 def _endpoint(base_url: str) -> EndpointSpec:
