@@ -11,8 +11,12 @@ Three measurements against the scripted OpenAI-compatible server (tests/support/
    through `httpx.AsyncClient.send`, one trainer request per /logprobs call), for a before/after ratio
    under the same load.
 2. overhead, loopback HTTP: the same with the server as a separate process on 127.0.0.1; expansions per
-   CPU-second of the search process (so it includes the client side of real HTTP: sockets, h11, httpcore's
-   pool) and per wall-second (the server shares the 2 cores, so wall time includes its CPU).
+   CPU-second of the search process (so it includes the client side of real HTTP: sockets and the HTTP
+   client) and per wall-second (the server shares the 2 cores, so wall time includes its CPU). Run with the
+   pool's lean transport (orchestrator/http_transport.py, the default) and with httpcore
+   (`LLMPool(lean_http=False)`, the path before 2026-11-25 06:00), interleaved `repeats` times; medians.
+   Also the pool alone: client CPU microseconds per `LLMPool.complete` at 1 and at 32 requests in flight
+   (2000 requests each), both transports.
 3. slow endpoints (every request takes --latency-ms): (a) many trees at once, the peak number of requests in
    flight as the server counts them; (b) one search, its wall time over the sum of latencies on its critical
    path (the longest chain of requests that had to wait for each other, as the search records it).
@@ -218,6 +222,49 @@ def overhead_side_by_side(args) -> dict:
     return out
 
 
+def http_side_by_side(args, url: str, server_pid: int) -> dict:
+    """Loopback HTTP with the lean transport and with httpcore, interleaved; medians per variant."""
+    runs: dict[str, list[dict]] = {"lean": [], "httpcore": []}
+    for _ in range(args.repeats):
+        for name, rs in runs.items():
+            rs.append(asyncio.run(overhead_http(args, url, server_pid, lean_http=name == "lean")))
+    out: dict = {"runs": runs}
+    for name, rs in runs.items():
+        for key in ("expansions_per_cpu_s", "expansions_per_wall_s"):
+            out[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
+    return out
+
+
+async def pool_request_cost(url: str, lean_http: bool, requests: int = 2000) -> dict:
+    """Client CPU per pool request (no search) against the zero-latency server, at 1 and 32 in flight."""
+    ep = EndpointSpec(name="s", base_url=url + "/v1", model="m", max_concurrency=64)
+    out = {}
+    async with LLMPool(lean_http=lean_http) as pool:
+        for _ in range(50):  # warm: connections open, JSON encoder and routes built
+            await pool.complete(ep, "hi", max_tokens=8)
+        for concurrency in (1, 32):
+            limit = asyncio.Semaphore(concurrency)
+
+            async def one(limit: asyncio.Semaphore) -> None:
+                async with limit:
+                    await pool.complete(ep, "hi", max_tokens=8)
+
+            cpu0 = time.process_time()
+            await asyncio.gather(*(one(limit) for _ in range(requests)))
+            out[f"client_cpu_us_per_request_at_{concurrency}"] = 1e6 * (time.process_time() - cpu0) / requests
+    return out
+
+
+def pool_cost_side_by_side(args, url: str) -> dict:
+    runs: dict[str, list[dict]] = {"lean": [], "httpcore": []}
+    for _ in range(args.repeats):
+        for name, rs in runs.items():
+            rs.append(asyncio.run(pool_request_cost(url, lean_http=name == "lean")))
+    return {
+        f"{name}_{key}": statistics.median(r[key] for r in rs) for name, rs in runs.items() for key in rs[0]
+    }
+
+
 def start_server(latency_ms: float, answer_depth: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
@@ -246,9 +293,9 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def overhead_http(args, url: str, server_pid: int) -> dict:
+async def overhead_http(args, url: str, server_pid: int, lean_http: bool = True) -> dict:
     async with (
-        LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0)) as pool,
+        LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0), lean_http=lean_http) as pool,
         TrainerClient(url) as trainer,
     ):
         svc = services(url, pool, trainer)
@@ -352,11 +399,13 @@ def main() -> None:
     load["after_in_process"] = [round(x, 2) for x in os.getloadavg()]
     proc, url = start_server(0.0, args.answer_depth)
     try:
-        http = asyncio.run(overhead_http(args, url, proc.pid))
+        http = http_side_by_side(args, url, proc.pid)
+        pool_cost = pool_cost_side_by_side(args, url)
     finally:
         proc.terminate()
         proc.wait(10)
-    print("loopback HTTP:", json.dumps(http), flush=True)
+    print("loopback HTTP:", json.dumps({k: v for k, v in http.items() if k != "runs"}), flush=True)
+    print("pool request cost:", json.dumps(pool_cost), flush=True)
     proc, url = start_server(args.latency_ms, args.answer_depth)
     try:
         in_flight = asyncio.run(slow_in_flight(args, url))
@@ -381,14 +430,17 @@ def main() -> None:
             in_process["logprobs_calls"] / in_process["logprobs_requests"], 2
         ),
         "http_requests_per_expansion": round(in_process["http_requests_per_expansion"], 3),
-        "expansions_per_cpu_s_loopback_http": round(http["expansions_per_cpu_s"], 1),
-        "expansions_per_wall_s_loopback_http": round(http["expansions_per_wall_s"], 1),
+        "expansions_per_cpu_s_loopback_http": round(http["lean_expansions_per_cpu_s"], 1),
+        "expansions_per_wall_s_loopback_http": round(http["lean_expansions_per_wall_s"], 1),
+        "httpcore_expansions_per_cpu_s_loopback_http": round(http["httpcore_expansions_per_cpu_s"], 1),
+        "httpcore_expansions_per_wall_s_loopback_http": round(http["httpcore_expansions_per_wall_s"], 1),
+        "pool_client_cpu_us_per_request": {k: round(v, 1) for k, v in pool_cost.items()},
         "max_in_flight": in_flight["server_max_in_flight"],
         "critical_path_ratio": round(critical["critical_path_ratio"], 3),
         "latency_ms": args.latency_ms,
         "details": {
             "in_process": side["runs"],
-            "loopback_http": http,
+            "loopback_http": http["runs"],
             "slow_many_trees": in_flight,
             "slow_one_search": critical,
         },
