@@ -317,14 +317,15 @@ async def _request_body(request: httpx.Request) -> bytes:
 
 
 def _request_head(request: httpx.Request, body: bytes) -> bytes:
-    """Request line, headers and body as one write. httpx.Request has already set Host (and
-    Content-Length for `content=`); a body without a length gets one, since we never send chunked."""
-    raw = request.headers.raw
+    """Request line, headers and body as one write. httpx.Request has already set Host and, for `content=`,
+    Content-Length. We never send chunked: a streamed body has been read whole, so its Transfer-Encoding
+    header gives way to a Content-Length."""
+    raw = [(name, value) for name, value in request.headers.raw if name.lower() != b"transfer-encoding"]
     lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
     lines += [b"%s: %s" % pair for pair in raw]
     if not any(name.lower() == b"host" for name, _ in raw):
         lines.append(b"Host: " + request.url.netloc)
-    if body and not any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in raw):
+    if body and not any(name.lower() == b"content-length" for name, _ in raw):
         lines.append(b"Content-Length: %d" % len(body))
     head = b"\r\n".join(lines) + b"\r\n\r\n"
     # A CR or LF inside a header would split it into a second header (or request): refuse, as h11 does.

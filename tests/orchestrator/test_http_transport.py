@@ -141,6 +141,17 @@ async def test_request_line_headers_and_body_reach_the_server(server):
     assert sent["body"] == '{"k":1}'
 
 
+async def test_streamed_request_body_is_sent_with_a_length(server):
+    async def parts():
+        yield b"ab"
+        yield b"cd"
+
+    async with client(LeanHTTPTransport()) as c:
+        sent = (await c.post(server.url + "/echo", content=parts())).json()
+    assert sent["body"] == "abcd" and sent["headers"]["Content-Length"] == "4"
+    assert "Transfer-Encoding" not in sent["headers"]
+
+
 async def test_keep_alive_reuses_one_connection(server):
     async with client(LeanHTTPTransport()) as c:
         bodies = [(await c.get(server.url + "/cl")).content for _ in range(5)]
