@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--models", nargs="+", default=["base", "student"], choices=["base", "student"])
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--no-wait", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -115,7 +115,7 @@ class TrainRequest(_Strict):
     eval_every: int | None = Field(default=None, ge=1, le=100000, description="evaluate every M steps")
     eval_examples: int = Field(default=10, ge=1, le=GSM8K_TEST_SIZE)
     eval_max_tokens: int = Field(default=256, ge=16, le=4096)
-    eval_concurrency: int = Field(default=8, ge=1, le=256, description="answers in flight in the quick eval")
+    eval_concurrency: int = Field(default=32, ge=1, le=256, description="answers in flight in the quick eval")
     trees_in_flight: int | None = Field(default=None, ge=1, le=1024, description="searches run concurrently")
 
     @model_validator(mode="after")
@@ -132,7 +132,8 @@ class EvalRequest(_Strict):
         default_factory=lambda: ["base", "student"], min_length=1, max_length=2
     )
     max_tokens: int = Field(default=256, ge=16, le=4096, description="token budget of one answer")
-    concurrency: int = Field(default=8, ge=1, le=256, description="answers requested at once")
+    # 32 fills one trainer batch (TRAINER_MAX_BATCH_SIZE); at 8 an eval on the GPU left most of the batch empty.
+    concurrency: int = Field(default=32, ge=1, le=256, description="answers requested at once")
 
     @model_validator(mode="after")
     def _fits_split(self) -> "EvalRequest":

@@ -46,7 +46,7 @@ def test_train_request_options_reach_the_search_config():
     assert config.one_line_steps is False and config.teacher_reference is True
     assert (config.rewards.pre, config.rewards.hre) == (0.1, 1.0)
     assert config.rewards.length_penalty == -0.01  # unset weights keep their default
-    assert request.teacher_weight == 1.0 and request.eval_concurrency == 8
+    assert request.teacher_weight == 1.0 and request.eval_concurrency == 32
     defaults = search_config(Settings(), TrainRequest())
     assert defaults.one_line_steps is True and defaults.teacher_reference is False
 
