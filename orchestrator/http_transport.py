@@ -24,6 +24,19 @@ MAX_HEAD_BYTES = 64 * 1024  # status line + headers; a server sending more is no
 READ_SIZE = 64 * 1024
 
 
+def lean_transport_for(base_url: str, **options) -> "LeanHTTPTransport | None":
+    """A lean transport for a client of `base_url` when that is plain http with no proxy from the environment
+    covering it, else None (httpx's default transport). The check comes first because httpx ignores the
+    environment's proxies once a client is handed its own transport."""
+    url = httpx.URL(base_url)
+    if url.scheme != "http":
+        return None
+    with httpx.Client(verify=False) as probe:  # sends nothing; verify=False spares loading a CA bundle
+        if probe._transport_for_url(url) is not probe._transport:
+            return None
+    return LeanHTTPTransport(**options)
+
+
 class LeanHTTPTransport(httpx.AsyncBaseTransport):
     """`max_connections` caps the open connections per (host, port) (None = no cap; more requests wait, up
     to the pool timeout); `max_idle` is how many idle ones each keeps; idle ones older than

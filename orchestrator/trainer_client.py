@@ -12,6 +12,7 @@ import time
 
 import httpx
 
+from orchestrator.http_transport import lean_transport_for
 from orchestrator.llm import RETRYABLE_STATUS, RetryPolicy, parse_retry_after
 
 
@@ -37,7 +38,8 @@ class TrainerClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            transport=transport,
+            # Plain http (the usual trainer on the same host or network) skips httpcore: see http_transport.py.
+            transport=transport or lean_transport_for(self.base_url),
         )
         self.requests = 0
 

@@ -11,9 +11,10 @@ import pytest
 import uvicorn
 from support.scripted_server import free_port
 
-from orchestrator.http_transport import LeanHTTPTransport
+from orchestrator.http_transport import LeanHTTPTransport, lean_transport_for
 from orchestrator.llm import LLMPool
 from orchestrator.settings import EndpointSpec
+from orchestrator.trainer_client import TrainerClient
 
 
 def reply(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
@@ -25,6 +26,7 @@ GZIPPED = gzip.compress(b"zipped")
 BIG = bytes(range(256)) * 8192  # 2 MiB: many socket reads and a write the kernel cannot take at once
 RESPONSES = {  # path -> bytes sent as they are
     "/cl": reply(b"hello", "Content-Length: 5", "X-Path: cl"),
+    "/health": reply(b'{"status": "ok"}', "Content-Length: 16", "Content-Type: application/json"),
     "/chunked": reply(
         b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n", "Transfer-Encoding: chunked"
     ),
@@ -372,3 +374,33 @@ async def test_https_proxies_and_opt_out_use_httpcore(monkeypatch, base_url, pro
         shard = pool._acquire_shard(_endpoint(base_url))
         assert isinstance(shard.transport, httpx.AsyncHTTPTransport)
         shard.release()
+
+
+def _clear_proxies(monkeypatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+@pytest.mark.parametrize(
+    "base_url, proxy, lean",
+    [
+        ("http://127.0.0.1:8001", None, True),
+        ("https://trainer.example.invalid", None, False),
+        ("http://10.9.8.7:8001", "http://127.0.0.1:3128", False),
+    ],
+)
+def test_lean_transport_only_for_plain_http_without_a_proxy(monkeypatch, base_url, proxy, lean):
+    _clear_proxies(monkeypatch)
+    if proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    assert isinstance(lean_transport_for(base_url), LeanHTTPTransport) is lean
+
+
+async def test_trainer_client_talks_to_a_real_server_through_the_lean_transport(monkeypatch, server):
+    """The trainer client's calls (health here; /logprobs and /grpo/step alike) reuse one kept-alive connection."""
+    _clear_proxies(monkeypatch)
+    async with TrainerClient(server.url) as client:
+        assert isinstance(client._client._transport, LeanHTTPTransport)
+        assert [await client.health() for _ in range(3)] == [{"status": "ok"}] * 3
+    assert server.connections == 1
