@@ -289,6 +289,15 @@ class Student:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _stop_position(self, ids: list[int], stops: list[str]) -> int | None:
+        """Where the first stop string starts in the decoded text, or None. Called after every token: the
+        earlier calls found no stop, so a new one overlaps the last token, and a short tail tells whether
+        there is one (a token carries at least one byte of text). The whole text is decoded only on a hit;
+        decoding it every step cost O(length^2), about as much as the decode itself on a GPU."""
+        window = 4 * max(len(stop.encode()) for stop in stops) + 4
+        if len(ids) > window:
+            tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
+            if not any(stop in tail for stop in stops):
+                return None
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         return min(hits) if hits else None

@@ -159,3 +159,20 @@ def test_a_request_joining_a_running_decode_loop_gets_the_same_greedy_text(stude
     )
     assert len(results) == 2 and results[1][0].token_ids == alone.token_ids
     assert sorted(done) == [0, 1] and calls[0] == student.max_batch_rows - 1
+
+
+@pytest.mark.parametrize("stop", ["\n", "####", "→ so"])
+def test_stop_position_after_every_token_matches_the_whole_text(student, stop):
+    """Checked token by token, as the decode loop does: the first step whose text holds the stop finds it at the
+    same place as a search of the whole text, however long the text before it (the check reads a short tail)."""
+    text = "She has 3 apples and buys 4 more, é 🍎 twice, " * 6 + f"then 7{stop} and after{stop} more"
+    tokens = ids(student, text)
+    first_hit = None
+    for length in range(1, len(tokens) + 1):
+        found = student._stop_position(tokens[:length], [stop, "never here"])
+        if found is not None:
+            first_hit = (length, found)
+            break
+    decoded = student.tokenizer.decode(tokens[: first_hit[0]], skip_special_tokens=True)
+    assert first_hit[1] == decoded.index(stop) == student.tokenizer.decode(tokens).index(stop)
+    assert stop not in student.tokenizer.decode(tokens[: first_hit[0] - 1], skip_special_tokens=True)
