@@ -296,7 +296,8 @@ def process_cpu_s(pid: int) -> float:
 async def overhead_http(args, url: str, server_pid: int, lean_http: bool = True) -> dict:
     async with (
         LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0), lean_http=lean_http) as pool,
-        TrainerClient(url) as trainer,
+        # The httpcore variant takes httpcore for the trainer's own routes too (the path before 06:00).
+        TrainerClient(url, transport=None if lean_http else httpx.AsyncHTTPTransport()) as trainer,
     ):
         svc = services(url, pool, trainer)
         await run_searches(problems(4), bench_config(args), svc, max_trees_in_flight=4)
