@@ -1,0 +1,29 @@
+#!/bin/bash
+# Runs bench/learning.py on a lent GPU machine (the `device` tool; see "## learning" in bench/RESULTS.md).
+# That machine has torch, transformers, peft and httpx but no fastapi/uvicorn/pydantic/gguf, no internet, and takes
+# at most 64 MiB of files per call, so three git-ignored folders travel with it (name them in the call's carry):
+#   .whl/         py3.12 wheels: fastapi, starlette, uvicorn, pydantic, pydantic_core, pydantic-settings,
+#                 python-dotenv, typing-inspection, annotated-types, annotated-doc, gguf, typing_extensions, anyio,
+#                 click, h11, opentelemetry-api (pip download --only-binary=:all: --python-version 3.12 ...)
+#   .gguf_parts/  the 98 MB SmolLM2 GGUF cut in two (split -b 50000000): part_aa in one call, part_ab in the next;
+#                 each is copied to /tmp/gguf there, which outlives the call while the machine stays warm
+#   .gsm8k/       GSM8K {train,test}.jsonl (../shared does not travel)
+# Usage there: bash bench/gpu_learning.sh <bench/learning.py arguments>; PROBE=1 also runs .gpu/probe.py if present.
+set -o pipefail
+cd "$(dirname "$0")/.."
+[ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+G=/tmp/gguf; mkdir -p $G
+for p in aa ab; do for d in .gguf_parts .models; do [ -f $d/part_$p ] && cp $d/part_$p $G/part_$p; done; done
+if ! echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G/smollm2.gguf" | sha256sum -c --status; then
+  ls -la $G; [ -f $G/part_aa ] && [ -f $G/part_ab ] || exit 3
+  cat $G/part_aa $G/part_ab > $G/smollm2.gguf
+fi
+export TRAINER_MODEL_SOURCE=$G/smollm2.gguf TRAINER_MODEL_CACHE_DIR=/tmp/models-cache TRAINER_LOAD_IN_4BIT=false
+export TRAINER_MAX_BATCH_SIZE=${MAXB:-256} TRAINER_COMPILE_LAYERS=false TRAINER_GRADIENT_CHECKPOINTING=false GSM8K_PATH=$PWD/.gsm8k
+[ -n "$PROBE" ] && [ -f .gpu/probe.py ] && python3 .gpu/probe.py 2>&1 | tee $OUT/probe.log
+W=/tmp/learning-gpu
+mkdir -p $W
+python3 bench/learning.py --workdir $W --json-out $W/learning.json --png-out $W/learning.png --runs-log $W/learning_runs.json "$@" 2>&1 | tee -a $OUT/log
+cp $W/learning.json $W/learning.png $W/learning_runs.json $W/learning_state.json $OUT/ 2>/dev/null
+tail -c 20000 $W/trainer.log > $OUT/trainer_tail.log; tail -c 20000 $W/orchestrator.log > $OUT/orch_tail.log
