@@ -3,7 +3,9 @@
 Life of a job: queued -> running -> completed | failed | cancelled. A job whose process died (or that was
 running when the service shut down) is `interrupted`; `resume` queues it again (a train job continues from its
 last checkpoint, an eval job starts over). At most `max_concurrent_jobs` run at once; the others wait queued,
-at most `max_queued_jobs` of them (beyond that, submit and resume raise JobsBusy).
+at most `max_queued_jobs` of them (beyond that, submit and resume raise JobsBusy). Train jobs run one at a time
+whatever `max_concurrent_jobs` says: they share one trainer, and one job rewinding it to its checkpoint (on resume
+or after a trainer restart) would undo the other's steps. Eval jobs may run beside a train job.
 Every status change is stored first and then published as a "status" event. A job's final status must reach the
 store: when it cannot be written (a full disk) it is tried again every few seconds while the service runs (the
 job still shows as running meanwhile; after a restart it shows as interrupted and can be resumed).
@@ -75,6 +77,7 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._trainer_owner = asyncio.Lock()  # held by the one train job that runs (see the module docstring)
         self._admitting = 0  # submits past the capacity check that have not launched their task yet
         self._closing = False
         self.pool: LLMPool | None = None
@@ -206,7 +209,9 @@ class JobManager:
     async def _run(self, job: JobRecord, resumed: bool) -> None:
         runners = self._runners or default_runners()
         try:
-            async with self._slots:
+            # The train lock first: a train job waiting for it must not hold a slot an eval job could use.
+            exclusive = self._trainer_owner if job.kind == "train" else contextlib.nullcontext()
+            async with exclusive, self._slots:
                 await self._set_status(job.id, "running")
                 ctx = JobContext(
                     job_id=job.id,

@@ -119,3 +119,33 @@ async def test_concurrent_submits_past_running_plus_queued_limit_raise_jobs_busy
     assert len(await manager.list()) == 3
     await manager.cancel(accepted[0].id)
     assert (await manager.submit("eval", {})).status == "queued"  # a freed place is taken again
+
+
+async def test_train_jobs_run_one_at_a_time_while_evals_run_beside_them(make_manager):
+    """MAX_CONCURRENT_JOBS=3: of two train jobs and one eval, the eval runs beside the first train job and the
+    second train job waits queued until the first ends (two would rewind one trainer under each other)."""
+    running: set[str] = set()
+    seen_together: list[set[str]] = []
+    release = asyncio.Event()
+
+    async def recording(ctx):
+        running.add(ctx.job_id)
+        seen_together.append(set(running))
+        await ctx.emit("started")
+        await release.wait()
+        running.discard(ctx.job_id)
+        return {}
+
+    manager = await make_manager(recording, max_concurrent_jobs=3)
+    first = await manager.submit("train", {})
+    second = await manager.submit("train", {})
+    evaluation = await manager.submit("eval", {})
+    for job_id in (first.id, evaluation.id):
+        async for event in manager.hub.follow(job_id):
+            if event is not None and event.type == "started":
+                break
+    assert (await manager.get(second.id)).status == "queued"
+    assert running == {first.id, evaluation.id}
+    release.set()
+    assert [(await manager.wait(j.id)).status for j in (first, second, evaluation)] == ["completed"] * 3
+    assert all({first.id, second.id} - together for together in seen_together)  # never both train jobs at once
