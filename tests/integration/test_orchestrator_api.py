@@ -1,7 +1,7 @@
 """The orchestrator as a real process (uvicorn on 127.0.0.1) over the scripted OpenAI-compatible server
 standing in for the trainer's /v1 routes: routes, validation, eval jobs end to end, SSE replay, cancel,
 restart + resume.
-Training end to end against the real trainer lives in test_e2e_demo.py."""
+Training end to end against the real trainer lives in test_e2e_train_eval.py."""
 
 from __future__ import annotations
 
