@@ -105,18 +105,7 @@ class TrainerEngine:
         for i, prompt in enumerate(prompts):
             ids = self.encode(prompt, special=True)
             self._check_room("prompt" if len(prompts) == 1 else f"prompt[{i}]", len(ids), max_tokens)
-            jobs.append(
-                GenerationRequest(
-                    ids,
-                    n=req.n,
-                    max_tokens=max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    seed=req.seed,
-                    stop=list(req.stop),
-                    logprobs=req.logprobs,
-                )
-            )
+            jobs.append(_generation_request(req, ids, max_tokens, req.logprobs))
         per_prompt, version = await self._generate(req.model, jobs)
         prompt_scores = [None] * len(jobs)
         if req.echo and req.logprobs is not None:
@@ -186,16 +175,7 @@ class TrainerEngine:
         )
         self._check_room("messages", len(ids), max_tokens)
         top = req.top_logprobs or 0
-        job = GenerationRequest(
-            ids,
-            n=req.n,
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=list(req.stop),
-            logprobs=top if req.logprobs else None,
-        )
+        job = _generation_request(req, ids, max_tokens, top if req.logprobs else None)
         (samples,), version = await self._generate(req.model, [job])
         choices = []
         for j, sample in enumerate(samples):
@@ -381,6 +361,20 @@ def _usage(jobs: list[GenerationRequest], per_prompt: list[list]) -> dict[str, i
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _generation_request(req, prompt_ids: list[int], max_tokens: int, logprobs: int | None) -> GenerationRequest:
+    """The engine's job for one prompt of a completion or chat request (their shared sampling fields)."""
+    return GenerationRequest(
+        prompt_ids,
+        n=req.n,
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=list(req.stop),
+        logprobs=logprobs,
+    )
 
 
 def _envelope(
