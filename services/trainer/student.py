@@ -345,14 +345,23 @@ class Student:
     def _completion_logprobs(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) log-probs of the completion tokens, right-aligned (left-padded), and their mask.
 
-        Only the hidden states that predict completion tokens go through the lm_head, so logits are (B, T, V)
-        with T the longest completion, not the whole sequence.
+        The sequences run through the model right-padded: a left pad is a query that may attend to nothing,
+        and on CUDA in bf16 such a fully masked row comes out NaN, which the backward pass of attention
+        then spreads into the real keys' gradients (a GRPO step of mixed lengths failed with a non-finite
+        gradient). Only the hidden states that predict completion tokens are gathered into the (B, T) layout
+        and go through the lm_head, T being the longest completion, not the whole sequence.
         """
         sequences = [list(it.context_ids) + list(it.completion_ids) for it in items]
-        input_ids, mask = self._left_pad(sequences)
+        input_ids, mask = self._right_pad(sequences)
         width = max(len(it.completion_ids) for it in items)
         lengths = torch.tensor([len(it.completion_ids) for it in items], device=self.device)
-        completion_mask = (torch.arange(width, device=self.device) >= (width - lengths).unsqueeze(1)).float()
+        starts = torch.tensor([len(it.context_ids) for it in items], device=self.device)
+        column = torch.arange(width, device=self.device)
+        completion_mask = (column >= (width - lengths).unsqueeze(1)).float()
+        # Column t of row b predicts completion token t - (width - n_b), found at sequence position
+        # start_b + that offset; its hidden state sits one position earlier. Masked columns point at position 0.
+        target_pos = starts.unsqueeze(1) + column - (width - lengths).unsqueeze(1)
+        target_pos = torch.where(completion_mask.bool(), target_pos, torch.ones_like(target_pos))
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.decoder(
                 input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
@@ -361,12 +370,11 @@ class Student:
             if width == 0:
                 empty = hidden.new_zeros(len(items), 0)
                 return empty, empty
-            targets = input_ids[:, -width:]
+            targets = input_ids.gather(1, target_pos)
+            predicting = hidden.gather(1, (target_pos - 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             if self.fused_head:
-                return linear_selective_log_softmax(
-                    hidden[:, -width - 1 : -1, :], self.lm_head.weight, targets
-                ), completion_mask
-            logits = self.lm_head(hidden[:, -width - 1 : -1, :])
+                return linear_selective_log_softmax(predicting, self.lm_head.weight, targets), completion_mask
+            logits = self.lm_head(predicting)
         return selective_log_softmax(logits, targets), completion_mask
 
     # ----- learning -----
@@ -458,13 +466,20 @@ class Student:
 
     # ----- helpers -----
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pad(sequences, left=True)
+
+    def _right_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pad(sequences, left=False)
+
+    def _pad(self, sequences: list[list[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
             if seq:
-                ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq) :] = 1
+                span = slice(width - len(seq), width) if left else slice(0, len(seq))
+                ids[row, span] = torch.tensor(seq, dtype=torch.long)
+                mask[row, span] = 1
         return ids.to(self.device), mask.to(self.device)
 
 

@@ -145,3 +145,19 @@ def test_logprobs_then_grpo_step_moves_the_student_away_from_base(cuda_client):
     still_base = client.post("/logprobs", json={"model": "base", "items": ITEMS}).json()
     assert still_base["results"][0]["token_logprobs"] == pytest.approx(base["results"][0]["token_logprobs"],
                                                                        abs=1e-3)
+
+
+def test_a_grpo_step_over_very_different_lengths_has_a_finite_gradient(cuda_client):
+    """Regression (H100, bf16): left-padded scoring rows whose pads fell inside the completion window made the
+    gradient NaN, so a step over one short and one long item failed."""
+    client, _ = cuda_client
+    items = [
+        {"prompt": "Hi. ", "completion": "72", "advantage": 1.0},
+        {"prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. ",
+         "completion": "In May she sold 48 / 2 = 24 clips. Altogether she sold 48 + 24 = 72 clips.\n#### 72",
+         "advantage": -1.0},
+    ]
+    step = client.post("/grpo/step", json={"items": items, "loss": {"type": "legacy", "beta": 0.0,
+                                                                    "micro_batch_size": 2}})
+    assert step.status_code == 200, step.text
+    assert math.isfinite(step.json()["grad_norm"]) and step.json()["grad_norm"] > 0.0

@@ -87,6 +87,24 @@ def test_logprobs_in_a_padded_batch_equal_a_plain_forward(student):
     assert batch[1] == pytest.approx(expected, abs=1e-5)
 
 
+def test_scoring_gives_every_query_position_a_key_to_attend_to(student):
+    """A left pad as a query may attend to nothing; on CUDA in bf16 that row is NaN and its backward poisons
+    the real keys' gradients (a GRPO step of mixed lengths failed with a non-finite gradient on the H100). So
+    scoring batches are right-padded: position 0 of every row is a real token."""
+    seen = []
+    hook = student.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"].clone()), with_kwargs=True
+    )
+    try:
+        items = [ScoreItem([5], [6]), ScoreItem([5, 6, 7, 8, 9, 10], [11, 12, 13, 14])]
+        student.logprobs(items)
+        student.grpo_step([GrpoItem(it.context_ids, it.completion_ids, advantage=1.0) for it in items],
+                          LossConfig(beta=0.0, learning_rate=1e-9))
+    finally:
+        hook.remove()
+    assert seen and all(bool(mask[:, 0].all()) for mask in seen)
+
+
 def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_random_model_dir, tmp_path):
     items = [
         GrpoItem(ids_, comp, advantage=adv)
