@@ -16,7 +16,11 @@ Arms (built on one shared request, so only what the arm is about differs):
 - mcts_tree: the same trees, tree advantages (V(node) - V(parent) per step);
 - grpo:      no tree: one expansion of `group` whole student answers (one_line_steps=false, max_depth 1, no
              teachers, no rollouts), z-scored rewards: plain GRPO;
-- legacy:    the same trees as mcts, the original's reward-weighted SFT loss (loss.type="legacy").
+- legacy:    the same trees as mcts, the original's reward-weighted SFT loss (loss.type="legacy");
+- guided:    the search cut to one expansion of whole answers (one_line_steps=false, max_depth 1): `group` - 1
+             student answers and one greedy "right" teacher answer (shown the gold solution with
+             --teacher-reference), z-scored together; the grpo arm with a teacher in the group, at the
+             same number of answers per problem.
 `--arm NAME=JSON` adds an arm: JSON is deep-merged over the mcts request (e.g. a learning-rate sweep).
 
 The state (base rows, finished arms) is kept in <workdir>/learning_state.json, so a run cut short can be run
@@ -47,7 +51,7 @@ from orchestrator.processes import free_port, orchestrator_process, trainer_proc
 from orchestrator.stats import accuracy, compare_paired
 
 INIT_CHECKPOINT = "learning-init"
-DEFAULT_ARMS = "mcts,grpo,mcts_tree,legacy"
+DEFAULT_ARMS = "mcts,grpo,mcts_tree,legacy,guided"
 
 
 # --- requests of the arms ----------------------------------------------------------------------------------
@@ -122,11 +126,19 @@ def arm_requests(args) -> dict[str, dict]:
         "use_checker": False,
         "teacher_reference": False,
     }
+    guided_search = {
+        **grpo_search,
+        "n_student": max(args.group - 1, 1),
+        "n_teacher_right": 1,
+        "teacher_reference": args.teacher_reference,
+        "teacher_temperature": 0.0,  # one teacher answer per problem: its most likely one
+    }
     arms = {
         "mcts": product,
         "mcts_tree": deep_merge(product, {"advantage_mode": "tree"}),
         "grpo": deep_merge(product, {"search": grpo_search}),
         "legacy": deep_merge(product, {"loss": {"type": "legacy"}}),
+        "guided": deep_merge(product, {"search": guided_search}),
     }
     for spec in args.arm or []:
         name, _, body = spec.partition("=")
@@ -256,10 +268,12 @@ def gpu_name() -> str | None:
 
 
 def figures(state: dict, args, command: str, wall_s: float) -> dict:
-    """The machine-readable result: base vs the product arm (or the first arm run), ablations beside it."""
+    """The machine-readable result: base vs --head (else the mcts arm, else the first arm run), ablations
+    beside it."""
     base = state["base_rows"]
     arms = [state["arms"][a] for a in state["arm_order"] if a in state["arms"]]
-    head = state["arms"].get("mcts") or (arms[0] if arms else None)
+    head = state["arms"].get(args.head) if args.head else None
+    head = head or state["arms"].get("mcts") or (arms[0] if arms else None)
     return {
         "n": len(base),
         "eval_split": "test",
@@ -381,6 +395,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms to run, in order (default {DEFAULT_ARMS})")
     a("--arm", action="append", help="extra arm NAME=JSON, deep-merged over the mcts request")
+    a("--head", default=None, help="the arm reported as trained_acc/p_value in --json-out (default: mcts)")
     a("--workdir", default="runs/learning", help="services' files and the resumable state")
     a("--fresh", action="store_true", help="forget the state in --workdir (base eval and finished arms)")
     a(
@@ -426,7 +441,7 @@ def parse_args(argv=None):
         help="the 'right' teacher sees the gold solution (search.teacher_reference)",
     )
     a("--temperature", type=float, default=0.8)
-    a("--group", type=int, default=8, help="answers per problem in the grpo arm")
+    a("--group", type=int, default=8, help="answers per problem in the grpo and guided arms")
     a(
         "--seed",
         type=int,
@@ -494,6 +509,8 @@ def main(argv=None) -> int:
             "ENDPOINT_MAX_CONCURRENCY": str(args.max_requests_in_flight),
             "MAX_REQUESTS_IN_FLIGHT": str(args.max_requests_in_flight),
             "MAX_TREES_IN_FLIGHT": str(args.trees_in_flight or args.batch_size),
+            # The trainer must take what the orchestrator keeps in flight (plus the quick evals beside it).
+            "TRAINER_MAX_REQUESTS_IN_FLIGHT": str(max(256, 2 * args.max_requests_in_flight)),
         }
         if gsm8k := default_gsm8k_path():
             env["GSM8K_PATH"] = gsm8k

@@ -72,8 +72,9 @@ class SearchParams(_Strict):
     seed: int | None = None
     one_line_steps: bool | None = Field(
         default=None,
-        description="student steps end at a newline (default); false: the student writes on to the end, so "
-        "max_depth 1 with no teacher children is plain GRPO sampling",
+        description="steps end at a newline (default); false: the student and the teachers write on to the "
+        "end of the answer, so max_depth 1 with no teacher children is plain GRPO sampling, and with a 'right' "
+        "teacher its whole answer joins the student's group",
     )
     teacher_reference: bool | None = Field(
         default=None,

@@ -35,7 +35,7 @@ from orchestrator.data import Problem, question_messages
 from orchestrator.llm import LLMError, LLMPool, LogprobsUnavailable
 from orchestrator.rewards import RewardWeights, RunningMean, accumulated_pre, path_reward, step_pre
 from orchestrator.settings import EndpointSpec
-from orchestrator.teachers import AllTeachersFailed, TeacherEnsemble, first_line
+from orchestrator.teachers import AllTeachersFailed, TeacherEnsemble, first_line, teacher_solution
 from orchestrator.terminal import TerminalChecker, rule_verdict
 from orchestrator.trainer_client import TrainerClient, TrainerError
 from orchestrator.tree import (
@@ -78,7 +78,8 @@ class SearchConfig(BaseModel):
     max_expand_failures: int = 2  # then the leaf becomes terminal ("expansion_failed")
     seed: int | None = None
     rewards: RewardWeights = Field(default_factory=RewardWeights)
-    # False: a student step runs to the end of the answer (max_depth 1, no teachers = plain GRPO sampling).
+    # False: a step runs to the end of the answer, a teacher's too (with max_depth 1 and no teachers: plain GRPO
+    # sampling; with a "right" teacher: its whole answer joins the student's group).
     one_line_steps: bool = True
     # The "right" teacher sees the gold solution (Problem.info["solution"]) as a hint; off by default.
     teacher_reference: bool = False
@@ -470,6 +471,7 @@ class _Search:
                 temperature=self.cfg.teacher_temperature,
                 seed=self._next_seed(),
                 reference=self.reference if kind == "right" else None,
+                whole=not self.cfg.one_line_steps,
             )
         except AllTeachersFailed as exc:
             tried = len(self.svc.teachers.states)
@@ -488,7 +490,7 @@ class _Search:
         self.stats.tokens += int(reply.completion.usage.get("completion_tokens", 0) or 0)
         return [
             _Candidate(
-                text=first_line(ch.text),
+                text=first_line(ch.text) if self.cfg.one_line_steps else teacher_solution(ch.text),
                 source=reply.teacher,
                 kind=kind,
                 logprob=None,

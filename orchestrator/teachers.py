@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,17 @@ WRONG_PROMPT = (
     "it as '#### <number>'. Do not say that it is wrong."
 )
 
+# search.one_line_steps=false: a teacher child is a whole answer, like the student's children there.
+RIGHT_WHOLE_PROMPT = (
+    "Question:\n{question}\n\nPartial solution so far:\n<partial>\n{partial}</partial>\n\n"
+    "Write the rest of a correct solution, one short step per line, and end with a line '#### <number>'."
+)
+WRONG_WHOLE_PROMPT = (
+    "Question:\n{question}\n\nPartial solution so far:\n<partial>\n{partial}</partial>\n\n"
+    "Write the rest of a plausible but wrong solution, one short step per line, with a typical student "
+    "mistake (a wrong operation, a misread quantity or an arithmetic slip), and end with a line "
+    "'#### <number>'. Do not say that it is wrong."
+)
 
 REFERENCE_HINT = (
     "\n\nA reference solution, for you only (do not mention it; write the next step in your own words, "
@@ -43,14 +55,20 @@ REFERENCE_HINT = (
 )
 
 
-def teacher_messages(kind: str, question: str, partial: str, reference: str | None = None) -> list[dict]:
-    """The teacher's chat prompt. A `reference` (the gold solution, search.teacher_reference) is shown to a
-    "right" teacher only: a weak teacher (the embedded 135M base) then writes correct steps far more often,
-    so the search finds correct, well-formatted paths to learn from."""
-    template = RIGHT_PROMPT if kind == "right" else WRONG_PROMPT
+def teacher_messages(
+    kind: str, question: str, partial: str, reference: str | None = None, whole: bool = False
+) -> list[dict]:
+    """The teacher's chat prompt: the next step, or (`whole`) the rest of the solution. A `reference` (the gold
+    solution, search.teacher_reference) is shown to a "right" teacher only: a weak teacher (the embedded 135M
+    base) then writes correct steps far more often, so the search finds correct, well-formatted paths to
+    learn from."""
+    if whole:
+        template = RIGHT_WHOLE_PROMPT if kind == "right" else WRONG_WHOLE_PROMPT
+    else:
+        template = RIGHT_PROMPT if kind == "right" else WRONG_PROMPT
     content = template.format(question=question.strip(), partial=partial)
     if reference and kind == "right":
-        content += REFERENCE_HINT.format(reference=reference.strip())
+        content += REFERENCE_HINT.format(reference=clean_reference(reference))
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
 
 
@@ -61,6 +79,31 @@ def first_line(text: str) -> str:
         if line:
             return line
     return ""
+
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+# Lines in which a small teacher echoes its prompt: a tag alone, or the words that introduce the reference.
+_PROMPT_ECHO = re.compile(r"^</?(reference|partial)>$|reference solution", re.IGNORECASE)
+
+
+def clean_reference(solution: str) -> str:
+    """A GSM8K gold solution without its calculator notes ("48/2 = <<48/2=24>>24" -> "48/2 = 24"): a small
+    teacher copies them, and then the student learns to write them."""
+    return _CALCULATOR_NOTE.sub("", solution).strip()
+
+
+def teacher_solution(text: str) -> str:
+    """A whole teacher answer as solution lines: blank lines and echoes of the prompt dropped, and nothing
+    after the first `####` line (small teachers go on after their answer)."""
+    lines = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line or _PROMPT_ECHO.search(line):
+            continue
+        lines.append(line)
+        if line.startswith("####"):
+            break
+    return "\n".join(lines)
 
 
 NO_RETRY = RetryPolicy(max_retries=0)
@@ -166,9 +209,11 @@ class TeacherEnsemble:
         temperature: float,
         seed: int | None = None,
         reference: str | None = None,
+        whole: bool = False,
     ) -> TeacherReply:
-        """n next steps of `kind` ("right" | "wrong") from the best available teacher, failing over."""
-        messages = teacher_messages(kind, question, partial, reference)
+        """n next steps (or, `whole`, n rests of the solution) of `kind` ("right" | "wrong") from the best
+        available teacher, failing over."""
+        messages = teacher_messages(kind, question, partial, reference, whole)
         failed: list[str] = []
         order = self.order()
         for i, name in enumerate(order):

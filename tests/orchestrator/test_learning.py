@@ -8,7 +8,7 @@ from orchestrator.llm import LLMPool, RetryPolicy
 from orchestrator.schemas import TrainRequest
 from orchestrator.search import SearchConfig, SearchServices, run_search
 from orchestrator.settings import EndpointSpec, Settings
-from orchestrator.teachers import TeacherEnsemble, teacher_messages
+from orchestrator.teachers import TeacherEnsemble, teacher_messages, teacher_solution
 from orchestrator.terminal import TerminalChecker
 from orchestrator.training import search_config
 
@@ -28,6 +28,30 @@ def test_reference_is_shown_to_the_right_teacher_only():
     assert "<reference>\n48/2 = 24\n#### 72\n</reference>" in right
     assert "reference" not in wrong and "reference" not in plain
     assert right.startswith(plain)
+
+
+def test_the_reference_loses_its_calculator_notes():
+    right = teacher_messages("right", "q?", "", reference="48/2 = <<48/2=24>>24 clips.\n#### 72")[1]["content"]
+    assert "48/2 = 24 clips.\n#### 72" in right and "<<" not in right
+
+
+def test_whole_answer_prompts_ask_for_the_rest_of_the_solution():
+    right = teacher_messages("right", "q?", "a\n", reference="#### 72", whole=True)[1]["content"]
+    wrong = teacher_messages("wrong", "q?", "a\n", reference="#### 72", whole=True)[1]["content"]
+    assert "Write the rest of a correct solution" in right and "<reference>\n#### 72" in right
+    assert "plausible but wrong solution" in wrong and "reference" not in wrong
+    assert "next single step" not in right + wrong
+
+
+def test_teacher_solution_keeps_the_lines_up_to_the_answer():
+    # What the 135M teacher wrote for GSM8K train-0 with the reference shown (greedy): the answer, then an
+    # echoed closing tag; sometimes a second attempt after a blank line.
+    text = "Natalia sold 24 clips in May.\n\nShe sold 72 clips.\n#### 72\n</reference>\n#### 12"
+    assert teacher_solution(text) == "Natalia sold 24 clips in May.\nShe sold 72 clips.\n#### 72"
+    assert teacher_solution("<reference>\n  48/2 = 24  \n") == "48/2 = 24"
+    echoed = "A reference solution, for you only, one step per line:\nShe earned $10.\n#### 10"
+    assert teacher_solution(echoed) == "She earned $10.\n#### 10"
+    assert teacher_solution("") == ""
 
 
 # --- request options reach the search config -------------------------------------------------------------
@@ -111,6 +135,35 @@ async def test_teacher_reference_reaches_the_right_teacher(scripted_server):
     assert wrong and not any("<reference>" in t for t in wrong)
 
 
+async def test_whole_answer_teacher_joins_the_student_group(scripted_server):
+    """one_line_steps=false with a "right" teacher: one expansion whose children are whole answers, the
+    teacher's written with the reference; all of them terminal and scored, so flat advantages compare them."""
+    problem = Problem(id="t-2", prompt="What is 6 * 7?", answer="42", info={"solution": "6*7=42\n#### 42"})
+    config = SearchConfig(
+        iterations=1,
+        parallel_simulations=1,
+        max_depth=1,
+        n_student=3,
+        n_teacher_right=1,
+        n_teacher_wrong=0,
+        one_line_steps=False,
+        chunk_tokens=256,
+        rollout=False,
+        use_checker=False,
+        teacher_reference=True,
+    )
+    result = await _search(scripted_server, problem, config)
+    teacher = [e for e in scripted_server.log if e.get("model") == "t1"]
+    assert len(teacher) == 1
+    prompt = teacher[0]["payload"]["messages"][1]["content"]
+    assert "Write the rest of a correct solution" in prompt and "6*7=42\n#### 42" in prompt
+    leaves = [n for n in result.tree if n.terminal]
+    by_source = {n.source: n for n in leaves}
+    assert len(leaves) == 4 and set(by_source) == {"student", "t1"}
+    taught = by_source["t1"]
+    assert taught.text.count("\n") >= 1 and taught.text.endswith("#### 42") and taught.correct
+
+
 # --- bench/learning.py helpers ----------------------------------------------------------------------------
 def test_arms_differ_only_where_they_should(repo_root):
     learning = load_learning(repo_root)
@@ -123,6 +176,14 @@ def test_arms_differ_only_where_they_should(repo_root):
     assert grpo["search"]["n_teacher_right"] == grpo["search"]["n_teacher_wrong"] == 0
     assert {k: v for k, v in grpo.items() if k != "search"} == {
         k: v for k, v in mcts.items() if k != "search"
+    }
+    guided = arms["guided"]
+    assert guided["search"] == {
+        **grpo["search"],
+        "n_student": 5,
+        "n_teacher_right": 1,
+        "teacher_reference": True,
+        "teacher_temperature": 0.0,
     }
     for request in arms.values():
         TrainRequest.model_validate(request)  # every arm is a valid POST /train body
