@@ -2,6 +2,7 @@
 /grpo/step throughput (tokens/s). Starts the real service (uvicorn subprocess) with the tiny model.
 
     .venv/bin/python bench/trainer_bench.py            # writes bench/results/trainer.json and RESULTS.md section
+    .venv/bin/python bench/trainer_bench.py --generation  # in-process decode: peft vs merged weights; prints only
 
 Completion tokens/s = completion tokens returned (usage) / wall time of a closed loop in which `c` clients each
 send their next request as soon as the previous one answers. The 32-vs-1 speedup is the ratio of those figures.
@@ -86,6 +87,65 @@ def timed_post(http: httpx.Client, path: str, body: dict, repeats: int) -> tuple
     return (time.perf_counter() - started) / repeats, response.json()
 
 
+def generation_tok_s(rows: int, max_tokens: int, repeats: int) -> dict:
+    """In process, no HTTP: tokens/s of Student.generate over `rows` distinct prompts (one sample each, temperature
+    0.7, seeded), decoding through the peft model ("peft", the old path) and through the plain model with the
+    adapter merged in ("merged"), alternated `repeats` times; plus the time one merge (sync) takes."""
+    import torch
+
+    from services.trainer.settings import TrainerSettings
+    from services.trainer.student import GenerationRequest, load_student
+
+    started = time.perf_counter()
+    student = load_student(TrainerSettings(max_batch_size=rows))  # TRAINER_* variables apply
+    load_seconds = time.perf_counter() - started
+    decoder = student.merged_decoder
+    if decoder is None:
+        raise SystemExit("this backend decodes through the peft model only: nothing to compare")
+    requests = [
+        GenerationRequest(
+            student.tokenizer(chat_prompt(i), add_special_tokens=False).input_ids,
+            max_tokens=max_tokens,
+            temperature=0.7,
+            seed=i,
+        )
+        for i in range(rows)
+    ]
+
+    def run(path: str) -> tuple[int, float]:
+        student.merged_decoder = decoder if path == "merged" else None
+        begun = time.perf_counter()
+        samples = student.generate(requests)
+        return sum(s[0].num_generated for s in samples), time.perf_counter() - begun
+
+    for path in ("peft", "merged"):  # warm-up (and the first merge)
+        student.merged_decoder = decoder if path == "merged" else None
+        student.generate(requests[:2])
+    totals = {"peft": [0, 0.0], "merged": [0, 0.0]}
+    for _ in range(repeats):
+        for path in ("peft", "merged"):
+            tokens, seconds = run(path)
+            totals[path][0] += tokens
+            totals[path][1] += seconds
+            print(f"generation {path}: {tokens} tokens in {seconds:.2f} s", flush=True)
+    student.merged_decoder = decoder
+    decoder.invalidate()
+    begun = time.perf_counter()
+    decoder.sync(student.adapter_version)
+    sync_ms = (time.perf_counter() - begun) * 1000
+    tok_s = {path: tokens / seconds for path, (tokens, seconds) in totals.items()}
+    return {
+        "rows": rows,
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "tok_s": {path: round(v, 1) for path, v in tok_s.items()},
+        "speedup": round(tok_s["merged"] / tok_s["peft"], 2),
+        "sync_ms": round(sync_ms, 1),
+        "load_seconds": round(load_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def write_results(result: dict, results_md: Path) -> None:
     json_path = REPO_ROOT / "bench" / "results" / "trainer.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +199,25 @@ def main() -> None:
     parser.add_argument("--requests-1", type=int, default=4, help="requests of the one-at-a-time loop")
     parser.add_argument("--requests-per-client", type=int, default=2, help="for the 8 and 32 client loops")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and json alone")
+    parser.add_argument(
+        "--generation",
+        action="store_true",
+        help="instead: in-process generation tokens/s, peft path vs merged weights (prints only)",
+    )
+    parser.add_argument("--rows", type=int, default=32, help="--generation: prompts decoded together")
+    parser.add_argument("--repeats", type=int, default=2, help="--generation: timed runs of each path")
     args = parser.parse_args()
+    if args.generation:
+        load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        result = generation_tok_s(args.rows, args.max_tokens, args.repeats)
+        result.update(
+            load_before=load_before,
+            load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+            machine=describe_machine(),
+            date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        )
+        print(json.dumps(result, indent=2))
+        return
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]
     )

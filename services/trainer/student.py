@@ -3,6 +3,7 @@
 It knows nothing of HTTP or of queues; exactly one thread (the batcher's worker) calls it at a time.
 Backends: Unsloth FastLanguageModel (4-bit + LoRA) on CUDA when installed; otherwise transformers + peft, with
 bitsandbytes 4-bit on CUDA and float32 on CPU. "base" = the same model with the adapter disabled (no copy).
+Generation decodes through plain copies of the model with the adapter merged in, where it can (decode_weights.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode_weights import MergedDecoder, merge_blocker
 from .grpo import grpo_loss, linear_selective_log_softmax, selective_log_softmax
 from .model_source import ModelSourceError, resolve_model
 from .sampling import sample_next
@@ -125,6 +127,12 @@ class Student:
             "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
         )
         model.eval()
+        # Generation decodes through plain copies with the adapter merged in (decode_weights.py: peft's wrappers
+        # cost ~35% of a decode step); None = through the peft model, where merging is not possible.
+        blocker = merge_blocker(model, backend)
+        self.merged_decoder = MergedDecoder(model) if blocker is None else None
+        if blocker is not None:
+            log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
 
     # ----- adapters -----
     def adapter(self, enabled: bool):
@@ -151,16 +159,21 @@ class Student:
         """
         # Decoding runs the layers eagerly: compiled layers would recompile for every KV-cache length.
         stance = torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
-        with stance, self.adapter(use_adapter):
-            return self._generate(list(requests), admit, on_done)
+        if self.merged_decoder is not None:
+            model = self.merged_decoder.model(use_adapter, self.adapter_version)
+            context = contextlib.nullcontext()
+        else:
+            model, context = self.model, self.adapter(use_adapter)
+        with stance, context:
+            return self._generate(model, list(requests), admit, on_done)
 
-    def _prefill(self, requests: list[GenerationRequest]):
+    def _prefill(self, model, requests: list[GenerationRequest]):
         """Prefill prompts once each; return (cache, mask, last logits) expanded to one row per sample."""
         from transformers import DynamicCache
 
         input_ids, mask = self._left_pad([r.prompt_ids for r in requests])
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
+        out = model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=_positions(mask),
@@ -173,7 +186,7 @@ class Student:
         cache.batch_select_indices(expand)
         return cache, mask[expand], out.logits[:, -1, :][expand]
 
-    def _generate(self, requests, admit, on_done) -> list[list[Sample]]:
+    def _generate(self, model, requests, admit, on_done) -> list[list[Sample]]:
         owner: list[int] = []  # row -> request index
         sample_index: list[int] = []
         generators: list[torch.Generator | None] = []
@@ -199,12 +212,12 @@ class Student:
                     finish.append(None), stop_cut.append(None)
             return list(range(first_row, len(owner)))
 
-        cache, mask, logits = self._prefill(requests)
+        cache, mask, logits = self._prefill(model, requests)
         rows = add_rows(requests)  # live rows, in cache order
         while rows:
             if admit is not None and (joining := admit(self._free_rows(len(rows)))):
                 requests.extend(joining)
-                new_cache, new_mask, new_logits = self._prefill(joining)
+                new_cache, new_mask, new_logits = self._prefill(model, joining)
                 mask = _join_cache(cache, mask, new_cache, new_mask)
                 logits = torch.cat([logits, new_logits])
                 rows = rows + add_rows(joining)
@@ -268,7 +281,7 @@ class Student:
                 next_ids = next_ids[index_tensor]
                 rows = [rows[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = self.model(
+            out = model(
                 input_ids=next_ids.unsqueeze(1).to(self.device),
                 attention_mask=mask,
                 position_ids=(mask.sum(1, keepdim=True) - 1),
@@ -463,6 +476,8 @@ class Student:
                     f"expected {tuple(current[key].shape)}"
                 )
         set_peft_model_state_dict(self.model, state)
+        if self.merged_decoder is not None:  # the adapter changed but adapter_version may not: merge again
+            self.merged_decoder.invalidate()
 
     # ----- helpers -----
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

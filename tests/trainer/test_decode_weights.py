@@ -1,0 +1,66 @@
+"""Generation through the plain models with the adapter merged in (decode_weights.py) matches generation through
+the peft model, for the student and for base, and never uses stale merged weights."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from services.trainer.decode_weights import merge_blocker
+from services.trainer.student import GenerationRequest, GrpoItem, LossConfig
+
+from .test_student import make_student
+
+PROMPTS = [[5, 6, 7, 8, 9], [42], [100, 200, 300]]
+
+
+def greedy(student, *, use_adapter=True, merged=True) -> list[list[int]]:
+    """Greedy token ids for PROMPTS, decoded through the plain models (merged) or the peft model."""
+    decoder = student.merged_decoder
+    if not merged:
+        student.merged_decoder = None
+    try:
+        requests = [GenerationRequest(p, max_tokens=12, temperature=0) for p in PROMPTS]
+        return [samples[0].token_ids for samples in student.generate(requests, use_adapter=use_adapter)]
+    finally:
+        student.merged_decoder = decoder
+
+
+def big_step(student) -> None:
+    """One GRPO step with a large learning rate, so the adapter (B starts at zero) changes greedy outputs."""
+    items = [GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS)]
+    student.grpo_step(items, LossConfig(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
+
+
+@pytest.fixture
+def student(tiny_random_model_dir, tmp_path):
+    return make_student(tiny_random_model_dir, tmp_path)
+
+
+def test_the_transformers_backend_merges_and_shares_the_base_tensors(student):
+    assert student.merged_decoder is not None and merge_blocker(student.model, "unsloth") is not None
+    peft_base = {t.data_ptr() for t in student.model.get_base_model().parameters()}
+    # base shares every tensor; the student owns only its target weights
+    assert {t.data_ptr() for t in student.merged_decoder.base.parameters()} <= peft_base
+    owned = [n for n, t in student.merged_decoder.student.named_parameters() if t.data_ptr() not in peft_base]
+    assert owned and all(n.endswith("_proj.weight") for n in owned)
+    assert len(owned) == len(student.merged_decoder.targets)
+
+
+def test_merged_greedy_equals_peft_greedy_for_the_trained_student_and_for_base(student):
+    fresh = greedy(student)
+    big_step(student)
+    trained = greedy(student, merged=False)
+    assert trained != fresh  # the adapter is non-zero: the comparison below means something
+    assert greedy(student) == trained
+    assert greedy(student, use_adapter=False) == greedy(student, use_adapter=False, merged=False) == fresh
+    big_step(student)  # a second step: the merged weights follow adapter_version
+    assert greedy(student) == greedy(student, merged=False) != trained
+
+
+def test_loading_an_adapter_state_invalidates_the_merged_weights(student):
+    initial = {k: v.clone() for k, v in student.adapter_state().items()}  # on CPU the state aliases the adapter
+    fresh = greedy(student)
+    big_step(student)
+    assert greedy(student) != fresh  # merged at adapter_version 1
+    student.load_adapter_state(initial)  # adapter_version stays 1: only the invalidation forces a new merge
+    assert greedy(student) == fresh
