@@ -146,6 +146,22 @@ def arm_requests(args) -> dict[str, dict]:
     return arms
 
 
+def teacher_env(args, trainer_url: str) -> dict[str, str]:
+    """The orchestrator's teacher: the embedded tier's "base" model, or (--teacher-model student) the student
+    itself, as in STaR's rationalization: shown the gold solution, the model being trained writes the answer
+    it learns from. With one model the student's and the teacher's requests also share decode batches."""
+    if args.teacher_model == "base":
+        return {}
+    teacher = {
+        "name": "student-with-reference",
+        "base_url": f"{trainer_url}/v1",
+        "model": "student",
+        "max_concurrency": args.max_requests_in_flight,
+        "timeout_s": args.request_timeout,
+    }
+    return {"TEACHER_TIER": "custom", "TEACHERS": json.dumps([teacher])}
+
+
 # --- one run of the services -------------------------------------------------------------------------------
 def paired(base_rows: list[dict], rows: list[dict], kind: str) -> dict:
     """McNemar of base vs trained on the problems both answered (the same held-out set)."""
@@ -440,6 +456,12 @@ def parse_args(argv=None):
         default=True,
         help="the 'right' teacher sees the gold solution (search.teacher_reference)",
     )
+    a(
+        "--teacher-model",
+        choices=("base", "student"),
+        default="base",
+        help="the teacher the services start with: the trainer's base model, or the student itself",
+    )
     a("--temperature", type=float, default=0.8)
     a("--group", type=int, default=8, help="answers per problem in the grpo and guided arms")
     a(
@@ -515,7 +537,8 @@ def main(argv=None) -> int:
         if gsm8k := default_gsm8k_path():
             env["GSM8K_PATH"] = gsm8k
         trainer = trainer_process(free_port(), workdir, env=env, cwd=REPO_ROOT)
-        orch = orchestrator_process(free_port(), trainer.url, workdir, env=env, cwd=REPO_ROOT)
+        orch_env = {**env, **teacher_env(args, trainer.url)}
+        orch = orchestrator_process(free_port(), trainer.url, workdir, env=orch_env, cwd=REPO_ROOT)
         services = [orch, trainer]
         url, trainer_url = orch.url, trainer.url
     try:

@@ -46,13 +46,21 @@ class Batch:
 
     def __init__(self, batcher: Batcher, kind: Any, jobs: list[Job]):
         self._batcher, self.kind, self.jobs = batcher, kind, jobs
+        self._admit_calls = 0
 
     @property
     def payloads(self) -> list[Any]:
         return [job.payload for job in self.jobs]
 
     def admit(self, free_rows: int) -> list[Any]:
-        """Payloads of waiting jobs of this batch's kind that fit in free_rows (they join the batch)."""
+        """Payloads of waiting jobs of this batch's kind that fit in free_rows (they join the batch).
+
+        Called between decode steps, it takes jobs only every `admit_every` calls: each admission costs a
+        prefill pass and a copy of the whole KV cache, and requests that trickle in one by one (as they do
+        while the decode loop holds the GIL) would otherwise pay that on nearly every step."""
+        self._admit_calls += 1
+        if self._admit_calls % self._batcher.admit_every:
+            return []
         joined = self._batcher._take_matching(self.kind, free_rows)
         self.jobs.extend(joined)
         return [job.payload for job in joined]
@@ -65,10 +73,16 @@ class Batcher:
     """`run_batch(kind, batch) -> results` runs on the worker thread; results[i] answers batch.jobs[i]."""
 
     def __init__(
-        self, run_batch: Callable[[Any, Batch], list[Any]], *, max_batch_rows: int = 32, wait_ms: float = 5.0
+        self,
+        run_batch: Callable[[Any, Batch], list[Any]],
+        *,
+        max_batch_rows: int = 32,
+        wait_ms: float = 5.0,
+        admit_every: int = 1,
     ):
         self._run_batch = run_batch
         self.max_batch_rows = max_batch_rows
+        self.admit_every = max(1, admit_every)
         self.wait_s = wait_ms / 1000.0
         self.counters = BatcherCounters()
         self._queue: queue.Queue[Job | None] = queue.Queue()

@@ -34,7 +34,10 @@ class TrainerEngine:
         self.tokenizer = copy.deepcopy(student.tokenizer)
         self.checkpoint_dir = Path(settings.checkpoint_dir)
         self.batcher = Batcher(
-            self._run_batch, max_batch_rows=settings.max_batch_size, wait_ms=settings.batch_wait_ms
+            self._run_batch,
+            max_batch_rows=settings.max_batch_size,
+            wait_ms=settings.batch_wait_ms,
+            admit_every=settings.admit_every_steps,
         )
 
     def close(self) -> None:

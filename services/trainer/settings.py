@@ -52,6 +52,9 @@ class TrainerSettings(BaseSettings):
 
     max_batch_size: int = Field(default=32, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0)
+    # Requests join a running decode loop every this many decode steps (each join is a prefill and a KV-cache
+    # copy); 1 = at every step, the lowest latency for a lone request.
+    admit_every_steps: int = Field(default=4, ge=1)
     max_context: int = Field(default=2048, ge=16)
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
     torch_threads: int | None = None  # None = all cores

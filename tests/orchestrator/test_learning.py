@@ -217,3 +217,16 @@ def test_results_rows_go_into_the_learning_section_only(repo_root, tmp_path):
     assert section.count("| date (UTC) |") == 1
     assert section.index("| row 1 |") < section.index("| row 2 |")
     assert text.endswith("## other\n\nkept\n") and "## search\n\ntext\n" in text
+
+
+def test_teacher_model_student_points_the_orchestrator_at_the_trainers_student(repo_root):
+    import json
+
+    from orchestrator.settings import Settings
+
+    learning = load_learning(repo_root)
+    assert learning.teacher_env(learning.parse_args([]), "http://127.0.0.1:9") == {}
+    env = learning.teacher_env(learning.parse_args(["--teacher-model", "student"]), "http://127.0.0.1:9")
+    settings = Settings(teacher_tier=env["TEACHER_TIER"], teachers=json.loads(env["TEACHERS"]))
+    (teacher,) = settings.teacher_endpoints()
+    assert (teacher.base_url, teacher.model) == ("http://127.0.0.1:9/v1", "student")

@@ -150,3 +150,30 @@ async def test_no_job_is_admitted_while_another_kind_waits(waiting):
         assert admitted == []
     finally:
         batcher.close()
+
+
+async def test_late_jobs_join_only_every_admit_every_steps():
+    """Each admission costs a prefill and a KV-cache copy, so a decode loop takes late jobs in every
+    `admit_every` steps, not at every step they happen to arrive on."""
+    started, queued = threading.Event(), threading.Event()
+    joined_at = []
+
+    def run_batch(kind, batch):
+        started.set()
+        queued.wait(5)
+        for step in range(1, 9):
+            if batch.admit(free_rows=8):
+                joined_at.append(step)
+        return batch.payloads
+
+    batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=0, admit_every=4)
+    try:
+        first = asyncio.ensure_future(batcher.call("gen", 0))
+        await asyncio.to_thread(started.wait, 5)
+        late = asyncio.ensure_future(batcher.call("gen", 1))
+        await asyncio.sleep(0.05)
+        queued.set()
+        assert await first == 0 and await late == 1
+        assert joined_at == [4]
+    finally:
+        batcher.close()
