@@ -99,7 +99,7 @@ def product_request(args) -> dict:
         "batch_size": args.batch_size,
         "search": search,
         "loss": loss,
-        "advantage_mode": "flat",
+        "advantage_mode": args.advantage_mode,
         "teacher_weight": args.teacher_weight,
         "checkpoint_every": 1000,
         "eval_every": args.curve_every,
@@ -437,6 +437,12 @@ def parse_args(argv=None):
     a("--beta", type=float, default=0.01, help="KL coefficient")
     a("--micro-batch", type=int, default=16)
     a("--teacher-weight", type=float, default=1.0, help="loss weight of items with teacher-written text")
+    a(
+        "--advantage-mode",
+        choices=("flat", "rejection"),
+        default="flat",
+        help="of every arm but mcts_tree: z-scored group advantages, or fine-tuning on the correct paths only",
+    )
     a("--pre-weight", type=float, default=0.1, help="reward weight of the process reward (PRE)")
     a("--hre-weight", type=float, default=1.0, help="reward weight of the correct final answer")
     # search

@@ -107,7 +107,7 @@ class TrainRequest(_Strict):
     batch_size: int = Field(default=2, ge=1, le=256, description="problems (search trees) per GRPO step")
     search: SearchParams = Field(default_factory=SearchParams)
     loss: LossParams = Field(default_factory=LossParams)
-    advantage_mode: Literal["flat", "tree"] = "flat"
+    advantage_mode: Literal["flat", "tree", "rejection"] = "flat"
     advantage_clip: float = Field(default=5.0, gt=0, le=100)
     teacher_weight: float = Field(
         default=0.5, ge=0, le=10, description="loss weight of items holding teacher-written text (off-policy)"

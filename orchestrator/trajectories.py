@@ -8,6 +8,10 @@ Two advantage modes:
 - "tree" (TreeRL / TreeRPO style): one item per step on any trajectory, completion = that step, context =
   the solution before it; A(step) = clip(V(node) - V(parent), -clip, clip), V = the node's mean backed-up
   value.
+- "rejection" (rejection-sampling fine-tuning; STaR, RAFT): one item per distinct correct root-to-terminal
+  trajectory, advantage 1; wrong ones are dropped. With the loss's ratio at 1 this is supervised fine-tuning on
+  the correct answers the search found: nothing pushes sampled text down, so a weak student (whose groups are
+  nearly all wrong) cannot be driven to collapse by negative advantages.
 Off-policy text: an item whose completion contains any teacher-written step gets weight `teacher_weight`
 (default 0.5; the trainer scales its loss by it); items made only of student steps get weight 1.
 """
@@ -104,7 +108,10 @@ def _source(sources: list[str]) -> str:
 
 
 def grpo_group(
-    tree: Tree, mode: Literal["flat", "tree"] = "flat", clip: float = 5.0, teacher_weight: float = 0.5
+    tree: Tree,
+    mode: Literal["flat", "tree", "rejection"] = "flat",
+    clip: float = 5.0,
+    teacher_weight: float = 0.5,
 ) -> list[GroupItem]:
     if mode == "flat":
         paths = trajectories(tree)
@@ -121,6 +128,24 @@ def grpo_group(
             )
             for t, a in zip(paths, advantages)
         ]
+    if mode == "rejection":
+        items, seen = [], set()
+        for t in trajectories(tree):
+            if not t.correct or t.text in seen:
+                continue
+            seen.add(t.text)
+            items.append(
+                GroupItem(
+                    messages=tree.messages,
+                    context="",
+                    completion=t.text,
+                    advantage=1.0,
+                    source=_source(t.sources),
+                    weight=1.0 if t.on_policy else teacher_weight,
+                    node_id=t.leaf,
+                )
+            )
+        return items
     if mode == "tree":
         items, seen = [], set()
         for t in trajectories(tree):
@@ -143,4 +168,4 @@ def grpo_group(
                     )
                 )
         return items
-    raise ValueError(f"unknown advantage mode {mode!r} (flat | tree)")
+    raise ValueError(f"unknown advantage mode {mode!r} (flat | tree | rejection)")
