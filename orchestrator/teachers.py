@@ -87,9 +87,12 @@ _PROMPT_ECHO = re.compile(r"^</?(reference|partial)>$|reference solution", re.IG
 
 
 def clean_reference(solution: str) -> str:
-    """A GSM8K gold solution without its calculator notes ("48/2 = <<48/2=24>>24" -> "48/2 = 24"): a small
-    teacher copies them, and then the student learns to write them."""
-    return _CALCULATOR_NOTE.sub("", solution).strip()
+    """A GSM8K gold solution without its calculator notes ("48/2 = <<48/2=24>>24" -> "48/2 = 24"), which a
+    small teacher copies and the student then learns to write, and without its `#### N` line: shown the final
+    answer, the 135M teacher came to answer "#### 72" and nothing else, correct and worthless to learn from
+    (a GPU run collapsed on it)."""
+    lines = [line for line in solution.split("\n") if not line.strip().startswith("####")]
+    return _CALCULATOR_NOTE.sub("", "\n".join(lines)).strip()
 
 
 def teacher_solution(text: str) -> str:

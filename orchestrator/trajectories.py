@@ -9,7 +9,8 @@ Two advantage modes:
   the solution before it; A(step) = clip(V(node) - V(parent), -clip, clip), V = the node's mean backed-up
   value.
 - "rejection" (rejection-sampling fine-tuning; STaR, RAFT): one item per distinct correct root-to-terminal
-  trajectory, advantage 1; wrong ones are dropped. With the loss's ratio at 1 this is supervised fine-tuning on
+  trajectory with at least one worked line before its answer, advantage 1; wrong ones are dropped, and so are
+  bare answers ("#### 72" alone), which teach guessing. With the loss's ratio at 1 this is supervised fine-tuning on
   the correct answers the search found: nothing pushes sampled text down, so a weak student (whose groups are
   nearly all wrong) cannot be driven to collapse by negative advantages.
 Off-policy text: an item whose completion contains any teacher-written step gets weight `teacher_weight`
@@ -131,7 +132,8 @@ def grpo_group(
     if mode == "rejection":
         items, seen = [], set()
         for t in trajectories(tree):
-            if not t.correct or t.text in seen:
+            worked = sum(1 for line in t.text.split("\n") if line.strip()) >= 2
+            if not t.correct or not worked or t.text in seen:
                 continue
             seen.add(t.text)
             items.append(

@@ -25,20 +25,20 @@ def test_reference_is_shown_to_the_right_teacher_only():
     right = teacher_messages("right", "q?", "", reference="48/2 = 24\n#### 72")[1]["content"]
     wrong = teacher_messages("wrong", "q?", "", reference="48/2 = 24\n#### 72")[1]["content"]
     plain = teacher_messages("right", "q?", "")[1]["content"]
-    assert "<reference>\n48/2 = 24\n#### 72\n</reference>" in right
+    assert "<reference>\n48/2 = 24\n</reference>" in right
     assert "reference" not in wrong and "reference" not in plain
     assert right.startswith(plain)
 
 
-def test_the_reference_loses_its_calculator_notes():
+def test_the_reference_loses_its_calculator_notes_and_answer_line():
     right = teacher_messages("right", "q?", "", reference="48/2 = <<48/2=24>>24 clips.\n#### 72")[1]["content"]
-    assert "48/2 = 24 clips.\n#### 72" in right and "<<" not in right
+    assert "<reference>\n48/2 = 24 clips.\n</reference>" in right and "<<" not in right and "72" not in right
 
 
 def test_whole_answer_prompts_ask_for_the_rest_of_the_solution():
-    right = teacher_messages("right", "q?", "a\n", reference="#### 72", whole=True)[1]["content"]
-    wrong = teacher_messages("wrong", "q?", "a\n", reference="#### 72", whole=True)[1]["content"]
-    assert "Write the rest of a correct solution" in right and "<reference>\n#### 72" in right
+    right = teacher_messages("right", "q?", "a\n", reference="6*12 = 72", whole=True)[1]["content"]
+    wrong = teacher_messages("wrong", "q?", "a\n", reference="6*12 = 72", whole=True)[1]["content"]
+    assert "Write the rest of a correct solution" in right and "<reference>\n6*12 = 72" in right
     assert "plausible but wrong solution" in wrong and "reference" not in wrong
     assert "next single step" not in right + wrong
 
@@ -131,7 +131,7 @@ async def test_teacher_reference_reaches_the_right_teacher(scripted_server):
     texts = {e["payload"]["messages"][1]["content"] for e in teacher}
     right = [t for t in texts if "Write only the next single step of a correct" in t]
     wrong = [t for t in texts if "plausible but wrong" in t]
-    assert right and all("6*7=42\n#### 42" in t for t in right)
+    assert right and all("<reference>\n6*7=42\n</reference>" in t for t in right)
     assert wrong and not any("<reference>" in t for t in wrong)
 
 
@@ -156,7 +156,7 @@ async def test_whole_answer_teacher_joins_the_student_group(scripted_server):
     teacher = [e for e in scripted_server.log if e.get("model") == "t1"]
     assert len(teacher) == 1
     prompt = teacher[0]["payload"]["messages"][1]["content"]
-    assert "Write the rest of a correct solution" in prompt and "6*7=42\n#### 42" in prompt
+    assert "Write the rest of a correct solution" in prompt and "<reference>\n6*7=42\n</reference>" in prompt
     leaves = [n for n in result.tree if n.terminal]
     by_source = {n.source: n for n in leaves}
     assert len(leaves) == 4 and set(by_source) == {"student", "t1"}

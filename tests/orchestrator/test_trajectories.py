@@ -61,6 +61,8 @@ def test_rejection_mode_keeps_each_distinct_correct_path_with_advantage_one():
     tree = scored_tree()
     twin = tree.add_child(tree.nodes[1], "#### 42", "student", "student")  # the same text as a1 again
     twin.terminal, twin.reward, twin.correct, twin.answer = True, 1.0, True, "42"
+    bare = tree.add_child(tree.root, "#### 42", "t1", "right")  # correct, but no worked line
+    bare.terminal, bare.reward, bare.correct, bare.answer = True, 1.0, True, "42"
     items = grpo_group(tree, "rejection", teacher_weight=0.5)
     assert [i.completion for i in items] == ["A\n#### 42", "B\n#### 42"]
     assert [i.advantage for i in items] == [1.0, 1.0] and [i.weight for i in items] == [1.0, 0.5]
