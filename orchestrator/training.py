@@ -11,6 +11,8 @@ progress. Resuming loads the last one (trainer POST /checkpoints/load), forgets 
 continues with the next step number, so the count is continuous. Steps after the checkpoint that the trainer
 had applied before the crash are undone by the load and applied once more onto the restored adapter; a step
 sent twice in a row carries the same step_key, which the trainer applies only once.
+
+A step's teacher failures and degraded modes are told to the job by fault_reports.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from functools import partial
 from typing import Any
 
 from orchestrator.data import Problem, load_gsm8k
 from orchestrator.evaluation import answer_all, build_report, model_endpoints
+from orchestrator.fault_reports import (
+    NoTeacherLeft,
+    SearchFailed,
+    note_degraded,
+    report_teachers,
+    teacher_counts,
+)
 from orchestrator.schemas import TrainRequest
 from orchestrator.search import SearchConfig, SearchServices, run_search
 from orchestrator.trainer_client import TrainerRestarted, TrainerUnavailable, TrainerWatch
@@ -213,71 +221,6 @@ async def _rewind(ctx, watch: TrainerWatch, checkpoint: dict[str, Any], event: s
     return start_step
 
 
-class NoTeacherLeft(RuntimeError):
-    """Every teacher request of a step failed: the search has no teacher to learn from."""
-
-
-class SearchFailed(RuntimeError):
-    """Every search of a step raised."""
-
-
-def error_kind(message: str | None) -> str:
-    """The kind of an LLMError message: malformed | timeout | connection | http_<status> | error."""
-    text = (message or "").split("] ", 1)[-1].lower()  # past the "[endpoint name] " prefix
-    if "not valid json" in text or "malformed" in text:
-        return "malformed"
-    if "timeout" in text:
-        return "timeout"
-    if "connection error" in text:
-        return "connection"
-    status = re.search(r"http (\d{3})", text)
-    return f"http_{status.group(1)}" if status else "error"
-
-
-def teacher_counts(services: SearchServices) -> dict[str, tuple[int, int]]:
-    """(requests, failures) so far per teacher of the job's ensemble."""
-    return {name: (s.requests, s.failures) for name, s in services.teachers.states.items()}
-
-
-async def _report_teachers(
-    ctx, services: SearchServices, before: dict, step: int
-) -> tuple[int, int, list[str]]:
-    """One "teacher_error" event per teacher that failed during the step (its name, the error kind and the
-    message; messages carry no API key, see llm.LLMError). Returns (requests, failures, summaries)."""
-    tried = failed = 0
-    summaries = []
-    for name, state in services.teachers.states.items():
-        requests0, failures0 = before.get(name, (0, 0))
-        requests, failures = state.requests - requests0, state.failures - failures0
-        tried, failed = tried + requests, failed + failures
-        if failures:
-            kind = error_kind(state.last_error)
-            summaries.append(f"{name}: {kind} ({(state.last_error or '')[:200]})")
-            await ctx.emit(
-                "teacher_error",
-                step=step,
-                teacher=name,
-                kind=kind,
-                errors=failures,
-                requests=requests,
-                error=(state.last_error or "")[:300],
-                resting=not services.teachers.healthy(name),
-            )
-    return tried, failed, summaries
-
-
-async def _note_degraded(ctx, degraded: list[str], modes: list[str], step: int) -> None:
-    """Modes the job ran degraded in (checker down, uniform priors, ...): once each as an event and in the
-    job's progress, so a finished job still says it."""
-    new = [m for m in modes if m not in degraded]
-    if not new:
-        return
-    degraded += new
-    for mode in new:
-        await ctx.emit("degraded", step=step, mode=mode)
-    await ctx.store.update_job(ctx.job_id, progress={"degraded": list(degraded)})
-
-
 async def run_train_job(ctx) -> dict[str, Any]:
     from orchestrator import plots  # matplotlib only when a job needs it
 
@@ -343,7 +286,7 @@ async def run_train_job(ctx) -> dict[str, Any]:
                 step_started = time.perf_counter()
                 batch = [problems[i] for i in batches[step - 1]]
                 first_tree = sum(len(b) for b in batches[: step - 1])
-                teachers_before = teacher_counts(services)
+                teachers_before = teacher_counts(services.teachers)
                 trees, search_stats = await _search_batch(
                     ctx, batch, first_tree, step, config, services, trees_in_flight
                 )
@@ -351,14 +294,16 @@ async def run_train_job(ctx) -> dict[str, Any]:
                 ctx.raise_if_cancelled()
                 # The student is served by the trainer: trees grown while it was away or restarting are no good.
                 await watch.check()
-                tried, failed, summaries = await _report_teachers(ctx, services, teachers_before, step)
+                tried, failed, summaries = await report_teachers(
+                    ctx, services.teachers, teachers_before, step
+                )
                 if search_stats["search_errors"] == len(batch):
                     raise SearchFailed(f"every search of step {step} failed: {search_stats['first_error']}")
                 if tried and failed == tried:
                     raise NoTeacherLeft(
                         f"every teacher failed in step {step} ({failed} requests): " + "; ".join(summaries)
                     )
-                await _note_degraded(ctx, degraded, search_stats["degraded"], step)
+                await note_degraded(ctx, degraded, search_stats["degraded"], step)
                 items = [
                     item.to_trainer_item()
                     for tree in trees

@@ -29,14 +29,3 @@ def test_tree_metrics_over_terminal_paths():
     assert metrics["correct_leaf_share"] == 0.5
     assert tree_metrics([]) == {"trajectories": 0, "mean_reward": None, "correct_leaf_share": None}
 
-
-def test_error_kinds_of_teacher_failures():
-    from orchestrator.llm import LLMError
-    from orchestrator.training import error_kind
-
-    assert error_kind(str(LLMError("t-500", 500, "scripted 500"))) == "http_500"
-    assert error_kind(str(LLMError("t-timeout-ish", None, "timeout after 2s (ReadTimeout)"))) == "timeout"
-    assert error_kind(str(LLMError("t", None, "connection error (RemoteProtocolError)"))) == "connection"
-    assert error_kind(str(LLMError("t", 200, "response is not valid JSON"))) == "malformed"
-    assert error_kind(str(LLMError("t", None, "malformed completion response (KeyError)"))) == "malformed"
-    assert error_kind(None) == "error"
