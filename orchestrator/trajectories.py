@@ -1,6 +1,6 @@
 """From a finished tree to training data: root-to-terminal trajectories and GRPO groups.
 
-Two advantage modes:
+Three advantage modes:
 - "flat" (GRPO): one item per root-to-terminal trajectory, completion = the whole solution text;
       A_j = clip((R_j - mean(R)) / (std(R) + eps), -clip, clip)
   (population std; all advantages 0 when every trajectory earned the same reward). Before clipping the
@@ -108,6 +108,19 @@ def _source(sources: list[str]) -> str:
     return distinct[0] if len(distinct) == 1 else "mixed:" + ",".join(distinct)
 
 
+def _whole_path_item(tree: Tree, path: Trajectory, advantage: float, teacher_weight: float) -> GroupItem:
+    """One item whose completion is a whole root-to-terminal path (the flat and rejection modes)."""
+    return GroupItem(
+        messages=tree.messages,
+        context="",
+        completion=path.text,
+        advantage=advantage,
+        source=_source(path.sources),
+        weight=1.0 if path.on_policy else teacher_weight,
+        node_id=path.leaf,
+    )
+
+
 def grpo_group(
     tree: Tree,
     mode: Literal["flat", "tree", "rejection"] = "flat",
@@ -117,18 +130,7 @@ def grpo_group(
     if mode == "flat":
         paths = trajectories(tree)
         advantages = zscore([t.reward for t in paths], clip)
-        return [
-            GroupItem(
-                messages=tree.messages,
-                context="",
-                completion=t.text,
-                advantage=a,
-                source=_source(t.sources),
-                weight=1.0 if t.on_policy else teacher_weight,
-                node_id=t.leaf,
-            )
-            for t, a in zip(paths, advantages)
-        ]
+        return [_whole_path_item(tree, t, a, teacher_weight) for t, a in zip(paths, advantages)]
     if mode == "rejection":
         items, seen = [], set()
         for t in trajectories(tree):
@@ -136,17 +138,7 @@ def grpo_group(
             if not t.correct or not worked or t.text in seen:
                 continue
             seen.add(t.text)
-            items.append(
-                GroupItem(
-                    messages=tree.messages,
-                    context="",
-                    completion=t.text,
-                    advantage=1.0,
-                    source=_source(t.sources),
-                    weight=1.0 if t.on_policy else teacher_weight,
-                    node_id=t.leaf,
-                )
-            )
+            items.append(_whole_path_item(tree, t, 1.0, teacher_weight))
         return items
     if mode == "tree":
         items, seen = [], set()

@@ -98,20 +98,24 @@ async def _search(server, problem, config):
         return await run_search(problem, config, svc)
 
 
-async def test_plain_grpo_samples_are_whole_answers(scripted_server):
-    problem = Problem(id="t-0", prompt="What is 6 * 7?", answer="42")
-    config = SearchConfig(
+def one_expansion_of_whole_answers(**overrides) -> SearchConfig:
+    """The grpo and guided arms' search: the root expanded once into whole answers, no wrong teacher."""
+    fields = dict(
         iterations=1,
         parallel_simulations=1,
         max_depth=1,
-        n_student=4,
-        n_teacher_right=0,
         n_teacher_wrong=0,
         one_line_steps=False,
         chunk_tokens=256,
         rollout=False,
         use_checker=False,
     )
+    return SearchConfig(**{**fields, **overrides})
+
+
+async def test_plain_grpo_samples_are_whole_answers(scripted_server):
+    problem = Problem(id="t-0", prompt="What is 6 * 7?", answer="42")
+    config = one_expansion_of_whole_answers(n_student=4, n_teacher_right=0)
     result = await _search(scripted_server, problem, config)
     students = [e for e in scripted_server.log if e.get("model") == "student"]
     assert len(students) == 1 and students[0]["payload"].get("stop") is None
@@ -139,19 +143,7 @@ async def test_whole_answer_teacher_joins_the_student_group(scripted_server):
     """one_line_steps=false with a "right" teacher: one expansion whose children are whole answers, the
     teacher's written with the reference; all of them terminal and scored, so flat advantages compare them."""
     problem = Problem(id="t-2", prompt="What is 6 * 7?", answer="42", info={"solution": "6*7=42\n#### 42"})
-    config = SearchConfig(
-        iterations=1,
-        parallel_simulations=1,
-        max_depth=1,
-        n_student=3,
-        n_teacher_right=1,
-        n_teacher_wrong=0,
-        one_line_steps=False,
-        chunk_tokens=256,
-        rollout=False,
-        use_checker=False,
-        teacher_reference=True,
-    )
+    config = one_expansion_of_whole_answers(n_student=3, n_teacher_right=1, teacher_reference=True)
     result = await _search(scripted_server, problem, config)
     teacher = [e for e in scripted_server.log if e.get("model") == "t1"]
     assert len(teacher) == 1
