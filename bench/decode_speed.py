@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from services.trainer.settings import TrainerSettings
-from services.trainer.student import GenerationRequest, load_student
+from services.trainer.items import GenerationRequest
+from services.trainer.loading import load_student
 
 s = TrainerSettings()
 st = load_student(s)

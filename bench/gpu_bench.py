@@ -74,7 +74,7 @@ def random_model_dir(name: str, scratch: Path, tokenizer_dir: Path | None) -> Pa
 def load_engine_student(path: Path, quant: str, scratch: Path):
     """The product's own engine (services.trainer.student.load_student), as the trainer service loads it."""
     from services.trainer.settings import TrainerSettings
-    from services.trainer.student import load_student
+    from services.trainer.loading import load_student
 
     settings = TrainerSettings(model_source=str(path), device="cuda", load_in_4bit=quant == "nf4",
                                backend="transformers", max_context=8192, checkpoint_dir=scratch / "checkpoints")
@@ -161,7 +161,7 @@ def random_batch(batch: int, length: int, seed: int) -> tuple[torch.Tensor, int,
 
 
 def grpo_items(ids: torch.Tensor, prompt_len: int, adv: torch.Tensor):
-    from services.trainer.student import GrpoItem
+    from services.trainer.items import GrpoItem
 
     rows = ids.tolist()
     return [GrpoItem(context_ids=r[:prompt_len], completion_ids=r[prompt_len:], advantage=float(a))
@@ -169,7 +169,7 @@ def grpo_items(ids: torch.Tensor, prompt_len: int, adv: torch.Tensor):
 
 
 def score_items(ids: torch.Tensor, prompt_len: int):
-    from services.trainer.student import ScoreItem
+    from services.trainer.items import ScoreItem
 
     return [ScoreItem(context_ids=r[:prompt_len], completion_ids=r[prompt_len:]) for r in ids.tolist()]
 
@@ -200,7 +200,7 @@ def row(**fields) -> dict:
 
 
 def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None) -> list[dict]:
-    from services.trainer.student import LossConfig
+    from services.protocol import LossSettings as LossConfig
 
     rows = []
     path = random_model_dir(name, scratch, tok_dir)
@@ -295,7 +295,7 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
 
 def time_generation(student, args, common: dict, suffix: str) -> list[dict]:
     """/v1/completions work: the engine's batched decode loop, n samples of one prompt, no stop strings."""
-    from services.trainer.student import GenerationRequest
+    from services.trainer.items import GenerationRequest
 
     rows = []
     prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()

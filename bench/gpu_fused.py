@@ -25,7 +25,7 @@ def fused_completion_logprobs(student, items) -> tuple[torch.Tensor, torch.Tenso
     Same inputs, outputs and padding layout (left-padded, completions right-aligned); the (B, T, V) logits and
     their float32 copies are never stored. Bound onto a Student by the benchmark to measure the proposed patch.
     """
-    from services.trainer.student import _positions
+    from services.trainer.padding import positions as _positions
 
     sequences = [list(it.context_ids) + list(it.completion_ids) for it in items]
     input_ids, mask = student._left_pad(sequences)

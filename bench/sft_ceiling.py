@@ -26,7 +26,10 @@ from orchestrator.answers import extract_flexible, extract_strict, same_number
 from orchestrator.data import load_gsm8k, question_messages
 from orchestrator.stats import compare_paired
 from services.trainer.settings import TrainerSettings
-from services.trainer.student import GenerationRequest, GrpoItem, LossConfig, _make_optimizer, load_student
+from services.protocol import LossSettings as LossConfig
+from services.trainer.items import GenerationRequest, GrpoItem
+from services.trainer.loading import load_student
+from services.trainer.loading import make_optimizer as _make_optimizer
 
 
 def main(argv=None) -> int:

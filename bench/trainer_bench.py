@@ -94,7 +94,8 @@ def generation_tok_s(rows: int, max_tokens: int, repeats: int) -> dict:
     import torch
 
     from services.trainer.settings import TrainerSettings
-    from services.trainer.student import GenerationRequest, load_student
+    from services.trainer.items import GenerationRequest
+from services.trainer.loading import load_student
 
     started = time.perf_counter()
     student = load_student(TrainerSettings(max_batch_size=rows))  # TRAINER_* variables apply

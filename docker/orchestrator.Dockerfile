@@ -16,9 +16,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install -r requirements.txt
 COPY README.md ./
 COPY orchestrator ./orchestrator
-COPY services ./services
-RUN pip install --no-cache-dir --no-deps --no-compile . \
-    && python -c "import sys, orchestrator.cli; assert 'torch' not in sys.modules, 'the orchestrator must not import torch'"
+# Of services/, only what the orchestrator imports: the trainer's wire protocol and the shared body limit.
+COPY services/__init__.py services/body_limit.py ./services/
+COPY services/protocol ./services/protocol
+COPY docker/select_packages.py ./
+RUN python select_packages.py \
+    && pip install --no-cache-dir --no-deps --no-compile . \
+    && python -c "import sys, orchestrator.cli, services.protocol; assert 'torch' not in sys.modules, 'the orchestrator must not import torch'"
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --create-home --uid 1000 --user-group app \

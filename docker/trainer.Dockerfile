@@ -32,7 +32,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install -r requirements.txt -c constraints.txt
 COPY README.md ./
 COPY services ./services
-RUN pip install --no-cache-dir --no-deps --no-compile .
+COPY docker/select_packages.py ./
+RUN python select_packages.py && pip install --no-cache-dir --no-deps --no-compile .
 
 FROM base
 RUN useradd --create-home --uid 1000 --user-group app \

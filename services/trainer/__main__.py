@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
-    from .app import create_app
+    from .api import create_app
     from .settings import TrainerSettings
 
     parser = argparse.ArgumentParser(prog="azt-trainer", description=__doc__)

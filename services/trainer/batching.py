@@ -192,7 +192,7 @@ class Batcher:
             for job in batch.jobs:
                 self._finish(job, error=exc)
         else:
-            for job, result in zip(batch.jobs, results):
+            for job, result in zip(batch.jobs, results, strict=False):
                 self._finish(job, result=result)
         rows = sum(job.rows for job in batch.jobs)
         self.counters.max_batch_rows = max(self.counters.max_batch_rows, rows)

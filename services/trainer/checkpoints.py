@@ -37,7 +37,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from services.protocol import CHECKPOINT_NAME
+
+from .errors import InvalidRequest, TrainerError
+
+NAME_PATTERN = re.compile(CHECKPOINT_NAME)
 FORMAT = "azt-trainer-checkpoint/1"
 ADAPTER_FILE, OPTIMIZER_FILE, META_FILE = "adapter.safetensors", "optimizer.pt", "meta.json"
 # Held across the two renames of a replacement, so `recover` in this process never mistakes a save in progress
@@ -46,21 +50,36 @@ _SWAP_LOCK = threading.Lock()
 _PROCESS_TOKEN = uuid.uuid4().hex[:8]  # in the names of this process's temporary directories
 
 
-class CheckpointNotFound(LookupError):
-    pass
+class CheckpointNotFound(TrainerError, LookupError):
+    """No checkpoint of that name (404)."""
+
+    status = 404
+
+    def __init__(self, message: str):
+        super().__init__(message, field="name")
 
 
-class CheckpointCorrupt(ValueError):
-    pass
+class CheckpointCorrupt(TrainerError, ValueError):
+    """The checkpoint is incomplete, fails its hashes, or does not fit this model (409); nothing was applied."""
+
+    status = 409
+
+    def __init__(self, message: str):
+        super().__init__(message, field="name")
 
 
-class CheckpointWriteError(OSError):
-    """Saving failed on the file system. `out_of_space` when the disk (or the file size limit) is full."""
+class CheckpointWriteError(TrainerError, OSError):
+    """Saving failed on the file system: 507 when the disk (or the file size limit) is full, else 500. The
+    previous checkpoint of that name is intact."""
 
     def __init__(self, name: str, cause: OSError):
         self.out_of_space = cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         why = "no space left (disk full or file size limit)" if self.out_of_space else "write failed"
-        super().__init__(f"checkpoint {name}: {why}: {cause.strerror or cause} (errno {cause.errno})")
+        super().__init__(
+            f"checkpoint {name}: {why}: {cause.strerror or cause} (errno {cause.errno})",
+            field="name",
+            status=507 if self.out_of_space else 500,
+        )
         self.errno = cause.errno
 
 
@@ -73,7 +92,7 @@ class Checkpoint:
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise ValueError(f"name: {name!r} must match {NAME_PATTERN.pattern}")
+        raise InvalidRequest("name", f"{name!r} must match {NAME_PATTERN.pattern}", status=422)
     return name
 
 

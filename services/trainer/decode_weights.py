@@ -86,7 +86,7 @@ class MergedDecoder:
         The sum is formed in float32 and cast once to the weights' dtype (bf16 on CUDA)."""
         if self._synced_version == adapter_version:
             return
-        for (_, module), weight in zip(self.targets, self._student_weights):
+        for (_, module), weight in zip(self.targets, self._student_weights, strict=True):
             w0 = module.get_base_layer().weight
             delta = module.lora_B[ADAPTER].weight.float() @ module.lora_A[ADAPTER].weight.float()
             weight.copy_((w0.float() + module.scaling[ADAPTER] * delta).to(weight.dtype))
@@ -112,7 +112,7 @@ def _plain_copy(causal_lm, targets, *, own_targets: bool):
                 source[name.replace(".base_layer.", ".")] = tensor
     target_paths = {name for name, _ in targets}
     for kind in ("parameters", "buffers"):
-        for name, tensor in list(getattr(plain, f"named_{kind}")(remove_duplicate=False)):
+        for name, _tensor in list(getattr(plain, f"named_{kind}")(remove_duplicate=False)):
             path, _, leaf = name.rpartition(".")
             module = plain.get_submodule(path)
             shared = source[name]

@@ -62,7 +62,7 @@ def resolve_model(source: str | None, cache_dir: Path) -> ResolvedModel:
         has_weights = any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("*.safetensors"))
         return ResolvedModel("hf_dir" if has_weights else "random", str(path), path.name)
     looks_local = source is not None and (
-        source.startswith((".", "/", "~")) or os.sep in source.strip("/") and source.count("/") > 1
+        source.startswith((".", "/", "~")) or (os.sep in source.strip("/") and source.count("/") > 1)
     )
     if looks_local or path.exists():
         raise ModelSourceError(f"model_source: not found or not a model: {source}")

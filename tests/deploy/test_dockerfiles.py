@@ -5,6 +5,10 @@ layer), a non-root user, a HEALTHCHECK on /health, pinned bases, no secrets bake
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -92,3 +96,46 @@ def test_dockerignore_keeps_secrets_and_local_state_out():
     # What the images do copy must not be ignored.
     for kept in ("pyproject.toml", "README.md", "orchestrator", "services"):
         assert kept not in patterns, kept
+
+
+def copied_sources(image: str) -> list[str]:
+    """The repository paths the image's build stage copies (COPY src... dest, --from copies left out)."""
+    steps = instructions(DOCKERFILES[image])
+    return [src for op, args in steps if op == "COPY" and not args.startswith("--") for src in args.split()[:-1]]
+
+
+def test_orchestrator_image_holds_the_protocol_and_not_the_trainer():
+    sources = copied_sources("orchestrator")
+    assert "services/protocol" in sources and "services/body_limit.py" in sources
+    assert not [s for s in sources if s in ("services", "services/") or s.startswith("services/trainer")]
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_each_image_builds_the_packages_it_copied(image, tmp_path):
+    """What the image's build stage does, in a folder holding only what it copies: select_packages.py trims the
+    package list, then a wheel builds; the orchestrator's wheel holds the protocol and no trainer, and the
+    protocol imports without torch."""
+    for source in copied_sources(image):
+        origin = ROOT / source
+        target = tmp_path / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if origin.is_dir():
+            shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.write_bytes(origin.read_bytes())
+    (tmp_path / "select_packages.py").write_bytes((ROOT / "docker" / "select_packages.py").read_bytes())
+    subprocess.run([sys.executable, "select_packages.py"], cwd=tmp_path, check=True, capture_output=True)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist", "."],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    packages = {name.rsplit("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    if image == "trainer":
+        assert {"services/trainer", "services/trainer/api", "services/protocol"} <= packages
+    else:
+        assert "services/protocol" in packages
+        assert not [p for p in packages if p.startswith("services/trainer")]
+        check = "import sys, services.protocol; assert 'torch' not in sys.modules"
+        subprocess.run([sys.executable, "-c", check], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)})

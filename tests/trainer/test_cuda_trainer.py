@@ -25,8 +25,10 @@ CORPUS = [
     "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
     "Solve step by step. End with a line '#### <number>'. The answer is 10.",
 ]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def write_tiny_random_model(target: Path) -> Path:
@@ -37,16 +39,31 @@ def write_tiny_random_model(target: Path) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        CORPUS * 4,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
@@ -57,13 +74,20 @@ def write_tiny_random_model(target: Path) -> Path:
 def cuda_client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from services.trainer.app import create_app
+    from services.trainer.api import create_app
     from services.trainer.settings import TrainerSettings
 
     root = tmp_path_factory.mktemp("cuda_trainer")
     model_dir = write_tiny_random_model(root / "model")
-    settings = TrainerSettings(model_source=str(model_dir), device="cuda", load_in_4bit=True, backend="auto",
-                               learning_rate=1e-3, max_context=512, checkpoint_dir=root / "checkpoints")
+    settings = TrainerSettings(
+        model_source=str(model_dir),
+        device="cuda",
+        load_in_4bit=True,
+        backend="auto",
+        learning_rate=1e-3,
+        max_context=512,
+        checkpoint_dir=root / "checkpoints",
+    )
     app = create_app(settings)
     with TestClient(app) as client:
         deadline = time.time() + 300
@@ -79,8 +103,10 @@ def cuda_client(tmp_path_factory):
 
 
 ITEMS = [
-    {"messages": [{"role": "user", "content": "How many clips did Natalia sell?"}],
-     "completion": "She sold 48 + 24 = 72 clips.\n#### 72"},
+    {
+        "messages": [{"role": "user", "content": "How many clips did Natalia sell?"}],
+        "completion": "She sold 48 + 24 = 72 clips.\n#### 72",
+    },
     {"prompt": "Weng earns $12 an hour. ", "context": "She worked 50 minutes. ", "completion": "#### 10"},
 ]
 
@@ -108,8 +134,18 @@ def test_student_is_4bit_nf4_with_bf16_compute_and_8bit_adamw(cuda_client):
 
 def test_completions_generate_on_cuda(cuda_client):
     client, _ = cuda_client
-    response = client.post("/v1/completions", json={"model": "student", "prompt": "Natalia sold", "max_tokens": 8,
-                                                    "n": 3, "temperature": 1.0, "seed": 7, "logprobs": 0})
+    response = client.post(
+        "/v1/completions",
+        json={
+            "model": "student",
+            "prompt": "Natalia sold",
+            "max_tokens": 8,
+            "n": 3,
+            "temperature": 1.0,
+            "seed": 7,
+            "logprobs": 0,
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["choices"]) == 3
@@ -123,15 +159,16 @@ def test_logprobs_then_grpo_step_moves_the_student_away_from_base(cuda_client):
     client, _ = cuda_client
     before = client.post("/logprobs", json={"model": "student", "items": ITEMS}).json()
     base = client.post("/logprobs", json={"model": "base", "items": ITEMS}).json()
-    for got, ref in zip(before["results"], base["results"]):
+    for got, ref in zip(before["results"], base["results"], strict=True):
         assert got["num_tokens"] == len(got["token_logprobs"]) > 0
         assert all(v <= 0.0 and math.isfinite(v) for v in got["token_logprobs"])
         if before["adapter_version"] == 0:  # LoRA B starts at zero: the student is the base
             assert got["token_logprobs"] == pytest.approx(ref["token_logprobs"], abs=2e-2)
 
-    items = [{**item, "advantage": adv} for item, adv in zip(ITEMS, (1.0, -1.0))]
-    step = client.post("/grpo/step", json={"items": items, "loss": {"type": "grpo", "beta": 0.04,
-                                                                    "learning_rate": 1e-2}})
+    items = [{**item, "advantage": adv} for item, adv in zip(ITEMS, (1.0, -1.0), strict=True)]
+    step = client.post(
+        "/grpo/step", json={"items": items, "loss": {"type": "grpo", "beta": 0.04, "learning_rate": 1e-2}}
+    )
     assert step.status_code == 200, step.text
     result = step.json()
     assert result["adapter_version"] == before["adapter_version"] + 1
@@ -139,12 +176,16 @@ def test_logprobs_then_grpo_step_moves_the_student_away_from_base(cuda_client):
     assert result["tokens"] == sum(r["num_tokens"] for r in before["results"])
 
     after = client.post("/logprobs", json={"model": "student", "items": ITEMS}).json()
-    moved = max(abs(a - b) for r0, r1 in zip(before["results"], after["results"])
-                for a, b in zip(r0["token_logprobs"], r1["token_logprobs"]))
+    moved = max(
+        abs(a - b)
+        for r0, r1 in zip(before["results"], after["results"], strict=True)
+        for a, b in zip(r0["token_logprobs"], r1["token_logprobs"], strict=True)
+    )
     assert moved > 1e-4
     still_base = client.post("/logprobs", json={"model": "base", "items": ITEMS}).json()
-    assert still_base["results"][0]["token_logprobs"] == pytest.approx(base["results"][0]["token_logprobs"],
-                                                                       abs=1e-3)
+    assert still_base["results"][0]["token_logprobs"] == pytest.approx(
+        base["results"][0]["token_logprobs"], abs=1e-3
+    )
 
 
 def test_a_grpo_step_over_very_different_lengths_has_a_finite_gradient(cuda_client):
@@ -153,11 +194,14 @@ def test_a_grpo_step_over_very_different_lengths_has_a_finite_gradient(cuda_clie
     client, _ = cuda_client
     items = [
         {"prompt": "Hi. ", "completion": "72", "advantage": 1.0},
-        {"prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. ",
-         "completion": "In May she sold 48 / 2 = 24 clips. Altogether she sold 48 + 24 = 72 clips.\n#### 72",
-         "advantage": -1.0},
+        {
+            "prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. ",
+            "completion": "In May she sold 48 / 2 = 24 clips. Altogether she sold 48 + 24 = 72 clips.\n#### 72",
+            "advantage": -1.0,
+        },
     ]
-    step = client.post("/grpo/step", json={"items": items, "loss": {"type": "legacy", "beta": 0.0,
-                                                                    "micro_batch_size": 2}})
+    step = client.post(
+        "/grpo/step", json={"items": items, "loss": {"type": "legacy", "beta": 0.0, "micro_batch_size": 2}}
+    )
     assert step.status_code == 200, step.text
     assert math.isfinite(step.json()["grad_norm"]) and step.json()["grad_norm"] > 0.0

@@ -5,10 +5,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from services.protocol import LossSettings
 from services.trainer.decode_weights import merge_blocker
-from services.trainer.student import GenerationRequest, GrpoItem, LossConfig
-
-from .test_student import make_student
+from services.trainer.items import GenerationRequest, GrpoItem
+from support.tiny_student import make_student
 
 PROMPTS = [[5, 6, 7, 8, 9], [42], [100, 200, 300]]
 
@@ -28,7 +28,7 @@ def greedy(student, *, use_adapter=True, merged=True) -> list[list[int]]:
 def big_step(student) -> None:
     """One GRPO step with a large learning rate, so the adapter (B starts at zero) changes greedy outputs."""
     items = [GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS)]
-    student.grpo_step(items, LossConfig(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
+    student.grpo_step(items, LossSettings(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
 
 
 @pytest.fixture
@@ -58,7 +58,9 @@ def test_merged_greedy_equals_peft_greedy_for_the_trained_student_and_for_base(s
 
 
 def test_loading_an_adapter_state_invalidates_the_merged_weights(student):
-    initial = {k: v.clone() for k, v in student.adapter_state().items()}  # on CPU the state aliases the adapter
+    initial = {
+        k: v.clone() for k, v in student.adapter_state().items()
+    }  # on CPU the state aliases the adapter
     fresh = greedy(student)
     big_step(student)
     assert greedy(student) != fresh  # merged at adapter_version 1

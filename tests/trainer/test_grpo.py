@@ -87,7 +87,7 @@ def test_legacy_is_reward_weighted_nll():
 
 
 def test_unknown_loss_type_names_the_field():
-    with pytest.raises(ValueError, match="loss.type"):
+    with pytest.raises(ValueError, match=r"loss.type"):
         grpo_loss(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1), loss_type="ppo")
 
 

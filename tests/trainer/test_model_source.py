@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from services.trainer.loading import load_student
 from services.trainer.model_source import ModelSourceError, convert_gguf, default_gguf, resolve_model
 from services.trainer.settings import TrainerSettings
-from services.trainer.student import load_student
 
 
 def test_default_gguf_is_converted_once_into_a_plain_hf_directory(trainer_model_dir):

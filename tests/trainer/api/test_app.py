@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("transformers")
 from fastapi.testclient import TestClient
 
-from services.trainer.app import create_app
+from services.trainer.api import create_app
 from services.trainer.settings import TrainerSettings
 
 
@@ -57,17 +57,23 @@ async def test_request_bodies_over_the_limit_get_413_with_or_without_content_len
     settings = TrainerSettings(model_source=str(tmp_path / "nowhere.gguf"), max_request_bytes=4096)
     transport = httpx.ASGITransport(app=create_app(settings))
     async with httpx.AsyncClient(transport=transport, base_url="http://trainer") as client:
-        declared = await client.post("/grpo/step", content=b"x" * 5000, headers={"content-type": "application/json"})
+        declared = await client.post(
+            "/grpo/step", content=b"x" * 5000, headers={"content-type": "application/json"}
+        )
         assert declared.status_code == 413
         assert "4096 bytes (TRAINER_MAX_REQUEST_BYTES)" in declared.json()["detail"]
-        streamed = await client.post("/grpo/step", content=_chunks(20000), headers={"content-type": "application/json"})
+        streamed = await client.post(
+            "/grpo/step", content=_chunks(20000), headers={"content-type": "application/json"}
+        )
         assert "content-length" not in streamed.request.headers
         assert streamed.status_code == 413 and "4096 bytes" in streamed.json()["detail"]
         small = await client.post("/grpo/step", json={"items": []})
         assert small.status_code != 413
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "/etc/passwd", "ok/../../x", "a\\..\\b"])
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "/etc/passwd", "ok/../../x", "a\\..\\b"]
+)
 async def test_checkpoint_names_that_could_escape_the_folder_get_422(tmp_path, name):
     import httpx
 

@@ -1,0 +1,40 @@
+"""The trainer's checkpoint routes: save (POST /checkpoints), load (POST /checkpoints/load) and list."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from .common import LenientModel
+
+CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class SaveCheckpointRequest(LenientModel):
+    name: str | None = Field(default=None, pattern=CHECKPOINT_NAME, description="None = step-NNNNNN")
+
+
+class LoadCheckpointRequest(LenientModel):
+    name: str = Field(pattern=CHECKPOINT_NAME)
+
+
+class CheckpointInfo(BaseModel):
+    """A checkpoint just saved or loaded."""
+
+    name: str
+    path: str = Field(description="its folder on the trainer's machine")
+    step: int
+    adapter_version: int
+    step_key: str | None = Field(description="the step_key of the last step it holds")
+
+
+class CheckpointEntry(BaseModel):
+    """One complete checkpoint in the trainer's folder (from its meta record)."""
+
+    name: str
+    step: int | None
+    adapter_version: int | None
+    created: float | None = Field(description="Unix time of the save")
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointEntry] = Field(description="oldest first")

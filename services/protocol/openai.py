@@ -1,0 +1,188 @@
+"""The OpenAI-compatible part of the trainer's API: /v1/models, /v1/completions and /v1/chat/completions as the
+trainer serves them (vLLM's wire format, plus the adapter version that produced each response).
+
+Field-level checks live here, so a bad request fails with 422 naming the field before anything runs; checks that
+need the tokenizer (prompt length against the context) are the trainer's, answered with 400.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .common import FAIL_FAST, LenientModel, ModelName
+
+FinishReason = Literal["stop", "length"]
+
+
+# ----- requests -----
+class SamplingRequest(LenientModel):
+    """What /v1/completions and /v1/chat/completions share: the model and how to sample from it."""
+
+    model: ModelName
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=64, description="samples per prompt")
+    stop: str | Annotated[list[str], FAIL_FAST] | None = Field(
+        default=None, validate_default=True, description="stop strings; normalised to a list"
+    )
+    seed: int | None = Field(
+        default=None, description="the same seed gives the same text, whatever shares the batch"
+    )
+    stream: bool = Field(default=False, description="not supported: true is refused")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("streaming is not supported by this server")
+        return value
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """`stop` after validation (always a list)."""
+        return list(self.stop or [])
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | Annotated[list[str], FAIL_FAST]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="the sampled token's log-prob plus this many alternatives"
+    )
+    echo: bool = Field(default=False, description="the prompt is repeated before the completion")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or any(p == "" for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | Annotated[list[dict[str, Any]], FAIL_FAST] | None = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI content parts: only text parts are meaningful here
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], FAIL_FAST] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="wins over max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(
+        default=False, description="continue the last (assistant) message instead of starting a new one"
+    )
+
+    @model_validator(mode="after")
+    def _continue_needs_assistant(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message: the last message must have role 'assistant'")
+        return self
+
+
+# ----- responses -----
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(
+        description="tokens generated, each sample's end-of-sequence token included"
+    )
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions' log-probs, one entry per token (the prompt's first, with echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(
+        description="None for the first prompt token (nothing predicts it)"
+    )
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="prompt index x n + sample index")
+    text: str
+    finish_reason: FinishReason
+    stop_reason: str | None = Field(description="the stop string that ended the sample, as vLLM reports it")
+    logprobs: CompletionLogprobs | None
+
+
+class _Response(BaseModel):
+    id: str
+    created: int
+    model: ModelName
+    usage: Usage
+    adapter_version: int = Field(description="the adapter version that produced every choice")
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    stop_reason: str | None
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class ModelCard(BaseModel):
+    id: ModelName
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "alphazero-llm-trainer"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

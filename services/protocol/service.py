@@ -1,0 +1,59 @@
+"""The trainer's service-level answers: /health (ready, or still loading / failed) and the shape of every error."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class BatcherStats(BaseModel):
+    requests: int = Field(description="jobs completed or failed")
+    forward_batches: int = Field(
+        description="merged batches run (one decode loop or one set of scoring passes)"
+    )
+    exclusive_jobs: int = Field(description="GRPO steps and checkpoint operations")
+    max_batch_rows: int
+    merged_requests: int = Field(description="jobs that ran in a batch together with at least one other")
+    admitted_requests: int = Field(description="jobs that joined a batch already running")
+    forward_passes: int = Field(description="model forward calls")
+
+
+class HealthResponse(BaseModel):
+    """200: the model is loaded and serving."""
+
+    status: Literal["ok"] = "ok"
+    backend: str = Field(description="transformers | unsloth")
+    device: str
+    model: str
+    adapter_version: int
+    step: int
+    queue_depth: int = Field(description="jobs waiting for the model")
+    batcher: BatcherStats
+    started_at: float = Field(description="Unix time the service started: a new value = a restarted trainer")
+
+
+class HealthNotReady(BaseModel):
+    """503: the model is still loading, or failed to load (then `error` says why)."""
+
+    status: Literal["loading", "error"]
+    error: str | None
+    loading_s: float
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) | server_error (5xx)")
+    param: str | None = Field(default=None, description="the request field the error concerns")
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorBody(BaseModel):
+    """Every error of the trainer: OpenAI's `error` object, plus `detail` (the message) for FastAPI clients."""
+
+    error: ErrorInfo
+    detail: str
+
+
+class TooLarge(BaseModel):
+    detail: str

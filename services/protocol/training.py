@@ -1,0 +1,117 @@
+"""The trainer's own routes for learning: /logprobs (score completions) and /grpo/step (one GRPO update), with the
+one definition of the loss settings that both the trainer and the orchestrator's /train accept."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from .common import FAIL_FAST, FiniteFloat, LenientModel, ModelName, StrictModel
+from .openai import ChatMessage
+
+LossType = Literal["grpo", "dr_grpo", "legacy"]
+
+
+class LossSettings(StrictModel):
+    """How one GRPO step turns its items into an update (services/trainer/grpo.py has the maths).
+
+    The bounds are the ones the step can honour: the clipped ratio's lower end 1 - clip_eps must stay positive,
+    and a learning rate of 1e300 overflowed inside AdamW.
+    """
+
+    type: LossType = Field(
+        default="grpo",
+        description="grpo: per-sequence token mean; dr_grpo: token sum over a constant length; "
+        "legacy: reward-weighted SFT (an ablation)",
+    )
+    beta: FiniteFloat = Field(default=0.04, ge=0.0, description="weight of the KL penalty to the base model")
+    clip_eps: FiniteFloat = Field(
+        default=0.2, gt=0.0, lt=1.0, description="PPO clip range below (and above) 1"
+    )
+    clip_eps_high: FiniteFloat | None = Field(
+        default=None, gt=0.0, description="clip range above 1 (DAPO's clip-higher); None = clip_eps"
+    )
+    max_grad_norm: FiniteFloat = Field(
+        default=1.0, gt=0.0, description="the gradient is clipped to this norm"
+    )
+    micro_batch_size: int = Field(default=8, ge=1, le=1024, description="sequences per forward/backward pass")
+    learning_rate: FiniteFloat | None = Field(
+        default=None, gt=0.0, le=1.0, description="this step's learning rate; None = TRAINER_LEARNING_RATE"
+    )
+    max_length: int | None = Field(
+        default=None, ge=1, description="dr_grpo's constant length; None = the longest completion of the step"
+    )
+
+
+class PromptedItem(StrictModel):
+    """A completion and what it follows: a prompt string or chat messages (rendered with the chat template),
+    then `context` (text between the prompt and the completion, e.g. earlier reasoning steps)."""
+
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], FAIL_FAST] | None = None
+    context: str = ""
+    completion: str
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> PromptedItem:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt, messages: give exactly one of them")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages: must not be empty")
+        return self
+
+
+# ----- /logprobs -----
+class LogprobsItem(PromptedItem):
+    pass
+
+
+class LogprobsRequest(LenientModel):
+    model: ModelName = "student"
+    items: Annotated[list[LogprobsItem], FAIL_FAST] = Field(min_length=1)
+
+
+class CompletionScore(BaseModel):
+    tokens: list[str] = Field(description="the completion's tokens, decoded one by one")
+    token_logprobs: list[float]
+    sum: float
+    mean: float = Field(description="0.0 for a completion of no tokens")
+    num_tokens: int
+
+
+class LogprobsResponse(BaseModel):
+    adapter_version: int
+    results: list[CompletionScore] = Field(description="one per item, in order")
+
+
+# ----- /grpo/step -----
+class GrpoStepItem(PromptedItem):
+    completion: str = Field(min_length=1)
+    advantage: FiniteFloat
+    old_logprobs: Annotated[list[FiniteFloat], FAIL_FAST] | None = Field(
+        default=None,
+        description="the sampler's log-prob of each completion token; None = on-policy (ratio 1)",
+    )
+    weight: FiniteFloat = Field(default=1.0, ge=0.0, description="multiplies the item's loss")
+
+
+class GrpoStepRequest(LenientModel):
+    items: Annotated[list[GrpoStepItem], FAIL_FAST] = Field(min_length=1)
+    loss: LossSettings = Field(default_factory=LossSettings)
+    step_key: str | None = Field(
+        default=None,
+        max_length=256,
+        description="a retried step with the last step's key is answered from memory, not applied twice",
+    )
+
+
+class GrpoStepResponse(BaseModel):
+    loss: float
+    kl: float = Field(description="mean per-sequence KL to the base model")
+    clip_fraction: float = Field(description="share of completion tokens whose ratio was clipped")
+    grad_norm: float = Field(description="before clipping")
+    tokens: int
+    adapter_version: int = Field(description="the version after this step")
+    step: int
+    duplicate: bool = Field(description="true: the step_key matched the last step, nothing was applied")

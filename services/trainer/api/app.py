@@ -1,0 +1,66 @@
+"""The trainer's FastAPI app: the routers, the body-size and in-flight limits, the error handlers, and the
+background load of the engine (its lifespan)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from services.body_limit import BodySizeLimit
+
+from ..settings import TrainerSettings
+from . import checkpoint_routes, health_routes, openai_routes, training_routes
+from .errors import ERROR_RESPONSES, error_response, install_error_handlers
+from .loader import EngineLoader
+
+
+def create_app(settings: TrainerSettings | None = None) -> FastAPI:
+    settings = settings or TrainerSettings()
+    loader = EngineLoader(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=loader.run, name="trainer-loader", daemon=True).start()
+        yield
+        if loader.engine is not None:
+            loader.engine.close()
+
+    app = FastAPI(
+        title="alphazero-llm-trainer: trainer service", lifespan=lifespan, responses=ERROR_RESPONSES
+    )
+    app.state.settings = settings
+    app.state.loader = loader
+    for module in (health_routes, openai_routes, training_routes, checkpoint_routes):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, setting="TRAINER_MAX_REQUEST_BYTES"
+    )
+    app.middleware("http")(InFlightLimit(settings.max_requests_in_flight))
+    return app
+
+
+class InFlightLimit:
+    """Requests being served or waiting at once (all but /health) up to a limit; past it 429 with Retry-After,
+    answered before the body is read or anything is queued (the outermost middleware)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if request.url.path == "/health":
+            return await call_next(request)
+        if self.in_flight >= self.limit:
+            message = f"{self.in_flight} requests in flight, the limit (TRAINER_MAX_REQUESTS_IN_FLIGHT)"
+            return error_response(429, message, headers={"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            return await call_next(request)
+        finally:
+            self.in_flight -= 1

@@ -1,0 +1,46 @@
+"""/v1/models, /v1/completions and /v1/chat/completions: the student served as any OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from services.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+
+from ..errors import InvalidRequest
+from .dependencies import Loader, Settings, check_budget, check_text, require_token
+
+router = APIRouter(dependencies=[Depends(require_token)])
+
+
+@router.get("/v1/models")
+async def models(loader: Loader) -> ModelList:
+    created = int(loader.started)
+    return ModelList(data=[ModelCard(id="student", created=created), ModelCard(id="base", created=created)])
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, settings: Settings, loader: Loader) -> CompletionResponse:
+    check_budget(settings, len(req.prompts) * req.n, req.max_tokens or 16)
+    check_text(req)
+    return await loader.ready().complete(req)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    req: ChatCompletionRequest, settings: Settings, loader: Loader
+) -> ChatCompletionResponse:
+    check_budget(settings, req.n, req.max_completion_tokens or req.max_tokens)
+    check_text(req)
+    if req.continue_final_message and len(req.messages) < 2:
+        # The continued text follows the template's rendering of the messages before it; there must be some.
+        raise InvalidRequest(
+            "messages", "continue_final_message needs a message before the assistant's", status=422
+        )
+    return await loader.ready().chat(req)

@@ -1,0 +1,275 @@
+"""The decode loop: many generation requests in one batched, continuously refilled loop over the student.
+
+Prompts are left-padded and prefilled once each; the KV cache is then expanded so a request's n samples share
+its prefill. Finished rows leave the batch (their cache rows are dropped). Between decode steps `admit(free_rows)`
+may hand over new requests, which are prefilled and joined to the running batch; `on_done(index, samples)`
+reports each request as soon as all its samples are finished. Generation runs through plain copies of the model
+with the adapter merged in where it can (decode_weights.py), else through the peft model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .items import GenerationRequest, Sample
+from .padding import pad, positions
+from .sampling import sample_next
+
+if TYPE_CHECKING:
+    from .student import Student
+
+Admit = Callable[[int], list[GenerationRequest]]
+OnDone = Callable[[int, list[Sample]], None]
+
+
+class DecodeLoop:
+    """Runs generation for one Student; the Student's `generate` is its only caller."""
+
+    def __init__(self, student: Student):
+        self.student = student
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        use_adapter: bool = True,
+        admit: Admit | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[list[Sample]]:
+        s = self.student
+        # Decoding runs the layers eagerly: compiled layers would recompile for every KV-cache length.
+        stance = torch.compiler.set_stance("force_eager") if s.compiled else contextlib.nullcontext()
+        if s.merged_decoder is not None:
+            model = s.merged_decoder.model(use_adapter, s.adapter_version)
+            context = contextlib.nullcontext()
+        else:
+            model, context = s.model, s.adapter(use_adapter)
+        with stance, context:
+            return self._run(model, list(requests), admit, on_done)
+
+    def _prefill(
+        self, model: Any, requests: list[GenerationRequest]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Prefill prompts once each; return (cache, mask, last logits) expanded to one row per sample."""
+        from transformers import DynamicCache
+
+        s = self.student
+        input_ids, mask = pad([r.prompt_ids for r in requests], s.pad_id, s.device, left=True)
+        cache = DynamicCache(config=s.model.config)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            use_cache=True,
+            logits_to_keep=1,
+            **{s.cache_arg: cache},
+        )
+        s.forward_passes += 1
+        expand = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=s.device)
+        cache.batch_select_indices(expand)
+        return cache, mask[expand], out.logits[:, -1, :][expand]
+
+    def _run(
+        self, model: Any, requests: list[GenerationRequest], admit: Admit | None, on_done: OnDone | None
+    ) -> list[list[Sample]]:
+        s = self.student
+        owner: list[int] = []  # row -> request index
+        sample_index: list[int] = []
+        generators: list[torch.Generator | None] = []
+        remaining: list[int] = []  # per request: samples not finished yet
+        generated: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        tops: list[list[list[tuple[int, float]]]] = []
+        finish: list[str | None] = []
+        stop_cut: list[int | None] = []
+        results: list[list[Sample] | None] = []
+
+        def add_rows(new_requests: list[GenerationRequest]) -> list[int]:
+            first_row = len(owner)
+            for request in new_requests:
+                index = len(remaining)
+                remaining.append(request.n)
+                results.append(None)
+                for j in range(request.n):
+                    owner.append(index)
+                    sample_index.append(j)
+                    generators.append(self._row_generator(request, j))
+                    generated.append([])
+                    logprobs.append([])
+                    tops.append([])
+                    finish.append(None)
+                    stop_cut.append(None)
+            return list(range(first_row, len(owner)))
+
+        cache, mask, logits = self._prefill(model, requests)
+        rows = add_rows(requests)  # live rows, in cache order
+        while rows:
+            if admit is not None and (joining := admit(self._free_rows(len(rows)))):
+                requests.extend(joining)
+                new_cache, new_mask, new_logits = self._prefill(model, joining)
+                mask = join_cache(cache, mask, new_cache, new_mask)
+                logits = torch.cat([logits, new_logits])
+                rows = rows + add_rows(joining)
+            reqs = [requests[owner[r]] for r in rows]
+            next_ids = sample_next(
+                logits,
+                [q.temperature for q in reqs],
+                [q.top_p for q in reqs],
+                [generators[r] for r in rows],
+                s.sampling_generator,
+            )
+            want_logprobs = [q.logprobs is not None for q in reqs]
+            picked: list[float] = []
+            top_v = top_i = None
+            if any(want_logprobs):
+                log_dist = torch.log_softmax(logits.float(), dim=-1)
+                picked = log_dist.gather(-1, next_ids.unsqueeze(1)).squeeze(1).tolist()
+                k_max = max(q.logprobs or 0 for q in reqs)
+                if k_max:
+                    top_v, top_i = log_dist.topk(k_max, dim=-1)
+            next_list = next_ids.tolist()
+            keep = []
+            for k, r in enumerate(rows):
+                token, req = next_list[k], reqs[k]
+                generated[r].append(token)
+                if want_logprobs[k]:
+                    logprobs[r].append(picked[k])
+                    if req.logprobs and top_i is not None and top_v is not None:
+                        tops[r].append(
+                            list(
+                                zip(
+                                    top_i[k, : req.logprobs].tolist(),
+                                    top_v[k, : req.logprobs].tolist(),
+                                    strict=True,
+                                )
+                            )
+                        )
+                if token in s.eos_ids:
+                    finish[r] = "stop"
+                elif req.stop and (cut := stop_position(s.tokenizer, generated[r], req.stop)) is not None:
+                    finish[r], stop_cut[r] = "stop", cut
+                elif len(generated[r]) >= req.max_tokens:
+                    finish[r] = "length"
+                else:
+                    keep.append(k)
+                    continue
+                remaining[owner[r]] -= 1
+                if remaining[owner[r]] == 0:  # the request's last sample: report it now
+                    index = owner[r]
+                    done = [
+                        self._finish_sample(
+                            requests[index],
+                            generated[row],
+                            logprobs[row],
+                            tops[row],
+                            finish[row] or "length",
+                            stop_cut[row],
+                        )
+                        for row in range(len(owner))
+                        if owner[row] == index
+                    ]
+                    results[index] = done
+                    if on_done is not None:
+                        on_done(index, done)
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                index_tensor = torch.tensor(keep, device=s.device)
+                cache.batch_select_indices(index_tensor)
+                mask = mask[index_tensor]
+                next_ids = next_ids[index_tensor]
+                rows = [rows[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            out = model(
+                input_ids=next_ids.unsqueeze(1).to(s.device),
+                attention_mask=mask,
+                position_ids=(mask.sum(1, keepdim=True) - 1),
+                use_cache=True,
+                **{s.cache_arg: cache},
+            )
+            s.forward_passes += 1
+            logits = out.logits[:, -1, :]
+        return [samples or [] for samples in results]
+
+    def _free_rows(self, live_rows: int) -> int:
+        return max(self.student.max_batch_rows - live_rows, 0)
+
+    def _row_generator(self, request: GenerationRequest, sample_index: int) -> torch.Generator | None:
+        if request.seed is None:
+            return None
+        seed = (request.seed * 1_000_003 + sample_index) % (2**63)
+        return torch.Generator(device=self.student.device).manual_seed(seed)
+
+    def _finish_sample(
+        self,
+        request: GenerationRequest,
+        ids: list[int],
+        logprobs: list[float],
+        tops: list[list[tuple[int, float]]],
+        finish_reason: str,
+        stop_cut: int | None,
+    ) -> Sample:
+        tokenizer = self.student.tokenizer
+        num_generated = len(ids)
+        if ids and ids[-1] in self.student.eos_ids:
+            ids = ids[:-1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        stop_reason = None
+        if stop_cut is not None:
+            stop_reason = next((stop for stop in request.stop if text.startswith(stop, stop_cut)), None)
+            text = text[:stop_cut]
+            # The last token completed the stop string; keep it only if text it carries precedes the stop.
+            if ids and tokenizer.decode(ids[:-1], skip_special_tokens=True) == text:
+                ids = ids[:-1]
+        sample = Sample(
+            token_ids=ids,
+            text=text,
+            finish_reason=finish_reason,
+            num_generated=num_generated,
+            stop_reason=stop_reason,
+        )
+        if request.logprobs is not None:
+            sample.token_logprobs = logprobs[: len(ids)]
+            sample.top_logprobs = tops[: len(ids)] if request.logprobs else None
+        return sample
+
+
+def stop_position(tokenizer: Any, ids: list[int], stops: list[str]) -> int | None:
+    """Where the first stop string starts in the decoded text, or None. Called after every token: the earlier
+    calls found no stop, so a new one overlaps the last token, and a short tail tells whether there is one (a
+    token carries at least one byte of text). The whole text is decoded only on a hit; decoding it every step
+    cost O(length^2), about as much as the decode itself on a GPU."""
+    window = 4 * max(len(stop.encode()) for stop in stops) + 4
+    if len(ids) > window:
+        tail = tokenizer.decode(ids[-window:], skip_special_tokens=True)
+        if not any(stop in tail for stop in stops):
+            return None
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def join_cache(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append new_cache's rows to cache (in place), left-padding the shorter one; return the joined mask.
+
+    Keys already carry their rotary positions, so zero-filled, masked-out slots on the left change nothing.
+    """
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def pad_left(tensor: torch.Tensor, to: int, dim: int) -> torch.Tensor:
+        missing = to - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = missing
+        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+    for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
+        layer.keys = torch.cat([pad_left(layer.keys, width, -2), pad_left(new_layer.keys, width, -2)])
+        layer.values = torch.cat([pad_left(layer.values, width, -2), pad_left(new_layer.values, width, -2)])
+    return torch.cat([pad_left(mask, width, 1), pad_left(new_mask, width, 1)])

@@ -1,0 +1,55 @@
+"""The units of work the student takes and gives back, in token ids (no text rendering, no HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no log-probs; k >= 0: the sampled token's plus the top k alternatives
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # the generated ids behind `text` (an end-of-sequence token is not included)
+    text: str
+    finish_reason: str  # "stop" | "length"
+    num_generated: int  # tokens produced, including a final end-of-sequence token
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # As vLLM reports it: the stop string that ended the sample; None for end of sequence or the length cap.
+    stop_reason: str | None = None
+
+
+@dataclass
+class ScoreItem:
+    context_ids: list[int]  # conditioning only
+    completion_ids: list[int]  # scored
+
+
+@dataclass
+class GrpoItem:
+    context_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    old_logprobs: list[float] | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    kl: float
+    clip_fraction: float
+    grad_norm: float
+    tokens: int
+    adapter_version: int
+    step: int

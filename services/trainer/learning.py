@@ -1,0 +1,112 @@
+"""One GRPO step on the student: micro-batches of scored completions, the loss of grpo.py, gradient accumulation,
+a clipped optimizer step, and a new adapter version. Items are checked before anything changes."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from services.protocol import LossSettings
+
+from .errors import InvalidRequest, NotFiniteStep
+from .grpo import grpo_loss
+from .items import GrpoItem, StepResult
+from .scoring import completion_logprobs
+
+if TYPE_CHECKING:
+    from .student import Student
+
+
+def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> StepResult:
+    """One optimizer step over all items (micro-batches with gradient accumulation)."""
+    check_grpo_items(items)
+    model, optimizer = student.model, student.optimizer
+    n = len(items)
+    max_length = loss.max_length or max(len(it.completion_ids) for it in items)
+    order = sorted(range(n), key=lambda i: len(items[i].context_ids) + len(items[i].completion_ids))
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        for start in range(0, n, loss.micro_batch_size):
+            chunk = [items[i] for i in order[start : start + loss.micro_batch_size]]
+            ref_logp = None
+            if loss.beta != 0.0:
+                with torch.no_grad(), model.disable_adapter():
+                    ref_logp, _ = completion_logprobs(student, chunk)
+            logp, mask = completion_logprobs(student, chunk)
+            old = _old_logprobs(chunk, mask) if any(it.old_logprobs is not None for it in chunk) else None
+            if old is not None:  # items without old log-probs are on-policy: ratio 1
+                old = torch.where(torch.isnan(old), logp.detach(), old)
+            terms = grpo_loss(
+                logp,
+                mask,
+                torch.tensor([it.advantage for it in chunk], device=student.device),
+                loss_type=loss.type,
+                old_logp=old,
+                ref_logp=ref_logp,
+                weights=torch.tensor([it.weight for it in chunk], device=student.device),
+                beta=loss.beta,
+                clip_eps=loss.clip_eps,
+                clip_eps_high=loss.clip_eps_high,
+                num_sequences=n,
+                max_length=max_length,
+            )
+            terms.loss.backward()
+            totals["loss"] += float(terms.loss.detach())
+            totals["kl"] += float(terms.kl_sum)
+            totals["clipped"] += float(terms.clipped_tokens)
+            totals["tokens"] += float(terms.tokens)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.trainable, loss.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise NotFiniteStep("the gradient is not finite")
+        for group in optimizer.param_groups:
+            group["lr"] = loss.learning_rate if loss.learning_rate is not None else student.base_learning_rate
+        optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    student.step += 1
+    student.adapter_version += 1
+    return StepResult(
+        loss=totals["loss"],
+        kl=totals["kl"] / n,
+        clip_fraction=totals["clipped"] / max(totals["tokens"], 1.0),
+        grad_norm=grad_norm,
+        tokens=int(totals["tokens"]),
+        adapter_version=student.adapter_version,
+        step=student.step,
+    )
+
+
+def check_grpo_items(items: list[GrpoItem]) -> None:
+    """Raise InvalidRequest naming the first item field the step cannot use (token-level checks the request
+    model cannot make: an empty tokenisation, old log-probs of the wrong length)."""
+    if not items:
+        raise InvalidRequest("items", "at least one item is required")
+    for i, it in enumerate(items):
+        if not it.completion_ids:
+            raise InvalidRequest(f"items[{i}].completion", "must contain at least one token")
+        if not math.isfinite(it.advantage):
+            raise InvalidRequest(f"items[{i}].advantage", "must be finite")
+        if not math.isfinite(it.weight):
+            raise InvalidRequest(f"items[{i}].weight", "must be finite")
+        if it.old_logprobs is not None:
+            if len(it.old_logprobs) != len(it.completion_ids):
+                raise InvalidRequest(
+                    f"items[{i}].old_logprobs",
+                    f"{len(it.old_logprobs)} values for {len(it.completion_ids)} completion tokens",
+                )
+            if not all(math.isfinite(x) for x in it.old_logprobs):
+                raise InvalidRequest(f"items[{i}].old_logprobs", "must be finite")
+
+
+def _old_logprobs(items: list[GrpoItem], mask: torch.Tensor) -> torch.Tensor:
+    old = torch.full(mask.shape, float("nan"), device=mask.device)
+    width = mask.shape[1]
+    for row, it in enumerate(items):
+        if it.old_logprobs is not None and it.old_logprobs:
+            old[row, width - len(it.old_logprobs) :] = torch.tensor(it.old_logprobs, device=mask.device)
+    return torch.where(mask.bool(), old, torch.zeros_like(old))

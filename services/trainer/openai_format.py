@@ -1,0 +1,163 @@
+"""OpenAI response shaping: the student's samples (token ids, log-probs) as completion and chat objects, with
+their log-probs in each API's format and the usage counts. Nothing here runs the model."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from services.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    ModelName,
+    TopLogprob,
+    Usage,
+)
+
+from .items import GenerationRequest, Sample
+
+
+class ResponseShaper:
+    """Turns samples into OpenAI objects with the tokenizer of the request handlers (not the worker's)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion(
+        self,
+        model: ModelName,
+        prompts: list[str],
+        jobs: list[GenerationRequest],
+        per_prompt: list[list[Sample]],
+        *,
+        n: int,
+        echo: bool,
+        logprobs: bool,
+        prompt_scores: list[list[float]] | None,
+        adapter_version: int,
+    ) -> CompletionResponse:
+        """prompt_scores: with echo and logprobs, each prompt's token log-probs after its first token."""
+        choices = []
+        for p, (prompt, job, samples) in enumerate(zip(prompts, jobs, per_prompt, strict=True)):
+            for j, sample in enumerate(samples):
+                shaped = None
+                if logprobs:
+                    echoed = (prompt, prompt_scores[p]) if echo and prompt_scores is not None else None
+                    shaped = self.completion_logprobs(sample, job, echoed)
+                choices.append(
+                    CompletionChoice(
+                        index=p * n + j,
+                        text=(prompt + sample.text) if echo else sample.text,
+                        finish_reason=sample.finish_reason,  # type: ignore[arg-type]
+                        stop_reason=sample.stop_reason,
+                        logprobs=shaped,
+                    )
+                )
+        return CompletionResponse(
+            id=_response_id("cmpl"),
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=usage(jobs, per_prompt),
+            adapter_version=adapter_version,
+        )
+
+    def completion_logprobs(
+        self, sample: Sample, job: GenerationRequest, echoed: tuple[str, list[float]] | None
+    ) -> CompletionLogprobs:
+        """Legacy completions' log-probs; `echoed` = (prompt, its scores) puts the prompt's tokens first."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        offset = 0
+        if echoed is not None:
+            prompt, prompt_scores = echoed
+            for k, token_id in enumerate(job.prompt_ids):
+                piece = self.piece(token_id)
+                tokens.append(piece)
+                token_logprobs.append(None if k == 0 else prompt_scores[k - 1])
+                top.append(None)
+                offsets.append(offset)
+                offset += len(piece)
+            offset = len(prompt)
+        for k, token_id in enumerate(sample.token_ids):
+            piece = self.piece(token_id)
+            tokens.append(piece)
+            token_logprobs.append(sample.token_logprobs[k] if sample.token_logprobs is not None else None)
+            top.append({self.piece(t): v for t, v in sample.top_logprobs[k]} if sample.top_logprobs else None)
+            offsets.append(offset)
+            offset += len(piece)
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets
+        )
+
+    def chat(
+        self,
+        model: ModelName,
+        job: GenerationRequest,
+        samples: list[Sample],
+        *,
+        logprobs: bool,
+        adapter_version: int,
+    ) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=j,
+                message=AssistantMessage(content=sample.text),
+                finish_reason=sample.finish_reason,  # type: ignore[arg-type]
+                stop_reason=sample.stop_reason,
+                logprobs=self.chat_logprobs(sample) if logprobs else None,
+            )
+            for j, sample in enumerate(samples)
+        ]
+        return ChatCompletionResponse(
+            id=_response_id("chatcmpl"),
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=usage([job], [samples]),
+            adapter_version=adapter_version,
+        )
+
+    def chat_logprobs(self, sample: Sample) -> ChatLogprobs:
+        content = []
+        for k, token_id in enumerate(sample.token_ids):
+            piece = self.piece(token_id)
+            alternatives = [
+                TopLogprob(token=self.piece(t), logprob=v, bytes=list(self.piece(t).encode()))
+                for t, v in (sample.top_logprobs[k] if sample.top_logprobs else [])
+            ]
+            content.append(
+                ChatTokenLogprob(
+                    token=piece,
+                    logprob=sample.token_logprobs[k] if sample.token_logprobs is not None else 0.0,
+                    bytes=list(piece.encode()),
+                    top_logprobs=alternatives,
+                )
+            )
+        return ChatLogprobs(content=content)
+
+
+def usage(jobs: list[GenerationRequest], per_prompt: list[list[Sample]]) -> Usage:
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+    completion_tokens = sum(s.num_generated for samples in per_prompt for s in samples)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
