@@ -86,7 +86,8 @@ class Batcher:
         self.wait_s = wait_ms / 1000.0
         self.counters = BatcherCounters()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._held: list[Job] = []  # taken from the queue, waiting for a later batch (worker thread only)
+        # Taken from the queue, waiting for a later batch (worker thread only); None = the shutdown sentinel.
+        self._held: list[Job | None] = []
         self._thread = threading.Thread(target=self._work, name="trainer-batcher", daemon=True)
         self._thread.start()
 
@@ -131,8 +132,9 @@ class Batcher:
             # An update, a shutdown or a job of another kind is waiting: let the running batch drain so it goes
             # next, rather than starving it behind a steady stream of this kind.
             return []
-        taken, kept = [], []
-        for job in self._held:
+        taken: list[Job] = []
+        kept: list[Job | None] = []
+        for job in [job for job in self._held if job is not None]:  # all of them: the check above saw no None
             if job.kind == kind and job.rows <= free_rows and job.future.set_running_or_notify_cancel():
                 taken.append(job)
                 free_rows -= job.rows
@@ -152,7 +154,7 @@ class Batcher:
                 continue
             batch, rows = [first], first.rows
             deadline = time.monotonic() + self.wait_s
-            skipped: list[Job] = []
+            skipped: list[Job | None] = []
             while rows < self.max_batch_rows:
                 try:
                     job = self._next(deadline - time.monotonic())

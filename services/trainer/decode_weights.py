@@ -18,6 +18,7 @@ as evaluations do, costs no rewrites.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 
@@ -48,7 +49,9 @@ def merge_blocker(peft_model, backend: str) -> str | None:
             return f"a LoRA target of type {type(module.get_base_layer()).__name__}"
         if ADAPTER not in module.lora_A or module.use_dora.get(ADAPTER, False):
             return "an adapter other than one plain LoRA named 'default'"
-        if getattr(module.lora_B[ADAPTER], "bias", None) is not None or module.fan_in_fan_out:
+        if getattr(module.lora_B[ADAPTER], "bias", None) is not None or getattr(
+            module, "fan_in_fan_out", False
+        ):
             return "a LoRA with a bias or fan_in_fan_out"
     return None
 
@@ -88,7 +91,9 @@ class MergedDecoder:
             return
         for (_, module), weight in zip(self.targets, self._student_weights, strict=True):
             w0 = module.get_base_layer().weight
-            delta = module.lora_B[ADAPTER].weight.float() @ module.lora_A[ADAPTER].weight.float()
+            lora_b = cast(torch.Tensor, module.lora_B[ADAPTER].weight)
+            lora_a = cast(torch.Tensor, module.lora_A[ADAPTER].weight)
+            delta = lora_b.float() @ lora_a.float()
             weight.copy_((w0.float() + module.scaling[ADAPTER] * delta).to(weight.dtype))
         self._synced_version = adapter_version
 

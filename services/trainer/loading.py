@@ -46,14 +46,16 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW; 8-bit (bitsandbytes) on CUDA where installed."""
     if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # pyright: ignore[reportMissingImports]  (the gpu extra)
 
         return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
 def _load_unsloth(path: str, settings: TrainerSettings) -> tuple[Any, Any]:
-    from unsloth import FastLanguageModel  # imported only here: it patches transformers on import
+    from unsloth import (  # pyright: ignore[reportMissingImports]  (the gpu extra)
+        FastLanguageModel,  # imported only here: it patches transformers on import
+    )
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path, max_seq_length=settings.max_context, load_in_4bit=settings.load_in_4bit, dtype=None
@@ -76,6 +78,7 @@ def _load_transformers(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    model: Any
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         if resolved.kind == "random":

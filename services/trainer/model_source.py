@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -88,7 +89,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
         except Exception as exc:  # a truncated or foreign file fails deep inside the gguf reader

@@ -48,3 +48,13 @@ def test_grpo_loss_defaults_and_bad_type():
     with pytest.raises(ValidationError) as info:
         GrpoStepRequest(items=[{"prompt": "a", "completion": "b", "advantage": 0.5}], loss={"type": "ppo"})
     assert "loss.type" in field_of(info.value)
+
+
+@pytest.mark.parametrize(
+    "loss", [{"clip_eps": 1.0}, {"clip_eps": 2}, {"beta": -0.1}, {"learning_rate": 1e300}]
+)
+def test_loss_settings_refuse_what_the_step_cannot_honour(loss):
+    """One set of bounds for the trainer and, once it imports LossSettings, the orchestrator's /train."""
+    with pytest.raises(ValidationError) as info:
+        GrpoStepRequest(items=[{"prompt": "a", "completion": "b", "advantage": 0.5}], loss=loss)
+    assert field_of(info.value) == {f"loss.{next(iter(loss))}"}
