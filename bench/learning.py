@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx
 
-from orchestrator.client import OrchestratorClient
-from orchestrator.demo import default_gsm8k_path
-from orchestrator.machine import describe_machine
-from orchestrator.processes import free_port, orchestrator_process, trainer_process
-from orchestrator.stats import accuracy, compare_paired
+from orchestrator.clients.orchestrator import OrchestratorClient
+from orchestrator.local.demo import default_gsm8k_path
+from orchestrator.local.machine import describe_machine
+from orchestrator.local.processes import free_port, orchestrator_process, trainer_process
+from orchestrator.gsm8k.stats import accuracy, compare_paired
 
 INIT_CHECKPOINT = "learning-init"
 DEFAULT_ARMS = "mcts,grpo,mcts_tree,legacy,guided"

@@ -29,8 +29,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.machine import describe_machine
-from orchestrator.processes import free_port, orchestrator_process, trainer_process
+from orchestrator.local.machine import describe_machine
+from orchestrator.local.processes import free_port, orchestrator_process, trainer_process
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 

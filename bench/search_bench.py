@@ -13,7 +13,7 @@ Three measurements against the scripted OpenAI-compatible server (tests/support/
 2. overhead, loopback HTTP: the same with the server as a separate process on 127.0.0.1; expansions per
    CPU-second of the search process (so it includes the client side of real HTTP: sockets and the HTTP
    client) and per wall-second (the server shares the 2 cores, so wall time includes its CPU). Run with the
-   pool's lean transport (orchestrator/http_transport.py, the default) and with httpcore
+   pool's lean transport (orchestrator/clients/http_transport.py, the default) and with httpcore
    (`LLMPool(lean_http=False)`, the path before 2026-11-25 06:00), interleaved `repeats` times; medians.
    Also the pool alone: client CPU microseconds per `LLMPool.complete` at 1 and at 32 requests in flight
    (2000 requests each), both transports.
@@ -46,20 +46,15 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from support.scripted_server import ScriptedServer, ServerConfig, admin  # noqa: E402
 
-import orchestrator.llm  # noqa: E402
-from orchestrator.data import Problem  # noqa: E402
-from orchestrator.llm import LLMPool, RetryPolicy  # noqa: E402
-from orchestrator.search import (  # noqa: E402
-    ScoreBatcher,
-    SearchConfig,
-    SearchServices,
-    run_search,
-    run_searches,
-)
-from orchestrator.settings import EndpointSpec  # noqa: E402
-from orchestrator.teachers import TeacherEnsemble  # noqa: E402
-from orchestrator.terminal import TerminalChecker  # noqa: E402
-from orchestrator.trainer_client import TrainerClient  # noqa: E402
+import orchestrator.clients.llm  # noqa: E402
+from orchestrator.gsm8k.data import Problem  # noqa: E402
+from orchestrator.clients.llm import LLMPool, RetryPolicy  # noqa: E402
+from orchestrator.search.mcts import SearchServices, run_search, run_searches  # noqa: E402
+from orchestrator.search.scoring import ScoreBatcher  # noqa: E402
+from orchestrator.settings import EndpointSpec, SearchConfig  # noqa: E402
+from orchestrator.search.teachers import TeacherEnsemble  # noqa: E402
+from orchestrator.search.terminal import TerminalChecker  # noqa: E402
+from orchestrator.clients.trainer import TrainerClient  # noqa: E402
 
 
 class ScriptTransport(httpx.AsyncBaseTransport):
@@ -148,14 +143,14 @@ class request_path:
         self.client_send, self.merge = client_send, merge
 
     def __enter__(self):
-        self.saved = orchestrator.llm._Shard.post, ScoreBatcher.score
+        self.saved = orchestrator.clients.llm._Shard.post, ScoreBatcher.score
         if self.client_send:
-            orchestrator.llm._Shard.post = _post_through_client
+            orchestrator.clients.llm._Shard.post = _post_through_client
         if not self.merge:
             ScoreBatcher.score = _score_unmerged
 
     def __exit__(self, *exc):
-        orchestrator.llm._Shard.post, ScoreBatcher.score = self.saved
+        orchestrator.clients.llm._Shard.post, ScoreBatcher.score = self.saved
 
 
 VARIANTS = {  # name: request_path arguments

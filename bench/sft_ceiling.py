@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.answers import extract_flexible, extract_strict, same_number
-from orchestrator.data import load_gsm8k, question_messages
-from orchestrator.stats import compare_paired
+from orchestrator.gsm8k.answers import extract_flexible, extract_strict, same_number
+from orchestrator.gsm8k.data import load_gsm8k, question_messages
+from orchestrator.gsm8k.stats import compare_paired
 from services.trainer.settings import TrainerSettings
 from services.protocol import LossSettings as LossConfig
 from services.trainer.items import GenerationRequest, GrpoItem

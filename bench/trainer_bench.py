@@ -25,7 +25,7 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from orchestrator.machine import describe_machine  # noqa: E402
+from orchestrator.local.machine import describe_machine  # noqa: E402
 from tests.support.trainer_process import TrainerProcess
 
 SECTION = "## Trainer service (CPU)"

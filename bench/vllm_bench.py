@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from orchestrator.data import load_gsm8k  # noqa: E402
+from orchestrator.gsm8k.data import load_gsm8k  # noqa: E402
 from support.trainer_process import TrainerProcess  # noqa: E402
 from support.vllm_server import VLLMServer, vllm_python  # noqa: E402
 

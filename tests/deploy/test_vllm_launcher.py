@@ -30,28 +30,39 @@ print("PARSED " + json.dumps(out))
 
 
 def launcher_args(env: dict[str, str]) -> list[str]:
-    done = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], **env, "VLLM_DRY_RUN": "true"},
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["sh", str(LAUNCHER)],
+        env={"PATH": os.environ["PATH"], **env, "VLLM_DRY_RUN": "true"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout.splitlines()
 
 
 def parse_with_vllm(python, argvs: dict[str, list[str]]) -> dict[str, dict]:
-    done = subprocess.run([str(python), "-c", PARSE], input=json.dumps(argvs), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [str(python), "-c", PARSE], input=json.dumps(argvs), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("PARSED "))
     return json.loads(line.removeprefix("PARSED "))
 
 
-OVERRIDES = {"GEMMA_TENSOR_PARALLEL_SIZE": "2", "GEMMA_GPUS": "0,1", "QWEN_PREFIX_CACHING": "false",
-             "API_TOKEN": "compose-test-token"}  # compose requires one
+OVERRIDES = {
+    "GEMMA_TENSOR_PARALLEL_SIZE": "2",
+    "GEMMA_GPUS": "0,1",
+    "QWEN_PREFIX_CACHING": "false",
+    "API_TOKEN": "compose-test-token",
+}  # compose requires one
 
 
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory) -> dict[str, dict]:
     """Each vLLM service as Compose resolves it from .env.example plus a few overrides."""
-    services = compose_config("--profile", "*", env_file=ENV_EXAMPLE, env=OVERRIDES,
-                              tmp_path=tmp_path_factory.mktemp("compose"))["services"]
+    services = compose_config(
+        "--profile", "*", env_file=ENV_EXAMPLE, env=OVERRIDES, tmp_path=tmp_path_factory.mktemp("compose")
+    )["services"]
     return {n: services[n] for n in VLLM_SERVICES}
 
 
@@ -71,7 +82,9 @@ def test_compose_vllm_services_parse_with_vllm(parsed, resolved):
     for name, service in resolved.items():
         env, args = environment(service), parsed[name]
         assert args["model"] == env["VLLM_MODEL"]
-        assert set(env.get("VLLM_SERVED_MODEL_NAME", env["VLLM_MODEL"]).split()) <= set(args["served_model_name"])
+        assert set(env.get("VLLM_SERVED_MODEL_NAME", env["VLLM_MODEL"]).split()) <= set(
+            args["served_model_name"]
+        )
         assert (args["host"], args["port"]) == ("0.0.0.0", 8000)
         assert args["max_model_len"] == 4096
         assert args["gpu_memory_utilization"] == float(env["VLLM_GPU_MEMORY_UTILIZATION"])
@@ -87,10 +100,22 @@ def test_extra_args_reach_vllm(parsed):
 
 
 def test_bad_values_stop_the_launcher():
-    bad = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], "VLLM_MODEL": "m",
-                                                    "VLLM_PREFIX_CACHING": "maybe", "VLLM_DRY_RUN": "true"},
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        ["sh", str(LAUNCHER)],
+        env={
+            "PATH": os.environ["PATH"],
+            "VLLM_MODEL": "m",
+            "VLLM_PREFIX_CACHING": "maybe",
+            "VLLM_DRY_RUN": "true",
+        },
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "VLLM_PREFIX_CACHING" in bad.stderr
-    missing = subprocess.run(["sh", str(LAUNCHER)], env={"PATH": os.environ["PATH"], "VLLM_DRY_RUN": "true"},
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        ["sh", str(LAUNCHER)],
+        env={"PATH": os.environ["PATH"], "VLLM_DRY_RUN": "true"},
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode != 0 and "VLLM_MODEL" in missing.stderr

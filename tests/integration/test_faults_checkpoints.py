@@ -138,8 +138,8 @@ def test_a_train_job_whose_checkpoint_meets_a_full_disk_fails_clearly_and_resume
     trainer, scripted_server, gsm8k_dir, tmp_path
 ):
     """The same full disk under a train job: the job fails naming it, and resumes from its last checkpoint."""
-    from orchestrator.client import OrchestratorClient
-    from orchestrator.processes import free_port, orchestrator_process
+    from orchestrator.clients.orchestrator import OrchestratorClient
+    from orchestrator.local.processes import free_port, orchestrator_process
 
     teachers = [{"name": "good", "base_url": scripted_server.v1, "model": "good"}]
     env = {"GSM8K_PATH": str(gsm8k_dir), "TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers)}

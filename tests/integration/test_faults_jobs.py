@@ -15,8 +15,8 @@ import httpx
 import pytest
 from support.scripted_server import Rule
 
-from orchestrator.client import OrchestratorClient
-from orchestrator.processes import free_port, orchestrator_process
+from orchestrator.clients.orchestrator import OrchestratorClient
+from orchestrator.local.processes import free_port, orchestrator_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

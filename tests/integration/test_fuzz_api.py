@@ -15,6 +15,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
+# ruff: noqa: E402  (schemathesis first: without it the module is skipped, not failed)
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -23,7 +24,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from support.scripted_server import ScriptedServer, ServerConfig
 from support.trainer_process import TrainerProcess
 
-from orchestrator.processes import free_port, orchestrator_process
+from orchestrator.local.processes import free_port, orchestrator_process
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from support.scripted_server import ScriptedServer, ServerConfig
 
-from orchestrator.processes import free_port, orchestrator_process
+from orchestrator.local.processes import free_port, orchestrator_process
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,9 @@ def test_clients_hanging_up_on_event_streams_never_block_the_job(scripted, tmp_p
     leave the condition's lock held, and every later status change of the job then blocked (5 of 18 runs hung)."""
     from contextlib import ExitStack
 
-    with orchestrator_process(free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)}) as proc:
+    with orchestrator_process(
+        free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)}
+    ) as proc:
         proc.wait_ready(timeout_s=60)
         http = httpx.Client(base_url=proc.url, timeout=20)
         for _ in range(3):

@@ -10,10 +10,10 @@ import signal
 
 import httpx
 import pytest
-
-from orchestrator.client import OrchestratorClient
-from orchestrator.processes import free_port, orchestrator_process
 from support.scripted_server import ScriptedServer, ServerConfig
+
+from orchestrator.clients.orchestrator import OrchestratorClient
+from orchestrator.local.processes import free_port, orchestrator_process
 
 pytestmark = pytest.mark.integration
 
@@ -192,7 +192,7 @@ def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job
 ):
     import threading
 
-    from orchestrator.store import JobStore
+    from orchestrator.jobs.store import JobStore
 
     scripted.config.latency_ms = 300
     proc = orchestrator_process(free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)})
@@ -227,7 +227,9 @@ def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job
 
 def test_request_bodies_over_max_request_bytes_get_413(client):
     limit = 1024 * 1024  # the default MAX_REQUEST_BYTES
-    declared = client.http.post("/train", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    declared = client.http.post(
+        "/train", content=b"x" * (limit + 1), headers={"content-type": "application/json"}
+    )
     assert declared.status_code == 413 and f"{limit} bytes (MAX_REQUEST_BYTES)" in declared.json()["detail"]
 
     def chunks():  # no Content-Length: the body is counted as it streams in

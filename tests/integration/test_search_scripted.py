@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from support.scripted_server import admin
 
-from orchestrator.data import Problem
-from orchestrator.llm import LLMPool, RetryPolicy
-from orchestrator.search import SearchConfig, SearchServices, run_search
-from orchestrator.settings import EndpointSpec
-from orchestrator.teachers import TeacherEnsemble
-from orchestrator.terminal import TerminalChecker
-from orchestrator.trainer_client import TrainerClient
-from orchestrator.trajectories import grpo_group, trajectories
+from orchestrator.clients.llm import LLMPool, RetryPolicy
+from orchestrator.clients.trainer import TrainerClient
+from orchestrator.gsm8k.data import Problem
+from orchestrator.runners.trajectories import grpo_group, trajectories
+from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.teachers import TeacherEnsemble
+from orchestrator.search.terminal import TerminalChecker
+from orchestrator.settings import EndpointSpec, SearchConfig
 
 pytestmark = pytest.mark.integration
 SERVER = Path(__file__).resolve().parents[1] / "support" / "scripted_server.py"
@@ -73,8 +73,8 @@ async def test_search_reaches_terminal_leaves_within_limits(url):
     assert len(group) == len(paths) >= 2
     assert abs(sum(g.advantage for g in group)) < 1e-6
     assert max(g.advantage for g in group) > 0 > min(g.advantage for g in group)
-    correct_adv = [g.advantage for g, p in zip(group, paths) if p.correct]
-    wrong_adv = [g.advantage for g, p in zip(group, paths) if not p.correct]
+    correct_adv = [g.advantage for g, p in zip(group, paths, strict=True) if p.correct]
+    wrong_adv = [g.advantage for g, p in zip(group, paths, strict=True) if not p.correct]
     assert max(correct_adv) > max(wrong_adv)  # HRE dominates the reward
     assert {g.weight for g in group} <= {1.0, 0.5}
     tree_items = grpo_group(tree, "tree")

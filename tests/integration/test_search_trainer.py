@@ -4,11 +4,11 @@ wiring (continue_final_message, stop, logprobs, /logprobs priors, /grpo/step ite
 
 import pytest
 
-from orchestrator.data import Problem
-from orchestrator.llm import LLMPool, RetryPolicy
-from orchestrator.search import SearchConfig, SearchServices, run_search
-from orchestrator.settings import Settings
-from orchestrator.trajectories import grpo_group
+from orchestrator.clients.llm import LLMPool, RetryPolicy
+from orchestrator.gsm8k.data import Problem
+from orchestrator.runners.trajectories import grpo_group
+from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.settings import SearchConfig, Settings
 
 pytestmark = pytest.mark.integration
 PROBLEM = Problem(

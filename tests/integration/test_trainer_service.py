@@ -131,7 +131,7 @@ def test_logprobs_match_a_direct_forward_pass(client, reference):
     expected = direct_logprobs(reference, prompt, completion)
     result = got["results"][0]
     assert result["num_tokens"] == len(expected)
-    assert max(abs(a - b) for a, b in zip(result["token_logprobs"], expected)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(result["token_logprobs"], expected, strict=True)) < 1e-4
     assert result["sum"] == pytest.approx(sum(expected), abs=1e-3)
     assert got["results"][1]["token_logprobs"] == pytest.approx(
         direct_logprobs(reference, "2 + 2 =", " 4"), abs=1e-4
@@ -214,7 +214,7 @@ def test_openai_client_calls_completions_and_chat_unchanged(trainer_service):
 def test_chat_continue_final_message(client):
     body = {
         "model": "student",
-        "messages": CHAT + [{"role": "assistant", "content": "Tom has 3 + 4 ="}],
+        "messages": [*CHAT, {"role": "assistant", "content": "Tom has 3 + 4 ="}],
         "continue_final_message": True,
         "add_generation_prompt": False,
         "max_tokens": 6,

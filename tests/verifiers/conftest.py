@@ -18,7 +18,8 @@ def vf_eval():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
+        return subprocess.run(
+            [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
 
     return run

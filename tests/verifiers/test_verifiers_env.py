@@ -10,10 +10,11 @@ import pytest
 
 vf = pytest.importorskip("verifiers.v1", reason="needs the verifiers extra: pip install -e '.[verifiers]'")
 
-from orchestrator.data import load_gsm8k, question_messages  # noqa: E402
-from orchestrator.rewards import RewardWeights  # noqa: E402
-from orchestrator.trainer_client import TrainerClient  # noqa: E402
 from support.scripted_server import ScriptedServer, ServerConfig  # noqa: E402
+
+from orchestrator.clients.trainer import TrainerClient  # noqa: E402
+from orchestrator.gsm8k.data import load_gsm8k, question_messages  # noqa: E402
+from orchestrator.settings import RewardWeights  # noqa: E402
 
 ENV_ID = "alphazero-llm-trainer"
 
@@ -24,8 +25,11 @@ def env_config(gsm8k_dir, **taskset):
 
 def scored_trace(task, reply: str):
     """A finished single-turn trace whose reply is `reply`, as the harness would leave it."""
-    return vf.Trace(task=vf.TraceTask(type=type(task).__name__, data=task.data, key=task.key),
-                    agent=vf.AgentInfo(config=vf.AgentConfig()), root_reply=reply)
+    return vf.Trace(
+        task=vf.TraceTask(type=type(task).__name__, data=task.data, key=task.key),
+        agent=vf.AgentInfo(config=vf.AgentConfig()),
+        root_reply=reply,
+    )
 
 
 def test_verifiers_loader_finds_the_environment_by_its_id(gsm8k_dir):
@@ -50,7 +54,7 @@ def test_dataset_has_prompt_answer_info_from_the_project_loader(gsm8k_dir):
     tasks = list(vf.load_environment(env_config(gsm8k_dir, offset=5)).taskset)
     problems = load_gsm8k("test", path=str(gsm8k_dir), limit=3, offset=5)
     assert [t.data.id for t in tasks] == [p.id for p in problems] == ["test-5", "test-6", "test-7"]
-    for task, problem in zip(tasks, problems):
+    for task, problem in zip(tasks, problems, strict=True):
         assert [m.content for m in task.data.prompt] == [m["content"] for m in question_messages(problem)]
         assert task.data.answer == problem.answer
         assert task.data.info == problem.info and "####" in task.data.info["solution"]
@@ -58,7 +62,7 @@ def test_dataset_has_prompt_answer_info_from_the_project_loader(gsm8k_dir):
 
 
 async def test_known_right_and_wrong_replies_get_the_expected_rewards(gsm8k_dir):
-    task = list(vf.load_environment(env_config(gsm8k_dir)).taskset)[0]  # test-0, gold 18
+    task = next(iter(vf.load_environment(env_config(gsm8k_dir)).taskset))  # test-0, gold 18
     weights = RewardWeights()
     cases = {  # reply -> (correct, format)
         task.data.info["solution"]: (1.0, 1.0),
@@ -81,25 +85,31 @@ async def test_known_right_and_wrong_replies_get_the_expected_rewards(gsm8k_dir)
 def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
     import alphazero_llm_trainer
 
-    env = alphazero_llm_trainer.load_environment(tier="free", use_student_model=True,
-                                                 trainer_url="http://127.0.0.1:9", hre_weight=1.0,
-                                                 format_weight=0.25, path=str(gsm8k_dir), limit=2)
+    env = alphazero_llm_trainer.load_environment(
+        tier="free",
+        use_student_model=True,
+        trainer_url="http://127.0.0.1:9",
+        hre_weight=1.0,
+        format_weight=0.25,
+        path=str(gsm8k_dir),
+        limit=2,
+    )
     cfg = env.config.taskset
     assert (cfg.tier, cfg.limit, cfg.task.use_student_model) == ("free", 2, True)
     settings = cfg.search_settings()
     assert settings.trainer_url == "http://127.0.0.1:9"
     teachers = settings.teacher_endpoints()
     assert teachers and all(t.tier == "free" and t.base_url == settings.openrouter_base_url for t in teachers)
-    task = list(env.taskset)[0]
+    task = next(iter(env.taskset))
     weights = {fn.__name__: fn._vf_weight for fn in task.hooks("reward")}
     assert weights == {"correct": 1.0, "format": 0.25, "perplexity": RewardWeights().pre}
 
     custom = [{"name": "t1", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]
-    env = alphazero_llm_trainer.load_environment(tier="custom", teachers=custom,
-                                                 trainer_url="http://127.0.0.1:9",
-                                                 path=str(gsm8k_dir), limit=1)
+    env = alphazero_llm_trainer.load_environment(
+        tier="custom", teachers=custom, trainer_url="http://127.0.0.1:9", path=str(gsm8k_dir), limit=1
+    )
     assert [t.name for t in env.config.taskset.search_settings().teacher_endpoints()] == ["t1"]
-    task = list(env.taskset)[0]  # a trainer URL alone switches PRE on, as `use_student_model` does
+    task = next(iter(env.taskset))  # a trainer URL alone switches PRE on, as `use_student_model` does
     assert "perplexity" in [fn.__name__ for fn in task.hooks("reward")]
 
 
@@ -107,14 +117,16 @@ async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solutio
     with ScriptedServer() as server:  # serves the trainer's POST /logprobs
         scoring = {"use_student_model": True, "trainer_url": server.url}
         env = vf.load_environment(env_config(gsm8k_dir, task=scoring))
-        task = list(env.taskset)[0]
+        task = next(iter(env.taskset))
         reply = "She sells 9 eggs.\n#### 18"
         trace = scored_trace(task, reply)
         await task.score(trace)
         async with TrainerClient(server.url) as trainer:
             problem = load_gsm8k("test", path=str(gsm8k_dir), limit=1)[0]
-            items = [{"messages": question_messages(problem), "completion": c}
-                     for c in (reply, task.data.info["solution"])]
+            items = [
+                {"messages": question_messages(problem), "completion": c}
+                for c in (reply, task.data.info["solution"])
+            ]
             reply_mean, gold_mean = (r["mean"] for r in (await trainer.logprobs(items))["results"])
     assert server.requests.get("/logprobs") == 2  # one call from the reward, one from this test
     pre = trace.rewards["perplexity"]
@@ -132,12 +144,17 @@ async def test_vf_eval_run_scores_a_right_and_a_wrong_model(gsm8k_dir, tmp_path)
     with ScriptedServer(config) as server:
         results = {}
         for model in ("right", "wrong"):
-            cfg = EvalConfig.model_validate({
-                "env": {"taskset": {"id": ENV_ID, "path": str(gsm8k_dir), "limit": 1}},
-                "model": model, "client": {"base_url": server.v1, "api_key_var": "AZT_TEST_NO_KEY"},
-                "push": False, "rich": None, "output_dir": str(tmp_path / model),
-                "sampling": {"max_tokens": 32, "temperature": 0.0},
-            })
+            cfg = EvalConfig.model_validate(
+                {
+                    "env": {"taskset": {"id": ENV_ID, "path": str(gsm8k_dir), "limit": 1}},
+                    "model": model,
+                    "client": {"base_url": server.v1, "api_key_var": "AZT_TEST_NO_KEY"},
+                    "push": False,
+                    "rich": None,
+                    "output_dir": str(tmp_path / model),
+                    "sampling": {"max_tokens": 32, "temperature": 0.0},
+                }
+            )
             episodes = await run_eval(cfg)
             traces = [t for e in episodes for t in e.traces]
             assert len(traces) == 1 and traces[0].ok, traces[0].errors

@@ -11,23 +11,44 @@ import pytest
 
 pytest.importorskip("verifiers.v1", reason="needs the verifiers extra: pip install -e '.[verifiers]'")
 
-from orchestrator.data import load_gsm8k, question_messages  # noqa: E402
-from orchestrator.rewards import RewardWeights, hre, step_pre  # noqa: E402
-from orchestrator.trainer_client import TrainerClient  # noqa: E402
+from orchestrator.clients.trainer import TrainerClient
+from orchestrator.gsm8k.data import load_gsm8k, question_messages
+from orchestrator.search.rewards import hre, step_pre
+from orchestrator.settings import RewardWeights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the student generates on CPU
 
 
-async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_service, gsm8k_dir, tmp_path,
-                                                                  vf_eval):
+async def test_vf_eval_of_two_problems_against_the_trainer_service(
+    trainer_service, gsm8k_dir, tmp_path, vf_eval
+):
     out = tmp_path / "outputs"
     run = vf_eval(
-        "alphazero-llm-trainer", "-m", "student", "-n", "2", "--no-push", "--no-rich", "-o", str(out),
-        "--client.base-url", trainer_service.base_url, "--client.api-key-var", "AZT_TEST_NO_KEY",
-        "--sampling.max-tokens", "24", "--sampling.temperature", "0",
-        "--env.taskset.path", str(gsm8k_dir),
-        "--env.taskset.task.use-student-model", "true", "--env.taskset.task.trainer-url", trainer_service.url,
-        cwd=tmp_path)
+        "alphazero-llm-trainer",
+        "-m",
+        "student",
+        "-n",
+        "2",
+        "--no-push",
+        "--no-rich",
+        "-o",
+        str(out),
+        "--client.base-url",
+        trainer_service.base_url,
+        "--client.api-key-var",
+        "AZT_TEST_NO_KEY",
+        "--sampling.max-tokens",
+        "24",
+        "--sampling.temperature",
+        "0",
+        "--env.taskset.path",
+        str(gsm8k_dir),
+        "--env.taskset.task.use-student-model",
+        "true",
+        "--env.taskset.task.trainer-url",
+        trainer_service.url,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     traces = [json.loads(line) for line in next(out.rglob("traces.jsonl")).open()]
     traces = [t for record in traces for t in record.get("traces", [record])]  # one episode = one trace here
@@ -37,16 +58,21 @@ async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_servi
         for trace in traces:
             assert trace["ok"] and not trace["errors"], trace["errors"]
             data = trace["task"]["data"]
-            reply = next(n["message"]["content"] for n in reversed(trace["nodes"])
-                         if n["message"]["role"] == "assistant").strip()
+            reply = next(
+                n["message"]["content"]
+                for n in reversed(trace["nodes"])
+                if n["message"]["role"] == "assistant"
+            ).strip()
             assert reply and trace["calls"][0]["model"] == "student"
             rewards = trace["rewards"]
             assert set(rewards) == {"correct", "format", "perplexity"}
             assert rewards["correct"] == {"score": hre(reply, data["answer"]), "weight": weights.hre}
             # PRE as the trainer scores it now (same adapter, deterministic forward pass)
             problem = load_gsm8k("test", path=str(gsm8k_dir), limit=1, offset=data["info"]["index"])[0]
-            items = [{"messages": question_messages(problem), "completion": c}
-                     for c in (reply, data["info"]["solution"])]
+            items = [
+                {"messages": question_messages(problem), "completion": c}
+                for c in (reply, data["info"]["solution"])
+            ]
             reply_mean, gold_mean = (r["mean"] for r in (await trainer.logprobs(items))["results"])
             assert rewards["perplexity"]["weight"] == weights.pre
             assert math.isfinite(rewards["perplexity"]["score"])

@@ -1,0 +1,241 @@
+"""The job routes: submit train and eval jobs, follow them (status, events, steps), cancel and resume them, and
+read what they made (trees, per-problem results, reports). Every route needs the bearer token when API_TOKEN
+is set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, StreamingResponse
+
+from orchestrator.api.dependencies import (
+    ManagerDep,
+    SettingsDep,
+    StreamCount,
+    StreamsDep,
+    existing_job,
+    require_token,
+)
+from orchestrator.api.schemas import JobAccepted, JobList, JobView
+from orchestrator.jobs.events import SSE_KEEPALIVE, sse_frame
+from orchestrator.jobs.manager import JobStateError
+from orchestrator.jobs.store import JobRecord
+from orchestrator.runners.requests import EvalRequest, TrainRequest, search_config
+from orchestrator.settings import Settings
+
+JOB_FILES = {"curves.png", "report.png", "report.html", "report.json", "eval.jsonl"}
+# Answers the job routes give besides their own, documented so the OpenAPI schema says what clients will meet.
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or wrong bearer token (API_TOKEN)"},
+    413: {"description": "request body over MAX_REQUEST_BYTES"},
+    429: {"description": "MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS jobs are queued or running; see Retry-After"},
+}
+
+router = APIRouter(dependencies=[Depends(require_token)])
+
+
+def train_budget_errors(settings: Settings, body: TrainRequest) -> list[dict]:
+    """What a /train asks beyond the service's limits, as 422 errors: the nodes one tree may grow
+    (MAX_TREE_NODES) and the trees grown at once (MAX_TREES_IN_FLIGHT) bound the job's memory."""
+    errors = []
+    config = search_config(settings, body)
+    width = config.n_teacher_right + config.n_teacher_wrong + config.n_student
+    nodes = 1 + config.iterations * width
+    if nodes > settings.max_tree_nodes:
+        errors.append(
+            {
+                "type": "value_error",
+                "loc": ("body", "search", "iterations"),
+                "msg": f"1 + iterations x (n_teacher_right + n_teacher_wrong + n_student) = 1 + {config.iterations}"
+                f" x {width} = {nodes} nodes per tree exceeds MAX_TREE_NODES ({settings.max_tree_nodes})",
+                "input": config.iterations,
+            }
+        )
+    if body.trees_in_flight is not None and body.trees_in_flight > settings.max_trees_in_flight:
+        errors.append(
+            {
+                "type": "less_than_equal",
+                "loc": ("body", "trees_in_flight"),
+                "msg": f"trees_in_flight must be at most MAX_TREES_IN_FLIGHT ({settings.max_trees_in_flight})",
+                "input": body.trees_in_flight,
+            }
+        )
+    return errors
+
+
+class CountedStream(StreamingResponse):
+    """A streaming response counted as open from its creation until it has been sent or abandoned, so a limit on
+    open event streams (each holds a connection and a follower of the job's events) cannot leak."""
+
+    def __init__(self, count: StreamCount, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.count = count
+        count.open += 1
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.count.open -= 1
+
+
+def job_links(job_id: str) -> dict[str, str]:
+    base = f"/jobs/{job_id}"
+    return {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel", "resume": f"{base}/resume"}
+
+
+def job_view(job: JobRecord) -> JobView:
+    links = job_links(job.id)
+    if job.kind == "train":
+        links.update(
+            steps=f"/jobs/{job.id}/steps",
+            trees=f"/jobs/{job.id}/trees/{{n}}",
+            plot=f"/jobs/{job.id}/files/curves.png",
+        )
+    else:
+        links.update(
+            results=f"/jobs/{job.id}/results.jsonl",
+            report=f"/jobs/{job.id}/files/report.html",
+            plot=f"/jobs/{job.id}/files/report.png",
+        )
+    return JobView(
+        id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]  # the store holds only "train" and "eval" jobs
+        status=job.status,  # type: ignore[arg-type]  # and only the statuses JobView names
+        request=job.request,
+        progress=job.progress,
+        metrics=job.metrics,
+        result=job.result,
+        error=job.error,
+        created=job.created,
+        updated=job.updated,
+        links=links,
+    )
+
+
+@router.post("/train", status_code=202, response_model=JobAccepted, responses=SUBMIT_RESPONSES)
+async def train(body: TrainRequest, settings: SettingsDep, manager: ManagerDep) -> JobAccepted:
+    if errors := train_budget_errors(settings, body):
+        raise RequestValidationError(errors)
+    job = await manager.submit("train", body.model_dump(mode="json"))
+    return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
+
+
+@router.post("/eval", status_code=202, response_model=JobAccepted, responses=SUBMIT_RESPONSES)
+async def evaluate(body: EvalRequest, manager: ManagerDep) -> JobAccepted:
+    job = await manager.submit("eval", body.model_dump(mode="json"))
+    return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
+
+
+@router.get("/jobs", response_model=JobList)
+async def list_jobs(
+    manager: ManagerDep,
+    limit: int = Query(100, ge=1, le=1000),
+    status: str | None = None,
+    kind: str | None = None,
+) -> JobList:
+    return JobList(jobs=[job_view(j) for j in await manager.list(limit, status, kind)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobView)
+async def show_job(job_id: str, manager: ManagerDep) -> JobView:
+    return job_view(await existing_job(manager, job_id))
+
+
+@router.get("/jobs/{job_id}/steps")
+async def job_steps(job_id: str, manager: ManagerDep) -> dict:
+    await existing_job(manager, job_id)
+    return {"job_id": job_id, "steps": await manager.steps(job_id)}
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+async def cancel_job(job_id: str, manager: ManagerDep) -> JobView:
+    await existing_job(manager, job_id)
+    try:
+        return job_view(await manager.cancel(job_id))
+    except JobStateError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobView)
+async def resume_job(job_id: str, manager: ManagerDep) -> JobView:
+    await existing_job(manager, job_id)
+    try:
+        return job_view(await manager.resume(job_id))
+    except JobStateError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
+        429: {"description": "MAX_EVENT_STREAMS streams are open; see Retry-After"},
+    },
+)
+async def job_events(
+    job_id: str,
+    settings: SettingsDep,
+    manager: ManagerDep,
+    streams: StreamsDep,
+    last_event_id: str | None = Header(default=None),
+    after: int | None = Query(None, ge=0, description="replay events after this id"),
+):
+    await existing_job(manager, job_id)
+    # ASCII digits only: "\xb2".isdigit() is true but int() refuses it, as it does 5000 digits (both were 500s).
+    resume_from = int(last_event_id) if last_event_id and re.fullmatch(r"[0-9]{1,18}", last_event_id) else 0
+    start = after if after is not None else resume_from
+    if streams.open >= settings.max_event_streams:
+        raise HTTPException(
+            429, f"{streams.open} event streams are open (MAX_EVENT_STREAMS)", headers={"Retry-After": "5"}
+        )
+
+    async def stream():
+        async for event in manager.hub.follow(job_id, start):
+            yield SSE_KEEPALIVE if event is None else sse_frame(event)
+
+    return CountedStream(
+        streams,
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/jobs/{job_id}/trees/{n}")
+async def job_tree(
+    job_id: str, n: int, manager: ManagerDep, format: str = Query("json", pattern="^(json|svg)$")
+):
+    await existing_job(manager, job_id)
+    path = manager.job_dir(job_id) / "trees" / f"{n:06d}.json"
+    if n < 0 or not path.is_file():
+        raise HTTPException(404, f"job {job_id} has no tree {n}")
+    if format == "json":
+        return FileResponse(path, media_type="application/json")
+    from orchestrator.runners import plots  # matplotlib only when a picture is asked for
+
+    record = json.loads(await asyncio.to_thread(path.read_text))
+    return Response(plots.tree_svg(record["tree"]), media_type="image/svg+xml")
+
+
+@router.get("/jobs/{job_id}/results.jsonl")
+async def job_results(job_id: str, manager: ManagerDep):
+    job = await existing_job(manager, job_id)
+    path = manager.job_dir(job_id) / "eval.jsonl"
+    if job.kind != "eval" or not path.is_file():
+        raise HTTPException(404, f"job {job_id} has no per-problem results (yet)")
+    return FileResponse(path, media_type="application/x-ndjson", filename=f"{job_id}.jsonl")
+
+
+@router.get("/jobs/{job_id}/files/{name}")
+async def job_file(job_id: str, name: str, manager: ManagerDep):
+    await existing_job(manager, job_id)
+    path = manager.job_dir(job_id) / name
+    if name not in JOB_FILES or not path.is_file():
+        raise HTTPException(404, f"job {job_id} has no file {name!r}")
+    return FileResponse(path)

@@ -1,0 +1,492 @@
+"""An async client pool for OpenAI-compatible servers (vLLM, OpenRouter, the trainer service).
+
+Per server (base_url), a set of small `httpx.AsyncClient`s, one per request in flight at the peak by
+default (connections are reused across requests and endpoints that share a server; requests go straight to
+the client's transport, see `_Shard`; plain-http servers without a proxy through
+orchestrator/clients/http_transport.py's lean transport instead of httpcore), a concurrency limit per endpoint, an
+optional global limit on requests in flight across every search, timeouts, and retries with jittered
+exponential backoff on 429 / 5xx / connection errors / timeouts / malformed JSON, honouring `Retry-After`.
+API keys come from the environment variable an endpoint names; they are sent as a Bearer header and never
+appear in errors, logs or reprs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import random
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import certifi
+import httpx
+
+from orchestrator.clients.http_transport import LeanHTTPTransport
+from orchestrator.settings import EndpointSpec
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+# What went wrong, set where an LLMError is raised (reports and events carry it; nothing parses the message):
+# "timeout", "connection", "malformed" (a 200 that is not a completion), "no_logprobs", or "http_<status>".
+ErrorKind = str
+
+
+class LLMError(Exception):
+    """A request to an endpoint failed for good. No secrets in it: endpoint name, status, a short message."""
+
+    def __init__(
+        self, endpoint: str, status: int | None, message: str, kind: ErrorKind, retryable: bool = False
+    ):
+        self.endpoint = endpoint
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.retryable = retryable
+        super().__init__(f"[{endpoint}] {'HTTP ' + str(status) if status else 'error'}: {message}")
+
+
+class LogprobsUnavailable(LLMError):
+    """Log-probs were asked for and the server answered without them."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(
+            endpoint,
+            None,
+            "logprobs were requested but the server returned none "
+            "(does this server support logprobs for this model?)",
+            kind="no_logprobs",
+        )
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str | None
+    token_logprobs: list[float] | None = None
+    eos: bool = False  # the model ended the sequence itself (vLLM's stop_reason null), not a stop string
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if not self.token_logprobs:
+            return None
+        return sum(self.token_logprobs) / len(self.token_logprobs)
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    usage: dict = field(default_factory=dict)
+    adapter_version: int | None = None
+    endpoint: str = ""
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Full-jitter exponential backoff: wait U(0, min(cap, base * 2**attempt)), or Retry-After when given."""
+
+    max_retries: int = 3
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 8.0
+    retry_after_max_s: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry_after_max_s)
+        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * (2**attempt)))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def api_key(endpoint: EndpointSpec, environ: dict | None = None) -> str | None:
+    if not endpoint.api_key_env:
+        return None
+    return (environ if environ is not None else os.environ).get(endpoint.api_key_env) or None
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def parse_completion(data: dict, endpoint: str, chat: bool, want_logprobs: bool) -> Completion:
+    """OpenAI response JSON -> Completion; raises LLMError for shapes that are not a completion."""
+    try:
+        raw_choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        choices = []
+        for c in raw_choices:
+            text = (c.get("message") or {}).get("content") if chat else c.get("text")
+            lp = c.get("logprobs")
+            token_logprobs = None
+            if lp:
+                if chat:
+                    token_logprobs = [float(t["logprob"]) for t in (lp.get("content") or [])]
+                else:
+                    token_logprobs = [float(x) for x in (lp.get("token_logprobs") or []) if x is not None]
+            if want_logprobs and token_logprobs is None:
+                raise LogprobsUnavailable(endpoint)
+            eos = c.get("finish_reason") == "stop" and "stop_reason" in c and c["stop_reason"] is None
+            choices.append(
+                Choice(
+                    text=text or "",
+                    finish_reason=c.get("finish_reason"),
+                    token_logprobs=token_logprobs,
+                    eos=eos,
+                )
+            )
+    except LLMError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LLMError(
+            endpoint,
+            None,
+            f"malformed completion response ({type(exc).__name__})",
+            kind="malformed",
+            retryable=True,
+        ) from exc
+    version = data.get("adapter_version")
+    return Completion(
+        choices=choices,
+        usage=data.get("usage") or {},
+        endpoint=endpoint,
+        adapter_version=int(version) if isinstance(version, int) else None,
+    )
+
+
+class LLMPool:
+    """Shared by every search of a process. Use as `async with LLMPool(...) as pool:`."""
+
+    def __init__(
+        self,
+        max_in_flight: int | None = None,
+        retry: RetryPolicy | None = None,
+        environ: dict | None = None,
+        extra_headers: dict | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connections_per_client: int = 1,
+        lean_http: bool = True,
+    ):
+        self.retry = retry or RetryPolicy()
+        self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
+        # Plain-http servers through LeanHTTPTransport (asyncio streams) instead of httpcore: a loopback
+        # request cost ~400 us of client CPU through httpcore + anyio + h11. False = httpcore for all.
+        self.lean_http = lean_http
+        self._environ = environ
+        self._extra_headers = dict(extra_headers or {})
+        self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
+        self._servers: dict[str, _Server] = {}  # per server: small connection pools
+        self.connections_per_client = connections_per_client
+        self._ssl_context: ssl.SSLContext | None = None
+        self._endpoint_limits: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._targets: dict[tuple, _Target] = {}
+        self._global_limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        # Counters for stats and the bench; plain ints mutated only from the event loop.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+        self.errors: Counter[str] = Counter()
+        self.retries = 0
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> LLMPool:
+        pool = cls(max_in_flight=settings.max_requests_in_flight, **kwargs)
+        if getattr(settings, "api_token", None) is not None:
+            # The trainer's routes need the deployment's API_TOKEN once set; no endpoint names a key env.
+            pool._base_url_keys[settings.trainer_v1.rstrip("/")] = settings.api_token.get_secret_value()
+        return pool
+
+    async def __aenter__(self) -> LLMPool:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            for shard in server.shards:
+                await shard.client.aclose()
+                if isinstance(shard.transport, LeanHTTPTransport):  # ours, not the client's
+                    await shard.transport.aclose()
+
+    def _acquire_shard(self, endpoint: EndpointSpec) -> _Shard:
+        """A client of the endpoint's server with a free slot (the one most recently used, so its
+        connections are warm), opening another one when all are full. Release it with `shard.release()`.
+
+        httpcore's connection pool does work proportional to its open connections on every request (it
+        checks every idle socket), so hundreds of connections in one client cost more CPU than the requests
+        themselves. Small pools of `connections_per_client` keep that bounded; each still reuses its
+        connections."""
+        base = endpoint.base_url.rstrip("/")
+        server = self._servers.get(base)
+        if server is None:
+            server = self._servers[base] = _Server()
+        if server.free:
+            shard = server.free[-1]
+        else:
+            if self._ssl_context is None:  # building one costs ~40 ms: share it between the clients
+                self._ssl_context = ssl.create_default_context(cafile=certifi.where())
+            client = httpx.AsyncClient(
+                limits=httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=self.connections_per_client,
+                    keepalive_expiry=30,
+                ),
+                transport=self._transport,
+                verify=self._ssl_context,
+            )
+            url = httpx.URL(base)
+            transport = client._transport_for_url(url)  # the same choice `client.send` makes
+            direct = transport is client._transport  # no proxy from the environment for this server
+            if self.lean_http and self._transport is None and url.scheme == "http" and direct:
+                transport = LeanHTTPTransport(max_idle=self.connections_per_client, idle_expiry_s=30)
+            shard = _Shard(client, transport, server.free, self.connections_per_client)
+            server.shards.append(shard)
+            server.free.append(shard)
+        shard.in_flight += 1
+        if shard.in_flight >= shard.capacity:
+            server.free.pop()  # the shard in use is always the top of the stack
+        return shard
+
+    def _target(self, endpoint: EndpointSpec, path: str) -> _Target:
+        """Everything about one endpoint's route that does not change between requests, computed once: the
+        parsed URL, the timeout and the raw request headers (Host, content type, the Bearer key)."""
+        secret = api_key(endpoint, self._environ) or self._base_url_keys.get(endpoint.base_url.rstrip("/"))
+        key = (endpoint.base_url, path, endpoint.timeout_s, secret)  # a changed key makes a new target
+        target = self._targets.get(key)
+        if target is None:
+            url = httpx.URL(endpoint.base_url.rstrip("/") + path)
+            timeout = httpx.Timeout(endpoint.timeout_s, connect=min(endpoint.timeout_s, 10.0)).as_dict()
+            headers = {
+                "Host": url.netloc.decode("ascii"),
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
+                "Connection": "keep-alive",
+                "Content-Type": "application/json",
+                "User-Agent": "alphazero-llm-trainer",
+                **self._extra_headers,
+            }
+            if secret:
+                headers["Authorization"] = f"Bearer {secret}"
+            raw = [(k.encode("ascii"), v.encode("latin-1")) for k, v in headers.items()]
+            target = self._targets[key] = _Target(url, {"timeout": timeout}, raw, secret)
+        return target
+
+    def _limit(self, endpoint: EndpointSpec) -> asyncio.Semaphore:
+        key = (endpoint.base_url, endpoint.name)
+        sem = self._endpoint_limits.get(key)
+        if sem is None:
+            sem = self._endpoint_limits[key] = asyncio.Semaphore(endpoint.max_concurrency)
+        return sem
+
+    async def chat(
+        self, endpoint: EndpointSpec, messages: list[dict], retry: RetryPolicy | None = None, **params
+    ) -> Completion:
+        """POST /chat/completions. `params` are OpenAI fields (n, max_tokens, temperature, stop, seed,
+        logprobs, top_logprobs, ...) plus vLLM extensions (continue_final_message, add_generation_prompt).
+        `retry` overrides the pool's retry policy for this call."""
+        payload = {"model": endpoint.model, "messages": messages, **_drop_none(params)}
+        want = bool(payload.get("logprobs"))
+        data, latency = await self._post(endpoint, "/chat/completions", payload, retry)
+        completion = parse_completion(data, endpoint.name, chat=True, want_logprobs=want)
+        completion.latency_s = latency
+        return completion
+
+    async def complete(
+        self, endpoint: EndpointSpec, prompt: str, retry: RetryPolicy | None = None, **params
+    ) -> Completion:
+        """POST /completions (raw prompt). `logprobs` is an int here, as in the OpenAI completions API."""
+        payload = {"model": endpoint.model, "prompt": prompt, **_drop_none(params)}
+        want = payload.get("logprobs") is not None and payload.get("logprobs") is not False
+        data, latency = await self._post(endpoint, "/completions", payload, retry)
+        completion = parse_completion(data, endpoint.name, chat=False, want_logprobs=want)
+        completion.latency_s = latency
+        return completion
+
+    async def _post(
+        self, endpoint: EndpointSpec, path: str, payload: dict, retry: RetryPolicy | None = None
+    ) -> tuple[dict, float]:
+        retry = retry or self.retry
+        target = self._target(endpoint, path)
+        content = _encode_json(payload)
+        headers = [*target.headers, (b"Content-Length", str(len(content)).encode("ascii"))]
+        last: LLMError | None = None
+        for attempt in range(retry.max_retries + 1):
+            retry_after = None
+            try:
+                async with self._slot(endpoint):
+                    started = time.perf_counter()
+                    shard = self._acquire_shard(endpoint)
+                    try:
+                        status, body, response = await shard.post(target, headers, content)
+                    finally:
+                        shard.release()
+                    latency = time.perf_counter() - started
+                if status == 200:
+                    try:
+                        return json.loads(body), latency
+                    except ValueError:
+                        last = LLMError(
+                            endpoint.name, 200, "response is not valid JSON", kind="malformed", retryable=True
+                        )
+                else:
+                    detail = _scrub(body[:300].decode("utf-8", "replace"), target.secret)
+                    retryable = status in RETRYABLE_STATUS
+                    last = LLMError(
+                        endpoint.name,
+                        status,
+                        detail or response.reason_phrase,
+                        kind=f"http_{status}",
+                        retryable=retryable,
+                    )
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+            except httpx.TimeoutException as exc:
+                last = LLMError(
+                    endpoint.name,
+                    None,
+                    f"timeout after {endpoint.timeout_s:g}s ({type(exc).__name__})",
+                    kind="timeout",
+                    retryable=True,
+                )
+            except httpx.TransportError as exc:
+                last = LLMError(
+                    endpoint.name,
+                    None,
+                    f"connection error ({type(exc).__name__})",
+                    kind="connection",
+                    retryable=True,
+                )
+            self.errors[endpoint.name] += 1
+            if not last.retryable or attempt == retry.max_retries:
+                break
+            self.retries += 1
+            await asyncio.sleep(retry.delay(attempt, retry_after))
+        assert last is not None
+        raise last
+
+    def _slot(self, endpoint: EndpointSpec):
+        return _Slot(self, self._limit(endpoint))
+
+    def stats(self) -> dict:
+        return {
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "retries": self.retries,
+            "errors": dict(self.errors),
+        }
+
+
+class _Server:
+    """The shards of one server, and a stack of those with a free slot (each exactly once)."""
+
+    def __init__(self) -> None:
+        self.shards: list[_Shard] = []
+        self.free: list[_Shard] = []
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: httpx.URL
+    extensions: dict  # {"timeout": ...}, read by httpcore
+    headers: list[tuple[bytes, bytes]]  # every header but Content-Length
+    secret: str | None  # the Bearer key, scrubbed from error messages
+
+
+class _Shard:
+    """One small connection pool of a server. Requests go straight to the transport that serves the server
+    (the lean one for plain http, else the client's own or a proxy the environment names): the pool needs
+    none of the client's per-request work (URL merging, header defaults, cookies, auth and redirect
+    handling, request logging), and that work cost more CPU than the HTTP exchange itself."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, free: list, capacity: int
+    ):
+        self.client = client
+        self.transport = transport
+        self.in_flight = 0
+        self.free, self.capacity = free, capacity  # the server's stack of shards with a free slot
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == self.capacity - 1:  # it was full, so not on the stack
+            self.free.append(self)
+
+    async def post(
+        self, target: _Target, headers: list[tuple[bytes, bytes]], content: bytes
+    ) -> tuple[int, bytes, httpx.Response]:
+        request = httpx.Request(
+            "POST",
+            target.url,
+            headers=headers,
+            stream=httpx.ByteStream(content),
+            extensions=target.extensions,
+        )
+        request.read()  # marks the body as loaded (`request.content`), for transports that read it whole
+        response = await self.transport.handle_async_request(request)
+        try:
+            body = await response.aread()  # decodes gzip/deflate, as the client would
+        finally:
+            await response.aclose()  # the connection goes back to the pool
+        return response.status_code, body, response
+
+
+class _Slot:
+    """Holds the global and the per-endpoint limit around one HTTP attempt (not across backoff sleeps)."""
+
+    def __init__(self, pool: LLMPool, endpoint_limit: asyncio.Semaphore):
+        self.pool, self.endpoint_limit = pool, endpoint_limit
+
+    async def __aenter__(self):
+        # Endpoint first: a request queued behind a saturated endpoint must not hold a global slot that
+        # another endpoint's request could use.
+        await self.endpoint_limit.acquire()
+        if self.pool._global_limit is not None:
+            try:
+                await self.pool._global_limit.acquire()
+            except BaseException:
+                self.endpoint_limit.release()
+                raise
+        pool = self.pool
+        pool.requests += 1
+        pool.in_flight += 1
+        pool.max_in_flight = max(pool.max_in_flight, pool.in_flight)
+
+    async def __aexit__(self, *exc):
+        self.pool.in_flight -= 1
+        self.endpoint_limit.release()
+        if self.pool._global_limit is not None:
+            self.pool._global_limit.release()
+
+
+def _drop_none(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+# Compact JSON (no spaces after separators), an encoder built once instead of per call.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_json(payload: Any) -> bytes:
+    return _JSON_ENCODER.encode(payload).encode("utf-8")

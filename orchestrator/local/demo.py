@@ -1,0 +1,169 @@
+"""`azt demo`: the whole system on this machine, through its REST API, in a few minutes on a CPU.
+
+1. start the trainer service (the tiny SmolLM2-135M student; its "base" model is the embedded teacher and
+   checker) and the orchestrator as real processes on free ports of 127.0.0.1, with everything under runs/;
+2. POST /train: a few GSM8K train problems, a tiny search budget, one GRPO step per batch;
+3. POST /eval: base vs trained student, greedy, on held-out test problems;
+4. print the accuracy table (strict, flexible, McNemar p) and where the trees, checkpoints and plots are;
+5. stop both services (also on Ctrl-C or an error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator.clients.job_progress import follow_with_bar
+from orchestrator.clients.orchestrator import OrchestratorClient
+from orchestrator.local.machine import describe_machine
+from orchestrator.local.processes import free_port, orchestrator_process, trainer_process
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_gsm8k_path() -> str | None:
+    """GSM8K_PATH if set, else ../shared/data/gsm8k beside the repository when it exists, else the hub."""
+    if os.environ.get("GSM8K_PATH"):
+        return os.environ["GSM8K_PATH"]
+    local = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
+    return str(local) if (local / "test.jsonl").is_file() else None
+
+
+def print_table(train_job: dict, eval_job: dict) -> None:
+    report = eval_job["result"]
+    models = report["models"]
+    base, student = models.get("base"), models.get("student")
+    cmp = report.get("comparison", {})
+    print()
+    print(
+        f"GSM8K test, {report['n']} problems, greedy, chat template "
+        f"(student after {train_job['result']['applied_steps']} GRPO steps on {train_job['result']['trees']} "
+        f"train problems)"
+    )
+    print(f"  {'':<22}{'strict':>10}{'flexible':>10}")
+    if base:
+        print(f"  {'base':<22}{base['strict_acc']:>10.1%}{base['flexible_acc']:>10.1%}")
+    if student:
+        print(f"  {'trained (student)':<22}{student['strict_acc']:>10.1%}{student['flexible_acc']:>10.1%}")
+    if cmp:
+        print(
+            f"  {'McNemar exact p':<22}{cmp['strict']['p_value']:>10.3f}{cmp['flexible']['p_value']:>10.3f}"
+        )
+    print()
+
+
+def run_demo(args) -> int:
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]  # other work slows the demo down; the figures say how busy it was
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    workdir = Path(args.workdir or Path("runs") / f"demo-{stamp}").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Generous timeouts: on a busy 2-core machine one long answer can take minutes.
+    env = {"TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": str(args.request_timeout)}
+    gsm8k = default_gsm8k_path()
+    if gsm8k:
+        env["GSM8K_PATH"] = gsm8k
+    trainer_port = args.trainer_port or free_port()
+    port = args.port or free_port()
+    trainer = trainer_process(trainer_port, workdir, env=env, cwd=REPO_ROOT)
+    orchestrator = orchestrator_process(port, trainer.url, workdir, env=env, cwd=REPO_ROOT)
+    print(f"demo: working in {workdir}")
+    try:
+        print(f"demo: starting the trainer on {trainer.url} (loads the tiny model; log {trainer.log_path})")
+        trainer.start()
+        orchestrator.start()
+        trainer.wait_ready(timeout_s=600, ok=lambda body: body.get("status") == "ok")
+        orchestrator.wait_ready(timeout_s=120)
+        ready_s = time.perf_counter() - started
+        print(
+            f"demo: trainer and orchestrator ready after {ready_s:.0f}s; API docs at {orchestrator.url}/docs"
+        )
+
+        with OrchestratorClient(orchestrator.url, timeout_s=120) as client:
+            train_request = {
+                "num_examples": args.train_examples,
+                "batch_size": args.batch_size,
+                "checkpoint_every": 1,
+                "search": {
+                    "iterations": args.iterations,
+                    "max_depth": args.max_depth,
+                    "chunk_tokens": args.chunk_tokens,
+                    "max_tokens": args.max_tokens,
+                    "rollout": args.rollout_max_tokens > 0,
+                    "rollout_max_tokens": max(1, args.rollout_max_tokens),
+                },
+            }
+            if args.learning_rate:
+                train_request["loss"] = {"learning_rate": args.learning_rate}
+            train_id = client.train(**train_request)
+            print(f"demo: POST /train -> job {train_id}")
+            train_job = follow_with_bar(client, train_id)
+            if train_job["status"] != "completed":
+                raise RuntimeError(f"train job {train_job['status']}: {train_job['error']}")
+            tree_svg = workdir / "tree-0.svg"
+            tree_svg.write_text(client.tree(train_id, 0, format="svg"))
+
+            eval_id = client.eval(
+                num_examples=args.eval_examples,
+                models=["base", "student"],
+                max_tokens=args.eval_max_tokens,
+                concurrency=args.eval_concurrency,
+            )
+            print(f"demo: POST /eval -> job {eval_id}")
+            eval_job = follow_with_bar(client, eval_id)
+            if eval_job["status"] != "completed":
+                raise RuntimeError(f"eval job {eval_job['status']}: {eval_job['error']}")
+    except BaseException:
+        print(f"demo: failed; logs in {trainer.log_path} and {orchestrator.log_path}", file=sys.stderr)
+        raise
+    finally:
+        orchestrator.stop()
+        trainer.stop()
+
+    wall_s = time.perf_counter() - started
+    train = train_job["result"]
+    print_table(train_job, eval_job)
+    print(f"search trees:  {train['trees_dir']}  (picture of tree 0: {tree_svg})")
+    print(f"checkpoints:   {train['checkpoint'].get('path') or workdir / 'trainer' / 'checkpoints'}")
+    print(f"train curves:  {train['plot']}")
+    files = eval_job["result"]["files"]
+    print(f"eval report:   {files['html']}  (per problem: {files['jsonl']})")
+    print(
+        f"adapter version {train['adapter_version_start']} -> {train['adapter_version']}; "
+        f"training {train['problems_per_min']:.2f} problems/min; demo wall time {wall_s:.0f}s"
+    )
+
+    if args.json_out:
+        models = eval_job["result"]["models"]
+        figures = {
+            "wall_s": round(wall_s, 1),
+            "ready_s": round(ready_s, 1),
+            "train_problems_per_min": train["problems_per_min"],
+            "train_problems": train["trees"],
+            "train_steps": train["applied_steps"],
+            "train_seconds": train["train_seconds_this_run"],
+            "eval_problems": eval_job["result"]["n"],
+            "eval_seconds": eval_job["result"]["seconds"],
+            "base_acc": models["base"]["strict_acc"],
+            "trained_acc": models["student"]["strict_acc"],
+            "base_acc_flexible": models["base"]["flexible_acc"],
+            "trained_acc_flexible": models["student"]["flexible_acc"],
+            "p_value_strict": eval_job["result"]["comparison"]["strict"]["p_value"],
+            "p_value_flexible": eval_job["result"]["comparison"]["flexible"]["p_value"],
+            "adapter_version_start": train["adapter_version_start"],
+            "adapter_version_end": train["adapter_version"],
+            "machine": describe_machine(),
+            "load_avg_1m_start": round(load_at_start, 2),
+            "load_avg_1m_end": round(os.getloadavg()[0], 2),
+            "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": "azt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        }
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures:       {args.json_out}")
+    return 0

@@ -1,0 +1,112 @@
+"""What a train step reports: its search, its GRPO update and its trees, as one metrics dict, and where that
+goes besides the job's records (Prometheus, Weights & Biases)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from orchestrator.runners.batch_search import BatchSearch
+from orchestrator.runners.telemetry import Telemetry
+from orchestrator.runners.trajectories import trajectories
+from orchestrator.search.mcts import SearchServices
+from orchestrator.search.tree import Tree
+from orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def tree_metrics(trees: list[Tree]) -> dict[str, Any]:
+    """Mean leaf reward and share of correct leaves over every root-to-terminal path of the step's trees."""
+    paths = [t for tree in trees for t in trajectories(tree)]
+    rewards = [float(p.reward) for p in paths if p.reward is not None]
+    return {
+        "trajectories": len(paths),
+        "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+        "correct_leaf_share": sum(bool(p.correct) for p in paths) / len(paths) if paths else None,
+    }
+
+
+def teacher_weights(services: SearchServices) -> dict[str, float] | None:
+    """The ensemble's current dynamic weights, when it exposes them."""
+    teachers = getattr(services, "teachers", None)
+    weights = getattr(teachers, "weights", None)
+    if callable(weights):
+        weights = weights()
+    if isinstance(weights, dict):
+        return {str(k): round(float(v), 4) for k, v in weights.items()}
+    return None
+
+
+def search_metrics(
+    problems: int, searched: BatchSearch, items: int, services: SearchServices
+) -> dict[str, Any]:
+    """The step's metrics known once its batch is searched and turned into `items` GRPO items."""
+    return {
+        "problems": problems,
+        "trees": len(searched.trees),
+        "items": items,
+        **tree_metrics(searched.trees),
+        "teacher_weights": teacher_weights(services),
+        "search_tokens": searched.tokens,
+        "search_requests": searched.requests,
+        "teacher_errors": searched.teacher_errors,
+        "search_errors": searched.search_errors,
+        "degraded": searched.degraded,
+        "search_seconds": round(searched.seconds, 3),
+    }
+
+
+def grpo_metrics(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The trainer's answer to the step's /grpo/step."""
+    return {
+        "loss": result.get("loss"),
+        "kl": result.get("kl"),
+        "clip_fraction": result.get("clip_fraction"),
+        "grad_norm": result.get("grad_norm"),
+        "train_tokens": result.get("tokens"),
+        "adapter_version": result.get("adapter_version"),
+        "trainer_step": result.get("step"),
+        "duplicate": result.get("duplicate", False),
+        "grpo_seconds": round(seconds, 3),
+    }
+
+
+def count_step(telemetry: Telemetry | None, metrics: dict[str, Any]) -> None:
+    """A finished step in the Prometheus metrics (an applied update, the adapter version, the mean reward)."""
+    if telemetry is None:
+        return
+    if not metrics.get("skipped"):
+        telemetry.train_steps.inc()
+        if metrics.get("adapter_version") is not None:
+            telemetry.adapter_version.set(metrics["adapter_version"])
+    if metrics.get("mean_reward") is not None:
+        telemetry.step_mean_reward.set(metrics["mean_reward"])
+
+
+class WandbSink:
+    """Per-step metrics to Weights & Biases when WANDB_PROJECT is set and wandb is installed."""
+
+    def __init__(self, settings: Settings, job_id: str, config: dict[str, Any]):
+        self.run = None
+        if not settings.wandb_project:
+            return
+        try:
+            import wandb  # pyright: ignore[reportMissingImports]  # optional dependency
+        except ImportError:
+            log.warning("WANDB_PROJECT is set but wandb is not installed; not logging to W&B")
+            return
+        key = settings.wandb_api_key.get_secret_value() if settings.wandb_api_key else None
+        if key:
+            wandb.login(key=key, relogin=False)
+        self.run = wandb.init(
+            project=settings.wandb_project, name=job_id, id=job_id, resume="allow", config=config, reinit=True
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,211 @@
+"""The training loop of a train job: search a batch of problems, trees -> GRPO groups, one step.
+
+    start = start_or_resume()                                  (checkpoint 0, or a rewind to the last one)
+    for step in start+1 .. total:
+        trees  = run_search(p) for p in batch(step)            (concurrently, at most trees_in_flight)
+        check_step: teacher failures and degraded modes told; a step with nothing to learn from fails the job
+        items  = grpo_group(tree) for every tree                (z-scored, clipped advantages per problem)
+        result = trainer /grpo/step(items, step_key=f"{job}:{step}")
+        record the step's metrics; every N steps save a checkpoint; every M steps a quick student eval
+
+Every trainer call is bracketed by /health checks (clients/trainer.py's TrainerWatch): a trainer that restarted
+lost the steps since the job's last checkpoint, so the loop rewinds to it and goes on from there
+(checkpoints.py), at most MAX_TRAINER_RESTARTS times per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from orchestrator.clients.trainer import TrainerRestarted, TrainerUnavailable, TrainerWatch
+from orchestrator.gsm8k.data import Problem, load_gsm8k
+from orchestrator.runners.batch_search import search_batch
+from orchestrator.runners.checkpoints import (
+    checkpoint_due,
+    rewind_after_restart,
+    save_checkpoint,
+    start_or_resume,
+)
+from orchestrator.runners.context import JobContext
+from orchestrator.runners.evaluation import quick_eval
+from orchestrator.runners.fault_reports import check_step, teacher_counts
+from orchestrator.runners.requests import TrainRequest, search_config
+from orchestrator.runners.step_metrics import WandbSink, count_step, grpo_metrics, search_metrics
+from orchestrator.runners.trajectories import grpo_group
+from orchestrator.search.mcts import SearchServices
+from orchestrator.settings import SearchConfig
+
+log = logging.getLogger(__name__)
+MAX_TRAINER_RESTARTS = 5  # per run of a job: a trainer that keeps dying fails the job instead of looping
+
+
+def plan_batches(num_problems: int, batch_size: int, epochs: int) -> list[list[int]]:
+    """Problem indices of every step: the problems in order, epoch after epoch, cut into batches."""
+    order = [i for _ in range(epochs) for i in range(num_problems)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class TrainPlan:
+    """What every step of a train job uses, fixed when the run starts."""
+
+    request: TrainRequest
+    problems: list[Problem]
+    batches: list[list[int]]  # problem indices per step
+    config: SearchConfig
+    services: SearchServices  # shared by every search of the job (teacher weights learn across trees)
+    trees_in_flight: int
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.batches)
+
+    def batch(self, step: int) -> list[Problem]:
+        return [self.problems[i] for i in self.batches[step - 1]]
+
+    def problems_before(self, step: int) -> int:
+        """Problems (and trees) of the steps before `step`."""
+        return sum(len(b) for b in self.batches[: step - 1])
+
+
+async def train_step(
+    ctx: JobContext, watch: TrainerWatch, plan: TrainPlan, step: int, degraded: list[str]
+) -> dict:
+    """One step: search its batch, check what went wrong, one GRPO update (unless every path scored the same),
+    a quick eval when due; returns the step's metrics."""
+    request = plan.request
+    ctx.raise_if_cancelled()
+    await watch.check()
+    started = time.perf_counter()
+    batch = plan.batch(step)
+    teachers_before = teacher_counts(plan.services.teachers)
+    searched = await search_batch(
+        ctx, batch, plan.problems_before(step), step, plan.config, plan.services, plan.trees_in_flight
+    )
+    ctx.raise_if_cancelled()
+    # The student is served by the trainer: trees grown while it was away or restarting are no good.
+    await watch.check()
+    await check_step(ctx, plan.services.teachers, teachers_before, searched, len(batch), degraded, step)
+    items = [
+        item.to_trainer_item()
+        for tree in searched.trees
+        for item in grpo_group(tree, request.advantage_mode, request.advantage_clip, request.teacher_weight)
+    ]
+    metrics = search_metrics(len(batch), searched, len(items), plan.services)
+    if any(item["advantage"] != 0 for item in items):
+        grpo_started = time.perf_counter()
+        step_key = f"{ctx.job_id}:{step}"  # a repeated call is applied once (trainer contract)
+        loss = request.loss.model_dump(exclude_none=True)
+        result = await watch.call(partial(ctx.trainer.grpo_step, items, loss, step_key=step_key))
+        metrics.update(grpo_metrics(result, time.perf_counter() - grpo_started))
+    else:  # no tree, or every path scored the same: nothing to learn from this batch
+        metrics.update(skipped=True, kl=None, loss=None)
+    metrics["tokens"] = (metrics["search_tokens"] or 0) + int(metrics.get("train_tokens") or 0)
+    if request.eval_every and (step % request.eval_every == 0 or step == plan.total_steps):
+        metrics.update(
+            await quick_eval(
+                ctx.pool,
+                ctx.settings,
+                request.eval_examples,
+                request.eval_max_tokens,
+                request.eval_concurrency,
+            )
+        )
+        await watch.check()  # the eval asked the student: a restart during it spoils the figures
+    metrics["step_seconds"] = round(time.perf_counter() - started, 3)
+    count_step(ctx.telemetry, metrics)
+    return metrics
+
+
+async def run_train_job(ctx: JobContext) -> dict[str, Any]:
+    from orchestrator.runners import plots  # matplotlib only when a job needs it
+
+    request = TrainRequest.model_validate(ctx.request)
+    settings = ctx.settings
+    problems = await asyncio.to_thread(
+        load_gsm8k, request.split, settings.gsm8k_path, request.num_examples, request.offset
+    )
+    plan = TrainPlan(
+        request=request,
+        problems=problems,
+        batches=plan_batches(len(problems), request.batch_size, request.epochs),
+        config=search_config(settings, request),
+        services=SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer),
+        trees_in_flight=request.trees_in_flight or settings.max_trees_in_flight,
+    )
+    total_steps = plan.total_steps
+    watch = TrainerWatch(ctx.trainer, settings.trainer_wait_s, ctx.emit)
+    start = await start_or_resume(ctx, watch)
+    checkpoint, degraded = start.checkpoint, start.degraded
+    await ctx.set_progress(
+        phase="training",
+        step=start.step,
+        total_steps=total_steps,
+        problems_done=plan.problems_before(start.step + 1),
+        problems_total=len(problems) * request.epochs,
+    )
+
+    wandb = WandbSink(settings, ctx.job_id, {"request": ctx.request, "search": plan.config.model_dump()})
+    run_started = time.perf_counter()
+    problems_this_run = restarts = 0
+    restarted: TrainerRestarted | None = None
+    step = start.step + 1
+    try:
+        while step <= total_steps:
+            try:
+                if restarted is not None:  # the trainer lost everything since our last checkpoint
+                    step = 1 + await rewind_after_restart(ctx, watch, restarted)
+                    restarted = None
+                metrics = await train_step(ctx, watch, plan, step, degraded)
+                await ctx.store.record_step(ctx.job_id, step, metrics)
+                problems_this_run += metrics["problems"]
+                elapsed = time.perf_counter() - run_started
+                await ctx.set_metrics(**{k: v for k, v in metrics.items() if k != "degraded"}, step=step)
+                await ctx.emit("step", step=step, total_steps=total_steps, **metrics)
+                wandb.log(step, metrics)
+                if checkpoint_due(step, request.checkpoint_every, total_steps):
+                    checkpoint = await save_checkpoint(ctx, watch, step)
+                await ctx.set_progress(
+                    step=step,
+                    problems_done=plan.problems_before(step + 1),
+                    problems_per_min=round(60 * problems_this_run / elapsed, 3),
+                )
+                step += 1
+            except TrainerRestarted as exc:
+                restarts += 1
+                if restarts > MAX_TRAINER_RESTARTS:
+                    raise TrainerUnavailable(
+                        None, f"the trainer restarted {restarts} times during this run; giving up"
+                    ) from exc
+                log.warning("job %s: %s; rewinding to the last checkpoint", ctx.job_id, exc)
+                restarted = exc
+    finally:
+        wandb.finish()
+
+    train_seconds = time.perf_counter() - run_started
+    steps = await ctx.store.steps(ctx.job_id)
+    plot = await asyncio.to_thread(
+        plots.train_curves_png, steps, ctx.path("curves.png"), f"train job {ctx.job_id}"
+    )
+    health = await watch.health()
+    return {
+        "steps": total_steps,
+        "applied_steps": sum(1 for s in steps if not s.get("skipped")),
+        "adapter_version_start": start.adapter_version_start,
+        "adapter_version": health.get("adapter_version"),
+        "checkpoint": checkpoint,
+        "trees_dir": str(ctx.job_dir / "trees"),
+        "trees": len(problems) * request.epochs,
+        "plot": str(plot),
+        "train_seconds_this_run": round(train_seconds, 2),
+        "problems_this_run": problems_this_run,
+        "problems_per_min": round(60 * problems_this_run / train_seconds, 3) if train_seconds > 0 else None,
+        "resumed_from_step": start.step if ctx.resumed else None,
+        "trainer_restarts": restarts,
+        "degraded": degraded,
+    }
