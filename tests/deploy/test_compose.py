@@ -9,6 +9,8 @@ import subprocess
 from urllib.parse import urlsplit
 
 import pytest
+
+from orchestrator.settings import LOCAL_TEACHERS
 from support.compose import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
@@ -18,8 +20,6 @@ from support.compose import (
     compose_binary,
     compose_config,
 )
-
-from orchestrator.settings import LOCAL_TEACHERS
 
 TOKEN = {"API_TOKEN": "compose-test-token"}  # required: compose refuses to start without one
 

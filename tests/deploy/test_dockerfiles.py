@@ -108,7 +108,9 @@ def test_dockerignore_keeps_secrets_and_local_state_out():
 def copied_sources(image: str) -> list[str]:
     """The repository paths the image's build stage copies (COPY src... dest, --from copies left out)."""
     steps = instructions(DOCKERFILES[image])
-    return [src for op, args in steps if op == "COPY" and not args.startswith("--") for src in args.split()[:-1]]
+    return [
+        src for op, args in steps if op == "COPY" and not args.startswith("--") for src in args.split()[:-1]
+    ]
 
 
 def test_orchestrator_image_holds_the_protocol_and_not_the_trainer():
@@ -134,7 +136,10 @@ def test_each_image_builds_the_packages_it_copied(image, tmp_path):
     subprocess.run([sys.executable, "select_packages.py"], cwd=tmp_path, check=True, capture_output=True)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", "dist", "."],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
@@ -145,4 +150,6 @@ def test_each_image_builds_the_packages_it_copied(image, tmp_path):
         assert "services/protocol" in packages
         assert not [p for p in packages if p.startswith("services/trainer")]
         check = "import sys, services.protocol; assert 'torch' not in sys.modules"
-        subprocess.run([sys.executable, "-c", check], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)})
+        subprocess.run(
+            [sys.executable, "-c", check], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)}
+        )

@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+
 from support.compose import ENV_EXAMPLE, VLLM_SERVICES, compose_config
 from support.vllm_server import LAUNCHER
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.trainer_process import TrainerProcess
 
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.trainer_process import TrainerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

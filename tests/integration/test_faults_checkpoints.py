@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from support.trainer_process import TrainerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

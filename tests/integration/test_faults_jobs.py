@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.scripted_server import Rule
 
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.scripted_server import Rule
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

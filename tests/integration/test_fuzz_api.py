@@ -15,16 +15,15 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
-# ruff: noqa: E402  (schemathesis first: without it the module is skipped, not failed)
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
-from support.scripted_server import ScriptedServer, ServerConfig
-from support.trainer_process import TrainerProcess
 
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.scripted_server import ScriptedServer, ServerConfig
+from support.trainer_process import TrainerProcess
 
 pytestmark = pytest.mark.integration
 

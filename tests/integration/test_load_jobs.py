@@ -14,9 +14,9 @@ from collections import Counter
 
 import httpx
 import pytest
-from support.scripted_server import ScriptedServer, ServerConfig
 
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.scripted_server import ScriptedServer, ServerConfig
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ from collections import Counter
 
 import httpx
 import pytest
+
 from support.trainer_process import TrainerProcess
 
 pytestmark = pytest.mark.integration

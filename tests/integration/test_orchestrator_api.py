@@ -10,10 +10,10 @@ import signal
 
 import httpx
 import pytest
-from support.scripted_server import ScriptedServer, ServerConfig
 
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.scripted_server import ScriptedServer, ServerConfig
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.scripted_server import admin
 
 from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.clients.trainer import TrainerClient
@@ -17,6 +16,7 @@ from orchestrator.search.mcts import SearchServices, run_search
 from orchestrator.search.teachers import TeacherEnsemble
 from orchestrator.search.terminal import TerminalChecker
 from orchestrator.settings import EndpointSpec, SearchConfig
+from support.scripted_server import admin
 
 pytestmark = pytest.mark.integration
 SERVER = Path(__file__).resolve().parents[1] / "support" / "scripted_server.py"

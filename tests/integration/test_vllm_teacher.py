@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.vllm_server import VLLMServer
 
 from orchestrator.clients.llm import LLMError, LLMPool
 from orchestrator.gsm8k.data import load_gsm8k
@@ -21,6 +20,7 @@ from orchestrator.local.processes import free_port, orchestrator_process
 from orchestrator.runners.evaluation import answer_all, build_report
 from orchestrator.search.mcts import SearchServices, run_search
 from orchestrator.settings import OPENROUTER_MODELS, EndpointSpec, SearchConfig, Settings
+from support.vllm_server import VLLMServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 

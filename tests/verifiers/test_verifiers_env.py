@@ -10,11 +10,10 @@ import pytest
 
 vf = pytest.importorskip("verifiers.v1", reason="needs the verifiers extra: pip install -e '.[verifiers]'")
 
-from support.scripted_server import ScriptedServer, ServerConfig  # noqa: E402
-
-from orchestrator.clients.trainer import TrainerClient  # noqa: E402
-from orchestrator.gsm8k.data import load_gsm8k, question_messages  # noqa: E402
-from orchestrator.settings import RewardWeights  # noqa: E402
+from orchestrator.clients.trainer import TrainerClient
+from orchestrator.gsm8k.data import load_gsm8k, question_messages
+from orchestrator.settings import RewardWeights
+from support.scripted_server import ScriptedServer, ServerConfig
 
 ENV_ID = "alphazero-llm-trainer"
 

@@ -9,12 +9,12 @@ from collections import Counter
 import httpx
 import pytest
 import uvicorn
-from support.scripted_server import free_port
 
 from orchestrator.clients.http_transport import LeanHTTPTransport, lean_transport_for
 from orchestrator.clients.llm import LLMPool
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.settings import EndpointSpec
+from support.scripted_server import free_port
 
 
 def reply(body: bytes, *headers: str, status: str = "200 OK") -> bytes:

@@ -2,10 +2,10 @@ import asyncio
 import json
 
 import pytest
-from support.scripted_server import Rule
 
 from orchestrator.clients.llm import LLMError, LLMPool, LogprobsUnavailable, RetryPolicy, parse_retry_after
 from orchestrator.settings import EndpointSpec
+from support.scripted_server import Rule
 
 FAST = RetryPolicy(max_retries=2, backoff_base_s=0.001, backoff_max_s=0.01)
 USER = [{"role": "user", "content": "q"}]

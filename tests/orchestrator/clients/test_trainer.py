@@ -1,8 +1,8 @@
 import pytest
-from support.scripted_server import Rule
 
 from orchestrator.clients.llm import RetryPolicy
 from orchestrator.clients.trainer import TrainerClient, TrainerError
+from support.scripted_server import Rule
 
 FAST = RetryPolicy(max_retries=2, backoff_base_s=0.001, backoff_max_s=0.01)
 

@@ -2,7 +2,6 @@ import asyncio
 import math
 
 import pytest
-from support.scripted_server import token_logprobs
 
 from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.clients.trainer import TrainerClient
@@ -12,6 +11,7 @@ from orchestrator.search.mcts import SearchServices, run_search, run_searches
 from orchestrator.search.teachers import TeacherEnsemble
 from orchestrator.search.terminal import TerminalChecker
 from orchestrator.settings import EndpointSpec, SearchConfig, Settings
+from support.scripted_server import token_logprobs
 
 PROBLEM = Problem(id="t-0", prompt="What is 6 * 7?", answer="42")
 

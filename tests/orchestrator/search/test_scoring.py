@@ -1,11 +1,11 @@
 import asyncio
 
 import pytest
-from support.scripted_server import Rule, token_logprobs
 
 from orchestrator.clients.llm import RetryPolicy
 from orchestrator.clients.trainer import TrainerClient, TrainerError
 from orchestrator.search.scoring import ScoreBatcher
+from support.scripted_server import Rule, token_logprobs
 
 
 def scoring_items(*completions):

@@ -1,11 +1,11 @@
 import collections
 
 import pytest
-from support.scripted_server import Rule
 
 from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.search.teachers import AllTeachersFailed, TeacherEnsemble, first_line, teacher_messages
 from orchestrator.settings import EndpointSpec
+from support.scripted_server import Rule
 
 
 def ep(name: str, tier: str | None = None, url: str = "http://127.0.0.1:9/v1", timeout: float = 2.0):

@@ -1,11 +1,11 @@
 import asyncio
 
 import pytest
-from support.scripted_server import Rule
 
 from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.search.terminal import TerminalChecker, rule_verdict
 from orchestrator.settings import EndpointSpec
+from support.scripted_server import Rule
 
 
 @pytest.mark.parametrize(
