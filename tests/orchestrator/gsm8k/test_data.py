@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.gsm8k.data import GSM8K_INSTRUCTION, Problem, load_gsm8k, question_messages
 
-GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
+GSM8K = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "gsm8k"
 pytestmark = pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k not beside the repo")
 
 
