@@ -1,4 +1,5 @@
-"""GPU trainer benchmark: the trainer's own engine (services/trainer/student.py) against the naive baseline.
+"""GPU trainer benchmark: the trainer's own engine (services/trainer/student.py) against the naive baseline, and
+its two CUDA backends (--backend transformers | unsloth) against each other.
 
 Run on a CUDA machine from the repository root (bitsandbytes and the service's pure-Python needs on PYTHONPATH),
 e.g. the headline 4-bit run of bench/RESULTS.md:
@@ -7,7 +8,8 @@ e.g. the headline 4-bit run of bench/RESULTS.md:
 
 For each model:quant[:stages] entry it writes a random bf16 model of bench/configs/<model>/config.json to a
 scratch directory (weights on disk, so the engine takes its real from_pretrained path: NF4 via bitsandbytes or
-bf16), loads it with services.trainer.student.load_student (LoRA r=32 on all projections, 8-bit AdamW), and times:
+bf16; the tokenizer is --tokenizer's files, or else a word-level one covering the whole vocabulary), loads it with
+services.trainer.loading.load_student (LoRA r=32 on all projections, 8-bit AdamW) through --backend, and times:
 - naive: the original's way (bench/gpu_naive.py) on the same loaded model, before any change;
 - generate: Student.generate (the /v1/completions work), with the engine's sampler and with device sampling;
 - then, stage by stage, the proposed changes to the engine (cumulative, see apply_stage; "engine" = the code as
@@ -17,11 +19,21 @@ tokens/s counts prompt + completion tokens (prompt = L/4); peak = torch.cuda.max
 calls (weights, optimizer state and activations); times are medians of --repeat calls after --warmup.
 MFU = 6 * params * tokens / seconds / 989e12 (H100 dense bf16 datasheet); 6N = reference forward + forward +
 backward of a LoRA step (activation checkpointing adds a forward that is not counted).
+
+Backends (each in its own process: Unsloth patches transformers on import), e.g. on one machine:
+    python3 bench/gpu_bench.py --backend transformers --configs llama-3.2-3b:nf4:engine --grid 8x512,16x512 \
+        --naive-grid "" --gen-quants nf4 --gen-tokens 32 --service-check --out transformers.json
+    python3 bench/gpu_bench.py --backend unsloth ... --out unsloth.json
+Only the engine as the backend loads it is timed under Unsloth (the stages and the naive baseline patch or copy
+the model the transformers way). --service-check loads the student through the trainer service instead (the real
+app in-process) and first runs bench/gpu_service.py's round on it (generate, /logprobs, /grpo/step, checkpoints),
+recorded under "service" in the output. bench/gpu_backends.sh runs both backends on the lent GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -51,7 +63,8 @@ def log(*parts) -> None:
 # ---------------------------------------------------------------- models
 
 def random_model_dir(name: str, scratch: Path, tokenizer_dir: Path | None) -> Path:
-    """A HF directory with random bf16 weights for bench/configs/<name> (built once, on the GPU)."""
+    """A HF directory with random bf16 weights for bench/configs/<name> (built once, on the GPU), with the
+    tokenizer files of tokenizer_dir, or a word-level tokenizer of the model's whole vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     target = scratch / name
@@ -65,22 +78,65 @@ def random_model_dir(name: str, scratch: Path, tokenizer_dir: Path | None) -> Pa
     if tokenizer_dir is not None:
         for file in tokenizer_dir.iterdir():
             shutil.copy(file, target / file.name)
+    else:
+        word_level_tokenizer(config).save_pretrained(target)
     (target / ".complete").write_text("ok")
     del model
     torch.cuda.empty_cache()
     return target
 
 
-def load_engine_student(path: Path, quant: str, scratch: Path):
-    """The product's own engine (services.trainer.student.load_student), as the trainer service loads it."""
+def word_level_tokenizer(config):
+    """A tokenizer whose every id is one word "<tN>" (space-separated in text), over the model's whole vocabulary:
+    any id a random model samples decodes, and text made of such words encodes back to the same ids. Its pad and
+    eos are the config's own ids (Llama 3: 128004 and 128009), so no backend adds a pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = config.eos_token_id[-1] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    pad = 128004 if config.vocab_size > 128004 else 0
+    words = Tokenizer(models.WordLevel({f"<t{i}>": i for i in range(config.vocab_size)}, unk_token="<t0>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token=f"<t{config.bos_token_id}>",
+                                   eos_token=f"<t{eos}>", pad_token=f"<t{pad}>", unk_token="<t0>")
+
+
+def prompt_text(length: int, seed: int) -> str:
+    """A prompt of `length` word-level tokens (see word_level_tokenizer)."""
+    ids = random_batch(1, length, seed)[0][0].tolist()
+    return " ".join(f"<t{i}>" for i in ids)
+
+
+def engine_settings(path: Path, quant: str, scratch: Path, backend: str):
     from services.trainer.settings import TrainerSettings
+
+    return TrainerSettings(model_source=str(path), device="cuda", load_in_4bit=quant == "nf4", backend=backend,
+                           max_context=8192, checkpoint_dir=scratch / f"checkpoints-{backend}", learning_rate=1e-4)
+
+
+def load_engine_student(path: Path, quant: str, scratch: Path, backend: str = "transformers"):
+    """The product's own engine (services.trainer.loading.load_student), as the trainer service loads it."""
     from services.trainer.loading import load_student
 
-    settings = TrainerSettings(model_source=str(path), device="cuda", load_in_4bit=quant == "nf4",
-                               backend="transformers", max_context=8192, checkpoint_dir=scratch / "checkpoints")
-    student = load_student(settings)
+    student = load_student(engine_settings(path, quant, scratch, backend))
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     return student
+
+
+@contextlib.contextmanager
+def service_student(path: Path, quant: str, scratch: Path, backend: str, prompt: str, report: dict):
+    """The trainer service (the real app, in-process) on the model: runs bench/gpu_service.py's round, puts its
+    report in `report`, and yields the service's own Student (or None when the load failed)."""
+    from fastapi.testclient import TestClient
+
+    from bench.gpu_service import ServiceRound
+    from services.trainer.api import create_app
+
+    with TestClient(create_app(engine_settings(path, quant, scratch, backend))) as client:
+        report.update(ServiceRound(client, prompt).run(ready_timeout=900))
+        engine = client.app.state.loader.engine
+        torch.set_num_threads(min(torch.get_num_threads(), 8))
+        yield engine.student if engine is not None else None
 
 
 def count_params(name: str) -> int:
@@ -199,15 +255,28 @@ def row(**fields) -> dict:
     return fields
 
 
-def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None) -> list[dict]:
+def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None,
+                 service: dict) -> list[dict]:
+    path = random_model_dir(name, scratch, tok_dir)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if not args.service_check:
+        return bench_student(load_engine_student(path, quant, scratch, args.backend), name, quant, stages, args)
+    report = service.setdefault(f"{name}:{quant}", {})
+    with service_student(path, quant, scratch, args.backend, prompt_text(96, seed=2), report) as student:
+        if student is None:
+            return []
+        return bench_student(student, name, quant, stages, args)
+
+
+def bench_student(student, name: str, quant: str, stages: list[str], args) -> list[dict]:
     from services.protocol import LossSettings as LossConfig
 
     rows = []
-    path = random_model_dir(name, scratch, tok_dir)
     params = count_params(name)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    student = load_engine_student(path, quant, scratch)
-    common = dict(model=name, quant=quant, params=params, device=torch.cuda.get_device_name())
+    trainable = sum(p.numel() for p in student.trainable)
+    common = dict(model=name, quant=quant, params=params, device=torch.cuda.get_device_name(),
+                  backend=student.backend, trainable_params=trainable)
+    log("loaded", student.backend, "trainable parameters", trainable)
 
     def flops_share(tokens: int, sec: float) -> float:
         return 6 * params * tokens / sec / H100_BF16_FLOPS
@@ -287,7 +356,6 @@ def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, 
                                 error=f"{type(exc).__name__}: {exc}"[:300], **common))
     if want_gen and args.gen_after_stages:
         rows += time_generation(student, args, common, suffix="+" + "+".join(applied))
-    del student
     gc.collect()
     torch.cuda.empty_cache()
     return rows
@@ -342,30 +410,47 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one step of the last stage")
     parser.add_argument("--gen-after-stages", action="store_true", help="time generation again after the stages")
     parser.add_argument("--gen-quants", default="nf4,bf16", help="quantisations whose generation is timed")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "unsloth"],
+                        help="the trainer's CUDA backend (TRAINER_BACKEND)")
+    parser.add_argument("--service-check", action="store_true",
+                        help="load through the trainer service and run bench/gpu_service.py's round first")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     args.grid, args.stage_grid, args.naive_grid = split(args.grid), split(args.stage_grid), split(args.naive_grid)
     tok_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else None
     scratch = Path(args.scratch)
-    rows = []
+    rows, service = [], {}
     command = "python3 bench/gpu_bench.py " + " ".join(sys.argv[1:])
     for entry in split(args.configs):
         name, quant, *own = entry.split(":")
         stages = own[0].split("+") if own else split(args.stages_nf4 if quant == "nf4" else args.stages_bf16)
-        log("config", name, quant, stages)
-        rows += bench_config(name, quant, stages, args, scratch, tok_dir)
+        if args.backend != "transformers" and (stages != ["engine"] or args.naive_grid):
+            parser.error("under --backend unsloth only the engine is timed: give model:quant:engine and "
+                         "--naive-grid ''")
+        log("config", name, quant, stages, "backend", args.backend)
+        try:
+            rows += bench_config(name, quant, stages, args, scratch, tok_dir, service)
+        except Exception as exc:  # noqa: BLE001 - a load that fails is a result; the file still gets written
+            rows.append(row(op="load", path=args.backend, batch=0, length=0, model=name, quant=quant,
+                            backend=args.backend, error=f"{type(exc).__name__}: {exc}"[:2000]))
         if args.out:
-            Path(args.out).write_text(json.dumps({"rows": rows, "command": command,
-                                                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                                 indent=1))
+            result = {"rows": rows, "command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            if args.service_check:
+                result["service"] = service
+            Path(args.out).write_text(json.dumps(result, indent=1))
     print_table(rows)
+    for key, report in service.items():
+        failed = [n for n, c in report.get("checks", {}).items() if not c["ok"]]
+        broken = [n for n, st in report.get("stages", {}).items() if not st["ok"]]
+        log("service", key, "passed" if report.get("passed") else f"FAILED stages {broken} checks {failed}")
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':13} {'q':4} {'op':8} {'path':28} {'BxL':8} {'tok/s':>8} {'GiB':>6} {'mfu':>6}")
+    print(f"{'model':13} {'q':4} {'backend':12} {'op':8} {'path':28} {'BxL':8} {'tok/s':>8} {'GiB':>6} {'mfu':>6}")
     for r in rows:
-        head = f"{r['model']:13} {r['quant']:4} {r['op']:8} {r['path']:28} {str(r['batch']) + 'x' + str(r['length']):8}"
+        head = (f"{r['model']:13} {r['quant']:4} {r.get('backend', 'transformers'):12} {r['op']:8} {r['path']:28} "
+                f"{str(r['batch']) + 'x' + str(r['length']):8}")
         if "error" in r:
             print(head, "ERROR", r["error"][:60])
             continue
