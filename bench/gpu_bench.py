@@ -431,7 +431,7 @@ def main() -> None:
         log("config", name, quant, stages, "backend", args.backend)
         try:
             rows += bench_config(name, quant, stages, args, scratch, tok_dir, service)
-        except Exception as exc:  # noqa: BLE001 - a load that fails is a result; the file still gets written
+        except Exception as exc:  # a load that fails is a result; the file still gets written
             rows.append(row(op="load", path=args.backend, batch=0, length=0, model=name, quant=quant,
                             backend=args.backend, error=f"{type(exc).__name__}: {exc}"[:2000]))
         if args.out:

@@ -27,15 +27,11 @@ log = logging.getLogger(__name__)
 ADAPTER = "default"  # the one adapter the trainer attaches (peft's default name)
 
 
-def merge_blocker(peft_model, backend: str) -> str | None:
-    """Why the adapter cannot be merged into plain weights here, or None when it can. The one place that decides
-    whether generation uses the plain models or keeps going through the peft model."""
+def merge_blocker(peft_model) -> str | None:
+    """Why this model's adapter cannot be merged into plain weights, or None when it can. With the backend's own
+    verdict (backends.Backend.merged_decode_off), it decides whether generation uses the plain models."""
     from peft.tuners.lora import LoraLayer
 
-    if backend != "transformers":
-        # Unsloth patches the model's forward and layers in place (its own fast LoRA kernels) and loads 4-bit
-        # weights; a plain transformers copy of its modules would be neither its model nor mergeable.
-        return f"the {backend} backend"
     causal_lm = peft_model.get_base_model()
     if getattr(causal_lm, "quantization_config", None) is not None:
         # bitsandbytes 4-bit weights are packed: W0 + B @ A would have to be re-quantised on every sync, which

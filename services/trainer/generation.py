@@ -4,7 +4,8 @@ Prompts are left-padded and prefilled once each; the KV cache is then expanded s
 its prefill. Finished rows leave the batch (their cache rows are dropped). Between decode steps `admit(free_rows)`
 may hand over new requests, which are prefilled and joined to the running batch; `on_done(index, samples)`
 reports each request as soon as all its samples are finished. Generation runs through plain copies of the model
-with the adapter merged in where it can (decode_weights.py), else through the peft model.
+with the adapter merged in where it can (decode_weights.py), else through the model as the backend has generation
+call it (Student.decoding).
 """
 
 from __future__ import annotations
@@ -44,12 +45,7 @@ class DecodeLoop:
         s = self.student
         # Decoding runs the layers eagerly: compiled layers would recompile for every KV-cache length.
         stance = torch.compiler.set_stance("force_eager") if s.compiled else contextlib.nullcontext()
-        if s.merged_decoder is not None:
-            model = s.merged_decoder.model(use_adapter, s.adapter_version)
-            context = contextlib.nullcontext()
-        else:
-            model, context = s.model, s.adapter(use_adapter)
-        with stance, context:
+        with stance, s.decoding(use_adapter) as model:
             return self._run(model, list(requests), admit, on_done)
 
     def _prefill(

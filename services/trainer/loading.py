@@ -1,19 +1,24 @@
-"""Loading the student: resolve the model source, load the backend that fits the machine (Unsloth on CUDA when
-installed; else transformers + peft, bitsandbytes 4-bit on CUDA, float32 on CPU), attach a fresh LoRA adapter,
-and make the optimizer."""
+"""Loading the student: resolve the model source, load the backend the settings ask for (TRAINER_BACKEND: Unsloth,
+or transformers + peft with bitsandbytes 4-bit on CUDA and float32 on CPU; auto = Unsloth on CUDA when installed),
+attach a fresh LoRA adapter, and make the optimizer. What the backend lets the Student do comes back with it
+(backends.py)."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from .backends import Backend, BackendUnavailable, transformers_backend, unsloth_backend
 from .model_source import ModelSourceError, ResolvedModel, resolve_model
 from .settings import TrainerSettings
 from .student import Student
+
+log = logging.getLogger(__name__)
 
 
 def load_student(settings: TrainerSettings) -> Student:
@@ -22,17 +27,25 @@ def load_student(settings: TrainerSettings) -> Student:
     torch.manual_seed(settings.seed)  # LoRA A matrices are random; B starts at zero
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve_model(settings.model_source, settings.model_cache_dir)
-    want_unsloth = settings.backend == "unsloth" or (
-        settings.backend == "auto"
-        and device.type == "cuda"
-        and importlib.util.find_spec("unsloth") is not None
-    )
-    if want_unsloth and resolved.kind != "random":
-        model, tokenizer = _load_unsloth(resolved.path, settings)
-        backend = "unsloth"
+    unsloth_here = device.type == "cuda" and importlib.util.find_spec("unsloth") is not None
+    if settings.backend == "unsloth" and not unsloth_here:
+        raise BackendUnavailable(
+            "TRAINER_BACKEND=unsloth needs a CUDA device and the unsloth package (pip install '.[gpu]'); "
+            f"device {device}, unsloth {'installed' if importlib.util.find_spec('unsloth') else 'not installed'}"
+        )
+    want_unsloth = settings.backend == "unsloth" or (settings.backend == "auto" and unsloth_here)
+    if want_unsloth and resolved.kind == "random":
+        log.warning(
+            "%s holds no weights (a random-init model): Unsloth cannot load it, transformers does",
+            resolved.path,
+        )
+        want_unsloth = False
+    if want_unsloth:
+        model, tokenizer, backend = _load_unsloth(resolved, settings)
     else:
-        model, tokenizer = _load_transformers(resolved, settings, device)
-        backend = "transformers"
+        model, tokenizer, backend = _load_transformers(resolved, settings, device)
+    for note in backend.notes:
+        log.info("%s backend: %s", backend.name, note)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings, device)
@@ -52,14 +65,30 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
-def _load_unsloth(path: str, settings: TrainerSettings) -> tuple[Any, Any]:
+def _load_unsloth(resolved: ResolvedModel, settings: TrainerSettings) -> tuple[Any, Any, Backend]:
+    # Unsloth's load fetches a README from the hub as usage statistics unless this is set (or it loads offline).
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     from unsloth import (  # pyright: ignore[reportMissingImports]  (the gpu extra)
         FastLanguageModel,  # imported only here: it patches transformers on import
     )
 
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=path, max_seq_length=settings.max_context, load_in_4bit=settings.load_in_4bit, dtype=None
-    )
+    # A local directory loads as it is: no hub look-up, and no renaming to one of Unsloth's pre-quantised repos.
+    local = resolved.kind == "hf_dir"
+    checkpointing = "unsloth" if settings.gradient_checkpointing else False
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=resolved.path,
+            max_seq_length=settings.max_context,
+            load_in_4bit=settings.load_in_4bit,
+            dtype=None,  # bf16 where the GPU has it
+            local_files_only=local,
+            use_exact_model_name=local,
+            use_gradient_checkpointing=checkpointing,
+            offload_embedding=False,  # decoding reads the embeddings at every step: they stay on the GPU
+            random_state=settings.seed,
+        )
+    except Exception as exc:  # a missing or corrupt model, an architecture Unsloth does not know
+        raise ModelSourceError(f"model_source: Unsloth cannot load {resolved.path}: {exc}") from exc
     model = FastLanguageModel.get_peft_model(
         model,
         r=settings.lora_r,
@@ -67,14 +96,24 @@ def _load_unsloth(path: str, settings: TrainerSettings) -> tuple[Any, Any]:
         lora_dropout=settings.lora_dropout,
         target_modules=list(settings.lora_target_modules),
         bias="none",
+        use_gradient_checkpointing=checkpointing,
         random_state=settings.seed,
     )
-    return model, tokenizer
+    torch.backends.cuda.matmul.allow_tf32 = True
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if trained:  # Unsloth added a token (e.g. a pad) and trains the embeddings and head in full
+        log.warning(
+            "Unsloth trains more than the LoRA adapter (%d tensors, e.g. %s): the checkpoints hold them too, "
+            "and the lm_head is not fused into the log-softmax",
+            len(trained),
+            trained[:2],
+        )
+    return model, tokenizer, unsloth_backend()
 
 
 def _load_transformers(
     resolved: ResolvedModel, settings: TrainerSettings, device: torch.device
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, Backend]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -113,13 +152,13 @@ def _load_transformers(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    if device.type == "cuda":
-        _speed_up_cuda(model, settings)
-    return model, tokenizer
+    compiled = device.type == "cuda" and _speed_up_cuda(model, settings)
+    return model, tokenizer, transformers_backend(compiled_layers=compiled)
 
 
-def _speed_up_cuda(model: Any, settings: TrainerSettings) -> None:
-    """Activation checkpointing, TF32 for what stays float32, and a compiled decoder layer (bench/RESULTS.md)."""
+def _speed_up_cuda(model: Any, settings: TrainerSettings) -> bool:
+    """Activation checkpointing, TF32 for what stays float32, and a compiled decoder layer (bench/RESULTS.md);
+    True when the layers are compiled."""
     torch.backends.cuda.matmul.allow_tf32 = True
     if settings.gradient_checkpointing:  # only active in train mode, i.e. inside grpo_step
         model.get_base_model().gradient_checkpointing_enable(
@@ -133,4 +172,4 @@ def _speed_up_cuda(model: Any, settings: TrainerSettings) -> None:
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
         for layer in model.get_base_model().model.layers:
             layer.compile()
-        model.compiled_layers = True
+    return settings.compile_layers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from services.protocol import LossSettings
 
+from .backends import Backend
 from .decode_weights import MergedDecoder, merge_blocker
 from .generation import Admit, DecodeLoop, OnDone
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem, StepResult
@@ -35,7 +37,7 @@ class Student:
         tokenizer: Any,
         optimizer: torch.optim.Optimizer,
         *,
-        backend: str,
+        backend: Backend,
         device: torch.device,
         name: str,
         settings: TrainerSettings,
@@ -43,7 +45,7 @@ class Student:
         self.model = model  # a peft model
         self.tokenizer = tokenizer
         self.optimizer = optimizer
-        self.backend = backend
+        self.backend = backend.name
         self.device = device
         self.name = name
         self.max_context = settings.max_context
@@ -69,23 +71,34 @@ class Student:
         )
         # bf16 autocast on CUDA: the float32 LoRA weights join the bf16 matmuls instead of upcasting activations.
         self.autocast = device.type == "cuda"
-        self.compiled = bool(getattr(model, "compiled_layers", False))
+        self.compiled = backend.compiled_layers
         # transformers 5.x renamed the KV-cache argument from past_key_values to cache.
         self.cache_arg = (
             "cache" if "cache" in inspect.signature(causal_lm.forward).parameters else "past_key_values"
         )
         model.eval()
         # Generation decodes through plain copies with the adapter merged in (decode_weights.py: peft's wrappers
-        # cost ~35% of a decode step); None = through the peft model, where merging is not possible.
-        blocker = merge_blocker(model, backend)
+        # cost ~35% of a decode step); None = through the model as the backend has it, where merging is not possible.
+        blocker = backend.merged_decode_off or merge_blocker(model)
         self.merged_decoder = MergedDecoder(model) if blocker is None else None
         if blocker is not None:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
+        self.backend_decoding = backend.decoding
         self.decode_loop = DecodeLoop(self)
 
     def adapter(self, enabled: bool) -> AbstractContextManager[Any]:
         """Context in which the model runs with its LoRA adapter on ("student") or off ("base")."""
         return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+
+    @contextlib.contextmanager
+    def decoding(self, use_adapter: bool) -> Iterator[Any]:
+        """The model generation calls, with the adapter on or off: a merged plain copy where there is one, else
+        the model as the backend has generation call it (backends.py)."""
+        if self.merged_decoder is not None:
+            yield self.merged_decoder.model(use_adapter, self.adapter_version)
+            return
+        with self.adapter(use_adapter), self.backend_decoding(self.model) as model:
+            yield model
 
     # ----- the three operations -----
     def generate(

@@ -69,7 +69,7 @@ def probe_versions(*specifier_sets) -> list[Version]:
     for specifiers in specifier_sets:
         for spec in specifiers:
             base = Version(spec.version.replace(".*", ".0"))
-            major, minor, micro = (list(base.release) + [0, 0])[:3]
+            major, minor, micro = [*base.release, 0, 0][:3]
             probes |= {base, Version(f"{major}.{minor}.{micro + 1}"), Version(f"{major}.{minor + 1}.0"),
                        Version(f"{major + 1}.0.0")}
             if micro:

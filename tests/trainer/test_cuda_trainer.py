@@ -1,13 +1,16 @@
-"""The trainer service's CUDA path: 4-bit NF4 base + LoRA (bitsandbytes, peft), bf16 compute, 8-bit AdamW.
+"""The trainer service's CUDA path: 4-bit NF4 base + LoRA, bf16 compute, 8-bit AdamW, through either backend.
 
-Runs only on a machine with a CUDA GPU (the lent H100: see bench/RESULTS.md, section GPU trainer); skipped
-elsewhere. The model is a tiny random Llama with a byte-level BPE tokenizer trained here, so nothing is
-downloaded; the routes are exercised in-process through the real FastAPI app.
+CUDA_TEST_BACKEND picks the backend the module runs (one per process: Unsloth patches transformers on import):
+transformers (transformers + peft + bitsandbytes, the default) or unsloth. Runs only on a machine with a CUDA GPU
+(the lent H100/H200: bench/RESULTS.md, bench/gpu_backends.sh runs it with both); skipped elsewhere. The model is a
+tiny random Llama with a byte-level BPE tokenizer trained here, so nothing is downloaded; the routes are exercised
+in-process through the real FastAPI app.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +21,8 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+BACKEND = os.environ.get("CUDA_TEST_BACKEND", "transformers")
+assert BACKEND in ("transformers", "unsloth"), f"CUDA_TEST_BACKEND={BACKEND!r}: transformers or unsloth"
 
 CORPUS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -59,6 +64,9 @@ def write_tiny_random_model(target: Path) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
+        # Larger than the usual 0.02, so the next-token distribution depends clearly on the context: a decode step
+        # that lost its KV cache then shows in the log-probs (test_generation_agrees_with_scoring).
+        initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -83,7 +91,7 @@ def cuda_client(tmp_path_factory):
         model_source=str(model_dir),
         device="cuda",
         load_in_4bit=True,
-        backend="auto",
+        backend=BACKEND,
         learning_rate=1e-3,
         max_context=512,
         checkpoint_dir=root / "checkpoints",
@@ -116,7 +124,7 @@ def test_health_reports_the_cuda_backend(cuda_client):
     health = client.get("/health").json()
     assert health["status"] == "ok"
     assert health["device"].startswith("cuda")
-    assert health["backend"] in ("transformers", "unsloth")
+    assert health["backend"] == BACKEND
 
 
 def test_student_is_4bit_nf4_with_bf16_compute_and_8bit_adamw(cuda_client):
@@ -205,3 +213,48 @@ def test_a_grpo_step_over_very_different_lengths_has_a_finite_gradient(cuda_clie
     )
     assert step.status_code == 200, step.text
     assert math.isfinite(step.json()["grad_norm"]) and step.json()["grad_norm"] > 0.0
+
+
+def test_generation_agrees_with_scoring(cuda_client):
+    """The log-probs the decode loop reports for its greedy tokens are what /logprobs gives the same ids, for the
+    student and the base, and much closer to them than to scores without the prompt (what a decode step that lost
+    its KV cache would see)."""
+    from services.trainer.items import GenerationRequest, ScoreItem
+
+    _, app = cuda_client
+    student = app.state.loader.engine.student
+    prompt = student.tokenizer(
+        "Natalia sold clips to 48 of her friends in April, and then", add_special_tokens=False
+    ).input_ids
+    for use_adapter in (True, False):
+        (sample,) = student.generate(
+            [GenerationRequest(prompt, max_tokens=12, temperature=0, logprobs=0)], use_adapter=use_adapter
+        )[0]
+        ids = sample.token_ids
+        assert ids and sample.token_logprobs is not None
+        generated = sample.token_logprobs[: len(ids)]
+        (full,) = student.logprobs([ScoreItem(prompt, ids)], use_adapter=use_adapter)
+        (cut,) = student.logprobs([ScoreItem(prompt[-1:], ids)], use_adapter=use_adapter)
+        error = sum(abs(a - b) for a, b in zip(generated, full, strict=True)) / len(ids)
+        context = sum(abs(a - b) for a, b in zip(full, cut, strict=True)) / len(ids)
+        assert error < 0.3 and error < 0.2 * context, (use_adapter, error, context)
+
+
+def test_a_checkpoint_brings_the_student_back(cuda_client):
+    client, _ = cuda_client
+    saved = client.post("/checkpoints", json={"name": "cuda-round"})
+    assert saved.status_code == 200, saved.text
+    at_save = client.post("/logprobs", json={"model": "student", "items": ITEMS}).json()
+    items = [{**item, "advantage": adv} for item, adv in zip(ITEMS, (-1.0, 1.0), strict=True)]
+    step = client.post("/grpo/step", json={"items": items, "loss": {"type": "grpo", "learning_rate": 1e-2}})
+    assert step.status_code == 200, step.text
+    moved = client.post("/logprobs", json={"model": "student", "items": ITEMS}).json()
+    assert moved["results"][0]["token_logprobs"] != pytest.approx(
+        at_save["results"][0]["token_logprobs"], abs=1e-4
+    )
+    loaded = client.post("/checkpoints/load", json={"name": "cuda-round"})
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["adapter_version"] == saved.json()["adapter_version"]
+    back = client.post("/logprobs", json={"model": "student", "items": ITEMS}).json()
+    for got, want in zip(back["results"], at_save["results"], strict=True):
+        assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-3)

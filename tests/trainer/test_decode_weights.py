@@ -37,7 +37,7 @@ def student(tiny_random_model_dir, tmp_path):
 
 
 def test_the_transformers_backend_merges_and_shares_the_base_tensors(student):
-    assert student.merged_decoder is not None and merge_blocker(student.model, "unsloth") is not None
+    assert student.merged_decoder is not None and merge_blocker(student.model) is None
     peft_base = {t.data_ptr() for t in student.model.get_base_model().parameters()}
     # base shares every tensor; the student owns only its target weights
     assert {t.data_ptr() for t in student.merged_decoder.base.parameters()} <= peft_base
