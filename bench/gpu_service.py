@@ -75,6 +75,9 @@ class ServiceRound:
         completions = [c["text"] for c in sampled["choices"]] if sampled else []
         completions = [c for c in completions if c.strip()] or [" 1 2 3 4"]
         before = self.stage("logprobs", lambda: self.logprobs_pair(completions))
+        if before:  # no step yet: LoRA B is zero, so the student is the base
+            same = max_diff(before["student"], before["base"])
+            self.check("student scores as the base before any step (max |d logp|)", same, same < SAME_AS_BASE)
         if before and sampled:
             self.stage("grpo_step", lambda: self.step(completions, sampled["choices"], before["student"]))
         after = self.stage("logprobs_after", lambda: self.logprobs_pair(completions))
