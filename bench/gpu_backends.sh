@@ -56,19 +56,23 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run it under a timeout, log to
 install_wheels() {  # install_wheels DIR...: every wheel of the DIRs present, into $W/site, without dependencies
     local wheels=()
     for dir in "$@"; do [ -d "$dir" ] && wheels+=("$dir"/*.whl); done
-    [ ${#wheels[@]} -eq 0 ] && return 0
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "${wheels[@]}"
+    if [ ${#wheels[@]} -eq 0 ]; then
+        echo "install: no wheels in $* (carry them)" | tee -a "$LOG/stages.txt"
+        return
+    fi
+    stage install 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$W/site" "${wheels[@]}"
 }
 
 if [ "$PHASE" = transformers ]; then
-    stage install 120 install_wheels .whl .whl-u1
+    install_wheels .whl .whl-u1
 else
     if [ ! -d "$W/site/bitsandbytes" ] || [ ! -d "$W/site/fastapi" ]; then
         echo "no bitsandbytes/fastapi under $W/site: run 'bash bench/gpu_backends.sh transformers' (carry .whl" \
              ".whl-u1) on this machine first, then this call while it is still warm" | tee "$LOG/stages.txt"
         exit 3
     fi
-    stage install 120 install_wheels .whl .whl-u2
+    install_wheels .whl .whl-u2
 fi
 python3 - > "$LOG/env.txt" 2>&1 <<'EOF'
 import importlib.metadata as md, torch
