@@ -13,8 +13,9 @@ Unsloth (FastLanguageModel), as read from the source of the pinned release (dock
   returns the final-normed hidden states, and the lm_head stays frozen in bf16 (Unsloth trains the LoRA weights
   only), unless Unsloth added a token (a pad equal to eos with no spare token to use): then the head is trained,
   the Student's head check turns the fusion off, and the load logs it.
-- regional compile: off. Unsloth compiles each decoder block itself in training mode (models/_block_compile.py,
-  torch >= 2.11; UNSLOTH_BLOCK_COMPILE=0 turns that off), around its own forwards and LoRA kernels.
+- regional compile: ours off. Unsloth compiles each decoder block itself in training mode
+  (models/_block_compile.py, torch >= 2.11), around its own forwards and LoRA kernels; TRAINER_COMPILE_LAYERS=false
+  turns that off too (UNSLOTH_BLOCK_COMPILE=0).
 - gradient checkpointing: Unsloth's own (use_gradient_checkpointing="unsloth", activations offloaded to host
   memory) when TRAINER_GRADIENT_CHECKPOINTING is on; transformers' is not added on top.
 - merged-weight decode copies: off. The base is 4-bit, and a plain copy would not be the patched model.
@@ -85,7 +86,7 @@ def transformers_backend(*, compiled_layers: bool) -> Backend:
 
 
 UNSLOTH_NOTES = (
-    "regional compile off: Unsloth compiles each decoder block itself when training",
+    "regional compile is Unsloth's own: it compiles each decoder block when training (TRAINER_COMPILE_LAYERS)",
     "gradient checkpointing is Unsloth's own (activations offloaded to host memory)",
     "generation runs transformers' forwards: Unsloth's decode step keeps its own KV cache, which the continuous "
     "decode loop cannot grow, shrink or join",

@@ -68,6 +68,8 @@ def make_optimizer(
 def _load_unsloth(resolved: ResolvedModel, settings: TrainerSettings) -> tuple[Any, Any, Backend]:
     # Unsloth's load fetches a README from the hub as usage statistics unless this is set (or it loads offline).
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    if not settings.compile_layers:  # Unsloth's own per-block compile is the backend's compiled layers
+        os.environ["UNSLOTH_BLOCK_COMPILE"] = "0"
     from unsloth import (  # pyright: ignore[reportMissingImports]  (the gpu extra)
         FastLanguageModel,  # imported only here: it patches transformers on import
     )

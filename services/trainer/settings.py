@@ -46,7 +46,8 @@ class TrainerSettings(BaseSettings):
     weight_decay: float = Field(default=0.0, ge=0)
 
     # CUDA only (bench/RESULTS.md, "GPU trainer (H100)"): recompute decoder activations in backward (4-bit 3B at
-    # 8x512: 27.5 -> 7.1 GiB), and torch.compile each decoder layer for scoring and training (1.3-1.6x).
+    # 8x512: 27.5 -> 7.1 GiB), and torch.compile each decoder layer for scoring and training (1.3-1.6x). Under the
+    # unsloth backend both are Unsloth's own: its offloading checkpointing, and its per-block compile in training.
     gradient_checkpointing: bool = True
     compile_layers: bool = True
 
