@@ -416,6 +416,8 @@ def main() -> None:
                         help="load through the trainer service and run bench/gpu_service.py's round first")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.backend == "unsloth":  # before transformers, as in the trainer service (Unsloth patches it on import)
+        import unsloth  # noqa: F401
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     args.grid, args.stage_grid, args.naive_grid = split(args.grid), split(args.stage_grid), split(args.naive_grid)
     tok_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else None

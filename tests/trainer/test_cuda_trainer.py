@@ -85,6 +85,9 @@ def cuda_client(tmp_path_factory):
     from services.trainer.api import create_app
     from services.trainer.settings import TrainerSettings
 
+    if BACKEND == "unsloth":  # first, as in the service, where nothing imports transformers before the load
+        import unsloth  # noqa: F401
+
     root = tmp_path_factory.mktemp("cuda_trainer")
     model_dir = write_tiny_random_model(root / "model")
     settings = TrainerSettings(
