@@ -26,9 +26,17 @@ DOCKERFILE = ROOT / "docker" / "trainer.Dockerfile"
 CONSTRAINTS = ROOT / "docker" / "trainer-constraints.txt"
 REQUIRES = {name: ROOT / "docker" / "unsloth" / f"{name}.requires" for name in ("unsloth", "unsloth_zoo")}
 # The image: Ubuntu 24.04 (Python 3.12) on x86_64.
-IMAGE_ENV = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux",
-             "platform_machine": "x86_64", "python_version": "3.12", "python_full_version": "3.12.3",
-             "implementation_name": "cpython", "os_name": "posix", "extra": ""}
+IMAGE_ENV = {
+    **default_environment(),
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "implementation_name": "cpython",
+    "os_name": "posix",
+    "extra": "",
+}
 
 
 def dockerfile_args() -> dict[str, str]:
@@ -54,7 +62,9 @@ def copied_requirements(name: str) -> tuple[Version, list[Requirement]]:
     """(release version, its requirements that apply to the image) from a docker/unsloth/*.requires copy."""
     text = REQUIRES[name].read_text()
     version = Version(re.search(rf"Requires-Dist of {name} (\S+) ", text).group(1))
-    requirements = [Requirement(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    requirements = [
+        Requirement(line) for line in text.splitlines() if line.strip() and not line.startswith("#")
+    ]
     return version, [r for r in requirements if r.marker is None or r.marker.evaluate(IMAGE_ENV)]
 
 
@@ -70,8 +80,12 @@ def probe_versions(*specifier_sets) -> list[Version]:
         for spec in specifiers:
             base = Version(spec.version.replace(".*", ".0"))
             major, minor, micro = [*base.release, 0, 0][:3]
-            probes |= {base, Version(f"{major}.{minor}.{micro + 1}"), Version(f"{major}.{minor + 1}.0"),
-                       Version(f"{major + 1}.0.0")}
+            probes |= {
+                base,
+                Version(f"{major}.{minor}.{micro + 1}"),
+                Version(f"{major}.{minor + 1}.0"),
+                Version(f"{major + 1}.0.0"),
+            }
             if micro:
                 probes.add(Version(f"{major}.{minor}.{micro - 1}"))
             elif minor:
@@ -88,7 +102,8 @@ def test_image_pins_satisfy_the_unsloth_release(release):
         pinned = pins.get(canonicalize_name(requirement.name))
         if pinned is not None:
             assert requirement.specifier.contains(pinned, prereleases=True), (
-                f"{release} requires {requirement}, the image pins {requirement.name}=={pinned}")
+                f"{release} requires {requirement}, the image pins {requirement.name}=={pinned}"
+            )
             checked += 1
     # The ones the issue names must be among those pinned: transformers, trl, torch, peft, bitsandbytes.
     assert checked >= 5
@@ -106,7 +121,9 @@ def test_image_pins_satisfy_the_gpu_extra():
     for requirement in gpu_extra():
         pinned = pins.get(canonicalize_name(requirement.name))
         assert pinned is not None, f"the gpu extra's {requirement.name} is not pinned in the image"
-        assert requirement.specifier.contains(pinned), f"gpu extra {requirement} excludes the image's {pinned}"
+        assert requirement.specifier.contains(pinned), (
+            f"gpu extra {requirement} excludes the image's {pinned}"
+        )
 
 
 def test_the_gpu_extra_admits_nothing_unsloth_excludes():
@@ -117,20 +134,26 @@ def test_the_gpu_extra_admits_nothing_unsloth_excludes():
         for requirement in copied_requirements(release)[1]:
             declared.setdefault(canonicalize_name(requirement.name), []).append(requirement.specifier)
     shared = [r for r in gpu_extra() if canonicalize_name(r.name) in declared]
-    assert {canonicalize_name(r.name) for r in shared} >= {"transformers", "peft", "bitsandbytes", "unsloth-zoo"}
+    assert {canonicalize_name(r.name) for r in shared} >= {
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "unsloth-zoo",
+    }
     for requirement in shared:
         theirs = declared[canonicalize_name(requirement.name)]
         for version in probe_versions(requirement.specifier, *theirs):
             if requirement.specifier.contains(version):
                 assert all(s.contains(version) for s in theirs), (
-                    f"the gpu extra's {requirement} admits {version}, which Unsloth's {theirs} excludes")
+                    f"the gpu extra's {requirement} admits {version}, which Unsloth's {theirs} excludes"
+                )
 
 
 def test_the_dockerfile_installs_with_the_constraints():
     text = DOCKERFILE.read_text()
     assert re.search(r"^COPY [^\n]*docker/trainer-constraints\.txt", text, re.M)
     assert re.search(r"pip install -r requirements\.txt[^\n]*-c trainer-constraints\.txt", text)
-    assert 'torchvision==${TORCHVISION_VERSION}' in text, "torchvision must come from the torch index"
+    assert "torchvision==${TORCHVISION_VERSION}" in text, "torchvision must come from the torch index"
 
 
 def test_the_default_backend_is_one_setting_everywhere():
@@ -168,8 +191,9 @@ class RangeReader(io.RawIOBase):
         end = self.size if size is None or size < 0 else min(self.size, self.position + size)
         if end <= self.position:
             return b""
-        answer = self.client.get(self.url, headers={"Range": f"bytes={self.position}-{end - 1}"},
-                                 follow_redirects=True)
+        answer = self.client.get(
+            self.url, headers={"Range": f"bytes={self.position}-{end - 1}"}, follow_redirects=True
+        )
         answer.raise_for_status()
         assert answer.status_code == 206, "the server ignored the range request"
         self.position += len(answer.content)
@@ -195,7 +219,10 @@ def test_the_copies_match_the_wheels_on_pypi(release):
     except (httpx.TransportError, httpx.HTTPStatusError) as exc:
         pytest.skip(f"PyPI not reachable: {exc}")
     assert wheel["digests"]["sha256"] == digest, "the copy names another file than PyPI's wheel"
-    requires = [line.removeprefix("Requires-Dist: ") for line in published.splitlines()
-                if line.startswith("Requires-Dist: ") and "extra ==" not in line]
+    requires = [
+        line.removeprefix("Requires-Dist: ")
+        for line in published.splitlines()
+        if line.startswith("Requires-Dist: ") and "extra ==" not in line
+    ]
     copy = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert copy == requires

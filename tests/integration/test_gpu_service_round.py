@@ -18,9 +18,20 @@ def word_model_dir(tmp_path_factory):
     from bench.gpu_bench import word_level_tokenizer
 
     target = tmp_path_factory.mktemp("word-model")
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=3, initializer_range=0.1, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(target)
     word_level_tokenizer(config).save_pretrained(target)
@@ -34,8 +45,14 @@ def client(word_model_dir, tmp_path_factory):
     from services.trainer.api import create_app
     from services.trainer.settings import TrainerSettings
 
-    settings = TrainerSettings(model_source=str(word_model_dir), device="cpu", learning_rate=1e-3, max_context=512,
-                               checkpoint_dir=tmp_path_factory.mktemp("ckpt"), torch_threads=1)
+    settings = TrainerSettings(
+        model_source=str(word_model_dir),
+        device="cpu",
+        learning_rate=1e-3,
+        max_context=512,
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+        torch_threads=1,
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -49,8 +66,18 @@ def test_the_round_passes_on_the_real_service(client):
     report = ServiceRound(client, PROMPT).run(ready_timeout=120)
     failed = {n: s["error"] for n, s in report["stages"].items() if not s["ok"]}
     assert not failed
-    assert list(report["stages"]) == ["load", "generate", "greedy", "logprobs", "grpo_step", "logprobs_after",
-                                      "grpo_step_2", "checkpoint_save", "grpo_step_3", "checkpoint_load"]
+    assert list(report["stages"]) == [
+        "load",
+        "generate",
+        "greedy",
+        "logprobs",
+        "grpo_step",
+        "logprobs_after",
+        "grpo_step_2",
+        "checkpoint_save",
+        "grpo_step_3",
+        "checkpoint_load",
+    ]
     bad = {n: c["value"] for n, c in report["checks"].items() if not c["ok"]}
     assert not bad and report["passed"]
     clip = next(n for n in report["checks"] if n.startswith("clip fraction"))
