@@ -1,0 +1,145 @@
+"""The reference teacher as a real process on 127.0.0.1: the OpenAI wire format (through the openai client),
+its refusals, and a search grown with it as the teacher and the real trainer (tiny model, CPU) as the student."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from orchestrator.data import load_gsm8k
+from orchestrator.llm import LLMPool, RetryPolicy
+from orchestrator.processes import free_port
+from orchestrator.reference_teacher import parse_reference, service_process
+from orchestrator.search import SearchConfig, SearchServices, run_search
+from orchestrator.settings import Settings
+from orchestrator.teachers import teacher_messages
+from orchestrator.trajectories import grpo_group
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def reference_teacher(gsm8k_dir, repo_root, tmp_path_factory):
+    process = service_process(
+        free_port(), tmp_path_factory.mktemp("reference") / "teacher.log", str(gsm8k_dir), cwd=repo_root
+    )
+    with process:
+        process.wait_ready(timeout_s=60)
+        yield process
+
+
+@pytest.fixture(scope="module")
+def natalia(gsm8k_dir):
+    return load_gsm8k("train", str(gsm8k_dir), limit=1)[0]
+
+
+def test_openai_wire_format(reference_teacher, natalia):
+    client = openai.OpenAI(base_url=reference_teacher.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["reference"]
+    messages = teacher_messages("wrong", natalia.prompt, "")
+    out = client.chat.completions.create(model="reference", messages=messages, n=3, seed=11, max_tokens=64)
+    wrong = [c.message.content for c in out.choices]
+    assert len(set(wrong)) == 3 and parse_reference(natalia).steps[0].text not in wrong
+    assert [c.index for c in out.choices] == [0, 1, 2] and all(c.finish_reason == "stop" for c in out.choices)
+    assert out.usage.completion_tokens > 0 and out.usage.total_tokens > out.usage.completion_tokens
+    again = client.chat.completions.create(model="reference", messages=messages, n=3, seed=11, max_tokens=64)
+    assert [c.message.content for c in again.choices] == wrong
+
+    whole = teacher_messages("right", natalia.prompt, "", whole=True)
+    cut = client.chat.completions.create(model="reference", messages=whole, max_tokens=4)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 4
+    health = httpx.get(reference_teacher.url + "/health").json()
+    assert health["status"] == "ok" and health["problems"] == 7473
+    assert health["by_mode"] == {"wrong_line": 2, "right_whole": 1}
+
+
+def test_refusals_name_what_is_wrong(reference_teacher, gsm8k_dir):
+    client = openai.OpenAI(base_url=reference_teacher.url + "/v1", api_key="unused", max_retries=0)
+    test_problem = load_gsm8k("test", str(gsm8k_dir), limit=1)[0]
+    with pytest.raises(openai.NotFoundError, match="train problems only"):
+        client.chat.completions.create(
+            model="reference", messages=teacher_messages("right", test_problem.prompt, "")
+        )
+    with pytest.raises(openai.BadRequestError, match="not a teacher prompt"):
+        client.chat.completions.create(model="reference", messages=[{"role": "user", "content": "2 + 2?"}])
+    good = teacher_messages("right", "Anything?", "")
+    with pytest.raises(openai.NotFoundError, match="serves 'reference'"):
+        client.chat.completions.create(model="gpt-4o", messages=good)
+    with pytest.raises(openai.BadRequestError, match="log-probs"):
+        client.chat.completions.create(model="reference", messages=good, logprobs=True)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="reference", messages=good, n=0)
+
+
+async def test_search_with_the_reference_teacher_and_the_real_trainer(
+    reference_teacher, trainer_service, natalia
+):
+    """Configured as a user would (TEACHER_TIER=custom, TEACHERS JSON): the tree's teacher children come from
+    the reference, the student's from the trainer; then the sft_gold shape (one whole reference answer, no
+    student samples, rejection mode) makes a real GRPO step."""
+    teachers = json.dumps(
+        [{"name": "reference", "base_url": reference_teacher.url + "/v1", "model": "reference"}]
+    )
+    settings = Settings(
+        trainer_url=trainer_service.url, teacher_tier="custom", teachers=teachers, request_timeout_s=300
+    )
+    reference = parse_reference(natalia)
+    config = SearchConfig(
+        iterations=3,
+        parallel_simulations=1,
+        max_depth=3,
+        max_tokens=96,
+        chunk_tokens=24,
+        n_student=1,
+        n_teacher_right=1,
+        n_teacher_wrong=2,
+        rollout=False,
+        use_checker=False,
+        seed=3,
+    )
+    async with LLMPool.from_settings(settings, retry=RetryPolicy(max_retries=1)) as pool:
+        services = SearchServices.from_settings(settings, pool)
+        async with services.trainer:
+            result = await run_search(natalia, config, services)
+            tree, stats = result.tree, result.stats
+            assert stats["teacher_errors"] == 0 and not stats["errors"], stats["errors"]
+            assert not any(d.startswith("uniform_priors") for d in stats["degraded"]), stats["degraded"]
+            root = {c.kind: c for c in tree.children(tree.root)}
+            assert root["right"].text == reference.steps[0].text and root["right"].source == "reference"
+            wrongs = [c for c in tree.children(tree.root) if c.kind == "wrong"]
+            assert len(wrongs) == 2 and all(w.text != reference.steps[0].text for w in wrongs)
+            assert all(c.step_logprob is not None for c in tree.children(tree.root))  # scored by the trainer
+            for node in tree:  # a right child always continues the reference from where its partial stands
+                for child in tree.children(node):
+                    if child.kind == "right" and node.kind == "right":
+                        assert child.text in [s.text for s in reference.steps] + [reference.answer_line]
+
+            gold = SearchConfig(
+                iterations=1,
+                parallel_simulations=1,
+                max_depth=1,
+                max_tokens=256,
+                chunk_tokens=256,
+                n_student=0,
+                n_teacher_right=1,
+                n_teacher_wrong=0,
+                one_line_steps=False,
+                rollout=False,
+                use_checker=False,
+            )
+            gold_tree = (await run_search(natalia, gold, services)).tree
+            leaf = gold_tree.nodes[1]
+            assert (
+                leaf.terminal
+                and leaf.correct
+                and leaf.text == "\n".join([s.text for s in reference.steps] + ["#### 72"])
+            )
+            items = [i.to_trainer_item() for i in grpo_group(gold_tree, "rejection", teacher_weight=1.0)]
+            assert len(items) == 1 and items[0]["advantage"] == 1.0 and items[0]["weight"] == 1.0
+            out = await services.trainer.grpo_step(
+                items, {"type": "grpo", "beta": 0.0}, step_key="reference-gold"
+            )
+            assert out["adapter_version"] >= 1 and out["tokens"] > 20
