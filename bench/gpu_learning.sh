@@ -1,14 +1,26 @@
 #!/bin/bash
-# Runs bench/learning.py on a lent GPU machine (the `device` tool; see "## learning" in bench/RESULTS.md).
-# That machine has torch, transformers, peft and httpx but no fastapi/uvicorn/pydantic/gguf, no internet, and takes
-# at most 64 MiB of files per call, so three git-ignored folders travel with it (name them in the call's carry):
+# Runs bench/learning.py on a lent GPU machine (the `device` tool; see "## learning" in bench/RESULTS.md), one piece
+# per call. That machine has torch, transformers (so `tokenizers`), peft and httpx but no fastapi/uvicorn/pydantic/
+# gguf, no internet, and takes at most 64 MiB of files per call, so three git-ignored folders travel with it (name
+# them in the call's carry):
 #   .whl/         py3.12 wheels: fastapi, starlette, uvicorn, pydantic, pydantic_core, pydantic-settings,
 #                 python-dotenv, typing-inspection, annotated-types, annotated-doc, gguf, typing_extensions, anyio,
 #                 click, h11, opentelemetry-api (pip download --only-binary=:all: --python-version 3.12 ...)
 #   .gguf_parts/  the 98 MB SmolLM2 GGUF cut in two (split -b 50000000): part_aa in one call, part_ab in the next;
 #                 each is copied to /tmp/gguf there, which outlives the call while the machine stays warm
 #   .gsm8k/       GSM8K {train,test}.jsonl (../shared does not travel)
-# Usage there: bash bench/gpu_learning.sh <bench/learning.py arguments>; PROBE=1 also runs .gpu/probe.py if present.
+# bench/learning.py starts three services on free ports of 127.0.0.1 there: the trainer, the reference teacher
+# (python -m orchestrator.reference_teacher: GSM8K train reference solutions over the OpenAI API, its usage counted
+# with the student's tokenizer.json from the converted model) and the orchestrator (TEACHER_TIER=custom, the
+# reference teacher as the only teacher); `--teacher base` runs the embedded tier instead.
+#
+# Usage there: bash bench/gpu_learning.sh <bench/learning.py arguments>, e.g.
+#   bash bench/gpu_learning.sh --piece-s 500 --token-budget 300000 --arms mcts,grpo,mcts_tree,sft_gold
+# Pieces: the state lives in /tmp/learning-gpu (kept while the machine stays warm); each call runs at most
+# --piece-s seconds (keep it under the call's limit, with ~60 s for the wheels, the GGUF and the copies below) and
+# exits 3 while work is left: run the same command again. Exit 0: every arm judged; learning.json and learning.png
+# come back in $OUT. Every call copies the state and the logs to $OUT, so a lost machine loses only the
+# checkpoints (the state file says how far the run got). PROBE=1 also runs .gpu/probe.py if present.
 set -o pipefail
 cd "$(dirname "$0")/.."
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -20,10 +32,14 @@ if ! echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G/
   cat $G/part_aa $G/part_ab > $G/smollm2.gguf
 fi
 export TRAINER_MODEL_SOURCE=$G/smollm2.gguf TRAINER_MODEL_CACHE_DIR=/tmp/models-cache TRAINER_LOAD_IN_4BIT=false
-export TRAINER_MAX_BATCH_SIZE=${MAXB:-256} TRAINER_COMPILE_LAYERS=false TRAINER_GRADIENT_CHECKPOINTING=false GSM8K_PATH=$PWD/.gsm8k
+# 1024 rows: four eval jobs of 256 answers decode in one batch.
+export TRAINER_MAX_BATCH_SIZE=${MAXB:-1024} TRAINER_COMPILE_LAYERS=false TRAINER_GRADIENT_CHECKPOINTING=false GSM8K_PATH=$PWD/.gsm8k
 [ -n "$PROBE" ] && [ -f .gpu/probe.py ] && python3 .gpu/probe.py 2>&1 | tee $OUT/probe.log
 W=/tmp/learning-gpu
 mkdir -p $W
 python3 bench/learning.py --workdir $W --json-out $W/learning.json --png-out $W/learning.png --runs-log $W/learning_runs.json "$@" 2>&1 | tee -a $OUT/log
+rc=$?
 cp $W/learning.json $W/learning.png $W/learning_runs.json $W/learning_state.json $OUT/ 2>/dev/null
-tail -c 20000 $W/trainer.log > $OUT/trainer_tail.log; tail -c 20000 $W/orchestrator.log > $OUT/orch_tail.log
+for f in trainer orchestrator reference_teacher; do tail -c 20000 $W/$f.log > $OUT/${f}_tail.log 2>/dev/null; done
+echo "bench/learning.py exit $rc (3: a piece is done and work is left: run the same command again)"
+exit $rc

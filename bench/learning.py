@@ -1,30 +1,50 @@
-"""Does the student learn? Base vs trained accuracy on held-out GSM8K, with ablations, through the REST API.
+"""Does the student learn? Base vs trained on all 1,319 GSM8K test problems, arms at equal generated tokens,
+through the REST API, in pieces that resume.
 
-    python bench/learning.py --eval-examples 500 --train-examples 256 --arms mcts,grpo,mcts_tree,legacy
+    python bench/learning.py --token-budget 300000 --arms mcts,grpo,mcts_tree,sft_gold --piece-s 520
 
-1. start the trainer service and the orchestrator on free ports of 127.0.0.1 (or use running ones: --url);
-2. save the fresh adapter as trainer checkpoint "learning-init" (adapter + optimizer state);
-3. POST /eval of the "base" model (adapters off) on test problems [eval_offset, eval_offset + n), greedy;
-4. for every arm: load "learning-init", POST /train (same train problems, batch, epochs, loss and token
-   budget for every arm), POST /eval of the "student" on the same test problems; McNemar's exact p-value of
-   the paired results against the base, for strict (`#### N`) and flexible (last number) answers;
-5. write the figures (--json-out), accuracy vs training step for every arm (--png-out), every arm run to an
-   append-only log (--runs-log) and, with --results-md, one row per arm into the `## learning` section.
+1. start the trainer service, the reference teacher (orchestrator/reference_teacher.py: writes from the GSM8K
+   train reference solutions, standing in for a 70B-class teacher; `--teacher base|student` for a model
+   teacher instead) and the orchestrator on free ports of 127.0.0.1;
+2. save the fresh adapter as trainer checkpoint "learning-init" (once per run);
+3. judge the "base" model (adapters off) greedily on the test problems [eval_offset, eval_offset + n), n = 1,319
+   by default, as `--eval-chunks` eval jobs at once;
+4. for every arm: load "learning-init", POST /train, and cancel the job once the steps it applied generated
+   `--token-budget` tokens (search tokens: the student's samples and rollouts and the teachers' and checker's
+   text, as the job's step records count them); save the adapter, judge it on the same problems;
+5. write bench/results/learning.json, the learning curve PNG and an append-only log of arm runs.
 
-Arms (built on one shared request, so only what the arm is about differs):
-- mcts:      the product: MCTS with teacher children ("right" and "wrong"), flat (GRPO) group advantages;
-- mcts_tree: the same trees, tree advantages (V(node) - V(parent) per step);
-- grpo:      no tree: one expansion of `group` whole student answers (one_line_steps=false, max_depth 1, no
-             teachers, no rollouts), z-scored rewards: plain GRPO;
-- legacy:    the same trees as mcts, the original's reward-weighted SFT loss (loss.type="legacy");
-- guided:    the search cut to one expansion of whole answers (one_line_steps=false, max_depth 1): `group` - 1
-             student answers and one greedy "right" teacher answer (shown the gold solution with
-             --teacher-reference), z-scored together; the grpo arm with a teacher in the group, at the
-             same number of answers per problem.
-`--arm NAME=JSON` adds an arm: JSON is deep-merged over the mcts request (e.g. a learning-rate sweep).
+Every answer is judged three ways: ours (strict `#### N`, flexible last number, numeric comparison), and the
+lm-evaluation-harness gsm8k task's extraction beside it (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3:
+strict-match `#### (\\-?[0-9\\.\\,]+)` first match, flexible-extract `(-?[$0-9.,]{2,})|(-?[0-9]+)` last match;
+`,` `$` and a trailing `.` removed, then an exact string match with the gold number), so figures compare with
+published ones (which also differ in prompt: lm-eval asks 5-shot "Question: ... Answer:", we ask the chat
+template zero-shot). McNemar's exact p of every arm against the base, for each extraction.
 
-The state (base rows, finished arms) is kept in <workdir>/learning_state.json, so a run cut short can be run
-again with the same --workdir and goes on with the arms not yet done (--arms picks a subset).
+Arms (only what the arm is about is set; everything else is the product's default, so `mcts` is what
+`POST /train` does with no search or loss overrides):
+- mcts:      the product's defaults with the configured teacher;
+- mcts_tree: the same with tree advantages (advantage_mode "tree");
+- grpo:      no tree: per problem one expansion of `--group` whole student answers, no teachers, no rollouts,
+             no checker: plain GRPO on the student's samples;
+- sft_gold:  the reference solutions through the same POST /train and /grpo/step: per problem one whole answer
+             of the reference teacher and no student sample, advantage_mode "rejection" (fine-tuning on the
+             correct paths), teacher weight 1: the supervised ceiling (needs `--teacher reference`);
+- legacy, guided: the older ablations (reward-weighted SFT loss; one expansion with group-1 student answers and
+             one greedy teacher answer).
+`--arm NAME=JSON` adds an arm: JSON deep-merged over the mcts request. Flags such as --learning-rate or
+--iterations override the product's defaults in every arm (left out, they are not sent).
+
+The learning curve: the train job's own quick eval (`eval_every` = --curve-every steps) on the first
+--curve-examples test problems gives accuracy against the generated tokens of the steps before it; the base
+is the point at 0 tokens and each arm's final judgement (on the same problems) its last point.
+
+Pieces. `--piece-s S` ends this call after S seconds: a running train job is cancelled (the orchestrator can
+resume it: it rewinds the trainer to the job's last checkpoint, `checkpoint_every` steps), unfinished eval chunks
+are dropped, everything done is kept in <workdir>/learning_state.json, and the call exits with code 3. The next
+call with the same --workdir goes on where this one stopped (the trainer's checkpoints and the orchestrator's
+job store live in the workdir). Exit code 0: every arm judged. The JSON says how many pieces and minutes of
+wall time (`gpu_minutes` on a GPU machine) the run took.
 """
 
 from __future__ import annotations
@@ -32,29 +52,80 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shlex
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import httpx
 
-from orchestrator.clients.orchestrator import OrchestratorClient
-from orchestrator.local.demo import default_gsm8k_path
-from orchestrator.local.machine import describe_machine
-from orchestrator.local.processes import free_port, orchestrator_process, trainer_process
-from orchestrator.gsm8k.stats import accuracy, compare_paired
+from orchestrator.client import OrchestratorClient
+from orchestrator.demo import default_gsm8k_path
+from orchestrator.machine import describe_machine
+from orchestrator.processes import free_port, orchestrator_process, trainer_process
+from orchestrator.reference_teacher import service_process
+from orchestrator.schemas import GSM8K_TEST_SIZE
+from orchestrator.stats import accuracy, compare_paired
 
 INIT_CHECKPOINT = "learning-init"
-DEFAULT_ARMS = "mcts,grpo,mcts_tree,legacy,guided"
+DEFAULT_ARMS = "mcts,grpo,mcts_tree,sft_gold"
+PIECE_EXIT = 3  # "more to do: run again with the same --workdir"
+TEACHERS = {
+    "reference": "reference: GSM8K train reference solutions over the OpenAI API (orchestrator/reference_teacher.py)",
+    "base": "embedded: the trainer's base model (adapters off)",
+    "student": "the student itself, shown the gold solution (STaR-style)",
+}
 
 
-# --- requests of the arms ----------------------------------------------------------------------------------
+# --- lm-evaluation-harness gsm8k extraction ------------------------------------------------------------------
+LM_EVAL_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_LM_EVAL_IGNORE = [re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$")]
+
+
+def lm_eval_extract(text: str, kind: str) -> str:
+    """What lm-eval's gsm8k filters take from a response: strict-match the first `#### N`, flexible-extract the
+    last number-like run; "[invalid]" when nothing matches (lm-eval's fallback)."""
+    pattern, select = (LM_EVAL_STRICT, 0) if kind == "strict" else (LM_EVAL_FLEXIBLE, -1)
+    found = pattern.findall(text or "")
+    if not found:
+        return "[invalid]"
+    match = found[select]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), "[invalid]")
+    return match.strip()
+
+
+def lm_eval_normalise(text: str) -> str:
+    for pattern in _LM_EVAL_IGNORE:
+        text = pattern.sub("", text)
+    return text.strip().lower()
+
+
+def lm_eval_correct(text: str, gold: str, kind: str) -> bool:
+    """lm-eval's exact_match (ignore_case, regexes_to_ignore , $ `.*#### ` `\\.$`) of the extraction."""
+    return lm_eval_normalise(lm_eval_extract(text, kind)) == lm_eval_normalise(gold)
+
+
+def judged(rows: list[dict]) -> list[dict]:
+    """Eval rows with the lm-eval verdicts added (from the answer text each row keeps)."""
+    for r in rows:
+        r["lm_eval_strict_correct"] = lm_eval_correct(r.get("output") or "", r["gold"], "strict")
+        r["lm_eval_flexible_correct"] = lm_eval_correct(r.get("output") or "", r["gold"], "flexible")
+    return rows
+
+
+JUDGEMENTS = ("strict", "flexible", "lm_eval_strict", "lm_eval_flexible")
+
+
+# --- requests of the arms ------------------------------------------------------------------------------------
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -66,79 +137,107 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _set(d: dict, key: str, value) -> None:
+    if value is not None:
+        d[key] = value
+
+
 def product_request(args) -> dict:
-    """The mcts arm's POST /train body; every other arm is this with a few fields changed."""
-    loss = {
-        "type": "grpo",
-        "beta": args.beta,
-        "learning_rate": args.learning_rate,
-        "micro_batch_size": args.micro_batch,
-    }
-    search = {
-        "iterations": args.iterations,
-        "max_depth": args.max_depth,
-        "chunk_tokens": args.chunk_tokens,
-        "max_tokens": args.max_tokens,
-        "n_student": args.n_student,
-        "n_teacher_right": args.n_teacher_right,
-        "n_teacher_wrong": args.n_teacher_wrong,
-        "parallel_simulations": args.parallel_simulations,
-        "rollout": args.rollout_max_tokens > 0,
-        "rollout_max_tokens": max(1, args.rollout_max_tokens),
-        "use_checker": args.use_checker,
-        "teacher_reference": args.teacher_reference,
-        "temperature": args.temperature,
-        "rewards": {"pre": args.pre_weight, "hre": args.hre_weight},
-        "seed": args.seed,
-    }
-    return {
+    """The mcts arm's POST /train body: the run's shape, plus only the overrides given as flags."""
+    search, loss, rewards = {}, {}, {}
+    for key in (
+        "iterations",
+        "max_depth",
+        "chunk_tokens",
+        "max_tokens",
+        "n_student",
+        "n_teacher_right",
+        "n_teacher_wrong",
+        "parallel_simulations",
+        "use_checker",
+        "temperature",
+        "seed",
+        "teacher_reference",
+    ):
+        _set(search, key, getattr(args, key))
+    if args.rollout_max_tokens is not None:
+        search["rollout"] = args.rollout_max_tokens > 0
+        search["rollout_max_tokens"] = max(1, args.rollout_max_tokens)
+    _set(rewards, "pre", args.pre_weight)
+    _set(rewards, "hre", args.hre_weight)
+    if rewards:
+        search["rewards"] = rewards
+    _set(loss, "type", args.loss_type)
+    _set(loss, "beta", args.beta)
+    _set(loss, "learning_rate", args.learning_rate)
+    _set(loss, "micro_batch_size", args.micro_batch)
+    _set(loss, "clip_eps_high", args.clip_eps_high)
+    request = {
         "split": "train",
         "offset": args.train_offset,
         "num_examples": args.train_examples,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
-        "search": search,
-        "loss": loss,
-        "advantage_mode": args.advantage_mode,
-        "teacher_weight": args.teacher_weight,
-        "checkpoint_every": 1000,
+        "checkpoint_every": args.checkpoint_every,
         "eval_every": args.curve_every,
         "eval_examples": args.curve_examples,
         "eval_max_tokens": args.eval_max_tokens,
         "eval_concurrency": min(args.eval_concurrency, 256),
-        "trees_in_flight": args.trees_in_flight,
+    }
+    if search:
+        request["search"] = search
+    if loss:
+        request["loss"] = loss
+    _set(request, "advantage_mode", args.advantage_mode)
+    _set(request, "teacher_weight", args.teacher_weight)
+    _set(request, "trees_in_flight", args.trees_in_flight)
+    return request
+
+
+def whole_answers(n_student: int, n_teacher: int, answer_tokens: int) -> dict:
+    """One expansion of whole answers (no tree): `n_student` student samples and `n_teacher` "right" teacher
+    answers, no rollouts or checker."""
+    return {
+        "iterations": 1,
+        "parallel_simulations": 1,
+        "max_depth": 1,
+        "n_student": n_student,
+        "n_teacher_right": n_teacher,
+        "n_teacher_wrong": 0,
+        "one_line_steps": False,
+        "max_tokens": answer_tokens,
+        "chunk_tokens": answer_tokens,
+        "rollout": False,
+        "use_checker": False,
     }
 
 
 def arm_requests(args) -> dict[str, dict]:
     """Every known arm's request, the extra --arm ones included."""
     product = product_request(args)
-    grpo_search = {
-        "iterations": 1,
-        "parallel_simulations": 1,
-        "max_depth": 1,
-        "n_student": args.group,
-        "n_teacher_right": 0,
-        "n_teacher_wrong": 0,
-        "one_line_steps": False,
-        "chunk_tokens": args.max_tokens,
-        "rollout": False,
-        "use_checker": False,
-        "teacher_reference": False,
-    }
-    guided_search = {
-        **grpo_search,
-        "n_student": max(args.group - 1, 1),
-        "n_teacher_right": 1,
-        "teacher_reference": args.teacher_reference,
-        "teacher_temperature": 0.0,  # one teacher answer per problem: its most likely one
-    }
     arms = {
         "mcts": product,
         "mcts_tree": deep_merge(product, {"advantage_mode": "tree"}),
-        "grpo": deep_merge(product, {"search": grpo_search}),
+        "grpo": deep_merge(product, {"search": whole_answers(args.group, 0, args.answer_tokens)}),
+        "sft_gold": deep_merge(
+            product,
+            {
+                "search": {**whole_answers(0, 1, args.answer_tokens), "teacher_temperature": 0.0},
+                "advantage_mode": "rejection",
+                "teacher_weight": 1.0,
+            },
+        ),
         "legacy": deep_merge(product, {"loss": {"type": "legacy"}}),
-        "guided": deep_merge(product, {"search": guided_search}),
+        "guided": deep_merge(
+            product,
+            {
+                "search": {
+                    **whole_answers(max(args.group - 1, 1), 1, args.answer_tokens),
+                    "teacher_temperature": 0.0,
+                    "teacher_reference": args.teacher != "reference",
+                }
+            },
+        ),
     }
     for spec in args.arm or []:
         name, _, body = spec.partition("=")
@@ -146,25 +245,251 @@ def arm_requests(args) -> dict[str, dict]:
     return arms
 
 
-def teacher_env(args, trainer_url: str) -> dict[str, str]:
-    """The orchestrator's teacher: the embedded tier's "base" model, or (--teacher-model student) the student
-    itself, as in STaR's rationalization: shown the gold solution, the model being trained writes the answer
-    it learns from. With one model the student's and the teacher's requests also share decode batches."""
-    if args.teacher_model == "base":
-        return {}
-    teacher = {
-        "name": "student-with-reference",
-        "base_url": f"{trainer_url}/v1",
-        "model": "student",
-        "max_concurrency": args.max_requests_in_flight,
-        "timeout_s": args.request_timeout,
-    }
-    return {"TEACHER_TIER": "custom", "TEACHERS": json.dumps([teacher])}
+# --- services --------------------------------------------------------------------------------------------------
+def student_tokenizer_file() -> str | None:
+    """The student's tokenizer.json (the trainer's converted model directory), so the reference teacher counts
+    its tokens as the student's tokenizer would; None where there is none (it then counts word pieces)."""
+    try:
+        from services.trainer.model_source import resolve_model
+        from services.trainer.settings import TrainerSettings
+
+        settings = TrainerSettings()
+        resolved = resolve_model(settings.model_source, settings.model_cache_dir)
+    except (ImportError, ValueError, OSError):
+        return None
+    path = Path(resolved.path) / "tokenizer.json"
+    return str(path) if path.is_file() else None
 
 
-# --- one run of the services -------------------------------------------------------------------------------
+class Services:
+    """The trainer, the reference teacher (when it is the teacher) and the orchestrator, on free ports."""
+
+    def __init__(self, args, workdir: Path):
+        self.args, self.workdir = args, workdir
+        self.processes = []
+        self.env = {
+            "REQUEST_TIMEOUT_S": str(args.request_timeout),
+            "ENDPOINT_MAX_CONCURRENCY": str(args.max_requests_in_flight),
+            "MAX_REQUESTS_IN_FLIGHT": str(args.max_requests_in_flight),
+            "MAX_TREES_IN_FLIGHT": str(args.trees_in_flight or args.batch_size),
+            "MAX_CONCURRENT_JOBS": str(max(1, args.eval_chunks)),
+            # The trainer must take what the orchestrator keeps in flight (plus the evals beside it).
+            "TRAINER_MAX_REQUESTS_IN_FLIGHT": str(
+                max(256, 2 * args.max_requests_in_flight, 300 * args.eval_chunks)
+            ),
+        }
+        if gsm8k := default_gsm8k_path():
+            self.env["GSM8K_PATH"] = gsm8k
+
+    def __enter__(self) -> Self:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self) -> Services:
+        args, workdir = self.args, self.workdir
+        trainer = trainer_process(free_port(), workdir, env=self.env, cwd=REPO_ROOT)
+        self.processes.append(trainer)
+        trainer.start()
+        trainer.wait_ready(timeout_s=900, ok=lambda body: body.get("status") == "ok")
+        self.trainer_url = trainer.url
+        teacher_env = {"TEACHER_TIER": "embedded"}
+        endpoint = {"max_concurrency": args.max_requests_in_flight, "timeout_s": args.request_timeout}
+        if args.teacher == "reference":
+            reference = service_process(
+                free_port(),
+                workdir / "reference_teacher.log",
+                self.env.get("GSM8K_PATH"),
+                student_tokenizer_file(),
+                cwd=REPO_ROOT,
+            )
+            self.processes.append(reference)
+            reference.start()
+            reference.wait_ready(timeout_s=120)
+            teachers = [
+                {"name": "reference", "base_url": reference.url + "/v1", "model": "reference", **endpoint}
+            ]
+            teacher_env = {"TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers)}
+        elif args.teacher == "student":
+            teachers = [
+                {
+                    "name": "student-with-reference",
+                    "base_url": trainer.url + "/v1",
+                    "model": "student",
+                    **endpoint,
+                }
+            ]
+            teacher_env = {"TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers)}
+        orch = orchestrator_process(
+            free_port(), trainer.url, workdir, env={**self.env, **teacher_env}, cwd=REPO_ROOT
+        )
+        self.processes.append(orch)
+        orch.start()
+        orch.wait_ready(timeout_s=120)
+        self.url = orch.url
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+class PieceOver(Exception):
+    """This call's --piece-s is spent; the state is saved and the next call goes on."""
+
+
+class Run:
+    def __init__(
+        self, args, state: dict, state_path: Path, client: OrchestratorClient, trainer_url: str, log, deadline
+    ):
+        self.args, self.state, self.state_path = args, state, state_path
+        self.client, self.trainer_url, self.log = client, trainer_url, log
+        self.deadline = deadline  # time.monotonic() at which this piece ends; None: no limit
+
+    def save(self) -> None:
+        self.state_path.write_text(json.dumps(self.state))
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def check_time(self, margin_s: float = 0.0) -> None:
+        if self.time_left() <= margin_s:
+            raise PieceOver()
+
+    def trainer(self, path: str, body: dict) -> dict:
+        response = httpx.post(f"{self.trainer_url}{path}", json=body, timeout=300)
+        response.raise_for_status()
+        return response.json()
+
+    # --- judging ---------------------------------------------------------------------------------------------
+    def chunks(self) -> list[tuple[int, int]]:
+        a = self.args
+        size = -(-a.eval_examples // max(1, a.eval_chunks))
+        return [
+            (o, min(size, a.eval_offset + a.eval_examples - o))
+            for o in range(a.eval_offset, a.eval_offset + a.eval_examples, size)
+        ]
+
+    def judge(self, model: str, done: dict) -> list[dict]:
+        """Rows of `model` on every eval problem; chunks already in `done` (offset -> rows) are kept, the others
+        run as eval jobs at once; a chunk finished is saved at once."""
+        todo = [(o, n) for o, n in self.chunks() if str(o) not in done]
+        jobs = {}
+        for offset, n in todo:
+            jobs[offset] = self.client.eval(
+                split="test",
+                offset=offset,
+                num_examples=n,
+                models=[model],
+                max_tokens=self.args.eval_max_tokens,
+                concurrency=min(self.args.eval_concurrency, 256),
+            )
+        started = time.perf_counter()
+        try:
+            while jobs:
+                for offset, job_id in list(jobs.items()):
+                    job = self.client.job(job_id)
+                    if job["status"] in ("queued", "running"):
+                        continue
+                    if job["status"] != "completed":
+                        raise RuntimeError(f"eval of {model} at {offset}: {job['status']} {job.get('error')}")
+                    done[str(offset)] = judged(self.client.results(job_id))
+                    del jobs[offset]
+                    self.save()
+                if jobs:
+                    self.check_time()
+                    time.sleep(1.0)
+        except PieceOver:
+            for job_id in jobs.values():
+                self.client.cancel(job_id)
+            raise
+        rows = [r for o, _ in self.chunks() for r in done[str(o)]]
+        self.log(
+            f"judged {model} on {len(rows)}: "
+            + ", ".join(f"{k} {accuracy([r[f'{k}_correct'] for r in rows]):.1%}" for k in JUDGEMENTS)
+            + (f" ({time.perf_counter() - started:.0f}s)" if todo else " (kept)")
+        )
+        return rows
+
+    # --- one arm -----------------------------------------------------------------------------------------------
+    def train(self, name: str, arm: dict) -> None:
+        """Run (or resume) the arm's train job until its token budget, its problems or the piece run out."""
+        client, budget = self.client, self.args.token_budget
+        if arm.get("job_id") is None:
+            self.trainer("/checkpoints/load", {"name": INIT_CHECKPOINT})
+            arm["job_id"] = client.train(**arm["request"])
+            arm["train_started"] = time.time()
+            self.save()
+            self.log(f"arm {name}: POST /train -> {arm['job_id']}")
+        job_id = arm["job_id"]
+        job = client.job(job_id)
+        if job["status"] in ("interrupted", "cancelled", "failed"):
+            self.log(f"arm {name}: resuming {job_id} ({job['status']}) from its last checkpoint")
+            client.resume(job_id)
+        cancelled_for = None
+        while True:
+            job = client.job(job_id)
+            steps = [s.get("metrics", s) for s in client.steps(job_id)]
+            tokens = sum(int(m.get("search_tokens") or 0) for m in steps)
+            if job["status"] not in ("queued", "running"):
+                break
+            if cancelled_for is None and budget and tokens >= budget:
+                cancelled_for = "budget"
+                client.cancel(job_id)
+                self.log(f"arm {name}: {tokens} generated tokens >= budget {budget} after {len(steps)} steps")
+            elif cancelled_for is None and self.time_left() <= self.args.piece_margin_s:
+                client.cancel(job_id)
+                client.wait(job_id, timeout_s=300, poll_s=0.5)
+                self.log(
+                    f"arm {name}: piece over at {len(steps)} steps, {tokens} tokens; the next piece resumes"
+                )
+                raise PieceOver()
+            time.sleep(1.0)
+        if job["status"] == "failed" or (job["status"] == "cancelled" and cancelled_for is None):
+            raise RuntimeError(f"train job of arm {name}: {job['status']} {job.get('error')}")
+        # The adapter as the job left it (a budget stop cancels mid-search: the steps applied are all in it).
+        health = httpx.get(f"{self.trainer_url}/health", timeout=30).json()
+        self.trainer("/checkpoints", {"name": f"learning-{name}-final"})
+        arm.update(
+            status="trained",
+            steps=steps,
+            generated_tokens=tokens,
+            budget_reached=bool(budget and tokens >= budget),
+            applied_steps=sum(1 for m in steps if m.get("adapter_version") is not None),
+            adapter_version=health.get("adapter_version"),
+            train_seconds=round(sum(float(m.get("step_seconds") or 0) for m in steps), 1),
+        )
+        self.save()
+
+    def run_arm(self, name: str, request: dict, base_rows: list[dict]) -> dict:
+        arms = self.state["arms"]
+        arm = arms.get(name)
+        if arm is None or arm["request"] != request:
+            arm = arms[name] = {"request": request, "status": "training", "job_id": None, "eval": {}}
+            self.save()
+        if arm["status"] == "done":
+            self.log(f"arm {name}: done before, kept")
+            return arm["result"]
+        if arm["status"] == "training":
+            self.train(name, arm)
+        self.trainer("/checkpoints/load", {"name": f"learning-{name}-final"})
+        rows = self.judge("student", arm["eval"])
+        arm["result"] = arm_result(name, arm, rows, base_rows, self.args)
+        arm["status"] = "done"
+        arm["eval"] = {}  # the rows live in the result
+        self.save()
+        r = arm["result"]
+        self.log(
+            f"arm {name}: strict {r['acc']:.1%} (p={r['p_value']:.3g}) flexible {r['acc_flexible']:.1%} "
+            f"(p={r['p_value_flexible']:.3g}); {r['applied_steps']} steps, {r['generated_tokens']} tokens"
+        )
+        return r
+
+
 def paired(base_rows: list[dict], rows: list[dict], kind: str) -> dict:
-    """McNemar of base vs trained on the problems both answered (the same held-out set)."""
     base = {r["problem_id"]: r for r in base_rows}
     ids = [r["problem_id"] for r in rows if r["problem_id"] in base]
     by_id = {r["problem_id"]: r for r in rows}
@@ -173,102 +498,70 @@ def paired(base_rows: list[dict], rows: list[dict], kind: str) -> dict:
     )
 
 
-def run_eval(client: OrchestratorClient, model: str, args, log) -> tuple[list[dict], float]:
-    started = time.perf_counter()
-    job_id = client.eval(
-        split="test",
-        offset=args.eval_offset,
-        num_examples=args.eval_examples,
-        models=[model],
-        max_tokens=args.eval_max_tokens,
-        concurrency=args.eval_concurrency,
-    )
-    job = client.wait(job_id, timeout_s=args.job_timeout, poll_s=1.0)
-    if job["status"] != "completed":
-        raise RuntimeError(f"eval of {model}: {job['status']} {job.get('error')}")
-    rows = client.results(job_id)
-    seconds = time.perf_counter() - started
-    log(
-        f"eval {model}: strict {accuracy([r['strict_correct'] for r in rows]):.1%} flexible "
-        f"{accuracy([r['flexible_correct'] for r in rows]):.1%} on {len(rows)} ({seconds:.0f}s)"
-    )
-    return rows, seconds
+def curve(steps: list[dict], base_rows: list[dict], rows: list[dict], curve_examples: int) -> list[dict]:
+    """Accuracy on the first `curve_examples` test problems against the generated tokens: the base at 0, every
+    quick eval of the job after the steps before it, the arm's final judgement at its total."""
+    subset = {f"test-{i}" for i in range(curve_examples)}
 
-
-def curve(steps: list[dict], base_rows: list[dict], curve_examples: int) -> list[dict]:
-    """Accuracy vs step: step 0 is the base on the curve's problems, then every quick eval of the job."""
-    first = base_rows[:curve_examples]
-    points = [
-        {
-            "step": 0,
-            "strict": accuracy([r["strict_correct"] for r in first]),
-            "flexible": accuracy([r["flexible_correct"] for r in first]),
+    def point(tokens: int, rows_: list[dict], step) -> dict | None:
+        on = [r for r in rows_ if r["problem_id"] in subset]
+        if len(on) < curve_examples:
+            return None
+        return {
+            "tokens": tokens,
+            "step": step,
+            "strict": accuracy([r["strict_correct"] for r in on]),
+            "flexible": accuracy([r["flexible_correct"] for r in on]),
         }
-    ]
-    for s in steps:
-        m = s.get("metrics", s)
+
+    points = [p for p in [point(0, base_rows, 0)] if p]
+    tokens = 0
+    for m in steps:
+        tokens += int(m.get("search_tokens") or 0)
         if m.get("eval_strict_acc") is not None:
             points.append(
-                {"step": s.get("step"), "strict": m["eval_strict_acc"], "flexible": m["eval_flexible_acc"]}
+                {
+                    "tokens": tokens,
+                    "step": m.get("step"),
+                    "strict": m["eval_strict_acc"],
+                    "flexible": m["eval_flexible_acc"],
+                }
             )
-    return points
+    final = point(tokens, rows, "final")
+    return points + ([final] if final else [])
 
 
-def run_arm(client, trainer_url: str, name: str, request: dict, base_rows: list[dict], args, log) -> dict:
-    started = time.perf_counter()
-    httpx.post(
-        f"{trainer_url}/checkpoints/load", json={"name": INIT_CHECKPOINT}, timeout=120
-    ).raise_for_status()
-    job_id = client.train(**request)
-    log(f"arm {name}: POST /train -> {job_id}")
-    cut_short = False
-    try:
-        job = client.wait(job_id, timeout_s=args.arm_train_s or args.job_timeout, poll_s=2.0)
-    except TimeoutError:  # over the arm's time budget: stop it and judge the adapter as it is
-        log(f"arm {name}: over --arm-train-s, cancelling the train job")
-        client.cancel(job_id)
-        job, cut_short = client.wait(job_id, timeout_s=300, poll_s=1.0), True
-    if not cut_short and job["status"] != "completed":
-        raise RuntimeError(f"train job of arm {name}: {job['status']} {job.get('error')}")
-    train_s = time.perf_counter() - started
-    steps = client.steps(job_id)
-    rows, eval_s = run_eval(client, "student", args, log)
-    strict, flexible = paired(base_rows, rows, "strict"), paired(base_rows, rows, "flexible")
-    metrics = [s.get("metrics", s) for s in steps]
-    result = {
+def arm_result(name: str, arm: dict, rows: list[dict], base_rows: list[dict], args) -> dict:
+    p = {k: paired(base_rows, rows, k) for k in JUDGEMENTS}
+    return {
         "name": name,
-        "acc": strict["second_acc"],
-        "acc_flexible": flexible["second_acc"],
-        "p_value": strict["p_value"],
-        "p_value_flexible": flexible["p_value"],
-        "discordant_strict": [strict["only_first"], strict["only_second"]],
-        "discordant_flexible": [flexible["only_first"], flexible["only_second"]],
-        "n": strict["n"],
-        "applied_steps": sum(1 for m in metrics if m.get("adapter_version") is not None),
-        "cut_short": cut_short,
-        "search_tokens": sum(int(m.get("search_tokens") or 0) for m in metrics),
-        "train_tokens": sum(int(m.get("train_tokens") or 0) for m in metrics),
-        "mean_reward": [m.get("mean_reward") for m in metrics],
-        "correct_leaf_share": [m.get("correct_leaf_share") for m in metrics],
-        "kl": [m.get("kl") for m in metrics],
-        "search_seconds": [m.get("search_seconds") for m in metrics],
-        "grpo_seconds": [m.get("grpo_seconds") for m in metrics],
-        "step_seconds": [m.get("step_seconds") for m in metrics],
-        "train_seconds": round(train_s, 1),
-        "eval_seconds": round(eval_s, 1),
-        "curve": curve(steps, base_rows, args.curve_examples),
-        "request": request,
-        "job_id": job_id,
+        "n": p["strict"]["n"],
+        "acc": p["strict"]["second_acc"],
+        "acc_flexible": p["flexible"]["second_acc"],
+        "acc_lm_eval_strict": p["lm_eval_strict"]["second_acc"],
+        "acc_lm_eval_flexible": p["lm_eval_flexible"]["second_acc"],
+        "p_value": p["strict"]["p_value"],
+        "p_value_flexible": p["flexible"]["p_value"],
+        "p_value_lm_eval_strict": p["lm_eval_strict"]["p_value"],
+        "p_value_lm_eval_flexible": p["lm_eval_flexible"]["p_value"],
+        "discordant": {k: [p[k]["only_first"], p[k]["only_second"]] for k in JUDGEMENTS},
+        "generated_tokens": arm["generated_tokens"],
+        "budget_reached": arm["budget_reached"],
+        "applied_steps": arm["applied_steps"],
+        "adapter_version": arm["adapter_version"],
+        "train_seconds": arm["train_seconds"],
+        "correct_leaf_share": [m.get("correct_leaf_share") for m in arm["steps"]],
+        "mean_reward": [m.get("mean_reward") for m in arm["steps"]],
+        "search_seconds": [m.get("search_seconds") for m in arm["steps"]],
+        "grpo_seconds": [m.get("grpo_seconds") for m in arm["steps"]],
+        "curve": curve(arm["steps"], base_rows, rows, args.curve_examples),
+        "request": arm["request"],
+        "job_id": arm["job_id"],
+        "rows": [{k: r[k] for k in ("problem_id", *(f"{j}_correct" for j in JUDGEMENTS))} for r in rows],
     }
-    log(
-        f"arm {name}: strict {result['acc']:.1%} (p={result['p_value']:.3g}) flexible {result['acc_flexible']:.1%} "
-        f"(p={result['p_value_flexible']:.3g}); {result['applied_steps']} steps, {result['search_tokens']} search "
-        f"tokens, {train_s:.0f}s train"
-    )
-    return result
 
 
-# --- outputs -----------------------------------------------------------------------------------------------
+# --- outputs ---------------------------------------------------------------------------------------------------
 def gpu_name() -> str | None:
     try:
         out = subprocess.run(
@@ -283,48 +576,54 @@ def gpu_name() -> str | None:
         return None
 
 
-def figures(state: dict, args, command: str, wall_s: float) -> dict:
-    """The machine-readable result: base vs --head (else the mcts arm, else the first arm run), ablations
-    beside it."""
+def figures(state: dict, args, command: str) -> dict:
+    """The machine-readable result: base vs --head (else the mcts arm, else the first arm), ablations beside."""
     base = state["base_rows"]
-    arms = [state["arms"][a] for a in state["arm_order"] if a in state["arms"]]
-    head = state["arms"].get(args.head) if args.head else None
-    head = head or state["arms"].get("mcts") or (arms[0] if arms else None)
+    arms = [state["arms"][a]["result"] for a in state["arm_order"] if state["arms"].get(a, {}).get("result")]
+    head = next((a for a in arms if a["name"] == (args.head or "mcts")), arms[0] if arms else None)
+    pieces = state["pieces"]
+    gpu = gpu_name()
+    base_acc = {k: accuracy([r[f"{k}_correct"] for r in base]) for k in JUDGEMENTS}
+    keep = (
+        "name",
+        "acc",
+        "acc_flexible",
+        "acc_lm_eval_strict",
+        "acc_lm_eval_flexible",
+        "p_value",
+        "p_value_flexible",
+        "p_value_lm_eval_strict",
+        "p_value_lm_eval_flexible",
+        "discordant",
+        "generated_tokens",
+        "budget_reached",
+        "applied_steps",
+        "train_seconds",
+    )
     return {
         "n": len(base),
         "eval_split": "test",
         "eval_offset": args.eval_offset,
-        "base_acc": accuracy([r["strict_correct"] for r in base]),
-        "base_acc_flexible": accuracy([r["flexible_correct"] for r in base]),
-        "trained_arm": head["name"] if head else None,
+        "base_acc": base_acc["strict"],
+        "base_acc_flexible": base_acc["flexible"],
+        "base_acc_lm_eval_strict": base_acc["lm_eval_strict"],
+        "base_acc_lm_eval_flexible": base_acc["lm_eval_flexible"],
+        "arm": head["name"] if head else None,
         "trained_acc": head["acc"] if head else None,
         "trained_acc_flexible": head["acc_flexible"] if head else None,
         "p_value": head["p_value"] if head else None,
         "p_value_flexible": head["p_value_flexible"] if head else None,
-        "ablations": [
-            {
-                k: a[k]
-                for k in (
-                    "name",
-                    "acc",
-                    "acc_flexible",
-                    "p_value",
-                    "p_value_flexible",
-                    "discordant_strict",
-                    "discordant_flexible",
-                    "applied_steps",
-                    "cut_short",
-                    "search_tokens",
-                    "train_tokens",
-                    "train_seconds",
-                )
-            }
-            for a in arms
-        ],
-        "machine": describe_machine() + (f", GPU {g}" if (g := gpu_name()) else ", no GPU"),
+        "generated_tokens": head["generated_tokens"] if head else None,
+        "token_budget": args.token_budget,
+        "teacher": TEACHERS[args.teacher],
+        "pieces": len(pieces),
+        "wall_minutes": round(sum(p["wall_s"] for p in pieces) / 60, 2),
+        "gpu_minutes": round(sum(p["wall_s"] for p in pieces) / 60, 2) if gpu else 0.0,
+        "ablations": [{k: a[k] for k in keep} for a in arms],
+        "machine": describe_machine() + (f", GPU {gpu}" if gpu else ", no GPU"),
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
-        "wall_s": round(wall_s, 1),
+        "commands": [p["command"] for p in pieces],
         "curves": {a["name"]: a["curve"] for a in arms},
         "requests": {a["name"]: a["request"] for a in arms},
     }
@@ -336,163 +635,23 @@ def plot_curves(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kind in zip(axes, ("strict", "flexible")):
-        colors = {}
         for name, points in result["curves"].items():
-            (line,) = ax.plot(
-                [p["step"] for p in points], [100 * p[kind] for p in points], marker="o", label=name
-            )
-            colors[name] = line.get_color()
-        key = "acc" if kind == "strict" else "acc_flexible"
-        for arm in result["ablations"]:  # the final held-out accuracy (all n problems) after the arm's steps
-            ax.plot(
-                [arm["applied_steps"]],
-                [100 * arm[key]],
-                marker="x",
-                markersize=10,
-                linestyle="none",
-                color=colors.get(arm["name"]),
-                label=f"{arm['name']} held-out (n={result['n']})",
-            )
-        base = result["base_acc" if kind == "strict" else "base_acc_flexible"]
-        ax.axhline(100 * base, color="grey", linestyle=":", label=f"base held-out (n={result['n']})")
-        ax.set_title(f"{kind} accuracy (o: quick eval, x: held-out)")
-        ax.set_xlabel("training step")
+            ax.plot([p["tokens"] for p in points], [100 * p[kind] for p in points], marker="o", label=name)
+        ax.set_title(f"{kind} accuracy, first {result.get('curve_examples', '?')} test problems")
+        ax.set_xlabel("generated tokens (search: student + teacher)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("% correct")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"GSM8K test, base = step 0; final held-out n={result['n']}", fontsize=9)
+    axes[0].legend(fontsize=8)
+    arms = ", ".join(f"{a['name']} {100 * a['acc']:.1f}% (p={a['p_value']:.2g})" for a in result["ablations"])
+    fig.suptitle(
+        f"GSM8K test, all {result['n']} strict: base {100 * result['base_acc']:.1f}%, {arms}", fontsize=8
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def results_rows(result: dict) -> list[str]:
-    rows = []
-    for a in result["ablations"]:
-        rows.append(
-            f"| {result['date'][:16]} | {a['name']} | {result['n']} | {result['base_acc']:.1%} / "
-            f"{result['base_acc_flexible']:.1%} | {a['acc']:.1%} / {a['acc_flexible']:.1%} | "
-            f"{a['p_value']:.3g} / {a['p_value_flexible']:.3g} | {a['applied_steps']} | {a['train_seconds']:.0f} s | "
-            f"{result['machine']} | `{result['command']}` |"
-        )
-    return rows
-
-
-RESULTS_HEADER = (
-    "| date (UTC) | arm | n | base strict / flexible | trained strict / flexible | McNemar p strict / flexible "
-    "| steps | train time | machine | command |\n|---|---|---:|---|---|---|---:|---:|---|---|"
-)
-
-
-def add_results_rows(md_path: Path, rows: list[str]) -> None:
-    """Append rows to the table of the `## learning` section (made if missing); other sections untouched."""
-    text = md_path.read_text() if md_path.exists() else ""
-    lines = text.splitlines()
-    try:
-        start = lines.index("## learning")
-    except ValueError:
-        lines += ["", "## learning", "", RESULTS_HEADER]
-        start = len(lines) - 4 + 1
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    last_row = max((i for i in range(start, end) if lines[i].startswith("|")), default=None)
-    if last_row is None:
-        lines[end:end] = ["", *RESULTS_HEADER.splitlines()]
-        last_row = end + 2
-    lines[last_row + 1 : last_row + 1] = rows
-    md_path.write_text("\n".join(lines) + "\n")
-
-
-# --- main --------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms to run, in order (default {DEFAULT_ARMS})")
-    a("--arm", action="append", help="extra arm NAME=JSON, deep-merged over the mcts request")
-    a("--head", default=None, help="the arm reported as trained_acc/p_value in --json-out (default: mcts)")
-    a("--workdir", default="runs/learning", help="services' files and the resumable state")
-    a("--fresh", action="store_true", help="forget the state in --workdir (base eval and finished arms)")
-    a(
-        "--url",
-        default=None,
-        help="use a running orchestrator instead of starting services (needs --trainer-url)",
-    )
-    a("--trainer-url", default=None)
-    # held-out eval
-    a("--eval-examples", type=int, default=300, help="held-out GSM8K test problems")
-    a("--eval-offset", type=int, default=0)
-    a("--eval-max-tokens", type=int, default=256)
-    a("--eval-concurrency", type=int, default=64)
-    a("--curve-every", type=int, default=4, help="quick student eval every N steps (the PNG)")
-    a("--curve-examples", type=int, default=100, help="first N held-out problems in the quick eval")
-    # training (the same for every arm)
-    a("--train-examples", type=int, default=128)
-    a("--train-offset", type=int, default=0)
-    a("--epochs", type=int, default=1)
-    a("--batch-size", type=int, default=8, help="problems per GRPO step")
-    a("--trees-in-flight", type=int, default=None)
-    a("--learning-rate", type=float, default=2e-4)
-    a("--beta", type=float, default=0.01, help="KL coefficient")
-    a("--micro-batch", type=int, default=16)
-    a("--teacher-weight", type=float, default=1.0, help="loss weight of items with teacher-written text")
-    a(
-        "--advantage-mode",
-        choices=("flat", "rejection"),
-        default="flat",
-        help="of every arm but mcts_tree: z-scored group advantages, or fine-tuning on the correct paths only",
-    )
-    a("--pre-weight", type=float, default=0.1, help="reward weight of the process reward (PRE)")
-    a("--hre-weight", type=float, default=1.0, help="reward weight of the correct final answer")
-    # search
-    a("--iterations", type=int, default=8)
-    a("--max-depth", type=int, default=6)
-    a("--chunk-tokens", type=int, default=64)
-    a("--max-tokens", type=int, default=256, help="token budget of one path (and of a grpo answer)")
-    a("--rollout-max-tokens", type=int, default=192)
-    a("--parallel-simulations", type=int, default=4)
-    a("--n-student", type=int, default=2)
-    a("--n-teacher-right", type=int, default=1)
-    a("--n-teacher-wrong", type=int, default=1)
-    a("--use-checker", action=argparse.BooleanOptionalAction, default=False)
-    a(
-        "--teacher-reference",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the 'right' teacher sees the gold solution (search.teacher_reference)",
-    )
-    a(
-        "--teacher-model",
-        choices=("base", "student"),
-        default="base",
-        help="the teacher the services start with: the trainer's base model, or the student itself",
-    )
-    a("--temperature", type=float, default=0.8)
-    a("--group", type=int, default=8, help="answers per problem in the grpo and guided arms")
-    a(
-        "--seed",
-        type=int,
-        default=None,
-        help="seeded sampling (reproducible, but each row samples alone: slow)",
-    )
-    # services and outputs
-    a("--request-timeout", type=float, default=900.0)
-    a("--max-requests-in-flight", type=int, default=256)
-    a("--job-timeout", type=float, default=7200.0)
-    a("--arm-train-s", type=float, default=None, help="cancel an arm's train job after this many seconds")
-    a(
-        "--deadline-s",
-        type=float,
-        default=None,
-        help="start no arm that the last arm's time says would end later",
-    )
-    a("--json-out", default="bench/results/learning.json")
-    a("--png-out", default="bench/results/learning.png")
-    a("--runs-log", default="bench/results/learning_runs.json", help="every arm run, appended")
-    a("--results-md", default=None, help="append a row per arm to the `## learning` section of this file")
-    a("--tag", default="", help="a label stored with every run in --runs-log")
-    return p.parse_args(argv)
 
 
 def append_runs_log(path: Path, entry: dict) -> None:
@@ -502,9 +661,91 @@ def append_runs_log(path: Path, entry: dict) -> None:
     path.write_text(json.dumps(runs, indent=1) + "\n")
 
 
+# --- main --------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms to run, in order (default {DEFAULT_ARMS})")
+    a("--arm", action="append", help="extra arm NAME=JSON, deep-merged over the mcts request")
+    a("--head", default=None, help="the arm reported as trained_acc/p_value (default: mcts)")
+    a("--teacher", choices=tuple(TEACHERS), default="reference", help="the teacher the services start with")
+    a("--workdir", default="runs/learning", help="services' files and the resumable state")
+    a("--fresh", action="store_true", help="forget the state in --workdir (base eval and every arm)")
+    a("--token-budget", type=int, default=None, help="generated tokens per arm; the job is cancelled there")
+    a("--piece-s", type=float, default=None, help="end this call after so many seconds (exit 3; run again)")
+    a("--piece-margin-s", type=float, default=30.0, help="time kept for a clean stop at the end of a piece")
+    # held-out eval
+    a("--eval-examples", type=int, default=GSM8K_TEST_SIZE, help="GSM8K test problems judged (default: all)")
+    a("--eval-offset", type=int, default=0)
+    a("--eval-max-tokens", type=int, default=256)
+    a("--eval-concurrency", type=int, default=256, help="answers in flight per eval job (at most 256)")
+    a("--eval-chunks", type=int, default=4, help="eval jobs run at once (each a slice of the problems)")
+    a("--curve-every", type=int, default=None, help="quick eval every N steps for the curve (default: none)")
+    a("--curve-examples", type=int, default=300, help="first N test problems in the quick eval")
+    # the run's shape, the same for every arm
+    a("--train-examples", type=int, default=7473)
+    a("--train-offset", type=int, default=0)
+    a("--epochs", type=int, default=1)
+    a("--batch-size", type=int, default=64, help="problems per GRPO step")
+    a("--trees-in-flight", type=int, default=None)
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="steps between the job's checkpoints (a piece resumes there)",
+    )
+    a("--group", type=int, default=8, help="answers per problem in the grpo arm")
+    a(
+        "--answer-tokens",
+        type=int,
+        default=256,
+        help="token budget of a whole answer (grpo, sft_gold, guided)",
+    )
+    # overrides of the product's defaults (every arm; not sent when left out)
+    a("--learning-rate", type=float, default=None)
+    a("--beta", type=float, default=None, help="KL coefficient")
+    a("--loss-type", choices=("grpo", "dr_grpo", "legacy"), default=None)
+    a("--clip-eps-high", type=float, default=None)
+    a("--micro-batch", type=int, default=None)
+    a("--teacher-weight", type=float, default=None)
+    a("--advantage-mode", choices=("flat", "tree", "rejection"), default=None)
+    a("--pre-weight", type=float, default=None)
+    a("--hre-weight", type=float, default=None)
+    a("--iterations", type=int, default=None)
+    a("--max-depth", type=int, default=None)
+    a("--chunk-tokens", type=int, default=None)
+    a("--max-tokens", type=int, default=None, help="token budget of one search path")
+    a("--rollout-max-tokens", type=int, default=None, help="0: no rollouts")
+    a("--parallel-simulations", type=int, default=None)
+    a("--n-student", type=int, default=None)
+    a("--n-teacher-right", type=int, default=None)
+    a("--n-teacher-wrong", type=int, default=None)
+    a("--use-checker", action=argparse.BooleanOptionalAction, default=None)
+    a(
+        "--teacher-reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a model teacher is shown the gold solution (search.teacher_reference)",
+    )
+    a("--temperature", type=float, default=None)
+    a("--seed", type=int, default=None)
+    # services and outputs
+    a("--request-timeout", type=float, default=900.0)
+    a("--max-requests-in-flight", type=int, default=256)
+    a("--json-out", default="bench/results/learning.json")
+    a("--png-out", default="bench/results/learning.png")
+    a("--runs-log", default="bench/results/learning_runs.json", help="every finished arm, appended")
+    a("--tag", default="", help="a label stored with every arm in --runs-log")
+    args = p.parse_args(argv)
+    if args.eval_offset + args.eval_examples > GSM8K_TEST_SIZE:
+        p.error(f"--eval-offset + --eval-examples exceeds the {GSM8K_TEST_SIZE} test problems")
+    return args
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    deadline = time.monotonic() + args.piece_s if args.piece_s else None  # the piece counts from here
     command = "python bench/learning.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -514,9 +755,19 @@ def main(argv=None) -> int:
         "eval_examples": args.eval_examples,
         "eval_offset": args.eval_offset,
         "eval_max_tokens": args.eval_max_tokens,
+        "token_budget": args.token_budget,
+        "teacher": args.teacher,
     }
     if state.get("key") != key:
-        state = {"key": key, "base_rows": None, "arms": {}, "arm_order": []}
+        state = {
+            "key": key,
+            "base_eval": {},
+            "base_rows": None,
+            "arms": {},
+            "arm_order": [],
+            "pieces": [],
+            "init_saved": False,
+        }
 
     def log(message: str) -> None:
         print(f"[learning {time.perf_counter() - started:6.0f}s] {message}", flush=True)
@@ -526,84 +777,65 @@ def main(argv=None) -> int:
     unknown = [a for a in wanted if a not in requests]
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; known: {sorted(requests)}")
+    if "sft_gold" in wanted and args.teacher != "reference":
+        raise SystemExit(
+            "the sft_gold arm writes the reference solutions through the reference teacher: --teacher reference"
+        )
 
-    services = []
-    if args.url:
-        url, trainer_url = args.url, args.trainer_url
-    else:
-        env = {
-            "TEACHER_TIER": "embedded",
-            "REQUEST_TIMEOUT_S": str(args.request_timeout),
-            "ENDPOINT_MAX_CONCURRENCY": str(args.max_requests_in_flight),
-            "MAX_REQUESTS_IN_FLIGHT": str(args.max_requests_in_flight),
-            "MAX_TREES_IN_FLIGHT": str(args.trees_in_flight or args.batch_size),
-            # The trainer must take what the orchestrator keeps in flight (plus the quick evals beside it).
-            "TRAINER_MAX_REQUESTS_IN_FLIGHT": str(max(256, 2 * args.max_requests_in_flight)),
-        }
-        if gsm8k := default_gsm8k_path():
-            env["GSM8K_PATH"] = gsm8k
-        trainer = trainer_process(free_port(), workdir, env=env, cwd=REPO_ROOT)
-        orch_env = {**env, **teacher_env(args, trainer.url)}
-        orch = orchestrator_process(free_port(), trainer.url, workdir, env=orch_env, cwd=REPO_ROOT)
-        services = [orch, trainer]
-        url, trainer_url = orch.url, trainer.url
+    state["pieces"].append({"command": command, "wall_s": 0.0, "date": datetime.now(UTC).isoformat()})
+    finished = False
     try:
-        for s in reversed(services):
-            s.start()
-        if services:
-            services[1].wait_ready(timeout_s=900, ok=lambda body: body.get("status") == "ok")
-            services[0].wait_ready(timeout_s=120)
-            log("services ready")
-        with OrchestratorClient(url, timeout_s=120) as client:
-            httpx.post(
-                f"{trainer_url}/checkpoints", json={"name": INIT_CHECKPOINT}, timeout=120
-            ).raise_for_status()
-            if state["base_rows"] is None:
-                state["base_rows"], state["base_seconds"] = run_eval(client, "base", args, log)
-                state_path.write_text(json.dumps(state))
-            last_arm_s = None
-            for name in wanted:
-                if name in state["arms"] and state["arms"][name]["request"] == requests[name]:
-                    log(f"arm {name}: done before, kept")
-                    continue
-                elapsed = time.perf_counter() - started
-                if args.deadline_s and last_arm_s and elapsed + last_arm_s > args.deadline_s:
-                    log(f"arm {name}: skipped, {elapsed:.0f}s + ~{last_arm_s:.0f}s would pass --deadline-s")
-                    continue
-                arm_started = time.perf_counter()
-                result = run_arm(client, trainer_url, name, requests[name], state["base_rows"], args, log)
-                last_arm_s = time.perf_counter() - arm_started
-                state["arms"][name] = result
-                state["arm_order"] = [a for a in state["arm_order"] if a != name] + [name]
-                state_path.write_text(json.dumps(state))
-                append_runs_log(
-                    Path(args.runs_log),
-                    {
-                        "tag": args.tag,
-                        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        "command": command,
-                        "n": len(state["base_rows"]),
-                        "base_acc": accuracy([r["strict_correct"] for r in state["base_rows"]]),
-                        "base_acc_flexible": accuracy([r["flexible_correct"] for r in state["base_rows"]]),
-                        "machine_gpu": gpu_name(),
-                        **{k: v for k, v in result.items() if k != "curve"},
-                    },
-                )
+        with Services(args, workdir) as services:
+            log(
+                f"services ready: orchestrator {services.url}, trainer {services.trainer_url}, teacher {args.teacher}"
+            )
+            with OrchestratorClient(services.url, timeout_s=120) as client:
+                run = Run(args, state, state_path, client, services.trainer_url, log, deadline)
+                if not state["init_saved"]:
+                    run.trainer("/checkpoints", {"name": INIT_CHECKPOINT})
+                    state["init_saved"] = True
+                    run.save()
+                if state["base_rows"] is None:
+                    state["base_rows"] = run.judge("base", state["base_eval"])
+                    state["base_eval"] = {}
+                    run.save()
+                for name in wanted:
+                    result = run.run_arm(name, requests[name], state["base_rows"])
+                    if name not in state["arm_order"]:
+                        state["arm_order"].append(name)
+                        run.save()
+                        append_runs_log(
+                            Path(args.runs_log),
+                            {
+                                "tag": args.tag,
+                                "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                "command": command,
+                                "machine_gpu": gpu_name(),
+                                **{k: v for k, v in result.items() if k not in ("curve", "rows")},
+                            },
+                        )
+                finished = True
+    except PieceOver:
+        log("piece over: state saved; run the same command again to go on")
     finally:
-        for s in services:
-            s.stop()
+        state["pieces"][-1]["wall_s"] = round(time.perf_counter() - started, 1)
+        state_path.write_text(json.dumps(state))
+    if not finished:
+        return PIECE_EXIT
 
-    result = figures(state, args, command, time.perf_counter() - started)
+    result = figures(state, args, command)
+    result["curve_examples"] = args.curve_examples
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
     plot_curves(result, Path(args.png_out))
-    if args.results_md:
-        add_results_rows(Path(args.results_md), results_rows(result))
-    log(f"base strict {result['base_acc']:.1%} flexible {result['base_acc_flexible']:.1%} (n={result['n']})")
+    log(
+        f"base strict {result['base_acc']:.1%} flexible {result['base_acc_flexible']:.1%} (n={result['n']}), "
+        f"{result['pieces']} pieces, {result['wall_minutes']} min"
+    )
     for a in result["ablations"]:
         log(
             f"  {a['name']:<10} strict {a['acc']:.1%} p={a['p_value']:.3g}   flexible {a['acc_flexible']:.1%} "
-            f"p={a['p_value_flexible']:.3g}   steps {a['applied_steps']}"
+            f"p={a['p_value_flexible']:.3g}   {a['generated_tokens']} tokens, {a['applied_steps']} steps"
         )
     log(f"wrote {args.json_out}, {args.png_out}")
     return 0
