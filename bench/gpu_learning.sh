@@ -21,6 +21,8 @@
 # exits 3 while work is left: run the same command again. Exit 0: every arm judged; learning.json and learning.png
 # come back in $OUT. Every call copies the state and the logs to $OUT, so a lost machine loses only the
 # checkpoints (the state file says how far the run got). PROBE=1 also runs .gpu/probe.py if present.
+# `bash bench/gpu_learning.sh throughput <arguments>` runs bench/search_throughput.py there instead (its JSON is
+# written after every phase into $OUT/search_throughput.json).
 set -o pipefail
 cd "$(dirname "$0")/.."
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -35,6 +37,11 @@ export TRAINER_MODEL_SOURCE=$G/smollm2.gguf TRAINER_MODEL_CACHE_DIR=/tmp/models-
 # 1024 rows: four eval jobs of 256 answers decode in one batch.
 export TRAINER_MAX_BATCH_SIZE=${MAXB:-1024} TRAINER_COMPILE_LAYERS=false TRAINER_GRADIENT_CHECKPOINTING=false GSM8K_PATH=$PWD/.gsm8k
 [ -n "$PROBE" ] && [ -f .gpu/probe.py ] && python3 .gpu/probe.py 2>&1 | tee $OUT/probe.log
+if [ "$1" = throughput ]; then  # bench/search_throughput.py instead: bash bench/gpu_learning.sh throughput <its arguments>
+  shift
+  python3 bench/search_throughput.py --workdir /tmp/throughput --out $OUT/search_throughput.json "$@" 2>&1 | tee -a $OUT/log
+  rc=$?; tail -c 20000 /tmp/throughput/trainer.log > $OUT/trainer_tail.log 2>/dev/null; exit $rc
+fi
 W=/tmp/learning-gpu
 mkdir -p $W
 python3 bench/learning.py --workdir $W --json-out $W/learning.json --png-out $W/learning.png --runs-log $W/learning_runs.json "$@" 2>&1 | tee -a $OUT/log

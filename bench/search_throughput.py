@@ -372,20 +372,24 @@ def main(argv=None) -> int:
                 f"tok/fwd {result['trainer']['generated_tokens_per_forward_pass']}",
                 flush=True,
             )
-        if "sample" in out["phases"]:
-            base = out["phases"]["sample"]["tokens_per_s"]
-            for result in out["phases"].values():
-                result["tokens_per_s_vs_sample"] = round(result["tokens_per_s"] / base, 3) if base else None
-                result["student_tokens_per_s_vs_sample"] = (
-                    round(result["student_tokens_per_s"] / base, 3) if base else None
-                )
+            write(out, Path(args.out))  # after every phase: a run cut short keeps what it measured
     finally:
         for s in reversed(services):
             s.stop()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def write(out: dict, path: Path) -> None:
+    if "sample" in out["phases"]:
+        base = out["phases"]["sample"]["tokens_per_s"]
+        for result in out["phases"].values():
+            result["tokens_per_s_vs_sample"] = round(result["tokens_per_s"] / base, 3) if base else None
+            result["student_tokens_per_s_vs_sample"] = (
+                round(result["student_tokens_per_s"] / base, 3) if base else None
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
