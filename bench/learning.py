@@ -3,7 +3,7 @@ through the REST API, in pieces that resume.
 
     python bench/learning.py --token-budget 300000 --arms mcts,grpo,mcts_tree,sft_gold --piece-s 520
 
-1. start the trainer service, the reference teacher (orchestrator/reference_teacher.py: writes from the GSM8K
+1. start the trainer service, the reference teacher (orchestrator/reference_teacher/: writes from the GSM8K
    train reference solutions, standing in for a 70B-class teacher; `--teacher base|student` for a model
    teacher instead) and the orchestrator on free ports of 127.0.0.1;
 2. save the fresh adapter as trainer checkpoint "learning-init" (once per run);
@@ -66,19 +66,23 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx
 
-from orchestrator.client import OrchestratorClient
-from orchestrator.demo import default_gsm8k_path
-from orchestrator.machine import describe_machine
-from orchestrator.processes import free_port, orchestrator_process, trainer_process
-from orchestrator.reference_teacher import service_process
-from orchestrator.schemas import GSM8K_TEST_SIZE
-from orchestrator.stats import accuracy, compare_paired
+from orchestrator.clients.orchestrator import OrchestratorClient
+from orchestrator.gsm8k.stats import accuracy, compare_paired
+from orchestrator.local.demo import default_gsm8k_path
+from orchestrator.local.machine import describe_machine
+from orchestrator.local.processes import (
+    free_port,
+    orchestrator_process,
+    reference_teacher_process,
+    trainer_process,
+)
+from orchestrator.runners.requests import GSM8K_TEST_SIZE
 
 INIT_CHECKPOINT = "learning-init"
 DEFAULT_ARMS = "mcts,grpo,mcts_tree,sft_gold"
 PIECE_EXIT = 3  # "more to do: run again with the same --workdir"
 TEACHERS = {
-    "reference": "reference: GSM8K train reference solutions over the OpenAI API (orchestrator/reference_teacher.py)",
+    "reference": "reference: GSM8K train reference solutions over the OpenAI API (orchestrator/reference_teacher/)",
     "base": "embedded: the trainer's base model (adapters off)",
     "student": "the student itself, shown the gold solution (STaR-style)",
 }
@@ -298,13 +302,10 @@ class Services:
         teacher_env = {"TEACHER_TIER": "embedded"}
         endpoint = {"max_concurrency": args.max_requests_in_flight, "timeout_s": args.request_timeout}
         if args.teacher == "reference":
-            reference = service_process(
-                free_port(),
-                workdir / "reference_teacher.log",
-                self.env.get("GSM8K_PATH"),
-                student_tokenizer_file(),
-                cwd=REPO_ROOT,
-            )
+            teacher = {k: v for k, v in self.env.items() if k == "GSM8K_PATH"}
+            if tokenizer := student_tokenizer_file():
+                teacher["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
+            reference = reference_teacher_process(free_port(), workdir, env=teacher, cwd=REPO_ROOT)
             self.processes.append(reference)
             reference.start()
             reference.wait_ready(timeout_s=120)

@@ -3,7 +3,7 @@
     python bench/search_throughput.py --problems 4 --group 4 --max-tokens 192 --out bench/results/search_throughput.json
 
 On the same GSM8K train problems, in one process, against one trainer service (started here on a free port of
-127.0.0.1, or --trainer-url) and, for the reference variant, one reference teacher (orchestrator/reference_teacher.py):
+127.0.0.1, or --trainer-url) and, for the reference variant, one reference teacher (orchestrator/reference_teacher/):
 
 - sample:            the grpo arm's request shape: per problem one expansion of `group` whole student answers
                      (one_line_steps=false, max_depth 1, no teachers, rollouts or checker), every tree in flight;
@@ -42,17 +42,16 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import httpx
 
-from orchestrator.data import load_gsm8k
-from orchestrator.demo import default_gsm8k_path
-from orchestrator.llm import LLMError, LLMPool, RetryPolicy
-from orchestrator.machine import describe_machine
-from orchestrator.processes import free_port, trainer_process
-from orchestrator.reference_teacher import service_process
-from orchestrator.search import SearchConfig, SearchServices, run_searches
-from orchestrator.settings import EndpointSpec, Settings
-from orchestrator.teachers import TeacherEnsemble
-from orchestrator.terminal import TerminalChecker
-from orchestrator.trainer_client import TrainerClient
+from orchestrator.clients.llm import LLMError, LLMPool, RetryPolicy
+from orchestrator.clients.trainer import TrainerClient
+from orchestrator.gsm8k.data import load_gsm8k
+from orchestrator.local.demo import default_gsm8k_path
+from orchestrator.local.machine import describe_machine
+from orchestrator.local.processes import free_port, reference_teacher_process, trainer_process
+from orchestrator.search.mcts import SearchServices, run_searches
+from orchestrator.search.teachers import TeacherEnsemble
+from orchestrator.search.terminal import TerminalChecker
+from orchestrator.settings import EndpointSpec, SearchConfig, Settings
 
 PHASES = ("sample", "search_embedded", "search_reference", "search_reference_nochecker")
 
@@ -345,9 +344,10 @@ def main(argv=None) -> int:
             s.start()
             s.wait_ready(timeout_s=900, ok=lambda body: body.get("status") == "ok")
         if any(x.startswith("search_reference") for x in phases):
-            teacher = service_process(
-                free_port(), workdir / "reference_teacher.log", gsm8k, student_tokenizer_file(), cwd=REPO_ROOT
-            )
+            env = {"GSM8K_PATH": gsm8k} if gsm8k else {}
+            if tokenizer := student_tokenizer_file():
+                env["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
+            teacher = reference_teacher_process(free_port(), workdir, env=env, cwd=REPO_ROOT)
             services.append(teacher)
             teacher.start()
             teacher.wait_ready(timeout_s=120)

@@ -143,3 +143,18 @@ def orchestrator_process(
         f"http://127.0.0.1:{port}",
         cwd=cwd,
     )
+
+
+def reference_teacher_process(
+    port: int, workdir: Path, env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> ServiceProcess:
+    """The reference teacher (`python -m orchestrator.reference_teacher`), GSM8K from GSM8K_PATH; `env` may name
+    REFERENCE_TEACHER_TOKENIZER so that its usage counts the student's tokens."""
+    return ServiceProcess(
+        "reference-teacher",
+        ["-m", "orchestrator.reference_teacher", "--log-level", "warning"],
+        {"REFERENCE_TEACHER_HOST": "127.0.0.1", "REFERENCE_TEACHER_PORT": str(port), **(env or {})},
+        workdir / "reference_teacher.log",
+        f"http://127.0.0.1:{port}",
+        cwd=cwd,
+    )

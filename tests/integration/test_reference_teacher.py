@@ -9,22 +9,22 @@ import httpx
 import openai
 import pytest
 
-from orchestrator.data import load_gsm8k
-from orchestrator.llm import LLMPool, RetryPolicy
-from orchestrator.processes import free_port
-from orchestrator.reference_teacher import parse_reference, service_process
-from orchestrator.search import SearchConfig, SearchServices, run_search
-from orchestrator.settings import Settings
-from orchestrator.teachers import teacher_messages
-from orchestrator.trajectories import grpo_group
+from orchestrator.clients.llm import LLMPool, RetryPolicy
+from orchestrator.gsm8k.data import load_gsm8k
+from orchestrator.local.processes import free_port, reference_teacher_process
+from orchestrator.reference_teacher.references import parse_reference
+from orchestrator.runners.trajectories import grpo_group
+from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.teachers import teacher_messages
+from orchestrator.settings import SearchConfig, Settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def reference_teacher(gsm8k_dir, repo_root, tmp_path_factory):
-    process = service_process(
-        free_port(), tmp_path_factory.mktemp("reference") / "teacher.log", str(gsm8k_dir), cwd=repo_root
+    process = reference_teacher_process(
+        free_port(), tmp_path_factory.mktemp("reference"), env={"GSM8K_PATH": str(gsm8k_dir)}, cwd=repo_root
     )
     with process:
         process.wait_ready(timeout_s=60)

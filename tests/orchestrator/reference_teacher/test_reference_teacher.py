@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.answers import extract_strict, same_number
-from orchestrator.data import Problem, load_gsm8k
-from orchestrator.reference_teacher import (
-    ReferenceBook,
-    ReferenceTeacher,
-    TokenCounter,
-    UnknownQuestion,
-    UnreadablePrompt,
-    evaluate,
-    format_number,
-    parse_reference,
-    read_teacher_prompt,
-    steps_done,
-)
-from orchestrator.teachers import teacher_messages
+from orchestrator.gsm8k.answers import extract_strict, same_number
+from orchestrator.gsm8k.data import Problem, load_gsm8k
+from orchestrator.reference_teacher.alignment import steps_done
+from orchestrator.reference_teacher.arithmetic import evaluate, format_number
+from orchestrator.reference_teacher.engine import ReferenceTeacher
+from orchestrator.reference_teacher.errors import UnknownQuestion, UnreadablePrompt
+from orchestrator.reference_teacher.prompts import read_teacher_prompt
+from orchestrator.reference_teacher.references import ReferenceBook, parse_reference
+from orchestrator.reference_teacher.tokens import TokenCounter
+from orchestrator.search.teachers import teacher_messages
 
 NATALIA = Problem(
     id="train-0",
