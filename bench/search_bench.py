@@ -131,7 +131,7 @@ async def _score_unmerged(self, items, model="student"):
     """/logprobs before 2026-11-25: one trainer request per call."""
     self.calls += 1
     self.requests += 1
-    return list((await self.trainer.logprobs(items, model)).get("results") or [])
+    return (await self.trainer.logprobs(items, model)).results
 
 
 class request_path:

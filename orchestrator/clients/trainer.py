@@ -1,25 +1,89 @@
 """Async client for the trainer service's own routes (/health, /logprobs, /grpo/step, /checkpoints).
 
 Chat and completions from the student go through `LLMPool` like any OpenAI-compatible server; this client
-covers the rest. Idempotent calls are retried on 503 (model loading), 429/5xx and connection errors; a
-/grpo/step is retried only when it carries a step_key, which makes a replay harmless on the server.
+covers the rest. It speaks services.protocol, the trainer's one wire contract: every request is built from the
+protocol's request model (so a bad request fails here, before it is sent) and every answer is validated into
+the protocol's response model (so an answer of another shape is a TrainerError now, not a KeyError later).
+Idempotent calls are retried on 503 (model loading), 429/5xx, connection errors and broken JSON; a /grpo/step
+is retried only when it carries a step_key, which makes a replay harmless on the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.clients.http_transport import lean_transport_for
 from orchestrator.clients.llm import RETRYABLE_STATUS, RetryPolicy, parse_retry_after
+from services.protocol import (
+    CheckpointInfo,
+    CheckpointList,
+    GrpoStepItem,
+    GrpoStepRequest,
+    GrpoStepResponse,
+    HealthResponse,
+    LoadCheckpointRequest,
+    LogprobsItem,
+    LogprobsRequest,
+    LogprobsResponse,
+    LossSettings,
+    ModelName,
+    SaveCheckpointRequest,
+)
+
+Answer = TypeVar("Answer", bound=BaseModel)
+Result = TypeVar("Result")
+
+# What went wrong, set where a TrainerError is raised (as LLMError's kinds; nothing parses the message):
+# "timeout", "connection", "malformed" (a 200 that is not JSON), "protocol" (JSON of another shape than the
+# protocol's answer), "invalid_request" (the request breaks the protocol; not sent), "unavailable" (the trainer
+# stayed away too long) or "http_<status>".
+TrainerErrorKind = str
 
 
 class TrainerError(Exception):
-    def __init__(self, status: int | None, message: str, retryable: bool = False):
-        self.status, self.message, self.retryable = status, message, retryable
+    def __init__(self, status: int | None, message: str, kind: TrainerErrorKind, retryable: bool = False):
+        self.status, self.message, self.kind, self.retryable = status, message, kind, retryable
         super().__init__(f"trainer {'HTTP ' + str(status) if status else 'error'}: {message}")
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def _request(model: type[Answer], fields: Mapping[str, Any], path: str) -> Answer:
+    """The protocol's request model for `path`; a TrainerError (kind invalid_request) when it breaks it."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise TrainerError(
+            None, f"{path}: invalid request, {_validation_summary(exc)}", "invalid_request"
+        ) from exc
+
+
+def _answer(model: type[Answer], content: bytes, path: str) -> Answer:
+    """The trainer's 200 answer validated into the protocol's response model."""
+    try:
+        return model.model_validate_json(content)
+    except ValidationError as exc:
+        if any(
+            error["type"] == "json_invalid" for error in exc.errors(include_url=False, include_input=False)
+        ):
+            # a cut-off body: asking again may well get a whole one
+            raise TrainerError(
+                200, f"{path}: response is not valid JSON", "malformed", retryable=True
+            ) from exc
+        raise TrainerError(
+            200, f"{path}: response does not match the protocol, {_validation_summary(exc)}", "protocol"
+        ) from exc
 
 
 class TrainerClient:
@@ -33,7 +97,9 @@ class TrainerClient:
     ):
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
-        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+        headers = {"Content-Type": "application/json"}
+        if api_token:
+            headers["Authorization"] = f"Bearer {api_token}"
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -58,67 +124,89 @@ class TrainerClient:
         await self._client.aclose()
 
     # --- routes -----------------------------------------------------------------------------------------
-    async def health(self) -> dict:
-        return await self._call("GET", "/health")
+    async def health(self) -> HealthResponse:
+        """A serving trainer's /health; while it loads (503) or after its load failed, a TrainerError."""
+        return await self._call("GET", "/health", None, HealthResponse)
 
-    async def logprobs(self, items: list[dict], model: str = "student") -> dict:
-        """items: [{prompt?|messages?, context?, completion}] -> {adapter_version, results:[{mean, ...}]}."""
-        return await self._call("POST", "/logprobs", {"model": model, "items": items})
+    async def logprobs(
+        self, items: Sequence[LogprobsItem | Mapping[str, Any]], model: ModelName = "student"
+    ) -> LogprobsResponse:
+        """The log-probs of each item's completion under `model`, one result per item in order."""
+        request = _request(LogprobsRequest, {"model": model, "items": items}, "/logprobs")
+        return await self._call("POST", "/logprobs", request, LogprobsResponse)
 
-    async def grpo_step(self, items: list[dict], loss: dict, step_key: str | None = None) -> dict:
-        body = {"items": items, "loss": loss}
-        if step_key is not None:
-            body["step_key"] = step_key
-        return await self._call("POST", "/grpo/step", body, idempotent=step_key is not None)
+    async def grpo_step(
+        self,
+        items: Sequence[GrpoStepItem | Mapping[str, Any]],
+        loss: LossSettings | None = None,
+        step_key: str | None = None,
+    ) -> GrpoStepResponse:
+        """One GRPO update (`loss` None = the protocol's default settings)."""
+        fields = {"items": items, "loss": loss or LossSettings(), "step_key": step_key}
+        request = _request(GrpoStepRequest, fields, "/grpo/step")
+        return await self._call(
+            "POST", "/grpo/step", request, GrpoStepResponse, idempotent=step_key is not None
+        )
 
-    async def save_checkpoint(self, name: str | None = None) -> dict:
-        return await self._call("POST", "/checkpoints", {"name": name} if name else {}, idempotent=False)
+    async def save_checkpoint(self, name: str | None = None) -> CheckpointInfo:
+        request = _request(SaveCheckpointRequest, {"name": name}, "/checkpoints")
+        return await self._call("POST", "/checkpoints", request, CheckpointInfo, idempotent=False)
 
-    async def load_checkpoint(self, name: str) -> dict:
-        return await self._call("POST", "/checkpoints/load", {"name": name})
+    async def load_checkpoint(self, name: str) -> CheckpointInfo:
+        request = _request(LoadCheckpointRequest, {"name": name}, "/checkpoints/load")
+        return await self._call("POST", "/checkpoints/load", request, CheckpointInfo)
 
-    async def list_checkpoints(self) -> dict:
-        return await self._call("GET", "/checkpoints")
+    async def list_checkpoints(self) -> CheckpointList:
+        return await self._call("GET", "/checkpoints", None, CheckpointList)
 
-    async def wait_ready(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> dict:
-        """Poll /health until the service answers "ok" (it says 503 while loading)."""
+    async def wait_ready(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> HealthResponse:
+        """Poll /health until the service serves (it says 503 while loading)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                health = await self.health()
-                if health.get("status") == "ok":
-                    return health
+                return await self.health()
             except TrainerError:
                 pass
             if time.monotonic() > deadline:
-                raise TrainerError(None, f"not ready after {timeout_s:g}s")
+                raise TrainerError(None, f"not ready after {timeout_s:g}s", "unavailable")
             await asyncio.sleep(poll_s)
 
     # --- transport ----------------------------------------------------------------------------------------
-    async def _call(self, method: str, path: str, body: dict | None = None, idempotent: bool = True) -> dict:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        request: BaseModel | None,
+        answer: type[Answer],
+        idempotent: bool = True,
+    ) -> Answer:
+        content = request.model_dump_json(exclude_none=True).encode() if request is not None else None
         attempts = self.retry.max_retries + 1 if idempotent else 1
         last: TrainerError | None = None
         for attempt in range(attempts):
             retry_after = None
             try:
                 self.requests += 1
-                response = await self._client.request(method, path, json=body)
+                response = await self._client.request(method, path, content=content)
                 if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        last = TrainerError(200, f"{path}: response is not valid JSON", retryable=True)
-                else:
-                    last = TrainerError(
-                        response.status_code,
-                        f"{path}: {response.text[:300]}",
-                        retryable=response.status_code in RETRYABLE_STATUS,
-                    )
-                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    return _answer(answer, response.content, path)
+                last = TrainerError(
+                    response.status_code,
+                    f"{path}: {response.text[:300]}",
+                    f"http_{response.status_code}",
+                    retryable=response.status_code in RETRYABLE_STATUS,
+                )
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            except TrainerError as exc:  # a 200 that is not the protocol's answer
+                last = exc
             except httpx.TimeoutException as exc:
-                last = TrainerError(None, f"{path}: timeout ({type(exc).__name__})", retryable=True)
+                last = TrainerError(
+                    None, f"{path}: timeout ({type(exc).__name__})", "timeout", retryable=True
+                )
             except httpx.TransportError as exc:
-                last = TrainerError(None, f"{path}: connection error ({type(exc).__name__})", retryable=True)
+                last = TrainerError(
+                    None, f"{path}: connection error ({type(exc).__name__})", "connection", retryable=True
+                )
             if not last.retryable or attempt == attempts - 1:
                 break
             await asyncio.sleep(self.retry.delay(attempt, retry_after))
@@ -131,20 +219,16 @@ class TrainerRestarted(Exception):
     """The trainer answering now is another process than the one the job's state lives in (its /health
     `started_at` changed): everything since the job's last checkpoint is gone from it."""
 
-    def __init__(self, health: dict):
+    def __init__(self, health: HealthResponse):
         self.health = health
-        super().__init__(
-            f"the trainer restarted (started_at {health.get('started_at')}, step {health.get('step')})"
-        )
+        super().__init__(f"the trainer restarted (started_at {health.started_at}, step {health.step})")
 
 
 class TrainerUnavailable(TrainerError):
     """The trainer stayed unreachable for longer than the job may wait (TRAINER_WAIT_S)."""
 
-
-def instance_of(health: dict) -> object:
-    """What tells one trainer process from the next: /health `started_at` (None when the server has none)."""
-    return health.get("started_at")
+    def __init__(self, status: int | None, message: str):
+        super().__init__(status, message, "unavailable")
 
 
 class TrainerWatch:
@@ -152,26 +236,30 @@ class TrainerWatch:
 
     While the trainer is unreachable (or loading) the job waits, at most `wait_s` seconds per outage, and says
     so through `emit` ("trainer_unavailable", then "trainer_back"). A trainer that comes back as a new process
-    raises TrainerRestarted, and the job rewinds to its last checkpoint. If the instance is the same before and
-    after a call, that call reached the process the job's state lives in.
+    (another /health `started_at`) raises TrainerRestarted, and the job rewinds to its last checkpoint. If the
+    instance is the same before and after a call, that call reached the process the job's state lives in.
     """
 
-    def __init__(self, client: TrainerClient, wait_s: float, emit, poll_s: float = 1.0, max_rounds: int = 3):
+    def __init__(
+        self,
+        client: TrainerClient,
+        wait_s: float,
+        emit: Callable[..., Awaitable[None]],
+        poll_s: float = 1.0,
+        max_rounds: int = 3,
+    ):
         self.client, self.wait_s, self.emit, self.poll_s = client, wait_s, emit, poll_s
         self.max_rounds = max_rounds
-        self.instance: object = None
+        self.instance: float | None = None
 
-    def accept(self, health: dict) -> None:
+    def accept(self, health: HealthResponse) -> None:
         """The trainer process the job's state now lives in."""
-        self.instance = instance_of(health)
+        self.instance = health.started_at
 
-    async def health(self) -> dict:
+    async def health(self) -> HealthResponse:
         """/health of a ready trainer, waiting (bounded) while it is unreachable or loading."""
         try:
-            health = await self.client.health()
-            if health.get("status") == "ok":
-                return health
-            problem = f"status {health.get('status')!r}"
+            return await self.client.health()
         except TrainerError as exc:
             problem = str(exc)
         await self.emit("trainer_unavailable", error=problem[:300], wait_s=self.wait_s)
@@ -185,19 +273,19 @@ class TrainerWatch:
         await self.emit(
             "trainer_back",
             waited_s=round(time.monotonic() - started, 1),
-            restarted=instance_of(health) != self.instance,
-            step=health.get("step"),
+            restarted=health.started_at != self.instance,
+            step=health.step,
         )
         return health
 
-    async def check(self) -> dict:
+    async def check(self) -> HealthResponse:
         """Raise TrainerRestarted unless the same trainer process is (still, or again) there."""
         health = await self.health()
-        if instance_of(health) != self.instance:
+        if health.started_at != self.instance:
             raise TrainerRestarted(health)
         return health
 
-    async def call(self, fn):
+    async def call(self, fn: Callable[[], Awaitable[Result]]) -> Result:
         """`await fn()` on the known trainer process. A lost connection (or 5xx) waits for the trainer; the
         call is made again if the same process answers (only for calls that are safe to repeat: a step with a
         step_key, a checkpoint save by name), TrainerRestarted if another does. 4xx and 507 are raised."""

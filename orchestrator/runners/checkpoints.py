@@ -48,10 +48,10 @@ async def start_or_resume(ctx: JobContext, watch: TrainerWatch) -> RunStart:
         return RunStart(step, checkpoint, progress.get("adapter_version_start"), degraded)
     health = await watch.health()
     watch.accept(health)
-    adapter_start = health.get("adapter_version")
+    adapter_start = health.adapter_version
     await ctx.store.update_job(
         ctx.job_id,
-        progress={"adapter_version_start": adapter_start, "trainer_step_start": health.get("step")},
+        progress={"adapter_version_start": adapter_start, "trainer_step_start": health.step},
     )
     return RunStart(0, await save_checkpoint(ctx, watch, 0), adapter_start, degraded)
 
@@ -61,11 +61,11 @@ async def save_checkpoint(ctx: JobContext, watch: TrainerWatch, step: int) -> di
     after the save (else TrainerRestarted, and the file, whatever it holds, is never loaded)."""
     saved = await watch.call(lambda: ctx.trainer.save_checkpoint(checkpoint_name(ctx.job_id, step)))
     checkpoint = {
-        "name": saved["name"],
+        "name": saved.name,
         "step": step,
-        "path": saved.get("path"),
-        "adapter_version": saved.get("adapter_version"),
-        "trainer_step": saved.get("step"),
+        "path": saved.path,
+        "adapter_version": saved.adapter_version,
+        "trainer_step": saved.step,
     }
     await ctx.store.update_job(ctx.job_id, progress={"checkpoint": checkpoint})
     await ctx.emit("checkpoint", **checkpoint)
@@ -86,8 +86,8 @@ async def rewind(
         from_step=start_step,
         checkpoint=checkpoint["name"],
         dropped_steps=dropped,
-        adapter_version=loaded.get("adapter_version"),
-        trainer_step=loaded.get("step"),
+        adapter_version=loaded.adapter_version,
+        trainer_step=loaded.step,
         **data,
     )
     return start_step
@@ -102,5 +102,5 @@ async def rewind_after_restart(ctx: JobContext, watch: TrainerWatch, restarted: 
         watch,
         job.progress["checkpoint"],
         "trainer_restarted",
-        started_at=restarted.health.get("started_at"),
+        started_at=restarted.health.started_at,
     )

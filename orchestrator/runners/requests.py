@@ -1,18 +1,21 @@
 """What a train or eval job is asked to do: the bodies of POST /train and POST /eval, with their limits.
 
 The API validates a request with these models before it becomes a job; the runner reads the stored request
-back through them. Unknown fields are rejected (extra="forbid") so a typo gives a 422 naming the field instead
-of being ignored. Search fields left out (None) fall back to the service settings (MAX_TREE_DEPTH,
-NUM_MCTS_ITERATIONS, MAX_TOKENS, ...); their bounds are SearchConfig's (orchestrator/settings.py).
+back through them. Unknown fields are rejected (services.protocol's StrictModel) so a typo gives a 422 naming
+the field instead of being ignored. The loss settings are the trainer's own (services.protocol.LossSettings): a
+loss the trainer would refuse is refused here, at submission. Search fields left out (None) fall back to the
+service settings (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, MAX_TOKENS, ...); their bounds are SearchConfig's
+(orchestrator/settings.py).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from orchestrator.settings import RewardWeights, SearchConfig, Settings, field_constraints
+from services.protocol import LossSettings, StrictModel
 
 GSM8K_TRAIN_SIZE = 7473
 GSM8K_TEST_SIZE = 1319
@@ -31,20 +34,7 @@ def _override(model: type[BaseModel], name: str) -> Any:
     return Field(default=None, **field_constraints(model, name))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _many_unknown_at_once(cls, data: Any) -> Any:
-        # Past a few unknown fields, one error for all (60k of them in a 1 MiB body cost 70 MiB of error objects).
-        if isinstance(data, dict) and len(data) > len(cls.model_fields) + 16:
-            unknown = [k for k in data if k not in cls.model_fields]
-            raise ValueError(f"{len(unknown)} unknown fields, e.g. {unknown[:3]}")
-        return data
-
-
-class RewardParams(_Strict):
+class RewardParams(StrictModel):
     """Overrides of the path reward weights (settings.RewardWeights: its bounds); unset ones keep the default."""
 
     hre: float | None = _override(RewardWeights, "hre")
@@ -55,7 +45,7 @@ class RewardParams(_Strict):
     discount: float | None = _override(RewardWeights, "discount")
 
 
-class SearchParams(_Strict):
+class SearchParams(StrictModel):
     """Overrides of the search defaults for one job: the knobs a request may set, with SearchConfig's bounds."""
 
     max_depth: int | None = _override(SearchConfig, "max_depth")
@@ -82,26 +72,16 @@ class SearchParams(_Strict):
         return self.model_dump(exclude_none=True)
 
 
-class LossParams(_Strict):
-    """The /grpo/step loss settings (see the trainer contract)."""
-
-    type: Literal["grpo", "dr_grpo", "legacy"] = "grpo"
-    beta: float = Field(default=0.04, ge=0, le=10)
-    clip_eps: float = Field(default=0.2, gt=0, le=10)
-    clip_eps_high: float | None = Field(default=None, gt=0, le=10)
-    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
-    micro_batch_size: int = Field(default=8, ge=1, le=1024)
-    learning_rate: float | None = Field(default=None, gt=0, le=1)
-
-
-class TrainRequest(_Strict):
+class TrainRequest(StrictModel):
     split: Literal["train", "test"] = "train"
     num_examples: int = Field(default=8, ge=1, le=GSM8K_TRAIN_SIZE, description="problems to train on")
     offset: int = Field(default=0, ge=0, le=GSM8K_TRAIN_SIZE - 1, description="index of the first problem")
     epochs: int = Field(default=1, ge=1, le=100)
     batch_size: int = Field(default=2, ge=1, le=256, description="problems (search trees) per GRPO step")
     search: SearchParams = Field(default_factory=SearchParams)
-    loss: LossParams = Field(default_factory=LossParams)
+    loss: LossSettings = Field(
+        default_factory=LossSettings, description="the /grpo/step loss settings, with the trainer's bounds"
+    )
     advantage_mode: Literal["flat", "tree", "rejection"] = "flat"
     advantage_clip: float = Field(default=5.0, gt=0, le=100)
     teacher_weight: float = Field(
@@ -120,7 +100,7 @@ class TrainRequest(_Strict):
         return self
 
 
-class EvalRequest(_Strict):
+class EvalRequest(StrictModel):
     split: Literal["train", "test"] = "test"
     num_examples: int = Field(default=50, ge=1, le=GSM8K_TEST_SIZE)
     offset: int = Field(default=0, ge=0, le=GSM8K_TRAIN_SIZE - 1)

@@ -12,6 +12,7 @@ from orchestrator.runners.trajectories import trajectories
 from orchestrator.search.mcts import SearchServices
 from orchestrator.search.tree import Tree
 from orchestrator.settings import Settings
+from services.protocol import GrpoStepResponse
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,17 @@ def search_metrics(
     }
 
 
-def grpo_metrics(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+def grpo_metrics(result: GrpoStepResponse, seconds: float) -> dict[str, Any]:
     """The trainer's answer to the step's /grpo/step."""
     return {
-        "loss": result.get("loss"),
-        "kl": result.get("kl"),
-        "clip_fraction": result.get("clip_fraction"),
-        "grad_norm": result.get("grad_norm"),
-        "train_tokens": result.get("tokens"),
-        "adapter_version": result.get("adapter_version"),
-        "trainer_step": result.get("step"),
-        "duplicate": result.get("duplicate", False),
+        "loss": result.loss,
+        "kl": result.kl,
+        "clip_fraction": result.clip_fraction,
+        "grad_norm": result.grad_norm,
+        "train_tokens": result.tokens,
+        "adapter_version": result.adapter_version,
+        "trainer_step": result.step,
+        "duplicate": result.duplicate,
         "grpo_seconds": round(seconds, 3),
     }
 

@@ -100,8 +100,7 @@ async def train_step(
     if any(item["advantage"] != 0 for item in items):
         grpo_started = time.perf_counter()
         step_key = f"{ctx.job_id}:{step}"  # a repeated call is applied once (trainer contract)
-        loss = request.loss.model_dump(exclude_none=True)
-        result = await watch.call(partial(ctx.trainer.grpo_step, items, loss, step_key=step_key))
+        result = await watch.call(partial(ctx.trainer.grpo_step, items, request.loss, step_key=step_key))
         metrics.update(grpo_metrics(result, time.perf_counter() - grpo_started))
     else:  # no tree, or every path scored the same: nothing to learn from this batch
         metrics.update(skipped=True, kl=None, loss=None)
@@ -197,7 +196,7 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
         "steps": total_steps,
         "applied_steps": sum(1 for s in steps if not s.get("skipped")),
         "adapter_version_start": start.adapter_version_start,
-        "adapter_version": health.get("adapter_version"),
+        "adapter_version": health.adapter_version,
         "checkpoint": checkpoint,
         "trees_dir": str(ctx.job_dir / "trees"),
         "trees": len(problems) * request.epochs,

@@ -402,8 +402,8 @@ class _Search:
         finally:
             self.chain[w] += time.perf_counter() - started
         for cand, result in zip(missing, results, strict=False):  # a short answer leaves the rest unscored
-            cand.logprob = float(result["mean"]) if result.get("num_tokens") else None
-            cand.tokens = int(result.get("num_tokens") or 0) or None
+            cand.logprob = result.mean if result.num_tokens else None
+            cand.tokens = result.num_tokens or None
 
     def _add_children(self, leaf: Node, candidates: list[_Candidate]) -> list[Node]:
         cfg = self.cfg

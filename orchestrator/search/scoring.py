@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from orchestrator.clients.trainer import TrainerClient
+from services.protocol import CompletionScore, ModelName
 
 
 class ScoreBatcher:
@@ -23,13 +24,13 @@ class ScoreBatcher:
 
     def __init__(self, trainer: TrainerClient, max_items: int = 32):
         self.trainer, self.max_items = trainer, max_items
-        self._waiting: list[tuple[str, list[dict], asyncio.Future]] = []
+        self._waiting: list[tuple[ModelName, list[dict], asyncio.Future]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         self._tasks: set[asyncio.Task] = set()
         self.calls = 0  # score() calls
         self.requests = 0  # HTTP requests they became
 
-    async def score(self, items: list[dict], model: str = "student") -> list[dict]:
+    async def score(self, items: list[dict], model: ModelName = "student") -> list[CompletionScore]:
         """The trainer's `results` for `items`, in order (raises what `TrainerClient.logprobs` raises)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -44,7 +45,7 @@ class ScoreBatcher:
 
     def _flush(self) -> None:
         waiting, self._waiting, self._flush_loop = self._waiting, [], None
-        open_batches: dict[str, tuple[list, int]] = {}  # per model: [(items, future)], item count
+        open_batches: dict[ModelName, tuple[list, int]] = {}  # per model: [(items, future)], item count
         for model, items, future in waiting:
             if future.done():  # its caller was cancelled before the request went out
                 continue
@@ -57,7 +58,7 @@ class ScoreBatcher:
         for model, (batch, _) in open_batches.items():
             self._send(model, batch)
 
-    def _send(self, model: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
+    def _send(self, model: ModelName, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
         task = asyncio.get_running_loop().create_task(self._request(model, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -69,11 +70,11 @@ class ScoreBatcher:
         for _, future in batch:
             future.add_done_callback(abandon)
 
-    async def _request(self, model: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
+    async def _request(self, model: ModelName, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
         self.requests += 1
         try:
             response = await self.trainer.logprobs([item for items, _ in batch for item in items], model)
-            results = list(response.get("results") or [])
+            results = response.results
         except Exception as exc:  # each caller handles it as if it had made the request alone
             for _, future in batch:
                 if not future.done():

@@ -102,7 +102,7 @@ class ProblemTask(vf.Task[ProblemData, vf.State, ScoringConfig]):
         ]
         async with TrainerClient(self.scoring.trainer_url or Settings().trainer_url) as trainer:
             scored = await trainer.logprobs(items, model=self.scoring.pre_model)
-        reply_mean, gold_mean = (r["mean"] for r in scored["results"])
+        reply_mean, gold_mean = (r.mean for r in scored.results)
         return step_pre(reply_mean, gold_mean)
 
     @vf.reward(weight=0.0)

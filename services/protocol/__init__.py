@@ -11,7 +11,7 @@ from .checkpoints import (
     LoadCheckpointRequest,
     SaveCheckpointRequest,
 )
-from .common import FiniteFloat, ModelName
+from .common import FiniteFloat, LenientModel, ModelName, StrictModel
 from .openai import (
     AssistantMessage,
     ChatChoice,
@@ -72,6 +72,7 @@ __all__ = [
     "GrpoStepResponse",
     "HealthNotReady",
     "HealthResponse",
+    "LenientModel",
     "LoadCheckpointRequest",
     "LogprobsItem",
     "LogprobsRequest",
@@ -84,6 +85,7 @@ __all__ = [
     "PromptedItem",
     "SamplingRequest",
     "SaveCheckpointRequest",
+    "StrictModel",
     "TooLarge",
     "TopLogprob",
     "Usage",

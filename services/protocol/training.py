@@ -17,7 +17,9 @@ class LossSettings(StrictModel):
     """How one GRPO step turns its items into an update (services/trainer/grpo.py has the maths).
 
     The bounds are the ones the step can honour: the clipped ratio's lower end 1 - clip_eps must stay positive,
-    and a learning rate of 1e300 overflowed inside AdamW.
+    and a learning rate of 1e300 overflowed inside AdamW. The caps on beta and clip_eps_high (10) are sanity
+    bounds: a KL weight above 10 drowns the policy term, and a ratio allowed up to 11 is no clip at all. No cap on
+    max_grad_norm: any finite norm is a meaningful threshold, and a huge one means "do not clip".
     """
 
     type: LossType = Field(
@@ -25,12 +27,14 @@ class LossSettings(StrictModel):
         description="grpo: per-sequence token mean; dr_grpo: token sum over a constant length; "
         "legacy: reward-weighted SFT (an ablation)",
     )
-    beta: FiniteFloat = Field(default=0.04, ge=0.0, description="weight of the KL penalty to the base model")
+    beta: FiniteFloat = Field(
+        default=0.04, ge=0.0, le=10.0, description="weight of the KL penalty to the base model"
+    )
     clip_eps: FiniteFloat = Field(
         default=0.2, gt=0.0, lt=1.0, description="PPO clip range below (and above) 1"
     )
     clip_eps_high: FiniteFloat | None = Field(
-        default=None, gt=0.0, description="clip range above 1 (DAPO's clip-higher); None = clip_eps"
+        default=None, gt=0.0, le=10.0, description="clip range above 1 (DAPO's clip-higher); None = clip_eps"
     )
     max_grad_norm: FiniteFloat = Field(
         default=1.0, gt=0.0, description="the gradient is clipped to this norm"

@@ -10,9 +10,11 @@ import signal
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.processes import free_port, orchestrator_process
+from services.protocol import GrpoStepRequest
 from support.scripted_server import ScriptedServer, ServerConfig
 
 pytestmark = pytest.mark.integration
@@ -78,6 +80,46 @@ def test_invalid_requests_get_422_naming_the_field(client, route, body, field):
     response = client.http.post(route, json=body)
     assert response.status_code == 422
     assert field in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    "loss, field",
+    [
+        ({"clip_eps": 2}, "clip_eps"),
+        ({"clip_eps": 1.0}, "clip_eps"),  # the clipped ratio's lower end 1 - clip_eps must stay positive
+        ({"learning_rate": 2}, "learning_rate"),
+        ({"beta": 11}, "beta"),
+        ({"clip_eps_high": 20}, "clip_eps_high"),
+        ({"max_grad_norm": 0}, "max_grad_norm"),
+        ({"type": "ppo"}, "type"),
+        ({"clip_eps_hi": 0.3}, "clip_eps_hi"),
+    ],
+)
+def test_a_loss_the_trainer_would_refuse_gets_422_at_submission(client, loss, field):
+    """/train takes the trainer's own loss settings: what /grpo/step would refuse after a whole search batch is
+    refused when the job is submitted, naming the field."""
+    with pytest.raises(ValidationError):  # the trainer's side of the same contract
+        GrpoStepRequest.model_validate(
+            {"items": [{"prompt": "p", "completion": "c", "advantage": 1}], "loss": loss}
+        )
+    response = client.http.post("/train", json={"num_examples": 1, "loss": loss})
+    assert response.status_code == 422
+    assert ["body", "loss", field] in [error["loc"] for error in response.json()["detail"]]
+
+
+def test_a_loss_the_trainer_accepts_is_taken_and_its_bounds_are_documented(client):
+    loss = {"type": "dr_grpo", "beta": 0.0, "clip_eps": 0.3, "clip_eps_high": 0.28, "learning_rate": 1e-5}
+    response = client.http.post("/train", json={"num_examples": 1, "loss": loss})
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    assert loss.items() <= client.job(job_id)["request"]["loss"].items()  # with the defaults of the rest
+    client.wait(job_id, timeout_s=60, poll_s=0.1)  # (it fails: the scripted server has no /checkpoints)
+
+    schemas = client.http.get("/openapi.json").json()["components"]["schemas"]
+    bounds = schemas["LossSettings"]["properties"]
+    assert bounds["clip_eps"]["exclusiveMaximum"] == 1.0 and bounds["beta"]["maximum"] == 10.0
+    learning_rate = bounds["learning_rate"]["anyOf"][0]  # float | None
+    assert (learning_rate["exclusiveMinimum"], learning_rate["maximum"]) == (0.0, 1.0)
 
 
 def test_unknown_job_is_404(client):

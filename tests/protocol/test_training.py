@@ -51,7 +51,15 @@ def test_grpo_loss_defaults_and_bad_type():
 
 
 @pytest.mark.parametrize(
-    "loss", [{"clip_eps": 1.0}, {"clip_eps": 2}, {"beta": -0.1}, {"learning_rate": 1e300}]
+    "loss",
+    [
+        {"clip_eps": 1.0},
+        {"clip_eps": 2},
+        {"beta": -0.1},
+        {"beta": 11},
+        {"clip_eps_high": 11},
+        {"learning_rate": 1e300},
+    ],
 )
 def test_loss_settings_refuse_what_the_step_cannot_honour(loss):
     """One set of bounds for the trainer and, once it imports LossSettings, the orchestrator's /train."""

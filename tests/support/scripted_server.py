@@ -76,6 +76,22 @@ class ServerConfig:
     final_style: str = "line"  # "line": "#### N"; "sentence": "So in total she has N apples." (rules unsure)
 
 
+def trainer_health(started_at: float) -> dict:
+    """A serving trainer's /health answer (services.protocol.HealthResponse)."""
+    counters = "requests forward_batches exclusive_jobs max_batch_rows merged_requests admitted_requests"
+    return {
+        "status": "ok",
+        "backend": "scripted",
+        "device": "none",
+        "model": "scripted",
+        "adapter_version": 0,
+        "step": 0,
+        "queue_depth": 0,
+        "batcher": dict.fromkeys(f"{counters} forward_passes".split(), 0),
+        "started_at": started_at,
+    }
+
+
 @functools.lru_cache(maxsize=1 << 16)  # the script asks for the same words again and again
 def _h(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
@@ -103,6 +119,7 @@ class ScriptedServer:
         self._thread: threading.Thread | None = None
         self._hangs: set[asyncio.Future] = set()
         self._connection_tasks: set[asyncio.Task] = set()
+        self.started_at = time.time()  # /health's instance id, as the trainer's
 
     # --- lifecycle --------------------------------------------------------------------------------------
     @property
@@ -210,7 +227,7 @@ class ScriptedServer:
             return self._send(writer, 200, self._admin(path, payload))
         if method == "GET" and path in ("/health", "/v1/models"):
             if path == "/health":
-                return self._send(writer, 200, {"status": "ok", "adapter_version": 0})
+                return self._send(writer, 200, trainer_health(self.started_at))
             return self._send(writer, 200, {"object": "list", "data": [{"id": "student", "object": "model"}]})
         model = payload.get("model") if isinstance(payload, dict) else None
         self.requests[path] = self.requests.get(path, 0) + 1

@@ -126,7 +126,7 @@ async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solutio
                 {"messages": question_messages(problem), "completion": c}
                 for c in (reply, task.data.info["solution"])
             ]
-            reply_mean, gold_mean = (r["mean"] for r in (await trainer.logprobs(items))["results"])
+            reply_mean, gold_mean = (r.mean for r in (await trainer.logprobs(items)).results)
     assert server.requests.get("/logprobs") == 2  # one call from the reward, one from this test
     pre = trace.rewards["perplexity"]
     assert pre.score == pytest.approx(reply_mean - gold_mean) and pre.score != 0.0

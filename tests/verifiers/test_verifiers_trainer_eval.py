@@ -73,7 +73,7 @@ async def test_vf_eval_of_two_problems_against_the_trainer_service(
                 {"messages": question_messages(problem), "completion": c}
                 for c in (reply, data["info"]["solution"])
             ]
-            reply_mean, gold_mean = (r["mean"] for r in (await trainer.logprobs(items))["results"])
+            reply_mean, gold_mean = (r.mean for r in (await trainer.logprobs(items)).results)
             assert rewards["perplexity"]["weight"] == weights.pre
             assert math.isfinite(rewards["perplexity"]["score"])
             assert rewards["perplexity"]["score"] == pytest.approx(step_pre(reply_mean, gold_mean), abs=1e-3)

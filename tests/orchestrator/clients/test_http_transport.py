@@ -14,7 +14,7 @@ from orchestrator.clients.http_transport import LeanHTTPTransport, lean_transpor
 from orchestrator.clients.llm import LLMPool
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.settings import EndpointSpec
-from support.scripted_server import free_port
+from support.scripted_server import free_port, trainer_health
 
 
 def reply(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
@@ -23,10 +23,11 @@ def reply(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
 
 
 GZIPPED = gzip.compress(b"zipped")
+HEALTH = json.dumps(trainer_health(started_at=1.0)).encode()
 BIG = bytes(range(256)) * 8192  # 2 MiB: many socket reads and a write the kernel cannot take at once
 RESPONSES = {  # path -> bytes sent as they are
     "/cl": reply(b"hello", "Content-Length: 5", "X-Path: cl"),
-    "/health": reply(b'{"status": "ok"}', "Content-Length: 16", "Content-Type: application/json"),
+    "/health": reply(HEALTH, f"Content-Length: {len(HEALTH)}", "Content-Type: application/json"),
     "/chunked": reply(
         b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n", "Transfer-Encoding: chunked"
     ),
@@ -402,5 +403,5 @@ async def test_trainer_client_talks_to_a_real_server_through_the_lean_transport(
     _clear_proxies(monkeypatch)
     async with TrainerClient(server.url) as client:
         assert isinstance(client._client._transport, LeanHTTPTransport)
-        assert [await client.health() for _ in range(3)] == [{"status": "ok"}] * 3
+        assert [(await client.health()).status for _ in range(3)] == ["ok"] * 3
     assert server.connections == 1

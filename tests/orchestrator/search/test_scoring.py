@@ -26,11 +26,9 @@ async def test_score_batcher_merges_the_calls_of_one_loop_turn(scripted_server):
         sent = [len(e["payload"]["items"]) for e in scripted_server.log if e["path"] == "/logprobs"]
         assert sent == [3, 2] and (scorer.calls, scorer.requests) == (3, 2)
         for items, results in zip(calls, got, strict=True):  # every caller gets its own results, in order
-            assert [r["mean"] for r in results] == pytest.approx(
-                [mean_logprob(i["completion"]) for i in items]
-            )
+            assert [r.mean for r in results] == pytest.approx([mean_logprob(i["completion"]) for i in items])
         alone = await scorer.score(scoring_items("j"))  # a lone call is sent on the next turn
-        assert alone[0]["mean"] == pytest.approx(mean_logprob("j")) and scorer.requests == 3
+        assert alone[0].mean == pytest.approx(mean_logprob("j")) and scorer.requests == 3
 
 
 async def test_score_batcher_failure_reaches_every_caller(scripted_server):
@@ -52,7 +50,7 @@ async def test_score_batcher_cancellation(scripted_server):
         second = asyncio.create_task(scorer.score(scoring_items("b c")))
         await asyncio.sleep(0.05)  # the merged request is in flight
         first.cancel()
-        assert (await second)[0]["mean"] == pytest.approx(mean_logprob("b c"))  # the other caller is served
+        assert (await second)[0].mean == pytest.approx(mean_logprob("b c"))  # the other caller is served
         assert first.cancelled()
         both = [asyncio.create_task(scorer.score(scoring_items(x))) for x in "de"]
         await asyncio.sleep(0.05)
@@ -80,5 +78,5 @@ def test_score_batcher_after_a_loop_that_ended_before_its_flush(scripted_server)
         finally:
             await trainer.aclose()
 
-    assert asyncio.run(main())[0]["mean"] == pytest.approx(mean_logprob("b c"))
+    assert asyncio.run(main())[0].mean == pytest.approx(mean_logprob("b c"))
     assert scorer.requests == 1 and scripted_server.stats()["requests"]["/logprobs"] == 1
