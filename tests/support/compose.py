@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -22,14 +23,15 @@ def compose_binary() -> str:
     return path
 
 
-def compose_config(
+def run_compose_config(
     *args: str,
     env_file: Path | None = None,
     env: dict[str, str] | None = None,
     tmp_path: Path | None = None,
     interpolate: bool = True,
-) -> dict:
-    """`docker-compose config` as JSON; a clean environment so a developer's shell or .env cannot leak in."""
+) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config --format json`, whatever it answers, in a clean environment (only `env`), so a
+    developer's shell or .env cannot leak in; no env_file = an empty one."""
     if env_file is None:
         env_file = Path(tmp_path or ROOT) / "empty.env"
         env_file.write_text("")
@@ -49,6 +51,11 @@ def compose_config(
     if not interpolate:
         command.append("--no-interpolate")
     clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path or ROOT), **(env or {})}
-    done = subprocess.run(command, capture_output=True, text=True, env=clean, timeout=60)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr}"
+    return subprocess.run(command, capture_output=True, text=True, env=clean, timeout=60, check=False)
+
+
+def compose_config(*args: str, **options: Any) -> dict:
+    """The resolved configuration (`run_compose_config`'s JSON); the command must succeed."""
+    done = run_compose_config(*args, **options)
+    assert done.returncode == 0, f"{' '.join(done.args)} failed:\n{done.stderr}"
     return json.loads(done.stdout)
