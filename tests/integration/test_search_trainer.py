@@ -9,6 +9,7 @@ from orchestrator.gsm8k.data import Problem
 from orchestrator.runners.trajectories import grpo_group
 from orchestrator.search.mcts import SearchServices, run_search
 from orchestrator.settings import SearchConfig, Settings
+from services.protocol import LossSettings
 
 pytestmark = pytest.mark.integration
 PROBLEM = Problem(
@@ -56,6 +57,6 @@ async def test_search_over_the_real_trainer(settings):
             items = [i.to_trainer_item() for i in grpo_group(tree, "tree")]
             if items:
                 out = await services.trainer.grpo_step(
-                    items[:4], {"type": "grpo", "micro_batch_size": 4}, step_key="search-trainer-test"
+                    items[:4], LossSettings(type="grpo", micro_batch_size=4), step_key="search-trainer-test"
                 )
-                assert out["adapter_version"] >= 1 and out["tokens"] > 0
+                assert out.adapter_version >= 1 and out.tokens > 0

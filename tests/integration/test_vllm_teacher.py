@@ -101,26 +101,19 @@ async def test_pool_speaks_to_vllm_chat_n_logprobs_and_continuation(teacher, mon
 
         # The student's way of extending a partial solution: continue the assistant's last message.
         partial = "Tom starts with 3 apples."
-        cont = await pool.chat(
-            teacher,
-            [*question, {"role": "assistant", "content": partial}],
-            continue_final_message=True,
-            add_generation_prompt=False,
-            max_tokens=16,
-            temperature=0.0,
-            stop=["\n"],
-            logprobs=True,
-        )
-        again = await pool.chat(
-            teacher,
-            [*question, {"role": "assistant", "content": partial}],
-            continue_final_message=True,
-            add_generation_prompt=False,
-            max_tokens=16,
-            temperature=0.0,
-            stop=["\n"],
-            logprobs=True,
-        )
+        cont, again = [
+            await pool.chat(
+                teacher,
+                [*question, {"role": "assistant", "content": partial}],
+                continue_final_message=True,
+                add_generation_prompt=False,
+                max_tokens=16,
+                temperature=0.0,
+                stop=["\n"],
+                logprobs=True,
+            )
+            for _ in range(2)  # the same request twice
+        ]
         assert cont.choices[0].text == again.choices[0].text  # greedy is deterministic
         assert cont.choices[0].token_logprobs
 
