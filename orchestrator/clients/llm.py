@@ -22,13 +22,16 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import certifi
 import httpx
+from pydantic import ValidationError
 
 from orchestrator.clients.http_transport import LeanHTTPTransport
 from orchestrator.settings import EndpointSpec
+from services.protocol import ReceivedChatCompletion, ReceivedCompletion
+from services.protocol.openai import ReceivedChatChoice
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
@@ -130,48 +133,56 @@ def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def parse_completion(data: dict, endpoint: str, chat: bool, want_logprobs: bool) -> Completion:
-    """OpenAI response JSON -> Completion; raises LLMError for shapes that are not a completion."""
-    try:
-        raw_choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        choices = []
-        for c in raw_choices:
-            text = (c.get("message") or {}).get("content") if chat else c.get("text")
-            lp = c.get("logprobs")
-            token_logprobs = None
-            if lp:
-                if chat:
-                    token_logprobs = [float(t["logprob"]) for t in (lp.get("content") or [])]
-                else:
-                    token_logprobs = [float(x) for x in (lp.get("token_logprobs") or []) if x is not None]
-            if want_logprobs and token_logprobs is None:
-                raise LogprobsUnavailable(endpoint)
-            eos = c.get("finish_reason") == "stop" and "stop_reason" in c and c["stop_reason"] is None
-            choices.append(
-                Choice(
-                    text=text or "",
-                    finish_reason=c.get("finish_reason"),
-                    token_logprobs=token_logprobs,
-                    eos=eos,
-                )
-            )
-    except LLMError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise LLMError(
-            endpoint,
-            None,
-            f"malformed completion response ({type(exc).__name__})",
-            kind="malformed",
-            retryable=True,
-        ) from exc
-    version = data.get("adapter_version")
+Received = ReceivedChatCompletion | ReceivedCompletion
+Answer = TypeVar("Answer", ReceivedChatCompletion, ReceivedCompletion)
+
+
+def parse_completion(data: Received, endpoint: str, want_logprobs: bool) -> Completion:
+    """A server's answer (validated by `_post` into the protocol's lenient models) -> Completion."""
+    choices = []
+    for c in sorted(data.choices, key=lambda c: c.index):
+        if isinstance(c, ReceivedChatChoice):
+            text = c.message.content if c.message is not None else None
+            lp = c.logprobs
+            token_logprobs = [t.logprob for t in lp.content or []] if lp is not None else None
+        else:
+            text = c.text
+            lp = c.logprobs
+            token_logprobs = [x for x in lp.token_logprobs or [] if x is not None] if lp is not None else None
+        if want_logprobs and token_logprobs is None:
+            raise LogprobsUnavailable(endpoint)
+        # vLLM says stop_reason null when the model ended the sequence itself; a server without the field says nothing
+        eos = c.finish_reason == "stop" and "stop_reason" in c.model_fields_set and c.stop_reason is None
+        choices.append(
+            Choice(text=text or "", finish_reason=c.finish_reason, token_logprobs=token_logprobs, eos=eos)
+        )
     return Completion(
-        choices=choices,
-        usage=data.get("usage") or {},
-        endpoint=endpoint,
-        adapter_version=int(version) if isinstance(version, int) else None,
+        choices=choices, usage=data.usage or {}, endpoint=endpoint, adapter_version=data.adapter_version
     )
+
+
+def cut_off(exc: ValidationError) -> bool:
+    """A 200's body was not JSON at all (cut off, most likely: asking again may well get a whole one), as
+    opposed to JSON of another shape than the answer expected (asking again would not help)."""
+    return any(
+        error["type"] == "json_invalid" for error in exc.errors(include_url=False, include_input=False)
+    )
+
+
+def first_error(exc: ValidationError) -> str:
+    """Where and what, of the first thing a body got wrong ("choices.0.text: Input should be ...")."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{'.'.join(str(part) for part in first['loc']) or 'body'}: {first['msg']}{more}"
+
+
+def _malformed(endpoint: str, exc: ValidationError) -> LLMError:
+    message = (
+        "response is not valid JSON"
+        if cut_off(exc)
+        else f"malformed completion response ({first_error(exc)})"
+    )
+    return LLMError(endpoint, 200, message, kind="malformed", retryable=True)
 
 
 class LLMPool:
@@ -308,8 +319,10 @@ class LLMPool:
         `retry` overrides the pool's retry policy for this call."""
         payload = {"model": endpoint.model, "messages": messages, **_drop_none(params)}
         want = bool(payload.get("logprobs"))
-        data, latency = await self._post(endpoint, "/chat/completions", payload, retry)
-        completion = parse_completion(data, endpoint.name, chat=True, want_logprobs=want)
+        data, latency = await self._post(
+            endpoint, "/chat/completions", payload, ReceivedChatCompletion, retry
+        )
+        completion = parse_completion(data, endpoint.name, want_logprobs=want)
         completion.latency_s = latency
         return completion
 
@@ -319,14 +332,21 @@ class LLMPool:
         """POST /completions (raw prompt). `logprobs` is an int here, as in the OpenAI completions API."""
         payload = {"model": endpoint.model, "prompt": prompt, **_drop_none(params)}
         want = payload.get("logprobs") is not None and payload.get("logprobs") is not False
-        data, latency = await self._post(endpoint, "/completions", payload, retry)
-        completion = parse_completion(data, endpoint.name, chat=False, want_logprobs=want)
+        data, latency = await self._post(endpoint, "/completions", payload, ReceivedCompletion, retry)
+        completion = parse_completion(data, endpoint.name, want_logprobs=want)
         completion.latency_s = latency
         return completion
 
     async def _post(
-        self, endpoint: EndpointSpec, path: str, payload: dict, retry: RetryPolicy | None = None
-    ) -> tuple[dict, float]:
+        self,
+        endpoint: EndpointSpec,
+        path: str,
+        payload: dict,
+        answer: type[Answer],
+        retry: RetryPolicy | None = None,
+    ) -> tuple[Answer, float]:
+        """POST with retries; a 200's body validated into `answer`. Invalid JSON (a cut-off body) is asked for
+        again; valid JSON of another shape is raised at once (kind "malformed"), as asking again would not help."""
         retry = retry or self.retry
         target = self._target(endpoint, path)
         content = _encode_json(payload)
@@ -345,11 +365,11 @@ class LLMPool:
                     latency = time.perf_counter() - started
                 if status == 200:
                     try:
-                        return json.loads(body), latency
-                    except ValueError:
-                        last = LLMError(
-                            endpoint.name, 200, "response is not valid JSON", kind="malformed", retryable=True
-                        )
+                        return answer.model_validate_json(body), latency
+                    except ValidationError as exc:
+                        last = _malformed(endpoint.name, exc)
+                        if not cut_off(exc):
+                            raise last from exc
                 else:
                     detail = _scrub(body[:300].decode("utf-8", "replace"), target.secret)
                     retryable = status in RETRYABLE_STATUS

@@ -19,7 +19,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.clients.http_transport import lean_transport_for
-from orchestrator.clients.llm import RETRYABLE_STATUS, RetryPolicy, parse_retry_after
+from orchestrator.clients.llm import RETRYABLE_STATUS, RetryPolicy, cut_off, first_error, parse_retry_after
 from services.protocol import (
     CheckpointInfo,
     CheckpointList,
@@ -52,21 +52,12 @@ class TrainerError(Exception):
         super().__init__(f"trainer {'HTTP ' + str(status) if status else 'error'}: {message}")
 
 
-def _validation_summary(exc: ValidationError) -> str:
-    first = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
 def _request(model: type[Answer], fields: Mapping[str, Any], path: str) -> Answer:
     """The protocol's request model for `path`; a TrainerError (kind invalid_request) when it breaks it."""
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        raise TrainerError(
-            None, f"{path}: invalid request, {_validation_summary(exc)}", "invalid_request"
-        ) from exc
+        raise TrainerError(None, f"{path}: invalid request, {first_error(exc)}", "invalid_request") from exc
 
 
 def _answer(model: type[Answer], content: bytes, path: str) -> Answer:
@@ -74,16 +65,12 @@ def _answer(model: type[Answer], content: bytes, path: str) -> Answer:
     try:
         return model.model_validate_json(content)
     except ValidationError as exc:
-        if any(
-            error["type"] == "json_invalid" for error in exc.errors(include_url=False, include_input=False)
-        ):
-            # a cut-off body: asking again may well get a whole one
+        if cut_off(exc):
             raise TrainerError(
                 200, f"{path}: response is not valid JSON", "malformed", retryable=True
             ) from exc
-        raise TrainerError(
-            200, f"{path}: response does not match the protocol, {_validation_summary(exc)}", "protocol"
-        ) from exc
+        message = f"{path}: response does not match the protocol, {first_error(exc)}"
+        raise TrainerError(200, message, "protocol") from exc
 
 
 class TrainerClient:

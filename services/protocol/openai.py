@@ -2,7 +2,8 @@
 trainer serves them (vLLM's wire format, plus the adapter version that produced each response).
 
 Field-level checks live here, so a bad request fails with 422 naming the field before anything runs; checks that
-need the tokenizer (prompt length against the context) are the trainer's, answered with 400.
+need the tokenizer (prompt length against the context) are the trainer's, answered with 400. At the end, the
+lenient Received* models: what the orchestrator's client reads from any OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -186,3 +187,53 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ----- what a client reads from any OpenAI-compatible server (vLLM, OpenRouter, this trainer) -----
+# Only the fields the orchestrator uses, optional where some server leaves them out; every other field (vLLM's
+# prompt_logprobs, OpenRouter's provider, ...) is ignored. The trainer's own answers above are a strict subset.
+class ReceivedTokenLogprob(LenientModel):
+    logprob: float
+
+
+class ReceivedChatLogprobs(LenientModel):
+    content: list[ReceivedTokenLogprob] | None = None
+
+
+class ReceivedCompletionLogprobs(LenientModel):
+    token_logprobs: list[float | None] | None = None
+
+
+class ReceivedMessage(LenientModel):
+    content: str | None = None
+
+
+class _ReceivedChoice(LenientModel):
+    index: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = Field(
+        default=None, description="vLLM: the stop string (or token id) that ended it; null = end of sequence"
+    )
+
+
+class ReceivedCompletionChoice(_ReceivedChoice):
+    text: str | None = None
+    logprobs: ReceivedCompletionLogprobs | None = None
+
+
+class ReceivedChatChoice(_ReceivedChoice):
+    message: ReceivedMessage | None = None
+    logprobs: ReceivedChatLogprobs | None = None
+
+
+class _Received(LenientModel):
+    usage: dict[str, Any] | None = None
+    adapter_version: int | None = Field(default=None, description="the trainer's; other servers have none")
+
+
+class ReceivedCompletion(_Received):
+    choices: list[ReceivedCompletionChoice]
+
+
+class ReceivedChatCompletion(_Received):
+    choices: list[ReceivedChatChoice]

@@ -198,3 +198,89 @@ async def test_a_changed_api_key_is_sent_from_the_next_request(scripted_server, 
     assert int(sent["content-length"]) == len(
         json.dumps(scripted_server.log[-1]["payload"], separators=(",", ":"))
     )
+
+
+def answering(*bodies: dict | str):
+    """A server that answers every POST with 200 and the next of `bodies` (JSON, or raw text); logs the paths."""
+    import httpx
+
+    calls: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        body = bodies[min(len(calls), len(bodies)) - 1]
+        return httpx.Response(
+            200, content=body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        )
+
+    return LLMPool(retry=FAST, transport=httpx.MockTransport(handle)), calls
+
+
+VLLM_CHAT = {  # as vLLM 0.x and OpenRouter answer: fields beyond OpenAI's, which a client must accept
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "model": "teacher",
+    "prompt_logprobs": None,
+    "kv_transfer_params": None,
+    "provider": "somewhere",
+    "choices": [
+        {
+            "index": 1,
+            "message": {
+                "role": "assistant",
+                "content": "#### 7",
+                "reasoning_content": None,
+                "tool_calls": [],
+            },
+            "finish_reason": "stop",
+            "stop_reason": "\n",
+            "logprobs": {"content": [{"token": "#", "logprob": -0.5, "bytes": [35], "top_logprobs": []}]},
+        },
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Step 1: 3 + 4 = 7"},
+            "finish_reason": "stop",
+            "stop_reason": None,  # the model ended the sequence itself
+            "logprobs": {"content": [{"token": "Step", "logprob": -0.25}, {"token": " 1", "logprob": -0.75}]},
+        },
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": None},
+}
+
+
+async def test_answers_with_extra_fields_are_read_by_the_protocols_lenient_models():
+    pool, _ = answering(VLLM_CHAT)
+    spec = EndpointSpec(name="v", base_url="http://vllm/v1", model="teacher")
+    async with pool:
+        c = await pool.chat(spec, USER, n=2, logprobs=True)
+    assert [ch.text for ch in c.choices] == ["Step 1: 3 + 4 = 7", "#### 7"]  # in index order
+    assert [ch.eos for ch in c.choices] == [True, False]  # stop_reason null = end of sequence
+    assert c.choices[0].token_logprobs == [-0.25, -0.75] and c.usage["completion_tokens"] == 3
+    assert c.adapter_version is None  # only the trainer says which adapter answered
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"choices": "none"}, "choices"),
+        ({"object": "error", "message": "overloaded"}, "choices"),
+        ({"choices": [{"message": {"content": ["a", "b"]}}]}, "choices.0.message.content"),
+        ({"choices": [{"text": "x", "logprobs": {"content": [{"logprob": "high"}]}}]}, "choices.0.logprobs"),
+    ],
+)
+async def test_json_of_another_shape_is_malformed_at_once_and_names_the_field(body, where):
+    pool, calls = answering(body)
+    spec = EndpointSpec(name="v", base_url="http://vllm/v1", model="teacher")
+    async with pool:
+        with pytest.raises(LLMError) as info:
+            await pool.chat(spec, USER)
+    assert info.value.kind == "malformed" and where in info.value.message
+    assert len(calls) == 1  # asking again would get the same
+
+
+async def test_a_cut_off_body_is_asked_for_again():
+    pool, calls = answering('{"choices": [{"text": "unterminated', VLLM_CHAT)
+    spec = EndpointSpec(name="v", base_url="http://vllm/v1", model="teacher")
+    async with pool:
+        c = await pool.chat(spec, USER)
+    assert len(calls) == 2 and c.choices[0].text == "Step 1: 3 + 4 = 7"
