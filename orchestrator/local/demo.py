@@ -77,7 +77,7 @@ def run_demo(args) -> int:
         print(f"demo: starting the trainer on {trainer.url} (loads the tiny model; log {trainer.log_path})")
         trainer.start()
         orchestrator.start()
-        trainer.wait_ready(timeout_s=600, ok=lambda body: body.get("status") == "ok")
+        trainer.wait_ready(timeout_s=600)  # the trainer's /health is 200 only once it serves (HealthResponse)
         orchestrator.wait_ready(timeout_s=120)
         ready_s = time.perf_counter() - started
         print(
