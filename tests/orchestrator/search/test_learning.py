@@ -160,24 +160,18 @@ async def test_whole_answer_teacher_joins_the_student_group(scripted_server):
 # --- bench/learning.py helpers ----------------------------------------------------------------------------
 def test_arms_differ_only_where_they_should(repo_root):
     learning = load_learning(repo_root)
-    arms = learning.arm_requests(learning.parse_args(["--group", "6", "--max-tokens", "200"]))
-    mcts, grpo = arms["mcts"], arms["grpo"]
+    args = learning.parse_args(["--group", "6", "--answer-tokens", "200"])
+    arms = learning.arm_requests(args)
+    mcts, grpo, gold = arms["mcts"], arms["grpo"], arms["sft_gold"]
     assert arms["mcts_tree"] == {**mcts, "advantage_mode": "tree"}
-    assert arms["legacy"]["loss"] == {**mcts["loss"], "type": "legacy"}
     assert grpo["search"]["n_student"] == 6 and grpo["search"]["chunk_tokens"] == 200
     assert grpo["search"]["max_depth"] == 1 and grpo["search"]["one_line_steps"] is False
     assert grpo["search"]["n_teacher_right"] == grpo["search"]["n_teacher_wrong"] == 0
     assert {k: v for k, v in grpo.items() if k != "search"} == {
         k: v for k, v in mcts.items() if k != "search"
     }
-    guided = arms["guided"]
-    assert guided["search"] == {
-        **grpo["search"],
-        "n_student": 5,
-        "n_teacher_right": 1,
-        "teacher_reference": True,
-        "teacher_temperature": 0.0,
-    }
+    assert gold["search"]["n_student"] == 0 and gold["search"]["n_teacher_right"] == 1
+    assert gold["advantage_mode"] == "rejection" and gold["teacher_weight"] == 1.0
     for request in arms.values():
         TrainRequest.model_validate(request)  # every arm is a valid POST /train body
 
@@ -185,8 +179,12 @@ def test_arms_differ_only_where_they_should(repo_root):
 def test_extra_arm_is_merged_over_the_product(repo_root):
     learning = load_learning(repo_root)
     args = learning.parse_args(["--arm", 'lr1e3={"loss": {"learning_rate": 0.001}}'])
-    arm = learning.arm_requests(args)["lr1e3"]
-    assert arm["loss"]["learning_rate"] == 0.001 and arm["loss"]["type"] == "grpo"
+    arms = learning.arm_requests(args)
+    arm = arms["lr1e3"]
+    assert arm["loss"]["learning_rate"] == 0.001
+    assert {k: v for k, v in arm.items() if k != "loss"} == {
+        k: v for k, v in arms["mcts"].items() if k != "loss"
+    }
 
 
 def test_paired_uses_the_same_problems(repo_root):
@@ -197,29 +195,3 @@ def test_paired_uses_the_same_problems(repo_root):
     assert (strict["only_first"], strict["only_second"]) == (0, 6)
     assert strict["p_value"] == 2 / 2**6  # McNemar exact, b=0, c=6: 2 * C(6,0) / 2^6
     assert learning.paired(base, trained, "flexible")["p_value"] == 1.0
-
-
-def test_results_rows_go_into_the_learning_section_only(repo_root, tmp_path):
-    learning = load_learning(repo_root)
-    md = tmp_path / "RESULTS.md"
-    md.write_text("# Results\n\n## search\n\ntext\n\n## learning\n\nnote\n\n## other\n\nkept\n")
-    learning.add_results_rows(md, ["| row 1 |"])
-    learning.add_results_rows(md, ["| row 2 |"])
-    text = md.read_text()
-    section = text.split("## learning")[1].split("## other")[0]
-    assert section.count("| date (UTC) |") == 1
-    assert section.index("| row 1 |") < section.index("| row 2 |")
-    assert text.endswith("## other\n\nkept\n") and "## search\n\ntext\n" in text
-
-
-def test_teacher_model_student_points_the_orchestrator_at_the_trainers_student(repo_root):
-    import json
-
-    from orchestrator.settings import Settings
-
-    learning = load_learning(repo_root)
-    assert learning.teacher_env(learning.parse_args([]), "http://127.0.0.1:9") == {}
-    env = learning.teacher_env(learning.parse_args(["--teacher-model", "student"]), "http://127.0.0.1:9")
-    settings = Settings(teacher_tier=env["TEACHER_TIER"], teachers=json.loads(env["TEACHERS"]))
-    (teacher,) = settings.teacher_endpoints()
-    assert (teacher.base_url, teacher.model) == ("http://127.0.0.1:9/v1", "student")
