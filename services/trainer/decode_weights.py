@@ -17,6 +17,7 @@ as evaluations do, costs no rewrites.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import cast
 
@@ -67,6 +68,7 @@ class MergedDecoder:
             self.student.get_submodule(name).weight for name, _ in self.targets
         ]  # the tensors `sync` rewrites
         self._synced_version: int | None = None  # adapter_version the student weights hold; None = stale
+        self.epoch = 0  # +1 whenever the student's weights are rewritten (what it computed before is stale)
 
     def invalidate(self) -> None:
         """The adapter changed without a new adapter_version (a checkpoint was loaded): merge again on next use."""
@@ -92,6 +94,7 @@ class MergedDecoder:
             delta = lora_b.float() @ lora_a.float()
             weight.copy_((w0.float() + module.scaling[ADAPTER] * delta).to(weight.dtype))
         self._synced_version = adapter_version
+        self.epoch += 1
 
 
 def _plain_copy(causal_lm, targets, *, own_targets: bool):
@@ -101,7 +104,8 @@ def _plain_copy(causal_lm, targets, *, own_targets: bool):
 
     with torch.device("meta"):  # no memory: every tensor is replaced below
         plain = AutoModelForCausalLM.from_config(
-            causal_lm.config,
+            # Its own config: a decode engine may give the plain model another attention implementation.
+            copy.deepcopy(causal_lm.config),
             dtype=causal_lm.dtype,
             attn_implementation=causal_lm.config._attn_implementation,
         )

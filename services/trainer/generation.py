@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .decode.stops import stop_position
 from .items import GenerationRequest, Sample
 from .padding import pad, positions
 from .sampling import sample_next
@@ -158,7 +159,8 @@ class DecodeLoop:
                 if remaining[owner[r]] == 0:  # the request's last sample: report it now
                     index = owner[r]
                     done = [
-                        self._finish_sample(
+                        finish_sample(
+                            s,
                             requests[index],
                             generated[row],
                             logprobs[row],
@@ -201,53 +203,40 @@ class DecodeLoop:
         seed = (request.seed * 1_000_003 + sample_index) % (2**63)
         return torch.Generator(device=self.student.device).manual_seed(seed)
 
-    def _finish_sample(
-        self,
-        request: GenerationRequest,
-        ids: list[int],
-        logprobs: list[float],
-        tops: list[list[tuple[int, float]]],
-        finish_reason: str,
-        stop_cut: int | None,
-    ) -> Sample:
-        tokenizer = self.student.tokenizer
-        num_generated = len(ids)
-        if ids and ids[-1] in self.student.eos_ids:
-            ids = ids[:-1]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        stop_reason = None
-        if stop_cut is not None:
-            stop_reason = next((stop for stop in request.stop if text.startswith(stop, stop_cut)), None)
-            text = text[:stop_cut]
-            # The last token completed the stop string; keep it only if text it carries precedes the stop.
-            if ids and tokenizer.decode(ids[:-1], skip_special_tokens=True) == text:
-                ids = ids[:-1]
-        sample = Sample(
-            token_ids=ids,
-            text=text,
-            finish_reason=finish_reason,
-            num_generated=num_generated,
-            stop_reason=stop_reason,
-        )
-        if request.logprobs is not None:
-            sample.token_logprobs = logprobs[: len(ids)]
-            sample.top_logprobs = tops[: len(ids)] if request.logprobs else None
-        return sample
 
-
-def stop_position(tokenizer: Any, ids: list[int], stops: list[str]) -> int | None:
-    """Where the first stop string starts in the decoded text, or None. Called after every token: the earlier
-    calls found no stop, so a new one overlaps the last token, and a short tail tells whether there is one (a
-    token carries at least one byte of text). The whole text is decoded only on a hit; decoding it every step
-    cost O(length^2), about as much as the decode itself on a GPU."""
-    window = 4 * max(len(stop.encode()) for stop in stops) + 4
-    if len(ids) > window:
-        tail = tokenizer.decode(ids[-window:], skip_special_tokens=True)
-        if not any(stop in tail for stop in stops):
-            return None
+def finish_sample(
+    student: Student,
+    request: GenerationRequest,
+    ids: list[int],
+    logprobs: list[float],
+    tops: list[list[tuple[int, float]]],
+    finish_reason: str,
+    stop_cut: int | None,
+) -> Sample:
+    """The Sample of a finished row: its text cut at the stop string, and what the request asked to see."""
+    tokenizer = student.tokenizer
+    num_generated = len(ids)
+    if ids and ids[-1] in student.eos_ids:
+        ids = ids[:-1]
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+    stop_reason = None
+    if stop_cut is not None:
+        stop_reason = next((stop for stop in request.stop if text.startswith(stop, stop_cut)), None)
+        text = text[:stop_cut]
+        # The last token completed the stop string; keep it only if text it carries precedes the stop.
+        if ids and tokenizer.decode(ids[:-1], skip_special_tokens=True) == text:
+            ids = ids[:-1]
+    sample = Sample(
+        token_ids=ids,
+        text=text,
+        finish_reason=finish_reason,
+        num_generated=num_generated,
+        stop_reason=stop_reason,
+    )
+    if request.logprobs is not None:
+        sample.token_logprobs = logprobs[: len(ids)]
+        sample.top_logprobs = tops[: len(ids)] if request.logprobs else None
+    return sample
 
 
 def join_cache(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,10 @@ class TrainerSettings(BaseSettings):
     # copy); 1 = at every step, the lowest latency for a lone request.
     admit_every_steps: int = Field(default=4, ge=1)
     max_context: int = Field(default=2048, ge=16)
+    # "slots": generation runs in services/trainer/decode (fixed KV slots, prefix reuse, CUDA graphs) wherever the
+    # adapter can be merged; "loop": the transformers DynamicCache loop in student.py (always used where it cannot).
+    decode_engine: str = Field(default="slots", pattern="^(slots|loop)$")
+    cuda_graphs: bool = True  # the slot engine replays its decode steps as CUDA graphs (CUDA only)
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
     torch_threads: int | None = None  # None = all cores
     seed: int = 0

@@ -25,6 +25,7 @@ from .generation import Admit, DecodeLoop, OnDone
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem, StepResult
 from .learning import grpo_step
 from .scoring import score
+from .slot_generation import SlotGeneration
 from .settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Student:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
         self.backend_decoding = backend.decoding
         self.decode_loop = DecodeLoop(self)
+        # The slot engine (slot_generation.py, decode/) where the adapter merges, unless TRAINER_DECODE_ENGINE=loop.
+        self.slot_decoder = SlotGeneration.for_student(self, settings)
 
     def adapter(self, enabled: bool) -> AbstractContextManager[Any]:
         """Context in which the model runs with its LoRA adapter on ("student") or off ("base")."""
@@ -114,7 +117,9 @@ class Student:
         Continuous batching: between decode steps `admit(free_rows)` may hand over new requests (their indices
         follow the earlier ones); `on_done(index, samples)` reports each request as soon as it is finished.
         """
-        return self.decode_loop.generate(requests, use_adapter=use_adapter, admit=admit, on_done=on_done)
+        # merged_decoder is None: generation through the peft model, which only the loop does
+        loop = self.slot_decoder if self.slot_decoder and self.merged_decoder else self.decode_loop
+        return loop.generate(requests, use_adapter=use_adapter, admit=admit, on_done=on_done)
 
     def logprobs(
         self, items: list[ScoreItem], *, use_adapter: bool = True, batch_size: int = 16

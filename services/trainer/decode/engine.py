@@ -1,0 +1,222 @@
+"""The decode engine: continuous batching over fixed KV slots, one decode loop for every model the trainer serves.
+
+    engine = DecodeEngine(provide_model, tokenizer, eos_ids=..., device=..., config=DecodeConfig.for_device(...))
+    results = engine.generate([("student", request), ("base", request)], admit=..., on_done=..., finish=...)
+
+Each loop iteration: take in requests that arrived (`admit`) and prefill them into free slots (lane.py); sample
+every live row's next token (sampler.py); read the tokens on the host, where rows that hit end of sequence, a
+stop string (stops.py) or max_tokens leave their slot; then one decode forward per lane over the rows that go on
+(a CUDA graph replay on CUDA, graphs.py). Rows of the student and of base decode in the same loop (two lanes,
+two forwards per step), so a batch never waits for the other model's.
+
+What it does not know: HTTP, queues, adapters. `provide_model(lane)` returns the model to decode a lane with and
+an epoch that changes whenever that model's weights change (cached prefixes are then dropped).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .attention import register
+from .lane import Lane, Row
+from .stops import StopChecker
+
+# Rows per decode step on CUDA, one graph per bucket and window: fine steps where batches usually are.
+CUDA_ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+@dataclass
+class DecodeConfig:
+    slots: int = 32  # rows per lane (the batcher's max_batch_size)
+    cuda_graphs: bool = True  # on CUDA only
+    row_buckets: tuple[int, ...] | None = None  # None: a step covers exactly the slots up to the highest live one
+    window_step: int = 1  # the attention window is rounded up to a multiple of this
+    initial_capacity: int = 256  # positions per slot to start with (doubles as prompts need)
+    max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
+    seed: int = 0  # for the seeds of requests without one
+
+    @classmethod
+    def for_device(cls, device: torch.device, **overrides) -> DecodeConfig:
+        """Buckets on CUDA (a graph per shape), exact shapes on CPU (no graphs: padding would only cost)."""
+        if device.type == "cuda":
+            buckets = tuple(b for b in CUDA_ROW_BUCKETS if b < overrides.get("slots", cls.slots))
+            overrides = {"row_buckets": buckets + (overrides.get("slots", cls.slots),), "window_step": 128,
+                         **overrides}
+        return cls(**overrides)
+
+
+class DecodeEngine:
+    def __init__(
+        self,
+        provide_model: Callable[[str], tuple[Any, Any]],
+        tokenizer,
+        *,
+        eos_ids: list[int],
+        device: torch.device,
+        config: DecodeConfig,
+    ):
+        self.provide_model = provide_model
+        self.eos_ids = frozenset(eos_ids)
+        self.device = device
+        self.config = config
+        self.attn_implementation = register()
+        self.lanes: dict[str, Lane] = {}
+        self.tokenizer = tokenizer
+        self._stops: StopChecker | None = None
+        self._seeds = random.Random(config.seed)
+        self.forward_passes = 0  # prefill and decode forwards, all lanes
+
+    def lane(self, name: str) -> Lane:
+        model, epoch = self.provide_model(name)
+        lane = self.lanes.get(name)
+        if lane is None or lane.model is not model:
+            model.set_attn_implementation(self.attn_implementation)
+            lane = self.lanes[name] = Lane(model, slots=self.config.slots, config=self.config, device=self.device)
+        lane.set_epoch(epoch)
+        return lane
+
+    @property
+    def stops(self) -> StopChecker:
+        if self._stops is None:
+            vocab = next(iter(self.lanes.values())).logits.shape[1]
+            self._stops = StopChecker(self.tokenizer, vocab)
+        return self._stops
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        jobs: list[tuple[str, Any]],
+        *,
+        finish: Callable[..., Any],
+        admit: Callable[[int], list[tuple[str, Any]]] | None = None,
+        on_done: Callable[[int, list[Any]], None] | None = None,
+    ) -> list[list[Any]]:
+        """Generate every request's n samples; returns them per request, in the order of jobs and then of the
+        admitted ones. `admit(free_rows)` may hand over more (lane, request) jobs between steps; `on_done(index,
+        samples)` reports a request as soon as its last sample is done; `finish(request, ids, logprobs, tops,
+        finish_reason, stop_cut)` turns a finished row into the caller's sample object."""
+        run = _Run(self, finish, on_done)
+        for name, request in jobs:
+            run.add(self.lane(name), request)
+        try:
+            while run.pending or run.live():
+                if admit is not None and run.live():
+                    for name, request in admit(max(self.config.slots - run.rows_in_flight(), 0)):
+                        run.add(self.lane(name), request)
+                self._place(run)
+                lanes = [lane for lane in run.lanes if lane.live_count]
+                for lane in lanes:
+                    lane.sample()
+                for lane in lanes:
+                    self._collect(lane, run)
+                for lane in lanes:
+                    if lane.live_count:
+                        lane.step()
+                        self.forward_passes += 1
+        finally:
+            for lane in run.lanes:  # after a failure, no row of this run may keep a slot
+                for slot, row in enumerate(lane.rows):
+                    if row is not None:
+                        lane.release(slot, keep_prefix=False)
+        return run.results
+
+    def _place(self, run: _Run) -> None:
+        for lane in run.lanes:
+            waiting = [row for row in run.pending if row_lane(run, row) is lane]
+            if not waiting:
+                continue
+            placed, passes = lane.place(waiting)
+            self.forward_passes += passes
+            if placed:
+                gone = set(map(id, placed))
+                run.pending = [row for row in run.pending if id(row) not in gone]
+
+    def _collect(self, lane: Lane, run: _Run) -> None:
+        tokens, picked, top_values, top_ids = lane.read()
+        for slot in lane.live_slots():
+            row = lane.rows[slot]
+            token = tokens[slot]
+            row.tokens.append(token)
+            request = row.request
+            if request.logprobs is not None:
+                row.logprobs.append(picked[slot])
+                if request.logprobs:
+                    k = request.logprobs
+                    row.tops.append(list(zip(top_ids[slot][:k], top_values[slot][:k])))
+            if token in self.eos_ids:
+                row.finish = "stop"
+            elif (
+                row.stops
+                and self.stops.may_end(token, row.stops)
+                and (cut := self.stops.position(row.tokens, row.stops)) is not None
+            ):
+                row.finish, row.stop_cut = "stop", cut
+            elif len(row.tokens) >= request.max_tokens:
+                row.finish = "length"
+            else:
+                lane.feed(slot, token)
+                continue
+            lane.release(slot)
+            run.done(row)
+
+
+def row_lane(run: _Run, row: Row) -> Lane:
+    return run.lane_of[id(row)]
+
+
+class _Run:
+    """The requests of one generate call and what became of them."""
+
+    def __init__(self, engine: DecodeEngine, finish, on_done):
+        self.engine, self.finish, self.on_done = engine, finish, on_done
+        self.requests: list[Any] = []
+        self.rows: list[list[Row]] = []
+        self.remaining: list[int] = []
+        self.results: list[list[Any] | None] = []
+        self.pending: list[Row] = []
+        self.lanes: list[Lane] = []
+        self.lane_of: dict[int, Lane] = {}
+
+    def add(self, lane: Lane, request) -> None:
+        index = len(self.requests)
+        self.requests.append(request)
+        self.remaining.append(request.n)
+        self.results.append(None)
+        if lane not in self.lanes:
+            self.lanes.append(lane)
+        stops = tuple(request.stop)
+        rows = []
+        for sample in range(request.n):
+            if request.seed is None:
+                seed = self.engine._seeds.getrandbits(62)
+            else:
+                seed = (request.seed * 1_000_003 + sample) % (2**62)
+            row = Row(request, index, sample, seed, stops)
+            self.lane_of[id(row)] = lane
+            rows.append(row)
+        self.rows.append(rows)
+        self.pending.extend(rows)
+
+    def live(self) -> int:
+        return sum(lane.live_count for lane in self.lanes)
+
+    def rows_in_flight(self) -> int:
+        return self.live() + len(self.pending)
+
+    def done(self, row: Row) -> None:
+        self.remaining[row.index] -= 1
+        if self.remaining[row.index]:
+            return
+        request = self.requests[row.index]
+        samples = [
+            self.finish(request, r.tokens, r.logprobs, r.tops, r.finish or "length", r.stop_cut)
+            for r in self.rows[row.index]
+        ]
+        self.results[row.index] = samples
+        if self.on_done is not None:
+            self.on_done(row.index, samples)

@@ -1,0 +1,401 @@
+"""One lane of the decode engine: a model, its slot cache, its prefix index, and the rows decoding in its slots.
+
+The engine has a lane per model it decodes with ("student": the merged adapter, "base": the adapter off); both
+step in the same loop, so a batch mixes their rows. Batch row r of a decode step is slot r: the step covers
+slots [0, rows), rows not live there write to the scratch slot and are ignored, and the step's tensors (next
+tokens, positions, sampling parameters, logits) are static per-slot buffers, so the step is the same kernels
+every time for a given (rows, window) and is replayed as a CUDA graph (graphs.py).
+
+Joining rows are prefilled eagerly: prompts that are equal share one prefill (n samples, or equal requests),
+a prompt whose first tokens some slot already holds copies them and prefills only the rest (prefixes.py), and
+a prompt that shares a prefix with another prompt joining at the same time waits one prefill pass for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attention import SlotAttention
+from .graphs import StepGraphs
+from .prefixes import BLOCK, PrefixIndex, block_hashes
+from .sampler import choose
+from .slots import SlotCache
+
+MAX_TOP_LOGPROBS = 20  # the API's limit on top_logprobs / logprobs
+
+
+@dataclass(eq=False)
+class Row:
+    """One sample being generated: a request's j-th of n."""
+
+    request: Any  # a GenerationRequest: prompt_ids, n, max_tokens, temperature, top_p, seed, stop, logprobs
+    index: int  # the request's position in the generate call
+    sample: int
+    seed: int  # in [0, 2**62)
+    stops: tuple[str, ...]
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish: str | None = None
+    stop_cut: int | None = None
+
+
+@dataclass(eq=False)
+class _Unit:
+    """Rows with one prompt, prefilled once: the first row's slot is computed, the others copy it."""
+
+    prompt: list[int]
+    rows: list[Row]
+    hashes: list[int]
+    source: int | None = None  # a slot already holding prompt[:reuse]
+    after: _Unit | None = None  # or: a unit of this admission whose prompt starts with prompt[:reuse]
+    reuse: int = 0
+    slot: int = -1
+    wave: int = 0
+
+
+class Lane:
+    def __init__(self, model, *, slots: int, config, device: torch.device):
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.config = config
+        self.device = device
+        self.slots = slots
+        self.epoch: Any = None  # what the model's weights were when the cached prefixes were computed
+        model_config = model.config
+        heads = model_config.num_attention_heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        self.cache = SlotCache(
+            layers=model_config.num_hidden_layers,
+            kv_heads=getattr(model_config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            slots=slots,
+            capacity=config.initial_capacity,
+            dtype=model.dtype,
+            device=device,
+        )
+        self.index = PrefixIndex(slots)
+        self.graphs = StepGraphs(config.cuda_graphs and device.type == "cuda")
+        self.rows: list[Row | None] = [None] * slots
+        self.live_count = 0
+        self.prefill_tokens = 0  # prompt tokens computed (not reused), a figure for tests and benchmarks
+        self.reused_tokens = 0  # prompt tokens whose KV was copied from a slot or a shared prefill
+        # Host copies of the per-slot parameters, uploaded when they change.
+        self._pos = [0] * slots  # the position the slot's next fed token takes (= its valid KV length)
+        self._live = [0] * slots
+        self._seed = [0] * slots
+        self._temperature = [0.0] * slots
+        self._top_p = [1.0] * slots
+        self._dirty = True
+        # Static device buffers (their addresses are captured by the graphs).
+        self._ints = torch.zeros(3, slots, dtype=torch.long, device=device)
+        self.pos, self.live, self.seed = self._ints[0], self._ints[1], self._ints[2]
+        self._floats = torch.zeros(2, slots, dtype=torch.float32, device=device)
+        self.temperature, self.top_p = self._floats[0], self._floats[1]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # sampled, then fed
+        vocab = self.lm_head.weight.shape[0]
+        self.logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
+        self.picked = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.top_values = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.float32, device=device)
+        self.top_ids = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.long, device=device)
+        self.slot_ids = torch.arange(slots, device=device)
+        self.key_positions = torch.arange(self.cache.capacity, device=device)
+        self._mode: tuple[bool, bool, int, bool] = (False, False, 0, False)
+
+    # ----- bookkeeping -----
+    def set_epoch(self, epoch: Any) -> None:
+        """The weights changed (a GRPO step, a loaded checkpoint): the cached prefixes are stale."""
+        if epoch != self.epoch:
+            self.index.clear()
+            self.epoch = epoch
+
+    def live_slots(self) -> list[int]:
+        return [slot for slot in range(self.slots) if self.rows[slot] is not None]
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot in range(self.slots) if self.rows[slot] is None]
+
+    def release(self, slot: int, *, keep_prefix: bool = True) -> None:
+        """The slot's row is done; its content stays for prefix reuse unless keep_prefix is False."""
+        self.rows[slot] = None
+        self.live_count -= 1
+        self._live[slot], self._pos[slot] = 0, 0
+        self._dirty = True
+        if not keep_prefix:
+            self.index.forget(slot)
+
+    def _bucket_rows(self, count: int) -> int:
+        buckets = self.config.row_buckets
+        if not buckets:
+            return count
+        return min(next((b for b in buckets if b >= count), self.slots), self.slots)
+
+    def _rows_bound(self) -> int:
+        """Slots a step covers: the highest live slot + 1, rounded up to a bucket."""
+        highest = max(slot for slot in range(self.slots) if self.rows[slot] is not None)
+        return self._bucket_rows(highest + 1)
+
+    def _window(self, rows: int) -> int:
+        needed = max(self._pos[slot] for slot in range(rows) if self.rows[slot] is not None) + 1
+        step = self.config.window_step
+        return min(-(-needed // step) * step, self.cache.capacity)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if self.cache.grow(needed):
+            self.graphs.clear()
+            self.key_positions = torch.arange(self.cache.capacity, device=self.device)
+
+    def _upload(self) -> None:
+        if not self._dirty:
+            return
+        self._ints.copy_(torch.tensor([self._pos, self._live, self._seed], dtype=torch.long))
+        self._floats.copy_(torch.tensor([self._temperature, self._top_p], dtype=torch.float32))
+        live = [row for row in self.rows if row is not None]
+        sampled = [row for row in live if row.request.temperature > 0]
+        self._mode = (
+            bool(sampled),
+            any(row.request.top_p < 1.0 for row in sampled),
+            max((row.request.logprobs or 0 for row in live), default=0),
+            any(row.request.logprobs is not None for row in live),
+        )
+        self._dirty = False
+
+    # ----- joining: slots and prefill -----
+    def place(self, rows: list[Row]) -> tuple[list[Row], int]:
+        """Give as many of `rows` as fit a slot, prefilling what their prompts need. Returns (rows placed,
+        prefill forward passes run)."""
+        free = self.free_slots()
+        units: dict[tuple[int, ...], _Unit] = {}
+        taken = 0
+        for row in rows:
+            if taken == len(free):
+                break
+            key = tuple(row.request.prompt_ids)
+            unit = units.get(key)
+            if unit is None:
+                prompt = list(row.request.prompt_ids)
+                unit = units[key] = _Unit(prompt, [], block_hashes(prompt))
+            unit.rows.append(row)
+            taken += 1
+        if not units:
+            return [], 0
+        plan = list(units.values())
+        self._ensure_capacity(
+            max(len(unit.prompt) + row.request.max_tokens for unit in plan for row in unit.rows)
+        )
+        self._find_prefixes(plan)
+        self._allocate(plan, free)
+        passes = self._prefill_all(plan)
+        placed = []
+        for unit in plan:
+            first = unit.rows[0]
+            others = [row.slot for row in unit.rows[1:]]
+            self.cache.copy(first.slot, others, len(unit.prompt))
+            if others:
+                self.logits[others] = self.logits[first.slot].clone()
+            self.prefill_tokens += len(unit.prompt) - unit.reuse
+            self.reused_tokens += unit.reuse + len(unit.prompt) * len(others)
+            for row in unit.rows:
+                self._occupy(row, len(unit.prompt))
+                if row is not first:
+                    self.index.assign(row.slot, unit.prompt)
+                placed.append(row)
+        return placed, passes
+
+    def _find_prefixes(self, plan: list[_Unit]) -> None:
+        """Per unit: the longest prefix to reuse, from a slot's content or from a unit joining before it."""
+        planned: dict[int, _Unit] = {}  # block hash -> the first unit of this admission holding that prefix
+        for unit in plan:
+            limit = len(unit.prompt) - 1  # the last prompt token is always computed: its logits start the row
+            unit.source, unit.reuse = self.index.longest(unit.prompt, unit.hashes, limit)
+            blocks = 0
+            while blocks < len(unit.hashes) and unit.hashes[blocks] in planned:
+                blocks += 1
+            shared = min(blocks * BLOCK, limit)
+            if shared > unit.reuse:
+                unit.after = planned[unit.hashes[blocks - 1]]
+                unit.source, unit.reuse, unit.wave = None, shared, unit.after.wave + 1
+            for key in unit.hashes:
+                planned.setdefault(key, unit)
+
+    def _allocate(self, plan: list[_Unit], free: list[int]) -> None:
+        """Slots for every row: a unit whose prefix sits in a free slot takes that slot as it is (no copy); the
+        others take the lowest free slots, which keeps the live slots packed low (fewer rows per step)."""
+        claimed: set[int] = set()
+        for unit in plan:
+            if unit.source is not None and self.rows[unit.source] is None and unit.source not in claimed:
+                unit.slot = unit.source
+                claimed.add(unit.source)
+        spare = iter([slot for slot in free if slot not in claimed])
+        for unit in plan:
+            if unit.slot < 0:
+                unit.slot = next(spare)
+            unit.rows[0].slot = unit.slot
+            for row in unit.rows[1:]:
+                row.slot = next(spare)
+
+    def _prefill_all(self, plan: list[_Unit]) -> int:
+        # Every copy out of an existing slot first: a slot that is a source may also be a new row's slot.
+        for unit in plan:
+            if unit.source is not None:
+                self.cache.copy(unit.source, [unit.slot], unit.reuse)
+        passes = 0
+        for wave in range(max(unit.wave for unit in plan) + 1):
+            units = [unit for unit in plan if unit.wave == wave]
+            for unit in units:
+                if unit.after is not None:
+                    self.cache.copy(unit.after.slot, [unit.slot], unit.reuse)
+                self.index.assign(unit.slot, unit.prompt)
+            units.sort(key=lambda unit: len(unit.prompt) - unit.reuse)
+            chunk: list[_Unit] = []
+            for unit in units:
+                width = max([len(u.prompt) - u.reuse for u in chunk] + [len(unit.prompt) - unit.reuse])
+                if chunk and width * (len(chunk) + 1) > self.config.max_prefill_tokens:
+                    self._prefill(chunk)
+                    passes += 1
+                    chunk = []
+                chunk.append(unit)
+            if chunk:
+                self._prefill(chunk)
+                passes += 1
+        return passes
+
+    def _prefill(self, units: list[_Unit]) -> None:
+        """One forward over the units' prompt suffixes (right-padded), writing their KV into their slots after the
+        reused prefix, and leaving each unit's next-token logits in its slot's row of self.logits."""
+        suffixes = [unit.prompt[unit.reuse :] for unit in units]
+        count, width = len(units), max(len(s) for s in suffixes)
+        ids = torch.full((count, width), 0, dtype=torch.long)
+        positions = torch.zeros((count, width), dtype=torch.long)
+        for p, (unit, suffix) in enumerate(zip(units, suffixes)):
+            ids[p, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            positions[p, : len(suffix)] = torch.arange(unit.reuse, unit.reuse + len(suffix))
+        lengths = torch.tensor([len(s) for s in suffixes])
+        valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        slots = torch.tensor([unit.slot for unit in units], dtype=torch.long)
+        window = max(unit.reuse + len(suffix) for unit, suffix in zip(units, suffixes))
+        ids, positions, valid, slots, lengths = (
+            t.to(self.device) for t in (ids, positions, valid, slots, lengths)
+        )
+        write_slot = torch.where(valid, slots.unsqueeze(1), self.cache.scratch).flatten()
+        write_pos = torch.where(valid, positions, 0).flatten()
+        keys = self.key_positions[:window]
+        sees = (keys <= positions.unsqueeze(2)) & valid.unsqueeze(2)
+        sees |= ~valid.unsqueeze(2) & (keys == 0)  # a padding query sees one key: no all-masked (NaN) row
+        state = SlotAttention(self.cache, write_slot, write_pos, slots, window)
+        hidden = self.decoder(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=sees.unsqueeze(1),
+            use_cache=False,
+            slot_kv=state,
+        ).last_hidden_state
+        last = hidden[torch.arange(count, device=self.device), lengths - 1]
+        self.logits.index_copy_(0, slots, self.lm_head(last).float())
+
+    def _occupy(self, row: Row, prompt_length: int) -> None:
+        slot = row.slot
+        self.rows[slot] = row
+        self.live_count += 1
+        request = row.request
+        self._pos[slot], self._live[slot], self._seed[slot] = prompt_length, 1, row.seed
+        self._temperature[slot], self._top_p[slot] = float(request.temperature), float(request.top_p)
+        self._dirty = True
+
+    # ----- a decode step -----
+    def sample(self) -> None:
+        """Choose the next token of every live row from self.logits (device side; read() fetches it)."""
+        self._upload()
+        rows = self._rows_bound()
+        sampled, nucleus, top_k, _ = self._mode
+        self.graphs.run(
+            ("sample", rows, sampled, nucleus, top_k),
+            lambda: self._sample(rows, sampled, nucleus, top_k),
+        )
+
+    def _sample(self, rows: int, sampled: bool, nucleus: bool, top_k: int) -> None:
+        tokens, picked, top_values, top_ids = choose(
+            self.logits[:rows],
+            self.temperature[:rows],
+            self.top_p[:rows],
+            self.seed[:rows],
+            self.pos[:rows],
+            sampled=sampled,
+            nucleus=nucleus,
+            top_k=top_k,
+        )
+        self.tokens[:rows].copy_(tokens)
+        self.picked[:rows].copy_(picked)
+        if top_k:
+            self.top_values[:rows, :top_k].copy_(top_values)
+            self.top_ids[:rows, :top_k].copy_(top_ids)
+
+    def read(self) -> tuple[list[int], list[float] | None, list | None, list | None]:
+        """The sampled tokens (per slot), and their log-probs and top alternatives when a live row asked."""
+        rows = self._rows_bound()
+        _, _, top_k, want_logprobs = self._mode
+        tokens = self.tokens[:rows].tolist()
+        picked = self.picked[:rows].tolist() if want_logprobs else None
+        if top_k:
+            return tokens, picked, self.top_values[:rows, :top_k].tolist(), self.top_ids[:rows, :top_k].tolist()
+        return tokens, picked, None, None
+
+    def feed(self, slot: int, token: int) -> None:
+        """The row in `slot` goes on: its sampled token is fed at the next step."""
+        self.index.append(slot, token)
+
+    def step(self) -> None:
+        """One decode forward of every live row: its sampled token in, the next logits out."""
+        self._compact()
+        self._upload()
+        rows = self._rows_bound()
+        window = self._window(rows)
+        self.graphs.run(("decode", rows, window), lambda: self._decode(rows, window))
+        self.pos.add_(self.live)
+        for slot in range(rows):
+            if self.rows[slot] is not None:
+                self._pos[slot] += 1
+
+    def _decode(self, rows: int, window: int) -> None:
+        pos = self.pos[:rows]
+        write_slot = torch.where(self.live[:rows] > 0, self.slot_ids[:rows], self.cache.scratch)
+        sees = (self.key_positions[:window] <= pos.unsqueeze(1)).view(rows, 1, 1, window)
+        state = SlotAttention(self.cache, write_slot, pos, None, window)
+        hidden = self.decoder(
+            input_ids=self.tokens[:rows].unsqueeze(1),
+            position_ids=pos.unsqueeze(1),
+            attention_mask=sees,
+            use_cache=False,
+            slot_kv=state,
+        ).last_hidden_state
+        self.logits[:rows].copy_(self.lm_head(hidden[:, -1]))
+
+    def _compact(self) -> None:
+        """Move the highest live rows into free slots below them until the step covers as few slots as the live
+        rows need (rows leave in any order; a step covers slots [0, rows))."""
+        live = self.live_slots()
+        if not live:
+            return
+        target = self._bucket_rows(len(live))
+        holes = [slot for slot in range(target) if self.rows[slot] is None]
+        while live[-1] >= target:
+            self._move(live.pop(), holes.pop(0))
+
+    def _move(self, source: int, target: int) -> None:
+        row = self.rows[source]
+        length = self._pos[source]  # positions holding KV; the sampled token is written at the next step
+        self.cache.copy(source, [target], length)
+        self.tokens[target] = self.tokens[source]
+        self.index.move(source, target)
+        self.index.assign(source, self.index.tokens[source][:length])  # keeps only what it really holds
+        for values in (self._pos, self._live, self._seed, self._temperature, self._top_p):
+            values[target] = values[source]
+        self._live[source], self._pos[source] = 0, 0
+        self.rows[target], self.rows[source] = row, None
+        row.slot = target
+        self._dirty = True

@@ -1,0 +1,74 @@
+"""The KV cache as fixed slots: one slot per decoding row, each a contiguous run of positions in every layer.
+
+Why slots and not a growing cache: a decode step then reads and writes the cache in place, with shapes that depend
+only on how many slots it covers and how far it reads, so the step can be captured once as a CUDA graph and
+replayed; rows join and leave by taking and freeing slots, with no cache copy (the transformers DynamicCache loop
+concatenated every layer's cache at each join and re-indexed it at each leave). A slot's content outlives its row,
+so a later prompt that starts with the same tokens copies that prefix instead of computing it again (prefixes.py).
+
+Layout: one tensor [layers, 2 (K, V), slots + 1, kv_heads, capacity, head_dim]. The extra last slot is scratch:
+rows that are not live in a step write there, so they never touch a slot whose content may be reused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    def __init__(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.slots = slots
+        self.scratch = slots  # the slot index of the scratch slot
+        # Zeros, not empty: a row that reads a never-written position (masked out, but still multiplied) must not
+        # meet a NaN bit pattern, which a masked softmax does not cancel.
+        self.kv = torch.zeros(
+            layers, 2, slots + 1, kv_heads, capacity, head_dim, dtype=dtype, device=device
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """[slots + 1, kv_heads, capacity, head_dim], a view."""
+        return self.kv[layer, 0]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 1]
+
+    def grow(self, needed: int) -> bool:
+        """Make room for `needed` positions per slot (doubling, contents kept); True when the tensor was replaced,
+        which invalidates anything that captured its address (the CUDA graphs)."""
+        if needed <= self.capacity:
+            return False
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        shape = list(self.kv.shape)
+        shape[4] = capacity
+        grown = self.kv.new_zeros(shape)
+        grown[:, :, :, :, : self.capacity].copy_(self.kv)
+        self.kv = grown
+        return True
+
+    def copy(self, source: int, targets: list[int], length: int) -> None:
+        """Copy positions [0, length) of slot `source` into each target slot, in every layer (one kernel)."""
+        targets = [t for t in targets if t != source]
+        if not targets or length <= 0:
+            return
+        if len(targets) == 1:
+            self.kv[:, :, targets[0], :, :length] = self.kv[:, :, source, :, :length]
+            return
+        index = torch.tensor(targets, device=self.kv.device)
+        rows = self.kv[:, :, source : source + 1, :, :length].expand(-1, -1, len(targets), -1, -1, -1)
+        self.kv[:, :, :, :, :length].index_copy_(2, index, rows.contiguous())
