@@ -383,7 +383,7 @@ class Lane:
             return
         target = self._bucket_rows(len(live))
         holes = [slot for slot in range(target) if self.rows[slot] is None]
-        while live[-1] >= target:
+        while live and live[-1] >= target:
             self._move(live.pop(), holes.pop(0))
 
     def _move(self, source: int, target: int) -> None:

@@ -1,0 +1,250 @@
+"""The slot decode engine (services/trainer/decode) on the tiny random model, on CPU: the same slot, prefix and
+sampling code that CUDA replays as graphs, run eagerly. Shapes are also bucketed as on CUDA in some tests, so steps
+that cover slots no row is using, and attention windows longer than any row, are exercised too."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from services.trainer.decode.prefixes import BLOCK, PrefixIndex, block_hashes
+from services.trainer.decode.sampler import choose, row_uniform
+from services.trainer.student import GenerationRequest, GrpoItem, LossConfig
+
+from .test_student import make_student
+
+
+@pytest.fixture(scope="module")
+def student(tiny_random_model_dir, tmp_path_factory):
+    """Four slots per lane: enough for the tests' batches, few enough that rows wait for slots and reuse them."""
+    return make_student(tiny_random_model_dir, tmp_path_factory.mktemp("decode"), max_batch_size=4)
+
+
+@pytest.fixture
+def bucketed(student):
+    """The engine shaped as on CUDA: steps cover a bucket of slots, attention windows are rounded up."""
+    config = student.decode_engine.config
+    saved = (config.row_buckets, config.window_step)
+    config.row_buckets, config.window_step = (2, 4), 8
+    yield student
+    config.row_buckets, config.window_step = saved
+
+
+def lane(student, name="student"):
+    return student.decode_engine.lanes[name]
+
+
+def hf_greedy(student, prompt, max_tokens, use_adapter=True):
+    """transformers' own generate on the peft model: the reference the engine must reproduce (its tokens up to,
+    not including, an end of sequence, as Sample.token_ids holds them)."""
+    with torch.no_grad(), student.adapter(use_adapter):
+        ids = torch.tensor([prompt])
+        out = student.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+            pad_token_id=student.pad_id,
+        )
+    tokens = out[0, len(prompt):].tolist()
+    ends = [i for i, t in enumerate(tokens) if t in student.eos_ids]
+    return tokens[: ends[0]] if ends else tokens
+
+
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 40, 17, 1, 26)]
+
+
+@pytest.mark.parametrize("shaped", ["exact", "bucketed"])
+def test_greedy_in_one_batch_equals_transformers_generate(student, request, shaped):
+    if shaped == "bucketed":
+        request.getfixturevalue("bucketed")
+    requests = [GenerationRequest(p, max_tokens=6 + i, temperature=0) for i, p in enumerate(PROMPTS)]
+    results = student.generate(requests)  # five requests, four slots: one waits for a slot
+    for request, samples in zip(requests, results):
+        assert samples[0].token_ids == hf_greedy(student, request.prompt_ids, request.max_tokens)
+
+
+def test_sampled_logprobs_and_top_alternatives_equal_a_direct_forward(student):
+    prompt = list(range(30, 52))
+    sample = student.generate([GenerationRequest(prompt, max_tokens=8, temperature=1.0, seed=3, logprobs=3)])[0][0]
+    with torch.no_grad():
+        logits = student.model(torch.tensor([prompt + sample.token_ids])).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
+    expected = logp.gather(1, torch.tensor(sample.token_ids).unsqueeze(1)).squeeze(1)
+    assert sample.token_logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+    top = logp.topk(3, dim=-1)
+    for k, alternatives in enumerate(sample.top_logprobs):
+        assert [t for t, _ in alternatives] == top.indices[k].tolist()
+        assert [v for _, v in alternatives] == pytest.approx(top.values[k].tolist(), abs=1e-4)
+
+
+def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, bucketed):
+    alone = {
+        tuple(p): hf_greedy(student, p, 9) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4])
+    }
+    calls, done = [], []
+
+    def admit(free_rows):
+        calls.append(free_rows)
+        if len(calls) in (2, 5):  # two late requests, joining while the others decode
+            prompt = PROMPTS[2] if len(calls) == 2 else PROMPTS[4]
+            return [GenerationRequest(prompt, max_tokens=9, temperature=0)]
+        return []
+
+    results = student.generate(
+        [
+            GenerationRequest(PROMPTS[0], max_tokens=3, temperature=0),  # leaves early: its slot is reused
+            GenerationRequest(PROMPTS[1], max_tokens=9, temperature=0),
+        ],
+        admit=admit,
+        on_done=lambda index, samples: done.append(index),
+    )
+    assert [r[0].token_ids for r in results] == [
+        alone[tuple(PROMPTS[0])][:3], alone[tuple(PROMPTS[1])], alone[tuple(PROMPTS[2])], alone[tuple(PROMPTS[4])],
+    ]
+    assert done[0] == 0 and sorted(done) == [0, 1, 2, 3]
+    assert calls[0] == student.max_batch_rows - 2
+
+
+def test_n_samples_share_one_prefill_and_seeded_rows_ignore_their_neighbours(student):
+    prompt = list(range(100, 137))
+    engine_lane = student.decode_engine.lane("student")
+    engine_lane.index.clear()  # nothing cached: the prompt is computed once here
+    before, passes = engine_lane.prefill_tokens, student.forward_passes
+    together = student.generate([GenerationRequest(prompt, n=4, max_tokens=6, temperature=1.0, seed=11)])[0]
+    assert engine_lane.prefill_tokens - before == len(prompt)
+    assert student.forward_passes - passes == 6  # one prefill, then one pass per further token
+    texts = [s.token_ids for s in together]
+    assert len({tuple(t) for t in texts}) > 1  # the samples differ
+    crowded = student.generate(
+        [
+            GenerationRequest(list(range(7, 20)), n=2, max_tokens=6, temperature=0.7, seed=5),
+            GenerationRequest(prompt, n=4, max_tokens=6, temperature=1.0, seed=11),
+        ]
+    )[1]
+    assert [s.token_ids for s in crowded] == texts
+
+
+def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_admission(student, bucketed):
+    engine_lane = student.decode_engine.lane("student")
+    engine_lane.index.clear()
+    parent = list(range(200, 200 + 3 * BLOCK + 5))
+    child = parent + [7, 8, 9]  # a node's prompt, then a child's: siblings and rollouts look like this
+    first = student.generate([GenerationRequest(parent, max_tokens=4, temperature=0)])[0][0]
+    before = engine_lane.prefill_tokens
+    again = student.generate([GenerationRequest(child, max_tokens=5, temperature=0)])[0][0]
+    assert engine_lane.prefill_tokens - before == 3  # the parent's KV was still in a free slot
+    assert again.token_ids == hf_greedy(student, child, 5)
+
+    engine_lane.index.clear()
+    other = parent[: 2 * BLOCK] + [1, 2, 3]
+    before, passes = engine_lane.prefill_tokens, student.forward_passes
+    both = student.generate(
+        [GenerationRequest(parent, max_tokens=4, temperature=0), GenerationRequest(other, max_tokens=4, temperature=0)]
+    )
+    assert engine_lane.prefill_tokens - before == len(parent) + 3  # other waited one pass for the shared blocks
+    assert student.forward_passes - passes == 2 + 3
+    assert both[0][0].token_ids == first.token_ids
+    assert both[1][0].token_ids == hf_greedy(student, other, 4)
+
+
+def test_more_rows_than_slots_wait_and_are_all_served(student):
+    prompt = list(range(60, 75))
+    samples = student.generate([GenerationRequest(prompt, n=10, max_tokens=3, temperature=1.0, seed=2)])[0]
+    assert len(samples) == 10 and all(s.num_generated == 3 for s in samples)
+    alone = student.generate([GenerationRequest(prompt, n=10, max_tokens=3, temperature=1.0, seed=2)])[0]
+    assert [s.token_ids for s in samples] == [s.token_ids for s in alone]
+
+
+def test_stop_strings_end_rows_where_the_text_first_holds_them(student):
+    requests = [GenerationRequest(list(range(300 + i, 320 + i)), max_tokens=24, temperature=0) for i in range(3)]
+    full = [r[0] for r in student.generate(requests)]
+    # a stop string the greedy text reaches: the last two characters of its 4th token's text
+    texts = [student.tokenizer.decode(s.token_ids[:4], skip_special_tokens=True) for s in full]
+    stops = [[t[-2:]] if len(t) >= 2 else ["\n"] for t in texts]
+    cut = student.generate(
+        [GenerationRequest(r.prompt_ids, max_tokens=24, temperature=0, stop=s) for r, s in zip(requests, stops)]
+    )
+    for sample, stop, whole in zip((c[0] for c in cut), stops, full):
+        decoded = student.tokenizer.decode(whole.token_ids, skip_special_tokens=True)
+        if stop[0] in decoded:
+            assert sample.finish_reason == "stop" and sample.stop_reason == stop[0]
+            assert sample.text == decoded[: decoded.index(stop[0])]
+        else:
+            assert sample.finish_reason == "length"
+
+
+def test_student_and_base_rows_decode_in_one_loop(tiny_random_model_dir, tmp_path):
+    student = make_student(tiny_random_model_dir, tmp_path, max_batch_size=4)
+    items = [GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS[:3])]
+    student.grpo_step(items, LossConfig(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
+    requests = [GenerationRequest(p, max_tokens=6, temperature=0) for p in PROMPTS[:3]]
+    trained = [s[0].token_ids for s in student.generate(requests)]
+    base = [s[0].token_ids for s in student.generate(requests, use_adapter=False)]
+    assert trained != base  # the adapter moved: mixing the lanes up would show
+    passes = student.decode_engine.forward_passes
+    mixed = student.decode_engine.generate(
+        [("student", r) for r in requests] + [("base", r) for r in requests],
+        finish=student._finish_sample,
+    )
+    assert [s[0].token_ids for s in mixed] == trained + base
+    assert student.decode_engine.forward_passes - passes == 2 * 6  # per lane: one prefill, five decode steps
+    assert trained == [hf_greedy(student, p, 6) for p in PROMPTS[:3]]
+
+
+def test_a_gradient_step_drops_the_students_cached_prefixes(tiny_random_model_dir, tmp_path):
+    student = make_student(tiny_random_model_dir, tmp_path, max_batch_size=4)
+    prompt = list(range(400, 400 + 2 * BLOCK + 3))
+    student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)])
+    student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)], use_adapter=False)
+    student.grpo_step([GrpoItem(prompt, [1, 2, 3], advantage=1.0)], LossConfig(beta=0.0, learning_rate=0.5))
+    lanes = student.decode_engine.lanes
+    before = {name: lanes[name].prefill_tokens for name in ("student", "base")}
+    after_step = student.generate([GenerationRequest(prompt, max_tokens=4, temperature=0)])[0][0]
+    student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)], use_adapter=False)
+    assert lanes["student"].prefill_tokens - before["student"] == len(prompt)  # recomputed with the new weights
+    assert lanes["base"].prefill_tokens - before["base"] == 1  # base did not change: all but the last token reused
+    assert after_step.token_ids == hf_greedy(student, prompt, 4)
+
+
+# ----- the parts alone -----
+def test_prefix_index_finds_the_longest_verified_prefix_within_the_limit():
+    index = PrefixIndex(slots=3)
+    a = list(range(50))
+    index.assign(0, a[:40])
+    index.assign(1, a[:20] + [999] * 20)
+    assert index.longest(a, block_hashes(a), limit=49) == (0, 40)
+    assert index.longest(a, block_hashes(a), limit=35) == (0, 35)
+    b = a[:20] + [999, 999, 5]
+    assert index.longest(b, block_hashes(b), limit=len(b) - 1) == (1, 22)
+    assert index.longest([1] * 40, block_hashes([1] * 40), limit=39) == (None, 0)
+    for token in a[40:48]:
+        index.append(0, token)  # a 3rd whole block completes: found by hash now
+    index.forget(1)
+    assert index.longest(a, block_hashes(a), limit=49) == (0, 48)
+    assert index.longest(b, block_hashes(b), limit=len(b) - 1) == (0, 20)
+
+
+def test_sampler_keeps_to_the_nucleus_and_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 4000
+    logits = torch.log(probs).repeat(rows, 1)
+    seeds, counters = torch.arange(rows) * 7919, torch.zeros(rows, dtype=torch.long)
+    ones = torch.ones(rows)
+    tokens, picked, _, _ = choose(logits, ones, ones, seeds, counters, sampled=True, nucleus=False, top_k=0)
+    freq = torch.bincount(tokens, minlength=4).float() / rows
+    assert freq.tolist() == pytest.approx(probs.tolist(), abs=0.03)
+    assert picked.tolist() == pytest.approx(torch.log(probs)[tokens].tolist(), abs=1e-6)
+    nucleus, _, _, _ = choose(logits, ones, ones * 0.7, seeds, counters, sampled=True, nucleus=True, top_k=2)
+    freq = torch.bincount(nucleus, minlength=4).float() / rows
+    assert freq[2:].sum() == 0 and freq[0] == pytest.approx(0.5 / 0.8, abs=0.03)
+    greedy_rows = torch.zeros(rows)
+    greedy, _, top_values, top_ids = choose(
+        logits, greedy_rows, ones, seeds, counters, sampled=True, nucleus=False, top_k=2
+    )
+    assert bool((greedy == 0).all()) and top_ids[0].tolist() == [0, 1]
+    again, _, _, _ = choose(logits, ones, ones, seeds, counters, sampled=True, nucleus=False, top_k=0)
+    assert torch.equal(again, tokens)  # a pure function of seed and counter
+
+
+def test_row_uniform_is_strictly_inside_zero_one_and_varies_with_seed_and_counter():
+    seeds = torch.tensor([0, 1, 2**62 - 1, 123456789] * 4)
+    counters = torch.tensor([0] * 4 + [1] * 4 + [2**31] * 4 + [7] * 4)
+    u = row_uniform(seeds, counters)
+    assert bool(((u > 0) & (u < 1)).all()) and len(set(u.tolist())) == 16
