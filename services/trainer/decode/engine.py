@@ -38,6 +38,7 @@ class DecodeConfig:
     window_step: int = 1  # the attention window is rounded up to a multiple of this
     initial_capacity: int = 256  # positions per slot to start with (doubles as prompts need)
     max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
+    compile: bool = False  # torch.compile the decode step (inside its graphs); costs a compilation at start
     seed: int = 0  # for the seeds of requests without one
 
     @classmethod

@@ -106,6 +106,11 @@ class Lane:
         self.slot_ids = torch.arange(slots, device=device)
         self.key_positions = torch.arange(self.cache.capacity, device=device)
         self._mode: tuple[bool, bool, int, bool] = (False, False, 0, False)
+        # torch.compile fuses the step's elementwise kernels (norms, rotary, residuals: ~40 kernels per layer
+        # eager); dynamic shapes, so one compilation serves every (rows, window) graph.
+        self._decode_step = (
+            torch.compile(self._decode_tensors, dynamic=True) if config.compile else self._decode_tensors
+        )
 
     # ----- bookkeeping -----
     def set_epoch(self, epoch: Any) -> None:
@@ -362,18 +367,30 @@ class Lane:
                 self._pos[slot] += 1
 
     def _decode(self, rows: int, window: int) -> None:
-        pos = self.pos[:rows]
-        write_slot = torch.where(self.live[:rows] > 0, self.slot_ids[:rows], self.cache.scratch)
-        sees = (self.key_positions[:window] <= pos.unsqueeze(1)).view(rows, 1, 1, window)
+        self._decode_step(
+            self.tokens[:rows],
+            self.pos[:rows],
+            self.live[:rows],
+            self.slot_ids[:rows],
+            self.key_positions[:window],
+            self.logits[:rows],
+        )
+
+    def _decode_tensors(self, tokens, pos, live, slot_ids, key_positions, logits) -> None:
+        """The decode forward as a function of tensors only (rows and window are their sizes), so a compiled
+        version traces it once for all shapes."""
+        rows, window = tokens.shape[0], key_positions.shape[0]
+        write_slot = torch.where(live > 0, slot_ids, self.cache.scratch)
+        sees = (key_positions <= pos.unsqueeze(1)).view(rows, 1, 1, window)
         state = SlotAttention(self.cache, write_slot, pos, None, window)
         hidden = self.decoder(
-            input_ids=self.tokens[:rows].unsqueeze(1),
+            input_ids=tokens.unsqueeze(1),
             position_ids=pos.unsqueeze(1),
             attention_mask=sees,
             use_cache=False,
             slot_kv=state,
         ).last_hidden_state
-        self.logits[:rows].copy_(self.lm_head(hidden[:, -1]))
+        logits.copy_(self.lm_head(hidden[:, -1]))
 
     def _compact(self) -> None:
         """Move the highest live rows into free slots below them until the step covers as few slots as the live
