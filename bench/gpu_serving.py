@@ -50,9 +50,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
-def install_settings_stand_in() -> None:
-    """The lent GPU machine has no pydantic: give services.trainer.settings a plain class with the same fields and
-    defaults that load_student and Student read (the real module is used wherever pydantic is installed)."""
+def install_pydantic_stand_ins() -> None:
+    """The lent GPU machine has no pydantic. Two modules the Student imports need it: services.trainer.settings
+    (given here a plain class with the fields and defaults load_student and Student read) and services.protocol
+    (whose LossSettings only a GRPO step uses; this bench runs none). Wherever pydantic is installed the real
+    modules are used."""
     try:
         import pydantic_settings  # noqa: F401
 
@@ -89,6 +91,9 @@ def install_settings_stand_in() -> None:
     module = types.ModuleType("services.trainer.settings")
     module.TrainerSettings = TrainerSettings
     sys.modules["services.trainer.settings"] = module
+    protocol = types.ModuleType("services.protocol")
+    protocol.LossSettings = type("LossSettings", (), {"__doc__": "stand-in: this bench runs no GRPO step"})
+    sys.modules["services.protocol"] = protocol
 
 
 def write_model(target: Path, config_dir: Path, smoke: bool) -> None:
@@ -169,9 +174,10 @@ def main() -> int:
     if args.smoke:
         args.rows, args.tokens = "1,4", 6
     started = time.time()
-    install_settings_stand_in()
+    install_pydantic_stand_ins()
+    from services.trainer.items import GenerationRequest
+    from services.trainer.loading import load_student
     from services.trainer.settings import TrainerSettings
-    from services.trainer.student import GenerationRequest, load_student
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows_list = [int(r) for r in args.rows.split(",")]
@@ -189,7 +195,7 @@ def main() -> int:
             if "lora_B" in name:
                 param.normal_(std=0.02)
     student.merged_decoder.invalidate()
-    engine = student.decode_engine
+    engine = student.slot_decoder  # the slot engine as the service runs it (services/trainer/slot_generation.py)
     setup_s = time.perf_counter() - t0
     print(f"setup {setup_s:.1f}s device={device} dtype={student.merged_decoder.student.dtype} "
           f"torch={torch.__version__}", flush=True)
@@ -209,9 +215,9 @@ def main() -> int:
 
     def student_run(name, rows, mode, tokens, use_engine, *, use_adapter=True, job=None):
         chosen = engines.get(name, engine) if use_engine else None
-        student.decode_engine = chosen
+        student.slot_decoder = chosen
         if chosen is not None:
-            for lane in chosen.lanes.values():
+            for lane in chosen.engine.lanes.values():
                 lane.index.clear()  # no prefix cached from an earlier run: every run prefills its prompts
         reqs = job or requests(rows, mode, tokens)
         sync()
@@ -220,7 +226,7 @@ def main() -> int:
         out = student.generate(reqs, use_adapter=use_adapter)
         sync()
         wall = time.perf_counter() - t
-        student.decode_engine = engine
+        student.slot_decoder = engine
         generated = sum(s.num_generated for r in out for s in r)
         return out, wall, generated, student.forward_passes - passes
 
@@ -250,11 +256,11 @@ def main() -> int:
             bench.record(candidate=label, error=f"{type(exc).__name__}: {exc}"[:500])
 
     if "slots_compiled" in wanted and engine is not None:
-        from services.trainer.decode import DecodeConfig, DecodeEngine
+        from services.trainer.decode import DecodeConfig
+        from services.trainer.slot_generation import SlotGeneration
 
-        engines["slots_compiled"] = DecodeEngine(
-            student._decode_model, student.tokenizer, eos_ids=student.eos_ids, device=student.device,
-            config=DecodeConfig.for_device(student.device, slots=max_rows, compile=True),
+        engines["slots_compiled"] = SlotGeneration(
+            student, DecodeConfig.for_device(student.device, slots=max_rows, compile=True)
         )
     for name, use_engine in (("loop", False), ("slots", True), ("slots_compiled", True)):
         if name in wanted and name in engines:
@@ -263,17 +269,17 @@ def main() -> int:
                     guarded(name, lambda: time_student(name, use_engine, rows, mode))
     if "slots_eager" in wanted and engine is not None:
         def eager():
-            for lane in engine.lanes.values():
+            for lane in engine.engine.lanes.values():
                 lane.graphs.enabled = False
             try:
                 time_student("slots_eager", True, max_rows, "greedy")
             finally:
-                for lane in engine.lanes.values():
+                for lane in engine.engine.lanes.values():
                     lane.graphs.enabled = device == "cuda"
         guarded("slots_eager", eager)
     for name in ("slots", "slots_compiled"):
         if engines.get(name) is not None:
-            lanes = engines[name].lanes.values()
+            lanes = engines[name].engine.lanes.values()
             bench.record(candidate=name, graphs_captured=sum(lane.graphs.captures for lane in lanes),
                          graphs_enabled=[lane.graphs.enabled for lane in lanes])
 
@@ -307,18 +313,18 @@ def main() -> int:
             bench.record(candidate="loop", mode="mixed", rows=2 * half, tokens=generated, wall_s=loop_wall,
                          tok_s=generated / loop_wall)
             jobs = [("student", r) for r in job] + [("base", r) for r in job]
-            for timed in (False, True):
-                for lane in engine.lanes.values():
+            for _ in range(2):  # the first run captures the graphs
+                for lane in engine.engine.lanes.values():
                     lane.index.clear()
-                passes = engine.forward_passes
+                passes = student.forward_passes
                 sync()
                 t = time.perf_counter()
-                out = engine.generate(jobs, finish=student._finish_sample)
+                out = engine.generate_lanes(jobs)
                 sync()
                 wall = time.perf_counter() - t
             got = [s[0].token_ids for s in out]
             bench.record(candidate="slots", mode="mixed", rows=2 * half, tokens=generated, wall_s=wall,
-                         tok_s=generated / wall, ms_per_pass=1000 * wall / max(engine.forward_passes - passes, 1),
+                         tok_s=generated / wall, ms_per_pass=1000 * wall / max(student.forward_passes - passes, 1),
                          **compare(loop_out, got))
         guarded("mixed", mixed)
 

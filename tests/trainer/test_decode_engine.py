@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from services.protocol import LossSettings
 from services.trainer.decode.prefixes import BLOCK, PrefixIndex, block_hashes
 from services.trainer.decode.sampler import choose, row_uniform
-from services.trainer.student import GenerationRequest, GrpoItem, LossConfig
-
-from .test_student import make_student
+from services.trainer.items import GenerationRequest, GrpoItem
+from support.tiny_student import make_student
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def student(tiny_random_model_dir, tmp_path_factory):
 @pytest.fixture
 def bucketed(student):
     """The engine shaped as on CUDA: steps cover a bucket of slots, attention windows are rounded up."""
-    config = student.decode_engine.config
+    config = student.slot_decoder.engine.config
     saved = (config.row_buckets, config.window_step)
     config.row_buckets, config.window_step = (2, 4), 8
     yield student
@@ -30,7 +30,7 @@ def bucketed(student):
 
 
 def lane(student, name="student"):
-    return student.decode_engine.lanes[name]
+    return student.slot_decoder.engine.lanes[name]
 
 
 def hf_greedy(student, prompt, max_tokens, use_adapter=True):
@@ -104,7 +104,7 @@ def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, bucketed):
 
 def test_n_samples_share_one_prefill_and_seeded_rows_ignore_their_neighbours(student):
     prompt = list(range(100, 137))
-    engine_lane = student.decode_engine.lane("student")
+    engine_lane = student.slot_decoder.engine.lane("student")
     engine_lane.index.clear()  # nothing cached: the prompt is computed once here
     before, passes = engine_lane.prefill_tokens, student.forward_passes
     together = student.generate([GenerationRequest(prompt, n=4, max_tokens=6, temperature=1.0, seed=11)])[0]
@@ -122,7 +122,7 @@ def test_n_samples_share_one_prefill_and_seeded_rows_ignore_their_neighbours(stu
 
 
 def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_admission(student, bucketed):
-    engine_lane = student.decode_engine.lane("student")
+    engine_lane = student.slot_decoder.engine.lane("student")
     engine_lane.index.clear()
     parent = list(range(200, 200 + 3 * BLOCK + 5))
     child = parent + [7, 8, 9]  # a node's prompt, then a child's: siblings and rollouts look like this
@@ -173,18 +173,17 @@ def test_stop_strings_end_rows_where_the_text_first_holds_them(student):
 def test_student_and_base_rows_decode_in_one_loop(tiny_random_model_dir, tmp_path):
     student = make_student(tiny_random_model_dir, tmp_path, max_batch_size=4)
     items = [GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS[:3])]
-    student.grpo_step(items, LossConfig(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
+    student.grpo_step(items, LossSettings(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
     requests = [GenerationRequest(p, max_tokens=6, temperature=0) for p in PROMPTS[:3]]
     trained = [s[0].token_ids for s in student.generate(requests)]
     base = [s[0].token_ids for s in student.generate(requests, use_adapter=False)]
     assert trained != base  # the adapter moved: mixing the lanes up would show
-    passes = student.decode_engine.forward_passes
-    mixed = student.decode_engine.generate(
-        [("student", r) for r in requests] + [("base", r) for r in requests],
-        finish=student._finish_sample,
+    passes = student.slot_decoder.engine.forward_passes
+    mixed = student.slot_decoder.generate_lanes(
+        [("student", r) for r in requests] + [("base", r) for r in requests]
     )
     assert [s[0].token_ids for s in mixed] == trained + base
-    assert student.decode_engine.forward_passes - passes == 2 * 6  # per lane: one prefill, five decode steps
+    assert student.slot_decoder.engine.forward_passes - passes == 2 * 6  # per lane: one prefill, five decode steps
     assert trained == [hf_greedy(student, p, 6) for p in PROMPTS[:3]]
 
 
@@ -193,8 +192,8 @@ def test_a_gradient_step_drops_the_students_cached_prefixes(tiny_random_model_di
     prompt = list(range(400, 400 + 2 * BLOCK + 3))
     student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)])
     student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)], use_adapter=False)
-    student.grpo_step([GrpoItem(prompt, [1, 2, 3], advantage=1.0)], LossConfig(beta=0.0, learning_rate=0.5))
-    lanes = student.decode_engine.lanes
+    student.grpo_step([GrpoItem(prompt, [1, 2, 3], advantage=1.0)], LossSettings(beta=0.0, learning_rate=0.5))
+    lanes = student.slot_decoder.engine.lanes
     before = {name: lanes[name].prefill_tokens for name in ("student", "base")}
     after_step = student.generate([GenerationRequest(prompt, max_tokens=4, temperature=0)])[0][0]
     student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)], use_adapter=False)
