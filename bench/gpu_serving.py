@@ -40,8 +40,8 @@ import random
 import sys
 import tempfile
 import time
-import types
 import traceback
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def main() -> int:
             return
         try:
             fn()
-        except Exception as exc:  # noqa: BLE001 - a failing candidate is a result, the others still run
+        except Exception as exc:
             traceback.print_exc()
             bench.record(candidate=label, error=f"{type(exc).__name__}: {exc}"[:500])
 

@@ -45,6 +45,7 @@ from .settings import TrainerSettings
 from .student import Student
 
 GENERATE, SCORE = "generate", "logprobs"  # the batcher's merge keys, paired with use_adapter
+BOTH_MODELS = "both"  # in place of use_adapter: generation jobs of student and base share one decode loop
 
 
 class TrainerEngine:
@@ -70,7 +71,13 @@ class TrainerEngine:
     def _run_batch(self, kind: tuple[str, bool], batch: Batch) -> list[Any]:
         what, use_adapter = kind
         version = self.student.adapter_version  # constant for the batch: updates never run alongside it
-        if what == GENERATE:
+        if what == GENERATE and use_adapter == BOTH_MODELS:  # payloads are (model, request)
+            results = self.student.generate_models(
+                batch.payloads,
+                admit=batch.admit,
+                on_done=lambda index, samples: batch.resolve(index, (samples, version)),
+            )
+        elif what == GENERATE:
             results: list[Any] = self.student.generate(
                 batch.payloads,
                 use_adapter=use_adapter,
@@ -130,8 +137,14 @@ class TrainerEngine:
     async def _generate(
         self, model: ModelName, requests: list[GenerationRequest]
     ) -> tuple[list[list[Sample]], int]:
-        kind = (GENERATE, model == "student")
-        outcomes = await asyncio.gather(*(self.batcher.call(kind, r, rows=r.n) for r in requests))
+        if self.student.decodes_models_together:
+            kind: tuple[str, Any] = (GENERATE, BOTH_MODELS)
+            payloads: list[Any] = [(model, r) for r in requests]
+        else:
+            kind, payloads = (GENERATE, model == "student"), list(requests)
+        outcomes = await asyncio.gather(
+            *(self.batcher.call(kind, p, rows=r.n) for p, r in zip(payloads, requests, strict=True))
+        )
         return [samples for samples, _ in outcomes], max(version for _, version in outcomes)
 
     async def complete(self, req: CompletionRequest) -> CompletionResponse:

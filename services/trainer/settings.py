@@ -61,7 +61,9 @@ class TrainerSettings(BaseSettings):
     # adapter can be merged; "loop": the transformers DynamicCache loop in student.py (always used where it cannot).
     decode_engine: str = Field(default="slots", pattern="^(slots|loop)$")
     cuda_graphs: bool = True  # the slot engine replays its decode steps as CUDA graphs (CUDA only)
-    decode_compile: bool = False  # ... and torch.compiles the step inside them (fewer kernels; a compile at start)
+    decode_compile: bool = (
+        False  # ... and torch.compiles the step inside them (fewer kernels; a compile at start)
+    )
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
     torch_threads: int | None = None  # None = all cores
     seed: int = 0

@@ -73,6 +73,8 @@ class SlotGeneration:
     def model_for(self, lane: str) -> tuple[Any, Any]:
         """The model a lane decodes with, and an epoch that changes whenever that model's weights change."""
         merged = self.student.merged_decoder
+        if merged is None:
+            raise RuntimeError("the slot engine decodes the merged models, and this student has none")
         if lane == "base":
             return merged.base, 0
         return merged.model(True, self.student.adapter_version), merged.epoch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -25,8 +25,8 @@ from .generation import Admit, DecodeLoop, OnDone
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem, StepResult
 from .learning import grpo_step
 from .scoring import score
-from .slot_generation import SlotGeneration
 from .settings import TrainerSettings
+from .slot_generation import SlotGeneration
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,25 @@ class Student:
         # merged_decoder is None: generation through the peft model, which only the loop does
         loop = self.slot_decoder if self.slot_decoder and self.merged_decoder else self.decode_loop
         return loop.generate(requests, use_adapter=use_adapter, admit=admit, on_done=on_done)
+
+    @property
+    def decodes_models_together(self) -> bool:
+        """Whether "student" and "base" requests can share one decode loop (generate_models)."""
+        return self.slot_decoder is not None and self.merged_decoder is not None
+
+    def generate_models(
+        self,
+        jobs: list[tuple[str, GenerationRequest]],
+        *,
+        admit: Callable[[int], list[tuple[str, GenerationRequest]]] | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[list[Sample]]:
+        """As generate, for (model, request) jobs whose model is "student" or "base", all in one decode loop."""
+        if self.slot_decoder is None or self.merged_decoder is None:
+            raise RuntimeError(
+                "student and base decode together only in the slot engine with a merged adapter"
+            )
+        return self.slot_decoder.generate_lanes(jobs, admit=admit, on_done=on_done)
 
     def logprobs(
         self, items: list[ScoreItem], *, use_adapter: bool = True, batch_size: int = 16

@@ -39,10 +39,13 @@ def hf_greedy(student, prompt, max_tokens, use_adapter=True):
     with torch.no_grad(), student.adapter(use_adapter):
         ids = torch.tensor([prompt])
         out = student.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
             pad_token_id=student.pad_id,
         )
-    tokens = out[0, len(prompt):].tolist()
+    tokens = out[0, len(prompt) :].tolist()
     ends = [i for i, t in enumerate(tokens) if t in student.eos_ids]
     return tokens[: ends[0]] if ends else tokens
 
@@ -56,13 +59,15 @@ def test_greedy_in_one_batch_equals_transformers_generate(student, request, shap
         request.getfixturevalue("bucketed")
     requests = [GenerationRequest(p, max_tokens=6 + i, temperature=0) for i, p in enumerate(PROMPTS)]
     results = student.generate(requests)  # five requests, four slots: one waits for a slot
-    for request, samples in zip(requests, results):
+    for request, samples in zip(requests, results, strict=False):
         assert samples[0].token_ids == hf_greedy(student, request.prompt_ids, request.max_tokens)
 
 
 def test_sampled_logprobs_and_top_alternatives_equal_a_direct_forward(student):
     prompt = list(range(30, 52))
-    sample = student.generate([GenerationRequest(prompt, max_tokens=8, temperature=1.0, seed=3, logprobs=3)])[0][0]
+    sample = student.generate([GenerationRequest(prompt, max_tokens=8, temperature=1.0, seed=3, logprobs=3)])[
+        0
+    ][0]
     with torch.no_grad():
         logits = student.model(torch.tensor([prompt + sample.token_ids])).logits[0]
     logp = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
@@ -75,9 +80,7 @@ def test_sampled_logprobs_and_top_alternatives_equal_a_direct_forward(student):
 
 
 def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, bucketed):
-    alone = {
-        tuple(p): hf_greedy(student, p, 9) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4])
-    }
+    alone = {tuple(p): hf_greedy(student, p, 9) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4])}
     calls, done = [], []
 
     def admit(free_rows):
@@ -96,7 +99,10 @@ def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, bucketed):
         on_done=lambda index, samples: done.append(index),
     )
     assert [r[0].token_ids for r in results] == [
-        alone[tuple(PROMPTS[0])][:3], alone[tuple(PROMPTS[1])], alone[tuple(PROMPTS[2])], alone[tuple(PROMPTS[4])],
+        alone[tuple(PROMPTS[0])][:3],
+        alone[tuple(PROMPTS[1])],
+        alone[tuple(PROMPTS[2])],
+        alone[tuple(PROMPTS[4])],
     ]
     assert done[0] == 0 and sorted(done) == [0, 1, 2, 3]
     assert calls[0] == student.max_batch_rows - 2
@@ -125,7 +131,7 @@ def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_ad
     engine_lane = student.slot_decoder.engine.lane("student")
     engine_lane.index.clear()
     parent = list(range(200, 200 + 3 * BLOCK + 5))
-    child = parent + [7, 8, 9]  # a node's prompt, then a child's: siblings and rollouts look like this
+    child = [*parent, 7, 8, 9]  # a node's prompt, then a child's: siblings and rollouts look like this
     first = student.generate([GenerationRequest(parent, max_tokens=4, temperature=0)])[0][0]
     before = engine_lane.prefill_tokens
     again = student.generate([GenerationRequest(child, max_tokens=5, temperature=0)])[0][0]
@@ -133,12 +139,17 @@ def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_ad
     assert again.token_ids == hf_greedy(student, child, 5)
 
     engine_lane.index.clear()
-    other = parent[: 2 * BLOCK] + [1, 2, 3]
+    other = [*parent[: 2 * BLOCK], 1, 2, 3]
     before, passes = engine_lane.prefill_tokens, student.forward_passes
     both = student.generate(
-        [GenerationRequest(parent, max_tokens=4, temperature=0), GenerationRequest(other, max_tokens=4, temperature=0)]
+        [
+            GenerationRequest(parent, max_tokens=4, temperature=0),
+            GenerationRequest(other, max_tokens=4, temperature=0),
+        ]
     )
-    assert engine_lane.prefill_tokens - before == len(parent) + 3  # other waited one pass for the shared blocks
+    assert (
+        engine_lane.prefill_tokens - before == len(parent) + 3
+    )  # other waited one pass for the shared blocks
     assert student.forward_passes - passes == 2 + 3
     assert both[0][0].token_ids == first.token_ids
     assert both[1][0].token_ids == hf_greedy(student, other, 4)
@@ -153,15 +164,20 @@ def test_more_rows_than_slots_wait_and_are_all_served(student):
 
 
 def test_stop_strings_end_rows_where_the_text_first_holds_them(student):
-    requests = [GenerationRequest(list(range(300 + i, 320 + i)), max_tokens=24, temperature=0) for i in range(3)]
+    requests = [
+        GenerationRequest(list(range(300 + i, 320 + i)), max_tokens=24, temperature=0) for i in range(3)
+    ]
     full = [r[0] for r in student.generate(requests)]
     # a stop string the greedy text reaches: the last two characters of its 4th token's text
     texts = [student.tokenizer.decode(s.token_ids[:4], skip_special_tokens=True) for s in full]
     stops = [[t[-2:]] if len(t) >= 2 else ["\n"] for t in texts]
     cut = student.generate(
-        [GenerationRequest(r.prompt_ids, max_tokens=24, temperature=0, stop=s) for r, s in zip(requests, stops)]
+        [
+            GenerationRequest(r.prompt_ids, max_tokens=24, temperature=0, stop=s)
+            for r, s in zip(requests, stops, strict=False)
+        ]
     )
-    for sample, stop, whole in zip((c[0] for c in cut), stops, full):
+    for sample, stop, whole in zip((c[0] for c in cut), stops, full, strict=False):
         decoded = student.tokenizer.decode(whole.token_ids, skip_special_tokens=True)
         if stop[0] in decoded:
             assert sample.finish_reason == "stop" and sample.stop_reason == stop[0]
@@ -172,7 +188,9 @@ def test_stop_strings_end_rows_where_the_text_first_holds_them(student):
 
 def test_student_and_base_rows_decode_in_one_loop(tiny_random_model_dir, tmp_path):
     student = make_student(tiny_random_model_dir, tmp_path, max_batch_size=4)
-    items = [GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS[:3])]
+    items = [
+        GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS[:3])
+    ]
     student.grpo_step(items, LossSettings(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
     requests = [GenerationRequest(p, max_tokens=6, temperature=0) for p in PROMPTS[:3]]
     trained = [s[0].token_ids for s in student.generate(requests)]
@@ -183,7 +201,9 @@ def test_student_and_base_rows_decode_in_one_loop(tiny_random_model_dir, tmp_pat
         [("student", r) for r in requests] + [("base", r) for r in requests]
     )
     assert [s[0].token_ids for s in mixed] == trained + base
-    assert student.slot_decoder.engine.forward_passes - passes == 2 * 6  # per lane: one prefill, five decode steps
+    assert (
+        student.slot_decoder.engine.forward_passes - passes == 2 * 6
+    )  # per lane: one prefill, five decode steps
     assert trained == [hf_greedy(student, p, 6) for p in PROMPTS[:3]]
 
 
@@ -197,8 +217,9 @@ def test_a_gradient_step_drops_the_students_cached_prefixes(tiny_random_model_di
     before = {name: lanes[name].prefill_tokens for name in ("student", "base")}
     after_step = student.generate([GenerationRequest(prompt, max_tokens=4, temperature=0)])[0][0]
     student.generate([GenerationRequest(prompt, max_tokens=2, temperature=0)], use_adapter=False)
-    assert lanes["student"].prefill_tokens - before["student"] == len(prompt)  # recomputed with the new weights
-    assert lanes["base"].prefill_tokens - before["base"] == 1  # base did not change: all but the last token reused
+    # the student's prompt is computed again with the new weights; base did not change: all but its last token reused
+    assert lanes["student"].prefill_tokens - before["student"] == len(prompt)
+    assert lanes["base"].prefill_tokens - before["base"] == 1
     assert after_step.token_ids == hf_greedy(student, prompt, 4)
 
 
@@ -210,7 +231,7 @@ def test_prefix_index_finds_the_longest_verified_prefix_within_the_limit():
     index.assign(1, a[:20] + [999] * 20)
     assert index.longest(a, block_hashes(a), limit=49) == (0, 40)
     assert index.longest(a, block_hashes(a), limit=35) == (0, 35)
-    b = a[:20] + [999, 999, 5]
+    b = [*a[:20], 999, 999, 5]
     assert index.longest(b, block_hashes(b), limit=len(b) - 1) == (1, 22)
     assert index.longest([1] * 40, block_hashes([1] * 40), limit=39) == (None, 0)
     for token in a[40:48]:
@@ -234,7 +255,7 @@ def test_sampler_keeps_to_the_nucleus_and_follows_the_distribution():
     freq = torch.bincount(nucleus, minlength=4).float() / rows
     assert freq[2:].sum() == 0 and freq[0] == pytest.approx(0.5 / 0.8, abs=0.03)
     greedy_rows = torch.zeros(rows)
-    greedy, _, top_values, top_ids = choose(
+    greedy, _, _top_values, top_ids = choose(
         logits, greedy_rows, ones, seeds, counters, sampled=True, nucleus=False, top_k=2
     )
     assert bool((greedy == 0).all()) and top_ids[0].tolist() == [0, 1]
@@ -247,3 +268,44 @@ def test_row_uniform_is_strictly_inside_zero_one_and_varies_with_seed_and_counte
     counters = torch.tensor([0] * 4 + [1] * 4 + [2**31] * 4 + [7] * 4)
     u = row_uniform(seeds, counters)
     assert bool(((u > 0) & (u < 1)).all()) and len(set(u.tolist())) == 16
+
+
+async def test_the_services_student_and_base_requests_share_one_decode_batch(tiny_random_model_dir, tmp_path):
+    """Through the service's engine (TrainerEngine, its batcher): concurrent "student" and "base" completions are
+    one batch, one decode loop, and each answer equals what the request gets alone."""
+    import asyncio
+
+    from services.protocol import CompletionRequest
+    from services.trainer.engine import TrainerEngine
+    from services.trainer.loading import load_student
+    from services.trainer.settings import TrainerSettings
+
+    settings = TrainerSettings(
+        model_source=str(tiny_random_model_dir),
+        checkpoint_dir=tmp_path,
+        lora_r=4,
+        lora_alpha=8,
+        batch_wait_ms=500,  # every request of the gather below reaches the first batch
+    )
+    student = load_student(settings)
+    items = [
+        GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS[:3])
+    ]
+    student.grpo_step(items, LossSettings(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
+    engine = TrainerEngine(student, settings)
+    try:
+        bodies = [
+            CompletionRequest(model=model, prompt=f"Fact number {i}:", max_tokens=5, temperature=0)
+            for i in range(3)
+            for model in ("student", "base")
+        ]
+        together = await asyncio.gather(*(engine.complete(body) for body in bodies))
+        counters = engine.batcher.counters
+        assert counters.forward_batches == 1 and counters.merged_requests == len(bodies)
+        alone = [await engine.complete(body) for body in bodies]
+        assert engine.batcher.counters.forward_batches == 1 + len(bodies)
+        texts = [r.choices[0].text for r in together]
+        assert texts == [r.choices[0].text for r in alone]
+        assert texts[0::2] != texts[1::2]  # the student's texts are not base's: the lanes were not mixed up
+    finally:
+        engine.close()

@@ -30,7 +30,9 @@ def register() -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, slot_kv=None, **kw):
+    def slot_attention(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, slot_kv=None, **kw
+    ):
         if slot_kv is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
@@ -64,7 +66,9 @@ class SlotAttention:
         group = heads // kv_heads
         keys, values = self.cache.keys(layer), self.cache.values(layer)
         keys[self.write_slot, :, self.write_pos] = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-        values[self.write_slot, :, self.write_pos] = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+        values[self.write_slot, :, self.write_pos] = value.transpose(1, 2).reshape(
+            batch * length, kv_heads, dim
+        )
         if self.read_slots is None:
             keys, values = keys[:batch, :, : self.window], values[:batch, :, : self.window]
         else:

@@ -34,7 +34,9 @@ CUDA_ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 
 class DecodeConfig:
     slots: int = 32  # rows per lane (the batcher's max_batch_size)
     cuda_graphs: bool = True  # on CUDA only
-    row_buckets: tuple[int, ...] | None = None  # None: a step covers exactly the slots up to the highest live one
+    row_buckets: tuple[int, ...] | None = (
+        None  # None: a step covers exactly the slots up to the highest live one
+    )
     window_step: int = 1  # the attention window is rounded up to a multiple of this
     initial_capacity: int = 256  # positions per slot to start with (doubles as prompts need)
     max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
@@ -46,8 +48,11 @@ class DecodeConfig:
         """Buckets on CUDA (a graph per shape), exact shapes on CPU (no graphs: padding would only cost)."""
         if device.type == "cuda":
             buckets = tuple(b for b in CUDA_ROW_BUCKETS if b < overrides.get("slots", cls.slots))
-            overrides = {"row_buckets": buckets + (overrides.get("slots", cls.slots),), "window_step": 128,
-                         **overrides}
+            overrides = {
+                "row_buckets": (*buckets, overrides.get("slots", cls.slots)),
+                "window_step": 128,
+                **overrides,
+            }
         return cls(**overrides)
 
 
@@ -77,7 +82,9 @@ class DecodeEngine:
         lane = self.lanes.get(name)
         if lane is None or lane.model is not model:
             model.set_attn_implementation(self.attn_implementation)
-            lane = self.lanes[name] = Lane(model, slots=self.config.slots, config=self.config, device=self.device)
+            lane = self.lanes[name] = Lane(
+                model, slots=self.config.slots, config=self.config, device=self.device
+            )
         lane.set_epoch(epoch)
         return lane
 
@@ -124,7 +131,7 @@ class DecodeEngine:
                 for slot, row in enumerate(lane.rows):
                     if row is not None:
                         lane.release(slot, keep_prefix=False)
-        return run.results
+        return [samples or [] for samples in run.results]
 
     def _place(self, run: _Run) -> None:
         for lane in run.lanes:
@@ -139,8 +146,7 @@ class DecodeEngine:
 
     def _collect(self, lane: Lane, run: _Run) -> None:
         tokens, picked, top_values, top_ids = lane.read()
-        for slot in lane.live_slots():
-            row = lane.rows[slot]
+        for slot, row in lane.live_rows():
             token = tokens[slot]
             row.tokens.append(token)
             request = row.request
@@ -148,7 +154,7 @@ class DecodeEngine:
                 row.logprobs.append(picked[slot])
                 if request.logprobs:
                     k = request.logprobs
-                    row.tops.append(list(zip(top_ids[slot][:k], top_values[slot][:k])))
+                    row.tops.append(list(zip(top_ids[slot][:k], top_values[slot][:k], strict=False)))
             if token in self.eos_ids:
                 row.finish = "stop"
             elif (

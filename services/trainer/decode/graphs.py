@@ -55,7 +55,7 @@ class StepGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 step()
-        except Exception as exc:  # noqa: BLE001 - any capture failure leaves eager decoding, which is correct
+        except Exception as exc:
             log.warning("CUDA graph capture of %s failed, decoding eagerly from now on: %r", key, exc)
             self.enabled = False
             self._graphs.clear()

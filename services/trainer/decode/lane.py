@@ -176,17 +176,13 @@ class Lane:
         prefill forward passes run)."""
         free = self.free_slots()
         units: dict[tuple[int, ...], _Unit] = {}
-        taken = 0
-        for row in rows:
-            if taken == len(free):
-                break
+        for row in rows[: len(free)]:
             key = tuple(row.request.prompt_ids)
             unit = units.get(key)
             if unit is None:
                 prompt = list(row.request.prompt_ids)
                 unit = units[key] = _Unit(prompt, [], block_hashes(prompt))
             unit.rows.append(row)
-            taken += 1
         if not units:
             return [], 0
         plan = list(units.values())
@@ -277,13 +273,13 @@ class Lane:
         count, width = len(units), max(len(s) for s in suffixes)
         ids = torch.full((count, width), 0, dtype=torch.long)
         positions = torch.zeros((count, width), dtype=torch.long)
-        for p, (unit, suffix) in enumerate(zip(units, suffixes)):
+        for p, (unit, suffix) in enumerate(zip(units, suffixes, strict=False)):
             ids[p, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
             positions[p, : len(suffix)] = torch.arange(unit.reuse, unit.reuse + len(suffix))
         lengths = torch.tensor([len(s) for s in suffixes])
         valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
         slots = torch.tensor([unit.slot for unit in units], dtype=torch.long)
-        window = max(unit.reuse + len(suffix) for unit, suffix in zip(units, suffixes))
+        window = max(unit.reuse + len(suffix) for unit, suffix in zip(units, suffixes, strict=False))
         ids, positions, valid, slots, lengths = (
             t.to(self.device) for t in (ids, positions, valid, slots, lengths)
         )
@@ -336,19 +332,23 @@ class Lane:
         )
         self.tokens[:rows].copy_(tokens)
         self.picked[:rows].copy_(picked)
-        if top_k:
+        if top_values is not None and top_ids is not None:
             self.top_values[:rows, :top_k].copy_(top_values)
             self.top_ids[:rows, :top_k].copy_(top_ids)
 
-    def read(self) -> tuple[list[int], list[float] | None, list | None, list | None]:
-        """The sampled tokens (per slot), and their log-probs and top alternatives when a live row asked."""
+    def read(self) -> tuple[list[int], list[float], list[list[float]], list[list[int]]]:
+        """Per slot: the sampled token, and (empty lists when no live row asked) its log-prob and the top
+        alternatives' log-probs and ids."""
         rows = self._rows_bound()
         _, _, top_k, want_logprobs = self._mode
         tokens = self.tokens[:rows].tolist()
-        picked = self.picked[:rows].tolist() if want_logprobs else None
-        if top_k:
-            return tokens, picked, self.top_values[:rows, :top_k].tolist(), self.top_ids[:rows, :top_k].tolist()
-        return tokens, picked, None, None
+        picked = self.picked[:rows].tolist() if want_logprobs else []
+        if not top_k:
+            return tokens, picked, [], []
+        return tokens, picked, self.top_values[:rows, :top_k].tolist(), self.top_ids[:rows, :top_k].tolist()
+
+    def live_rows(self) -> list[tuple[int, Row]]:
+        return [(slot, row) for slot, row in enumerate(self.rows) if row is not None]
 
     def feed(self, slot: int, token: int) -> None:
         """The row in `slot` goes on: its sampled token is fed at the next step."""
@@ -405,13 +405,17 @@ class Lane:
 
     def _move(self, source: int, target: int) -> None:
         row = self.rows[source]
+        if row is None:
+            raise ValueError(f"slot {source} holds no row to move")
         length = self._pos[source]  # positions holding KV; the sampled token is written at the next step
         self.cache.copy(source, [target], length)
         self.tokens[target] = self.tokens[source]
         self.index.move(source, target)
         self.index.assign(source, self.index.tokens[source][:length])  # keeps only what it really holds
-        for values in (self._pos, self._live, self._seed, self._temperature, self._top_p):
-            values[target] = values[source]
+        for ints in (self._pos, self._live, self._seed):
+            ints[target] = ints[source]
+        for floats in (self._temperature, self._top_p):
+            floats[target] = floats[source]
         self._live[source], self._pos[source] = 0, 0
         self.rows[target], self.rows[source] = row, None
         row.slot = target

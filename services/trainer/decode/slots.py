@@ -31,9 +31,7 @@ class SlotCache:
         self.scratch = slots  # the slot index of the scratch slot
         # Zeros, not empty: a row that reads a never-written position (masked out, but still multiplied) must not
         # meet a NaN bit pattern, which a masked softmax does not cancel.
-        self.kv = torch.zeros(
-            layers, 2, slots + 1, kv_heads, capacity, head_dim, dtype=dtype, device=device
-        )
+        self.kv = torch.zeros(layers, 2, slots + 1, kv_heads, capacity, head_dim, dtype=dtype, device=device)
 
     @property
     def capacity(self) -> int:

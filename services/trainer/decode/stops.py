@@ -51,9 +51,11 @@ class StopChecker:
         if self._texts is None:
             anchor = self.tokenizer("a", add_special_tokens=False).input_ids[:1] or [0]
             head = self.tokenizer.decode(anchor, skip_special_tokens=True)
-            known = min(self.vocab_size, len(self.tokenizer))  # ids past the tokenizer's (padded embeddings): None
+            known = min(
+                self.vocab_size, len(self.tokenizer)
+            )  # ids past the tokenizer's (padded embeddings): None
             decoded = self.tokenizer.batch_decode(
-                [anchor + [token] for token in range(known)], skip_special_tokens=True
+                [[*anchor, token] for token in range(known)], skip_special_tokens=True
             )
             self._texts = [text[len(head) :] if text.startswith(head) else None for text in decoded]
             self._texts += [None] * (self.vocab_size - known)
