@@ -7,6 +7,7 @@ seeded, log-probs of the sampled token), 128 new tokens per row:
 - loop:        Student's transformers DynamicCache loop (TRAINER_DECODE_ENGINE=loop), the path before the engine;
 - slots:       services/trainer/decode (fixed KV slots, CUDA graphs), what TRAINER_DECODE_ENGINE=slots runs;
 - slots_eager: the same engine with graphs off (256 rows), to show what the graphs buy;
+- slots_sync:  the same engine with its steps in order, not overlapped (256 rows), to show what the overlap buys;
 - slots_compiled: the same engine with its decode step torch.compiled inside the graphs (TRAINER_DECODE_COMPILE=true;
                 its first call's compile time is reported as first_call_s);
 - hf_static:   transformers generate with its static cache, compiled (torch.compile mode="reduce-overhead");
@@ -164,7 +165,7 @@ def main() -> int:
     parser.add_argument("--rows", default="1,32,128,256")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--candidates",
-                        default="loop,slots,slots_compiled,slots_eager,search,mixed,hf_static,hf_cb")
+                        default="loop,slots,slots_compiled,slots_eager,slots_sync,search,mixed,hf_static,hf_cb")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
     parser.add_argument("--hf-budget-s", type=float, default=90.0,
                         help="each transformers candidate starts no new size after this many seconds")
@@ -211,14 +212,15 @@ def main() -> int:
                                   top_p=1.0, seed=i if sampled else None,
                                   logprobs=0 if sampled else None) for i in range(rows)]
 
-    engines = {"loop": None, "slots": engine, "slots_eager": engine}
+    engines = {"loop": None, "slots": engine, "slots_eager": engine, "slots_sync": engine}
 
-    def student_run(name, rows, mode, tokens, use_engine, *, use_adapter=True, job=None):
+    def student_run(name, rows, mode, tokens, use_engine, *, use_adapter=True, job=None, gpu_times=None):
         chosen = engines.get(name, engine) if use_engine else None
         student.slot_decoder = chosen
         if chosen is not None:
             for lane in chosen.engine.lanes.values():
                 lane.index.clear()  # no prefix cached from an earlier run: every run prefills its prompts
+                lane.graphs.timings = gpu_times  # None: not timed
         reqs = job or requests(rows, mode, tokens)
         sync()
         passes = student.forward_passes
@@ -227,6 +229,9 @@ def main() -> int:
         sync()
         wall = time.perf_counter() - t
         student.slot_decoder = engine
+        if chosen is not None:
+            for lane in chosen.engine.lanes.values():
+                lane.graphs.timings = None
         generated = sum(s.num_generated for r in out for s in r)
         return out, wall, generated, student.forward_passes - passes
 
@@ -234,8 +239,16 @@ def main() -> int:
         t = time.perf_counter()
         student_run(name, rows, mode, args.tokens, use_engine)  # warm-up: graphs, compilation, cuBLAS plans
         first = time.perf_counter() - t
-        out, wall, generated, passes = student_run(name, rows, mode, args.tokens, use_engine)
+        gpu_times: list = []
+        out, wall, generated, passes = student_run(name, rows, mode, args.tokens, use_engine, gpu_times=gpu_times)
         _, wall_one, _, _ = student_run(name, rows, mode, 1, use_engine)
+        # GPU time of the decode and sampling steps (CUDA events around each graph replay): what the host adds
+        # per step is ms_per_step minus these two.
+        gpu = {}
+        for kind in ("decode", "sample"):
+            spans = [start.elapsed_time(end) for key, start, end in gpu_times if key[0] == kind]
+            if spans:
+                gpu[f"gpu_{kind}_ms"] = sum(spans) / len(spans)
         got = [s[0].token_ids for s in out]
         if mode == "greedy" and name == "loop":
             bench.greedy_ref[(rows,)] = got
@@ -243,7 +256,7 @@ def main() -> int:
         bench.record(candidate=name, mode=mode, rows=rows, tokens=generated, wall_s=wall,
                      tok_s=generated / wall, ms_per_pass=1000 * wall / max(passes, 1),
                      ms_per_step=1000 * (wall - wall_one) / max(args.tokens - 1, 1), passes=passes,
-                     first_call_s=first, **check)
+                     first_call_s=first, **gpu, **check)
 
     def guarded(label, fn):
         if bench.left() <= 0:
@@ -277,6 +290,15 @@ def main() -> int:
                 for lane in engine.engine.lanes.values():
                     lane.graphs.enabled = device == "cuda"
         guarded("slots_eager", eager)
+    if "slots_sync" in wanted and engine is not None:
+        def in_order():
+            engine.engine.config.overlap = False
+            try:
+                for mode in ("greedy", "sampled"):
+                    time_student("slots_sync", True, max_rows, mode)
+            finally:
+                engine.engine.config.overlap = device == "cuda"
+        guarded("slots_sync", in_order)
     for name in ("slots", "slots_compiled"):
         if engines.get(name) is not None:
             lanes = engines[name].engine.lanes.values()
@@ -458,7 +480,7 @@ def report(bench: Bench, args, device: str, setup_s: float, started: float) -> N
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{'candidate':<14} {'mode':<8} {'rows':>5} {'tok/s':>10} {'ms/pass':>8} {'ms/step':>8} "
-          f"{'greedy same/prefix':>19} {'first call s':>12}")
+          f"{'gpu decode/sample ms':>21} {'greedy same/prefix':>19} {'first call s':>12}")
     for r in rows:
         if "tok_s" not in r:
             note = r.get("error") or r.get("skipped") or ""
@@ -467,8 +489,10 @@ def report(bench: Bench, args, device: str, setup_s: float, started: float) -> N
             print(f"{r.get('candidate', ''):<14} {r.get('mode', ''):<8} {r.get('rows', ''):>5} {note}"[:160])
             continue
         same = f"{r['greedy_same']:.2f}/{r['greedy_prefix']:.2f}" if "greedy_same" in r else ""
+        gpu = f"{r['gpu_decode_ms']:.2f}/{r.get('gpu_sample_ms', float('nan')):.2f}" if "gpu_decode_ms" in r else ""
         print(f"{r['candidate']:<14} {r['mode']:<8} {r['rows']:>5} {r['tok_s']:>10.0f} "
-              f"{r.get('ms_per_pass', float('nan')):>8.2f} {r.get('ms_per_step', float('nan')):>8.2f} {same:>19} "
+              f"{r.get('ms_per_pass', float('nan')):>8.2f} {r.get('ms_per_step', float('nan')):>8.2f} {gpu:>21} "
+              f"{same:>19} "
               f"{r.get('first_call_s', float('nan')):>12.1f}")
     print(f"\nwrote {args.out}; total {result['total_s']:.0f}s")
 

@@ -29,6 +29,15 @@ def bucketed(student):
     config.row_buckets, config.window_step = saved
 
 
+@pytest.fixture
+def overlapped(bucketed):
+    """... and in CUDA's order: each decode step is launched before the host reads the tokens it feeds."""
+    config = bucketed.slot_decoder.engine.config
+    config.overlap = True
+    yield bucketed
+    config.overlap = False
+
+
 def lane(student, name="student"):
     return student.slot_decoder.engine.lanes[name]
 
@@ -53,10 +62,10 @@ def hf_greedy(student, prompt, max_tokens, use_adapter=True):
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 40, 17, 1, 26)]
 
 
-@pytest.mark.parametrize("shaped", ["exact", "bucketed"])
+@pytest.mark.parametrize("shaped", ["exact", "bucketed", "overlapped"])
 def test_greedy_in_one_batch_equals_transformers_generate(student, request, shaped):
-    if shaped == "bucketed":
-        request.getfixturevalue("bucketed")
+    if shaped != "exact":
+        request.getfixturevalue(shaped)
     requests = [GenerationRequest(p, max_tokens=6 + i, temperature=0) for i, p in enumerate(PROMPTS)]
     results = student.generate(requests)  # five requests, four slots: one waits for a slot
     for request, samples in zip(requests, results, strict=False):
@@ -79,7 +88,9 @@ def test_sampled_logprobs_and_top_alternatives_equal_a_direct_forward(student):
         assert [v for _, v in alternatives] == pytest.approx(top.values[k].tolist(), abs=1e-4)
 
 
-def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, bucketed):
+@pytest.mark.parametrize("shaped", ["bucketed", "overlapped"])
+def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, request, shaped):
+    request.getfixturevalue(shaped)
     alone = {tuple(p): hf_greedy(student, p, 9) for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4])}
     calls, done = [], []
 
@@ -155,6 +166,37 @@ def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_ad
     assert both[1][0].token_ids == hf_greedy(student, other, 4)
 
 
+def test_overlapped_steps_give_what_steps_in_order_give(student, bucketed):
+    """The same mix (greedy and seeded rows, log-probs, a stop string, more rows than slots, a late request) in
+    order and overlapped: the same samples, token for token."""
+
+    def run():
+        calls = []
+
+        def admit(free_rows):
+            calls.append(free_rows)
+            return (
+                [GenerationRequest(PROMPTS[4], n=2, max_tokens=7, temperature=0.9, seed=4)]
+                if len(calls) == 3
+                else []
+            )
+
+        requests = [
+            GenerationRequest(PROMPTS[1], n=3, max_tokens=9, temperature=1.0, seed=8, logprobs=2),
+            GenerationRequest(PROMPTS[2], max_tokens=5, temperature=0, stop=["e", "a"]),
+            GenerationRequest(PROMPTS[0], n=2, max_tokens=6, temperature=0.7, seed=1),
+        ]
+        results = student.generate(requests, admit=admit)
+        return [[(s.token_ids, s.finish_reason, s.token_logprobs) for s in r] for r in results]
+
+    in_order = run()
+    student.slot_decoder.engine.config.overlap = True
+    try:
+        assert run() == in_order
+    finally:
+        student.slot_decoder.engine.config.overlap = False
+
+
 def test_more_rows_than_slots_wait_and_are_all_served(student):
     prompt = list(range(60, 75))
     samples = student.generate([GenerationRequest(prompt, n=10, max_tokens=3, temperature=1.0, seed=2)])[0]
@@ -163,7 +205,10 @@ def test_more_rows_than_slots_wait_and_are_all_served(student):
     assert [s.token_ids for s in samples] == [s.token_ids for s in alone]
 
 
-def test_stop_strings_end_rows_where_the_text_first_holds_them(student):
+@pytest.mark.parametrize("shaped", ["exact", "overlapped"])
+def test_stop_strings_end_rows_where_the_text_first_holds_them(student, request, shaped):
+    if shaped != "exact":
+        request.getfixturevalue(shaped)
     requests = [
         GenerationRequest(list(range(300 + i, 320 + i)), max_tokens=24, temperature=0) for i in range(3)
     ]

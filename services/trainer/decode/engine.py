@@ -5,9 +5,10 @@
 
 Each loop iteration: take in requests that arrived (`admit`) and prefill them into free slots (lane.py); sample
 every live row's next token (sampler.py); read the tokens on the host, where rows that hit end of sequence, a
-stop string (stops.py) or max_tokens leave their slot; then one decode forward per lane over the rows that go on
-(a CUDA graph replay on CUDA, graphs.py). Rows of the student and of base decode in the same loop (two lanes,
-two forwards per step), so a batch never waits for the other model's.
+stop string (stops.py) or max_tokens leave their slot; and one decode forward per lane (a CUDA graph replay on
+CUDA, graphs.py), which on CUDA is launched before the host reads the tokens (DecodeConfig.overlap), so the
+host's bookkeeping hides behind the device's work. Rows of the student and of base decode in the same loop (two
+lanes, two forwards per step), so a batch never waits for the other model's.
 
 What it does not know: HTTP, queues, adapters. `provide_model(lane)` returns the model to decode a lane with and
 an epoch that changes whenever that model's weights change (cached prefixes are then dropped).
@@ -41,16 +42,22 @@ class DecodeConfig:
     initial_capacity: int = 256  # positions per slot to start with (doubles as prompts need)
     max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
     compile: bool = False  # torch.compile the decode step (inside its graphs); costs a compilation at start
+    # Launch each decode step before the host reads the tokens it feeds, so the host's bookkeeping of a step runs
+    # while the device computes it. The price: a row that just finished is computed once more (its result is
+    # dropped). Worth it where the device runs asynchronously (CUDA).
+    overlap: bool = False
     seed: int = 0  # for the seeds of requests without one
 
     @classmethod
     def for_device(cls, device: torch.device, **overrides) -> DecodeConfig:
-        """Buckets on CUDA (a graph per shape), exact shapes on CPU (no graphs: padding would only cost)."""
+        """On CUDA: bucketed shapes (a graph per shape) and overlapped steps. On CPU: exact shapes (no graphs, so
+        padding would only cost) and steps in order (the host waits for each step anyway)."""
         if device.type == "cuda":
             buckets = tuple(b for b in CUDA_ROW_BUCKETS if b < overrides.get("slots", cls.slots))
             overrides = {
                 "row_buckets": (*buckets, overrides.get("slots", cls.slots)),
                 "window_step": 128,
+                "overlap": True,
                 **overrides,
             }
         return cls(**overrides)
@@ -120,12 +127,17 @@ class DecodeEngine:
                 lanes = [lane for lane in run.lanes if lane.live_count]
                 for lane in lanes:
                     lane.sample()
-                for lane in lanes:
-                    self._collect(lane, run)
-                for lane in lanes:
-                    if lane.live_count:
+                if self.config.overlap:  # decode first: the host reads the tokens while the device runs
+                    for lane in lanes:
                         lane.step()
                         self.forward_passes += 1
+                for lane in lanes:
+                    self._collect(lane, run)
+                if not self.config.overlap:
+                    for lane in lanes:
+                        if lane.live_count:
+                            lane.step()
+                            self.forward_passes += 1
         finally:
             for lane in run.lanes:  # after a failure, no row of this run may keep a slot
                 for slot, row in enumerate(lane.rows):

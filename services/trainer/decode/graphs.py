@@ -26,8 +26,21 @@ class StepGraphs:
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.captures = 0  # graphs captured so far (a figure for benchmarks and tests)
+        # Benchmarks set this to a list: each run then appends (key, start, end) CUDA events of its GPU work.
+        self.timings: list[tuple[Hashable, torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def run(self, key: Hashable, step: Callable[[], None]) -> None:
+        timings = self.timings if torch.cuda.is_available() else None
+        if timings is None:
+            self._run(key, step)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self._run(key, step)
+        end.record()
+        timings.append((key, start, end))
+
+    def _run(self, key: Hashable, step: Callable[[], None]) -> None:
         if not self.enabled:
             step()
             return

@@ -106,6 +106,8 @@ class Lane:
         self.slot_ids = torch.arange(slots, device=device)
         self.key_positions = torch.arange(self.cache.capacity, device=device)
         self._mode: tuple[bool, bool, int, bool] = (False, False, 0, False)
+        self._sampled: list[torch.Tensor] = []  # the last sample()'s choices, on the host (or on their way)
+        self._sampled_ready: torch.cuda.Event | None = None
         # torch.compile fuses the step's elementwise kernels (norms, rotary, residuals: ~40 kernels per layer
         # eager); dynamic shapes, so one compilation serves every (rows, window) graph.
         self._decode_step = (
@@ -310,14 +312,28 @@ class Lane:
 
     # ----- a decode step -----
     def sample(self) -> None:
-        """Choose the next token of every live row from self.logits (device side; read() fetches it)."""
+        """Choose the next token of every live row from self.logits, and start copying the choices to the host
+        (read() waits for them). Rows that left since the last step are first packed into the lowest slots."""
+        self._compact()
         self._upload()
         rows = self._rows_bound()
-        sampled, nucleus, top_k, _ = self._mode
+        sampled, nucleus, top_k, want_logprobs = self._mode
         self.graphs.run(
             ("sample", rows, sampled, nucleus, top_k),
             lambda: self._sample(rows, sampled, nucleus, top_k),
         )
+        # Copies, not views: in the overlapped order the next step may run before the host reads these.
+        outputs = [self.tokens[:rows]]
+        if want_logprobs:
+            outputs.append(self.picked[:rows])
+        if top_k:
+            outputs += [self.top_values[:rows, :top_k], self.top_ids[:rows, :top_k]]
+        if self.device.type == "cuda":
+            self._sampled = [t.to("cpu", non_blocking=True) for t in outputs]
+            self._sampled_ready = torch.cuda.Event()
+            self._sampled_ready.record()
+        else:
+            self._sampled = [t.clone() for t in outputs]
 
     def _sample(self, rows: int, sampled: bool, nucleus: bool, top_k: int) -> None:
         tokens, picked, top_values, top_ids = choose(
@@ -337,26 +353,28 @@ class Lane:
             self.top_ids[:rows, :top_k].copy_(top_ids)
 
     def read(self) -> tuple[list[int], list[float], list[list[float]], list[list[int]]]:
-        """Per slot: the sampled token, and (empty lists when no live row asked) its log-prob and the top
-        alternatives' log-probs and ids."""
-        rows = self._rows_bound()
+        """What the last sample() chose, per slot: the token, and (empty lists when no live row asked) its
+        log-prob and the top alternatives' log-probs and ids."""
+        if self._sampled_ready is not None:
+            self._sampled_ready.synchronize()  # the copies only, not whatever was queued after them
+            self._sampled_ready = None
         _, _, top_k, want_logprobs = self._mode
-        tokens = self.tokens[:rows].tolist()
-        picked = self.picked[:rows].tolist() if want_logprobs else []
+        outputs = iter(self._sampled)
+        tokens = next(outputs).tolist()
+        picked = next(outputs).tolist() if want_logprobs else []
         if not top_k:
             return tokens, picked, [], []
-        return tokens, picked, self.top_values[:rows, :top_k].tolist(), self.top_ids[:rows, :top_k].tolist()
+        return tokens, picked, next(outputs).tolist(), next(outputs).tolist()
 
     def live_rows(self) -> list[tuple[int, Row]]:
         return [(slot, row) for slot, row in enumerate(self.rows) if row is not None]
 
     def feed(self, slot: int, token: int) -> None:
-        """The row in `slot` goes on: its sampled token is fed at the next step."""
+        """The row in `slot` goes on: its sampled token is (or was, in the overlapped order) fed by step()."""
         self.index.append(slot, token)
 
     def step(self) -> None:
         """One decode forward of every live row: its sampled token in, the next logits out."""
-        self._compact()
         self._upload()
         rows = self._rows_bound()
         window = self._window(rows)
@@ -407,11 +425,10 @@ class Lane:
         row = self.rows[source]
         if row is None:
             raise ValueError(f"slot {source} holds no row to move")
-        length = self._pos[source]  # positions holding KV; the sampled token is written at the next step
+        length = self._pos[source]  # positions holding KV
         self.cache.copy(source, [target], length)
-        self.tokens[target] = self.tokens[source]
+        self.logits[target] = self.logits[source]  # moved between steps: the row's next logits go with it
         self.index.move(source, target)
-        self.index.assign(source, self.index.tokens[source][:length])  # keeps only what it really holds
         for ints in (self._pos, self._live, self._seed):
             ints[target] = ints[source]
         for floats in (self._temperature, self._top_p):
