@@ -21,12 +21,13 @@ def student(tiny_random_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def bucketed(student):
-    """The engine shaped as on CUDA: steps cover a bucket of slots, attention windows are rounded up."""
+    """The engine shaped as on CUDA: steps cover a bucket of slots, attention windows are rounded up, prefills
+    are padded with rows that write to the scratch slot."""
     config = student.slot_decoder.engine.config
-    saved = (config.row_buckets, config.window_step)
-    config.row_buckets, config.window_step = (2, 4), 8
+    saved = (config.row_buckets, config.window_step, config.prefill_buckets)
+    config.row_buckets, config.window_step, config.prefill_buckets = (2, 4), 8, True
     yield student
-    config.row_buckets, config.window_step = saved
+    config.row_buckets, config.window_step, config.prefill_buckets = saved
 
 
 @pytest.fixture

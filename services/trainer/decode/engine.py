@@ -46,6 +46,9 @@ class DecodeConfig:
     # while the device computes it. The price: a row that just finished is computed once more (its result is
     # dropped). Worth it where the device runs asynchronously (CUDA).
     overlap: bool = False
+    # Pad prefill batches to bucketed shapes (units to a power of two, width and window rounded up), so that a
+    # shape that recurs is replayed as a graph (CUDA); off, each prefill runs at its exact shape.
+    prefill_buckets: bool = False
     seed: int = 0  # for the seeds of requests without one
 
     @classmethod
@@ -58,6 +61,7 @@ class DecodeConfig:
                 "row_buckets": (*buckets, overrides.get("slots", cls.slots)),
                 "window_step": 128,
                 "overlap": True,
+                "prefill_buckets": True,
                 **overrides,
             }
         return cls(**overrides)

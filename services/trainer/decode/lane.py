@@ -22,7 +22,7 @@ from .attention import SlotAttention
 from .graphs import StepGraphs
 from .prefixes import BLOCK, PrefixIndex, block_hashes
 from .sampler import choose
-from .slots import SlotCache
+from .slots import SlotCache, to_device
 
 MAX_TOP_LOGPROBS = 20  # the API's limit on top_logprobs / logprobs
 
@@ -99,13 +99,16 @@ class Lane:
         self.temperature, self.top_p = self._floats[0], self._floats[1]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # sampled, then fed
         vocab = self.lm_head.weight.shape[0]
-        self.logits = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
+        # One more row than slots: the scratch slot's, where prefill padding writes its logits.
+        self.logits = torch.zeros(slots + 1, vocab, dtype=torch.float32, device=device)
         self.picked = torch.zeros(slots, dtype=torch.float32, device=device)
         self.top_values = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.float32, device=device)
         self.top_ids = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.long, device=device)
         self.slot_ids = torch.arange(slots, device=device)
         self.key_positions = torch.arange(self.cache.capacity, device=device)
         self._mode: tuple[bool, bool, int, bool] = (False, False, 0, False)
+        self._prefills_seen: set[tuple] = set()  # prefill shapes run once eagerly: the next is captured
+        self._prefill_inputs: dict[tuple, list[torch.Tensor]] = {}  # per captured prefill: its input buffers
         self._sampled: list[torch.Tensor] = []  # the last sample()'s choices, on the host (or on their way)
         self._sampled_ready: torch.cuda.Event | None = None
         # torch.compile fuses the step's elementwise kernels (norms, rotary, residuals: ~40 kernels per layer
@@ -155,13 +158,16 @@ class Lane:
     def _ensure_capacity(self, needed: int) -> None:
         if self.cache.grow(needed):
             self.graphs.clear()
+            self._prefill_inputs.clear()
             self.key_positions = torch.arange(self.cache.capacity, device=self.device)
 
     def _upload(self) -> None:
         if not self._dirty:
             return
-        self._ints.copy_(torch.tensor([self._pos, self._live, self._seed], dtype=torch.long))
-        self._floats.copy_(torch.tensor([self._temperature, self._top_p], dtype=torch.float32))
+        ints = torch.tensor([self._pos, self._live, self._seed], dtype=torch.long)
+        floats = torch.tensor([self._temperature, self._top_p], dtype=torch.float32)
+        self._ints.copy_(to_device(ints, self.device))
+        self._floats.copy_(to_device(floats, self.device))
         live = [row for row in self.rows if row is not None]
         sampled = [row for row in live if row.request.temperature > 0]
         self._mode = (
@@ -200,7 +206,8 @@ class Lane:
             others = [row.slot for row in unit.rows[1:]]
             self.cache.copy(first.slot, others, len(unit.prompt))
             if others:
-                self.logits[others] = self.logits[first.slot].clone()
+                targets = to_device(torch.tensor(others), self.device)
+                self.logits.index_copy_(0, targets, self.logits[first.slot].clone().expand(len(others), -1))
             self.prefill_tokens += len(unit.prompt) - unit.reuse
             self.reused_tokens += unit.reuse + len(unit.prompt) * len(others)
             for row in unit.rows:
@@ -270,27 +277,49 @@ class Lane:
 
     def _prefill(self, units: list[_Unit]) -> None:
         """One forward over the units' prompt suffixes (right-padded), writing their KV into their slots after the
-        reused prefix, and leaving each unit's next-token logits in its slot's row of self.logits."""
+        reused prefix, and leaving each unit's next-token logits in its slot's row of self.logits.
+
+        With prefill buckets (CUDA) the batch is padded to a bucketed (units, width, window): padding units write
+        to the scratch slot and the scratch row of self.logits. A bucket seen before is run as a CUDA graph over
+        input buffers of its own; the first time it runs eagerly, so shapes that come once cost no capture."""
         suffixes = [unit.prompt[unit.reuse :] for unit in units]
         count, width = len(units), max(len(s) for s in suffixes)
-        ids = torch.full((count, width), 0, dtype=torch.long)
+        window = max(unit.reuse + len(suffix) for unit, suffix in zip(units, suffixes, strict=True))
+        if self.config.prefill_buckets:
+            count, width = 1 << (count - 1).bit_length(), _round_up(width, 32 if width <= 256 else 128)
+            window = min(_round_up(window, self.config.window_step), self.cache.capacity)
+        scratch = self.cache.scratch
+        ids = torch.zeros((count, width), dtype=torch.long)
         positions = torch.zeros((count, width), dtype=torch.long)
-        for p, (unit, suffix) in enumerate(zip(units, suffixes, strict=False)):
+        lengths = torch.ones(count, dtype=torch.long)
+        slots = torch.full((count,), scratch, dtype=torch.long)
+        for p, (unit, suffix) in enumerate(zip(units, suffixes, strict=True)):
             ids[p, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
             positions[p, : len(suffix)] = torch.arange(unit.reuse, unit.reuse + len(suffix))
-        lengths = torch.tensor([len(s) for s in suffixes])
+            lengths[p], slots[p] = len(suffix), unit.slot
         valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        slots = torch.tensor([unit.slot for unit in units], dtype=torch.long)
-        window = max(unit.reuse + len(suffix) for unit, suffix in zip(units, suffixes, strict=False))
-        ids, positions, valid, slots, lengths = (
-            t.to(self.device) for t in (ids, positions, valid, slots, lengths)
-        )
+        valid[len(units) :] = False
+        inputs = (ids, positions, valid, slots, lengths)
+        key = ("prefill", count, width, window)
+        if not self.graphs.enabled or key not in self._prefills_seen:
+            self._prefills_seen.add(key)
+            self._prefill_tensors(*(to_device(t, self.device) for t in inputs), self.key_positions[:window])
+            return
+        buffers = self._prefill_inputs.get(key)
+        if buffers is None:
+            buffers = self._prefill_inputs[key] = [torch.empty_like(t, device=self.device) for t in inputs]
+        for buffer, tensor in zip(buffers, inputs, strict=True):
+            buffer.copy_(to_device(tensor, self.device))
+        self.graphs.run(key, lambda: self._prefill_tensors(*buffers, self.key_positions[:window]))
+
+    def _prefill_tensors(self, ids, positions, valid, slots, lengths, key_positions) -> None:
+        """The prefill forward as a function of tensors only (what a graph of it captures)."""
+        count = ids.shape[0]
         write_slot = torch.where(valid, slots.unsqueeze(1), self.cache.scratch).flatten()
         write_pos = torch.where(valid, positions, 0).flatten()
-        keys = self.key_positions[:window]
-        sees = (keys <= positions.unsqueeze(2)) & valid.unsqueeze(2)
-        sees |= ~valid.unsqueeze(2) & (keys == 0)  # a padding query sees one key: no all-masked (NaN) row
-        state = SlotAttention(self.cache, write_slot, write_pos, slots, window)
+        sees = (key_positions <= positions.unsqueeze(2)) & valid.unsqueeze(2)
+        sees |= ~valid.unsqueeze(2) & (key_positions == 0)  # a padding query sees one key: no all-masked row
+        state = SlotAttention(self.cache, write_slot, write_pos, slots, key_positions.shape[0])
         hidden = self.decoder(
             input_ids=ids,
             position_ids=positions,
@@ -298,7 +327,7 @@ class Lane:
             use_cache=False,
             slot_kv=state,
         ).last_hidden_state
-        last = hidden[torch.arange(count, device=self.device), lengths - 1]
+        last = hidden[torch.arange(count, device=ids.device), lengths - 1]
         self.logits.index_copy_(0, slots, self.lm_head(last).float())
 
     def _occupy(self, row: Row, prompt_length: int) -> None:
@@ -437,3 +466,7 @@ class Lane:
         self.rows[target], self.rows[source] = row, None
         row.slot = target
         self._dirty = True
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step

@@ -67,6 +67,15 @@ class SlotCache:
         if len(targets) == 1:
             self.kv[:, :, targets[0], :, :length] = self.kv[:, :, source, :, :length]
             return
-        index = torch.tensor(targets, device=self.kv.device)
+        index = to_device(torch.tensor(targets), self.kv.device)
         rows = self.kv[:, :, source : source + 1, :, :length].expand(-1, -1, len(targets), -1, -1, -1)
         self.kv[:, :, :, :, :length].index_copy_(2, index, rows.contiguous())
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: from pageable memory, CUDA waits for all queued work
+    before a copy to the device, which would stall the overlapped decode loop; from pinned memory it does not (and
+    torch keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
