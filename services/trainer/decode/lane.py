@@ -299,21 +299,23 @@ class Lane:
             lengths[p], slots[p] = len(suffix), unit.slot
         valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
         valid[len(units) :] = False
-        inputs = (ids, positions, valid, slots, lengths)
+        inputs = [ids, positions, valid, slots, lengths]
         key = ("prefill", count, width, window)
         if not self.graphs.enabled or key not in self._prefills_seen:
             self._prefills_seen.add(key)
-            self._prefill_tensors(*(to_device(t, self.device) for t in inputs), self.key_positions[:window])
+            self._prefill_tensors([to_device(t, self.device) for t in inputs], self.key_positions[:window])
             return
         buffers = self._prefill_inputs.get(key)
         if buffers is None:
             buffers = self._prefill_inputs[key] = [torch.empty_like(t, device=self.device) for t in inputs]
         for buffer, tensor in zip(buffers, inputs, strict=True):
             buffer.copy_(to_device(tensor, self.device))
-        self.graphs.run(key, lambda: self._prefill_tensors(*buffers, self.key_positions[:window]))
+        self.graphs.run(key, lambda: self._prefill_tensors(buffers, self.key_positions[:window]))
 
-    def _prefill_tensors(self, ids, positions, valid, slots, lengths, key_positions) -> None:
-        """The prefill forward as a function of tensors only (what a graph of it captures)."""
+    def _prefill_tensors(self, inputs: list[torch.Tensor], key_positions: torch.Tensor) -> None:
+        """The prefill forward as a function of tensors only (what a graph of it captures): inputs are
+        (ids, positions, valid, slots, lengths) as _prefill builds them."""
+        ids, positions, valid, slots, lengths = inputs
         count = ids.shape[0]
         write_slot = torch.where(valid, slots.unsqueeze(1), self.cache.scratch).flatten()
         write_pos = torch.where(valid, positions, 0).flatten()
