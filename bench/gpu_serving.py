@@ -1,6 +1,6 @@
 """The trainer's decode paths side by side on one GPU, in-process (issue #20, phase 1), in one command:
 
-    python bench/gpu_serving.py --out $OUT/gpu_serving.json        # lent H200: about 5 minutes, nothing carried
+    python bench/gpu_serving.py --out $OUT/gpu_serving.json        # lent H200: 5-7 minutes, nothing carried
 
 Candidates, each at 1, 32, 128 and 256 rows, greedy and sampled (T=1.0, top_p=1.0 as the learning runs sample,
 seeded, log-probs of the sampled token), 128 new tokens per row:
@@ -141,6 +141,9 @@ class Bench:
         self.rows_out.append(row)
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
         print("ROW", json.dumps(shown), flush=True)
+        # The rows so far, in case the run is cut short (the final report rewrites the file whole).
+        Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.out).write_text(json.dumps({"partial": True, "rows": self.rows_out}, indent=1))
 
 
 def sync():
@@ -166,8 +169,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--candidates",
                         default="loop,slots,slots_compiled,slots_eager,slots_sync,search,mixed,hf_static,hf_cb")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
-    parser.add_argument("--hf-budget-s", type=float, default=90.0,
+    parser.add_argument("--budget-s", type=float, default=330.0, help="stop starting new measurements after this")
+    parser.add_argument("--hf-budget-s", type=float, default=75.0,
                         help="each transformers candidate starts no new size after this many seconds")
     parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "smollm2-135m"))
     parser.add_argument("--smoke", action="store_true", help="a tiny shape and few tokens (CPU check of the script)")
@@ -303,7 +306,8 @@ def main() -> int:
         if engines.get(name) is not None:
             lanes = engines[name].engine.lanes.values()
             bench.record(candidate=name, graphs_captured=sum(lane.graphs.captures for lane in lanes),
-                         graphs_enabled=[lane.graphs.enabled for lane in lanes])
+                         graphs_enabled=[lane.graphs.enabled for lane in lanes],
+                         graphs_failure=[lane.graphs.failure for lane in lanes if lane.graphs.failure])
 
     if "search" in wanted:
         def search():
@@ -314,9 +318,16 @@ def main() -> int:
                                      stop=["\n"], logprobs=0) for i in range(count)]
             for name, use_engine in (("loop", False), ("slots", True)):
                 student_run(name, 0, "", 0, use_engine, job=job)
+                lanes = list(engine.engine.lanes.values()) if use_engine else []
+                prefilled = [sum(lane.prefill_tokens for lane in lanes), sum(lane.reused_tokens for lane in lanes)]
                 _, wall, generated, passes = student_run(name, 0, "", 0, use_engine, job=job)
+                reuse = {}
+                if use_engine:  # prompt tokens computed vs copied from a shared prefill or a slot's prefix
+                    reuse = {"prompt_tokens_computed": sum(lane.prefill_tokens for lane in lanes) - prefilled[0],
+                             "prompt_tokens_reused": sum(lane.reused_tokens for lane in lanes) - prefilled[1]}
                 bench.record(candidate=name, mode="search", rows=8 * count, tokens=generated, wall_s=wall,
-                             tok_s=generated / wall, ms_per_pass=1000 * wall / max(passes, 1), passes=passes)
+                             tok_s=generated / wall, ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
+                             **reuse)
         guarded("search", search)
 
     if "mixed" in wanted and engine is not None:
@@ -485,8 +496,9 @@ def report(bench: Bench, args, device: str, setup_s: float, started: float) -> N
         if "tok_s" not in r:
             note = r.get("error") or r.get("skipped") or ""
             if "graphs_captured" in r:
-                note = f"graphs captured {r['graphs_captured']}, enabled per lane {r['graphs_enabled']}"
-            print(f"{r.get('candidate', ''):<14} {r.get('mode', ''):<8} {r.get('rows', ''):>5} {note}"[:160])
+                note = (f"graphs captured {r['graphs_captured']}, enabled per lane {r['graphs_enabled']} "
+                        f"{r['graphs_failure'] or ''}")
+            print(f"{r.get('candidate', ''):<14} {r.get('mode', ''):<8} {r.get('rows', ''):>5} {note}"[:400])
             continue
         same = f"{r['greedy_same']:.2f}/{r['greedy_prefix']:.2f}" if "greedy_same" in r else ""
         gpu = f"{r['gpu_decode_ms']:.2f}/{r.get('gpu_sample_ms', float('nan')):.2f}" if "gpu_decode_ms" in r else ""

@@ -26,6 +26,7 @@ class StepGraphs:
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.captures = 0  # graphs captured so far (a figure for benchmarks and tests)
+        self.failure: str | None = None  # why capture was given up, if it was
         # Benchmarks set this to a list: each run then appends (key, start, end) CUDA events of its GPU work.
         self.timings: list[tuple[Hashable, torch.cuda.Event, torch.cuda.Event]] | None = None
 
@@ -70,6 +71,7 @@ class StepGraphs:
                 step()
         except Exception as exc:
             log.warning("CUDA graph capture of %s failed, decoding eagerly from now on: %r", key, exc)
+            self.failure = f"{key}: {exc!r}"
             self.enabled = False
             self._graphs.clear()
             return None
