@@ -7,6 +7,7 @@ student, synced to the adapter version first, lane "base" the base model. Where 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .decode import DecodeConfig, DecodeEngine
@@ -16,6 +17,8 @@ from .items import GenerationRequest, Sample
 if TYPE_CHECKING:
     from .settings import TrainerSettings
     from .student import Student
+
+log = logging.getLogger(__name__)
 
 
 class SlotGeneration:
@@ -29,6 +32,10 @@ class SlotGeneration:
     def for_student(cls, student: Student, settings: TrainerSettings) -> SlotGeneration | None:
         """The engine for this student, or None where it does not apply (or TRAINER_DECODE_ENGINE=loop)."""
         if student.merged_decoder is None or settings.decode_engine != "slots":
+            return None
+        reason = DecodeEngine.unsupported(student.merged_decoder.base)
+        if reason is not None:
+            log.info("generation runs in the DecodeLoop: the slot engine does not handle %s", reason)
             return None
         config = DecodeConfig.for_device(
             student.device,

@@ -355,3 +355,25 @@ async def test_the_services_student_and_base_requests_share_one_decode_batch(tin
         assert texts[0::2] != texts[1::2]  # the student's texts are not base's: the lanes were not mixed up
     finally:
         engine.close()
+
+
+def test_models_whose_attention_the_slots_would_get_wrong_are_refused():
+    """Sliding-window layers attend to fewer positions than a slot holds: such a model keeps the DecodeLoop."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from services.trainer.decode import DecodeEngine
+
+    shape = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    windowed = Qwen2ForCausalLM(
+        Qwen2Config(**shape, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    )
+    assert "sliding" in (DecodeEngine.unsupported(windowed) or "")
+    assert DecodeEngine.unsupported(Qwen2ForCausalLM(Qwen2Config(**shape))) is None
+    assert DecodeEngine.unsupported(LlamaForCausalLM(LlamaConfig(**shape))) is None

@@ -88,11 +88,30 @@ class DecodeEngine:
         self._seeds = random.Random(config.seed)
         self.forward_passes = 0  # prefill and decode forwards, all lanes
 
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why this engine cannot decode `model` correctly (the caller then keeps another decoder), or None."""
+        config = model.config
+        layer_types = set(getattr(config, "layer_types", None) or [])
+        if layer_types - {"full_attention"}:
+            return f"attention layers of types {sorted(layer_types)} (the slots attend over every position)"
+        if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+            return "sliding-window attention"
+        if getattr(config, "attn_logit_softcapping", None):
+            return "soft-capped attention logits"
+        if not model._can_set_attn_implementation():
+            return f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+        return None
+
     def lane(self, name: str) -> Lane:
         model, epoch = self.provide_model(name)
         lane = self.lanes.get(name)
         if lane is None or lane.model is not model:
             model.set_attn_implementation(self.attn_implementation)
+            if model.config._attn_implementation != self.attn_implementation:  # never decode with plain SDPA
+                raise RuntimeError(
+                    f"{type(model).__name__} kept attention {model.config._attn_implementation}"
+                )
             lane = self.lanes[name] = Lane(
                 model, slots=self.config.slots, config=self.config, device=self.device
             )
