@@ -115,7 +115,7 @@ class ServiceRound:
         body = self.post("/v1/completions", {"model": "student", "prompt": self.prompt, "max_tokens": 32, "n": 8,
                                              "temperature": 1.0, "seed": 1, "logprobs": 0})
         seconds = time.time() - start
-        choices = [{"text": c["text"], "finish_reason": c["finish_reason"],
+        choices = [{"text": c["text"], "finish_reason": c["finish_reason"], "tokens": c["logprobs"]["tokens"],
                     "token_logprobs": c["logprobs"]["token_logprobs"]} for c in body["choices"]]
         tokens = body["usage"]["completion_tokens"]
         finite = all(v <= 0.0 for c in choices for v in c["token_logprobs"])

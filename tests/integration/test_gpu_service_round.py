@@ -60,7 +60,7 @@ def client(word_model_dir, tmp_path_factory):
 PROMPT = " ".join(f"<t{i}>" for i in range(10, 40))
 
 
-def test_the_round_passes_on_the_real_service(client):
+def test_the_round_passes_on_the_real_service(client, word_model_dir):
     from bench.gpu_service import ServiceRound
 
     report = ServiceRound(client, PROMPT).run(ready_timeout=120)
@@ -80,8 +80,15 @@ def test_the_round_passes_on_the_real_service(client):
     ]
     bad = {n: c["value"] for n, c in report["checks"].items() if not c["ok"]}
     assert not bad and report["passed"]
+    # Every sampled completion carries the sampler's log-probs into the step, except one that sampled a special
+    # token (a random model may): its text skips that token, so the text no longer has one token per log-prob.
+    from transformers import AutoTokenizer
+
+    specials = set(AutoTokenizer.from_pretrained(word_model_dir).all_special_tokens)
+    choices = report["stages"]["generate"]["choices"]
+    plain = sum(not specials & set(choice["tokens"]) for choice in choices)
     clip = next(n for n in report["checks"] if n.startswith("clip fraction"))
-    assert "(8/8 items)" in clip, "every sampled completion carries the sampler's log-probs into the step"
+    assert plain >= len(choices) // 2 and f"({plain}/{len(choices)} items)" in clip, clip
 
 
 def test_a_failing_stage_is_reported_and_the_round_goes_on(client):
