@@ -377,3 +377,27 @@ def test_models_whose_attention_the_slots_would_get_wrong_are_refused():
     assert "sliding" in (DecodeEngine.unsupported(windowed) or "")
     assert DecodeEngine.unsupported(Qwen2ForCausalLM(Qwen2Config(**shape))) is None
     assert DecodeEngine.unsupported(LlamaForCausalLM(LlamaConfig(**shape))) is None
+
+
+def test_the_cache_grows_in_slots_and_positions_as_rows_need_them(tiny_random_model_dir, tmp_path):
+    """A lane starts with one slot of 8 positions: joining rows make it double both (copying what it holds, the
+    graphs and prefill buffers dropped), and every row still gets transformers' greedy text."""
+    student = make_student(tiny_random_model_dir, tmp_path, max_batch_size=4)
+    config = student.slot_decoder.engine.config
+    config.initial_slots, config.initial_capacity = 1, 8
+    config.row_buckets, config.window_step, config.prefill_buckets = (2, 4), 8, True
+    first = GenerationRequest(PROMPTS[2], max_tokens=9, temperature=0)
+
+    calls = []
+
+    def admit(free_rows):  # once, at the first step: two rows join the first one
+        calls.append(free_rows)
+        if len(calls) > 1:
+            return []
+        return [GenerationRequest(p, max_tokens=7, temperature=0) for p in (PROMPTS[1], PROMPTS[4])]
+
+    results = student.generate([first], admit=admit)
+    cache = student.slot_decoder.engine.lanes["student"].cache
+    assert (cache.allocated, cache.capacity) == (4, 64)
+    expected = [hf_greedy(student, r, n) for r, n in ((PROMPTS[2], 9), (PROMPTS[1], 7), (PROMPTS[4], 7))]
+    assert [r[0].token_ids for r in results] == expected

@@ -40,6 +40,7 @@ class DecodeConfig:
     )
     window_step: int = 1  # the attention window is rounded up to a multiple of this
     initial_capacity: int = 256  # positions per slot to start with (doubles as prompts need)
+    initial_slots: int = 64  # slots with memory to start with (doubles as rows need, up to `slots`)
     max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
     compile: bool = False  # torch.compile the decode step (inside its graphs); costs a compilation at start
     # Launch each decode step before the host reads the tokens it feeds, so the host's bookkeeping of a step runs
@@ -56,9 +57,11 @@ class DecodeConfig:
         """On CUDA: bucketed shapes (a graph per shape) and overlapped steps. On CPU: exact shapes (no graphs, so
         padding would only cost) and steps in order (the host waits for each step anyway)."""
         if device.type == "cuda":
-            buckets = tuple(b for b in CUDA_ROW_BUCKETS if b < overrides.get("slots", cls.slots))
+            slots = overrides.get("slots", cls.slots)
+            steps = tuple(range(CUDA_ROW_BUCKETS[-1] + 128, slots, 128))  # past 256: every 128 rows
+            buckets = tuple(b for b in (*CUDA_ROW_BUCKETS, *steps) if b < slots)
             overrides = {
-                "row_buckets": (*buckets, overrides.get("slots", cls.slots)),
+                "row_buckets": (*buckets, slots),
                 "window_step": 128,
                 "overlap": True,
                 "prefill_buckets": True,

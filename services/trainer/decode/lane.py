@@ -78,6 +78,7 @@ class Lane:
             capacity=config.initial_capacity,
             dtype=model.dtype,
             device=device,
+            allocated=config.initial_slots,
         )
         self.index = PrefixIndex(slots)
         self.graphs = StepGraphs(config.cuda_graphs and device.type == "cuda")
@@ -155,8 +156,9 @@ class Lane:
         step = self.config.window_step
         return min(-(-needed // step) * step, self.cache.capacity)
 
-    def _ensure_capacity(self, needed: int) -> None:
-        if self.cache.grow(needed):
+    def _ensure_room(self, *, positions: int = 0, slots: int = 0) -> None:
+        """Positions per slot and slots allocated in the cache (growing it replaces its tensor: graphs go)."""
+        if self.cache.grow(positions=positions, slots=slots):
             self.graphs.clear()
             self._prefill_inputs.clear()
             self.key_positions = torch.arange(self.cache.capacity, device=self.device)
@@ -194,11 +196,14 @@ class Lane:
         if not units:
             return [], 0
         plan = list(units.values())
-        self._ensure_capacity(
-            max(len(unit.prompt) + row.request.max_tokens for unit in plan for row in unit.rows)
+        self._ensure_room(
+            positions=max(len(unit.prompt) + row.request.max_tokens for unit in plan for row in unit.rows)
         )
         self._find_prefixes(plan)
         self._allocate(plan, free)
+        # Every slot a step may cover, up to the bucket of the highest slot in use, has memory.
+        highest = max(row.slot for unit in plan for row in unit.rows)
+        self._ensure_room(slots=self._bucket_rows(max(highest, *self.live_slots(), 0) + 1))
         passes = self._prefill_all(plan)
         placed = []
         for unit in plan:
@@ -429,7 +434,8 @@ class Lane:
         """The decode forward as a function of tensors only (rows and window are their sizes), so a compiled
         version traces it once for all shapes."""
         rows, window = tokens.shape[0], key_positions.shape[0]
-        write_slot = torch.where(live > 0, slot_ids, self.cache.scratch)
+        scratch = self.cache.kv.shape[2] - 1  # from the shape: a compiled step stays valid as slots grow
+        write_slot = torch.where(live > 0, slot_ids, scratch)
         sees = (key_positions <= pos.unsqueeze(1)).view(rows, 1, 1, window)
         state = SlotAttention(self.cache, write_slot, pos, None, window)
         hidden = self.decoder(

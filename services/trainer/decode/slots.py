@@ -26,36 +26,58 @@ class SlotCache:
         capacity: int,
         dtype: torch.dtype,
         device: torch.device,
+        allocated: int | None = None,
     ):
-        self.slots = slots
-        self.scratch = slots  # the slot index of the scratch slot
+        self.slots = slots  # the most slots it may grow to
         # Zeros, not empty: a row that reads a never-written position (masked out, but still multiplied) must not
         # meet a NaN bit pattern, which a masked softmax does not cancel.
-        self.kv = torch.zeros(layers, 2, slots + 1, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            layers,
+            2,
+            min(allocated or slots, slots) + 1,
+            kv_heads,
+            capacity,
+            head_dim,
+            dtype=dtype,
+            device=device,
+        )
 
     @property
     def capacity(self) -> int:
         return self.kv.shape[4]
 
+    @property
+    def allocated(self) -> int:
+        """Slots that have memory now (0..allocated-1); the scratch slot is the one after them."""
+        return self.kv.shape[2] - 1
+
+    @property
+    def scratch(self) -> int:
+        return self.kv.shape[2] - 1
+
     def keys(self, layer: int) -> torch.Tensor:
-        """[slots + 1, kv_heads, capacity, head_dim], a view."""
+        """[allocated + 1, kv_heads, capacity, head_dim], a view."""
         return self.kv[layer, 0]
 
     def values(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 1]
 
-    def grow(self, needed: int) -> bool:
-        """Make room for `needed` positions per slot (doubling, contents kept); True when the tensor was replaced,
-        which invalidates anything that captured its address (the CUDA graphs)."""
-        if needed <= self.capacity:
-            return False
-        capacity = self.capacity
-        while capacity < needed:
+    def grow(self, *, positions: int = 0, slots: int = 0) -> bool:
+        """Make room for `positions` per slot and for slots 0..`slots`-1 (each doubling, at most self.slots slots;
+        contents kept). True when the tensor was replaced, which invalidates anything that captured its address
+        (the CUDA graphs). Slots grow with use, so a large TRAINER_MAX_BATCH_SIZE costs memory only once that many
+        rows decode at once."""
+        capacity, allocated = self.capacity, self.allocated
+        while capacity < positions:
             capacity *= 2
+        while allocated < min(slots, self.slots):
+            allocated = min(2 * allocated, self.slots)
+        if (capacity, allocated) == (self.capacity, self.allocated):
+            return False
         shape = list(self.kv.shape)
-        shape[4] = capacity
+        shape[2], shape[4] = allocated + 1, capacity
         grown = self.kv.new_zeros(shape)
-        grown[:, :, :, :, : self.capacity].copy_(self.kv)
+        grown[:, :, : self.allocated, :, : self.capacity].copy_(self.kv[:, :, : self.allocated])
         self.kv = grown
         return True
 
