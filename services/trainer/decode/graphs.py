@@ -54,8 +54,12 @@ class StepGraphs:
         graph.replay()
 
     def clear(self) -> None:
-        """Forget every graph (the tensors they captured were replaced)."""
+        """Forget every graph (the tensors they captured were replaced), and their memory pool with them: the
+        pool lives only as long as a graph that was captured into it, so a handle kept past the last graph names
+        a released pool, and the next capture into it failed on the H200 with the caching allocator's
+        `use_count > 0` assert (every graph of the lane was then given up)."""
         self._graphs.clear()
+        self._pool = None
 
     def _capture(self, key: Hashable, step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
         try:
@@ -73,7 +77,7 @@ class StepGraphs:
             log.warning("CUDA graph capture of %s failed, decoding eagerly from now on: %r", key, exc)
             self.failure = f"{key}: {exc!r}"
             self.enabled = False
-            self._graphs.clear()
+            self.clear()
             return None
         self._graphs[key] = graph
         self.captures += 1
