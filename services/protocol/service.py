@@ -27,6 +27,10 @@ class HealthResponse(BaseModel):
     device: str
     model: str
     adapter_version: int
+    adapter_path: str | None = Field(
+        default=None,
+        description="the PEFT directory of the current adapter version (TRAINER_ADAPTER_EXPORT_DIR; None when off)",
+    )
     step: int
     queue_depth: int = Field(description="jobs waiting for the model")
     batcher: BatcherStats

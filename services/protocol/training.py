@@ -46,6 +46,13 @@ class LossSettings(StrictModel):
     max_length: int | None = Field(
         default=None, ge=1, description="dr_grpo's constant length; None = the longest completion of the step"
     )
+    is_cap: FiniteFloat = Field(
+        default=2.0,
+        ge=1.0,
+        description="truncation C of the importance weight min(pi_old/mu, C) of tokens that carry "
+        "sampler_logprobs (TRL's vllm_importance_sampling_cap: 2.0 with per-token truncation, its first mode; "
+        "3.0 with its later per-sequence masking)",
+    )
 
 
 class PromptedItem(StrictModel):
@@ -95,7 +102,14 @@ class GrpoStepItem(PromptedItem):
     advantage: FiniteFloat
     old_logprobs: Annotated[list[FiniteFloat], FAIL_FAST] | None = Field(
         default=None,
-        description="the sampler's log-prob of each completion token; None = on-policy (ratio 1)",
+        description="PPO's old policy: the trainer's own log-prob of each completion token under the adapter "
+        "the sample is credited to (e.g. from /logprobs); None = the current adapter (ratio 1)",
+    )
+    sampler_logprobs: Annotated[list[FiniteFloat], FAIL_FAST] | None = Field(
+        default=None,
+        description="the behaviour policy: the log-prob of each completion token as the server that sampled it "
+        "reported it (e.g. vLLM's logprobs); the token's loss is weighted by min(exp(old - sampler), "
+        "loss.is_cap). None = sampled by this trainer (weight 1)",
     )
     weight: FiniteFloat = Field(default=1.0, ge=0.0, description="multiplies the item's loss")
 
@@ -119,3 +133,13 @@ class GrpoStepResponse(BaseModel):
     adapter_version: int = Field(description="the version after this step")
     step: int
     duplicate: bool = Field(description="true: the step_key matched the last step, nothing was applied")
+    is_weight_mean: float = Field(
+        default=1.0, description="mean importance weight over the tokens with sampler_logprobs (1.0: none)"
+    )
+    is_truncated_fraction: float = Field(
+        default=0.0, description="share of the tokens with sampler_logprobs whose weight was cut to is_cap"
+    )
+    adapter_path: str | None = Field(
+        default=None,
+        description="the PEFT directory of this version's adapter (TRAINER_ADAPTER_EXPORT_DIR; None when off)",
+    )

@@ -231,6 +231,7 @@ class TrainerEngine:
                 advantage=it.advantage,
                 old_logprobs=it.old_logprobs,
                 weight=it.weight,
+                sampler_logprobs=it.sampler_logprobs,
             )
             for s, it in zip(scored, req.items, strict=True)
         ]

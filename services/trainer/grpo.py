@@ -5,24 +5,29 @@ All per-token inputs are (B, T); advantages and weights are (B,).
 
 Notation for one token t of sequence i:
     logp       = log pi_theta(y_t | x, y_<t)            (current policy, with gradient)
-    old        = log pi_old(y_t | ...)                  (the sampler's log-prob; = logp.detach() when not given)
+    old        = log pi_old(y_t | ...)                  (PPO's old policy as the trainer computes it; = logp.detach()
+                                                          when not given, i.e. on-policy)
+    mu         = log mu(y_t | ...)                      (the behaviour policy: the log-prob the sampling server, e.g.
+                                                          vLLM, reported for the token it sampled; = old when not given)
     ref        = log pi_ref(y_t | ...)                  (the same model with adapters disabled, no gradient)
     ratio      = exp(logp - old)
+    rho_t      = min(exp(old - mu), C)                  (truncated importance weight, no gradient; see is_weights)
     A_i        = the caller's advantage of sequence i;  w_i = its weight
     surrogate  = min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)    (PPO clipping)
     kl_t       = exp(ref - logp) - (ref - logp) - 1                                (k3 estimator, >= 0)
-    l_t        = -(surrogate - beta * kl_t)
+    l_t        = -(rho_t * surrogate - beta * kl_t)
 
 Aggregations ("loss types"):
     grpo       L = 1/N sum_i w_i * (1/|y_i| sum_t l_t)       (per-sequence token mean, then mean; DeepSeekMath)
     dr_grpo    L = 1/N sum_i w_i * (1/L_max sum_t l_t)       (sum over tokens / a constant; Dr. GRPO, Liu 2025)
-    legacy     L = 1/N sum_i w_i * (1/|y_i| sum_t (-A_i * logp_t + beta * kl_t))
+    legacy     L = 1/N sum_i w_i * (1/|y_i| sum_t (-rho_t * A_i * logp_t + beta * kl_t))
                reward-weighted SFT: the original project's update, kept as an ablation.
 N is the number of sequences of the whole step (not of a micro-batch), so micro-batch losses add up to L.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +104,21 @@ def linear_selective_log_softmax(
     return logp.reshape(shape)
 
 
+def is_weights(proximal_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights of sampled tokens: rho_t = min(exp(old_t - mu_t), C), without gradient.
+
+    The tokens were drawn from the behaviour policy mu (another engine's kernels and precision, maybe an older
+    adapter version); the loss is an expectation under the trainer's policy. Weighting each token's term by
+    pi_old/mu corrects the mismatch (Ionides 2008's truncated IS; Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"; TRL's vllm_importance_sampling_correction). Truncating at C
+    bounds the variance a few rare tokens could add, at the price of a small bias; weights below 1 are kept.
+    old is the trainer's log-prob of the policy the step starts from (the "proximal" policy of decoupled PPO),
+    so PPO's clipped ratio pi/old is left as it is and rho only accounts for where the tokens came from.
+    Tokens whose mu equals old (no sampler log-prob given) get rho = 1.
+    """
+    return torch.clamp(torch.exp(proximal_logp.detach() - sampler_logp), max=cap)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi_theta || pi_ref) estimate on the sampled tokens: exp(d) - d - 1 with d = ref - logp."""
     delta = ref_logp - logp
@@ -111,6 +131,8 @@ class LossTerms:
     kl_sum: torch.Tensor  # sum of per-sequence mean KL (for reporting; divide by N)
     clipped_tokens: torch.Tensor  # number of tokens whose ratio was clipped in the surrogate
     tokens: torch.Tensor  # number of completion tokens
+    truncated_tokens: torch.Tensor  # number of completion tokens whose importance weight hit the cap
+    is_weight_sum: torch.Tensor  # sum of rho_t over completion tokens (1 for each on-policy token)
 
 
 def grpo_loss(
@@ -120,9 +142,11 @@ def grpo_loss(
     *,
     loss_type: str = "grpo",
     old_logp: torch.Tensor | None = None,
+    sampler_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     beta: float = 0.04,
+    is_cap: float = 2.0,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     num_sequences: int | None = None,
@@ -131,7 +155,7 @@ def grpo_loss(
     """The loss of one micro-batch; see the module docstring for the maths.
 
     num_sequences: N of the whole step (defaults to this batch's B); max_length: L_max for dr_grpo (defaults
-    to this batch's T).
+    to this batch's T). sampler_logp: mu per token (None = every token on-policy, rho = 1); is_cap: C.
     """
     mask = mask.to(logp.dtype)
     batch = logp.shape[0]
@@ -139,11 +163,18 @@ def grpo_loss(
     weights = torch.ones(batch, dtype=logp.dtype, device=logp.device) if weights is None else weights.to(logp)
     adv = advantages.to(logp).unsqueeze(1)
     old = logp.detach() if old_logp is None else old_logp.to(logp)
+    if sampler_logp is None:
+        rho = torch.ones_like(logp)
+        truncated = torch.zeros((), device=logp.device)
+    else:
+        sampler_logp = sampler_logp.to(logp)
+        rho = is_weights(old, sampler_logp, is_cap)
+        truncated = (((old.detach() - sampler_logp) > math.log(is_cap)).to(logp.dtype) * mask).sum()
     kl = k3_kl(logp, ref_logp.to(logp)) if ref_logp is not None else torch.zeros_like(logp)
     lengths = mask.sum(1).clamp(min=1.0)
 
     if loss_type == "legacy":
-        per_token = -adv * logp + beta * kl
+        per_token = -rho * adv * logp + beta * kl
         clipped = torch.zeros((), device=logp.device)
     elif loss_type in ("grpo", "dr_grpo"):
         ratio = torch.exp(logp - old)
@@ -151,7 +182,7 @@ def grpo_loss(
         unclipped = ratio * adv
         clipped_obj = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
         surrogate = torch.minimum(unclipped, clipped_obj)
-        per_token = -(surrogate - beta * kl)
+        per_token = -(rho * surrogate - beta * kl)
         clipped = ((clipped_obj < unclipped).to(logp.dtype) * mask).sum().detach()
     else:
         raise ValueError(f"loss.type: unknown loss type {loss_type!r}")
@@ -162,4 +193,11 @@ def grpo_loss(
         per_sequence = (per_token * mask).sum(1) / lengths
     loss = (weights * per_sequence).sum() / n
     kl_sum = ((kl * mask).sum(1) / lengths).sum().detach()
-    return LossTerms(loss=loss, kl_sum=kl_sum, clipped_tokens=clipped, tokens=mask.sum().detach())
+    return LossTerms(
+        loss=loss,
+        kl_sum=kl_sum,
+        clipped_tokens=clipped,
+        tokens=mask.sum().detach(),
+        truncated_tokens=truncated,
+        is_weight_sum=(rho * mask).sum().detach(),
+    )

@@ -42,6 +42,7 @@ class GrpoItem:
     advantage: float
     old_logprobs: list[float] | None = None
     weight: float = 1.0
+    sampler_logprobs: list[float] | None = None  # the behaviour policy (another server's sampling)
 
 
 @dataclass
@@ -53,3 +54,5 @@ class StepResult:
     tokens: int
     adapter_version: int
     step: int
+    is_weight_mean: float = 1.0
+    is_truncated_fraction: float = 0.0

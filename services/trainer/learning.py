@@ -26,7 +26,8 @@ def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> St
     n = len(items)
     max_length = loss.max_length or max(len(it.completion_ids) for it in items)
     order = sorted(range(n), key=lambda i: len(items[i].context_ids) + len(items[i].completion_ids))
-    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "truncated": 0.0, "is_weights": 0.0}
+    sampled_elsewhere = sum(len(it.sampler_logprobs or []) for it in items)
     optimizer.zero_grad(set_to_none=True)
     model.train()
     try:
@@ -37,18 +38,23 @@ def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> St
                 with torch.no_grad(), model.disable_adapter():
                     ref_logp, _ = completion_logprobs(student, chunk)
             logp, mask = completion_logprobs(student, chunk)
-            old = _old_logprobs(chunk, mask) if any(it.old_logprobs is not None for it in chunk) else None
+            old = _per_token(chunk, "old_logprobs", mask)
             if old is not None:  # items without old log-probs are on-policy: ratio 1
                 old = torch.where(torch.isnan(old), logp.detach(), old)
+            sampler = _per_token(chunk, "sampler_logprobs", mask)
+            if sampler is not None:  # items this trainer sampled: behaviour = old, weight 1
+                sampler = torch.where(torch.isnan(sampler), logp.detach() if old is None else old, sampler)
             terms = grpo_loss(
                 logp,
                 mask,
                 torch.tensor([it.advantage for it in chunk], device=student.device),
                 loss_type=loss.type,
                 old_logp=old,
+                sampler_logp=sampler,
                 ref_logp=ref_logp,
                 weights=torch.tensor([it.weight for it in chunk], device=student.device),
                 beta=loss.beta,
+                is_cap=loss.is_cap,
                 clip_eps=loss.clip_eps,
                 clip_eps_high=loss.clip_eps_high,
                 num_sequences=n,
@@ -59,6 +65,8 @@ def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> St
             totals["kl"] += float(terms.kl_sum)
             totals["clipped"] += float(terms.clipped_tokens)
             totals["tokens"] += float(terms.tokens)
+            totals["truncated"] += float(terms.truncated_tokens)
+            totals["is_weights"] += float(terms.is_weight_sum)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(student.trainable, loss.max_grad_norm))
         if not math.isfinite(grad_norm):
             raise NotFiniteStep("the gradient is not finite")
@@ -70,6 +78,10 @@ def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> St
         model.eval()
     student.step += 1
     student.adapter_version += 1
+    is_weight_mean, is_truncated_fraction = 1.0, 0.0
+    if sampled_elsewhere:  # tokens without sampler log-probs weigh exactly 1: the rest of the sum is theirs
+        is_weight_mean = (totals["is_weights"] - (totals["tokens"] - sampled_elsewhere)) / sampled_elsewhere
+        is_truncated_fraction = totals["truncated"] / sampled_elsewhere
     return StepResult(
         loss=totals["loss"],
         kl=totals["kl"] / n,
@@ -78,6 +90,8 @@ def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> St
         tokens=int(totals["tokens"]),
         adapter_version=student.adapter_version,
         step=student.step,
+        is_weight_mean=is_weight_mean,
+        is_truncated_fraction=is_truncated_fraction,
     )
 
 
@@ -93,20 +107,28 @@ def check_grpo_items(items: list[GrpoItem]) -> None:
             raise InvalidRequest(f"items[{i}].advantage", "must be finite")
         if not math.isfinite(it.weight):
             raise InvalidRequest(f"items[{i}].weight", "must be finite")
-        if it.old_logprobs is not None:
-            if len(it.old_logprobs) != len(it.completion_ids):
+        for name in ("old_logprobs", "sampler_logprobs"):
+            values = getattr(it, name)
+            if values is None:
+                continue
+            if len(values) != len(it.completion_ids):
                 raise InvalidRequest(
-                    f"items[{i}].old_logprobs",
-                    f"{len(it.old_logprobs)} values for {len(it.completion_ids)} completion tokens",
+                    f"items[{i}].{name}",
+                    f"{len(values)} values for {len(it.completion_ids)} completion tokens",
                 )
-            if not all(math.isfinite(x) for x in it.old_logprobs):
-                raise InvalidRequest(f"items[{i}].old_logprobs", "must be finite")
+            if not all(math.isfinite(x) for x in values):
+                raise InvalidRequest(f"items[{i}].{name}", "must be finite")
 
 
-def _old_logprobs(items: list[GrpoItem], mask: torch.Tensor) -> torch.Tensor:
-    old = torch.full(mask.shape, float("nan"), device=mask.device)
+def _per_token(items: list[GrpoItem], name: str, mask: torch.Tensor) -> torch.Tensor | None:
+    """The items' per-token values of `name` (old_logprobs | sampler_logprobs) right-aligned like the mask;
+    NaN on the real tokens of items without them, 0 on padding. None when no item has them."""
+    if all(getattr(it, name) is None for it in items):
+        return None
+    values = torch.full(mask.shape, float("nan"), device=mask.device)
     width = mask.shape[1]
     for row, it in enumerate(items):
-        if it.old_logprobs is not None and it.old_logprobs:
-            old[row, width - len(it.old_logprobs) :] = torch.tensor(it.old_logprobs, device=mask.device)
-    return torch.where(mask.bool(), old, torch.zeros_like(old))
+        given = getattr(it, name)
+        if given:
+            values[row, width - len(given) :] = torch.tensor(given, device=mask.device)
+    return torch.where(mask.bool(), values, torch.zeros_like(values))

@@ -6,7 +6,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from services.trainer.grpo import grpo_loss, k3_kl, linear_selective_log_softmax, selective_log_softmax
+from services.trainer.grpo import (
+    grpo_loss,
+    is_weights,
+    k3_kl,
+    linear_selective_log_softmax,
+    selective_log_softmax,
+)
 
 
 def test_selective_log_softmax_equals_gathered_log_softmax_in_chunks():
@@ -84,6 +90,51 @@ def test_legacy_is_reward_weighted_nll():
     assert terms.loss.item() == pytest.approx(-2.0 * (-1.0 - 3.0) / 2)
     terms.loss.backward()
     assert logp.grad.flatten().tolist() == pytest.approx([-1.0, -1.0])
+
+
+def test_is_weights_are_old_over_sampler_truncated_at_the_cap_without_gradient():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -4.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.0, -1.0, -3.0, -4.5]])
+    rho = is_weights(old, sampler, cap=2.0)
+    # exp(0) = 1; exp(-1) kept below 1; exp(2.5) = 12.2 cut to 2; exp(0.5) = 1.65 under the cap
+    assert rho.flatten().tolist() == pytest.approx([1.0, math.exp(-1.0), 2.0, math.exp(0.5)])
+    assert not rho.requires_grad
+
+
+def test_sampler_log_probs_weight_the_policy_term_but_not_the_kl():
+    # on-policy ratio 1 (no old): l_t = -(rho_t * A - beta * kl_t); two tokens, rho = [2 (cut from e^3), e^-1]
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0]])
+    sampler = torch.tensor([[-4.0, -1.0]])
+    terms = grpo_loss(
+        logp, torch.ones(1, 2), torch.tensor([1.5]), sampler_logp=sampler, ref_logp=ref, beta=0.1, is_cap=2.0
+    )
+    rho = [2.0, math.exp(-1.0)]
+    kl = [math.exp(-0.5) + 0.5 - 1.0, 0.0]
+    expected = sum(-(r * 1.5 - 0.1 * k) for r, k in zip(rho, kl, strict=True)) / 2
+    assert terms.loss.item() == pytest.approx(expected)
+    assert terms.truncated_tokens.item() == 1
+    assert terms.is_weight_sum.item() == pytest.approx(sum(rho))
+    terms.loss.backward()
+    # d/dlogp_t of -rho_t * A * exp(logp - sg(logp)) / 2 = -rho_t * A / 2 (plus the KL's own gradient)
+    dkl = [0.1 * (1.0 - math.exp(-0.5)) / 2, 0.0]
+    assert logp.grad.flatten().tolist() == pytest.approx(
+        [-r * 1.5 / 2 + d for r, d in zip(rho, dkl, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "legacy"])
+def test_sampler_log_probs_equal_to_the_old_policy_change_nothing(loss_type):
+    logp = torch.tensor([[-1.0, -2.0, -0.3], [-0.7, -0.2, -2.2]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    adv = torch.tensor([1.0, -0.5])
+    plain = grpo_loss(logp, mask, adv, loss_type=loss_type, beta=0.0)
+    (plain_grad,) = torch.autograd.grad(plain.loss, logp)
+    same = grpo_loss(logp, mask, adv, loss_type=loss_type, beta=0.0, sampler_logp=logp.detach(), is_cap=1.0)
+    (same_grad,) = torch.autograd.grad(same.loss, logp)
+    assert same.loss.item() == pytest.approx(plain.loss.item())
+    assert torch.equal(same_grad, plain_grad)
+    assert same.truncated_tokens.item() == 0 and same.is_weight_sum.item() == pytest.approx(5.0)
 
 
 def test_unknown_loss_type_names_the_field():
