@@ -36,6 +36,7 @@ from services.protocol import (
 )
 
 from . import checkpoints as ckpt
+from .adapter_export import AdapterExporter
 from .batching import Batch, Batcher
 from .errors import InvalidRequest, TrainerError
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem
@@ -57,6 +58,13 @@ class TrainerEngine:
         self.tokenizer = copy.deepcopy(student.tokenizer)
         self.shaper = ResponseShaper(self.tokenizer)
         self.checkpoint_dir = Path(settings.checkpoint_dir)
+        self.exporter = (
+            AdapterExporter(settings.adapter_export_dir, settings.adapter_export_keep)
+            if settings.adapter_export_dir is not None
+            else None
+        )
+        self.adapter_path: str | None = None  # the exported directory of the current version
+        self.export_adapter()  # version 0, the fresh adapter
         self.batcher = Batcher(
             self._run_batch,
             max_batch_rows=settings.max_batch_size,
@@ -66,6 +74,20 @@ class TrainerEngine:
 
     def close(self) -> None:
         self.batcher.close()
+
+    def export_adapter(self) -> str | None:
+        """Write the current adapter version for the student server (None when export is off). Called where
+        nothing else runs on the model: at start, and inside the exclusive step or checkpoint load."""
+        if self.exporter is None:
+            return None
+        s = self.student
+        self.adapter_path = (
+            None  # until this version is written: /health never names another version's adapter
+        )
+        self.adapter_path = str(
+            self.exporter.export(s.adapter_version, s.adapter_state(), s.adapter_config())
+        )
+        return self.adapter_path
 
     # ----- the worker side: one merged batch at a time -----
     def _run_batch(self, kind: tuple[str, bool], batch: Batch) -> list[Any]:
@@ -244,9 +266,15 @@ class TrainerEngine:
                 and req.step_key == student.last_step_key
                 and student.last_step_result
             ):
-                return GrpoStepResponse.model_validate({**student.last_step_result, "duplicate": True})
+                answer = {**student.last_step_result, "duplicate": True}
+                if answer.get("adapter_version") == student.adapter_version and self.exporter is not None:
+                    answer["adapter_path"] = self.export_adapter()  # also when the first export failed
+                return GrpoStepResponse.model_validate(answer)
             result = GrpoStepResponse(**asdict(student.grpo_step(items, req.loss)), duplicate=False)
+            # Remembered before the export: a retry after an export that failed is not applied twice.
             student.last_step_key, student.last_step_result = req.step_key, result.model_dump()
+            result.adapter_path = self.export_adapter()
+            student.last_step_result = result.model_dump()
             return result
 
         return await self.batcher.exclusive(apply)
@@ -298,6 +326,7 @@ class TrainerEngine:
                 raise ckpt.CheckpointCorrupt(f"checkpoint {name}: does not fit this model: {exc}") from exc
             s.step, s.adapter_version = int(meta.get("step", 0)), int(meta.get("adapter_version", 0))
             s.last_step_key, s.last_step_result = meta.get("step_key"), meta.get("last_result")
+            self.export_adapter()  # the version the load set, under the path of these weights
             return self._checkpoint_info(name, self.checkpoint_dir / name)
 
         return await self.batcher.exclusive(apply)
@@ -313,6 +342,7 @@ class TrainerEngine:
             device=str(s.device),
             model=s.name,
             adapter_version=s.adapter_version,
+            adapter_path=self.adapter_path,
             step=s.step,
             queue_depth=self.batcher.depth,
             batcher=BatcherStats(**asdict(self.batcher.counters), forward_passes=s.forward_passes),

@@ -65,6 +65,11 @@ class TrainerSettings(BaseSettings):
         False  # ... and torch.compiles the step inside them (fewer kernels; a compile at start)
     )
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
+    # The adapter of every version as a PEFT directory, for a student server that loads LoRA adapters at runtime
+    # (vLLM; adapter_export.py). None = off. The newest `adapter_export_keep` versions stay: a server may still be
+    # reading an older one, so keep more than the versions a sample may lag behind.
+    adapter_export_dir: Path | None = None
+    adapter_export_keep: int = Field(default=4, ge=1)
     torch_threads: int | None = None  # None = all cores
     seed: int = 0
     # Bearer token required on every route but /health; the shared API_TOKEN works as well as TRAINER_API_TOKEN.

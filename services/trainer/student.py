@@ -156,6 +156,10 @@ class Student:
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
 
+    def adapter_config(self) -> Any:
+        """The peft LoraConfig of the adapter (rank, alpha, target modules), as adapter_config.json holds it."""
+        return self.model.peft_config[self.model.active_adapter]
+
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the adapter weights; raises ValueError (changing nothing) when names or shapes differ."""
         from peft import set_peft_model_state_dict
