@@ -179,7 +179,16 @@ class Settings(BaseSettings):
 
     # --- endpoints -------------------------------------------------------------------------------------
     trainer_url: str = "http://127.0.0.1:8001"
+    # The student's model name at the trainer; on a student server (STUDENT_URL) the prefix of its adapter
+    # versions' names, "<student_model>-v<N>".
     student_model: str = "student"
+    # A student server that loads LoRA adapters at runtime (vLLM with --enable-lora and
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), with the OpenAI base URL (ending in /v1); None = the trainer serves the
+    # student. The trainer must write its adapters where that server reads them (TRAINER_ADAPTER_EXPORT_DIR).
+    student_url: str | None = None
+    student_api_key_env: str | None = None  # the environment variable holding the student server's key
+    # TRAINER_ADAPTER_EXPORT_DIR as the student server sees it; None = the trainer's paths are valid there.
+    student_adapter_dir: str | None = None
     teacher_tier: TeacherTier = "embedded"
     teachers: list[EndpointSpec] | None = None  # used when teacher_tier == "custom"
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
@@ -285,6 +294,19 @@ class Settings(BaseSettings):
             base_url=url,
             model=self.checker_model,
             api_key_env=self.checker_api_key_env,
+            max_concurrency=self.endpoint_max_concurrency,
+            timeout_s=self.request_timeout_s,
+        )
+
+    def student_server(self) -> EndpointSpec | None:
+        """The student server with runtime LoRA loading (STUDENT_URL), or None when the trainer serves."""
+        if not self.student_url:
+            return None
+        return EndpointSpec(
+            name="student-server",
+            base_url=self.student_url,
+            model=self.student_model,
+            api_key_env=self.student_api_key_env,
             max_concurrency=self.endpoint_max_concurrency,
             timeout_s=self.request_timeout_s,
         )

@@ -16,6 +16,13 @@
 #   VLLM_TENSOR_PARALLEL_SIZE   GPUs one model is split over (default 1)
 #   VLLM_DTYPE                  auto|bfloat16|float16|float32 (default auto)
 #   VLLM_ENFORCE_EAGER          true|false (default false; true skips CUDA-graph capture)
+#   VLLM_ENABLE_LORA            true|false (default false): serve LoRA adapters; with
+#                               VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (read by vLLM itself) they are loaded at runtime
+#                               through /v1/load_lora_adapter (the student service; docs/vllm-student.md)
+#   VLLM_MAX_LORA_RANK          the largest adapter rank (e.g. the trainer's TRAINER_LORA_R), rounded up to the next
+#                               rank vLLM accepts (1 8 16 32 64 128 256 320 512); default vLLM's 16
+#   VLLM_MAX_LORAS              adapters in one batch (default vLLM's 1)
+#   VLLM_MAX_CPU_LORAS          adapters kept in host memory (default: VLLM_MAX_LORAS)
 #   VLLM_API_KEY                read by vLLM itself: when set, requests need "Authorization: Bearer <key>"
 #   VLLM_EXTRA_ARGS             any further flags, split on spaces
 #   VLLM_PYTHON                 the interpreter with vllm installed (default python3)
@@ -45,6 +52,29 @@ case "${VLLM_ENFORCE_EAGER:-false}" in
     true | 1 | yes) set -- "$@" --enforce-eager ;;
     false | 0 | no | "") ;;
     *) echo "serve.sh: VLLM_ENFORCE_EAGER must be true or false, not '$VLLM_ENFORCE_EAGER'" >&2; exit 2 ;;
+esac
+case "${VLLM_ENABLE_LORA:-false}" in
+    true | 1 | yes)
+        set -- "$@" --enable-lora
+        if [ -n "${VLLM_MAX_LORA_RANK:-}" ]; then
+            rank=""
+            for allowed in 1 8 16 32 64 128 256 320 512; do
+                if [ "$VLLM_MAX_LORA_RANK" -ge 1 ] 2>/dev/null && [ "$VLLM_MAX_LORA_RANK" -le "$allowed" ]; then
+                    rank=$allowed
+                    break
+                fi
+            done
+            if [ -z "$rank" ]; then
+                echo "serve.sh: VLLM_MAX_LORA_RANK must be a whole number from 1 to 512, not '$VLLM_MAX_LORA_RANK'" >&2
+                exit 2
+            fi
+            set -- "$@" --max-lora-rank "$rank"
+        fi
+        if [ -n "${VLLM_MAX_LORAS:-}" ]; then set -- "$@" --max-loras "$VLLM_MAX_LORAS"; fi
+        if [ -n "${VLLM_MAX_CPU_LORAS:-}" ]; then set -- "$@" --max-cpu-loras "$VLLM_MAX_CPU_LORAS"; fi
+        ;;
+    false | 0 | no | "") ;;
+    *) echo "serve.sh: VLLM_ENABLE_LORA must be true or false, not '$VLLM_ENABLE_LORA'" >&2; exit 2 ;;
 esac
 # shellcheck disable=SC2086  # word splitting of the extra flags is the point
 if [ -n "${VLLM_EXTRA_ARGS:-}" ]; then set -- "$@" $VLLM_EXTRA_ARGS; fi

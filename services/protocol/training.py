@@ -63,6 +63,12 @@ class PromptedItem(StrictModel):
     messages: Annotated[list[ChatMessage], FAIL_FAST] | None = None
     context: str = ""
     completion: str
+    completion_ids: Annotated[list[Annotated[int, Field(ge=0)]], FAIL_FAST] | None = Field(
+        default=None,
+        min_length=1,
+        description="the completion's token ids as the sampler produced them; scored instead of the tokenised "
+        "`completion` (text sampled by another server does not always tokenise back to the same tokens)",
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PromptedItem:

@@ -218,7 +218,11 @@ class TrainerEngine:
         for i, item in enumerate(items):
             prompt = self.render(item.messages) if item.messages is not None else (item.prompt or "")
             context_ids = self.encode(prompt + item.context)
-            completion_ids = self.encode(item.completion)
+            completion_ids = item.completion_ids or self.encode(item.completion)
+            if item.completion_ids and max(item.completion_ids) >= self.student.vocab_size:
+                raise InvalidRequest(
+                    f"{field}[{i}].completion_ids", f"token ids must be below {self.student.vocab_size}"
+                )
             if not context_ids:
                 raise InvalidRequest(f"{field}[{i}].prompt", "the prompt has no tokens")
             if len(context_ids) + len(completion_ids) > self.student.max_context:

@@ -66,6 +66,7 @@ class Student:
         causal_lm = model.get_base_model()
         self.decoder = causal_lm.model  # the transformer stack: hidden states without the lm_head
         self.lm_head = causal_lm.get_output_embeddings()
+        self.vocab_size: int = self.lm_head.weight.shape[0]  # token ids a request may name
         # The output projection fused into the log-softmax needs a frozen, bias-free lm_head (Llama, Qwen, SmolLM2).
         self.fused_head = (
             getattr(self.lm_head, "bias", None) is None and not self.lm_head.weight.requires_grad

@@ -137,6 +137,25 @@ def test_logprobs_match_a_direct_forward_pass(client, reference):
         direct_logprobs(reference, "2 + 2 =", " 4"), abs=1e-4
     )
 
+    # Token ids as a sampler produced them, here split where the tokenizer would not split the text: those ids
+    # are scored (a direct forward pass over the same ids), not the text's own tokenisation.
+    _, tokenizer = reference
+    ids = (
+        tokenizer(" Par", add_special_tokens=False).input_ids
+        + tokenizer("is", add_special_tokens=False).input_ids
+    )
+    assert ids != tokenizer(" Paris", add_special_tokens=False).input_ids
+    by_ids = post(
+        client, "/logprobs", {"items": [{"prompt": prompt, "completion": " Paris", "completion_ids": ids}]}
+    )["results"][0]
+    model, _ = reference
+    context = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context + ids])).logits[0].float(), dim=-1)
+    assert by_ids["token_logprobs"] == pytest.approx(
+        [logp[len(context) - 1 + i, t].item() for i, t in enumerate(ids)], abs=1e-4
+    )
+
 
 def test_concurrent_requests_share_forward_batches(trainer_service):
     async def run() -> list[dict]:
@@ -179,6 +198,18 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
             "items[0].old_logprobs",
         ),
         ("/grpo/step", {"items": []}, 422, "items"),
+        (
+            "/logprobs",
+            {"items": [{"prompt": "a", "completion": "b", "completion_ids": [-1]}]},
+            422,
+            "completion_ids",
+        ),
+        (
+            "/logprobs",
+            {"items": [{"prompt": "a", "completion": "b", "completion_ids": [10**9]}]},
+            400,
+            "items[0].completion_ids",
+        ),
     ],
 )
 def test_bad_input_names_the_field(client, path, body, status, field):
