@@ -121,7 +121,7 @@ class StudentAdapters:
             server.base_url,
             name_prefix=settings.student_model,
             api_key=api_key(server),
-            adapter_dir=settings.student_adapter_dir,
+            adapter_dir=settings.student_adapter_dir or None,
             timeout_s=server.timeout_s,
             **kwargs,
         )

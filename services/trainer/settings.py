@@ -6,8 +6,9 @@ Example: TRAINER_MODEL_SOURCE=/path/to/model.gguf TRAINER_PORT=8011 python -m se
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,3 +77,8 @@ class TrainerSettings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("TRAINER_API_TOKEN", "API_TOKEN", "api_token")
     )
+
+    @field_validator("adapter_export_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        return None if value == "" else value  # compose passes an unset variable as ""

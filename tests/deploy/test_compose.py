@@ -14,6 +14,7 @@ from support.compose import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
     ROOT,
+    STUDENT_SERVICE,
     TEACHER_SERVICES,
     VLLM_SERVICES,
     compose_config,
@@ -40,10 +41,11 @@ def configs(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_every_profile_is_valid_and_teachers_start_only_in_local(configs):
-    assert declared_profiles() == {"local"}
+    assert declared_profiles() == {"local", "student"}
     assert set(configs[""]["services"]) == {"trainer", "orchestrator", "checker"}
     assert set(configs["local"]["services"]) == {"trainer", "orchestrator", "checker"} | TEACHER_SERVICES
-    assert set(configs["*"]["services"]) == set(configs["local"]["services"])
+    assert set(configs["student"]["services"]) == {"trainer", "orchestrator", "checker", STUDENT_SERVICE}
+    assert set(configs["*"]["services"]) == set(configs["local"]["services"]) | {STUDENT_SERVICE}
 
 
 def test_env_example_works_for_every_tier(tmp_path):
@@ -81,7 +83,7 @@ def test_every_reached_service_has_a_healthcheck_and_gates_the_orchestrator(conf
         assert orchestrator["depends_on"][host]["condition"] == "service_healthy", host
     assert orchestrator["healthcheck"]["test"]
     # Without the local profile the teachers are optional dependencies, so the remote tiers still start.
-    for name in TEACHER_SERVICES:
+    for name in TEACHER_SERVICES | {STUDENT_SERVICE}:
         assert orchestrator["depends_on"][name]["required"] is False
     assert {"trainer", "checker"} <= set(configs[""]["services"]["orchestrator"]["depends_on"])
 
@@ -119,10 +121,18 @@ def test_gpu_reservations_and_pinned_vllm_image(configs):
 
 
 def test_gpu_memory_budget_fits_one_gpu(configs):
-    services = configs["local"]["services"]
-    total = sum(float(services[n]["environment"]["VLLM_GPU_MEMORY_UTILIZATION"]) for n in VLLM_SERVICES)
+    def vllm_share(profile: str) -> float:
+        services = configs[profile]["services"]
+        return sum(
+            float(services[n]["environment"]["VLLM_GPU_MEMORY_UTILIZATION"])
+            for n in VLLM_SERVICES & set(services)
+        )
+
     # vLLM fractions are of the whole GPU; the rest (>= 25 %) is the trainer's.
-    assert total <= 0.75, total
+    assert vllm_share("local") <= 0.75, vllm_share("local")
+    # With the student server the trainer no longer samples, only scores and trains (4-bit 3B with activation
+    # checkpointing: 7.1 GiB at 8 x 512, bench/RESULTS.md): 20 % of an 80 GB GPU is its.
+    assert vllm_share("*") <= 0.80, vllm_share("*")
 
 
 def test_named_volumes(configs):
@@ -131,11 +141,19 @@ def test_named_volumes(configs):
     def volumes(name: str) -> dict[str, str]:
         return {v["target"]: v["source"] for v in services[name]["volumes"] if v["type"] == "volume"}
 
-    assert set(configs["*"]["volumes"]) == {"vllm-cache", "trainer-cache", "checkpoints", "jobs"}
-    for name in VLLM_SERVICES:
+    assert set(configs["*"]["volumes"]) == {"vllm-cache", "trainer-cache", "checkpoints", "jobs", "adapters"}
+    for name in VLLM_SERVICES - {STUDENT_SERVICE}:
         assert volumes(name) == {"/root/.cache/huggingface": "vllm-cache"}, name
     trainer = volumes("trainer")
     assert trainer["/data/checkpoints"] == "checkpoints" and trainer["/cache"] == "trainer-cache"
+    # The student server reads, at the very path the trainer writes, the adapters the trainer writes.
+    assert volumes(STUDENT_SERVICE) == {
+        "/root/.cache/huggingface": "vllm-cache",
+        "/data/adapters": "adapters",
+    }
+    assert trainer["/data/adapters"] == "adapters"
+    (mount,) = [v for v in services[STUDENT_SERVICE]["volumes"] if v.get("source") == "adapters"]
+    assert mount["read_only"] is True
     assert services["trainer"]["environment"]["TRAINER_CHECKPOINT_DIR"] == "/data/checkpoints"
     assert volumes("orchestrator") == {"/data/runs": "jobs"}
     assert services["orchestrator"]["environment"]["DATA_DIR"] == "/data/runs"
@@ -248,3 +266,46 @@ def test_request_limits_are_wired_with_the_settings_defaults(tmp_path):
     for name in ("MAX_REQUEST_BYTES", "MAX_GENERATION_TOKENS", "MAX_REQUESTS_IN_FLIGHT", "MAX_BATCH_SIZE"):
         assert int(trainer[f"TRAINER_{name}"]) == trainer_defaults[name.lower()].default, name
     assert orchestrator["API_TOKEN"] == trainer["API_TOKEN"] == TOKEN["API_TOKEN"]
+
+
+def test_student_profile_wires_the_trainer_the_student_server_and_the_orchestrator(tmp_path):
+    """With the documented switch (profile student + STUDENT_URL), the trainer writes its adapters where the student
+    server reads them, the server takes the trainer's base model unquantised, its rank and its context, and the
+    orchestrator points at it; without STUDENT_URL nothing is exported and the orchestrator has no student server."""
+    from orchestrator.settings import Settings
+    from services.trainer.settings import TrainerSettings
+
+    switch = {"COMPOSE_PROFILES": "local,student", "STUDENT_URL": "http://student:8000/v1", **TOKEN}
+    services = compose_config(env_file=ENV_EXAMPLE, env=switch, tmp_path=tmp_path)["services"]
+    trainer, orchestrator = services["trainer"]["environment"], services["orchestrator"]["environment"]
+    student = services[STUDENT_SERVICE]["environment"]
+    assert trainer["TRAINER_ADAPTER_EXPORT_DIR"] == "/data/adapters"
+    assert (
+        int(trainer["TRAINER_ADAPTER_EXPORT_KEEP"])
+        == TrainerSettings.model_fields["adapter_export_keep"].default
+    )
+    assert student["VLLM_MAX_LORA_RANK"] == trainer["TRAINER_LORA_R"]
+    assert student["VLLM_MAX_MODEL_LEN"] == trainer["TRAINER_MAX_CONTEXT"]
+    assert student["VLLM_MODEL"] == trainer["TRAINER_MODEL_SOURCE"].removesuffix("-bnb-4bit")
+    assert (student["VLLM_ENABLE_LORA"], student["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]) == ("true", "True")
+    assert int(student["VLLM_MAX_CPU_LORAS"]) >= int(student["VLLM_MAX_LORAS"])
+
+    server = Settings(student_url=orchestrator["STUDENT_URL"]).student_server()
+    assert server is not None
+    url = urlsplit(server.base_url)
+    assert (url.hostname, url.port, url.path) == (STUDENT_SERVICE, int(student["VLLM_PORT"]), "/v1")
+    assert services["orchestrator"]["depends_on"][STUDENT_SERVICE]["condition"] == "service_healthy"
+    assert "/health" in " ".join(services[STUDENT_SERVICE]["healthcheck"]["test"])
+    # Adapters are asked for as <STUDENT_MODEL>-v<N>: no served name of the base may look like one.
+    prefix = Settings.model_fields["student_model"].default + "-v"
+    assert not any(name.startswith(prefix) for name in student["VLLM_SERVED_MODEL_NAME"].split())
+
+    off = compose_config(env_file=ENV_EXAMPLE, env=TOKEN, tmp_path=tmp_path)["services"]
+    assert STUDENT_SERVICE not in off
+    assert (
+        TrainerSettings(
+            adapter_export_dir=off["trainer"]["environment"]["TRAINER_ADAPTER_EXPORT_DIR"]
+        ).adapter_export_dir
+        is None
+    )
+    assert Settings(student_url=off["orchestrator"]["environment"]["STUDENT_URL"]).student_server() is None

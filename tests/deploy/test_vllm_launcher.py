@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from support.compose import ENV_EXAMPLE, VLLM_SERVICES, compose_config
+from support.compose import ENV_EXAMPLE, STUDENT_SERVICE, VLLM_SERVICES, compose_config
 from support.vllm_server import LAUNCHER
 
 pytestmark = pytest.mark.vllm
@@ -20,7 +20,8 @@ import json, sys
 from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 fields = ("model", "served_model_name", "host", "port", "max_model_len", "gpu_memory_utilization", "quantization",
-          "enable_prefix_caching", "tensor_parallel_size", "dtype", "max_num_seqs")
+          "enable_prefix_caching", "tensor_parallel_size", "dtype", "max_num_seqs", "enable_lora", "max_lora_rank",
+          "max_loras", "max_cpu_loras")
 out = {}
 for name, argv in json.load(sys.stdin).items():
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
@@ -87,13 +88,36 @@ def test_compose_vllm_services_parse_with_vllm(parsed, resolved):
             args["served_model_name"]
         )
         assert (args["host"], args["port"]) == ("0.0.0.0", 8000)
-        assert args["max_model_len"] == 4096
+        assert args["max_model_len"] == int(env["VLLM_MAX_MODEL_LEN"])
+        assert bool(args["enable_lora"]) is (name == STUDENT_SERVICE)
         assert args["gpu_memory_utilization"] == float(env["VLLM_GPU_MEMORY_UTILIZATION"])
     assert parsed["teacher-llama"]["quantization"] == "fp8" and parsed["checker"]["quantization"] is None
     assert parsed["teacher-qwen"]["enable_prefix_caching"] is False
     assert parsed["teacher-llama"]["enable_prefix_caching"] is True
     assert parsed["teacher-gemma"]["tensor_parallel_size"] == 2
     assert resolved["teacher-gemma"]["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    # The student server: LoRA on, its rank the trainer's TRAINER_LORA_R (32 in .env.example), two adapters per
+    # batch, eight in host memory.
+    student = parsed[STUDENT_SERVICE]
+    assert (student["max_lora_rank"], student["max_loras"], student["max_cpu_loras"]) == (32, 2, 8)
+    assert student["served_model_name"][0] == "student-base"
+
+
+def test_lora_rank_is_rounded_up_to_one_vllm_accepts():
+    def rank(value: str) -> str:
+        args = launcher_args({"VLLM_MODEL": "m", "VLLM_ENABLE_LORA": "true", "VLLM_MAX_LORA_RANK": value})
+        return args[args.index("--max-lora-rank") + 1]
+
+    assert [rank(r) for r in ("1", "4", "16", "24", "33", "320", "512")] == [
+        "1",
+        "8",
+        "16",
+        "32",
+        "64",
+        "320",
+        "512",
+    ]
+    assert "--enable-lora" not in launcher_args({"VLLM_MODEL": "m", "VLLM_MAX_LORA_RANK": "16"})
 
 
 def test_extra_args_reach_vllm(parsed):
@@ -120,3 +144,21 @@ def test_bad_values_stop_the_launcher():
         text=True,
     )
     assert missing.returncode != 0 and "VLLM_MODEL" in missing.stderr
+    for name, value in (
+        ("VLLM_ENABLE_LORA", "maybe"),
+        ("VLLM_MAX_LORA_RANK", "513"),
+        ("VLLM_MAX_LORA_RANK", "0"),
+    ):
+        refused = subprocess.run(
+            ["sh", str(LAUNCHER)],
+            env={
+                "PATH": os.environ["PATH"],
+                "VLLM_MODEL": "m",
+                "VLLM_ENABLE_LORA": "true",
+                name: value,
+                "VLLM_DRY_RUN": "true",
+            },
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode == 2 and name in refused.stderr, (name, value)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 TEACHER_SERVICES = {"teacher-qwen", "teacher-llama", "teacher-mistral", "teacher-gemma"}
-VLLM_SERVICES = TEACHER_SERVICES | {"checker"}
+STUDENT_SERVICE = "student"  # the student's vLLM sampler, profile "student"
+VLLM_SERVICES = TEACHER_SERVICES | {"checker", STUDENT_SERVICE}
 
 
 def compose_binary() -> str:
