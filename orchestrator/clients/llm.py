@@ -74,6 +74,9 @@ class Choice:
     finish_reason: str | None
     token_logprobs: list[float] | None = None
     eos: bool = False  # the model ended the sequence itself (vLLM's stop_reason null), not a stop string
+    # The sampled token ids (vLLM with `return_token_ids: true`), an end-of-sequence token included: what the
+    # trainer must score for token_logprobs to line up (sampled text does not always tokenise back to them).
+    token_ids: list[int] | None = None
 
     @property
     def mean_logprob(self) -> float | None:
@@ -154,7 +157,13 @@ def parse_completion(data: Received, endpoint: str, want_logprobs: bool) -> Comp
         # vLLM says stop_reason null when the model ended the sequence itself; a server without the field says nothing
         eos = c.finish_reason == "stop" and "stop_reason" in c.model_fields_set and c.stop_reason is None
         choices.append(
-            Choice(text=text or "", finish_reason=c.finish_reason, token_logprobs=token_logprobs, eos=eos)
+            Choice(
+                text=text or "",
+                finish_reason=c.finish_reason,
+                token_logprobs=token_logprobs,
+                eos=eos,
+                token_ids=c.token_ids,
+            )
         )
     return Completion(
         choices=choices, usage=data.usage or {}, endpoint=endpoint, adapter_version=data.adapter_version

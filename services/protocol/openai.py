@@ -214,6 +214,10 @@ class _ReceivedChoice(LenientModel):
     stop_reason: str | int | None = Field(
         default=None, description="vLLM: the stop string (or token id) that ended it; null = end of sequence"
     )
+    token_ids: list[int] | None = Field(
+        default=None,
+        description="vLLM with return_token_ids: the sampled token ids, end of sequence included",
+    )
 
 
 class ReceivedCompletionChoice(_ReceivedChoice):

@@ -124,35 +124,37 @@ async def test_versions_load_serve_follow_the_adapter_and_unload(trainer, vllm, 
         assert (await greedy(pool, vllm, "student-v1"))[0] == v1_text
 
 
-async def test_sampled_log_probs_are_close_to_the_trainers(trainer, vllm):
-    """vLLM (bf16) reports the behaviour policy's log-prob of each token it sampled; the trainer (fp32) scores the
-    same token ids (`completion_ids`: sampled text does not always tokenise back to the same tokens). They agree
-    closely, not exactly, which is what truncated importance sampling corrects; the trainer's base model is
-    further off, so the server did sample from the trainer's adapter."""
+async def test_sampled_log_probs_are_close_to_the_trainers(trainer, vllm, pool):
+    """vLLM (bf16) reports the behaviour policy's log-prob of each token it sampled, and the ids (the pool parses
+    `token_ids`); the trainer (fp32) scores those very ids (`completion_ids`: sampled text does not always tokenise
+    back to the same tokens). They agree closely, not exactly, which is what truncated importance sampling
+    corrects; the trainer's base model is further off, so the server did sample from the trainer's adapter."""
     health = httpx.get(trainer.url + "/health").json()
     async with StudentAdapters(vllm.base_url) as adapters:
         adapter = await adapters.publish(health["adapter_version"], health["adapter_path"])
-    body = {
-        "model": adapter.name,
-        "prompt": PROMPT,
-        "max_tokens": 24,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "n": 4,
-        "seed": 5,
-        "logprobs": 1,
-        "return_token_ids": True,
-    }
-    choices = httpx.post(vllm.base_url + "/completions", json=body, timeout=300).json()["choices"]
-    items = [{"prompt": PROMPT, "completion": c["text"], "completion_ids": c["token_ids"]} for c in choices]
+    spec = EndpointSpec(name="student-server", base_url=vllm.base_url, model=adapter.name, timeout_s=300)
+    sampled = await pool.complete(
+        spec,
+        PROMPT,
+        max_tokens=24,
+        temperature=1.0,
+        top_p=1.0,
+        n=4,
+        seed=5,
+        logprobs=1,
+        return_token_ids=True,
+    )
+    for choice in sampled.choices:
+        assert choice.token_ids and len(choice.token_ids) == len(choice.token_logprobs or [])
+    items = [{"prompt": PROMPT, "completion": c.text, "completion_ids": c.token_ids} for c in sampled.choices]
     gaps = {}
     for model in ("student", "base"):
         scored = httpx.post(trainer.url + "/logprobs", json={"model": model, "items": items}, timeout=300)
         assert scored.status_code == 200, scored.text
         diffs = [
             abs(a - b)
-            for c, score in zip(choices, scored.json()["results"], strict=True)
-            for a, b in zip(c["logprobs"]["token_logprobs"], score["token_logprobs"], strict=True)
+            for c, score in zip(sampled.choices, scored.json()["results"], strict=True)
+            for a, b in zip(c.token_logprobs or [], score["token_logprobs"], strict=True)
         ]
         gaps[model] = sum(diffs) / len(diffs)
     assert gaps["student"] < 0.15 and gaps["student"] < gaps["base"], gaps
