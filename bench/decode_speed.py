@@ -4,11 +4,12 @@
 
 Random weights of the real shape (a config-only directory: see services/trainer/model_source.py), so every row
 runs to max_tokens and the figures do not depend on what the model writes. Prompts are GSM8K test questions
-(GSM8K_PATH). Prints tokens/s and ms per decode pass for greedy and sampled batches of 1 to 256 rows, the
-forward pass alone through the peft model with the adapter on and off, and a profiler table of one batch.
+(GSM8K_PATH, else the copy shipped in orchestrator/gsm8k/). Prints tokens/s and ms per decode pass for greedy and
+sampled batches of 1 to 256 rows, the forward pass alone through the peft model with the adapter on and off, and a
+profiler table of one batch.
 Used on the lent H100 (bench/RESULTS.md, "Trainer decode on the H100").
 """
-import json, os, sys, time
+import sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,11 +17,12 @@ import torch
 from services.trainer.settings import TrainerSettings
 from services.trainer.items import GenerationRequest
 from services.trainer.loading import load_student
+from orchestrator.gsm8k.data import load_gsm8k
 
 s = TrainerSettings()
 st = load_student(s)
 tok = st.tokenizer
-qs = [json.loads(l)["question"] for l in open(Path(os.environ.get("GSM8K_PATH", ".gsm8k")) / "test.jsonl")][:256]
+qs = [p.prompt for p in load_gsm8k("test", limit=256)]
 ids = []
 for q in qs:
     t = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)

@@ -1,14 +1,14 @@
 #!/bin/bash
 # Runs bench/learning.py on a lent GPU machine (the `device` tool; see "## learning" in bench/RESULTS.md), one piece
 # per call. That machine has torch, transformers (so `tokenizers`), peft and httpx but no fastapi/uvicorn/pydantic/
-# gguf, no internet, and takes at most 64 MiB of files per call, so three git-ignored folders travel with it (name
+# gguf, no internet, and takes at most 64 MiB of files per call, so two git-ignored folders travel with it (name
 # them in the call's carry):
 #   .whl/         py3.12 wheels: fastapi, starlette, uvicorn, pydantic, pydantic_core, pydantic-settings,
 #                 python-dotenv, typing-inspection, annotated-types, annotated-doc, gguf, typing_extensions, anyio,
 #                 click, h11, opentelemetry-api (pip download --only-binary=:all: --python-version 3.12 ...)
 #   .gguf_parts/  the 98 MB SmolLM2 GGUF cut in two (split -b 50000000): part_aa in one call, part_ab in the next;
 #                 each is copied to /tmp/gguf there, which outlives the call while the machine stays warm
-#   .gsm8k/       GSM8K {train,test}.jsonl (../shared does not travel)
+# GSM8K is the copy shipped in orchestrator/gsm8k/dataset/ (tracked, so it travels with the tree).
 # bench/learning.py starts three services on free ports of 127.0.0.1 there: the trainer, the reference teacher
 # (python -m orchestrator.reference_teacher: GSM8K train reference solutions over the OpenAI API, its usage counted
 # with the student's tokenizer.json from the converted model) and the orchestrator (TEACHER_TIER=custom, the
@@ -35,7 +35,7 @@ if ! echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G/
 fi
 export TRAINER_MODEL_SOURCE=$G/smollm2.gguf TRAINER_MODEL_CACHE_DIR=/tmp/models-cache TRAINER_LOAD_IN_4BIT=false
 # 1024 rows: four eval jobs of 256 answers decode in one batch.
-export TRAINER_MAX_BATCH_SIZE=${MAXB:-1024} TRAINER_COMPILE_LAYERS=false TRAINER_GRADIENT_CHECKPOINTING=false GSM8K_PATH=$PWD/.gsm8k
+export TRAINER_MAX_BATCH_SIZE=${MAXB:-1024} TRAINER_COMPILE_LAYERS=false TRAINER_GRADIENT_CHECKPOINTING=false HF_HUB_OFFLINE=1
 [ -n "$PROBE" ] && [ -f .gpu/probe.py ] && python3 .gpu/probe.py 2>&1 | tee $OUT/probe.log
 if [ "$1" = throughput ]; then  # bench/search_throughput.py instead: bash bench/gpu_learning.sh throughput <its arguments>
   shift

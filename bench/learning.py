@@ -68,7 +68,6 @@ import httpx
 
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.gsm8k.stats import accuracy, compare_paired
-from orchestrator.local.demo import default_gsm8k_path
 from orchestrator.local.machine import describe_machine
 from orchestrator.local.processes import (
     free_port,
@@ -282,8 +281,6 @@ class Services:
                 max(256, 2 * args.max_requests_in_flight, 300 * args.eval_chunks)
             ),
         }
-        if gsm8k := default_gsm8k_path():
-            self.env["GSM8K_PATH"] = gsm8k
 
     def __enter__(self) -> Self:
         try:
@@ -302,7 +299,7 @@ class Services:
         teacher_env = {"TEACHER_TIER": "embedded"}
         endpoint = {"max_concurrency": args.max_requests_in_flight, "timeout_s": args.request_timeout}
         if args.teacher == "reference":
-            teacher = {k: v for k, v in self.env.items() if k == "GSM8K_PATH"}
+            teacher: dict[str, str] = {}
             if tokenizer := student_tokenizer_file():
                 teacher["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
             reference = reference_teacher_process(free_port(), workdir, env=teacher, cwd=REPO_ROOT)

@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO))
 from orchestrator.local.machine import describe_machine
 from orchestrator.local.processes import free_port, orchestrator_process, trainer_process
 
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 
 def rss_bytes(pid: int) -> int:
@@ -164,7 +163,6 @@ def main(argv: list[str] | None = None) -> dict:
     trainer_port, orch_port = free_port(), free_port()
     trainer = trainer_process(trainer_port, workdir, env={"API_TOKEN": token}, cwd=REPO)
     env = {
-        "GSM8K_PATH": str(GSM8K),
         "API_TOKEN": token,
         "MAX_CONCURRENT_JOBS": "1",
         "MAX_QUEUED_JOBS": str(args.max_queued_jobs),

@@ -45,7 +45,6 @@ import httpx
 from orchestrator.clients.llm import LLMError, LLMPool, RetryPolicy
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.gsm8k.data import load_gsm8k
-from orchestrator.local.demo import default_gsm8k_path
 from orchestrator.local.machine import describe_machine
 from orchestrator.local.processes import free_port, reference_teacher_process, trainer_process
 from orchestrator.search.mcts import SearchServices, run_searches
@@ -330,8 +329,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; known: {PHASES}")
     workdir = Path(args.workdir).resolve()
-    gsm8k = default_gsm8k_path()
-    problems = load_gsm8k("train", gsm8k, args.problems, args.offset)
+    problems = load_gsm8k("train", None, args.problems, args.offset)
     services = []
     trainer_url = args.trainer_url
     if trainer_url is None:
@@ -344,7 +342,7 @@ def main(argv=None) -> int:
             s.start()
             s.wait_ready(timeout_s=900, ok=lambda body: body.get("status") == "ok")
         if any(x.startswith("search_reference") for x in phases):
-            env = {"GSM8K_PATH": gsm8k} if gsm8k else {}
+            env: dict[str, str] = {}
             if tokenizer := student_tokenizer_file():
                 env["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
             teacher = reference_teacher_process(free_port(), workdir, env=env, cwd=REPO_ROOT)

@@ -33,7 +33,7 @@ from support.trainer_process import TrainerProcess  # noqa: E402
 from support.vllm_server import VLLMServer, vllm_python  # noqa: E402
 
 
-def prompts(gsm8k: str, count: int) -> list[str]:
+def prompts(gsm8k: str | None, count: int) -> list[str]:
     return [f"Question: {p.prompt}\nAnswer: Let's think step by step.\n"
             for p in load_gsm8k("test", path=gsm8k, limit=count)]
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
+    parser.add_argument("--gsm8k", default=None, help="folder with test.jsonl (default: GSM8K_PATH, the hub, the shipped copy)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_teacher.json"))
     args = parser.parse_args()
 

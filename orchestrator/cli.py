@@ -64,19 +64,30 @@ def _search(args) -> dict[str, Any]:
 
 
 def cmd_serve(args) -> int:
+    import copy
+
     import uvicorn
+    import uvicorn.config
 
     from orchestrator.api.app import create_app
     from orchestrator.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
+    # The service's own records (e.g. which GSM8K source a job read) through uvicorn's handler, at its level.
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["orchestrator"] = {
+        "handlers": ["default"],
+        "level": args.log_level.upper(),
+        "propagate": False,
+    }
     # Open event streams would hold a graceful shutdown until their jobs end; give them a few seconds only.
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=log_config,
         timeout_graceful_shutdown=5,
     )
     return 0

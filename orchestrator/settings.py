@@ -218,7 +218,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     data_dir: Path = Path("runs")
     db_path: Path | None = None  # default: data_dir / "jobs.sqlite"
-    gsm8k_path: str | None = None  # local jsonl folder; None = the hub (openai/gsm8k "main")
+    gsm8k_path: str | None = None  # local jsonl folder; None = the hub when reachable, else the shipped copy
     max_concurrent_jobs: int = Field(default=1, ge=1, le=64)
     max_queued_jobs: int = Field(
         default=16, ge=0, le=4096

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GSM8K_DIR = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 @pytest.fixture(scope="session")
@@ -15,11 +14,15 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture(scope="session")
-def gsm8k_dir() -> Path:
-    if not (GSM8K_DIR / "test.jsonl").is_file():
-        pytest.skip(f"GSM8K jsonl not found at {GSM8K_DIR} (../shared/data/gsm8k beside the repo)")
-    return GSM8K_DIR
+@pytest.fixture(scope="session", autouse=True)
+def offline_gsm8k():
+    """Every test, and every service it starts, reads GSM8K the way a fresh clone on an offline machine does: no
+    GSM8K_PATH, no hub (HF_HUB_OFFLINE), so the copy shipped in orchestrator/gsm8k/dataset/. The hub path has its
+    own tests (tests/orchestrator/gsm8k/test_data.py) against servers on 127.0.0.1."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("GSM8K_PATH", raising=False)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
 
 
 # ----- trainer service (trainer dev) -----

@@ -26,14 +26,6 @@ from orchestrator.local.processes import free_port, orchestrator_process, traine
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def default_gsm8k_path() -> str | None:
-    """GSM8K_PATH if set, else ../shared/data/gsm8k beside the repository when it exists, else the hub."""
-    if os.environ.get("GSM8K_PATH"):
-        return os.environ["GSM8K_PATH"]
-    local = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
-    return str(local) if (local / "test.jsonl").is_file() else None
-
-
 def print_table(train_job: dict, eval_job: dict) -> None:
     report = eval_job["result"]
     models = report["models"]
@@ -65,9 +57,6 @@ def run_demo(args) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     # Generous timeouts: on a busy 2-core machine one long answer can take minutes.
     env = {"TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": str(args.request_timeout)}
-    gsm8k = default_gsm8k_path()
-    if gsm8k:
-        env["GSM8K_PATH"] = gsm8k
     trainer_port = args.trainer_port or free_port()
     port = args.port or free_port()
     trainer = trainer_process(trainer_port, workdir, env=env, cwd=REPO_ROOT)
@@ -128,6 +117,8 @@ def run_demo(args) -> int:
     wall_s = time.perf_counter() - started
     train = train_job["result"]
     print_table(train_job, eval_job)
+    gsm8k = train["gsm8k"]
+    print(f"GSM8K:         {gsm8k['source']} {gsm8k['location']} ({gsm8k['reason']})")
     print(f"search trees:  {train['trees_dir']}  (picture of tree 0: {tree_svg})")
     print(f"checkpoints:   {train['checkpoint'].get('path') or workdir / 'trainer' / 'checkpoints'}")
     print(f"train curves:  {train['plot']}")

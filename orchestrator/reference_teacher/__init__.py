@@ -32,7 +32,7 @@ it ("stop" with the string as `stop_reason`), a text that ends by itself finishe
 as word pieces (runs of letters, single digits, single other characters): 14% fewer than SmolLM2's tokenizer
 counts on GSM8K reference solutions (38,951 vs 45,253 tokens on the first 500).
 
-Run it:  python -m orchestrator.reference_teacher --port 8010    (GSM8K from GSM8K_PATH, else the hub)
+Run it:  python -m orchestrator.reference_teacher --port 8010    (GSM8K from GSM8K_PATH, else the hub, else the shipped copy)
 and use it as the teachers:  TEACHER_TIER=custom
     TEACHERS=[{"name":"reference","base_url":"http://127.0.0.1:8010/v1","model":"reference"}]
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health.

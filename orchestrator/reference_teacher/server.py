@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=None, help="default REFERENCE_TEACHER_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default REFERENCE_TEACHER_PORT or 8010")
     p.add_argument(
-        "--gsm8k", default=None, help="GSM8K folder with train.jsonl (default GSM8K_PATH, else the hub)"
+        "--gsm8k",
+        default=None,
+        help="GSM8K folder with train.jsonl (default GSM8K_PATH, else the hub, else the shipped copy)",
     )
     p.add_argument(
         "--tokenizer", default=None, help="a tokenizer.json to count usage in (default: word pieces)"

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.clients.llm import LLMError, LLMPool
 from orchestrator.gsm8k.answers import extract_flexible, extract_strict, same_number
-from orchestrator.gsm8k.data import Problem, load_gsm8k, question_messages
+from orchestrator.gsm8k.data import Problem, load_gsm8k, question_messages, read_split
 from orchestrator.gsm8k.stats import accuracy, compare_paired
 from orchestrator.runners.context import JobContext
 from orchestrator.settings import EndpointSpec, Settings
@@ -152,13 +152,12 @@ async def run_eval_job(ctx: JobContext) -> dict[str, Any]:
     from orchestrator.runners import plots  # matplotlib is loaded only when a job needs it
 
     req = ctx.request
-    problems = await asyncio.to_thread(
-        load_gsm8k, req["split"], ctx.settings.gsm8k_path, req["num_examples"], req["offset"]
-    )
+    gsm8k = await asyncio.to_thread(read_split, req["split"], ctx.settings.gsm8k_path)
+    problems = gsm8k.problems(req["num_examples"], req["offset"])
     models = req["models"]
     total = len(problems) * len(models)
     done = 0
-    await ctx.set_progress(phase="answering", done=0, total=total)
+    await ctx.set_progress(phase="answering", done=0, total=total, gsm8k=gsm8k.source.to_record())
 
     async def on_answer(row: dict) -> None:
         nonlocal done
@@ -191,6 +190,7 @@ async def run_eval_job(ctx: JobContext) -> dict[str, Any]:
     report = build_report(rows, models)
     report["seconds"] = round(time.perf_counter() - started, 2)
     report["split"], report["offset"] = req["split"], req["offset"]
+    report["gsm8k"] = gsm8k.source.to_record()
 
     jsonl = ctx.path("eval.jsonl")
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))

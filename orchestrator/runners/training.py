@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from orchestrator.clients.trainer import TrainerRestarted, TrainerUnavailable, TrainerWatch
-from orchestrator.gsm8k.data import Problem, load_gsm8k
+from orchestrator.gsm8k.data import Problem, read_split
 from orchestrator.runners.batch_search import search_batch
 from orchestrator.runners.checkpoints import (
     checkpoint_due,
@@ -126,9 +126,9 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
 
     request = TrainRequest.model_validate(ctx.request)
     settings = ctx.settings
-    problems = await asyncio.to_thread(
-        load_gsm8k, request.split, settings.gsm8k_path, request.num_examples, request.offset
-    )
+    gsm8k = await asyncio.to_thread(read_split, request.split, settings.gsm8k_path)
+    problems = gsm8k.problems(request.num_examples, request.offset)
+    await ctx.set_progress(gsm8k=gsm8k.source.to_record())
     plan = TrainPlan(
         request=request,
         problems=problems,
@@ -207,4 +207,5 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
         "resumed_from_step": start.step if ctx.resumed else None,
         "trainer_restarts": restarts,
         "degraded": degraded,
+        "gsm8k": gsm8k.source.to_record(),
     }

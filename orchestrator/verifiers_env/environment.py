@@ -126,7 +126,7 @@ class ProblemTasksetConfig(vf.TasksetConfig):
     """Which problems load (`--env.taskset.*`), plus the original's teacher settings."""
 
     split: Literal["train", "test"] = "test"
-    path: str | None = None  # folder with {split}.jsonl; None: GSM8K_PATH, then the hub
+    path: str | None = None  # folder with {split}.jsonl; None: GSM8K_PATH, the hub, the shipped copy
     limit: int | None = Field(default=None, ge=0)
     offset: int = Field(default=0, ge=0)
     tier: TeacherTier = "free"  # the search's teacher tier (TEACHER_TIER), as in the original

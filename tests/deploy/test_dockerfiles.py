@@ -122,8 +122,8 @@ def test_orchestrator_image_holds_the_protocol_and_not_the_trainer():
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_each_image_builds_the_packages_it_copied(image, tmp_path):
     """What the image's build stage does, in a folder holding only what it copies: select_packages.py trims the
-    package list, then a wheel builds; the orchestrator's wheel holds the protocol and no trainer, and the
-    protocol imports without torch."""
+    package list, then a wheel builds; the orchestrator's wheel holds the protocol and no trainer, the protocol
+    imports without torch, and GSM8K loads from the wheel's own files with no hub and no GSM8K_PATH."""
     for source in copied_sources(image):
         origin = ROOT / source
         target = tmp_path / source
@@ -153,3 +153,24 @@ def test_each_image_builds_the_packages_it_copied(image, tmp_path):
         subprocess.run(
             [sys.executable, "-c", check], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)}
         )
+        names = set(zipfile.ZipFile(wheel).namelist())
+        shipped = {
+            f"orchestrator/gsm8k/dataset/{n}"
+            for n in ("train.jsonl.gz", "test.jsonl.gz", "LICENSE", "README.md")
+        }
+        assert shipped <= names
+        installed = tmp_path / "installed"
+        zipfile.ZipFile(wheel).extractall(installed)
+        load = (
+            "from orchestrator.gsm8k.data import read_split; d = read_split('train'); "
+            "print(d.source.kind, len(d.rows), d.source.location)"
+        )
+        loaded = subprocess.run(
+            [sys.executable, "-c", load],
+            cwd=installed,
+            env={"PYTHONPATH": str(installed), "HF_HUB_OFFLINE": "1"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert loaded.stdout.split() == ["shipped", "7473", str(installed / "orchestrator/gsm8k/dataset")]

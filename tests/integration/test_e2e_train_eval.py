@@ -41,19 +41,19 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-def start_orchestrator(port: int, trainer: TrainerProcess, workdir: Path, gsm8k_dir: Path):
+def start_orchestrator(port: int, trainer: TrainerProcess, workdir: Path):
     proc = orchestrator_process(
         port,
         trainer.url,
         workdir,
-        env={"GSM8K_PATH": str(gsm8k_dir), "TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": "900"},
+        env={"TEACHER_TIER": "embedded", "REQUEST_TIMEOUT_S": "900"},
     ).start()
     proc.wait_ready(timeout_s=60)
     return proc
 
 
-def test_train_then_eval_through_the_api(trainer, workdir, gsm8k_dir):
-    orch = start_orchestrator(free_port(), trainer, workdir, gsm8k_dir)
+def test_train_then_eval_through_the_api(trainer, workdir):
+    orch = start_orchestrator(free_port(), trainer, workdir)
     try:
         with OrchestratorClient(orch.url, timeout_s=120) as client:
             health = client.health()
@@ -124,9 +124,9 @@ def test_train_then_eval_through_the_api(trainer, workdir, gsm8k_dir):
         orch.stop()
 
 
-def test_kill_and_restart_mid_job_then_resume_applies_no_step_twice(trainer, workdir, gsm8k_dir):
+def test_kill_and_restart_mid_job_then_resume_applies_no_step_twice(trainer, workdir):
     port = free_port()
-    orch = start_orchestrator(port, trainer, workdir, gsm8k_dir)
+    orch = start_orchestrator(port, trainer, workdir)
     with OrchestratorClient(orch.url, timeout_s=120) as client:
         # Checkpoints at steps 0, 2 and 3; the kill comes after step 1 was applied, before its checkpoint.
         job_id = client.train(num_examples=3, offset=10, batch_size=1, checkpoint_every=2, search=TINY_SEARCH)
@@ -135,7 +135,7 @@ def test_kill_and_restart_mid_job_then_resume_applies_no_step_twice(trainer, wor
                 break
         orch.kill()
     start = client_job_progress = None
-    orch = start_orchestrator(port, trainer, workdir, gsm8k_dir)
+    orch = start_orchestrator(port, trainer, workdir)
     try:
         with OrchestratorClient(orch.url, timeout_s=120) as client:
             job = client.job(job_id)

@@ -136,14 +136,14 @@ def test_a_full_disk_during_a_checkpoint_save_is_507_and_the_previous_one_stays(
 
 
 def test_a_train_job_whose_checkpoint_meets_a_full_disk_fails_clearly_and_resumes(
-    trainer, scripted_server, gsm8k_dir, tmp_path
+    trainer, scripted_server, tmp_path
 ):
     """The same full disk under a train job: the job fails naming it, and resumes from its last checkpoint."""
     from orchestrator.clients.orchestrator import OrchestratorClient
     from orchestrator.local.processes import free_port, orchestrator_process
 
     teachers = [{"name": "good", "base_url": scripted_server.v1, "model": "good"}]
-    env = {"GSM8K_PATH": str(gsm8k_dir), "TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers)}
+    env = {"TEACHER_TIER": "custom", "TEACHERS": json.dumps(teachers)}
     search = {
         "iterations": 2,
         "max_depth": 2,

@@ -42,13 +42,13 @@ def teacher(name: str, url: str, tier: str, **extra) -> dict:
 class Orchestrator:
     """One orchestrator process for a test, with its own data folder."""
 
-    def __init__(self, trainer, workdir: Path, gsm8k_dir: Path, env: dict[str, str]):
+    def __init__(self, trainer, workdir: Path, env: dict[str, str]):
         self.workdir = workdir
         self.process = orchestrator_process(
             free_port(),
             trainer.url,
             workdir,
-            env={"GSM8K_PATH": str(gsm8k_dir), "REQUEST_TIMEOUT_S": "900", "TRAINER_WAIT_S": "300", **env},
+            env={"REQUEST_TIMEOUT_S": "900", "TRAINER_WAIT_S": "300", **env},
         )
 
     def __enter__(self) -> OrchestratorClient:
@@ -90,7 +90,7 @@ def assert_each_step_applied_once(steps: list[dict], trainer_step_start: int, tr
 
 # --- 1. teachers ----------------------------------------------------------------------------------------------
 def test_teachers_failing_mid_job_are_reported_and_the_job_goes_on_with_the_good_one(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
+    trainer_service, scripted_server, tmp_path
 ):
     url = scripted_server.v1
     # Each teacher that will fail in a tier of its own, ahead of the good one: every expansion tries them first
@@ -108,7 +108,7 @@ def test_teachers_failing_mid_job_are_reported_and_the_job_goes_on_with_the_good
         Rule(mode="drop", model="t-drop"),
         Rule(mode="malformed", model="t-malformed"),
     ]
-    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, custom_teachers(teachers)) as client:
+    with Orchestrator(trainer_service, tmp_path, custom_teachers(teachers)) as client:
         job_id = client.train(num_examples=3, batch_size=1, checkpoint_every=3, search=TINY_SEARCH)
         events = []
         for event in client.follow(job_id):
@@ -139,16 +139,14 @@ def test_teachers_failing_mid_job_are_reported_and_the_job_goes_on_with_the_good
     assert SECRET not in shown
 
 
-def test_a_job_with_every_teacher_failing_fails_with_the_reason(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
-):
+def test_a_job_with_every_teacher_failing_fails_with_the_reason(trainer_service, scripted_server, tmp_path):
     url = scripted_server.v1
     teachers = [teacher("t-500", url, "a"), teacher("t-malformed", url, "b")]
     scripted_server.set_rules(
         [Rule(mode="error", status=503, model="t-500"), Rule(mode="malformed", model="t-malformed")]
     )
     step_before = trainer_health(trainer_service)["step"]
-    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, custom_teachers(teachers)) as client:
+    with Orchestrator(trainer_service, tmp_path, custom_teachers(teachers)) as client:
         job_id = client.train(num_examples=2, batch_size=1, search=TINY_SEARCH)
         events = list(client.follow(job_id))
         job = client.job(job_id)
@@ -163,7 +161,7 @@ def test_a_job_with_every_teacher_failing_fails_with_the_reason(
 
 # --- 2. the checker -------------------------------------------------------------------------------------------
 def test_a_dead_checker_leaves_the_rules_and_the_job_records_the_degraded_mode(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
+    trainer_service, scripted_server, tmp_path
 ):
     # Teacher steps are final sentences the rules are unsure of ("So in total she has 42 apples."), so the
     # checker is asked; nothing listens on its port.
@@ -172,7 +170,7 @@ def test_a_dead_checker_leaves_the_rules_and_the_job_records_the_degraded_mode(
     dead_checker = f"http://127.0.0.1:{free_port()}/v1"
     env = custom_teachers([teacher("good", scripted_server.v1, "z")], checker_url=dead_checker)
     search = {**TINY_SEARCH, "use_checker": True}
-    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, env) as client:
+    with Orchestrator(trainer_service, tmp_path, env) as client:
         job_id = client.train(num_examples=1, batch_size=1, search=search)
         events = list(client.follow(job_id))
         job = client.job(job_id)
@@ -200,10 +198,10 @@ def client_steps_degraded(events) -> set[str]:
 
 # --- 3. the trainer killed mid-job ----------------------------------------------------------------------------
 def test_trainer_killed_mid_job_is_waited_for_and_the_job_rewinds_to_its_checkpoint(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
+    trainer_service, scripted_server, tmp_path
 ):
     env = custom_teachers([teacher("good", scripted_server.v1, "z")])
-    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, env) as client:
+    with Orchestrator(trainer_service, tmp_path, env) as client:
         # Checkpoints at steps 0, 2 and 3; the kill comes once step 1 is done, before its checkpoint.
         job_id = client.train(num_examples=3, offset=20, batch_size=1, checkpoint_every=2, search=TINY_SEARCH)
         events = []
@@ -239,10 +237,10 @@ def test_trainer_killed_mid_job_is_waited_for_and_the_job_rewinds_to_its_checkpo
 
 # --- 6. the disk fills under a job's files ------------------------------------------------------------------------
 def test_a_full_disk_under_the_job_fails_it_clearly_and_it_resumes_once_there_is_room(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
+    trainer_service, scripted_server, tmp_path
 ):
     env = custom_teachers([teacher("good", scripted_server.v1, "z")])
-    orchestrator = Orchestrator(trainer_service, tmp_path, gsm8k_dir, env)
+    orchestrator = Orchestrator(trainer_service, tmp_path, env)
     with orchestrator as client:
         job_id = client.train(num_examples=2, offset=30, batch_size=1, checkpoint_every=1, search=TINY_SEARCH)
         # The second tree file is /dev/full: writing it fails with ENOSPC, as on a full disk. Set up long before
@@ -269,7 +267,7 @@ def test_a_full_disk_under_the_job_fails_it_clearly_and_it_resumes_once_there_is
 
 
 def test_a_full_disk_under_the_job_store_is_retried_then_the_job_fails_clearly_and_resumes(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
+    trainer_service, scripted_server, tmp_path
 ):
     """The orchestrator runs with SIGXFSZ ignored; at the job's first `step` event its RLIMIT_FSIZE drops to 0
     (prlimit(2)), so every write (SQLite's WAL, job files) fails as on a full disk. The job's next store write
@@ -285,7 +283,6 @@ def test_a_full_disk_under_the_job_store_is_retried_then_the_job_fails_clearly_a
         trainer_service.url,
         tmp_path,
         env={
-            "GSM8K_PATH": str(gsm8k_dir),
             "TRAINER_WAIT_S": "300",
             **custom_teachers([teacher("good", scripted_server.v1, "z")]),
         },

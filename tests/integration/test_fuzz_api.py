@@ -147,9 +147,9 @@ def test_trainer_errors_have_one_shape(trainer):
 
 # ----- orchestrator -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def orchestrator(tmp_path_factory, gsm8k_dir):
+def orchestrator(tmp_path_factory):
     with ScriptedServer(ServerConfig(answer="42", answer_depth=1)) as scripted:
-        env = {"GSM8K_PATH": str(gsm8k_dir), "API_TOKEN": TOKEN, "MAX_TREE_NODES": "64"}
+        env = {"API_TOKEN": TOKEN, "MAX_TREE_NODES": "64"}
         workdir = tmp_path_factory.mktemp("fuzz-orch")
         with orchestrator_process(free_port(), scripted.url, workdir, env=env) as process:
             process.wait_ready(timeout_s=60)

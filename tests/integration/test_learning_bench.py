@@ -46,7 +46,7 @@ def test_lm_eval_gsm8k_match(repo_root):
 
 
 @pytest.mark.integration
-def test_learning_bench_pieces_budget_and_three_arms(repo_root, gsm8k_dir, trainer_model_dir, tmp_path):
+def test_learning_bench_pieces_budget_and_three_arms(repo_root, trainer_model_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -93,7 +93,7 @@ def test_learning_bench_pieces_budget_and_three_arms(repo_root, gsm8k_dir, train
         "--runs-log",
         str(out / "runs.json"),
     ]
-    env = {**os.environ, "GSM8K_PATH": str(gsm8k_dir), "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
+    env = {**os.environ, "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
 
     def run(*extra):
         return subprocess.run(

@@ -52,10 +52,8 @@ def scripted():
         yield server
 
 
-def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_behind(
-    scripted, tmp_path, gsm8k_dir
-):
-    env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUED_JOBS": str(QUEUED)}
+def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_behind(scripted, tmp_path):
+    env = {"MAX_CONCURRENT_JOBS": "1", "MAX_QUEUED_JOBS": str(QUEUED)}
     with orchestrator_process(free_port(), scripted.url, tmp_path, env=env) as proc:
         proc.wait_ready(timeout_s=60)
         http = httpx.Client(base_url=proc.url, timeout=60)
@@ -95,14 +93,14 @@ def test_a_storm_beyond_the_queue_limit_is_refused_with_429_and_leaves_nothing_b
         http.close()
 
 
-def test_event_streams_past_the_limit_get_429_and_ended_ones_free_their_place(scripted, tmp_path, gsm8k_dir):
+def test_event_streams_past_the_limit_get_429_and_ended_ones_free_their_place(scripted, tmp_path):
     """MAX_EVENT_STREAMS=3: a fourth stream gets 429 while three follow a running job; once the job ends and the
     streams with it, their places are given again (twice over, so the count does not leak).
 
     The streams end with the job rather than by the client hanging up (that is the next test's subject)."""
     from contextlib import ExitStack
 
-    env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_EVENT_STREAMS": "3"}
+    env = {"MAX_EVENT_STREAMS": "3"}
     with orchestrator_process(free_port(), scripted.url, tmp_path, env=env) as proc:
         proc.wait_ready(timeout_s=60)
         http = httpx.Client(base_url=proc.url, timeout=60)
@@ -128,15 +126,13 @@ def test_event_streams_past_the_limit_get_429_and_ended_ones_free_their_place(sc
         http.close()
 
 
-def test_clients_hanging_up_on_event_streams_never_block_the_job(scripted, tmp_path, gsm8k_dir):
+def test_clients_hanging_up_on_event_streams_never_block_the_job(scripted, tmp_path):
     """Fifteen streams opened and dropped while their followers wait for news; the job still answers a cancel
     at once and ends. With followers waiting on an asyncio.Condition under wait_for, a cancelled follower could
     leave the condition's lock held, and every later status change of the job then blocked (5 of 18 runs hung)."""
     from contextlib import ExitStack
 
-    with orchestrator_process(
-        free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)}
-    ) as proc:
+    with orchestrator_process(free_port(), scripted.url, tmp_path, env={}) as proc:
         proc.wait_ready(timeout_s=60)
         http = httpx.Client(base_url=proc.url, timeout=20)
         for _ in range(3):

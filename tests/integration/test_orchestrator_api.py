@@ -28,9 +28,9 @@ def scripted():
 
 
 @pytest.fixture(scope="module")
-def orchestrator(scripted, tmp_path_factory, gsm8k_dir):
+def orchestrator(scripted, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("orch")
-    proc = orchestrator_process(free_port(), scripted.url, workdir, env={"GSM8K_PATH": str(gsm8k_dir)})
+    proc = orchestrator_process(free_port(), scripted.url, workdir, env={})
     with proc:
         proc.wait_ready(timeout_s=60)
         yield proc
@@ -184,9 +184,9 @@ def test_cancel_a_running_job(client, scripted):
         scripted.config.latency_ms = 0
 
 
-def test_restart_marks_running_jobs_interrupted_and_resume_finishes_them(scripted, tmp_path, gsm8k_dir):
+def test_restart_marks_running_jobs_interrupted_and_resume_finishes_them(scripted, tmp_path):
     port = free_port()
-    env = {"GSM8K_PATH": str(gsm8k_dir)}
+    env: dict[str, str] = {}
     scripted.config.latency_ms = 300
     try:
         first = orchestrator_process(port, scripted.url, tmp_path, env=env).start()
@@ -217,10 +217,8 @@ def test_restart_marks_running_jobs_interrupted_and_resume_finishes_them(scripte
         scripted.config.latency_ms = 0
 
 
-def test_api_token_guards_everything_but_health(scripted, tmp_path, gsm8k_dir):
-    proc = orchestrator_process(
-        free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir), "API_TOKEN": "s3cret"}
-    )
+def test_api_token_guards_everything_but_health(scripted, tmp_path):
+    proc = orchestrator_process(free_port(), scripted.url, tmp_path, env={"API_TOKEN": "s3cret"})
     with proc:
         proc.wait_ready(timeout_s=60)
         assert httpx.get(proc.url + "/jobs").status_code == 401
@@ -229,15 +227,13 @@ def test_api_token_guards_everything_but_health(scripted, tmp_path, gsm8k_dir):
         assert httpx.get(proc.url + "/health").status_code == 200
 
 
-def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job(
-    scripted, tmp_path, gsm8k_dir
-):
+def test_sigterm_with_an_open_event_stream_stops_promptly_and_interrupts_the_job(scripted, tmp_path):
     import threading
 
     from orchestrator.jobs.store import JobStore
 
     scripted.config.latency_ms = 300
-    proc = orchestrator_process(free_port(), scripted.url, tmp_path, env={"GSM8K_PATH": str(gsm8k_dir)})
+    proc = orchestrator_process(free_port(), scripted.url, tmp_path, env={})
     try:
         proc.start()
         proc.wait_ready(timeout_s=60)
@@ -283,8 +279,8 @@ def test_request_bodies_over_max_request_bytes_get_413(client):
     assert streamed.status_code == 413 and "MAX_REQUEST_BYTES" in streamed.json()["detail"]
 
 
-def test_jobs_beyond_running_plus_queued_limit_get_429_with_retry_after(scripted, tmp_path, gsm8k_dir):
-    env = {"GSM8K_PATH": str(gsm8k_dir), "MAX_CONCURRENT_JOBS": "1", "MAX_QUEUED_JOBS": "1"}
+def test_jobs_beyond_running_plus_queued_limit_get_429_with_retry_after(scripted, tmp_path):
+    env = {"MAX_CONCURRENT_JOBS": "1", "MAX_QUEUED_JOBS": "1"}
     scripted.config.latency_ms = 500
     try:
         with orchestrator_process(free_port(), scripted.url, tmp_path, env=env) as proc:

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def reference_teacher(gsm8k_dir, repo_root, tmp_path_factory):
+def reference_teacher(repo_root, tmp_path_factory):
     process = reference_teacher_process(
-        free_port(), tmp_path_factory.mktemp("reference"), env={"GSM8K_PATH": str(gsm8k_dir)}, cwd=repo_root
+        free_port(), tmp_path_factory.mktemp("reference"), env={}, cwd=repo_root
     )
     with process:
         process.wait_ready(timeout_s=60)
@@ -32,8 +32,8 @@ def reference_teacher(gsm8k_dir, repo_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def natalia(gsm8k_dir):
-    return load_gsm8k("train", str(gsm8k_dir), limit=1)[0]
+def natalia():
+    return load_gsm8k("train", limit=1)[0]
 
 
 def test_openai_wire_format(reference_teacher, natalia):
@@ -56,9 +56,9 @@ def test_openai_wire_format(reference_teacher, natalia):
     assert health["by_mode"] == {"wrong_line": 2, "right_whole": 1}
 
 
-def test_refusals_name_what_is_wrong(reference_teacher, gsm8k_dir):
+def test_refusals_name_what_is_wrong(reference_teacher):
     client = openai.OpenAI(base_url=reference_teacher.url + "/v1", api_key="unused", max_retries=0)
-    test_problem = load_gsm8k("test", str(gsm8k_dir), limit=1)[0]
+    test_problem = load_gsm8k("test", limit=1)[0]
     with pytest.raises(openai.NotFoundError, match="train problems only"):
         client.chat.completions.create(
             model="reference", messages=teacher_messages("right", test_problem.prompt, "")

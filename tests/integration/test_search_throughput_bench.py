@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_search_throughput_bench_runs_every_phase(repo_root, gsm8k_dir, trainer_model_dir, tmp_path):
+def test_search_throughput_bench_runs_every_phase(repo_root, trainer_model_dir, tmp_path):
     out = tmp_path / "throughput.json"
     cmd = [
         sys.executable,
@@ -35,7 +35,7 @@ def test_search_throughput_bench_runs_every_phase(repo_root, gsm8k_dir, trainer_
         "--out",
         str(out),
     ]
-    env = {**os.environ, "GSM8K_PATH": str(gsm8k_dir), "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
+    env = {**os.environ, "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
     done = subprocess.run(
         cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900, check=False
     )

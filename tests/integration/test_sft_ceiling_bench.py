@@ -14,9 +14,7 @@ import pytest
 pytestmark = [pytest.mark.integration]
 
 
-def test_sft_ceiling_fine_tunes_and_judges_each_learning_rate(
-    repo_root, gsm8k_dir, tiny_random_model_dir, tmp_path
-):
+def test_sft_ceiling_fine_tunes_and_judges_each_learning_rate(repo_root, tiny_random_model_dir, tmp_path):
     out = tmp_path / "ceiling.json"
     cmd = [
         sys.executable,
@@ -33,8 +31,6 @@ def test_sft_ceiling_fine_tunes_and_judges_each_learning_rate(
         "3",
         "--max-tokens",
         "8",
-        "--gsm8k",
-        str(gsm8k_dir),
         "--json-out",
         str(out),
     ]

@@ -131,8 +131,8 @@ async def test_pool_speaks_to_vllm_chat_n_logprobs_and_continuation(teacher, mon
     assert KEY not in str(caught.value) and "sk-wrong-key-0000" not in str(caught.value)
 
 
-async def test_search_with_vllm_teacher_and_checker(custom_settings, gsm8k_dir):
-    (problem,) = load_gsm8k("test", path=str(gsm8k_dir), limit=1)
+async def test_search_with_vllm_teacher_and_checker(custom_settings):
+    (problem,) = load_gsm8k("test", limit=1)
     config = SearchConfig(
         max_depth=2,
         iterations=2,
@@ -157,8 +157,8 @@ async def test_search_with_vllm_teacher_and_checker(custom_settings, gsm8k_dir):
     assert stats["expansions"] >= 1 and stats["nodes"] > 1
 
 
-async def test_small_eval_vllm_beside_the_trainer(custom_settings, teacher, gsm8k_dir):
-    problems = load_gsm8k("test", path=str(gsm8k_dir), limit=2)
+async def test_small_eval_vllm_beside_the_trainer(custom_settings, teacher):
+    problems = load_gsm8k("test", limit=2)
     endpoints = {"vllm": teacher, "student": custom_settings.student_endpoint()}
     async with LLMPool.from_settings(custom_settings) as pool:
         rows = await answer_all(problems, ["vllm", "student"], pool, endpoints, max_tokens=48, concurrency=4)
@@ -179,7 +179,7 @@ def _wait_job(client: httpx.Client, job_id: str, timeout_s: float) -> dict:
     raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:g} s")
 
 
-def test_free_tier_by_environment_only_and_the_key_never_leaks(vllm, trainer_service, gsm8k_dir, tmp_path):
+def test_free_tier_by_environment_only_and_the_key_never_leaks(vllm, trainer_service, tmp_path):
     port = free_port()
     env = {
         "TEACHER_TIER": "free",
@@ -188,7 +188,6 @@ def test_free_tier_by_environment_only_and_the_key_never_leaks(vllm, trainer_ser
         "CHECKER_URL": vllm.base_url,
         "CHECKER_MODEL": OPENROUTER_MODELS["free"][0],
         "CHECKER_API_KEY_ENV": "OPENROUTER_API_KEY",
-        "GSM8K_PATH": str(gsm8k_dir),
         "REQUEST_TIMEOUT_S": "300",
     }
     service = orchestrator_process(port, trainer_service.url, tmp_path, env=env)

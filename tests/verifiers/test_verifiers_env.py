@@ -18,8 +18,8 @@ from support.scripted_server import ScriptedServer, ServerConfig
 ENV_ID = "alphazero-llm-trainer"
 
 
-def env_config(gsm8k_dir, **taskset):
-    return vf.resolve_env_config({"taskset": {"id": ENV_ID, "path": str(gsm8k_dir), "limit": 3, **taskset}})
+def env_config(**taskset):
+    return vf.resolve_env_config({"taskset": {"id": ENV_ID, "limit": 3, **taskset}})
 
 
 def scored_trace(task, reply: str):
@@ -31,8 +31,8 @@ def scored_trace(task, reply: str):
     )
 
 
-def test_verifiers_loader_finds_the_environment_by_its_id(gsm8k_dir):
-    env = vf.load_environment(env_config(gsm8k_dir))
+def test_verifiers_loader_finds_the_environment_by_its_id():
+    env = vf.load_environment(env_config())
     assert type(env).__name__ == "ProblemEnv"
     assert type(env.taskset).__name__ == "ProblemTaskset"
     assert vf.default_harness_id(ENV_ID) == ENV_ID  # our in-process harness, not verifiers' `bash`
@@ -49,9 +49,9 @@ def test_vf_eval_console_script_finds_the_installed_environment(tmp_path, vf_eva
     assert env["agent"]["runtime"]["type"] == "subprocess"
 
 
-def test_dataset_has_prompt_answer_info_from_the_project_loader(gsm8k_dir):
-    tasks = list(vf.load_environment(env_config(gsm8k_dir, offset=5)).taskset)
-    problems = load_gsm8k("test", path=str(gsm8k_dir), limit=3, offset=5)
+def test_dataset_has_prompt_answer_info_from_the_project_loader():
+    tasks = list(vf.load_environment(env_config(offset=5)).taskset)
+    problems = load_gsm8k("test", limit=3, offset=5)
     assert [t.data.id for t in tasks] == [p.id for p in problems] == ["test-5", "test-6", "test-7"]
     for task, problem in zip(tasks, problems, strict=True):
         assert [m.content for m in task.data.prompt] == [m["content"] for m in question_messages(problem)]
@@ -60,8 +60,8 @@ def test_dataset_has_prompt_answer_info_from_the_project_loader(gsm8k_dir):
         assert task.key == problem.id
 
 
-async def test_known_right_and_wrong_replies_get_the_expected_rewards(gsm8k_dir):
-    task = next(iter(vf.load_environment(env_config(gsm8k_dir)).taskset))  # test-0, gold 18
+async def test_known_right_and_wrong_replies_get_the_expected_rewards():
+    task = next(iter(vf.load_environment(env_config()).taskset))  # test-0, gold 18
     weights = RewardWeights()
     cases = {  # reply -> (correct, format)
         task.data.info["solution"]: (1.0, 1.0),
@@ -81,7 +81,7 @@ async def test_known_right_and_wrong_replies_get_the_expected_rewards(gsm8k_dir)
         assert trace.metrics["answer_found"] == (0.0 if reply == "I do not know." else 1.0)
 
 
-def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
+def test_load_environment_keywords_as_in_the_original():
     import alphazero_llm_trainer
 
     env = alphazero_llm_trainer.load_environment(
@@ -90,7 +90,6 @@ def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
         trainer_url="http://127.0.0.1:9",
         hre_weight=1.0,
         format_weight=0.25,
-        path=str(gsm8k_dir),
         limit=2,
     )
     cfg = env.config.taskset
@@ -105,23 +104,23 @@ def test_load_environment_keywords_as_in_the_original(gsm8k_dir):
 
     custom = [{"name": "t1", "base_url": "http://127.0.0.1:9/v1", "model": "m"}]
     env = alphazero_llm_trainer.load_environment(
-        tier="custom", teachers=custom, trainer_url="http://127.0.0.1:9", path=str(gsm8k_dir), limit=1
+        tier="custom", teachers=custom, trainer_url="http://127.0.0.1:9", limit=1
     )
     assert [t.name for t in env.config.taskset.search_settings().teacher_endpoints()] == ["t1"]
     task = next(iter(env.taskset))  # a trainer URL alone switches PRE on, as `use_student_model` does
     assert "perplexity" in [fn.__name__ for fn in task.hooks("reward")]
 
 
-async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solution(gsm8k_dir):
+async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solution():
     with ScriptedServer() as server:  # serves the trainer's POST /logprobs
         scoring = {"use_student_model": True, "trainer_url": server.url}
-        env = vf.load_environment(env_config(gsm8k_dir, task=scoring))
+        env = vf.load_environment(env_config(task=scoring))
         task = next(iter(env.taskset))
         reply = "She sells 9 eggs.\n#### 18"
         trace = scored_trace(task, reply)
         await task.score(trace)
         async with TrainerClient(server.url) as trainer:
-            problem = load_gsm8k("test", path=str(gsm8k_dir), limit=1)[0]
+            problem = load_gsm8k("test", limit=1)[0]
             items = [
                 {"messages": question_messages(problem), "completion": c}
                 for c in (reply, task.data.info["solution"])
@@ -134,7 +133,7 @@ async def test_perplexity_reward_is_the_students_logprob_gap_to_the_gold_solutio
     assert trace.reward == pytest.approx(RewardWeights().hre * 1.0 + RewardWeights().pre * pre.score)
 
 
-async def test_vf_eval_run_scores_a_right_and_a_wrong_model(gsm8k_dir, tmp_path):
+async def test_vf_eval_run_scores_a_right_and_a_wrong_model(tmp_path):
     """verifiers' own eval runner, in process: harness -> interception -> scripted server -> rewards."""
     from verifiers.v1.cli.eval.runner import run_eval
     from verifiers.v1.configs.cli.eval import EvalConfig
@@ -145,7 +144,7 @@ async def test_vf_eval_run_scores_a_right_and_a_wrong_model(gsm8k_dir, tmp_path)
         for model in ("right", "wrong"):
             cfg = EvalConfig.model_validate(
                 {
-                    "env": {"taskset": {"id": ENV_ID, "path": str(gsm8k_dir), "limit": 1}},
+                    "env": {"taskset": {"id": ENV_ID, "limit": 1}},
                     "model": model,
                     "client": {"base_url": server.v1, "api_key_var": "AZT_TEST_NO_KEY"},
                     "push": False,

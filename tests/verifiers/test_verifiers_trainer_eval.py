@@ -19,9 +19,7 @@ from orchestrator.settings import RewardWeights
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the student generates on CPU
 
 
-async def test_vf_eval_of_two_problems_against_the_trainer_service(
-    trainer_service, gsm8k_dir, tmp_path, vf_eval
-):
+async def test_vf_eval_of_two_problems_against_the_trainer_service(trainer_service, tmp_path, vf_eval):
     out = tmp_path / "outputs"
     run = vf_eval(
         "alphazero-llm-trainer",
@@ -41,8 +39,6 @@ async def test_vf_eval_of_two_problems_against_the_trainer_service(
         "24",
         "--sampling.temperature",
         "0",
-        "--env.taskset.path",
-        str(gsm8k_dir),
         "--env.taskset.task.use-student-model",
         "true",
         "--env.taskset.task.trainer-url",
@@ -68,7 +64,7 @@ async def test_vf_eval_of_two_problems_against_the_trainer_service(
             assert set(rewards) == {"correct", "format", "perplexity"}
             assert rewards["correct"] == {"score": hre(reply, data["answer"]), "weight": weights.hre}
             # PRE as the trainer scores it now (same adapter, deterministic forward pass)
-            problem = load_gsm8k("test", path=str(gsm8k_dir), limit=1, offset=data["info"]["index"])[0]
+            problem = load_gsm8k("test", limit=1, offset=data["info"]["index"])[0]
             items = [
                 {"messages": question_messages(problem), "completion": c}
                 for c in (reply, data["info"]["solution"])

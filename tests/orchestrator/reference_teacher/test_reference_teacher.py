@@ -135,9 +135,9 @@ def test_right_writes_the_next_reference_step_then_the_answer_line(teacher):
     assert whole == second + "\n#### 72"
 
 
-def test_right_steps_chain_to_the_whole_reference_on_every_train_problem(gsm8k_dir):
+def test_right_steps_chain_to_the_whole_reference_on_every_train_problem():
     """One right step at a time, each fed back as the partial, rebuilds the whole reference (7,473 problems)."""
-    problems = load_gsm8k("train", str(gsm8k_dir))
+    problems = load_gsm8k("train")
     teacher = ReferenceTeacher(ReferenceBook(problems))
     for problem in problems:
         whole = texts(ask(teacher, "right", problem, whole=True))[0]
@@ -185,8 +185,8 @@ def test_wrong_passes_over_a_step_with_nothing_to_get_wrong(teacher):
     assert not same_number(extract_strict(whole), "5")
 
 
-def test_wrong_whole_answers_are_wrong_on_every_train_problem(gsm8k_dir):
-    problems = load_gsm8k("train", str(gsm8k_dir))
+def test_wrong_whole_answers_are_wrong_on_every_train_problem():
+    problems = load_gsm8k("train")
     teacher = ReferenceTeacher(ReferenceBook(problems))
     distinct = 0
     for problem in problems:
