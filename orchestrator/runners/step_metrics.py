@@ -86,7 +86,8 @@ def count_step(telemetry: Telemetry | None, metrics: dict[str, Any]) -> None:
 
 
 class WandbSink:
-    """Per-step metrics to Weights & Biases when WANDB_PROJECT is set and wandb is installed."""
+    """Per-step metrics to Weights & Biases when WANDB_PROJECT is set and wandb is installed (WANDB_MODE=offline
+    writes the run under WANDB_DIR for `wandb sync` later). Opening and finishing block: call them off the loop."""
 
     def __init__(self, settings: Settings, job_id: str, config: dict[str, Any]):
         self.run = None
@@ -100,8 +101,14 @@ class WandbSink:
         key = settings.wandb_api_key.get_secret_value() if settings.wandb_api_key else None
         if key:
             wandb.login(key=key, relogin=False)
+        # One run per train job, beside any other run of this process (wandb >= 0.19.10 names this mode).
         self.run = wandb.init(
-            project=settings.wandb_project, name=job_id, id=job_id, resume="allow", config=config, reinit=True
+            project=settings.wandb_project,
+            name=job_id,
+            id=job_id,
+            resume="allow",
+            config=config,
+            reinit="create_new",
         )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

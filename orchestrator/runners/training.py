@@ -149,7 +149,8 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
         problems_total=len(problems) * request.epochs,
     )
 
-    wandb = WandbSink(settings, ctx.job_id, {"request": ctx.request, "search": plan.config.model_dump()})
+    wandb_config = {"request": ctx.request, "search": plan.config.model_dump()}
+    wandb = await asyncio.to_thread(WandbSink, settings, ctx.job_id, wandb_config)
     run_started = time.perf_counter()
     problems_this_run = restarts = 0
     restarted: TrainerRestarted | None = None
@@ -184,7 +185,7 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
                 log.warning("job %s: %s; rewinding to the last checkpoint", ctx.job_id, exc)
                 restarted = exc
     finally:
-        wandb.finish()
+        await asyncio.to_thread(wandb.finish)
 
     train_seconds = time.perf_counter() - run_started
     steps = await ctx.store.steps(ctx.job_id)
