@@ -82,10 +82,12 @@ def cmd_serve(args) -> int:
         "propagate": False,
     }
     # Open event streams would hold a graceful shutdown until their jobs end; give them a few seconds only.
+    # loop="auto": uvloop (a dependency on Linux and macOS) when it imports, else asyncio's own loop.
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        loop="auto",
         log_level=args.log_level,
         log_config=log_config,
         timeout_graceful_shutdown=5,

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.api.dependencies import ManagerDep, SettingsDep, TelemetryDep, require_token
 from orchestrator.api.schemas import EndpointHealth, HealthView
+from orchestrator.clients.http import async_client
 from orchestrator.settings import EndpointSpec, Settings
 
 router = APIRouter()
@@ -63,7 +64,7 @@ def probe_headers(settings: Settings, endpoint: EndpointSpec | None) -> dict[str
 
 @router.get("/health", response_model=HealthView)
 async def health(settings: SettingsDep, manager: ManagerDep) -> HealthView:
-    async with httpx.AsyncClient(timeout=5.0) as client:
+    async with async_client(timeout=5.0) as client:
         endpoints = list(
             await asyncio.gather(
                 *(
