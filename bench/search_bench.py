@@ -12,11 +12,12 @@ Three measurements against the scripted OpenAI-compatible server (tests/support/
    under the same load.
 2. overhead, loopback HTTP: the same with the server as a separate process on 127.0.0.1; expansions per
    CPU-second of the search process (so it includes the client side of real HTTP: sockets and the HTTP
-   client) and per wall-second (the server shares the 2 cores, so wall time includes its CPU). Run with the
-   pool's lean transport (orchestrator/clients/http_transport.py, the default) and with httpcore
-   (`LLMPool(lean_http=False)`, the path before 2026-11-25 06:00), interleaved `repeats` times; medians.
-   Also the pool alone: client CPU microseconds per `LLMPool.complete` at 1 and at 32 requests in flight
-   (2000 requests each), both transports.
+   client) and per wall-second (the server shares the 2 cores, so wall time includes its CPU). Run with each
+   HTTP client of CLIENTS, interleaved `repeats` times; medians: the pool's own (httpx over httpx-aiohttp,
+   orchestrator/clients/http.py) on asyncio's loop and on uvloop (what `azt serve` runs), the hand-written
+   HTTP/1.1 transport it replaced (bench/lean_http_transport.py, kept for this comparison only) and httpx's
+   default transport (httpcore). Also the pool alone: client CPU microseconds per `LLMPool.complete` at 1 and
+   at 32 requests in flight (2000 requests each), every client.
 3. slow endpoints (every request takes --latency-ms): (a) many trees at once, the peak number of requests in
    flight as the server counts them; (b) one search, its wall time over the sum of latencies on its critical
    path (the longest chain of requests that had to wait for each other, as the search records it).
@@ -39,11 +40,13 @@ import time
 from pathlib import Path
 
 import httpx
+import uvloop
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from lean_http_transport import LeanHTTPTransport  # noqa: E402  # the removed client, for the comparison
 from support.scripted_server import ScriptedServer, ServerConfig, admin  # noqa: E402
 
 import orchestrator.clients.llm  # noqa: E402
@@ -55,6 +58,7 @@ from orchestrator.settings import EndpointSpec, SearchConfig  # noqa: E402
 from orchestrator.search.teachers import TeacherEnsemble  # noqa: E402
 from orchestrator.search.terminal import TerminalChecker  # noqa: E402
 from orchestrator.clients.trainer import TrainerClient  # noqa: E402
+from orchestrator.clients.http import describe as describe_http_client  # noqa: E402
 
 
 class ScriptTransport(httpx.AsyncBaseTransport):
@@ -143,14 +147,14 @@ class request_path:
         self.client_send, self.merge = client_send, merge
 
     def __enter__(self):
-        self.saved = orchestrator.clients.llm._Shard.post, ScoreBatcher.score
+        self.saved = orchestrator.clients.llm._Server.post, ScoreBatcher.score
         if self.client_send:
-            orchestrator.clients.llm._Shard.post = _post_through_client
+            orchestrator.clients.llm._Server.post = _post_through_client
         if not self.merge:
             ScoreBatcher.score = _score_unmerged
 
     def __exit__(self, *exc):
-        orchestrator.clients.llm._Shard.post, ScoreBatcher.score = self.saved
+        orchestrator.clients.llm._Server.post, ScoreBatcher.score = self.saved
 
 
 VARIANTS = {  # name: request_path arguments
@@ -217,12 +221,25 @@ def overhead_side_by_side(args) -> dict:
     return out
 
 
+# The HTTP clients of the loopback parts: name -> (event loop runner, transport for the pool and the trainer
+# client; None = the pool's own, httpx over httpx-aiohttp).
+CLIENTS = {
+    "aiohttp": (asyncio.run, None),
+    "aiohttp_uvloop": (uvloop.run, None),
+    "lean_removed": (asyncio.run, lambda: LeanHTTPTransport(max_idle=4096)),
+    "httpcore": (
+        asyncio.run,
+        lambda: httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=4096)),
+    ),
+}
+
+
 def http_side_by_side(args, url: str, server_pid: int) -> dict:
-    """Loopback HTTP with the lean transport and with httpcore, interleaved; medians per variant."""
-    runs: dict[str, list[dict]] = {"lean": [], "httpcore": []}
+    """Loopback HTTP with every client of CLIENTS, interleaved; medians per client."""
+    runs: dict[str, list[dict]] = {name: [] for name in CLIENTS}
     for _ in range(args.repeats):
-        for name, rs in runs.items():
-            rs.append(asyncio.run(overhead_http(args, url, server_pid, lean_http=name == "lean")))
+        for name, (run, transport) in CLIENTS.items():
+            runs[name].append(run(overhead_http(args, url, server_pid, transport)))
     out: dict = {"runs": runs}
     for name, rs in runs.items():
         for key in ("expansions_per_cpu_s", "expansions_per_wall_s"):
@@ -230,11 +247,11 @@ def http_side_by_side(args, url: str, server_pid: int) -> dict:
     return out
 
 
-async def pool_request_cost(url: str, lean_http: bool, requests: int = 2000) -> dict:
+async def pool_request_cost(url: str, transport, requests: int = 2000) -> dict:
     """Client CPU per pool request (no search) against the zero-latency server, at 1 and 32 in flight."""
     ep = EndpointSpec(name="s", base_url=url + "/v1", model="m", max_concurrency=64)
     out = {}
-    async with LLMPool(lean_http=lean_http) as pool:
+    async with LLMPool(transport=transport() if transport else None) as pool:
         for _ in range(50):  # warm: connections open, JSON encoder and routes built
             await pool.complete(ep, "hi", max_tokens=8)
         for concurrency in (1, 32):
@@ -251,10 +268,10 @@ async def pool_request_cost(url: str, lean_http: bool, requests: int = 2000) -> 
 
 
 def pool_cost_side_by_side(args, url: str) -> dict:
-    runs: dict[str, list[dict]] = {"lean": [], "httpcore": []}
+    runs: dict[str, list[dict]] = {name: [] for name in CLIENTS}
     for _ in range(args.repeats):
-        for name, rs in runs.items():
-            rs.append(asyncio.run(pool_request_cost(url, lean_http=name == "lean")))
+        for name, (run, transport) in CLIENTS.items():
+            runs[name].append(run(pool_request_cost(url, transport)))
     return {
         f"{name}_{key}": statistics.median(r[key] for r in rs) for name, rs in runs.items() for key in rs[0]
     }
@@ -288,11 +305,12 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def overhead_http(args, url: str, server_pid: int, lean_http: bool = True) -> dict:
+async def overhead_http(args, url: str, server_pid: int, transport=None) -> dict:
     async with (
-        LLMPool(max_in_flight=4096, retry=RetryPolicy(max_retries=0), lean_http=lean_http) as pool,
-        # The httpcore variant takes httpcore for the trainer's own routes too (the path before 06:00).
-        TrainerClient(url, transport=None if lean_http else httpx.AsyncHTTPTransport()) as trainer,
+        LLMPool(
+            max_in_flight=4096, retry=RetryPolicy(max_retries=0), transport=transport() if transport else None
+        ) as pool,
+        TrainerClient(url, transport=transport() if transport else None) as trainer,  # the same client
     ):
         svc = services(url, pool, trainer)
         await run_searches(problems(4), bench_config(args), svc, max_trees_in_flight=4)
@@ -426,10 +444,17 @@ def main() -> None:
             in_process["logprobs_calls"] / in_process["logprobs_requests"], 2
         ),
         "http_requests_per_expansion": round(in_process["http_requests_per_expansion"], 3),
-        "expansions_per_cpu_s_loopback_http": round(http["lean_expansions_per_cpu_s"], 1),
-        "expansions_per_wall_s_loopback_http": round(http["lean_expansions_per_wall_s"], 1),
-        "httpcore_expansions_per_cpu_s_loopback_http": round(http["httpcore_expansions_per_cpu_s"], 1),
-        "httpcore_expansions_per_wall_s_loopback_http": round(http["httpcore_expansions_per_wall_s"], 1),
+        "http_client": describe_http_client(),
+        "event_loop": f"asyncio (Python {platform.python_version()}); aiohttp_uvloop: uvloop {uvloop.__version__}",
+        "expansions_per_cpu_s_loopback_http": round(http["aiohttp_expansions_per_cpu_s"], 1),
+        "expansions_per_wall_s_loopback_http": round(http["aiohttp_expansions_per_wall_s"], 1),
+        "loopback_http_by_client": {
+            name: {
+                "expansions_per_cpu_s": round(http[f"{name}_expansions_per_cpu_s"], 1),
+                "expansions_per_wall_s": round(http[f"{name}_expansions_per_wall_s"], 1),
+            }
+            for name in CLIENTS
+        },
         "pool_client_cpu_us_per_request": {k: round(v, 1) for k, v in pool_cost.items()},
         "max_in_flight": in_flight["server_max_in_flight"],
         "critical_path_ratio": round(critical["critical_path_ratio"], 3),

@@ -1,10 +1,8 @@
 """An async client pool for OpenAI-compatible servers (vLLM, OpenRouter, the trainer service).
 
-Per server (base_url), a set of small `httpx.AsyncClient`s, one per request in flight at the peak by
-default (connections are reused across requests and endpoints that share a server; requests go straight to
-the client's transport, see `_Shard`; plain-http servers without a proxy through
-orchestrator/clients/http_transport.py's lean transport instead of httpcore), a concurrency limit per endpoint, an
-optional global limit on requests in flight across every search, timeouts, and retries with jittered
+Per server (base_url), one httpx client on aiohttp (orchestrator/clients/http.py: connections kept alive and
+shared by every request and endpoint of that server; requests go straight to the client's transport, see
+`_Server`), a concurrency limit per endpoint, an optional global limit on requests in flight across every search, timeouts, and retries with jittered
 exponential backoff on 429 / 5xx / connection errors / timeouts / malformed JSON, honouring `Retry-After`.
 API keys come from the environment variable an endpoint names; they are sent as a Bearer header and never
 appear in errors, logs or reprs.
@@ -28,7 +26,7 @@ import certifi
 import httpx
 from pydantic import ValidationError
 
-from orchestrator.clients.http_transport import LeanHTTPTransport
+from orchestrator.clients.http import async_client
 from orchestrator.settings import EndpointSpec
 from services.protocol import ReceivedChatCompletion, ReceivedCompletion
 from services.protocol.openai import ReceivedChatChoice
@@ -204,19 +202,13 @@ class LLMPool:
         environ: dict | None = None,
         extra_headers: dict | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        connections_per_client: int = 1,
-        lean_http: bool = True,
     ):
         self.retry = retry or RetryPolicy()
         self._transport = transport  # None = real HTTP; an in-process transport for benchmarks
-        # Plain-http servers through LeanHTTPTransport (asyncio streams) instead of httpcore: a loopback
-        # request cost ~400 us of client CPU through httpcore + anyio + h11. False = httpcore for all.
-        self.lean_http = lean_http
         self._environ = environ
         self._extra_headers = dict(extra_headers or {})
         self._base_url_keys: dict[str, str] = {}  # fallback Bearer keys per server (the trainer's API_TOKEN)
-        self._servers: dict[str, _Server] = {}  # per server: small connection pools
-        self.connections_per_client = connections_per_client
+        self._servers: dict[str, _Server] = {}  # per server: its client and the transport that serves it
         self._ssl_context: ssl.SSLContext | None = None
         self._endpoint_limits: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._targets: dict[tuple, _Target] = {}
@@ -245,49 +237,19 @@ class LLMPool:
     async def aclose(self) -> None:
         servers, self._servers = list(self._servers.values()), {}
         for server in servers:
-            for shard in server.shards:
-                await shard.client.aclose()
-                if isinstance(shard.transport, LeanHTTPTransport):  # ours, not the client's
-                    await shard.transport.aclose()
+            await server.client.aclose()
 
-    def _acquire_shard(self, endpoint: EndpointSpec) -> _Shard:
-        """A client of the endpoint's server with a free slot (the one most recently used, so its
-        connections are warm), opening another one when all are full. Release it with `shard.release()`.
-
-        httpcore's connection pool does work proportional to its open connections on every request (it
-        checks every idle socket), so hundreds of connections in one client cost more CPU than the requests
-        themselves. Small pools of `connections_per_client` keep that bounded; each still reuses its
-        connections."""
+    def _server(self, endpoint: EndpointSpec) -> _Server:
+        """The client of the endpoint's server, opened on first use (aiohttp pools its connections)."""
         base = endpoint.base_url.rstrip("/")
         server = self._servers.get(base)
         if server is None:
-            server = self._servers[base] = _Server()
-        if server.free:
-            shard = server.free[-1]
-        else:
             if self._ssl_context is None:  # building one costs ~40 ms: share it between the clients
                 self._ssl_context = ssl.create_default_context(cafile=certifi.where())
-            client = httpx.AsyncClient(
-                limits=httpx.Limits(
-                    max_connections=None,
-                    max_keepalive_connections=self.connections_per_client,
-                    keepalive_expiry=30,
-                ),
-                transport=self._transport,
-                verify=self._ssl_context,
-            )
-            url = httpx.URL(base)
-            transport = client._transport_for_url(url)  # the same choice `client.send` makes
-            direct = transport is client._transport  # no proxy from the environment for this server
-            if self.lean_http and self._transport is None and url.scheme == "http" and direct:
-                transport = LeanHTTPTransport(max_idle=self.connections_per_client, idle_expiry_s=30)
-            shard = _Shard(client, transport, server.free, self.connections_per_client)
-            server.shards.append(shard)
-            server.free.append(shard)
-        shard.in_flight += 1
-        if shard.in_flight >= shard.capacity:
-            server.free.pop()  # the shard in use is always the top of the stack
-        return shard
+            client = async_client(transport=self._transport, verify=self._ssl_context)
+            # The transport `client.send` would choose (a proxy from the environment, or the direct one).
+            server = self._servers[base] = _Server(client, client._transport_for_url(httpx.URL(base)))
+        return server
 
     def _target(self, endpoint: EndpointSpec, path: str) -> _Target:
         """Everything about one endpoint's route that does not change between requests, computed once: the
@@ -366,11 +328,7 @@ class LLMPool:
             try:
                 async with self._slot(endpoint):
                     started = time.perf_counter()
-                    shard = self._acquire_shard(endpoint)
-                    try:
-                        status, body, response = await shard.post(target, headers, content)
-                    finally:
-                        shard.release()
+                    status, body, response = await self._server(endpoint).post(target, headers, content)
                     latency = time.perf_counter() - started
                 if status == 200:
                     try:
@@ -427,40 +385,21 @@ class LLMPool:
         }
 
 
-class _Server:
-    """The shards of one server, and a stack of those with a free slot (each exactly once)."""
-
-    def __init__(self) -> None:
-        self.shards: list[_Shard] = []
-        self.free: list[_Shard] = []
-
-
 @dataclass(frozen=True)
 class _Target:
     url: httpx.URL
-    extensions: dict  # {"timeout": ...}, read by httpcore
+    extensions: dict  # {"timeout": ...}, read by the transport
     headers: list[tuple[bytes, bytes]]  # every header but Content-Length
     secret: str | None  # the Bearer key, scrubbed from error messages
 
 
-class _Shard:
-    """One small connection pool of a server. Requests go straight to the transport that serves the server
-    (the lean one for plain http, else the client's own or a proxy the environment names): the pool needs
-    none of the client's per-request work (URL merging, header defaults, cookies, auth and redirect
+class _Server:
+    """The client of one server and the transport that serves it. Requests go straight to that transport: the
+    pool needs none of the client's per-request work (URL merging, header defaults, cookies, auth and redirect
     handling, request logging), and that work cost more CPU than the HTTP exchange itself."""
 
-    def __init__(
-        self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, free: list, capacity: int
-    ):
-        self.client = client
-        self.transport = transport
-        self.in_flight = 0
-        self.free, self.capacity = free, capacity  # the server's stack of shards with a free slot
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == self.capacity - 1:  # it was full, so not on the stack
-            self.free.append(self)
+    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport):
+        self.client, self.transport = client, transport
 
     async def post(
         self, target: _Target, headers: list[tuple[bytes, bytes]], content: bytes

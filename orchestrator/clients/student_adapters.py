@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import httpx
 
-from orchestrator.clients.http_transport import lean_transport_for
+from orchestrator.clients.http import async_client
 from orchestrator.clients.llm import LLMError, RetryPolicy, api_key, parse_retry_after
 from orchestrator.settings import Settings
 
@@ -105,11 +105,11 @@ class StudentAdapters:
         self._loaded: dict[str, _Loaded] = {}
         self._lock = asyncio.Lock()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(
+        self._client = async_client(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            transport=transport or lean_transport_for(self.base_url),
+            transport=transport,  # None: aiohttp's (orchestrator/clients/http.py); a test may give one
         )
 
     @classmethod

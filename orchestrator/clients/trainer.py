@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.clients.http_transport import lean_transport_for
+from orchestrator.clients.http import async_client
 from orchestrator.clients.llm import RETRYABLE_STATUS, RetryPolicy, cut_off, first_error, parse_retry_after
 from services.protocol import (
     CheckpointInfo,
@@ -87,12 +87,11 @@ class TrainerClient:
         headers = {"Content-Type": "application/json"}
         if api_token:
             headers["Authorization"] = f"Bearer {api_token}"
-        self._client = httpx.AsyncClient(
+        self._client = async_client(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            # Plain http (the usual trainer on the same host or network) skips httpcore: see http_transport.py.
-            transport=transport or lean_transport_for(self.base_url),
+            transport=transport,  # None: aiohttp's (orchestrator/clients/http.py); a test or bench may give one
         )
         self.requests = 0
 

@@ -162,24 +162,13 @@ def test_retry_after_parsing_and_backoff():
 
 async def test_concurrent_requests_get_their_own_connections_and_reuse_them(scripted_server):
     scripted_server.config.latency_ms = 100  # the five overlap
-    async with LLMPool(retry=FAST) as pool:  # one connection per client
+    other = endpoint(scripted_server).model_copy(update={"name": "other", "model": "other"})
+    async with LLMPool(retry=FAST) as pool:
         for _ in range(2):
             await asyncio.gather(*(pool.chat(endpoint(scripted_server), USER) for _ in range(5)))
-        server = pool._servers[scripted_server.v1]
-        assert len(server.shards) == 5 and len(server.free) == 5  # all idle again, each on the stack once
-        assert all(s.in_flight == 0 for s in server.shards)
-    assert scripted_server.connections == 5  # the second round reused the first round's connections
-
-
-async def test_clients_with_several_connections(scripted_server):
-    scripted_server.config.latency_ms = 100
-    async with LLMPool(retry=FAST, connections_per_client=2) as pool:
-        await asyncio.gather(*(pool.chat(endpoint(scripted_server), USER) for _ in range(5)))
-        server = pool._servers[scripted_server.v1]
-        assert len(server.shards) == 3 and sorted(id(s) for s in server.free) == sorted(
-            id(s) for s in server.shards
-        )
-    assert scripted_server.connections == 5
+        await pool.chat(other, USER)  # another endpoint of the same server shares its connections
+        assert list(pool._servers) == [scripted_server.v1]
+    assert scripted_server.connections == 5  # the later requests reused the first round's connections
 
 
 async def test_a_changed_api_key_is_sent_from_the_next_request(scripted_server, monkeypatch):
