@@ -11,15 +11,15 @@ Two adjustments to httpx-aiohttp 0.2, both in `Transport`:
   `ClientConnectionError` entry wins over the specific ones), so a refused connection or a server that hangs up
   would read as a timeout; here a connection error that is not a timeout becomes `httpx.ConnectError` (no
   connection) or `httpx.RemoteProtocolError` (the server closed it), as httpx's own transport reports them;
-- the response body is read inside the transport, under the same mapping, and handed back whole (the
-  orchestrator's responses are JSON documents it reads whole anyway).
+- the response body is read under the same mapping (its stream is wrapped), since a server can hang up
+  between the head and the end of the body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from importlib import metadata
 from typing import Any
 
@@ -33,18 +33,25 @@ class Transport(AiohttpTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with _connection_errors(request):
             response = await super().handle_async_request(request)
-            try:
-                body = await response.aread()  # decodes gzip/deflate as httpx would
-            finally:
-                await response.aclose()  # the connection goes back to aiohttp's pool
-        decoded = ("content-encoding", "content-length", "transfer-encoding")  # they described the wire bytes
-        return httpx.Response(
-            response.status_code,
-            headers=[(k, v) for k, v in response.headers.multi_items() if k not in decoded],
-            content=body,
-            request=request,
-            extensions=response.extensions,
-        )
+        assert isinstance(response.stream, httpx.AsyncByteStream)  # httpx-aiohttp's AiohttpResponseStream
+        response.stream = _MappedStream(response.stream, request)
+        return response
+
+
+class _MappedStream(httpx.AsyncByteStream):
+    """The response body, read under the same error mapping as the request."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, request: httpx.Request):
+        self.stream, self.request = stream, request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _connection_errors(self.request):
+            async for chunk in self.stream:
+                yield chunk
+
+    async def aclose(self) -> None:
+        with _connection_errors(self.request):
+            await self.stream.aclose()
 
 
 @contextlib.contextmanager
