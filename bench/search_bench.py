@@ -14,9 +14,9 @@ Three measurements against the scripted OpenAI-compatible server (tests/support/
    CPU-second of the search process (so it includes the client side of real HTTP: sockets and the HTTP
    client) and per wall-second (the server shares the 2 cores, so wall time includes its CPU). Run with each
    HTTP client of CLIENTS, interleaved `repeats` times; medians: the pool's own (httpx over httpx-aiohttp,
-   orchestrator/clients/http.py) on asyncio's loop and on uvloop (what `azt serve` runs), the hand-written
-   HTTP/1.1 transport it replaced (bench/lean_http_transport.py, kept for this comparison only) and httpx's
-   default transport (httpcore). Also the pool alone: client CPU microseconds per `LLMPool.complete` at 1 and
+   orchestrator/clients/http.py) on asyncio's loop and on uvloop (what `azt serve` runs), and httpx's default
+   transport (httpcore). (The run of 2026-11-30 19:10 UTC also had the hand-written transport the library
+   replaced, from a copy deleted after it: bench/RESULTS.md.) Also the pool alone: client CPU microseconds per `LLMPool.complete` at 1 and
    at 32 requests in flight (2000 requests each), every client.
 3. slow endpoints (every request takes --latency-ms): (a) many trees at once, the peak number of requests in
    flight as the server counts them; (b) one search, its wall time over the sum of latencies on its critical
@@ -46,7 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from lean_http_transport import LeanHTTPTransport  # noqa: E402  # the removed client, for the comparison
 from support.scripted_server import ScriptedServer, ServerConfig, admin  # noqa: E402
 
 import orchestrator.clients.llm  # noqa: E402
@@ -226,7 +225,6 @@ def overhead_side_by_side(args) -> dict:
 CLIENTS = {
     "aiohttp": (asyncio.run, None),
     "aiohttp_uvloop": (uvloop.run, None),
-    "lean_removed": (asyncio.run, lambda: LeanHTTPTransport(max_idle=4096)),
     "httpcore": (
         asyncio.run,
         lambda: httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=4096)),

@@ -1,1 +1,2 @@
-"""HTTP clients: the OpenAI-compatible pool and its lean transport, the trainer's own routes, this service's API."""
+"""HTTP clients: httpx over aiohttp (http.py), the OpenAI-compatible pool, the trainer's routes, this service's
+API."""
