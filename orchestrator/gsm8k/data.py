@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -159,19 +160,19 @@ def hub_offline() -> str | None:
 @functools.cache
 def probe_hub(
     repo: str = HUB_DATASET, endpoint: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S
-) -> str:
-    """ "" when the hub answered for `repo` within `timeout_s`, else why not. Asked once per process and endpoint.
+) -> str | None:
+    """None when the hub answered for `repo` within `timeout_s`, else why not. Asked once per process and endpoint.
 
     The call runs on a daemon thread that is abandoned at the deadline, since a name lookup can outlast an HTTP
     client's own timeout and nothing may wait on an unreachable hub."""
-    answer: list[str] = []
+    answer: list[str | None] = []
 
     def ask() -> None:
         try:
             from huggingface_hub import HfApi
 
             HfApi(endpoint=endpoint).dataset_info(repo, timeout=timeout_s)
-            answer.append("")
+            answer.append(None)
         except Exception as exc:  # any failure means "not usable from here"; its kind goes into the reason
             answer.append(f"{type(exc).__name__} from the hub")
 
@@ -184,11 +185,9 @@ def probe_hub(
 def _hub_unusable() -> str | None:
     if variable := hub_offline():
         return f"{variable} is set"
-    try:
-        import datasets  # noqa: F401  # pyright: ignore[reportUnusedImport]
-    except ImportError:
+    if importlib.util.find_spec("datasets") is None:
         return "the `datasets` package is not installed"
-    return probe_hub() or None
+    return probe_hub()
 
 
 # ----- the loading order ---------------------------------------------------------------------------------------

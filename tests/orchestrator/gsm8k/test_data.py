@@ -209,18 +209,19 @@ def hub_online(monkeypatch):
 
 
 def test_probe_says_yes_to_a_hub_that_answers(fake_hub, hub_online):
-    assert probe_hub(endpoint=fake_hub.url, timeout_s=5.0) == ""
+    assert probe_hub(endpoint=fake_hub.url, timeout_s=5.0) is None
     assert fake_hub.paths == ["/api/datasets/openai/gsm8k"]
-    assert probe_hub(endpoint=fake_hub.url, timeout_s=5.0) == ""  # remembered: asked once per process
+    assert probe_hub(endpoint=fake_hub.url, timeout_s=5.0) is None  # remembered: asked once per process
     assert len(fake_hub.paths) == 1
-    assert probe_hub("nobody/nothing", endpoint=fake_hub.url, timeout_s=5.0) != ""
+    missing = probe_hub("nobody/nothing", endpoint=fake_hub.url, timeout_s=5.0)  # a 404
+    assert missing is not None and missing.endswith("Error from the hub")
 
 
 def test_probe_gives_up_on_a_silent_hub_at_its_deadline(silent_server, hub_online):
     started = time.monotonic()
     reason = probe_hub(endpoint=silent_server, timeout_s=0.5)
     assert time.monotonic() - started < 3.0
-    assert "from the hub" in reason
+    assert reason is not None and "from the hub" in reason
 
 
 def test_probe_of_a_closed_port_fails_at_once(hub_online):
@@ -228,7 +229,8 @@ def test_probe_of_a_closed_port_fails_at_once(hub_online):
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     started = time.monotonic()
-    assert probe_hub(endpoint=url, timeout_s=5.0).endswith("from the hub")
+    refused = probe_hub(endpoint=url, timeout_s=5.0)
+    assert refused is not None and refused.endswith("Error from the hub")
     assert time.monotonic() - started < 3.0
 
 
