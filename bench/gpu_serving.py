@@ -1,43 +1,53 @@
-"""The trainer's decode paths side by side on one GPU, in-process (issue #20, phase 1), in one command:
+"""The trainer's serving on one GPU in one command (issue #20): the decode in-process, then the real service over HTTP.
 
-    python bench/gpu_serving.py --out $OUT/gpu_serving.json        # lent H200: 5-7 minutes, nothing carried
+    python3 bench/gpu_serving.py --out $OUT/gpu_serving.json     # lent H200: ~3.5 minutes; carry .whl (the service)
 
-Candidates, each at 1, 32, 128 and 256 rows, greedy and sampled (T=1.0, top_p=1.0 as the learning runs sample,
-seeded, log-probs of the sampled token), 128 new tokens per row:
-- loop:        Student's transformers DynamicCache loop (TRAINER_DECODE_ENGINE=loop), the path before the engine;
-- slots:       services/trainer/decode (fixed KV slots, CUDA graphs), what TRAINER_DECODE_ENGINE=slots runs;
-- slots_eager: the same engine with graphs off (256 rows), to show what the graphs buy;
-- slots_sync:  the same engine with its steps in order, not overlapped (256 rows), to show what the overlap buys;
-- slots_compiled: the same engine with its decode step torch.compiled inside the graphs (TRAINER_DECODE_COMPILE=true;
-                its first call's compile time is reported as first_call_s);
-- hf_static:   transformers generate with its static cache, compiled (torch.compile mode="reduce-overhead");
-- hf_cb:       transformers generate_batch (continuous batching, paged attention "paged|sdpa": no flash-attn here).
-Then two workloads on loop and slots: "search" (32 prompts x n=8 sharing a long prefix, stop "\\n", 64 tokens:
-a node's samples) and "mixed" (128 student rows + 128 base rows: one call on slots, two calls on loop).
+1. In-process (Student.generate, no HTTP), 128 new tokens per row, sampled (T=1.0, top_p=1.0 as the learning runs
+   sample, seeded, log-probs of the sampled token) at 1, 32, 128 and 256 rows, greedy at 256 as well:
+   - loop:        Student's transformers DynamicCache loop (TRAINER_DECODE_ENGINE=loop), the path before the engine;
+   - slots:       services/trainer/decode (fixed KV slots, CUDA graphs), what TRAINER_DECODE_ENGINE=slots runs;
+   - slots_eager: the same engine with graphs off, at 256 rows: what the graphs buy.
+2. Through the service: a real `python -m services.trainer` on 127.0.0.1 (same model directory, bf16, no 4-bit,
+   TRAINER_MAX_BATCH_SIZE 256), started at the beginning so it loads while part 1 runs. Closed loops of
+   /v1/completions (distinct prompts of 96-224 tokens, 128 tokens, sampled as above) with 1, 32, 128 and 255
+   requests in flight, each for --service-seconds; tokens, requests, latencies, connection errors and HTTP
+   errors are counted (bench/service_load.py). Then two request shapes at the same rows in flight (32 clients x
+   8 samples): "sampling" (n=8 whole answers of a fresh prompt, a GRPO arm) and "search" (n=8 steps of 32
+   tokens from a node, then 8 n=1 continuations from node + child: what the fork search sends).
+   The service needs fastapi/uvicorn/pydantic: where they are missing, the wheels in .whl (see
+   bench/gpu_learning.sh) are installed into /tmp/site for the service's process only.
+Optional candidates (--candidates; phase 1's comparison, each minutes on a GPU): slots_compiled (the step
+torch.compiled inside the graphs), slots_sync (steps in order), search / mixed (in-process workloads), hf_static
+(transformers static cache + torch.compile) and hf_cb (transformers continuous batching).
 
 Model: random weights of SmolLM2-135M's shape (bench/configs/smollm2-135m), saved once as bf16 and loaded through
-load_student (bf16 on CUDA, LoRA r=32 on the 7 projections with random B so the merged student differs from base).
-Random weights never stop early, so every row runs to its max_tokens. The tokenizer is made up here (49,152
-byte-level entries: the lent machine has no tokenizer files and no internet); prompts are random ids, 96-224 long.
+load_student (bf16 on CUDA, LoRA r=32 on the 7 projections; in-process with random B so the merged student
+differs from base). Random weights seldom stop early, so rows run to their max_tokens. The tokenizer is made up
+here (49,152 byte-level entries, no merges: one token per character of text; the lent machine has no tokenizer
+files and no internet); in-process prompts are random ids, 96-224 long.
 
-Figures per row: tok/s = generated tokens / wall time of the generate call; ms/pass = wall / forward passes (the
-prefill counts as one); ms/step = (wall(128 tokens) - wall(1 token)) / 127, the decode step alone. Greedy tokens of
-each candidate are compared with loop's: bf16 with random weights gives near-flat logits, so kernels that round
-differently pick different argmaxes within a few tokens; `greedy_same` is the share of rows equal to loop's and
-`greedy_prefix` the mean share of tokens before the first difference. The run stops a candidate when --budget-s
-is spent and says so. Writes --out (JSON) and prints a table.
+Figures per row: tok/s = generated tokens / wall time; ms/pass = wall / forward passes (the prefill counts as
+one; through the service from /health's forward_passes counter); ms/step = (wall(128 tokens) - wall(1 token)) /
+127, the decode step alone. Greedy tokens are compared with loop's (`greedy_same`: share of rows equal,
+`greedy_prefix`: mean share of tokens before the first difference; bf16 random weights give near-flat logits, so
+kernels that round differently part within a few tokens). Every part has a hard budget (--budget-s in-process,
+--service-budget-s for the service) and the JSON, headline figures included, is rewritten after every row, so a
+cut run keeps what it measured.
 
-CPU check of this script (tiny shape, a few tokens): python bench/gpu_serving.py --smoke --out /tmp/gs.json
+CPU check of the whole command (tiny shape, a few tokens, the service too): python bench/gpu_serving.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,11 +138,15 @@ def write_model(target: Path, config_dir: Path, smoke: bool) -> None:
 
 
 class Bench:
-    def __init__(self, args):
+    """The rows measured so far and the headline figures from them, written to --out after every row."""
+
+    def __init__(self, args, started: float):
         self.args = args
+        self.started = started
         self.rows_out: list[dict] = []
         self.deadline = time.monotonic() + args.budget_s
         self.greedy_ref: dict[tuple, list[list[int]]] = {}
+        self.info: dict = {}  # setup time, device, versions: filled in as they become known
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -141,9 +155,63 @@ class Bench:
         self.rows_out.append(row)
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
         print("ROW", json.dumps(shown), flush=True)
-        # The rows so far, in case the run is cut short (the final report rewrites the file whole).
+        self.write(partial=True)
+
+    def find(self, candidate: str, mode: str, **match) -> dict | None:
+        for row in self.rows_out:
+            if (row.get("candidate") == candidate and row.get("mode") == mode and "tok_s" in row
+                    and all(row.get(k) == v for k, v in match.items())):
+                return row
+        return None
+
+    def summary(self) -> dict:
+        rows = max(int(r) for r in self.args.rows.split(","))
+        in_flight = [int(f) for f in self.args.in_flight.split(",")]
+        slots = self.find("slots", "sampled", rows=rows) or {}
+        greedy = self.find("slots", "greedy", rows=rows) or {}
+        loop = self.find("loop", "sampled", rows=rows) or {}
+        eager = self.find("slots_eager", "sampled", rows=rows) or {}
+        service = {str(f): (self.find("service", "sampled", in_flight=f) or {}).get("tok_s") for f in in_flight}
+        top = self.find("service", "sampled", in_flight=in_flight[-1]) or {}
+        sampling = self.find("service", "workload_sampling") or {}
+        search = self.find("service", "workload_search") or {}
+        ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+        return {
+            # the headline figures are the sampled ones: the service's requests sample too
+            f"inprocess_tok_s_{rows}": slots.get("tok_s"),
+            f"ms_per_pass_{rows}": slots.get("ms_per_pass"),
+            f"ms_per_step_{rows}": slots.get("ms_per_step"),
+            f"inprocess_greedy_tok_s_{rows}": greedy.get("tok_s"),
+            f"loop_tok_s_{rows}": loop.get("tok_s"),
+            f"eager_tok_s_{rows}": eager.get("tok_s"),
+            "service_tok_s": service,
+            f"service_vs_inprocess_{in_flight[-1]}": ratio(top.get("tok_s"), slots.get("tok_s")),
+            f"connection_errors_{in_flight[-1]}": top.get("connection_errors"),
+            f"http_errors_{in_flight[-1]}": top.get("http_errors"),
+            "search_tok_s": search.get("tok_s"),
+            "sampling_tok_s": sampling.get("tok_s"),
+            "search_vs_sampling_ratio": ratio(search.get("tok_s"), sampling.get("tok_s")),
+        }
+
+    def write(self, partial: bool) -> dict:
+        result = {"partial": partial, **self.summary(), **self.info,
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.started)),
+                  "command": "python " + " ".join(sys.argv), "total_s": time.time() - self.started,
+                  "rows": self.rows_out}
         Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(self.args.out).write_text(json.dumps({"partial": True, "rows": self.rows_out}, indent=1))
+        Path(self.args.out).write_text(json.dumps(result, indent=1))
+        return result
+
+    def guarded(self, label: str, fn, *, budget: bool = True) -> None:
+        """fn(), recorded as skipped when the in-process budget is spent, or as an error (the run goes on)."""
+        if budget and self.left() <= 0:
+            self.record(candidate=label, skipped="budget spent")
+            return
+        try:
+            fn()
+        except Exception as exc:
+            traceback.print_exc()
+            self.record(candidate=label, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 def sync():
@@ -154,29 +222,146 @@ def sync():
 def compare(reference: list[list[int]] | None, got: list[list[int]]) -> dict:
     if reference is None:
         return {}
-    same = sum(a == b for a, b in zip(reference, got)) / len(got)
+    same = sum(a == b for a, b in zip(reference, got, strict=False)) / len(got)
     prefix = []
-    for a, b in zip(reference, got):
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    for a, b in zip(reference, got, strict=False):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         prefix.append(n / max(len(a), 1))
     return {"greedy_same": same, "greedy_prefix": sum(prefix) / len(prefix)}
 
 
+# ----- the service -------------------------------------------------------------------------------------------------
+def service_pythonpath() -> str:
+    """PYTHONPATH for the service's process: this checkout, and /tmp/site with the .whl wheels installed where
+    fastapi, uvicorn or pydantic-settings is missing (the lent GPU machine has none of them)."""
+    here = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "pydantic_settings")):
+        return os.pathsep.join(here)
+    wheels = sorted((ROOT / ".whl").glob("*.whl"))
+    if not wheels:
+        raise RuntimeError("the service needs fastapi, uvicorn and pydantic-settings, and .whl holds no wheels "
+                           "(carry .whl: see bench/gpu_learning.sh)")
+    site = Path(tempfile.gettempdir()) / "site"
+    if not (site / "fastapi").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+    return os.pathsep.join([str(site), *here])
+
+
+def start_service(args, work: Path, device: str):
+    """`python -m services.trainer` on a free port of 127.0.0.1 over the bench's model directory, as users run it
+    (log level info); returns the process (not yet ready: it loads while the in-process part runs)."""
+    from orchestrator.local.processes import free_port, trainer_process
+
+    rows = max(256, max(int(f) for f in args.in_flight.split(",")))
+    env = {
+        "PYTHONPATH": service_pythonpath(),
+        "TRAINER_MODEL_SOURCE": str(work / "model"),
+        "TRAINER_MODEL_CACHE_DIR": str(work / "service-cache"),
+        "TRAINER_DEVICE": device,
+        "TRAINER_LOAD_IN_4BIT": "false",
+        "TRAINER_MAX_BATCH_SIZE": str(rows),
+        "TRAINER_MAX_REQUESTS_IN_FLIGHT": str(4 * rows),
+        "TRAINER_COMPILE_LAYERS": "false",
+        "TRAINER_GRADIENT_CHECKPOINTING": "false",
+        "TRAINER_DECODE_ENGINE": "slots",
+        "TRAINER_DECODE_COMPILE": "false",
+    }
+    if args.admit_every:
+        env["TRAINER_ADMIT_EVERY_STEPS"] = str(args.admit_every)
+    process = trainer_process(free_port(), work, env=env, cwd=ROOT)
+    return process.start()
+
+
+def measure_service(bench: Bench, args, process, texts: list[str]) -> None:
+    """Closed loops at each in-flight level, then the sampling and search workloads, within --service-budget-s."""
+    import httpx
+
+    from bench.service_load import closed_loop, sampling_workload, search_workload
+
+    deadline = time.monotonic() + args.service_budget_s
+    t = time.perf_counter()
+    health = process.wait_ready(max(deadline - time.monotonic(), 1.0))
+    bench.info["service"] = {"ready_wait_s": time.perf_counter() - t, "device": health["device"],
+                             "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")}}
+    url = process.url
+    levels = [int(f) for f in args.in_flight.split(",")]
+
+    def counters() -> dict:
+        return httpx.get(url + "/health", timeout=30).json()["batcher"]
+
+    def body(client: int, k: int) -> dict:
+        text = texts[(client * 7 + k) % len(texts)]
+        return {"model": "student", "prompt": f"{client} {k} {text}", "max_tokens": args.tokens,
+                "temperature": 1.0, "top_p": 1.0, "seed": client * 100_003 + k, "logprobs": 0}
+
+    t = time.perf_counter()  # graphs of the common shapes are captured here, not in the timed loops
+    warm = asyncio.run(closed_loop(url, levels[-1], args.warmup_s, body))
+    asyncio.run(closed_loop(url, 1, min(args.warmup_s, 2.0), body))
+    bench.info["service"]["warmup_s"] = time.perf_counter() - t
+    bench.info["service"]["warmup_connection_errors"] = warm["connection_errors"]
+
+    def timed(mode: str, run, **extra) -> None:
+        if deadline - time.monotonic() < run_seconds(mode) + 3:
+            bench.record(candidate="service", mode=mode, skipped="service budget spent", **extra)
+            return
+        before = counters()
+        result = asyncio.run(run())
+        after = counters()
+        passes = after["forward_passes"] - before["forward_passes"]
+        bench.record(candidate="service", mode=mode, **{**extra, **result}, forward_passes=passes,
+                     ms_per_pass=1000 * result["wall_s"] / max(passes, 1),
+                     tokens_per_pass=result["tokens"] / max(passes, 1),
+                     forward_batches=after["forward_batches"] - before["forward_batches"],
+                     admitted_requests=after["admitted_requests"] - before["admitted_requests"])
+
+    def run_seconds(mode: str) -> float:
+        return args.workload_seconds if mode.startswith("workload") else args.service_seconds
+
+    for level in levels:
+        timed("sampled", lambda f=level: closed_loop(url, f, args.service_seconds, body), in_flight=level)
+
+    def prompt(client: int, k: int) -> str:
+        return f"q{client}.{k} {texts[(client * 13 + k) % len(texts)]}"
+
+    clients = args.workload_clients
+    timed("workload_sampling", lambda: sampling_workload(url, clients, args.workload_seconds, prompt,
+                                                         max_tokens=args.tokens))
+    timed("workload_search", lambda: search_workload(url, clients, args.workload_seconds, prompt,
+                                                     step_tokens=args.step_tokens))
+
+
+# ----- in-process --------------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_serving.json"))
     parser.add_argument("--rows", default="1,32,128,256")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--candidates",
-                        default="loop,slots,slots_compiled,slots_eager,slots_sync,search,mixed,hf_static,hf_cb")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="stop starting new measurements after this")
+    parser.add_argument("--candidates", default="loop,slots,slots_eager,service",
+                        help="also: slots_compiled, slots_sync, search, mixed, hf_static, hf_cb")
+    parser.add_argument("--budget-s", type=float, default=80.0,
+                        help="in-process: no new measurement starts after this many seconds")
     parser.add_argument("--hf-budget-s", type=float, default=75.0,
                         help="each transformers candidate starts no new size after this many seconds")
+    parser.add_argument("--in-flight", default="1,32,128,255", help="service: requests in flight per closed loop")
+    parser.add_argument("--service-seconds", type=float, default=15.0, help="service: length of each closed loop")
+    parser.add_argument("--workload-seconds", type=float, default=12.0, help="service: sampling / search, each")
+    parser.add_argument("--workload-clients", type=int, default=32, help="service: clients of 8 samples each")
+    parser.add_argument("--step-tokens", type=int, default=32, help="service: tokens of a search step")
+    parser.add_argument("--warmup-s", type=float, default=4.0, help="service: untimed load before the loops")
+    parser.add_argument("--service-budget-s", type=float, default=125.0,
+                        help="service: from the end of the in-process part, ready wait included")
+    parser.add_argument("--admit-every", type=int, default=None, help="service: TRAINER_ADMIT_EVERY_STEPS")
     parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "smollm2-135m"))
-    parser.add_argument("--smoke", action="store_true", help="a tiny shape and few tokens (CPU check of the script)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny shape, few tokens, short loops (CPU check of the whole command)")
     args = parser.parse_args()
     if args.smoke:
-        args.rows, args.tokens = "1,4", 6
+        args.rows, args.tokens, args.in_flight = "1,4", 6, "1,4"
+        args.service_seconds, args.workload_seconds, args.workload_clients = 2.0, 2.0, 2
+        args.step_tokens, args.warmup_s = 4, 1.0
+        if args.out == os.path.join(os.environ.get("OUT", "."), "gpu_serving.json"):
+            args.out = os.path.join(tempfile.gettempdir(), "gpu_serving_smoke.json")
     started = time.time()
     install_pydantic_stand_ins()
     from services.trainer.items import GenerationRequest
@@ -186,28 +371,72 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows_list = [int(r) for r in args.rows.split(",")]
     max_rows = max(rows_list)
-    bench = Bench(args)
+    wanted = set(args.candidates.split(","))
+    bench = Bench(args, started)
     work = Path(tempfile.mkdtemp(prefix="gpu-serving-"))
     t0 = time.perf_counter()
     write_model(work / "model", Path(args.config), args.smoke)
-    settings = TrainerSettings(model_source=str(work / "model"), device=device, load_in_4bit=False,
-                               max_batch_size=max_rows, compile_layers=False, gradient_checkpointing=False,
-                               model_cache_dir=work / "cache")
-    student = load_student(settings)
-    with torch.no_grad():  # a non-zero adapter: the merged student and base are different models
-        for name, param in student.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02)
-    student.merged_decoder.invalidate()
+    process = None
+    if "service" in wanted:
+        try:  # it loads while the in-process part runs
+            process = start_service(args, work, device)
+        except Exception as exc:
+            traceback.print_exc()
+            bench.record(candidate="service", error=f"start: {type(exc).__name__}: {exc}"[:500])
+    try:
+        settings = TrainerSettings(model_source=str(work / "model"), device=device, load_in_4bit=False,
+                                   max_batch_size=max_rows, compile_layers=False, gradient_checkpointing=False,
+                                   model_cache_dir=work / "cache")
+        student = load_student(settings)
+        with torch.no_grad():  # a non-zero adapter: the merged student and base are different models
+            for name, param in student.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.02)
+        student.merged_decoder.invalidate()
+        setup_s = time.perf_counter() - t0
+        bench.info.update(machine=(torch.cuda.get_device_name() if device == "cuda"
+                                   else platform.processor() or "cpu") + f", {os.cpu_count()} CPU cores",
+                          versions=versions(), setup_s=setup_s)
+        print(f"setup {setup_s:.1f}s device={device} dtype={student.merged_decoder.student.dtype} "
+              f"torch={torch.__version__}", flush=True)
+        bench.deadline = time.monotonic() + args.budget_s
+        inprocess(bench, args, student, GenerationRequest, device, wanted)
+        if process is not None:
+            torch.cuda.empty_cache() if device == "cuda" else None
+            vocab_text = random.Random(1)
+            from bench.service_load import text_prompt
+
+            texts = [text_prompt(vocab_text, vocab_text.randint(96, 224) if not args.smoke else 12)
+                     for _ in range(256)]
+            bench.guarded("service", lambda: measure_service(bench, args, process, texts), budget=False)
+    finally:
+        if process is not None:
+            process.stop()
+            log = Path(args.out).with_name(Path(args.out).stem + "_trainer.log")
+            log.write_text(process.log_tail(200_000))
+    result = bench.write(partial=False)
+    print_table(bench.rows_out)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "info")}, indent=1, default=str))
+    print(f"\nwrote {args.out}; total {result['total_s']:.0f}s")
+    return 0
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wanted: set[str]) -> None:
     engine = student.slot_decoder  # the slot engine as the service runs it (services/trainer/slot_generation.py)
-    setup_s = time.perf_counter() - t0
-    print(f"setup {setup_s:.1f}s device={device} dtype={student.merged_decoder.student.dtype} "
-          f"torch={torch.__version__}", flush=True)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    max_rows = max(rows_list)
     vocab = student.lm_head.weight.shape[0]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(96, 224) if not args.smoke else 12)]
                for _ in range(max_rows)]
-    wanted = set(args.candidates.split(","))
 
     def requests(rows, mode, tokens):
         sampled = mode == "sampled"
@@ -240,7 +469,8 @@ def main() -> int:
 
     def time_student(name, use_engine, rows, mode):
         t = time.perf_counter()
-        student_run(name, rows, mode, args.tokens, use_engine)  # warm-up: graphs, compilation, cuBLAS plans
+        # warm-up: the engine's graphs of every window the timed run reaches; cuBLAS plans for the loop
+        student_run(name, rows, mode, args.tokens if use_engine else min(args.tokens, 8), use_engine)
         first = time.perf_counter() - t
         if use_engine:  # the engine captures a prefill shape the second time it comes: not in the timed run
             student_run(name, rows, mode, 2, use_engine)
@@ -263,16 +493,6 @@ def main() -> int:
                      ms_per_step=1000 * (wall - wall_one) / max(args.tokens - 1, 1), passes=passes,
                      first_call_s=first, **gpu, **check)
 
-    def guarded(label, fn):
-        if bench.left() <= 0:
-            bench.record(candidate=label, skipped="budget spent")
-            return
-        try:
-            fn()
-        except Exception as exc:
-            traceback.print_exc()
-            bench.record(candidate=label, error=f"{type(exc).__name__}: {exc}"[:500])
-
     if "slots_compiled" in wanted and engine is not None:
         from services.trainer.decode import DecodeConfig
         from services.trainer.slot_generation import SlotGeneration
@@ -280,21 +500,22 @@ def main() -> int:
         engines["slots_compiled"] = SlotGeneration(
             student, DecodeConfig.for_device(student.device, slots=max_rows, compile=True)
         )
+    # sampled at every size (what the service serves), greedy at the largest (checked against the loop)
+    sizes = [(rows, "sampled") for rows in rows_list] + [(max_rows, "greedy")]
     for name, use_engine in (("loop", False), ("slots", True), ("slots_compiled", True)):
         if name in wanted and name in engines:
-            for rows in rows_list:
-                for mode in ("greedy", "sampled"):
-                    guarded(name, lambda: time_student(name, use_engine, rows, mode))
+            for rows, mode in sizes:
+                bench.guarded(name, lambda n=name, e=use_engine, r=rows, m=mode: time_student(n, e, r, m))
     if "slots_eager" in wanted and engine is not None:
         def eager():
             for lane in engine.engine.lanes.values():
                 lane.graphs.enabled = False
             try:
-                time_student("slots_eager", True, max_rows, "greedy")
+                time_student("slots_eager", True, max_rows, "sampled")
             finally:
                 for lane in engine.engine.lanes.values():
                     lane.graphs.enabled = device == "cuda"
-        guarded("slots_eager", eager)
+        bench.guarded("slots_eager", eager)
     if "slots_sync" in wanted and engine is not None:
         def in_order():
             engine.engine.config.overlap = False
@@ -303,7 +524,7 @@ def main() -> int:
                     time_student("slots_sync", True, max_rows, mode)
             finally:
                 engine.engine.config.overlap = device == "cuda"
-        guarded("slots_sync", in_order)
+        bench.guarded("slots_sync", in_order)
     for name in ("slots", "slots_compiled"):
         if engines.get(name) is not None:
             lanes = engines[name].engine.lanes.values()
@@ -330,7 +551,7 @@ def main() -> int:
                 bench.record(candidate=name, mode="search", rows=8 * count, tokens=generated, wall_s=wall,
                              tok_s=generated / wall, ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
                              **reuse)
-        guarded("search", search)
+        bench.guarded("search", search)
 
     if "mixed" in wanted and engine is not None:
         def mixed():
@@ -361,8 +582,15 @@ def main() -> int:
             bench.record(candidate="slots", mode="mixed", rows=2 * half, tokens=generated, wall_s=wall,
                          tok_s=generated / wall, ms_per_pass=1000 * wall / max(student.forward_passes - passes, 1),
                          **compare(loop_out, got))
-        guarded("mixed", mixed)
+        bench.guarded("mixed", mixed)
 
+    if "hf_static" in wanted or "hf_cb" in wanted:
+        transformers_candidates(bench, args, student, prompts, rows_list, wanted, device)
+
+
+def transformers_candidates(bench: Bench, args, student, prompts, rows_list, wanted: set[str], device: str) -> None:
+    """hf_static and hf_cb: transformers' own fast paths on the merged student's weights."""
+    max_rows = max(rows_list)
     plain = student.merged_decoder.student  # the merged student's weights for the transformers candidates
     ids_of = {tuple(p): i for i, p in enumerate(prompts)}
 
@@ -414,7 +642,7 @@ def main() -> int:
                                  tok_s=generated / walls[1], ms_per_pass=1000 * walls[1] / args.tokens,
                                  first_call_s=walls[0], **check)
             del model
-        guarded("hf_static", hf_static)
+        bench.guarded("hf_static", hf_static)
 
     if "hf_cb" in wanted:
         def hf_cb():
@@ -454,10 +682,7 @@ def main() -> int:
                                  tok_s=generated / walls[1], ms_per_pass=1000 * walls[1] / args.tokens,
                                  first_call_s=walls[0], **check)
             del model
-        guarded("hf_cb", hf_cb)
-
-    report(bench, args, device, setup_s, started)
-    return 0
+        bench.guarded("hf_cb", hf_cb)
 
 
 def trim(tokens: list[int], eos_ids: list[int]) -> list[int]:
@@ -465,50 +690,28 @@ def trim(tokens: list[int], eos_ids: list[int]) -> list[int]:
     return tokens[: ends[0]] if ends else tokens
 
 
-def report(bench: Bench, args, device: str, setup_s: float, started: float) -> None:
-    import peft
-    import transformers
-
-    rows = bench.rows_out
-    timed = [r for r in rows if "tok_s" in r]
-    best_256 = [r for r in timed if r.get("candidate") == "slots" and r.get("rows") == 256
-                and r.get("mode") == "greedy"]
-    loop_256 = [r for r in timed if r.get("candidate") == "loop" and r.get("rows") == 256
-                and r.get("mode") == "greedy"]
-    result = {
-        "inprocess_tok_s_256": best_256[0]["tok_s"] if best_256 else None,
-        "ms_per_pass_256": best_256[0]["ms_per_pass"] if best_256 else None,
-        "ms_per_step_256": best_256[0]["ms_per_step"] if best_256 else None,
-        "loop_tok_s_256": loop_256[0]["tok_s"] if loop_256 else None,
-        "rows": rows,
-        "machine": (torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu")
-                   + f", {os.cpu_count()} CPU cores",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "command": "python " + " ".join(sys.argv),
-        "setup_s": setup_s,
-        "total_s": time.time() - started,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\n{'candidate':<14} {'mode':<8} {'rows':>5} {'tok/s':>10} {'ms/pass':>8} {'ms/step':>8} "
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'candidate':<14} {'mode':<18} {'rows':>5} {'tok/s':>10} {'ms/pass':>8} {'ms/step':>8} "
           f"{'gpu decode/sample ms':>21} {'greedy same/prefix':>19} {'first call s':>12}")
     for r in rows:
+        size = r.get("rows", "") if r.get("candidate") != "service" else r.get("in_flight", "")
         if "tok_s" not in r:
             note = r.get("error") or r.get("skipped") or ""
             if "graphs_captured" in r:
                 note = (f"graphs captured {r['graphs_captured']}, enabled per lane {r['graphs_enabled']} "
                         f"{r['graphs_failure'] or ''}")
-            print(f"{r.get('candidate', ''):<14} {r.get('mode', ''):<8} {r.get('rows', ''):>5} {note}"[:400])
+            print(f"{r.get('candidate', ''):<14} {r.get('mode', ''):<18} {size:>5} {note}"[:400])
             continue
         same = f"{r['greedy_same']:.2f}/{r['greedy_prefix']:.2f}" if "greedy_same" in r else ""
         gpu = f"{r['gpu_decode_ms']:.2f}/{r.get('gpu_sample_ms', float('nan')):.2f}" if "gpu_decode_ms" in r else ""
-        print(f"{r['candidate']:<14} {r['mode']:<8} {r['rows']:>5} {r['tok_s']:>10.0f} "
+        extra = ""
+        if r.get("candidate") == "service":
+            extra = (f"  {r['requests']} requests, p50 {r['latency_p50_s']:.2f}s p99 {r['latency_p99_s']:.2f}s, "
+                     f"conn errors {r['connection_errors']} {r['transport_errors'] or ''}, "
+                     f"http errors {r['http_errors'] or 0}, {r['tokens_per_pass']:.0f} tok/pass")
+        print(f"{r['candidate']:<14} {r['mode']:<18} {size:>5} {r['tok_s']:>10.0f} "
               f"{r.get('ms_per_pass', float('nan')):>8.2f} {r.get('ms_per_step', float('nan')):>8.2f} {gpu:>21} "
-              f"{same:>19} "
-              f"{r.get('first_call_s', float('nan')):>12.1f}")
-    print(f"\nwrote {args.out}; total {result['total_s']:.0f}s")
+              f"{same:>19} {r.get('first_call_s', float('nan')):>12.1f}{extra}")
 
 
 if __name__ == "__main__":
