@@ -193,6 +193,12 @@ class Bench:
             "search_tok_s": search.get("tok_s"),
             "sampling_tok_s": sampling.get("tok_s"),
             "search_vs_sampling_ratio": ratio(search.get("tok_s"), sampling.get("tok_s")),
+            # the same closed loop at the highest level on services with other settings (--variants)
+            f"service_variants_tok_s_{in_flight[-1]}": {
+                row["mode"].removeprefix("variant_"): row["tok_s"] for row in self.rows_out
+                if row.get("candidate") == "service" and row.get("mode", "").startswith("variant_")
+                and "tok_s" in row
+            },
         }
 
     def write(self, partial: bool) -> dict:
@@ -250,7 +256,16 @@ def service_pythonpath() -> str:
     return os.pathsep.join([str(site), *here])
 
 
-def start_service(args, work: Path, device: str):
+def parse_variants(text: str) -> dict[str, dict[str, str]]:
+    """"name:VAR=value,VAR=value;name2:..." -> {name: {VAR: value}}."""
+    variants = {}
+    for part in filter(None, text.split(";")):
+        name, _, assignments = part.partition(":")
+        variants[name.strip()] = dict(a.strip().split("=", 1) for a in assignments.split(",") if a.strip())
+    return variants
+
+
+def start_service(args, work: Path, device: str, extra_env: dict[str, str]):
     """`python -m services.trainer` on a free port of 127.0.0.1 over the bench's model directory, as users run it
     (log level info); returns the process (not yet ready: it loads while the in-process part runs)."""
     from orchestrator.local.processes import free_port, trainer_process
@@ -258,8 +273,8 @@ def start_service(args, work: Path, device: str):
     rows = max(256, max(int(f) for f in args.in_flight.split(",")))
     env = {
         "PYTHONPATH": service_pythonpath(),
-        "TRAINER_MODEL_SOURCE": str(work / "model"),
-        "TRAINER_MODEL_CACHE_DIR": str(work / "service-cache"),
+        "TRAINER_MODEL_SOURCE": str(work.parent / "model"),
+        "TRAINER_MODEL_CACHE_DIR": str(work / "cache"),
         "TRAINER_DEVICE": device,
         "TRAINER_LOAD_IN_4BIT": "false",
         "TRAINER_MAX_BATCH_SIZE": str(rows),
@@ -268,45 +283,49 @@ def start_service(args, work: Path, device: str):
         "TRAINER_GRADIENT_CHECKPOINTING": "false",
         "TRAINER_DECODE_ENGINE": "slots",
         "TRAINER_DECODE_COMPILE": "false",
+        **extra_env,
     }
-    if args.admit_every:
-        env["TRAINER_ADMIT_EVERY_STEPS"] = str(args.admit_every)
     process = trainer_process(free_port(), work, env=env, cwd=ROOT)
     return process.start()
 
 
-def measure_service(bench: Bench, args, process, texts: list[str]) -> None:
-    """Closed loops at each in-flight level, then the sampling and search workloads, within --service-budget-s."""
+def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> None:
+    """Closed loops at each in-flight level, the sampling and search workloads, then each variant at the highest
+    level, within --service-budget-s."""
     import httpx
 
     from bench.service_load import closed_loop, sampling_workload, search_workload
 
     deadline = time.monotonic() + args.service_budget_s
-    t = time.perf_counter()
-    health = process.wait_ready(max(deadline - time.monotonic(), 1.0))
-    bench.info["service"] = {"ready_wait_s": time.perf_counter() - t, "device": health["device"],
-                             "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")}}
-    url = process.url
     levels = [int(f) for f in args.in_flight.split(",")]
-
-    def counters() -> dict:
-        return httpx.get(url + "/health", timeout=30).json()["batcher"]
+    bench.info["service"] = {}
 
     def body(client: int, k: int) -> dict:
         text = texts[(client * 7 + k) % len(texts)]
         return {"model": "student", "prompt": f"{client} {k} {text}", "max_tokens": args.tokens,
                 "temperature": 1.0, "top_p": 1.0, "seed": client * 100_003 + k, "logprobs": 0}
 
-    t = time.perf_counter()  # graphs of the common shapes are captured here, not in the timed loops
-    warm = asyncio.run(closed_loop(url, levels[-1], args.warmup_s, body))
-    asyncio.run(closed_loop(url, 1, min(args.warmup_s, 2.0), body))
-    bench.info["service"]["warmup_s"] = time.perf_counter() - t
-    bench.info["service"]["warmup_connection_errors"] = warm["connection_errors"]
+    def prompt(client: int, k: int) -> str:
+        return f"q{client}.{k} {texts[(client * 13 + k) % len(texts)]}"
 
-    def timed(mode: str, run, **extra) -> None:
-        if deadline - time.monotonic() < run_seconds(mode) + 3:
+    def ready(name: str, process) -> str:
+        """Wait for the service, then load it untimed (graphs of the common shapes are captured here)."""
+        t = time.perf_counter()
+        health = process.wait_ready(max(deadline - time.monotonic(), 1.0))
+        info = {"ready_wait_s": time.perf_counter() - t, "device": health["device"],
+                "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")}}
+        t = time.perf_counter()
+        warm = asyncio.run(closed_loop(process.url, levels[-1], args.warmup_s, body))
+        asyncio.run(closed_loop(process.url, 1, min(args.warmup_s, 2.0), body))
+        info.update(warmup_s=time.perf_counter() - t, warmup_connection_errors=warm["connection_errors"])
+        bench.info["service"][name] = info
+        return process.url
+
+    def timed(url: str, mode: str, seconds: float, run, **extra) -> None:
+        if deadline - time.monotonic() < seconds + 3:
             bench.record(candidate="service", mode=mode, skipped="service budget spent", **extra)
             return
+        counters = lambda: httpx.get(url + "/health", timeout=30).json()["batcher"]  # noqa: E731
         before = counters()
         result = asyncio.run(run())
         after = counters()
@@ -317,20 +336,25 @@ def measure_service(bench: Bench, args, process, texts: list[str]) -> None:
                      forward_batches=after["forward_batches"] - before["forward_batches"],
                      admitted_requests=after["admitted_requests"] - before["admitted_requests"])
 
-    def run_seconds(mode: str) -> float:
-        return args.workload_seconds if mode.startswith("workload") else args.service_seconds
-
+    url = ready("default", services["default"])
     for level in levels:
-        timed("sampled", lambda f=level: closed_loop(url, f, args.service_seconds, body), in_flight=level)
-
-    def prompt(client: int, k: int) -> str:
-        return f"q{client}.{k} {texts[(client * 13 + k) % len(texts)]}"
-
-    clients = args.workload_clients
-    timed("workload_sampling", lambda: sampling_workload(url, clients, args.workload_seconds, prompt,
-                                                         max_tokens=args.tokens))
-    timed("workload_search", lambda: search_workload(url, clients, args.workload_seconds, prompt,
-                                                     step_tokens=args.step_tokens))
+        timed(url, "sampled", args.service_seconds,
+              lambda f=level: closed_loop(url, f, args.service_seconds, body), in_flight=level)
+    clients, seconds = args.workload_clients, args.workload_seconds
+    timed(url, "workload_sampling", seconds,
+          lambda: sampling_workload(url, clients, seconds, prompt, max_tokens=args.tokens))
+    timed(url, "workload_search", seconds,
+          lambda: search_workload(url, clients, seconds, prompt, step_tokens=args.step_tokens))
+    for name, process in services.items():
+        if name == "default":
+            continue
+        if deadline - time.monotonic() < args.service_seconds + args.warmup_s + 5:
+            bench.record(candidate="service", mode=f"variant_{name}", skipped="service budget spent")
+            continue
+        variant_url = ready(name, process)
+        timed(variant_url, f"variant_{name}", args.service_seconds,
+              lambda u=variant_url: closed_loop(u, levels[-1], args.service_seconds, body), in_flight=levels[-1],
+              env=parse_variants(args.variants)[name])
 
 
 # ----- in-process --------------------------------------------------------------------------------------------------
@@ -341,19 +365,22 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--candidates", default="loop,slots,slots_eager,service",
                         help="also: slots_compiled, slots_sync, search, mixed, hf_static, hf_cb")
-    parser.add_argument("--budget-s", type=float, default=80.0,
+    parser.add_argument("--budget-s", type=float, default=70.0,
                         help="in-process: no new measurement starts after this many seconds")
     parser.add_argument("--hf-budget-s", type=float, default=75.0,
                         help="each transformers candidate starts no new size after this many seconds")
     parser.add_argument("--in-flight", default="1,32,128,255", help="service: requests in flight per closed loop")
-    parser.add_argument("--service-seconds", type=float, default=15.0, help="service: length of each closed loop")
-    parser.add_argument("--workload-seconds", type=float, default=12.0, help="service: sampling / search, each")
+    parser.add_argument("--service-seconds", type=float, default=12.0, help="service: length of each closed loop")
+    parser.add_argument("--workload-seconds", type=float, default=10.0, help="service: sampling / search, each")
     parser.add_argument("--workload-clients", type=int, default=32, help="service: clients of 8 samples each")
     parser.add_argument("--step-tokens", type=int, default=32, help="service: tokens of a search step")
-    parser.add_argument("--warmup-s", type=float, default=4.0, help="service: untimed load before the loops")
-    parser.add_argument("--service-budget-s", type=float, default=125.0,
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="service: untimed load before the loops")
+    parser.add_argument("--service-budget-s", type=float, default=130.0,
                         help="service: from the end of the in-process part, ready wait included")
-    parser.add_argument("--admit-every", type=int, default=None, help="service: TRAINER_ADMIT_EVERY_STEPS")
+    parser.add_argument("--variants", default="gil5ms:TRAINER_GIL_SWITCH_INTERVAL_MS=5;"
+                        "admit1:TRAINER_ADMIT_EVERY_STEPS=1",
+                        help="service: more services with other TRAINER_* settings, each measured at the highest "
+                        "in-flight level (name:VAR=value,VAR=value;name2:...; empty: none)")
     parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "smollm2-135m"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model shape (2 layers, hidden 64, 512 tokens): on a CPU, "
                         "the engine's and the service's own costs stand out as they do beside a GPU's fast steps")
@@ -381,10 +408,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu-serving-"))
     t0 = time.perf_counter()
     write_model(work / "model", Path(args.config), args.tiny)
-    process = None
+    services = {}
     if "service" in wanted:
-        try:  # it loads while the in-process part runs
-            process = start_service(args, work, device)
+        try:  # they load while the in-process part runs
+            variants = {"default": {}, **parse_variants(args.variants)}
+            for name, extra_env in variants.items():
+                services[name] = start_service(args, work / f"service-{name}", device, extra_env)
         except Exception as exc:
             traceback.print_exc()
             bench.record(candidate="service", error=f"start: {type(exc).__name__}: {exc}"[:500])
@@ -406,19 +435,17 @@ def main() -> int:
               f"torch={torch.__version__}", flush=True)
         bench.deadline = time.monotonic() + args.budget_s
         inprocess(bench, args, student, GenerationRequest, device, wanted)
-        if process is not None:
-            torch.cuda.empty_cache() if device == "cuda" else None
-            vocab_text = random.Random(1)
+        if "default" in services:
+            rng = random.Random(1)
             from bench.service_load import text_prompt
 
-            texts = [text_prompt(vocab_text, vocab_text.randint(96, 224) if not args.smoke else 12)
-                     for _ in range(256)]
-            bench.guarded("service", lambda: measure_service(bench, args, process, texts), budget=False)
+            texts = [text_prompt(rng, rng.randint(96, 224) if not args.smoke else 12) for _ in range(256)]
+            bench.guarded("service", lambda: measure_service(bench, args, services, texts), budget=False)
     finally:
-        if process is not None:
+        for name, process in services.items():
             process.stop()
-            log = Path(args.out).with_name(Path(args.out).stem + "_trainer.log")
-            log.write_text(process.log_tail(200_000))
+            log = Path(args.out).with_name(f"{Path(args.out).stem}_trainer_{name}.log")
+            log.write_text(process.log_tail(100_000))
     result = bench.write(partial=False)
     print_table(bench.rows_out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "info")}, indent=1, default=str))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         if v is not None
     }
     settings = TrainerSettings(**overrides)
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the process's one GIL: see the setting
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
 

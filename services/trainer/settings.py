@@ -57,6 +57,11 @@ class TrainerSettings(BaseSettings):
     # Requests join a running decode loop every this many decode steps (each join is a prefill and a KV-cache
     # copy); 1 = at every step, the lowest latency for a lone request.
     admit_every_steps: int = Field(default=4, ge=1)
+    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval). The HTTP event
+    # loop and the decode thread share one GIL: at Python's default of 5 ms, each of the decode step's many
+    # GIL-releasing calls (a graph replay, a copy, the wait for the GPU) could cost it up to 5 ms to get the GIL
+    # back from a busy event loop, longer than a whole decode step on a GPU.
+    gil_switch_interval_ms: float = Field(default=0.5, gt=0, le=100)
     max_context: int = Field(default=2048, ge=16)
     # "slots": generation runs in services/trainer/decode (fixed KV slots, prefix reuse, CUDA graphs) wherever the
     # adapter can be merged; "loop": the transformers DynamicCache loop in student.py (always used where it cannot).

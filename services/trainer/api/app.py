@@ -4,10 +4,11 @@ background load of the engine (its lifespan)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.body_limit import BodySizeLimit
 
@@ -39,28 +40,33 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, setting="TRAINER_MAX_REQUEST_BYTES"
     )
-    app.middleware("http")(InFlightLimit(settings.max_requests_in_flight))
+    app.add_middleware(InFlightLimit, limit=settings.max_requests_in_flight)
     return app
 
 
 class InFlightLimit:
     """Requests being served or waiting at once (all but /health) up to a limit; past it 429 with Retry-After,
-    answered before the body is read or anything is queued (the outermost middleware)."""
+    answered before the body is read or anything is queued (the outermost middleware).
 
-    def __init__(self, limit: int):
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`app.middleware("http")`) runs every request in a
+    task group of its own with streams between the two halves, the largest cost of a completion on the event
+    loop in a profile at 255 requests in flight."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
         self.limit = limit
         self.in_flight = 0
 
-    async def __call__(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path == "/health":
-            return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
         if self.in_flight >= self.limit:
             message = f"{self.in_flight} requests in flight, the limit (TRAINER_MAX_REQUESTS_IN_FLIGHT)"
-            return error_response(429, message, headers={"Retry-After": "1"})
+            await error_response(429, message, headers={"Retry-After": "1"})(scope, receive, send)
+            return
         self.in_flight += 1
         try:
-            return await call_next(request)
+            await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
