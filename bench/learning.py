@@ -1,18 +1,21 @@
 """Does the student learn? Base vs trained on all 1,319 GSM8K test problems, arms at equal generated tokens,
 through the REST API, in pieces that resume.
 
-    python bench/learning.py --token-budget 300000 --arms mcts,grpo,mcts_tree,sft_gold --piece-s 520
+    python bench/learning.py --token-budget 1200000 --arms mcts,grpo,mcts_tree,sft_gold --piece-s 480
+    python bench/learning.py --dev --arms mcts,lr2e-4 --arm 'lr2e-4={"loss":{"learning_rate":2e-4}}' ...
 
 1. start the trainer service, the reference teacher (orchestrator/reference_teacher/: writes from the GSM8K
    train reference solutions, standing in for a 70B-class teacher; `--teacher base|student` for a model
    teacher instead) and the orchestrator on free ports of 127.0.0.1;
 2. save the fresh adapter as trainer checkpoint "learning-init" (once per run);
-3. judge the "base" model (adapters off) greedily on the test problems [eval_offset, eval_offset + n), n = 1,319
-   by default, as `--eval-chunks` eval jobs at once;
-4. for every arm: load "learning-init", POST /train, and cancel the job once the steps it applied generated
-   `--token-budget` tokens (search tokens: the student's samples and rollouts and the teachers' and checker's
-   text, as the job's step records count them); save the adapter, judge it on the same problems;
-5. write bench/results/learning.json, the learning curve PNG and an append-only log of arm runs.
+3. judge the "base" model (adapters off) greedily on the held-out problems, as `--eval-chunks` eval jobs at
+   once: the GSM8K test problems [eval_offset, eval_offset + n), n = 1,319 by default; with `--dev` the last
+   `--dev-examples` (500) GSM8K train problems instead, which no arm trains on (tuning never touches test);
+4. for every arm: load "learning-init", POST /train with `max_generated_tokens` = `--token-budget` (the job
+   stops after the step that reaches it: the student's and the teachers' generated tokens, every step counted,
+   and saves that step's checkpoint); save the adapter, judge it on the same problems;
+5. write bench/results/learning.json (learning_dev.json with --dev), the learning curve PNG and an append-only
+   log of arm runs.
 
 Every answer is judged three ways: ours (strict `#### N`, flexible last number, numeric comparison), and the
 lm-evaluation-harness gsm8k task's extraction beside it (lm_eval/tasks/gsm8k/gsm8k.yaml, version 3:
@@ -22,22 +25,23 @@ published ones (which also differ in prompt: lm-eval asks 5-shot "Question: ... 
 template zero-shot). McNemar's exact p of every arm against the base, for each extraction.
 
 Arms (only what the arm is about is set; everything else is the product's default, so `mcts` is what
-`POST /train` does with no search or loss overrides):
+`POST /train` does with no search or loss overrides: the fork search, dr_grpo, lr 5e-4, ...):
 - mcts:      the product's defaults with the configured teacher;
 - mcts_tree: the same with tree advantages (advantage_mode "tree");
-- grpo:      no tree: per problem one expansion of `--group` whole student answers, no teachers, no rollouts,
-             no checker: plain GRPO on the student's samples;
-- sft_gold:  the reference solutions through the same POST /train and /grpo/step: per problem one whole answer
-             of the reference teacher and no student sample, advantage_mode "rejection" (fine-tuning on the
-             correct paths), teacher weight 1: the supervised ceiling (needs `--teacher reference`);
-- legacy, guided: the older ablations (reward-weighted SFT loss; one expansion with group-1 student answers and
-             one greedy teacher answer).
-`--arm NAME=JSON` adds an arm: JSON deep-merged over the mcts request. Flags such as --learning-rate or
---iterations override the product's defaults in every arm (left out, they are not sent).
+- grpo:      no tree: per problem `--group` whole student answers (the fork search's round 0 alone), no
+             teachers, no gold answer: plain GRPO on the student's samples, same loss;
+- sft_gold:  the reference solutions through the same POST /train and /grpo/step: per problem the "right"
+             teacher's whole answer (the fork search's gold answer) and no student sample, advantage_mode
+             "rejection" (fine-tuning on the correct paths), teacher weight 1: the supervised ceiling (needs
+             `--teacher reference`);
+- legacy:    the mcts arm with the reward-weighted SFT loss (an ablation).
+`--arm NAME=JSON` adds an arm: JSON deep-merged over the mcts request (e.g. another learning rate). Flags such as
+--learning-rate or --iterations override the product's defaults in every arm (left out, they are not sent).
 
 The learning curve: the train job's own quick eval (`eval_every` = --curve-every steps) on the first
 --curve-examples test problems gives accuracy against the generated tokens of the steps before it; the base
-is the point at 0 tokens and each arm's final judgement (on the same problems) its last point.
+is the point at 0 tokens and each arm's final judgement (on the same problems) its last point. With --dev the
+job's quick eval (test problems) is off: the curve has the base and the final points only.
 
 Pieces. `--piece-s S` ends this call after S seconds: a running train job is cancelled (the orchestrator can
 resume it: it rewinds the trainer to the job's last checkpoint, `checkpoint_every` steps), unfinished eval chunks
@@ -75,7 +79,7 @@ from orchestrator.local.processes import (
     reference_teacher_process,
     trainer_process,
 )
-from orchestrator.runners.requests import GSM8K_TEST_SIZE
+from orchestrator.runners.requests import GSM8K_TEST_SIZE, GSM8K_TRAIN_SIZE
 
 INIT_CHECKPOINT = "learning-init"
 DEFAULT_ARMS = "mcts,grpo,mcts_tree,sft_gold"
@@ -145,23 +149,36 @@ def _set(d: dict, key: str, value) -> None:
         d[key] = value
 
 
+SEARCH_FLAGS = (
+    "shape",
+    "root_samples",
+    "iterations",
+    "parallel_simulations",
+    "n_student",
+    "n_teacher_right",
+    "n_teacher_wrong",
+    "teacher_gold",
+    "max_tokens",
+    "temperature",
+    "use_checker",
+    "teacher_reference",
+    "seed",
+    "max_depth",
+    "chunk_tokens",
+)
+
+
+def train_problems(args) -> tuple[int, int]:
+    """(offset, count) of the train problems every arm trains on: with --dev, never the dev problems."""
+    end = GSM8K_TRAIN_SIZE - (args.dev_examples if args.dev else 0)
+    offset = min(args.train_offset, end - 1)
+    return offset, max(1, min(args.train_examples, end - offset))
+
+
 def product_request(args) -> dict:
     """The mcts arm's POST /train body: the run's shape, plus only the overrides given as flags."""
     search, loss, rewards = {}, {}, {}
-    for key in (
-        "iterations",
-        "max_depth",
-        "chunk_tokens",
-        "max_tokens",
-        "n_student",
-        "n_teacher_right",
-        "n_teacher_wrong",
-        "parallel_simulations",
-        "use_checker",
-        "temperature",
-        "seed",
-        "teacher_reference",
-    ):
+    for key in SEARCH_FLAGS:
         _set(search, key, getattr(args, key))
     if args.rollout_max_tokens is not None:
         search["rollout"] = args.rollout_max_tokens > 0
@@ -175,44 +192,32 @@ def product_request(args) -> dict:
     _set(loss, "learning_rate", args.learning_rate)
     _set(loss, "micro_batch_size", args.micro_batch)
     _set(loss, "clip_eps_high", args.clip_eps_high)
+    offset, count = train_problems(args)
     request = {
         "split": "train",
-        "offset": args.train_offset,
-        "num_examples": args.train_examples,
+        "offset": offset,
+        "num_examples": count,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "checkpoint_every": args.checkpoint_every,
-        "eval_every": args.curve_every,
-        "eval_examples": args.curve_examples,
-        "eval_max_tokens": args.eval_max_tokens,
-        "eval_concurrency": min(args.eval_concurrency, 256),
     }
+    if args.curve_every and not args.dev:  # the job's quick eval reads test problems
+        request.update(
+            eval_every=args.curve_every,
+            eval_examples=args.curve_examples,
+            eval_max_tokens=args.eval_max_tokens,
+            eval_concurrency=min(args.eval_concurrency, 256),
+        )
+    _set(request, "max_generated_tokens", args.token_budget)
     if search:
         request["search"] = search
     if loss:
         request["loss"] = loss
     _set(request, "advantage_mode", args.advantage_mode)
+    _set(request, "scale_advantages", args.scale_advantages)
     _set(request, "teacher_weight", args.teacher_weight)
     _set(request, "trees_in_flight", args.trees_in_flight)
     return request
-
-
-def whole_answers(n_student: int, n_teacher: int, answer_tokens: int) -> dict:
-    """One expansion of whole answers (no tree): `n_student` student samples and `n_teacher` "right" teacher
-    answers, no rollouts or checker."""
-    return {
-        "iterations": 1,
-        "parallel_simulations": 1,
-        "max_depth": 1,
-        "n_student": n_student,
-        "n_teacher_right": n_teacher,
-        "n_teacher_wrong": 0,
-        "one_line_steps": False,
-        "max_tokens": answer_tokens,
-        "chunk_tokens": answer_tokens,
-        "rollout": False,
-        "use_checker": False,
-    }
 
 
 def arm_requests(args) -> dict[str, dict]:
@@ -221,26 +226,34 @@ def arm_requests(args) -> dict[str, dict]:
     arms = {
         "mcts": product,
         "mcts_tree": deep_merge(product, {"advantage_mode": "tree"}),
-        "grpo": deep_merge(product, {"search": whole_answers(args.group, 0, args.answer_tokens)}),
+        "grpo": deep_merge(
+            product,
+            {
+                "search": {
+                    "shape": "fork",
+                    "root_samples": args.group,
+                    "iterations": 0,
+                    "n_teacher_right": 0,
+                    "n_teacher_wrong": 0,
+                    "teacher_gold": False,
+                }
+            },
+        ),
         "sft_gold": deep_merge(
             product,
             {
-                "search": {**whole_answers(0, 1, args.answer_tokens), "teacher_temperature": 0.0},
+                "search": {
+                    "shape": "fork",
+                    "root_samples": 0,
+                    "iterations": 0,
+                    "teacher_gold": True,
+                    "teacher_temperature": 0.0,
+                },
                 "advantage_mode": "rejection",
                 "teacher_weight": 1.0,
             },
         ),
         "legacy": deep_merge(product, {"loss": {"type": "legacy"}}),
-        "guided": deep_merge(
-            product,
-            {
-                "search": {
-                    **whole_answers(max(args.group - 1, 1), 1, args.answer_tokens),
-                    "teacher_temperature": 0.0,
-                    "teacher_reference": args.teacher != "reference",
-                }
-            },
-        ),
     }
     for spec in args.arm or []:
         name, _, body = spec.partition("=")
@@ -364,12 +377,9 @@ class Run:
 
     # --- judging ---------------------------------------------------------------------------------------------
     def chunks(self) -> list[tuple[int, int]]:
-        a = self.args
-        size = -(-a.eval_examples // max(1, a.eval_chunks))
-        return [
-            (o, min(size, a.eval_offset + a.eval_examples - o))
-            for o in range(a.eval_offset, a.eval_offset + a.eval_examples, size)
-        ]
+        _, first, n = held_out(self.args)
+        size = -(-n // max(1, self.args.eval_chunks))
+        return [(o, min(size, first + n - o)) for o in range(first, first + n, size)]
 
     def judge(self, model: str, done: dict) -> list[dict]:
         """Rows of `model` on every eval problem; chunks already in `done` (offset -> rows) are kept, the others
@@ -378,7 +388,7 @@ class Run:
         jobs = {}
         for offset, n in todo:
             jobs[offset] = self.client.eval(
-                split="test",
+                split=held_out(self.args)[0],
                 offset=offset,
                 num_examples=n,
                 models=[model],
@@ -414,8 +424,9 @@ class Run:
 
     # --- one arm -----------------------------------------------------------------------------------------------
     def train(self, name: str, arm: dict) -> None:
-        """Run (or resume) the arm's train job until its token budget, its problems or the piece run out."""
-        client, budget = self.client, self.args.token_budget
+        """Run (or resume) the arm's train job until it stops by itself (its max_generated_tokens, or its
+        problems run out) or the piece runs out."""
+        client = self.client
         if arm.get("job_id") is None:
             self.trainer("/checkpoints/load", {"name": INIT_CHECKPOINT})
             arm["job_id"] = client.train(**arm["request"])
@@ -427,36 +438,40 @@ class Run:
         if job["status"] in ("interrupted", "cancelled", "failed"):
             self.log(f"arm {name}: resuming {job_id} ({job['status']}) from its last checkpoint")
             client.resume(job_id)
-        cancelled_for = None
+        reported = 0
         while True:
             job = client.job(job_id)
             steps = [s.get("metrics", s) for s in client.steps(job_id)]
-            tokens = sum(int(m.get("search_tokens") or 0) for m in steps)
+            for m in steps[reported:]:
+                self.log(
+                    f"arm {name} step {m.get('step')}: {m.get('generated_tokens')} tokens "
+                    f"(student {m.get('student_tokens')}, teacher {m.get('teacher_tokens')}; total "
+                    f"{m.get('generated_tokens_total')}), correct leaves {m.get('correct_leaf_share')}, "
+                    f"dropped groups {m.get('dropped_groups')}, search {m.get('search_seconds')} s, "
+                    f"update {m.get('grpo_seconds')} s, step {m.get('step_seconds')} s"
+                )
+            reported = len(steps)
             if job["status"] not in ("queued", "running"):
                 break
-            if cancelled_for is None and budget and tokens >= budget:
-                cancelled_for = "budget"
-                client.cancel(job_id)
-                self.log(f"arm {name}: {tokens} generated tokens >= budget {budget} after {len(steps)} steps")
-            elif cancelled_for is None and self.time_left() <= self.args.piece_margin_s:
+            if self.time_left() <= self.args.piece_margin_s:
                 client.cancel(job_id)
                 client.wait(job_id, timeout_s=300, poll_s=0.5)
-                self.log(
-                    f"arm {name}: piece over at {len(steps)} steps, {tokens} tokens; the next piece resumes"
-                )
+                self.log(f"arm {name}: piece over at {len(steps)} steps; the next piece resumes")
                 raise PieceOver()
             time.sleep(1.0)
-        if job["status"] == "failed" or (job["status"] == "cancelled" and cancelled_for is None):
+        if job["status"] != "completed":
             raise RuntimeError(f"train job of arm {name}: {job['status']} {job.get('error')}")
-        # The adapter as the job left it (a budget stop cancels mid-search: the steps applied are all in it).
+        result = job["result"]
         health = httpx.get(f"{self.trainer_url}/health", timeout=30).json()
         self.trainer("/checkpoints", {"name": f"learning-{name}-final"})
         arm.update(
             status="trained",
             steps=steps,
-            generated_tokens=tokens,
-            budget_reached=bool(budget and tokens >= budget),
-            applied_steps=sum(1 for m in steps if m.get("adapter_version") is not None),
+            generated_tokens=result["generated_tokens"],
+            student_tokens=result["student_tokens"],
+            teacher_tokens=result["teacher_tokens"],
+            budget_reached=result["stop_reason"] == "max_generated_tokens",
+            applied_steps=result["applied_steps"],
             adapter_version=health.get("adapter_version"),
             train_seconds=round(sum(float(m.get("step_seconds") or 0) for m in steps), 1),
         )
@@ -497,13 +512,14 @@ def paired(base_rows: list[dict], rows: list[dict], kind: str) -> dict:
 
 
 def curve(steps: list[dict], base_rows: list[dict], rows: list[dict], curve_examples: int) -> list[dict]:
-    """Accuracy on the first `curve_examples` test problems against the generated tokens: the base at 0, every
-    quick eval of the job after the steps before it, the arm's final judgement at its total."""
-    subset = {f"test-{i}" for i in range(curve_examples)}
+    """Accuracy on the first `curve_examples` judged problems against the generated tokens: the base at 0, every
+    quick eval of the job (the first test problems) after the steps before it, the arm's final judgement at its
+    total."""
+    subset = {r["problem_id"] for r in base_rows[:curve_examples]}
 
     def point(tokens: int, rows_: list[dict], step) -> dict | None:
         on = [r for r in rows_ if r["problem_id"] in subset]
-        if len(on) < curve_examples:
+        if len(on) < min(curve_examples, len(base_rows)):
             return None
         return {
             "tokens": tokens,
@@ -515,7 +531,7 @@ def curve(steps: list[dict], base_rows: list[dict], rows: list[dict], curve_exam
     points = [p for p in [point(0, base_rows, 0)] if p]
     tokens = 0
     for m in steps:
-        tokens += int(m.get("search_tokens") or 0)
+        tokens += int(m.get("generated_tokens", m.get("search_tokens")) or 0)
         if m.get("eval_strict_acc") is not None:
             points.append(
                 {
@@ -544,6 +560,8 @@ def arm_result(name: str, arm: dict, rows: list[dict], base_rows: list[dict], ar
         "p_value_lm_eval_flexible": p["lm_eval_flexible"]["p_value"],
         "discordant": {k: [p[k]["only_first"], p[k]["only_second"]] for k in JUDGEMENTS},
         "generated_tokens": arm["generated_tokens"],
+        "student_tokens": arm.get("student_tokens"),
+        "teacher_tokens": arm.get("teacher_tokens"),
         "budget_reached": arm["budget_reached"],
         "applied_steps": arm["applied_steps"],
         "adapter_version": arm["adapter_version"],
@@ -553,6 +571,7 @@ def arm_result(name: str, arm: dict, rows: list[dict], base_rows: list[dict], ar
         "search_seconds": [m.get("search_seconds") for m in arm["steps"]],
         "grpo_seconds": [m.get("grpo_seconds") for m in arm["steps"]],
         "curve": curve(arm["steps"], base_rows, rows, args.curve_examples),
+        "dropped_groups": [m.get("dropped_groups") for m in arm["steps"]],
         "request": arm["request"],
         "job_id": arm["job_id"],
         "rows": [{k: r[k] for k in ("problem_id", *(f"{j}_correct" for j in JUDGEMENTS))} for r in rows],
@@ -594,14 +613,18 @@ def figures(state: dict, args, command: str) -> dict:
         "p_value_lm_eval_flexible",
         "discordant",
         "generated_tokens",
+        "student_tokens",
+        "teacher_tokens",
         "budget_reached",
         "applied_steps",
         "train_seconds",
     )
+    split, offset, _ = held_out(args)
     return {
         "n": len(base),
-        "eval_split": "test",
-        "eval_offset": args.eval_offset,
+        "eval_split": split if not args.dev else f"train (dev: the last {args.dev_examples} train problems)",
+        "eval_offset": offset,
+        "dev": args.dev,
         "base_acc": base_acc["strict"],
         "base_acc_flexible": base_acc["flexible"],
         "base_acc_lm_eval_strict": base_acc["lm_eval_strict"],
@@ -617,7 +640,7 @@ def figures(state: dict, args, command: str) -> dict:
         "pieces": len(pieces),
         "wall_minutes": round(sum(p["wall_s"] for p in pieces) / 60, 2),
         "gpu_minutes": round(sum(p["wall_s"] for p in pieces) / 60, 2) if gpu else 0.0,
-        "ablations": [{k: a[k] for k in keep} for a in arms],
+        "ablations": [{k: a.get(k) for k in keep} for a in arms],
         "machine": describe_machine() + (f", GPU {gpu}" if gpu else ", no GPU"),
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
@@ -637,14 +660,16 @@ def plot_curves(result: dict, path: Path) -> None:
     for ax, kind in zip(axes, ("strict", "flexible")):
         for name, points in result["curves"].items():
             ax.plot([p["tokens"] for p in points], [100 * p[kind] for p in points], marker="o", label=name)
-        ax.set_title(f"{kind} accuracy, first {result.get('curve_examples', '?')} test problems")
+        held = "dev" if result.get("dev") else "test"
+        ax.set_title(f"{kind} accuracy, first {result.get('curve_examples', '?')} {held} problems")
         ax.set_xlabel("generated tokens (search: student + teacher)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("% correct")
     axes[0].legend(fontsize=8)
     arms = ", ".join(f"{a['name']} {100 * a['acc']:.1f}% (p={a['p_value']:.2g})" for a in result["ablations"])
+    held = "GSM8K dev (train tail)" if result.get("dev") else "GSM8K test"
     fig.suptitle(
-        f"GSM8K test, all {result['n']} strict: base {100 * result['base_acc']:.1f}%, {arms}", fontsize=8
+        f"{held}, all {result['n']} strict: base {100 * result['base_acc']:.1f}%, {arms}", fontsize=8
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -669,12 +694,24 @@ def parse_args(argv=None):
     a("--teacher", choices=tuple(TEACHERS), default="reference", help="the teacher the services start with")
     a("--workdir", default="runs/learning", help="services' files and the resumable state")
     a("--fresh", action="store_true", help="forget the state in --workdir (base eval and every arm)")
-    a("--token-budget", type=int, default=None, help="generated tokens per arm; the job is cancelled there")
+    a(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="generated tokens per arm (student + teacher): the job's max_generated_tokens",
+    )
     a("--piece-s", type=float, default=None, help="end this call after so many seconds (exit 3; run again)")
     a("--piece-margin-s", type=float, default=30.0, help="time kept for a clean stop at the end of a piece")
     # held-out eval
     a("--eval-examples", type=int, default=GSM8K_TEST_SIZE, help="GSM8K test problems judged (default: all)")
     a("--eval-offset", type=int, default=0)
+    a(
+        "--dev",
+        action="store_true",
+        help="tuning mode: judge on the last --dev-examples GSM8K train problems (no arm trains on them), "
+        "never on test; outputs default to learning_dev.*",
+    )
+    a("--dev-examples", type=int, default=500, help="size of the dev split carved from the end of train")
     a("--eval-max-tokens", type=int, default=256)
     a("--eval-concurrency", type=int, default=256, help="answers in flight per eval job (at most 256)")
     a("--eval-chunks", type=int, default=4, help="eval jobs run at once (each a slice of the problems)")
@@ -692,12 +729,11 @@ def parse_args(argv=None):
         default=1,
         help="steps between the job's checkpoints (a piece resumes there)",
     )
-    a("--group", type=int, default=8, help="answers per problem in the grpo arm")
     a(
-        "--answer-tokens",
+        "--group",
         type=int,
-        default=256,
-        help="token budget of a whole answer (grpo, sft_gold, guided)",
+        default=8,
+        help="answers per problem in the grpo arm (the product's group is 8 too)",
     )
     # overrides of the product's defaults (every arm; not sent when left out)
     a("--learning-rate", type=float, default=None)
@@ -707,17 +743,31 @@ def parse_args(argv=None):
     a("--micro-batch", type=int, default=None)
     a("--teacher-weight", type=float, default=None)
     a("--advantage-mode", choices=("flat", "tree", "rejection"), default=None)
+    a("--scale-advantages", action=argparse.BooleanOptionalAction, default=None, help="GRPO's std scaling")
     a("--pre-weight", type=float, default=None)
     a("--hre-weight", type=float, default=None)
-    a("--iterations", type=int, default=None)
-    a("--max-depth", type=int, default=None)
-    a("--chunk-tokens", type=int, default=None)
-    a("--max-tokens", type=int, default=None, help="token budget of one search path")
-    a("--rollout-max-tokens", type=int, default=None, help="0: no rollouts")
-    a("--parallel-simulations", type=int, default=None)
-    a("--n-student", type=int, default=None)
+    a(
+        "--shape",
+        choices=("fork", "line"),
+        default=None,
+        help="the search shape (default: the product's, fork)",
+    )
+    a("--root-samples", type=int, default=None, help="fork: whole student answers per problem in round 0")
+    a("--iterations", type=int, default=None, help="fork: forks per tree; line: MCTS simulations")
+    a("--parallel-simulations", type=int, default=None, help="fork: forks per round")
+    a("--n-student", type=int, default=None, help="fork: student continuations per fork")
     a("--n-teacher-right", type=int, default=None)
     a("--n-teacher-wrong", type=int, default=None)
+    a(
+        "--teacher-gold",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fork: gold in all-wrong trees",
+    )
+    a("--max-tokens", type=int, default=None, help="token budget of one answer (search path)")
+    a("--max-depth", type=int, default=None, help="line search only")
+    a("--chunk-tokens", type=int, default=None, help="line search only")
+    a("--rollout-max-tokens", type=int, default=None, help="line search only; 0: no rollouts")
     a("--use-checker", action=argparse.BooleanOptionalAction, default=None)
     a(
         "--teacher-reference",
@@ -730,14 +780,29 @@ def parse_args(argv=None):
     # services and outputs
     a("--request-timeout", type=float, default=900.0)
     a("--max-requests-in-flight", type=int, default=256)
-    a("--json-out", default="bench/results/learning.json")
-    a("--png-out", default="bench/results/learning.png")
+    a("--json-out", default=None, help="default: bench/results/learning.json (learning_dev.json with --dev)")
+    a("--png-out", default=None, help="default: bench/results/learning.png (learning_dev.png with --dev)")
     a("--runs-log", default="bench/results/learning_runs.json", help="every finished arm, appended")
     a("--tag", default="", help="a label stored with every arm in --runs-log")
     args = p.parse_args(argv)
     if args.eval_offset + args.eval_examples > GSM8K_TEST_SIZE:
         p.error(f"--eval-offset + --eval-examples exceeds the {GSM8K_TEST_SIZE} test problems")
+    if args.dev and not 1 <= args.dev_examples <= GSM8K_TEST_SIZE:
+        p.error(f"--dev-examples must be 1..{GSM8K_TEST_SIZE} (an eval job's limit)")
+    suffix = "_dev" if args.dev else ""
+    args.json_out = args.json_out or f"bench/results/learning{suffix}.json"
+    args.png_out = args.png_out or f"bench/results/learning{suffix}.png"
+    if args.dev and not args.tag:
+        args.tag = "dev"
     return args
+
+
+def held_out(args) -> tuple[str, int, int]:
+    """(split, offset, n) of the problems base and arms are judged on: the test problems, or with --dev the
+    last --dev-examples train problems (train_problems() keeps every arm off them)."""
+    if args.dev:
+        return "train", GSM8K_TRAIN_SIZE - args.dev_examples, args.dev_examples
+    return "test", args.eval_offset, args.eval_examples
 
 
 def main(argv=None) -> int:
@@ -749,9 +814,11 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     state_path = workdir / "learning_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() and not args.fresh else {}
+    split, first, n = held_out(args)
     key = {
-        "eval_examples": args.eval_examples,
-        "eval_offset": args.eval_offset,
+        "eval_split": split,
+        "eval_examples": n,
+        "eval_offset": first,
         "eval_max_tokens": args.eval_max_tokens,
         "token_budget": args.token_budget,
         "teacher": args.teacher,

@@ -12,7 +12,10 @@ Teacher endpoints come from TEACHER_TIER:
 
 The search's knobs are defined once, in `SearchConfig` (default, bounds, description): the service settings
 (MAX_TREE_DEPTH, NUM_MCTS_ITERATIONS, MAX_TOKENS, CHUNK_TOKENS), the API's `SearchParams` and the CLI's flags
-take theirs from it (`field_constraints`).
+take theirs from it (`field_constraints`). Its defaults are the training recipe of docs/learning-design.md
+(issue #19): the forked whole-answer search (search/fork.py), 4 answers + 2 forks x 2 continuations = 8 student
+rows per problem at temperature 1.0, answers of up to 256 tokens, correctness as the reward with the dense terms
+capped as tie-breaks, no LLM checker.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -47,50 +50,132 @@ def field_constraints(model: type[BaseModel], name: str) -> dict[str, Any]:
 
 
 class RewardWeights(BaseModel):
-    """Weights of a search path's reward terms (search/rewards.py has the formula); the original's defaults."""
+    """Weights of a search path's reward terms (search/rewards.py has the formula).
 
-    hre: float = Field(default=0.4, ge=0, le=100, description="weight of the hard reward (correct answer)")
-    pre: float = Field(default=0.6, ge=0, le=100, description="weight of the accumulated process reward")
-    length_penalty: float = Field(default=-0.01, ge=-10, le=10, description="per step of depth")
+    Correctness first (issue #19): HRE 1 and PRE 0 by default; the dense terms (PRE, length, direction) together
+    are clipped to +-dense_cap, and dense_cap must stay below hre / 2, so a correct answer always scores above a
+    wrong one and the dense terms only break ties. (The original's weights were 0.4 HRE / 0.6 PRE, uncapped: on
+    the student's own text PRE then decided most advantages, and the GPU runs of that recipe collapsed.)"""
+
+    hre: float = Field(default=1.0, ge=0, le=100, description="weight of the hard reward (correct answer)")
+    pre: float = Field(default=0.0, ge=0, le=100, description="weight of the accumulated process reward")
+    length_penalty: float = Field(default=-0.01, ge=-10, le=10, description="per step (line) of depth")
     right_bonus: float = Field(default=0.1, ge=-10, le=10, description="per teacher 'right' step on the path")
     wrong_bonus: float = Field(
         default=-0.05, ge=-10, le=10, description="per teacher 'wrong' step on the path"
     )
     discount: float = Field(default=0.95, ge=0, le=1, description="of the accumulated process reward")
+    dense_cap: float = Field(
+        default=0.1,
+        ge=0,
+        le=100,
+        description="the dense terms (PRE, length, direction) together are clipped to +-dense_cap; below hre/2 "
+        "(when hre > 0), so they can never outweigh correctness",
+    )
+
+    @model_validator(mode="after")
+    def _correctness_dominates(self) -> RewardWeights:
+        if self.hre > 0 and self.dense_cap >= self.hre / 2:
+            raise ValueError(
+                f"dense_cap ({self.dense_cap:g}) must be below hre / 2 ({self.hre / 2:g}): the dense terms must "
+                "never outweigh a correct answer"
+            )
+        return self
+
+
+SearchShape = Literal["fork", "line"]
 
 
 class SearchConfig(BaseModel):
-    """How one search tree grows (search/mcts.py): every knob of the search, its default and its bounds."""
+    """How one search tree grows: every knob of the search, its default and its bounds.
 
-    max_depth: int = Field(default=6, ge=1, le=64, description="deepest reasoning step of a path")
-    iterations: int = Field(default=8, ge=1, le=4096, description="MCTS simulations per problem")
-    max_tokens: int = Field(default=1024, ge=16, le=65536, description="token budget of one search path")
-    chunk_tokens: int = Field(default=64, ge=4, le=4096, description="cap of one reasoning step")
-    parallel_simulations: int = Field(default=4, ge=1, le=256, description="simulations of one tree at once")
-    selection: Literal["puct", "uct"] = Field(default="puct", description="child selection rule")
+    Two shapes share the knobs. "fork" (search/fork.py, the default): AlphaZero-style at whole-answer
+    granularity; round 0 is `root_samples` whole student answers, then `iterations` forks, `parallel_simulations`
+    per round, each a line picked by PUCT and continued by `n_student` student samples (and the teachers'
+    rest-of-answer requests) in one request. "line" (search/mcts.py): the line-by-line MCTS for model teachers that
+    write one step at a time (one line per node, rollouts, /logprobs priors); it was the default before issue #19,
+    with max_depth 6, iterations 8, parallel_simulations 4, max_tokens 1024, chunk_tokens 64, n_teacher_wrong 1,
+    temperature 0.8 and the checker on."""
+
+    shape: SearchShape = Field(
+        default="fork",
+        description="fork: whole answers forked at lines chosen by PUCT (the default); line: the line-by-line "
+        "MCTS (one step per node, rollouts), for model teachers that write one step at a time",
+    )
+    max_depth: int = Field(default=6, ge=1, le=64, description="line: deepest reasoning step of a path")
+    iterations: int = Field(
+        default=2,
+        ge=0,
+        le=4096,
+        description="simulations per problem; fork: forks per tree (0 = the root's answers only, plain GRPO "
+        "sampling); line: MCTS simulations",
+    )
+    max_tokens: int = Field(
+        default=256, ge=16, le=65536, description="token budget of one answer (search path)"
+    )
+    chunk_tokens: int = Field(default=64, ge=4, le=4096, description="line: cap of one reasoning step")
+    parallel_simulations: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="simulations selected at once; fork: forks per round (a round's requests go out together); "
+        "line: simulations of one tree at once",
+    )
+    selection: Literal["puct", "uct"] = Field(default="puct", description="line: child selection rule")
     c_puct: float = Field(default=1.5, gt=0, le=100, description="exploration constant of PUCT")
     c_uct: float = 1.414
     virtual_loss: float = 1.0  # the value each pending visit pretends to lose
     fpu: float = 0.0  # Q of an unvisited child
-    n_teacher_right: int = Field(default=1, ge=0, le=64, description="'right' teacher steps per expansion")
-    n_teacher_wrong: int = Field(default=1, ge=0, le=64, description="'wrong' teacher steps per expansion")
-    n_student: int = Field(default=2, ge=0, le=64, description="student steps per expansion")
-    temperature: float = Field(default=0.8, ge=0, le=2, description="student sampling temperature")
+    root_samples: int = Field(
+        default=4, ge=0, le=64, description="fork: the student's whole answers from the question (round 0)"
+    )
+    n_teacher_right: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="'right' teacher samples per expansion (fork: rest-of-answer continuations per fork)",
+    )
+    n_teacher_wrong: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="'wrong' teacher samples per expansion (fork: rest-of-answer continuations per fork)",
+    )
+    n_student: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="student samples per expansion (fork: continuations of the selected line; line: next steps)",
+    )
+    teacher_gold: bool = Field(
+        default=True,
+        description="fork: a tree with no correct answer after its last round gets the 'right' teacher's whole "
+        "answer from the question (GCPO), so its group carries a signal",
+    )
+    temperature: float = Field(default=1.0, ge=0, le=2, description="student sampling temperature")
     teacher_temperature: float = Field(default=0.7, ge=0, le=2, description="teacher sampling temperature")
-    prior_temperature: float = 1.0
+    prior_temperature: float = Field(
+        default=1.0, gt=0, le=100, description="softmax temperature of the priors (log-probs or surprisal)"
+    )
     rollout: bool = Field(
         default=True,
-        description="evaluate open children by a student rollout to an answer (else PRE/length terms only)",
+        description="line: evaluate open children by a student rollout to an answer (else PRE/length terms "
+        "only)",
     )
     rollouts: Literal["best", "all"] = "best"  # which open children of an expansion are evaluated
-    rollout_max_tokens: int = Field(default=256, ge=1, le=65536, description="token budget of a rollout")
-    use_checker: bool = Field(default=True, description="ask the LLM checker when the rules are unsure")
+    rollout_max_tokens: int = Field(
+        default=256, ge=1, le=65536, description="line: token budget of a rollout"
+    )
+    use_checker: bool = Field(
+        default=False,
+        description="ask the LLM checker when the rules are unsure (fork: of an answer cut by the token budget)",
+    )
     max_expand_failures: int = 2  # then the leaf becomes terminal ("expansion_failed")
     seed: int | None = Field(default=None, description="seed of the sampling requests")
     rewards: RewardWeights = Field(default_factory=RewardWeights)
     one_line_steps: bool = Field(
         default=True,
-        description="steps end at a newline (default); false: the student and the teachers write on to the "
+        description="line: steps end at a newline (default); false: the student and the teachers write on to the "
         "end of the answer, so max_depth 1 with no teacher children is plain GRPO sampling, and with a 'right' "
         "teacher its whole answer joins the student's group",
     )
@@ -99,6 +184,21 @@ class SearchConfig(BaseModel):
         description="show the 'right' teacher the problem's gold solution as a hint (train problems only; "
         "default off)",
     )
+
+    def student_rows(self) -> int:
+        """Student samples per problem: fork = root answers + forks x continuations (the GRPO group)."""
+        if self.shape == "fork":
+            return self.root_samples + self.iterations * self.n_student
+        return self.iterations * self.n_student
+
+    def max_nodes(self) -> int:
+        """An upper bound of one tree's nodes (MAX_TREE_NODES bounds it): fork = one node per line of every
+        answer, a line holding at least one token; line = 1 + iterations x children per expansion."""
+        width = self.n_teacher_right + self.n_teacher_wrong + self.n_student
+        if self.shape == "fork":
+            answers = self.root_samples + self.iterations * width + int(self.teacher_gold)
+            return 1 + answers * self.max_tokens
+        return 1 + self.iterations * width
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SearchConfig:
@@ -197,6 +297,8 @@ class Settings(BaseSettings):
     checker_model: str = "base"
     checker_api_key_env: str | None = None
     endpoint_max_concurrency: int = Field(default=32, ge=1, le=4096)
+    # The student's server (the trainer, or vLLM) batches what it is sent: every tree of a step asks at once.
+    student_max_concurrency: int = Field(default=256, ge=1, le=4096)
     request_timeout_s: float = Field(default=120.0, gt=0)
     # How long a train job waits for an unreachable trainer (kill -9, restart) before it fails.
     trainer_wait_s: float = Field(default=600.0, ge=0)
@@ -206,8 +308,9 @@ class Settings(BaseSettings):
     num_mcts_iterations: int = _search_default("iterations")
     max_tokens: int = _search_default("max_tokens")
     chunk_tokens: int = _search_default("chunk_tokens")
-    max_trees_in_flight: int = Field(default=8, ge=1, le=1024)
-    max_requests_in_flight: int = Field(default=64, ge=1, le=8192)
+    # A train step grows its batch's trees at once (trees_in_flight defaults to the batch), at most this many.
+    max_trees_in_flight: int = Field(default=256, ge=1, le=1024)
+    max_requests_in_flight: int = Field(default=512, ge=1, le=8192)
     # Nodes one search tree may grow (1 + iterations x (n_teacher_right + n_teacher_wrong + n_student)); a /train
     # asking for more, or for more trees_in_flight than MAX_TREES_IN_FLIGHT, gets 422 (bounds the job's memory).
     max_tree_nodes: int = Field(default=32768, ge=16)
@@ -316,6 +419,6 @@ class Settings(BaseSettings):
             name="student",
             base_url=self.trainer_v1,
             model=self.student_model,
-            max_concurrency=self.endpoint_max_concurrency,
+            max_concurrency=self.student_max_concurrency,
             timeout_s=self.request_timeout_s,
         )

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import ValidationError
 
 from orchestrator.api.dependencies import (
     ManagerDep,
@@ -40,19 +41,35 @@ router = APIRouter(dependencies=[Depends(require_token)])
 
 
 def train_budget_errors(settings: Settings, body: TrainRequest) -> list[dict]:
-    """What a /train asks beyond the service's limits, as 422 errors: the nodes one tree may grow
+    """What a /train asks beyond the service's limits, as 422 errors: a search config that does not hold
+    together (e.g. reward weights whose dense terms could outweigh correctness), the nodes one tree may grow
     (MAX_TREE_NODES) and the trees grown at once (MAX_TREES_IN_FLIGHT) bound the job's memory."""
     errors = []
-    config = search_config(settings, body)
-    width = config.n_teacher_right + config.n_teacher_wrong + config.n_student
-    nodes = 1 + config.iterations * width
+    try:
+        config = search_config(settings, body)
+    except ValidationError as exc:
+        return [
+            {
+                "type": error["type"],
+                "loc": ("body", "search", *error["loc"]),
+                "msg": error["msg"],
+                "input": error.get("input"),
+            }
+            for error in exc.errors(include_url=False)
+        ]
+    nodes = config.max_nodes()
     if nodes > settings.max_tree_nodes:
+        bound = (
+            "1 + (root_samples + iterations x (n_student + n_teacher_right + n_teacher_wrong) + teacher_gold) "
+            "x max_tokens"
+            if config.shape == "fork"
+            else "1 + iterations x (n_teacher_right + n_teacher_wrong + n_student)"
+        )
         errors.append(
             {
                 "type": "value_error",
                 "loc": ("body", "search", "iterations"),
-                "msg": f"1 + iterations x (n_teacher_right + n_teacher_wrong + n_student) = 1 + {config.iterations}"
-                f" x {width} = {nodes} nodes per tree exceeds MAX_TREE_NODES ({settings.max_tree_nodes})",
+                "msg": f"{bound} = {nodes} nodes per tree exceeds MAX_TREE_NODES ({settings.max_tree_nodes})",
                 "input": config.iterations,
             }
         )

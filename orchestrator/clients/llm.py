@@ -75,6 +75,7 @@ class Choice:
     # The sampled token ids (vLLM with `return_token_ids: true`), an end-of-sequence token included: what the
     # trainer must score for token_logprobs to line up (sampled text does not always tokenise back to them).
     token_ids: list[int] | None = None
+    tokens: list[str] | None = None  # the sampled tokens' text, one per log-prob (with log-probs only)
 
     @property
     def mean_logprob(self) -> float | None:
@@ -142,14 +143,20 @@ def parse_completion(data: Received, endpoint: str, want_logprobs: bool) -> Comp
     """A server's answer (validated by `_post` into the protocol's lenient models) -> Completion."""
     choices = []
     for c in sorted(data.choices, key=lambda c: c.index):
+        tokens: list[str] | None = None
         if isinstance(c, ReceivedChatChoice):
             text = c.message.content if c.message is not None else None
             lp = c.logprobs
             token_logprobs = [t.logprob for t in lp.content or []] if lp is not None else None
+            if lp is not None and lp.content and all(t.token is not None for t in lp.content):
+                tokens = [t.token or "" for t in lp.content]
         else:
             text = c.text
             lp = c.logprobs
             token_logprobs = [x for x in lp.token_logprobs or [] if x is not None] if lp is not None else None
+            if lp is not None and lp.tokens is not None and lp.token_logprobs is not None:
+                pairs = zip(lp.tokens, lp.token_logprobs, strict=False)
+                tokens = [t for t, x in pairs if x is not None]
         if want_logprobs and token_logprobs is None:
             raise LogprobsUnavailable(endpoint)
         # vLLM says stop_reason null when the model ended the sequence itself; a server without the field says nothing
@@ -161,6 +168,7 @@ def parse_completion(data: Received, endpoint: str, want_logprobs: bool) -> Comp
                 token_logprobs=token_logprobs,
                 eos=eos,
                 token_ids=c.token_ids,
+                tokens=tokens,
             )
         )
     return Completion(

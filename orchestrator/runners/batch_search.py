@@ -15,7 +15,8 @@ from pathlib import Path
 
 from orchestrator.gsm8k.data import Problem
 from orchestrator.runners.context import JobContext
-from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_search
 from orchestrator.search.tree import Tree
 from orchestrator.settings import SearchConfig
 
@@ -28,7 +29,9 @@ class BatchSearch:
 
     trees: list[Tree] = field(default_factory=list)
     requests: int = 0
-    tokens: int = 0
+    tokens: int = 0  # generated: student_tokens + teacher_tokens
+    student_tokens: int = 0
+    teacher_tokens: int = 0
     teacher_errors: int = 0
     search_errors: int = 0
     first_error: str | None = None
@@ -84,6 +87,8 @@ async def search_batch(
         await write_job_file(ctx.path("trees", f"{n:06d}.json"), json.dumps(record))
         batch.requests += int(result.stats.get("requests", 0) or 0)
         batch.tokens += int(result.stats.get("tokens", 0) or 0)
+        batch.student_tokens += int(result.stats.get("student_tokens", 0) or 0)
+        batch.teacher_tokens += int(result.stats.get("teacher_tokens", 0) or 0)
         batch.teacher_errors += int(result.stats.get("teacher_errors", 0) or 0)
         batch.degraded += [d for d in result.stats.get("degraded", []) if d not in batch.degraded]
         if ctx.telemetry is not None:

@@ -9,7 +9,7 @@ from typing import Any
 from orchestrator.runners.batch_search import BatchSearch
 from orchestrator.runners.telemetry import Telemetry
 from orchestrator.runners.trajectories import trajectories
-from orchestrator.search.mcts import SearchServices
+from orchestrator.search.services import SearchServices
 from orchestrator.search.tree import Tree
 from orchestrator.settings import Settings
 from services.protocol import GrpoStepResponse
@@ -40,16 +40,22 @@ def teacher_weights(services: SearchServices) -> dict[str, float] | None:
 
 
 def search_metrics(
-    problems: int, searched: BatchSearch, items: int, services: SearchServices
+    problems: int, searched: BatchSearch, items: int, dropped_groups: int, services: SearchServices
 ) -> dict[str, Any]:
-    """The step's metrics known once its batch is searched and turned into `items` GRPO items."""
+    """The step's metrics known once its batch is searched and turned into `items` GRPO items (trees whose
+    group was dropped, all answers equally correct, are `dropped_groups`). Generated tokens are the student's and
+    the teachers' text of the step (`search_tokens` is the same figure, kept for older readers)."""
     return {
         "problems": problems,
         "trees": len(searched.trees),
         "items": items,
+        "dropped_groups": dropped_groups,
         **tree_metrics(searched.trees),
         "teacher_weights": teacher_weights(services),
         "search_tokens": searched.tokens,
+        "generated_tokens": searched.tokens,
+        "student_tokens": searched.student_tokens,
+        "teacher_tokens": searched.teacher_tokens,
         "search_requests": searched.requests,
         "teacher_errors": searched.teacher_errors,
         "search_errors": searched.search_errors,

@@ -2,11 +2,13 @@
 
     start = start_or_resume()                                  (checkpoint 0, or a rewind to the last one)
     for step in start+1 .. total:
-        trees  = run_search(p) for p in batch(step)            (concurrently, at most trees_in_flight)
+        trees  = run_search(p) for p in batch(step)            (concurrently: the whole batch by default)
         check_step: teacher failures and degraded modes told; a step with nothing to learn from fails the job
-        items  = grpo_group(tree) for every tree                (z-scored, clipped advantages per problem)
+        items  = grpo_group(tree) for every tree                (per problem; all-same groups dropped)
         result = trainer /grpo/step(items, step_key=f"{job}:{step}")
-        record the step's metrics; every N steps save a checkpoint; every M steps a quick student eval
+        record the step's metrics (generated tokens by source, and the job's total); every N steps save a
+        checkpoint; every M steps a quick student eval
+        once the job's generated tokens reach max_generated_tokens: save this step's checkpoint and stop
 
 Every trainer call is bracketed by /health checks (clients/trainer.py's TrainerWatch): a trainer that restarted
 lost the steps since the job's last checkpoint, so the loop rewinds to it and goes on from there
@@ -34,14 +36,19 @@ from orchestrator.runners.checkpoints import (
 from orchestrator.runners.context import JobContext
 from orchestrator.runners.evaluation import quick_eval
 from orchestrator.runners.fault_reports import check_step, teacher_counts
-from orchestrator.runners.requests import TrainRequest, search_config
+from orchestrator.runners.requests import TrainRequest, search_config, trees_in_flight
 from orchestrator.runners.step_metrics import WandbSink, count_step, grpo_metrics, search_metrics
 from orchestrator.runners.trajectories import grpo_group
-from orchestrator.search.mcts import SearchServices
+from orchestrator.search.services import SearchServices
 from orchestrator.settings import SearchConfig
 
 log = logging.getLogger(__name__)
 MAX_TRAINER_RESTARTS = 5  # per run of a job: a trainer that keeps dying fails the job instead of looping
+
+
+def generated_tokens(steps: list[dict]) -> int:
+    """The student's and the teachers' generated tokens over recorded steps (older records: search_tokens)."""
+    return sum(int(s.get("generated_tokens", s.get("search_tokens")) or 0) for s in steps)
 
 
 def plan_batches(num_problems: int, batch_size: int, epochs: int) -> list[list[int]]:
@@ -91,12 +98,18 @@ async def train_step(
     # The student is served by the trainer: trees grown while it was away or restarting are no good.
     await watch.check()
     await check_step(ctx, plan.services.teachers, teachers_before, searched, len(batch), degraded, step)
-    items = [
-        item.to_trainer_item()
-        for tree in searched.trees
-        for item in grpo_group(tree, request.advantage_mode, request.advantage_clip, request.teacher_weight)
-    ]
-    metrics = search_metrics(len(batch), searched, len(items), plan.services)
+    items, dropped = [], 0
+    for tree in searched.trees:
+        group = grpo_group(
+            tree,
+            request.advantage_mode,
+            request.advantage_clip,
+            request.teacher_weight,
+            scale=request.scale_advantages,
+        )
+        dropped += int(not group and bool(tree.root.children))
+        items += [item.to_trainer_item() for item in group]
+    metrics = search_metrics(len(batch), searched, len(items), dropped, plan.services)
     if any(item["advantage"] != 0 for item in items):
         grpo_started = time.perf_counter()
         step_key = f"{ctx.job_id}:{step}"  # a repeated call is applied once (trainer contract)
@@ -135,7 +148,7 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
         batches=plan_batches(len(problems), request.batch_size, request.epochs),
         config=search_config(settings, request),
         services=SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer),
-        trees_in_flight=request.trees_in_flight or settings.max_trees_in_flight,
+        trees_in_flight=trees_in_flight(settings, request),
     )
     total_steps = plan.total_steps
     watch = TrainerWatch(ctx.trainer, settings.trainer_wait_s, ctx.emit)
@@ -154,27 +167,40 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
     run_started = time.perf_counter()
     problems_this_run = restarts = 0
     restarted: TrainerRestarted | None = None
+    stop_reason = "all_steps"
     step = start.step + 1
+    generated = generated_tokens(await ctx.store.steps(ctx.job_id))  # by the steps before this run
     try:
         while step <= total_steps:
             try:
                 if restarted is not None:  # the trainer lost everything since our last checkpoint
                     step = 1 + await rewind_after_restart(ctx, watch, restarted)
+                    generated = generated_tokens(await ctx.store.steps(ctx.job_id))
                     restarted = None
                 metrics = await train_step(ctx, watch, plan, step, degraded)
+                generated += metrics["generated_tokens"]
+                metrics["generated_tokens_total"] = generated
                 await ctx.store.record_step(ctx.job_id, step, metrics)
                 problems_this_run += metrics["problems"]
                 elapsed = time.perf_counter() - run_started
                 await ctx.set_metrics(**{k: v for k, v in metrics.items() if k != "degraded"}, step=step)
                 await ctx.emit("step", step=step, total_steps=total_steps, **metrics)
                 wandb.log(step, metrics)
-                if checkpoint_due(step, request.checkpoint_every, total_steps):
+                budget_spent = request.max_generated_tokens is not None and (
+                    generated >= request.max_generated_tokens
+                )
+                if budget_spent or checkpoint_due(step, request.checkpoint_every, total_steps):
                     checkpoint = await save_checkpoint(ctx, watch, step)
                 await ctx.set_progress(
                     step=step,
                     problems_done=plan.problems_before(step + 1),
                     problems_per_min=round(60 * problems_this_run / elapsed, 3),
+                    generated_tokens=generated,
                 )
+                if budget_spent:
+                    stop_reason = "max_generated_tokens"
+                    await ctx.emit("budget_reached", step=step, generated_tokens=generated)
+                    break
                 step += 1
             except TrainerRestarted as exc:
                 restarts += 1
@@ -195,6 +221,12 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
     health = await watch.health()
     return {
         "steps": total_steps,
+        "steps_done": len(steps),
+        "stop_reason": stop_reason,
+        "max_generated_tokens": request.max_generated_tokens,
+        "generated_tokens": generated_tokens(steps),
+        "student_tokens": sum(int(s.get("student_tokens") or 0) for s in steps),
+        "teacher_tokens": sum(int(s.get("teacher_tokens") or 0) for s in steps),
         "applied_steps": sum(1 for s in steps if not s.get("skipped")),
         "adapter_version_start": start.adapter_version_start,
         "adapter_version": health.adapter_version,

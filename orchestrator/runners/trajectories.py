@@ -1,20 +1,29 @@
 """From a finished tree to training data: root-to-terminal trajectories and GRPO groups.
 
+A tree is one group. A group whose scored paths are all correct or all wrong carries no correctness signal and
+is dropped (DAPO's dynamic sampling, verl's filter_groups): its reward differences are the dense tie-breaks
+alone, and training on them is what collapsed the early GPU runs. (With the fork search's gold answer an
+all-wrong tree is no longer all-same.)
+
 Three advantage modes:
 - "flat" (GRPO): one item per root-to-terminal trajectory, completion = the whole solution text;
-      A_j = clip((R_j - mean(R)) / (std(R) + eps), -clip, clip)
-  (population std; all advantages 0 when every trajectory earned the same reward). Before clipping the
-  advantages of a group sum to 0.
-- "tree" (TreeRL / TreeRPO style): one item per step on any trajectory, completion = that step, context =
-  the solution before it; A(step) = clip(V(node) - V(parent), -clip, clip), V = the node's mean backed-up
-  value.
+      A_j = clip(R_j - mean(R), -clip, clip)                          (Dr. GRPO: no std scaling; the default)
+      A_j = clip((R_j - mean(R)) / (std(R) + eps), -clip, clip)       (`scale=True`: GRPO's z-score)
+  (population std). Before clipping the advantages of a group sum to 0. A prefix shared by several paths
+  appears in each of their items, so it gets the mean of their advantages: the subtree's credit (TreeRL).
+- "tree" (TreeRL): one item per segment of the scored subtree (a maximal chain of nodes that do not branch:
+  in the fork search a run of lines up to where answers part, or a whole continuation), completion = the
+  segment's lines, context = the solution before it;
+      A(segment) = clip((V(end) - V(parent)) + (V(end) - V(root)), -clip, clip)
+  V = a node's mean backed-up value, `end` the segment's last node, `parent` the node before its first:
+  TreeRL's local plus global advantage (the local term of a chain telescopes, so segments lose nothing).
 - "rejection" (rejection-sampling fine-tuning; STaR, RAFT): one item per distinct correct root-to-terminal
   trajectory with at least one worked line before its answer, advantage 1; wrong ones are dropped, and so are
   bare answers ("#### 72" alone), which teach guessing. With the loss's ratio at 1 this is supervised fine-tuning on
   the correct answers the search found: nothing pushes sampled text down, so a weak student (whose groups are
   nearly all wrong) cannot be driven to collapse by negative advantages.
 Off-policy text: an item whose completion contains any teacher-written step gets weight `teacher_weight`
-(default 0.5; the trainer scales its loss by it); items made only of student steps get weight 1.
+(the request's, 1.0 by default: the trainer scales its loss by it); items made only of student steps get weight 1.
 """
 
 from __future__ import annotations
@@ -121,46 +130,80 @@ def _whole_path_item(tree: Tree, path: Trajectory, advantage: float, teacher_wei
     )
 
 
+def mixed_correctness(paths: list[Trajectory]) -> bool:
+    """True when the paths hold both correct and wrong answers: the group carries a correctness signal."""
+    return len({t.correct for t in paths}) == 2
+
+
+def centred(values: list[float], clip: float = 5.0) -> list[float]:
+    """R - mean(R), clipped (Dr. GRPO's group advantage: no std scaling)."""
+    if not values:
+        return []
+    mean = sum(values) / len(values)
+    return [max(-clip, min(clip, v - mean)) for v in values]
+
+
+def segments(tree: Tree, paths: list[Trajectory]) -> list[list[Node]]:
+    """The scored subtree (the nodes on `paths`) cut into maximal chains of nodes that do not branch, in node
+    order: a chain starts below the root or below a node with two or more scored children."""
+    kept = {i for t in paths for i in t.node_ids}
+    kept_children = {i: [c for c in tree.nodes[i].children if c in kept] for i in kept}
+    out = []
+    for i in sorted(kept):
+        node = tree.nodes[i]
+        assert node.parent is not None  # trajectories leave the root out
+        if node.parent != 0 and len(kept_children[node.parent]) == 1:
+            continue  # it continues its parent's chain
+        chain = [node]
+        while len(kept_children[chain[-1].id]) == 1:
+            chain.append(tree.nodes[kept_children[chain[-1].id][0]])
+        out.append(chain)
+    return out
+
+
 def grpo_group(
     tree: Tree,
     mode: Literal["flat", "tree", "rejection"] = "flat",
     clip: float = 5.0,
-    teacher_weight: float = 0.5,
+    teacher_weight: float = 1.0,
+    scale: bool = False,
 ) -> list[GroupItem]:
-    if mode == "flat":
-        paths = trajectories(tree)
-        advantages = zscore([t.reward for t in paths], clip)
-        return [_whole_path_item(tree, t, a, teacher_weight) for t, a in zip(paths, advantages, strict=True)]
+    """The tree's GRPO items; none when the group is dropped (all its answers equally correct)."""
+    if mode not in ("flat", "tree", "rejection"):
+        raise ValueError(f"unknown advantage mode {mode!r} (flat | tree | rejection)")
+    paths = trajectories(tree)
     if mode == "rejection":
         items, seen = [], set()
-        for t in trajectories(tree):
+        for t in paths:
             worked = sum(1 for line in t.text.split("\n") if line.strip()) >= 2
             if not t.correct or not worked or t.text in seen:
                 continue
             seen.add(t.text)
             items.append(_whole_path_item(tree, t, 1.0, teacher_weight))
         return items
-    if mode == "tree":
-        items, seen = [], set()
-        for t in trajectories(tree):
-            for node_id in t.node_ids:
-                if node_id in seen:
-                    continue
-                seen.add(node_id)
-                node: Node = tree.nodes[node_id]
-                assert node.parent is not None  # trajectories leave the root out
-                parent = tree.nodes[node.parent]
-                advantage = max(-clip, min(clip, node.value - parent.value))
-                items.append(
-                    GroupItem(
-                        messages=tree.messages,
-                        context=tree.partial_text(parent),
-                        completion=node.text,
-                        advantage=advantage,
-                        source=node.source,
-                        weight=1.0 if node.source == STUDENT else teacher_weight,
-                        node_id=node.id,
-                    )
-                )
-        return items
-    raise ValueError(f"unknown advantage mode {mode!r} (flat | tree | rejection)")
+    if not mixed_correctness(paths):
+        return []
+    if mode == "flat":
+        rewards = [t.reward for t in paths]
+        advantages = zscore(rewards, clip) if scale else centred(rewards, clip)
+        return [_whole_path_item(tree, t, a, teacher_weight) for t, a in zip(paths, advantages, strict=True)]
+    items = []
+    root_value = tree.root.value
+    for chain in segments(tree, paths):
+        first, end = chain[0], chain[-1]
+        assert first.parent is not None
+        parent = tree.nodes[first.parent]
+        advantage = (end.value - parent.value) + (end.value - root_value)
+        sources = [n.source for n in chain]
+        items.append(
+            GroupItem(
+                messages=tree.messages,
+                context=tree.partial_text(parent),
+                completion="\n".join(n.text for n in chain),
+                advantage=max(-clip, min(clip, advantage)),
+                source=_source(sources),
+                weight=1.0 if all(src == STUDENT for src in sources) else teacher_weight,
+                node_id=end.id,
+            )
+        )
+    return items

@@ -1,4 +1,5 @@
-"""Async MCTS over OpenAI-compatible endpoints: one tree per problem, many simulations and trees at once.
+"""The line search (`shape: "line"`): async MCTS over OpenAI-compatible endpoints, one reasoning line per node;
+one tree per problem, many simulations and trees at once. (The default shape is fork.py's whole answers.)
 
 One simulation:
 1. Select: from the root, follow the best PUCT (or UCT) child until a terminal node or an unexpanded leaf;
@@ -16,7 +17,7 @@ One simulation:
 4. Backprop each evaluated child's value along root..child, credit the teachers on that path, remove the
    virtual loss.
 `parallel_simulations` simulations run at once until `iterations` have started; the pool's global semaphore
-bounds requests in flight across every tree; `run_searches` bounds the trees in flight. Setting `cancel` stops
+bounds requests in flight across every tree; shapes.run_searches bounds the trees in flight. Setting `cancel` stops
 a search at once (in-flight requests are cancelled) and returns the tree so far.
 """
 
@@ -26,16 +27,16 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from orchestrator.clients.llm import LLMError, LLMPool, LogprobsUnavailable
-from orchestrator.clients.trainer import TrainerClient, TrainerError
+from orchestrator.clients.llm import Completion, LLMError
+from orchestrator.clients.trainer import TrainerError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
 from orchestrator.search.rewards import RunningMean, accumulated_pre, path_reward, step_pre
-from orchestrator.search.scoring import ScoreBatcher
-from orchestrator.search.teachers import AllTeachersFailed, TeacherEnsemble, first_line, teacher_solution
-from orchestrator.search.terminal import TerminalChecker, rule_verdict
+from orchestrator.search.sampling import sample_student
+from orchestrator.search.services import SearchResult, SearchServices
+from orchestrator.search.teachers import AllTeachersFailed, first_line, teacher_solution
+from orchestrator.search.terminal import rule_verdict
 from orchestrator.search.tree import (
     ROOT,
     STUDENT,
@@ -48,48 +49,7 @@ from orchestrator.search.tree import (
     remove_virtual_loss,
     softmax,
 )
-from orchestrator.settings import EndpointSpec, SearchConfig
-
-
-@dataclass
-class SearchServices:
-    """Everything a search talks to; shared by all searches of a job (teacher weights learn across trees)."""
-
-    pool: LLMPool
-    teachers: TeacherEnsemble
-    checker: TerminalChecker
-    student: EndpointSpec
-    trainer: TrainerClient | None = None
-    _scorer: ScoreBatcher | None = field(default=None, init=False, repr=False)
-
-    @property
-    def scorer(self) -> ScoreBatcher | None:
-        """The /logprobs batcher of `trainer` (None without a trainer)."""
-        if self.trainer is None:
-            return None
-        if self._scorer is None or self._scorer.trainer is not self.trainer:
-            self._scorer = ScoreBatcher(self.trainer)
-        return self._scorer
-
-    @classmethod
-    def from_settings(cls, settings, pool: LLMPool, trainer: TrainerClient | None = None) -> SearchServices:
-        """A trainer client is made from TRAINER_URL unless one is passed; an empty TRAINER_URL means none
-        (a vLLM-only set-up: uniform priors and no PRE)."""
-        if trainer is None and settings.trainer_url:
-            trainer = TrainerClient.from_settings(settings)
-        return cls(
-            pool=pool,
-            teachers=TeacherEnsemble(settings.teacher_endpoints()),
-            checker=TerminalChecker(pool, settings.checker_endpoint()),
-            student=settings.student_endpoint(),
-            trainer=trainer,
-        )
-
-
-@dataclass
-class SearchResult:
-    tree: Tree
-    stats: dict  # expansions, requests, tokens, teacher_errors, seconds, degraded, ...
+from orchestrator.settings import SearchConfig
 
 
 @dataclass
@@ -108,7 +68,9 @@ class _Stats:
     expansions: int = 0
     simulations: int = 0
     requests: int = 0
-    tokens: int = 0
+    tokens: int = 0  # generated: student_tokens + teacher_tokens
+    student_tokens: int = 0
+    teacher_tokens: int = 0
     teacher_errors: int = 0
     checker_calls: int = 0
     rollouts: int = 0
@@ -176,10 +138,13 @@ class _Search:
         s = self.stats
         leaves = [n for n in self.tree if n.terminal]
         return {
+            "shape": "line",
             "expansions": s.expansions,
             "simulations": s.simulations,
             "requests": s.requests,
             "tokens": s.tokens,
+            "student_tokens": s.student_tokens,
+            "teacher_tokens": s.teacher_tokens,
             "teacher_errors": s.teacher_errors,
             "checker_calls": s.checker_calls,
             "rollouts": s.rollouts,
@@ -285,44 +250,33 @@ class _Search:
         self.seed_counter += 1
         return self.cfg.seed * 1_000_003 + self.seed_counter
 
-    def _student_messages(self, partial: str) -> tuple[list[dict], dict]:
-        """Continue the partial solution (vLLM's continue_final_message); at the root start a fresh answer."""
-        if not partial:
-            return self.tree.messages, {"add_generation_prompt": True, "continue_final_message": False}
-        return (
-            [*self.tree.messages, {"role": "assistant", "content": partial}],
-            {"add_generation_prompt": False, "continue_final_message": True},
-        )
-
     async def _student_steps(self, partial: str, step_cap: int, latencies: list[float]) -> list[_Candidate]:
         if self.cfg.n_student <= 0:
             return []
-        messages, extra = self._student_messages(partial)
-        params: dict[str, Any] = {
-            "n": self.cfg.n_student,
-            "max_tokens": step_cap,
-            "temperature": self.cfg.temperature,
-            "stop": ["\n"] if self.cfg.one_line_steps else None,
-            "seed": self._next_seed(),
-            **extra,
-        }
         try:
             self.stats.requests += 1
-            try:
-                completion = await self.svc.pool.chat(
-                    self.svc.student, messages, logprobs=self.student_logprobs, **params
-                )
-            except LogprobsUnavailable:
-                self.student_logprobs = False
-                self.stats.degrade("student_logprobs_unavailable")
-                self.stats.requests += 1
-                completion = await self.svc.pool.chat(self.svc.student, messages, **params)
+            completion = await sample_student(
+                self.svc.pool,
+                self.svc.student,
+                self.tree.messages,
+                partial,
+                n=self.cfg.n_student,
+                max_tokens=step_cap,
+                temperature=self.cfg.temperature,
+                stop=["\n"] if self.cfg.one_line_steps else None,
+                seed=self._next_seed(),
+                logprobs=self.student_logprobs,
+            )
         except LLMError as exc:
             self.stats.error(f"student: {exc}")
             self.stats.degrade("student_errors")
             return []
+        if self.student_logprobs and any(ch.token_logprobs is None for ch in completion.choices):
+            self.student_logprobs = False  # asked again without: don't ask for them again
+            self.stats.degrade("student_logprobs_unavailable")
+            self.stats.requests += 1
         latencies.append(completion.latency_s)
-        self.stats.tokens += int(completion.usage.get("completion_tokens", 0) or 0)
+        self._count_tokens(STUDENT, completion)
         return [
             _Candidate(
                 text=ch.text.strip(),
@@ -335,6 +289,14 @@ class _Search:
             )
             for ch in completion.choices
         ]
+
+    def _count_tokens(self, source: str, completion: Completion) -> None:
+        tokens = int(completion.usage.get("completion_tokens", 0) or 0)
+        self.stats.tokens += tokens
+        if source == STUDENT:
+            self.stats.student_tokens += tokens
+        else:
+            self.stats.teacher_tokens += tokens
 
     async def _teacher_steps(
         self, kind: str, n: int, partial: str, step_cap: int, latencies: list[float]
@@ -368,7 +330,7 @@ class _Search:
                 self.stats.error(f"teacher ({kind}): {message}")
             self.stats.degrade("teacher_failover")
         latencies.append(reply.completion.latency_s)
-        self.stats.tokens += int(reply.completion.usage.get("completion_tokens", 0) or 0)
+        self._count_tokens(reply.teacher, reply.completion)
         return [
             _Candidate(
                 text=first_line(ch.text) if self.cfg.one_line_steps else teacher_solution(ch.text),
@@ -521,25 +483,26 @@ class _Search:
         if not self.cfg.rollout or remaining <= 0:
             return self._path_value(node, 0.0)[0]
         partial = self.tree.partial_text(node)
-        messages, extra = self._student_messages(partial)
         try:
             self.stats.requests += 1
             self.stats.rollouts += 1
-            completion = await self.svc.pool.chat(
+            completion = await sample_student(
+                self.svc.pool,
                 self.svc.student,
-                messages,
+                self.tree.messages,
+                partial,
                 n=1,
                 max_tokens=min(self.cfg.rollout_max_tokens, remaining),
                 temperature=self.cfg.temperature,
                 seed=self._next_seed(),
-                **extra,
+                logprobs=False,
             )
         except LLMError as exc:
             self.stats.error(f"rollout: {exc}")
             self.stats.degrade("rollout_errors")
             return self._path_value(node, 0.0)[0]
         latencies.append(completion.latency_s)
-        self.stats.tokens += int(completion.usage.get("completion_tokens", 0) or 0)
+        self._count_tokens(STUDENT, completion)
         node.rollout = completion.choices[0].text if completion.choices else ""
         correct = same_number(extract_answer(partial + node.rollout), self.tree.gold)
         return self._path_value(node, 1.0 if correct else 0.0)[0]
@@ -557,25 +520,9 @@ def _dedupe(candidates: list[_Candidate]) -> list[_Candidate]:
     return out
 
 
-async def run_search(
+async def run_line_search(
     problem: Problem, config: SearchConfig, services: SearchServices, cancel: asyncio.Event | None = None
 ) -> SearchResult:
-    """Grow one tree for `problem`; returns it with stats (also when cancelled)."""
+    """Grow one tree for `problem` line by line; returns it with stats (also when cancelled). shapes.run_search
+    picks this search for `shape: "line"`."""
     return await _Search(problem, config, services).run(cancel)
-
-
-async def run_searches(
-    problems: list[Problem],
-    config: SearchConfig,
-    services: SearchServices,
-    max_trees_in_flight: int = 8,
-    cancel: asyncio.Event | None = None,
-) -> list[SearchResult]:
-    """Many trees at once, at most `max_trees_in_flight` growing together (the pool bounds requests)."""
-    gate = asyncio.Semaphore(max_trees_in_flight)
-
-    async def one(problem: Problem) -> SearchResult:
-        async with gate:
-            return await run_search(problem, config, services, cancel)
-
-    return list(await asyncio.gather(*(one(p) for p in problems)))

@@ -2,7 +2,7 @@
 
 For a path root -> s_1 -> ... -> s_k (k = depth of the leaf) the value is
 
-    R = w_hre * HRE + w_pre * A_k + length_penalty * k + sum_i bonus(d_i)
+    R = w_hre * HRE + clip(w_pre * A_k + length_penalty * k + sum_i bonus(d_i), -dense_cap, dense_cap)
 
 - HRE (hard reward estimate): 1 when the path's final answer equals the gold answer numerically
   (`answers.same_number`, so "1,000" == "1000.0"), else 0. Non-terminal paths are scored by their rollout's
@@ -18,7 +18,12 @@ For a path root -> s_1 -> ... -> s_k (k = depth of the leaf) the value is
 - Length penalty: `length_penalty` per step of depth (default -0.01).
 - Direction bonus: per step, +right_bonus (0.1) for a teacher "right" step (path code 1), +wrong_bonus (-0.05)
   for a teacher "wrong" step (code 0), 0 for student steps.
-The weights are settings.RewardWeights; its defaults are the original's: 0.4 HRE, 0.6 PRE, -0.01 per depth, +0.1 right, -0.05 wrong, discount 0.95.
+- The dense terms (PRE, length, direction) are clipped together to +-dense_cap (default 0.1), and settings
+  keeps dense_cap < w_hre / 2: a correct path always scores above a wrong one, so the dense terms only break ties
+  between paths of the same correctness (issue #19: on the student's own text an uncapped PRE decided most
+  advantages, and those runs collapsed).
+The weights are settings.RewardWeights; its defaults put correctness first: 1.0 HRE, 0 PRE, -0.01 per depth,
++0.1 right, -0.05 wrong, discount 0.95, dense cap 0.1 (the original's were 0.4 HRE and 0.6 PRE, uncapped).
 """
 
 from __future__ import annotations
@@ -61,7 +66,11 @@ def path_reward(
         "length": length_term(depth, weights),
         "direction": direction_term(directions, weights),
     }
-    return sum(terms.values()), terms
+    dense = terms["pre"] + terms["length"] + terms["direction"]
+    capped = max(-weights.dense_cap, min(weights.dense_cap, dense))
+    if capped != dense:
+        terms["dense_clip"] = capped - dense
+    return terms["hre"] + capped, terms
 
 
 class RunningMean:

@@ -194,6 +194,7 @@ class ModelList(BaseModel):
 # prompt_logprobs, OpenRouter's provider, ...) is ignored. The trainer's own answers above are a strict subset.
 class ReceivedTokenLogprob(LenientModel):
     logprob: float
+    token: str | None = Field(default=None, description="the sampled token's text (the fork search's lines)")
 
 
 class ReceivedChatLogprobs(LenientModel):
@@ -202,6 +203,7 @@ class ReceivedChatLogprobs(LenientModel):
 
 class ReceivedCompletionLogprobs(LenientModel):
     token_logprobs: list[float | None] | None = None
+    tokens: list[str] | None = None
 
 
 class ReceivedMessage(LenientModel):

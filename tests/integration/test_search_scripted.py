@@ -12,10 +12,12 @@ from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.gsm8k.data import Problem
 from orchestrator.runners.trajectories import grpo_group, trajectories
-from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_search
 from orchestrator.search.teachers import TeacherEnsemble
 from orchestrator.search.terminal import TerminalChecker
-from orchestrator.settings import EndpointSpec, SearchConfig
+from orchestrator.settings import EndpointSpec
+from support.line_search import line_config
 from support.scripted_server import admin
 
 pytestmark = pytest.mark.integration
@@ -61,7 +63,7 @@ async def search(url, config, teacher_timeout=5.0):
 
 
 async def test_search_reaches_terminal_leaves_within_limits(url):
-    config = SearchConfig(iterations=8, max_depth=4, max_tokens=200, chunk_tokens=16, parallel_simulations=4)
+    config = line_config(iterations=8, max_depth=4, max_tokens=200, chunk_tokens=16, parallel_simulations=4)
     result, _ = await search(url, config)
     tree, stats = result.tree, result.stats
     assert stats["simulations"] == 8 and stats["expansions"] <= 8 and not stats["degraded"]
@@ -85,7 +87,7 @@ async def test_search_reaches_terminal_leaves_within_limits(url):
 
 async def test_search_goes_on_when_a_teacher_returns_500s(url):
     admin(url, "rules", {"rules": [{"mode": "error", "status": 500, "model": "t1"}]})
-    result, svc = await search(url, SearchConfig(iterations=8, max_depth=4, parallel_simulations=4))
+    result, svc = await search(url, line_config(iterations=8, max_depth=4, parallel_simulations=4))
     stats = result.stats
     assert stats["teacher_errors"] >= 1 and "teacher_failover" in stats["degraded"]
     assert stats["terminal_leaves"] >= 1 and grpo_group(result.tree)
@@ -98,7 +100,7 @@ async def test_search_goes_on_when_a_teacher_returns_500s(url):
 async def test_search_goes_on_when_a_teacher_hangs_past_its_timeout(url):
     admin(url, "rules", {"rules": [{"mode": "hang", "model": "t2"}]})
     result, svc = await search(
-        url, SearchConfig(iterations=6, max_depth=4, parallel_simulations=3), teacher_timeout=0.3
+        url, line_config(iterations=6, max_depth=4, parallel_simulations=3), teacher_timeout=0.3
     )
     stats = result.stats
     assert stats["teacher_errors"] >= 1 and any("timeout" in e for e in stats["errors"])
@@ -113,7 +115,7 @@ async def test_student_without_logprobs_and_dropped_connections(url):
         "rules",
         {"rules": [{"mode": "no_logprobs", "model": "student"}, {"mode": "drop", "model": "t1", "times": 2}]},
     )
-    result, _ = await search(url, SearchConfig(iterations=4, max_depth=4, parallel_simulations=2))
+    result, _ = await search(url, line_config(iterations=4, max_depth=4, parallel_simulations=2))
     assert "student_logprobs_unavailable" in result.stats["degraded"]
     assert result.stats["expansions"] >= 1
     for node in result.tree:

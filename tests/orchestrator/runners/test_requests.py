@@ -44,3 +44,52 @@ def test_eval_models_and_budgets():
     with pytest.raises(ValidationError):
         EvalRequest(max_tokens=100000)
     assert EvalRequest(models=["student"], max_tokens=64).max_tokens == 64
+
+
+def test_a_bare_train_request_is_the_recipe():
+    """POST /train with no loss or search overrides trains with issue #19's recipe (docs/learning-design.md)."""
+    from orchestrator.runners.requests import search_config, trees_in_flight
+    from orchestrator.settings import Settings
+
+    request = TrainRequest()
+    loss = request.loss
+    assert (loss.type, loss.beta, loss.clip_eps, loss.clip_eps_high, loss.learning_rate) == (
+        "dr_grpo",
+        0.0,
+        0.2,
+        0.28,
+        5e-4,
+    )
+    assert (request.batch_size, request.advantage_mode, request.scale_advantages) == (64, "flat", False)
+    assert request.teacher_weight == 1.0 and request.max_generated_tokens is None
+    settings = Settings()
+    config = search_config(settings, request)
+    assert config.shape == "fork" and config.student_rows() == 8  # 4 answers + 2 forks x 2 continuations
+    assert (config.root_samples, config.iterations, config.parallel_simulations, config.n_student) == (
+        4,
+        2,
+        2,
+        2,
+    )
+    assert (config.temperature, config.max_tokens, config.use_checker, config.teacher_gold) == (
+        1.0,
+        256,
+        False,
+        True,
+    )
+    assert (config.n_teacher_right, config.n_teacher_wrong) == (1, 0)
+    assert (config.rewards.hre, config.rewards.pre, config.rewards.dense_cap) == (1.0, 0.0, 0.1)
+    assert trees_in_flight(settings, request) == 64  # the whole batch at once
+    assert trees_in_flight(Settings(max_trees_in_flight=16), request) == 16
+    assert trees_in_flight(settings, TrainRequest(batch_size=4, trees_in_flight=2)) == 2
+
+
+def test_one_loss_override_keeps_the_rest_of_the_recipe():
+    loss = TrainRequest.model_validate({"loss": {"learning_rate": 2e-4}}).loss
+    assert loss.learning_rate == 2e-4 and loss.type == "dr_grpo" and loss.clip_eps_high == 0.28
+
+
+def test_max_generated_tokens_bounds():
+    assert TrainRequest(max_generated_tokens=1000).max_generated_tokens == 1000
+    with pytest.raises(ValidationError, match="max_generated_tokens"):
+        TrainRequest.model_validate({"max_generated_tokens": 0})

@@ -6,10 +6,12 @@ import importlib.util
 from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.gsm8k.data import Problem
 from orchestrator.runners.requests import TrainRequest, search_config
-from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_search
 from orchestrator.search.teachers import TeacherEnsemble, teacher_messages, teacher_solution
 from orchestrator.search.terminal import TerminalChecker
 from orchestrator.settings import EndpointSpec, SearchConfig, Settings
+from support.line_search import line_config
 
 
 def load_learning(repo_root):
@@ -111,7 +113,7 @@ def one_expansion_of_whole_answers(**overrides) -> SearchConfig:
         rollout=False,
         use_checker=False,
     )
-    return SearchConfig(**{**fields, **overrides})
+    return line_config(**{**fields, **overrides})
 
 
 async def test_plain_grpo_samples_are_whole_answers(scripted_server):
@@ -128,7 +130,7 @@ async def test_plain_grpo_samples_are_whole_answers(scripted_server):
 
 async def test_teacher_reference_reaches_the_right_teacher(scripted_server):
     problem = Problem(id="t-1", prompt="What is 6 * 7?", answer="42", info={"solution": "6*7=42\n#### 42"})
-    config = SearchConfig(
+    config = line_config(
         iterations=1, parallel_simulations=1, rollout=False, use_checker=False, teacher_reference=True
     )
     await _search(scripted_server, problem, config)
@@ -160,31 +162,61 @@ async def test_whole_answer_teacher_joins_the_student_group(scripted_server):
 # --- bench/learning.py helpers ----------------------------------------------------------------------------
 def test_arms_differ_only_where_they_should(repo_root):
     learning = load_learning(repo_root)
-    args = learning.parse_args(["--group", "6", "--answer-tokens", "200"])
-    arms = learning.arm_requests(args)
+    arms = learning.arm_requests(learning.parse_args(["--group", "6", "--max-tokens", "200"]))
     mcts, grpo, gold = arms["mcts"], arms["grpo"], arms["sft_gold"]
+    assert mcts["search"] == {"max_tokens": 200} and "loss" not in mcts  # the product's defaults otherwise
     assert arms["mcts_tree"] == {**mcts, "advantage_mode": "tree"}
-    assert grpo["search"]["n_student"] == 6 and grpo["search"]["chunk_tokens"] == 200
-    assert grpo["search"]["max_depth"] == 1 and grpo["search"]["one_line_steps"] is False
-    assert grpo["search"]["n_teacher_right"] == grpo["search"]["n_teacher_wrong"] == 0
+    assert arms["legacy"]["loss"] == {"type": "legacy"}
+    assert grpo["search"] == {
+        "max_tokens": 200,
+        "shape": "fork",
+        "root_samples": 6,
+        "iterations": 0,
+        "n_teacher_right": 0,
+        "n_teacher_wrong": 0,
+        "teacher_gold": False,
+    }
     assert {k: v for k, v in grpo.items() if k != "search"} == {
         k: v for k, v in mcts.items() if k != "search"
     }
-    assert gold["search"]["n_student"] == 0 and gold["search"]["n_teacher_right"] == 1
+    assert gold["search"]["root_samples"] == 0 and gold["search"]["teacher_gold"] is True
     assert gold["advantage_mode"] == "rejection" and gold["teacher_weight"] == 1.0
     for request in arms.values():
         TrainRequest.model_validate(request)  # every arm is a valid POST /train body
+    group = search_config(Settings(), TrainRequest.model_validate(grpo)).student_rows()
+    assert group == 6 == search_config(Settings(), TrainRequest.model_validate(mcts)).student_rows() - 2
+
+
+def test_the_token_budget_is_the_jobs_max_generated_tokens(repo_root):
+    learning = load_learning(repo_root)
+    arms = learning.arm_requests(learning.parse_args(["--token-budget", "5000"]))
+    assert {a["max_generated_tokens"] for a in arms.values()} == {5000}
+    assert "max_generated_tokens" not in learning.product_request(learning.parse_args([]))
 
 
 def test_extra_arm_is_merged_over_the_product(repo_root):
     learning = load_learning(repo_root)
-    args = learning.parse_args(["--arm", 'lr1e3={"loss": {"learning_rate": 0.001}}'])
-    arms = learning.arm_requests(args)
-    arm = arms["lr1e3"]
-    assert arm["loss"]["learning_rate"] == 0.001
-    assert {k: v for k, v in arm.items() if k != "loss"} == {
-        k: v for k, v in arms["mcts"].items() if k != "loss"
-    }
+    args = learning.parse_args(["--arm", 'lr2e-4={"loss": {"learning_rate": 0.0002}}'])
+    arm = learning.arm_requests(args)["lr2e-4"]
+    assert arm["loss"] == {"learning_rate": 0.0002}
+    loss = TrainRequest.model_validate(arm).loss
+    assert loss.learning_rate == 0.0002 and loss.type == "dr_grpo" and loss.beta == 0.0
+
+
+def test_dev_mode_judges_on_the_train_tail_that_no_arm_trains_on(repo_root):
+    learning = load_learning(repo_root)
+    dev = learning.parse_args(["--dev", "--curve-every", "2"])
+    assert learning.held_out(dev) == ("train", 7473 - 500, 500)
+    assert learning.train_problems(dev) == (0, 7473 - 500)
+    request = learning.product_request(dev)
+    assert request["offset"] + request["num_examples"] <= 7473 - 500
+    assert "eval_every" not in request  # the job's quick eval reads test problems: off in dev mode
+    assert dev.json_out.endswith("learning_dev.json") and dev.tag == "dev"
+    late = learning.parse_args(["--dev", "--train-offset", "7000", "--train-examples", "100"])
+    assert learning.train_problems(late)[0] + learning.train_problems(late)[1] <= 7473 - 500
+    test = learning.parse_args(["--curve-every", "2"])
+    assert learning.held_out(test) == ("test", 0, 1319) and learning.train_problems(test) == (0, 7473)
+    assert learning.product_request(test)["eval_every"] == 2 and test.json_out.endswith("learning.json")
 
 
 def test_paired_uses_the_same_problems(repo_root):

@@ -7,10 +7,12 @@ from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.gsm8k.data import Problem
 from orchestrator.runners.trajectories import grpo_group
-from orchestrator.search.mcts import SearchServices, run_search, run_searches
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_search, run_searches
 from orchestrator.search.teachers import TeacherEnsemble
 from orchestrator.search.terminal import TerminalChecker
 from orchestrator.settings import EndpointSpec, SearchConfig, Settings
+from support.line_search import line_config
 from support.scripted_server import token_logprobs
 
 PROBLEM = Problem(id="t-0", prompt="What is 6 * 7?", answer="42")
@@ -49,7 +51,7 @@ def check_invariants(tree, config):
 
 
 async def test_reaches_terminal_leaves(scripted_server):
-    config = SearchConfig(iterations=6, max_depth=4, parallel_simulations=3)
+    config = line_config(iterations=6, max_depth=4, parallel_simulations=3)
     result, svc = await search(scripted_server, config)
     tree, stats = result.tree, result.stats
     check_invariants(tree, config)
@@ -67,7 +69,7 @@ async def test_reaches_terminal_leaves(scripted_server):
 
 async def test_priors_from_student_logprobs(scripted_server):
     result, _ = await search(
-        scripted_server, SearchConfig(iterations=1, parallel_simulations=1, rollout=False)
+        scripted_server, line_config(iterations=1, parallel_simulations=1, rollout=False)
     )
     children = result.tree.children(result.tree.root)
     for child in children:  # the scripted server's deterministic log-probs, model "student"
@@ -83,7 +85,7 @@ async def test_priors_from_student_logprobs(scripted_server):
 
 async def test_uniform_priors_without_trainer(scripted_server):
     result, _ = await search(
-        scripted_server, SearchConfig(iterations=2, parallel_simulations=1), trainer=False
+        scripted_server, line_config(iterations=2, parallel_simulations=1), trainer=False
     )
     children = result.tree.children(result.tree.root)
     assert [c.prior for c in children] == pytest.approx([1 / len(children)] * len(children))
@@ -93,7 +95,7 @@ async def test_uniform_priors_without_trainer(scripted_server):
 
 async def test_depth_limit(scripted_server):
     scripted_server.config.answer_depth = 50
-    config = SearchConfig(iterations=10, max_depth=2, parallel_simulations=2, rollout=False)
+    config = line_config(iterations=10, max_depth=2, parallel_simulations=2, rollout=False)
     result, _ = await search(scripted_server, config)
     check_invariants(result.tree, config)
     assert result.stats["max_depth_reached"] == 2
@@ -102,7 +104,7 @@ async def test_depth_limit(scripted_server):
 
 async def test_token_limit(scripted_server):
     scripted_server.config.answer_depth = 50
-    config = SearchConfig(iterations=12, max_depth=20, max_tokens=16, chunk_tokens=6, parallel_simulations=2)
+    config = line_config(iterations=12, max_depth=20, max_tokens=16, chunk_tokens=6, parallel_simulations=2)
     result, _ = await search(scripted_server, config)
     check_invariants(result.tree, config)
     assert "token_limit" in {n.terminal_reason for n in result.tree if n.terminal}
@@ -112,7 +114,7 @@ async def test_token_limit(scripted_server):
 
 
 async def test_iteration_limit_and_uct(scripted_server):
-    config = SearchConfig(iterations=3, parallel_simulations=1, selection="uct", rollout=False)
+    config = line_config(iterations=3, parallel_simulations=1, selection="uct", rollout=False)
     result, _ = await search(scripted_server, config)
     assert result.stats["simulations"] == 3 and result.stats["expansions"] <= 3
     # one expansion = student + right + wrong + one /logprobs
@@ -122,7 +124,7 @@ async def test_iteration_limit_and_uct(scripted_server):
 async def test_cancel_returns_the_tree_so_far(scripted_server):
     scripted_server.config.latency_ms = 40
     cancel = asyncio.Event()
-    config = SearchConfig(iterations=1000, parallel_simulations=2)
+    config = line_config(iterations=1000, parallel_simulations=2)
     task = asyncio.create_task(search(scripted_server, config, cancel=cancel))
     await asyncio.sleep(0.3)
     cancel.set()
@@ -137,7 +139,7 @@ async def test_many_trees_and_group(scripted_server):
     async with LLMPool(max_in_flight=4, retry=RetryPolicy(max_retries=0)) as pool:
         svc = services(scripted_server, pool)
         results = await run_searches(
-            problems, SearchConfig(iterations=4, parallel_simulations=2), svc, max_trees_in_flight=2
+            problems, line_config(iterations=4, parallel_simulations=2), svc, max_trees_in_flight=2
         )
         await svc.trainer.aclose()
         assert pool.max_in_flight <= 4
@@ -152,7 +154,7 @@ def test_config_and_services_from_settings():
     settings = Settings(max_tree_depth=3, num_mcts_iterations=5, max_tokens=100, chunk_tokens=10)
     config = SearchConfig.from_settings(settings, parallel_simulations=2)
     assert (config.max_depth, config.iterations, config.max_tokens, config.chunk_tokens) == (3, 5, 100, 10)
-    assert config.parallel_simulations == 2 and config.rewards.hre == 0.4
+    assert config.parallel_simulations == 2 and config.rewards.hre == 1.0 and config.shape == "fork"
     svc = SearchServices.from_settings(settings, pool=LLMPool())
     assert svc.student.model == "student" and list(svc.teachers.states) == ["embedded-base"]
     assert svc.trainer is not None and svc.checker.endpoint.model == "base"
@@ -161,7 +163,7 @@ def test_config_and_services_from_settings():
 
 @pytest.mark.parametrize("rollouts", ["best", "all"])
 async def test_rollouts_best_or_all(scripted_server, rollouts):
-    config = SearchConfig(iterations=1, parallel_simulations=1, rollouts=rollouts)
+    config = line_config(iterations=1, parallel_simulations=1, rollouts=rollouts)
     result, _ = await search(scripted_server, config)
     tree = result.tree
     children = tree.children(tree.root)
@@ -177,7 +179,7 @@ async def test_rollouts_best_or_all(scripted_server, rollouts):
 
 
 async def test_teachers_are_credited_with_their_childrens_values(scripted_server):
-    config = SearchConfig(iterations=4, parallel_simulations=1, rollouts="all")
+    config = line_config(iterations=4, parallel_simulations=1, rollouts="all")
     result, svc = await search(scripted_server, config)
     snap = svc.teachers.snapshot()
     teacher_visits = sum(n.visits for n in result.tree if n.kind in ("right", "wrong"))
@@ -190,7 +192,7 @@ async def test_checker_decides_when_the_rules_are_unsure(scripted_server, reply,
     scripted_server.config.final_style = "sentence"  # "So in total she has 42 apples."
     scripted_server.config.answer_depth = 2
     scripted_server.config.checker_reply = reply
-    config = SearchConfig(iterations=3, parallel_simulations=1, max_depth=3, rollout=False)
+    config = line_config(iterations=3, parallel_simulations=1, max_depth=3, rollout=False)
     result, _svc = await search(scripted_server, config)
     sentences = [n for n in result.tree if n.text.startswith("So in total")]
     assert sentences and result.stats["checker_calls"] >= 1
@@ -206,7 +208,7 @@ async def test_searches_share_one_scorer(scripted_server):
     problems = [Problem(id=f"t-{i}", prompt=f"What is {i} + 40?", answer="42") for i in range(4)]
     async with LLMPool(retry=RetryPolicy(max_retries=0)) as pool:
         svc = services(scripted_server, pool)
-        results = await run_searches(problems, SearchConfig(iterations=4, parallel_simulations=2), svc)
+        results = await run_searches(problems, line_config(iterations=4, parallel_simulations=2), svc)
         await svc.trainer.aclose()
     scorer = svc.scorer
     assert scorer is svc.scorer and scorer.trainer is svc.trainer
