@@ -77,6 +77,7 @@ from orchestrator.local.processes import (
     free_port,
     orchestrator_process,
     reference_teacher_process,
+    student_tokenizer_file,
     trainer_process,
 )
 from orchestrator.runners.requests import GSM8K_TEST_SIZE, GSM8K_TRAIN_SIZE
@@ -262,21 +263,6 @@ def arm_requests(args) -> dict[str, dict]:
 
 
 # --- services --------------------------------------------------------------------------------------------------
-def student_tokenizer_file() -> str | None:
-    """The student's tokenizer.json (the trainer's converted model directory), so the reference teacher counts
-    its tokens as the student's tokenizer would; None where there is none (it then counts word pieces)."""
-    try:
-        from services.trainer.model_source import resolve_model
-        from services.trainer.settings import TrainerSettings
-
-        settings = TrainerSettings()
-        resolved = resolve_model(settings.model_source, settings.model_cache_dir)
-    except (ImportError, ValueError, OSError):
-        return None
-    path = Path(resolved.path) / "tokenizer.json"
-    return str(path) if path.is_file() else None
-
-
 class Services:
     """The trainer, the reference teacher (when it is the teacher) and the orchestrator, on free ports."""
 

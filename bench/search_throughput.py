@@ -1,18 +1,19 @@
 """The throughput gap: generated tokens/s of plain sampling against the product's search, on ONE trainer service.
 
-    python bench/search_throughput.py --problems 4 --group 4 --max-tokens 192 --out bench/results/search_throughput.json
+    python bench/search_throughput.py --problems 8 --group 8 --max-tokens 128 --out bench/results/search_throughput.json
 
 On the same GSM8K train problems, in one process, against one trainer service (started here on a free port of
-127.0.0.1, or --trainer-url) and, for the reference variant, one reference teacher (orchestrator/reference_teacher/):
+127.0.0.1, or --trainer-url) and one reference teacher (orchestrator/reference_teacher/), every tree in flight:
 
-- sample:            the grpo arm's request shape: per problem one expansion of `group` whole student answers
-                     (one_line_steps=false, max_depth 1, no teachers, rollouts or checker), every tree in flight;
-- search_embedded:   the product's search as a train step runs it (the SearchConfig defaults of the settings,
-                     `--trees-in-flight` trees at once), the embedded tier: teacher and checker are the trainer's
-                     "base" model;
-- search_reference:  the same with the reference teacher as the only teacher (TEACHER_TIER=custom), the
-                     checker still the trainer's "base";
-- search_reference_nochecker: the same without the LLM checker (the rules alone decide terminal steps).
+- sample:            the grpo arm's request shape: per problem one request of `group` whole student answers
+                     (the fork search's round 0 alone: no forks, no teachers, no gold answer);
+- search_fork:       the product's search as a train step runs it (the SearchConfig defaults: the fork search,
+                     4 answers + 2 forks x 2 continuations = 8 student rows per problem, a "right" teacher
+                     continuation at each fork, the gold answer for all-wrong trees, no checker), with the
+                     reference teacher and the same answer budget as `sample` (--max-tokens);
+- search_line_embedded, search_line_reference, search_line_reference_nochecker: the line search
+  (settings.LINE_SEARCH, the default before issue #19) with the embedded teacher and checker (the trainer's
+  "base" model), with the reference teacher, and with the reference teacher and no checker (phase 1's figures).
 
 Every request goes through an LLMPool and a TrainerClient that record it (who asked, n, max_tokens, latency,
 tokens), and the trainer's /health batcher counters are read before and after each phase. Per phase it reports:
@@ -21,8 +22,9 @@ kind, the trainer's forward passes and generated tokens per forward pass (a prox
 prefill and scoring passes are counted too), time spent waiting on /logprobs, the checker and the teachers
 (summed latencies, and their share of the summed latency of all requests), the mean number of requests in
 flight, and the depth-sequential latency (each tree's critical path: the summed latency of the requests that
-had to wait for each other). Search sizes can be cut for a CPU (--search-max-tokens, --rollout-max-tokens,
---iterations); the JSON records what ran.
+had to wait for each other). Line-search sizes can be cut for a CPU (--search-max-tokens, --rollout-max-tokens,
+--iterations); the JSON records what ran. Phases run one after another, not interleaved: on a shared machine
+say what else ran (the JSON records the load average before and after each phase).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -46,13 +49,26 @@ from orchestrator.clients.llm import LLMError, LLMPool, RetryPolicy
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.gsm8k.data import load_gsm8k
 from orchestrator.local.machine import describe_machine
-from orchestrator.local.processes import free_port, reference_teacher_process, trainer_process
-from orchestrator.search.mcts import SearchServices, run_searches
+from orchestrator.local.processes import (
+    free_port,
+    reference_teacher_process,
+    student_tokenizer_file,
+    trainer_process,
+)
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_searches
 from orchestrator.search.teachers import TeacherEnsemble
 from orchestrator.search.terminal import TerminalChecker
-from orchestrator.settings import EndpointSpec, SearchConfig, Settings
+from orchestrator.settings import LINE_SEARCH, EndpointSpec, SearchConfig, Settings
 
-PHASES = ("sample", "search_embedded", "search_reference", "search_reference_nochecker")
+PHASES = (
+    "sample",
+    "search_fork",
+    "search_line_embedded",
+    "search_line_reference",
+    "search_line_reference_nochecker",
+)
+DEFAULT_PHASES = "sample,search_fork"
 
 
 # --- recording clients -----------------------------------------------------------------------------------------
@@ -117,26 +133,24 @@ def search_config(args, phase: str) -> SearchConfig:
     if phase == "sample":
         return SearchConfig.from_settings(
             settings,
-            iterations=1,
-            parallel_simulations=1,
-            max_depth=1,
-            n_student=args.group,
+            shape="fork",
+            root_samples=args.group,
+            iterations=0,
             n_teacher_right=0,
             n_teacher_wrong=0,
-            one_line_steps=False,
+            teacher_gold=False,
             max_tokens=args.max_tokens,
-            chunk_tokens=args.max_tokens,
-            rollout=False,
-            use_checker=False,
         )
-    overrides = {}
+    if phase == "search_fork":
+        return SearchConfig.from_settings(settings, max_tokens=args.max_tokens)
+    overrides = dict(LINE_SEARCH)
     if args.search_max_tokens:
         overrides["max_tokens"] = args.search_max_tokens
     if args.rollout_max_tokens:
         overrides["rollout_max_tokens"] = args.rollout_max_tokens
     if args.iterations:
         overrides["iterations"] = args.iterations
-    if phase == "search_reference_nochecker":
+    if phase == "search_line_reference_nochecker":
         overrides["use_checker"] = False
     return SearchConfig.from_settings(settings, **overrides)
 
@@ -159,7 +173,9 @@ def summarise(
 
     def kind(r: dict) -> str:
         if r["who"] == "student":
-            return "student_rollout" if r["whole"] else "student_step"
+            return (
+                "student_answer" if r["whole"] else "student_step"
+            )  # whole answers, continuations, rollouts
         if r["who"] == "checker":
             return "checker"
         return "teacher" if r["who"] in teacher_names else r["who"]
@@ -229,6 +245,9 @@ def summarise(
         "max_depth_reached_mean": round(statistics.mean(s["max_depth_reached"] for s in stats), 1),
         "terminal_leaves_per_tree": round(statistics.mean(s["terminal_leaves"] for s in stats), 1),
         "correct_leaves_per_tree": round(statistics.mean(s["correct_leaves"] for s in stats), 2),
+        "answers_per_tree": round(statistics.mean(s.get("answers", 0) for s in stats), 1),
+        "forks_per_tree": round(statistics.mean(s.get("forks", 0) for s in stats), 1),
+        "gold_added_trees": sum(bool(s.get("gold_added")) for s in stats),
         "degraded": sorted({d for s in stats for d in s["degraded"]}),
         "config": config.model_dump(),
     }
@@ -237,7 +256,7 @@ def summarise(
 async def run_phase(phase: str, args, problems, trainer_url: str, reference_url: str | None) -> dict:
     settings = Settings(trainer_url=trainer_url, request_timeout_s=args.request_timeout)
     endpoint_kw = {"max_concurrency": args.max_requests_in_flight, "timeout_s": args.request_timeout}
-    if phase.startswith("search_reference"):
+    if phase in ("search_fork", "search_line_reference", "search_line_reference_nochecker"):
         teachers = [
             EndpointSpec(name="reference", base_url=reference_url + "/v1", model="reference", **endpoint_kw)
         ]
@@ -259,11 +278,14 @@ async def run_phase(phase: str, args, problems, trainer_url: str, reference_url:
                 trainer=trainer,
             )
             before = await trainer.health()
+            load_before = os.getloadavg()[0]
             started = time.perf_counter()
-            results = await run_searches(problems, config, services, max_trees_in_flight=args.trees_in_flight)
+            in_flight = args.trees_in_flight or len(problems)
+            results = await run_searches(problems, config, services, max_trees_in_flight=in_flight)
             wall = time.perf_counter() - started
+            load_after = os.getloadavg()[0]
             after = await trainer.health()
-    return summarise(
+    summary = summarise(
         phase,
         config,
         results,
@@ -275,50 +297,44 @@ async def run_phase(phase: str, args, problems, trainer_url: str, reference_url:
         [t.name for t in teachers],
         settings.trainer_v1.rstrip("/"),
     )
+    summary["trees_in_flight"] = in_flight
+    summary["load_avg_1m"] = [round(load_before, 2), round(load_after, 2)]
+    return summary
 
 
 # --- main --------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--phases", default=",".join(PHASES), help=f"comma-separated, in order (default {','.join(PHASES)})")
+    a(
+        "--phases",
+        default=DEFAULT_PHASES,
+        help=f"comma-separated, in order, of {','.join(PHASES)} (default {DEFAULT_PHASES})",
+    )
     a("--problems", type=int, default=4, help="GSM8K train problems (the same in every phase)")
     a("--offset", type=int, default=0)
     a("--group", type=int, default=8, help="answers per problem in the sample phase")
-    a("--max-tokens", type=int, default=256, help="tokens of one sampled answer")
-    a("--trees-in-flight", type=int, default=8, help="trees growing at once (MAX_TREES_IN_FLIGHT's default)")
+    a("--max-tokens", type=int, default=256, help="tokens of one answer (sample and search_fork)")
+    a(
+        "--trees-in-flight",
+        type=int,
+        default=None,
+        help="trees growing at once (default: all, as a train step)",
+    )
     a(
         "--search-max-tokens",
         type=int,
         default=None,
-        help="search: token budget of a path (default: settings)",
+        help="line search: token budget of a path (default: LINE_SEARCH's)",
     )
-    a("--rollout-max-tokens", type=int, default=None, help="search: tokens of a rollout (default: 256)")
-    a("--iterations", type=int, default=None, help="search: simulations per tree (default: settings)")
+    a("--rollout-max-tokens", type=int, default=None, help="line search: tokens of a rollout (default: 256)")
+    a("--iterations", type=int, default=None, help="line search: simulations per tree (default: 8)")
     a("--max-requests-in-flight", type=int, default=64, help="MAX_REQUESTS_IN_FLIGHT's default")
     a("--request-timeout", type=float, default=900.0)
     a("--trainer-url", default=None, help="a running trainer service (default: start one here)")
     a("--workdir", default="runs/search_throughput")
     a("--out", default="bench/results/search_throughput.json")
     return p.parse_args(argv)
-
-
-def student_tokenizer_file() -> str | None:
-    """The student's tokenizer.json, so the reference teacher counts its tokens as the student would."""
-    try:
-        from services.trainer.model_source import resolve_model
-        from services.trainer.settings import TrainerSettings
-
-        settings = TrainerSettings()
-        resolved = resolve_model(settings.model_source, settings.model_cache_dir)
-    except (
-        ImportError,
-        ValueError,
-        OSError,
-    ):  # no trainer stack or model here: the teacher counts word pieces
-        return None
-    path = Path(resolved.path) / "tokenizer.json"
-    return str(path) if path.is_file() else None
 
 
 def main(argv=None) -> int:
@@ -341,7 +357,9 @@ def main(argv=None) -> int:
         for s in services:
             s.start()
             s.wait_ready(timeout_s=900, ok=lambda body: body.get("status") == "ok")
-        if any(x.startswith("search_reference") for x in phases):
+        if any(
+            x in ("search_fork", "search_line_reference", "search_line_reference_nochecker") for x in phases
+        ):
             env: dict[str, str] = {}
             if tokenizer := student_tokenizer_file():
                 env["REFERENCE_TEACHER_TOKENIZER"] = tokenizer

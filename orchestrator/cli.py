@@ -53,13 +53,20 @@ def add_search_flag(p: argparse.ArgumentParser, name: str, default: Any = None) 
     )
 
 
+TRAIN_SEARCH_FLAGS = (
+    "shape",
+    "root_samples",
+    "iterations",
+    "parallel_simulations",
+    "n_student",
+    "max_tokens",
+    "max_depth",
+    "chunk_tokens",
+)
+
+
 def _search(args) -> dict[str, Any]:
-    fields = {
-        "max_depth": args.max_depth,
-        "iterations": args.iterations,
-        "max_tokens": args.max_tokens,
-        "chunk_tokens": args.chunk_tokens,
-    }
+    fields = {name: getattr(args, name) for name in TRAIN_SEARCH_FLAGS}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -99,11 +106,13 @@ def cmd_train(args) -> int:
     request = {
         "num_examples": args.num_examples,
         "offset": args.offset,
-        "batch_size": args.batch_size,
         "epochs": args.epochs,
         "checkpoint_every": args.checkpoint_every,
         "search": _search(args),
     }
+    for name in ("batch_size", "max_generated_tokens"):  # left out: the recipe's (the service's) default
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
     if args.eval_every:
         request.update(eval_every=args.eval_every, eval_examples=args.eval_examples)
     with _client(args) as client:
@@ -169,23 +178,27 @@ def cmd_demo(args) -> int:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's budgets: small enough for a few minutes on a CPU."""
+    """The demo's shape: the product's defaults, smaller, so it takes a few minutes on a CPU."""
     p.add_argument("--workdir", default=None, help="default: runs/demo-<UTC time>")
+    p.add_argument(
+        "--teacher",
+        choices=("reference", "embedded"),
+        default="reference",
+        help="reference: GSM8K train reference solutions (a stand-in for a 70B-class teacher, started here); "
+        "embedded: the trainer's own base model",
+    )
     p.add_argument(
         "--train-examples", type=int, default=4, help="GSM8K train problems to search and train on"
     )
     p.add_argument("--batch-size", type=int, default=2, help="problems per GRPO step")
-    add_search_flag(p, "iterations", default=4)
-    add_search_flag(p, "max_depth", default=4)
-    add_search_flag(p, "chunk_tokens", default=48)
-    add_search_flag(p, "max_tokens", default=256)
-    p.add_argument(
-        "--rollout-max-tokens", type=int, default=128, help="token budget of one rollout (0 = none)"
-    )
+    add_search_flag(p, "root_samples", default=4)
+    add_search_flag(p, "iterations", default=2)
+    add_search_flag(p, "n_student", default=2)
+    add_search_flag(p, "max_tokens", default=160)
     p.add_argument("--eval-examples", type=int, default=24, help="GSM8K test problems for base vs trained")
     p.add_argument("--eval-max-tokens", type=int, default=256)
     p.add_argument("--eval-concurrency", type=int, default=48)
-    p.add_argument("--learning-rate", type=float, default=None, help="override the trainer's learning rate")
+    p.add_argument("--learning-rate", type=float, default=None, help="override the recipe's learning rate")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per LLM request")
     p.add_argument("--port", type=int, default=0, help="orchestrator port (0 = a free one)")
     p.add_argument("--trainer-port", type=int, default=0, help="trainer port (0 = a free one)")
@@ -211,12 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=default_url)
     p.add_argument("--num-examples", type=int, default=8)
     p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None, help="problems per GRPO step (default: 64)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-examples", type=int, default=10)
-    for name in ("max_depth", "iterations", "max_tokens", "chunk_tokens"):
+    p.add_argument(
+        "--max-generated-tokens",
+        type=int,
+        default=None,
+        help="stop after the step at which the job's generated tokens reach this many",
+    )
+    for name in TRAIN_SEARCH_FLAGS:
         add_search_flag(p, name)
     p.add_argument("--no-wait", action="store_true")
     p.set_defaults(func=cmd_train)

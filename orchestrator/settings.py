@@ -212,6 +212,25 @@ class SearchConfig(BaseModel):
         return cls(**{**base, **overrides})
 
 
+# The line search as it ran by default before issue #19 (`SearchConfig(**LINE_SEARCH)`): 6-line-deep trees of
+# 8 simulations, 4 at once, 64-token lines, a "right" and a "wrong" teacher line and 2 student lines per
+# expansion, a rollout per expansion, the LLM checker. bench/search_throughput.py's line phases and the line
+# search's tests use it.
+LINE_SEARCH: dict[str, Any] = {
+    "shape": "line",
+    "max_depth": 6,
+    "iterations": 8,
+    "parallel_simulations": 4,
+    "max_tokens": 1024,
+    "chunk_tokens": 64,
+    "n_teacher_right": 1,
+    "n_teacher_wrong": 1,
+    "n_student": 2,
+    "temperature": 0.8,
+    "use_checker": True,
+}
+
+
 def _search_default(name: str) -> Any:
     """A settings field with the default, bounds and description of SearchConfig.<name>."""
     return Field(default=SearchConfig.model_fields[name].default, **field_constraints(SearchConfig, name))

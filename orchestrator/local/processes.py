@@ -158,3 +158,19 @@ def reference_teacher_process(
         f"http://127.0.0.1:{port}",
         cwd=cwd,
     )
+
+
+def student_tokenizer_file() -> str | None:
+    """The student's tokenizer.json (the trainer's converted model directory, as TRAINER_* settings name it), so a
+    reference teacher counts its tokens as the student's tokenizer would; None where there is none (it then
+    counts word pieces). Call it once the trainer is up: a GGUF student is converted by then."""
+    try:
+        from services.trainer.model_source import resolve_model
+        from services.trainer.settings import TrainerSettings
+
+        settings = TrainerSettings()
+        resolved = resolve_model(settings.model_source, settings.model_cache_dir)
+    except (ImportError, ValueError, OSError):  # no trainer stack or model here
+        return None
+    path = Path(resolved.path) / "tokenizer.json"
+    return str(path) if path.is_file() else None

@@ -149,7 +149,7 @@ def test_trainer_errors_have_one_shape(trainer):
 @pytest.fixture(scope="module")
 def orchestrator(tmp_path_factory):
     with ScriptedServer(ServerConfig(answer="42", answer_depth=1)) as scripted:
-        env = {"API_TOKEN": TOKEN, "MAX_TREE_NODES": "64"}
+        env = {"API_TOKEN": TOKEN, "MAX_TREE_NODES": "4096"}
         workdir = tmp_path_factory.mktemp("fuzz-orch")
         with orchestrator_process(free_port(), scripted.url, workdir, env=env) as process:
             process.wait_ready(timeout_s=60)
@@ -199,8 +199,10 @@ def test_orchestrator_schema_fuzz_has_no_server_errors(orchestrator):
 
 def test_orchestrator_train_budget_beyond_the_limits_gets_422(orchestrator):
     too_big = [
-        ({"search": {"iterations": 64}}, "MAX_TREE_NODES"),  # 1 + 64 x 4 nodes > 64
+        # fork (the default): 1 + (root_samples + iterations x children + gold) x max_tokens nodes > 4096
+        ({"search": {"iterations": 64}}, "MAX_TREE_NODES"),
         ({"search": {"iterations": 2, "n_student": 64}}, "MAX_TREE_NODES"),
+        ({"search": {"shape": "line", "iterations": 2048}}, "MAX_TREE_NODES"),  # line: 1 + 2048 x 4 > 4096
         ({"trees_in_flight": 1024}, "MAX_TREES_IN_FLIGHT"),
     ]
     for body, setting in too_big:

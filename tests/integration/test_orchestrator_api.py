@@ -69,7 +69,15 @@ def test_health_docs_and_metrics(client, scripted):
     [
         ("/train", {"num_examples": 0}, "num_examples"),
         ("/train", {"search": {"max_depth": 1000}}, "max_depth"),
-        ("/train", {"search": {"iterations": 0}}, "iterations"),
+        ("/train", {"search": {"iterations": -1}}, "iterations"),
+        ("/train", {"search": {"root_samples": 65}}, "root_samples"),
+        ("/train", {"search": {"shape": "beam"}}, "shape"),
+        (
+            "/train",
+            {"search": {"rewards": {"hre": 0.1}}},
+            "dense_cap",
+        ),  # tie-breaks could outweigh correctness
+        ("/train", {"max_generated_tokens": 0}, "max_generated_tokens"),
         ("/train", {"search": {"max_tokens": 10**7}}, "max_tokens"),
         ("/eval", {"max_tokens": 5}, "max_tokens"),
         ("/eval", {"models": ["gpt"]}, "models"),

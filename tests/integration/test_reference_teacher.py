@@ -10,13 +10,16 @@ import openai
 import pytest
 
 from orchestrator.clients.llm import LLMPool, RetryPolicy
+from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.gsm8k.data import load_gsm8k
-from orchestrator.local.processes import free_port, reference_teacher_process
+from orchestrator.local.processes import free_port, orchestrator_process, reference_teacher_process
 from orchestrator.reference_teacher.references import parse_reference
 from orchestrator.runners.trajectories import grpo_group
-from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_search
 from orchestrator.search.teachers import teacher_messages
-from orchestrator.settings import SearchConfig, Settings
+from orchestrator.settings import Settings
+from support.line_search import line_config
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +90,7 @@ async def test_search_with_the_reference_teacher_and_the_real_trainer(
         trainer_url=trainer_service.url, teacher_tier="custom", teachers=teachers, request_timeout_s=300
     )
     reference = parse_reference(natalia)
-    config = SearchConfig(
+    config = line_config(
         iterations=3,
         parallel_simulations=1,
         max_depth=3,
@@ -117,7 +120,7 @@ async def test_search_with_the_reference_teacher_and_the_real_trainer(
                     if child.kind == "right" and node.kind == "right":
                         assert child.text in [s.text for s in reference.steps] + [reference.answer_line]
 
-            gold = SearchConfig(
+            gold = line_config(
                 iterations=1,
                 parallel_simulations=1,
                 max_depth=1,
@@ -143,3 +146,52 @@ async def test_search_with_the_reference_teacher_and_the_real_trainer(
                 items, {"type": "grpo", "beta": 0.0}, step_key="reference-gold"
             )
             assert out["adapter_version"] >= 1 and out["tokens"] > 20
+
+
+def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, gsm8k_dir, tmp_path):
+    """POST /train with no loss or search overrides but the sizes (tiny answers, few problems), the real trainer
+    as student and the reference teacher as the only teacher: the fork search grows every tree, the step is
+    applied with the recipe's loss, generated tokens are counted by source, and max_generated_tokens stops the
+    job after its first step with that step's checkpoint saved."""
+    teachers = [{"name": "reference", "base_url": reference_teacher.url + "/v1", "model": "reference"}]
+    env = {
+        "GSM8K_PATH": str(gsm8k_dir),
+        "TEACHER_TIER": "custom",
+        "TEACHERS": json.dumps(teachers),
+        "REQUEST_TIMEOUT_S": "900",
+    }
+    with orchestrator_process(free_port(), trainer_service.url, tmp_path, env=env) as orch:
+        orch.wait_ready(timeout_s=60)
+        with OrchestratorClient(orch.url, timeout_s=120) as client:
+            version_before = httpx.get(trainer_service.url + "/health").json()["adapter_version"]
+            job_id = client.train(
+                num_examples=4,
+                batch_size=2,
+                search={"root_samples": 2, "max_tokens": 48},
+                max_generated_tokens=1,
+            )
+            job = client.wait(job_id, timeout_s=900)
+            assert job["status"] == "completed", job["error"]
+            request, result = job["request"], job["result"]
+            assert request["loss"]["type"] == "dr_grpo" and request["loss"]["learning_rate"] == 5e-4
+            assert request["loss"]["beta"] == 0.0 and request["loss"]["clip_eps_high"] == 0.28
+            assert result["stop_reason"] == "max_generated_tokens" and result["steps"] == 2
+            assert result["steps_done"] == 1 and result["checkpoint"]["step"] == 1
+            names = {c["name"] for c in httpx.get(trainer_service.url + "/checkpoints").json()["checkpoints"]}
+            assert result["checkpoint"]["name"] in names
+            (step,) = client.steps(job_id)
+            assert step["trees"] == 2 and step["student_tokens"] > 0 and step["teacher_tokens"] > 0
+            assert step["generated_tokens"] == step["student_tokens"] + step["teacher_tokens"]
+            assert step["generated_tokens_total"] == step["generated_tokens"] == result["generated_tokens"]
+            assert not step.get("skipped") and step["items"] >= 2 and step["dropped_groups"] == 0
+            assert result["applied_steps"] == 1 and result["adapter_version"] == version_before + 1
+            for n in (0, 1):
+                record = client.tree(job_id, n)
+                assert record["stats"]["shape"] == "fork" and record["stats"]["requests"] >= 1
+                assert not record["stats"]["errors"] and record["stats"]["correct_leaves"] >= 1
+                nodes = record["tree"]["nodes"]
+                leaves = [x for x in nodes if x["terminal"]]
+                assert len(leaves) >= 2 and all(x["reward"] is not None for x in leaves)
+                assert nodes[0]["visits"] == sum(
+                    x["visits"] for x in leaves
+                )  # every answer backed up to the root

@@ -18,12 +18,14 @@ def test_search_throughput_bench_runs_every_phase(repo_root, trainer_model_dir, 
     cmd = [
         sys.executable,
         "bench/search_throughput.py",
+        "--phases",
+        "sample,search_fork,search_line_embedded,search_line_reference,search_line_reference_nochecker",
         "--problems",
         "1",
         "--group",
         "2",
         "--max-tokens",
-        "16",
+        "24",
         "--search-max-tokens",
         "48",
         "--rollout-max-tokens",
@@ -42,17 +44,30 @@ def test_search_throughput_bench_runs_every_phase(repo_root, trainer_model_dir, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     phases = result["phases"]
-    assert list(phases) == ["sample", "search_embedded", "search_reference", "search_reference_nochecker"]
+    assert list(phases) == [
+        "sample",
+        "search_fork",
+        "search_line_embedded",
+        "search_line_reference",
+        "search_line_reference_nochecker",
+    ]
     sample = phases["sample"]
     assert sample["requests_per_tree"] == 1 and sample["student_tokens"] == sample["generated_tokens"] > 0
-    assert sample["by_kind"]["student_rollout"]["rows"] == 2 and sample["tokens_per_s_vs_sample"] == 1.0
+    assert sample["by_kind"]["student_answer"]["rows"] == 2 and sample["tokens_per_s_vs_sample"] == 1.0
     for name, phase in phases.items():
         kinds = phase["by_kind"]
         assert phase["generated_tokens"] == sum(k["completion_tokens"] for k in kinds.values()), name
         assert phase["trainer"]["forward_passes"] > 0 and phase["request_errors"] == 0, name
-    reference = phases["search_reference"]["by_kind"]
-    assert reference["teacher"]["requests"] > 0 and "logprobs" in reference  # teacher steps scored for priors
-    assert "checker" not in phases["search_reference_nochecker"]["by_kind"]
+    fork = phases["search_fork"]
     assert (
-        phases["search_reference"]["teacher_tokens"] > 0 and phases["search_embedded"]["teacher_tokens"] > 0
+        "logprobs" not in fork["by_kind"] and "checker" not in fork["by_kind"]
+    )  # one batch kind: the student's
+    assert fork["by_kind"]["student_answer"]["requests"] >= 1 and fork["answers_per_tree"] >= 4
+    assert fork["config"]["shape"] == "fork" and fork["config"]["max_tokens"] == 24
+    reference = phases["search_line_reference"]["by_kind"]
+    assert reference["teacher"]["requests"] > 0 and "logprobs" in reference  # teacher steps scored for priors
+    assert "checker" not in phases["search_line_reference_nochecker"]["by_kind"]
+    assert (
+        phases["search_line_reference"]["teacher_tokens"] > 0
+        and phases["search_line_embedded"]["teacher_tokens"] > 0
     )
