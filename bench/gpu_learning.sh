@@ -15,8 +15,11 @@
 # reference teacher as the only teacher); `--teacher base` runs the embedded tier instead.
 #
 # Usage there: bash bench/gpu_learning.sh <bench/learning.py arguments>, e.g.
-#   bash bench/gpu_learning.sh --piece-s 500 --token-budget 300000 --arms mcts,grpo,mcts_tree,sft_gold
-# Pieces: the state lives in /tmp/learning-gpu (kept while the machine stays warm); each call runs at most
+#   bash bench/gpu_learning.sh --piece-s 480 --token-budget 1200000 --arms mcts,grpo
+#   bash bench/gpu_learning.sh --dev --piece-s 480 --token-budget 400000 --arms mcts,lr2e-4 \
+#        --arm 'lr2e-4={"loss":{"learning_rate":2e-4}}'        (tuning: judged on the train tail, never on test)
+# Pieces: the state lives in /tmp/learning-gpu (/tmp/learning-gpu-dev with --dev, so a dev check never resets the
+# test run's state; kept while the machine stays warm); each call runs at most
 # --piece-s seconds (keep it under the call's limit, with ~60 s for the wheels, the GGUF and the copies below) and
 # exits 3 while work is left: run the same command again. Exit 0: every arm judged; learning.json and learning.png
 # come back in $OUT. Every call copies the state and the logs to $OUT, so a lost machine loses only the
@@ -42,11 +45,12 @@ if [ "$1" = throughput ]; then  # bench/search_throughput.py instead: bash bench
   python3 bench/search_throughput.py --workdir /tmp/throughput --out $OUT/search_throughput.json "$@" 2>&1 | tee -a $OUT/log
   rc=$?; tail -c 20000 /tmp/throughput/trainer.log > $OUT/trainer_tail.log 2>/dev/null; exit $rc
 fi
-W=/tmp/learning-gpu
+W=/tmp/learning-gpu N=learning
+case " $* " in *" --dev "*) W=/tmp/learning-gpu-dev N=learning_dev ;; esac
 mkdir -p $W
-python3 bench/learning.py --workdir $W --json-out $W/learning.json --png-out $W/learning.png --runs-log $W/learning_runs.json "$@" 2>&1 | tee -a $OUT/log
+python3 bench/learning.py --workdir $W --json-out $W/$N.json --png-out $W/$N.png --runs-log $W/learning_runs.json "$@" 2>&1 | tee -a $OUT/log
 rc=$?
-cp $W/learning.json $W/learning.png $W/learning_runs.json $W/learning_state.json $OUT/ 2>/dev/null
+cp $W/$N.json $W/$N.png $W/learning_runs.json $W/learning_state.json $OUT/ 2>/dev/null
 for f in trainer orchestrator reference_teacher; do tail -c 20000 $W/$f.log > $OUT/${f}_tail.log 2>/dev/null; done
 echo "bench/learning.py exit $rc (3: a piece is done and work is left: run the same command again)"
 exit $rc

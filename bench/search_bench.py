@@ -51,7 +51,8 @@ from support.scripted_server import ScriptedServer, ServerConfig, admin  # noqa:
 import orchestrator.clients.llm  # noqa: E402
 from orchestrator.gsm8k.data import Problem  # noqa: E402
 from orchestrator.clients.llm import LLMPool, RetryPolicy  # noqa: E402
-from orchestrator.search.mcts import SearchServices, run_search, run_searches  # noqa: E402
+from orchestrator.search.services import SearchServices  # noqa: E402
+from orchestrator.search.shapes import run_search, run_searches  # noqa: E402
 from orchestrator.search.scoring import ScoreBatcher  # noqa: E402
 from orchestrator.settings import EndpointSpec, SearchConfig  # noqa: E402
 from orchestrator.search.teachers import TeacherEnsemble  # noqa: E402
@@ -104,6 +105,10 @@ def services(base: str, pool: LLMPool, trainer: TrainerClient, timeout_s: float 
 
 def bench_config(args) -> SearchConfig:
     return SearchConfig(
+        shape="line",
+        use_checker=True,
+        max_tokens=1024,
+        temperature=0.8,
         iterations=args.iterations,
         max_depth=args.depth,
         parallel_simulations=args.parallel,

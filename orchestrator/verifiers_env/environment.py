@@ -9,7 +9,8 @@ this one. What each piece is:
   each task carries `prompt`, `answer` (the gold number) and `info` (split, index, gold solution).
 - `ProblemTask` (the scoring): rewards `correct` (HRE), `perplexity` (PRE, with `use_student_model` or a
   `trainer_url`; it asks the trainer's /logprobs) and `format`, computed by `orchestrator.search.rewards` and the
-  terminal checker's rules. Default weights are the search's (`RewardWeights`: 0.4 HRE, 0.6 PRE; format 0);
+  terminal checker's rules. Default weights are the search's (`RewardWeights`: 1.0 HRE, 0 PRE since issue #19's
+  recipe, correctness first; format 0);
   change them with verifiers' own `rewards.<name>.weight` overrides (`load_environment(hre_weight=...)` sets
   the same).
 - `AnswerHarness` (the program): one non-streaming chat completion through verifiers' interception endpoint,
@@ -46,7 +47,7 @@ class ProblemData(vf.TaskData):
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
-DEFAULT_WEIGHTS = RewardWeights()  # the search's own defaults (the original's 0.4 HRE / 0.6 PRE)
+DEFAULT_WEIGHTS = RewardWeights()  # the search's own defaults (1.0 HRE, 0 PRE; the original's were 0.4 / 0.6)
 
 
 class ScoringConfig(vf.TaskConfig):
@@ -215,7 +216,7 @@ def load_environment(
     """The environment through verifiers' own loader, configured the pre-0.4 way (keyword arguments).
 
     `taskset` takes the other taskset fields (split, path, limit, offset). Weights left None keep the defaults
-    (correct 0.4, perplexity 0.6, format 0.0).
+    (the search's: correct 1.0, perplexity 0.0, format 0.0; the original's were 0.4 and 0.6).
     """
     weights = {"correct": hre_weight, "perplexity": pre_weight, "format": format_weight}
     task = {

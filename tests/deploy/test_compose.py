@@ -260,6 +260,11 @@ def test_request_limits_are_wired_with_the_settings_defaults(tmp_path):
         "MAX_EVENT_STREAMS",
         "MAX_TREES_IN_FLIGHT",
         "MAX_REQUESTS_IN_FLIGHT",
+        "STUDENT_MAX_CONCURRENCY",
+        "NUM_MCTS_ITERATIONS",  # the search defaults: the training recipe's (SearchConfig)
+        "MAX_TOKENS",
+        "MAX_TREE_DEPTH",
+        "CHUNK_TOKENS",
     ):
         assert int(orchestrator[name]) == defaults[name.lower()].default, name
     trainer_defaults = TrainerSettings.model_fields

@@ -71,21 +71,14 @@ def test_learning_bench_pieces_budget_and_three_arms(repo_root, trainer_model_di
         "3",
         "--batch-size",
         "1",
+        "--root-samples",
+        "2",
         "--iterations",
-        "2",
-        "--max-depth",
-        "2",
-        "--chunk-tokens",
-        "8",
+        "1",
         "--max-tokens",
-        "24",
-        "--rollout-max-tokens",
-        "0",
-        "--no-use-checker",
+        "32",
         "--group",
         "2",
-        "--answer-tokens",
-        "96",
         "--json-out",
         str(out / "learning.json"),
         "--png-out",
@@ -119,16 +112,20 @@ def test_learning_bench_pieces_budget_and_three_arms(repo_root, trainer_model_di
     for arm in result["ablations"]:
         assert 0.0 <= arm["acc"] <= 1.0 and 0.0 <= arm["p_value"] <= 1.0
         assert 0.0 <= arm["acc_lm_eval_strict"] <= 1.0 and 0.0 <= arm["p_value_lm_eval_flexible"] <= 1.0
-        # stopped at the first step past the budget (3 problems would allow 3 steps)
+        # the job's max_generated_tokens stopped it after its first step (3 problems would allow 3 steps)
         assert arm["budget_reached"] and arm["generated_tokens"] >= 40, arm
-        assert 1 <= arm["applied_steps"] <= 2, arm
-    sft = result["ablations"][2]
+        assert arm["generated_tokens"] == arm["student_tokens"] + arm["teacher_tokens"], arm
+    grpo, mcts, sft = result["ablations"]
+    assert grpo["teacher_tokens"] == 0 and sft["student_tokens"] == 0 and mcts["teacher_tokens"] > 0
+    # the student alone is all wrong at 32 tokens: its group is dropped; the gold answer gives mcts a signal
+    assert grpo["applied_steps"] <= 1 and mcts["applied_steps"] == sft["applied_steps"] == 1
     assert sft["train_seconds"] > 0
     curve = result["curves"]["sft_gold"]
     assert curve[0] == {**curve[0], "tokens": 0, "step": 0} and curve[-1]["step"] == "final"
     assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve)
     assert result["requests"]["sft_gold"]["advantage_mode"] == "rejection"
     assert "loss" not in result["requests"]["mcts"]  # the product's default loss
+    assert {r["max_generated_tokens"] for r in result["requests"].values()} == {40}
     assert (out / "learning.png").stat().st_size > 1000
     assert len(json.loads((out / "runs.json").read_text())) == 3
 
@@ -136,3 +133,65 @@ def test_learning_bench_pieces_budget_and_three_arms(repo_root, trainer_model_di
     again = run()
     assert again.returncode == 0, again.stdout[-3000:]
     assert again.stdout.count("done before, kept") == 3
+
+
+@pytest.mark.integration
+def test_learning_bench_dev_mode_never_touches_test(repo_root, gsm8k_dir, trainer_model_dir, tmp_path):
+    """--dev: base and arm judged on the last train problems, the arm trained before them, no test problem
+    asked (the job's quick eval is off), outputs in learning_dev.*."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "bench/learning.py",
+        "--dev",
+        "--dev-examples",
+        "3",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--arms",
+        "lr2e-4",
+        "--arm",
+        'lr2e-4={"loss": {"learning_rate": 0.0002}}',
+        "--head",
+        "lr2e-4",
+        "--token-budget",
+        "30",
+        "--eval-chunks",
+        "1",
+        "--eval-max-tokens",
+        "16",
+        "--curve-every",
+        "1",
+        "--train-offset",
+        "7468",
+        "--batch-size",
+        "1",
+        "--root-samples",
+        "2",
+        "--iterations",
+        "1",
+        "--max-tokens",
+        "24",
+        "--json-out",
+        str(out / "learning_dev.json"),
+        "--png-out",
+        str(out / "learning_dev.png"),
+        "--runs-log",
+        str(out / "runs.json"),
+    ]
+    env = {**os.environ, "GSM8K_PATH": str(gsm8k_dir), "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
+    done = subprocess.run(
+        cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "learning_dev.json").read_text())
+    assert result["dev"] and result["n"] == 3 and result["eval_split"].startswith("train")
+    assert result["eval_offset"] == 7473 - 3 and result["arm"] == "lr2e-4"
+    request = result["requests"]["lr2e-4"]
+    assert request["offset"] + request["num_examples"] <= 7473 - 3 and "eval_every" not in request
+    assert request["loss"] == {"learning_rate": 0.0002}
+    state = json.loads((tmp_path / "work" / "learning_state.json").read_text())
+    judged = {r["problem_id"] for r in state["base_rows"]}
+    assert judged == {"train-7470", "train-7471", "train-7472"}
+    runs = json.loads((out / "runs.json").read_text())
+    assert runs[0]["tag"] == "dev"

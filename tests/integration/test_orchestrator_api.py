@@ -124,10 +124,12 @@ def test_a_loss_the_trainer_accepts_is_taken_and_its_bounds_are_documented(clien
     client.wait(job_id, timeout_s=60, poll_s=0.1)  # (it fails: the scripted server has no /checkpoints)
 
     schemas = client.http.get("/openapi.json").json()["components"]["schemas"]
-    bounds = schemas["LossSettings"]["properties"]
+    bounds = schemas["RecipeLoss"]["properties"]  # the trainer's LossSettings with the recipe's defaults
     assert bounds["clip_eps"]["exclusiveMaximum"] == 1.0 and bounds["beta"]["maximum"] == 10.0
     learning_rate = bounds["learning_rate"]["anyOf"][0]  # float | None
     assert (learning_rate["exclusiveMinimum"], learning_rate["maximum"]) == (0.0, 1.0)
+    defaults = {name: bounds[name]["default"] for name in ("type", "beta", "clip_eps_high", "learning_rate")}
+    assert defaults == {"type": "dr_grpo", "beta": 0.0, "clip_eps_high": 0.28, "learning_rate": 5e-4}
 
 
 def test_unknown_job_is_404(client):

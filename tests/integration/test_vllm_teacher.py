@@ -18,7 +18,8 @@ from orchestrator.clients.llm import LLMError, LLMPool
 from orchestrator.gsm8k.data import load_gsm8k
 from orchestrator.local.processes import free_port, orchestrator_process
 from orchestrator.runners.evaluation import answer_all, build_report
-from orchestrator.search.mcts import SearchServices, run_search
+from orchestrator.search.services import SearchServices
+from orchestrator.search.shapes import run_search
 from orchestrator.settings import OPENROUTER_MODELS, EndpointSpec, SearchConfig, Settings
 from support.vllm_server import VLLMServer
 
@@ -134,6 +135,8 @@ async def test_pool_speaks_to_vllm_chat_n_logprobs_and_continuation(teacher, mon
 async def test_search_with_vllm_teacher_and_checker(custom_settings):
     (problem,) = load_gsm8k("test", limit=1)
     config = SearchConfig(
+        shape="line",
+        use_checker=True,
         max_depth=2,
         iterations=2,
         max_tokens=64,

@@ -27,6 +27,7 @@ async def test_chat_n_and_logprobs(scripted_server):
         )
     assert len(c.choices) == 3 and c.adapter_version == 0 and c.endpoint == "t"
     assert all(ch.text.startswith("Step 2") and ch.token_logprobs for ch in c.choices)
+    assert all(ch.tokens == ch.text.split() for ch in c.choices)  # the sampled tokens' text (scripted: words)
     assert c.choices[0].mean_logprob == pytest.approx(
         sum(c.choices[0].token_logprobs) / len(c.choices[0].token_logprobs)
     )
@@ -38,6 +39,7 @@ async def test_completions_route(scripted_server):
     async with LLMPool(retry=FAST) as pool:
         c = await pool.complete(endpoint(scripted_server), "Q <partial></partial>", n=2, logprobs=1)
     assert len(c.choices) == 2 and c.choices[0].token_logprobs
+    assert c.choices[0].tokens == c.choices[0].text.split()
 
 
 async def test_missing_logprobs_is_a_clear_error(scripted_server):
@@ -245,6 +247,7 @@ async def test_answers_with_extra_fields_are_read_by_the_protocols_lenient_model
     assert [ch.text for ch in c.choices] == ["Step 1: 3 + 4 = 7", "#### 7"]  # in index order
     assert [ch.eos for ch in c.choices] == [True, False]  # stop_reason null = end of sequence
     assert c.choices[0].token_logprobs == [-0.25, -0.75] and c.usage["completion_tokens"] == 3
+    assert c.choices[0].tokens == ["Step", " 1"] and c.choices[1].tokens == ["#"]
     assert c.adapter_version is None  # only the trainer says which adapter answered
 
 
