@@ -179,8 +179,9 @@ class _ForkSearch:
 
     async def _round(self, asks) -> None:
         """Send a round's requests together, then add every answer to the tree, judge and back it up."""
+        requests_before = self.stats.requests
         replies = await asyncio.gather(*asks)
-        self.stats.rounds += 1
+        self.stats.rounds += int(self.stats.requests > requests_before)
         self.stats.critical_path_s += max((latency for _, latency in replies), default=0.0)
         answers = [a for batch, _ in replies for a in batch]
         added = [self._add(a) for a in answers]
@@ -282,7 +283,7 @@ class _ForkSearch:
         eos: bool,
     ) -> list[_Answer]:
         if not lines:
-            if start.parent is None:  # an empty answer to the question: nothing to learn from
+            if start.parent is None or writer != STUDENT_WRITER:  # nothing written: nothing to learn from
                 self.stats.empty_answers += 1
                 return []
             # The continuation ended at once: the answer is root..start itself, as a leaf beside `start`.

@@ -14,10 +14,10 @@ with N and Q counting virtual loss (tree.effective): N(s) = answers through s (+
 Q(s) = their mean reward. The prior P(s) = softmax over the candidates of surprisal(s) / prior_temperature,
 surprisal(s) = the student's mean negative token log-prob of the line(s) written right after s, averaged over
 s's children (their sampled log-probs: no scoring request), so the search forks where the student was unsure
-what to write next (TreeRL forks at high-entropy tokens); uniform when a candidate has no sampled log-probs
-(teacher text). Picks are taken one at a time: each adds virtual loss along root..s, and no two picks of one
-round lie on one root-to-leaf path (a pick blocks its ancestors and descendants), so a round's forks spread
-over different answers.
+what to write next (TreeRL forks at high-entropy tokens); a candidate followed only by teacher text (no sampled
+log-probs) counts as the candidates' mean, and with no log-probs at all the priors are uniform. Picks are taken
+one at a time: each adds virtual loss along root..s, and no two picks of one round lie on one root-to-leaf path
+(a pick blocks its ancestors and descendants), so a round's forks spread over different answers.
 
 Backup: an answer's reward R goes along root..leaf (visits + 1, value_sum + R), so V(s) = mean reward of the
 answers through s (a Monte Carlo value, as VinePPO and TreeRL use).
@@ -94,12 +94,15 @@ def surprisal_after(tree: Tree, node: Node) -> float | None:
 
 
 def set_fork_priors(tree: Tree, candidates: list[Node], temperature: float) -> None:
-    """P(s) = softmax over the candidates of surprisal_after(s) / temperature; uniform when one lacks it."""
+    """P(s) = softmax over the candidates of surprisal_after(s) / temperature. A candidate followed only by
+    teacher text (no sampled log-probs) counts as the candidates' mean surprisal; with none known, uniform."""
     if not candidates:
         return
     surprisals = [surprisal_after(tree, s) for s in candidates]
-    if all(x is not None for x in surprisals):
-        priors = softmax([x for x in surprisals if x is not None], temperature)
+    known = [x for x in surprisals if x is not None]
+    if known:
+        mean = sum(known) / len(known)
+        priors = softmax([mean if x is None else x for x in surprisals], temperature)
     else:
         priors = [1.0 / len(candidates)] * len(candidates)
     for node, prior in zip(candidates, priors, strict=True):
