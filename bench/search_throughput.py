@@ -111,7 +111,7 @@ class RecordingTrainer(TrainerClient):
         super().__init__(*args, **kwargs)
         self.records: list[dict] = []
 
-    async def logprobs(self, items: list[dict], model: str = "student") -> dict:
+    async def logprobs(self, items, model="student"):
         started = time.perf_counter()
         out = await super().logprobs(items, model)
         self.records.append(
@@ -119,7 +119,7 @@ class RecordingTrainer(TrainerClient):
                 "who": "logprobs",
                 "items": len(items),
                 "latency": time.perf_counter() - started,
-                "tokens": sum(int(r.get("num_tokens") or 0) for r in out.get("results") or []),
+                "tokens": sum(r.num_tokens for r in out.results),
             }
         )
         return out
@@ -277,14 +277,14 @@ async def run_phase(phase: str, args, problems, trainer_url: str, reference_url:
                 student=settings.student_endpoint().model_copy(update=endpoint_kw),
                 trainer=trainer,
             )
-            before = await trainer.health()
+            before = (await trainer.health()).model_dump()
             load_before = os.getloadavg()[0]
             started = time.perf_counter()
             in_flight = args.trees_in_flight or len(problems)
             results = await run_searches(problems, config, services, max_trees_in_flight=in_flight)
             wall = time.perf_counter() - started
             load_after = os.getloadavg()[0]
-            after = await trainer.health()
+            after = (await trainer.health()).model_dump()
     summary = summarise(
         phase,
         config,

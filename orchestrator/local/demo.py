@@ -34,7 +34,7 @@ from orchestrator.local.processes import (
     trainer_process,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # orchestrator/local/demo.py -> the checkout
 
 
 TEACHERS = {

@@ -185,7 +185,8 @@ def test_a_dead_checker_leaves_the_rules_and_the_job_records_the_degraded_mode(
     # The search went on with the rules alone: its leaves were closed by them (an answer line, the end of the
     # answer or its budget; "answer_end": it ended on the unsure sentence, scored by its last number).
     reasons = {n.get("terminal_reason") for n in tree["nodes"] if n.get("terminal")}
-    assert reasons and reasons <= {"token_limit", "answer_line", "answer_phrase", "eos", "answer_end"}, reasons
+    rules = {"token_limit", "answer_line", "answer_phrase", "eos", "answer_end"}
+    assert reasons and reasons <= rules, reasons
     assert "answer_end" in reasons  # the teacher's "So in total she has 42 apples."
 
 

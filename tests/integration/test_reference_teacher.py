@@ -145,7 +145,7 @@ async def test_search_with_the_reference_teacher_and_the_real_trainer(
             out = await services.trainer.grpo_step(
                 items, {"type": "grpo", "beta": 0.0}, step_key="reference-gold"
             )
-            assert out["adapter_version"] >= 1 and out["tokens"] > 20
+            assert out.adapter_version >= 1 and out.tokens > 20
 
 
 def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, gsm8k_dir, tmp_path):

@@ -132,7 +132,8 @@ def test_selection_skips_lines_without_room_and_falls_back_to_uniform_priors():
     tree.nodes[2].step_logprob = None  # a line without sampled log-probs (teacher text)
     paths = select_forks(tree, 2, c_puct=1.5, vl_value=1.0, prior_temperature=1.0, max_tokens=24, min_room=16)
     assert [p[-1].text for p in paths] == ["x1"]  # x2 ends at 8 tokens of 24: 16 left; x1 at 4: 20 left
-    assert tree.nodes[1].prior == tree.nodes[2].prior == 0.5  # x2's surprisal known, x1's the mean of the known
+    # x2's surprisal is known, x1's (followed by a line without log-probs) is the mean of the known ones
+    assert tree.nodes[1].prior == tree.nodes[2].prior == 0.5
     tree.nodes[3].step_logprob = None  # no line has sampled log-probs: uniform
     select_forks(tree, 2, c_puct=1.5, vl_value=1.0, prior_temperature=1.0, max_tokens=24, min_room=16)
     assert tree.nodes[1].prior == tree.nodes[2].prior == 0.5
