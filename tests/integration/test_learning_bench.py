@@ -136,7 +136,7 @@ def test_learning_bench_pieces_budget_and_three_arms(repo_root, trainer_model_di
 
 
 @pytest.mark.integration
-def test_learning_bench_dev_mode_never_touches_test(repo_root, gsm8k_dir, trainer_model_dir, tmp_path):
+def test_learning_bench_dev_mode_never_touches_test(repo_root, trainer_model_dir, tmp_path):
     """--dev: base and arm judged on the last train problems, the arm trained before them, no test problem
     asked (the job's quick eval is off), outputs in learning_dev.*."""
     out = tmp_path / "out"
@@ -179,7 +179,7 @@ def test_learning_bench_dev_mode_never_touches_test(repo_root, gsm8k_dir, traine
         "--runs-log",
         str(out / "runs.json"),
     ]
-    env = {**os.environ, "GSM8K_PATH": str(gsm8k_dir), "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
+    env = {**os.environ, "TRAINER_MODEL_SOURCE": str(trainer_model_dir)}
     done = subprocess.run(
         cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900, check=False
     )

@@ -148,14 +148,13 @@ async def test_search_with_the_reference_teacher_and_the_real_trainer(
             assert out.adapter_version >= 1 and out.tokens > 20
 
 
-def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, gsm8k_dir, tmp_path):
+def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, tmp_path):
     """POST /train with no loss or search overrides but the sizes (tiny answers, few problems), the real trainer
     as student and the reference teacher as the only teacher: the fork search grows every tree, the step is
     applied with the recipe's loss, generated tokens are counted by source, and max_generated_tokens stops the
     job after its first step with that step's checkpoint saved."""
     teachers = [{"name": "reference", "base_url": reference_teacher.url + "/v1", "model": "reference"}]
     env = {
-        "GSM8K_PATH": str(gsm8k_dir),
         "TEACHER_TIER": "custom",
         "TEACHERS": json.dumps(teachers),
         "REQUEST_TIMEOUT_S": "900",
