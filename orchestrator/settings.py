@@ -429,7 +429,7 @@ class Settings(BaseSettings):
             base_url=self.student_url,
             model=self.student_model,
             api_key_env=self.student_api_key_env,
-            max_concurrency=self.endpoint_max_concurrency,
+            max_concurrency=self.student_max_concurrency,
             timeout_s=self.request_timeout_s,
         )
 
