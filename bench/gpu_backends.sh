@@ -8,7 +8,7 @@
 # Call 2 must follow call 1 on the same warm machine: it finds bitsandbytes, the service wheels and call 1's
 # results under /tmp/gpu_backends, which outlives a call only while the machine stays warm.
 #   .whl/     py3.12 wheels: fastapi, starlette, uvicorn, pydantic(+core), pydantic-settings, python-dotenv,
-#             typing-inspection, annotated-types, gguf
+#             typing-inspection, annotated-types, gguf, opentelemetry-api, importlib-metadata, httpx-aiohttp
 #   .whl-u1/  bitsandbytes 0.50.2
 #   .whl-u2/  unsloth and unsloth_zoo 2026.10.9 and what they import that the machine lacks (trl, datasets,
 #             torchao, xformers, cut_cross_entropy, diffusers, tyro, ...; docker/trainer-constraints.txt's set)
