@@ -319,6 +319,9 @@ class Settings(BaseSettings):
     # The student's server (the trainer, or vLLM) batches what it is sent: every tree of a step asks at once.
     student_max_concurrency: int = Field(default=256, ge=1, le=4096)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    # A teacher that failed twice in a row rests this long before it is asked again (doubled for each rest in a
+    # row, at most 600 s); its failure rate lowers its pick weight meanwhile (search/teachers.py).
+    teacher_cooldown_s: float = Field(default=30.0, ge=0)
     # How long a train job waits for an unreachable trainer (kill -9, restart) before it fails.
     trainer_wait_s: float = Field(default=600.0, ge=0)
 

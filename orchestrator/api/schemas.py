@@ -40,7 +40,29 @@ class EndpointHealth(BaseModel):
     error: str | None = None
 
 
+class TeacherHealth(BaseModel):
+    """A teacher as the running train job sees it (search/teachers.py has the weighting)."""
+
+    job_id: str
+    name: str
+    tier: str | None
+    weight: float = Field(description="probability of being picked first for an expansion now")
+    failure_rate: float = Field(
+        description="moving average of its failed requests (timeouts, 5xx, malformed)"
+    )
+    score: float = Field(description="moving average of the values its steps earned")
+    picks: int
+    requests: int
+    failures: int
+    resting_s: float = Field(description="seconds it still rests after failures in a row (0: it is asked)")
+    last_error: str | None = Field(description="kind of its last failure (timeout, http_500, malformed, ...)")
+
+
 class HealthView(BaseModel):
     status: Literal["ok", "degraded"]
     endpoints: list[EndpointHealth]
     jobs: dict[str, int]
+    teachers: list[TeacherHealth] = Field(
+        default_factory=list,
+        description="the teachers of the running train job, with their weights and failures",
+    )

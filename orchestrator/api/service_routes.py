@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.api.dependencies import ManagerDep, SettingsDep, TelemetryDep, require_token
-from orchestrator.api.schemas import EndpointHealth, HealthView
+from orchestrator.api.schemas import EndpointHealth, HealthView, TeacherHealth
 from orchestrator.clients.http import async_client
 from orchestrator.settings import EndpointSpec, Settings
 
@@ -74,8 +74,18 @@ async def health(settings: SettingsDep, manager: ManagerDep) -> HealthView:
             )
         )
     counts = await manager.store.count_by_status()
+    teachers = [
+        TeacherHealth(
+            job_id=job_id, name=name, **{k: v for k, v in state.items() if k in TeacherHealth.model_fields}
+        )
+        for job_id, shown in manager.live().items()
+        for name, state in shown.get("teachers", {}).items()
+    ]
     return HealthView(
-        status="ok" if all(e.ok for e in endpoints) else "degraded", endpoints=endpoints, jobs=counts
+        status="ok" if all(e.ok for e in endpoints) else "degraded",
+        endpoints=endpoints,
+        jobs=counts,
+        teachers=teachers,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class JobRun:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     telemetry: Telemetry | None = None
     resumed: bool = False
+    live: dict[str, Callable[[], Any]] = field(default_factory=dict)  # what /health shows of the running job
 
     async def emit(self, type: str, **data: Any) -> None:
         await self.hub.publish(self.job_id, type, data)
@@ -40,6 +42,9 @@ class JobRun:
         """Merge into the job's progress and tell followers."""
         await self.store.update_job(self.job_id, progress=progress)
         await self.emit("progress", **progress)
+
+    def show_live(self, name: str, snapshot: Callable[[], Any]) -> None:
+        self.live[name] = snapshot
 
     async def set_metrics(self, **metrics: Any) -> None:
         await self.store.update_job(self.job_id, metrics=metrics)

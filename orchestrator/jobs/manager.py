@@ -77,6 +77,8 @@ class JobManager:
         self._runners = runners
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancels: dict[str, asyncio.Event] = {}
+        # Per running job, what it shows on /health (JobRun.live).
+        self._live: dict[str, dict[str, Callable[[], Any]]] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._trainer_owner = asyncio.Lock()  # held by the one train job that runs (see the module docstring)
         self._admitting = 0  # submits past the capacity check that have not launched their task yet
@@ -126,6 +128,14 @@ class JobManager:
         self, limit: int = 100, status: str | None = None, kind: str | None = None
     ) -> list[JobRecord]:
         return await self.store.list_jobs(limit, status, kind)
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """What the running jobs show now ({job_id: {name: snapshot}}, e.g. a train job's teachers)."""
+        return {
+            job_id: {name: snapshot() for name, snapshot in shown.items()}
+            for job_id, shown in list(self._live.items())
+            if shown
+        }
 
     async def steps(self, job_id: str) -> list[dict[str, Any]]:
         await self.get(job_id)
@@ -196,6 +206,7 @@ class JobManager:
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
         self._cancels.pop(job_id, None)
+        self._live.pop(job_id, None)
 
     async def _set_status(self, job_id: str, status: str, **fields: Any) -> None:
         """Store the status and its "status" event together, then wake the followers."""
@@ -227,6 +238,7 @@ class JobManager:
                     cancel=self._cancels[job.id],
                     telemetry=self.telemetry,
                     resumed=resumed,
+                    live=self._live.setdefault(job.id, {}),
                 )
                 ctx.job_dir.mkdir(parents=True, exist_ok=True)
                 result = await runners[job.kind](ctx)

@@ -6,6 +6,7 @@ HTTP, SQLite or other jobs.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +66,10 @@ class JobContext(Protocol):
         ...
 
     async def set_metrics(self, **metrics: Any) -> None: ...
+
+    def show_live(self, name: str, snapshot: Callable[[], Any]) -> None:
+        """While the run lasts, the service's /health shows `snapshot()` under `name` (e.g. the teachers)."""
+        ...
 
     def raise_if_cancelled(self) -> None: ...
 

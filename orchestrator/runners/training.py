@@ -150,6 +150,7 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
         services=SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer),
         trees_in_flight=trees_in_flight(settings, request),
     )
+    ctx.show_live("teachers", plan.services.teachers.snapshot)  # their weights and failures on /health
     total_steps = plan.total_steps
     watch = TrainerWatch(ctx.trainer, settings.trainer_wait_s, ctx.emit)
     start = await start_or_resume(ctx, watch)

@@ -42,7 +42,7 @@ class SearchServices:
             trainer = TrainerClient.from_settings(settings)
         return cls(
             pool=pool,
-            teachers=TeacherEnsemble(settings.teacher_endpoints()),
+            teachers=TeacherEnsemble(settings.teacher_endpoints(), cooldown_s=settings.teacher_cooldown_s),
             checker=TerminalChecker(pool, settings.checker_endpoint()),
             student=settings.student_endpoint(),
             trainer=trainer,

@@ -1,15 +1,24 @@
 """The teacher ensemble: prompts for "right" and "wrong" next steps, dynamic weights and fail-over.
 
-Weights. Each teacher keeps an exponential moving average of the values its children earn in backprop
-(score_t <- score_t + lr * (value - score_t), starting at 0). A teacher is picked with probability
-    p_t = (1 - explore) * softmax(score / temperature)_t + explore / T
-over the healthy teachers of the best tier that has any (tiers are in the order first seen), so a teacher
-whose steps lead to better paths is asked more, and every teacher keeps being tried a little.
+Weights. Each teacher keeps two moving averages: its score, of the values its children earn in backprop
+(score_t <- score_t + lr * (value - score_t), starting at 0), and its failure rate, of its requests' outcomes
+(f_t <- f_t + failure_lr * (x - f_t), x = 1 for a timeout, an HTTP error, a dropped connection or a malformed
+answer, 0 for an answer; starting at 0). A teacher that has earned no reward yet counts with the mean score of
+those that have. A teacher is picked with probability
+    q_t = (1 - explore) * softmax(score / temperature)_t + explore / T
+    p_t = q_t * max(1 - f_t, min_health) / sum_u q_u * max(1 - f_u, min_health)
+over the healthy teachers of the best tier that has any (tiers are in the order first seen). So a teacher whose
+steps lead to better paths is asked more, and a teacher that fails is asked less in proportion to how often it
+fails, whatever its score: a dead teacher earns no rewards, and were its score taken as 0 while a working
+teacher's went negative, the score alone would come to prefer it (issue #18 saw its weight rise to 0.7). `min_health` keeps a failing teacher tried now
+and then, and every answer it gives lowers f_t again (failure_lr 0.5: each answer halves it, as each failure
+halves 1 - f_t), so a teacher that recovers wins its share back within a few answers.
 
 Fail-over. When a request fails the next teacher by weight is tried, first in the same tier, then in the
 others; the failure is recorded. Only the last teacher in line gets the pool's retries. After
-`max_consecutive_failures` failures in a row a teacher rests for `cooldown_s`, so a dead or hanging endpoint
-stops costing a timeout per expansion.
+`max_consecutive_failures` failures in a row a teacher rests for `cooldown_s`, doubled with every rest that
+follows without an answer in between (at most `max_cooldown_s`), so a dead or hanging endpoint stops costing a
+timeout per expansion.
 """
 
 from __future__ import annotations
@@ -123,7 +132,10 @@ class TeacherState:
     rewards: int = 0
     requests: int = 0
     failures: int = 0
+    picks: int = 0  # times it was the weighted draw, the first teacher asked for an expansion
+    failure_rate: float = 0.0  # moving average of its requests' failures (module docstring)
     consecutive_failures: int = 0
+    rests: int = 0  # rests in a row without an answer in between (each doubles the next)
     resting_until: float = 0.0
     last_error: LLMError | None = None  # its .kind says what went wrong
 
@@ -144,6 +156,9 @@ class TeacherEnsemble:
         explore: float = 0.1,
         max_consecutive_failures: int = 2,
         cooldown_s: float = 30.0,
+        max_cooldown_s: float = 600.0,
+        failure_lr: float = 0.5,
+        min_health: float = 0.02,
         seed: int | None = None,
     ):
         if not endpoints:
@@ -155,6 +170,8 @@ class TeacherEnsemble:
         self.tier_order = list(dict.fromkeys(e.tier or "default" for e in endpoints))
         self.learning_rate, self.temperature, self.explore = learning_rate, temperature, explore
         self.max_consecutive_failures, self.cooldown_s = max_consecutive_failures, cooldown_s
+        self.max_cooldown_s = max_cooldown_s
+        self.failure_lr, self.min_health = failure_lr, min_health
         self.rng = random.Random(seed)
 
     # --- weights ------------------------------------------------------------------------------------------
@@ -171,14 +188,47 @@ class TeacherEnsemble:
         names = list(self.states) if names is None else names
         if not names:
             return {}
-        scores = [self.states[n].score / max(self.temperature, 1e-6) for n in names]
+        scores = [self.expected_score(n) / max(self.temperature, 1e-6) for n in names]
         m = max(scores)
         exps = [math.exp(s - m) for s in scores]
         total = sum(exps)
-        return {
-            n: (1 - self.explore) * e / total + self.explore / len(names)
-            for n, e in zip(names, exps, strict=True)
-        }
+        mixed = [(1 - self.explore) * e / total + self.explore / len(names) for e in exps]
+        kept = [q * self.health(n) for n, q in zip(names, mixed, strict=True)]
+        norm = sum(kept)
+        return {n: k / norm for n, k in zip(names, kept, strict=True)}
+
+    def expected_score(self, name: str) -> float:
+        """Its score once it has earned a reward; before that the mean score of those that have (0 while none
+        has): a teacher not yet judged is taken as average, neither as good as 0 nor as bad as the worst."""
+        state = self.states[name]
+        if state.rewards:
+            return state.score
+        judged = [s.score for s in self.states.values() if s.rewards]
+        return sum(judged) / len(judged) if judged else 0.0
+
+    def health(self, name: str) -> float:
+        """The factor a teacher's failures put on its pick weight: 1 - failure rate, at least min_health."""
+        return max(1.0 - self.states[name].failure_rate, self.min_health)
+
+    def record_failure(self, name: str, error: LLMError) -> None:
+        """A request of this teacher failed: its failure rate rises, and after max_consecutive_failures in a row it
+        rests (longer with each rest in a row)."""
+        state = self.states[name]
+        state.failures += 1
+        state.consecutive_failures += 1
+        state.failure_rate += self.failure_lr * (1.0 - state.failure_rate)
+        state.last_error = error
+        now = time.monotonic()
+        if state.consecutive_failures >= self.max_consecutive_failures and state.resting_until <= now:
+            state.rests += 1
+            rest = min(self.cooldown_s * 2 ** (state.rests - 1), self.max_cooldown_s)
+            state.resting_until = now + rest
+
+    def record_success(self, name: str) -> None:
+        state = self.states[name]
+        state.consecutive_failures = state.rests = 0
+        state.resting_until = 0.0
+        state.failure_rate -= self.failure_lr * state.failure_rate
 
     def record_reward(self, name: str, value: float) -> None:
         state = self.states.get(name)
@@ -222,6 +272,8 @@ class TeacherEnsemble:
         messages = teacher_messages(kind, question, partial, reference, whole)
         failed: list[str] = []
         order = self.order()
+        if order:
+            self.states[order[0]].picks += 1
         for i, name in enumerate(order):
             state = self.states[name]
             state.requests += 1
@@ -239,28 +291,30 @@ class TeacherEnsemble:
                     seed=seed,
                 )
             except LLMError as exc:
-                state.failures += 1
-                state.consecutive_failures += 1
-                state.last_error = exc
-                if state.consecutive_failures >= self.max_consecutive_failures:
-                    state.resting_until = time.monotonic() + self.cooldown_s
+                self.record_failure(name, exc)
                 failed.append(str(exc))
                 continue
-            state.consecutive_failures = 0
-            state.resting_until = 0.0
+            self.record_success(name)
             return TeacherReply(teacher=name, completion=completion, failed=failed)
         raise AllTeachersFailed("; ".join(failed) or "no teacher available")
 
     def snapshot(self) -> dict:
+        """Every teacher's weight (over the whole ensemble), score, failure rate and counts; `resting_s` is how
+        long it still rests, `last_error` the kind of its last failure."""
         w = self.weights()
+        now = time.monotonic()
         return {
             n: {
                 "weight": w[n],
                 "score": s.score,
+                "failure_rate": s.failure_rate,
                 "rewards": s.rewards,
+                "picks": s.picks,
                 "requests": s.requests,
                 "failures": s.failures,
-                "healthy": self.healthy(n),
+                "healthy": s.resting_until <= now,
+                "resting_s": round(max(0.0, s.resting_until - now), 3),
+                "last_error": s.last_error.kind if s.last_error is not None else None,
                 "tier": s.endpoint.tier,
             }
             for n, s in self.states.items()

@@ -161,6 +161,40 @@ def test_a_job_with_every_teacher_failing_fails_with_the_reason(trainer_service,
     assert trainer_health(trainer_service)["step"] == step_before  # nothing was learned from nothing
 
 
+DEAD_TEACHER_SEARCH = {**TINY_SEARCH, "iterations": 8, "max_depth": 3}  # ~16 picks per step of 2 trees
+
+
+def test_a_dead_teacher_loses_its_share_of_picks_over_the_job(
+    trainer_service, scripted_server, gsm8k_dir, tmp_path
+):
+    """Issue #18: a teacher that accepts connections and never answers, beside a live one in the same tier. No
+    rest (TEACHER_COOLDOWN_S=0), so only the failure rate in the pick weight keeps it from being asked: its share of
+    each step's picks falls, its weight falls with every step, and /health shows it while the job runs. Before,
+    its weight rose (a failure never moved its score, and the live teacher's went negative)."""
+    url = scripted_server.v1
+    teachers = [teacher("dead", url, "one", timeout_s=1.0), teacher("live", url, "one")]
+    scripted_server.set_rules([Rule(mode="hang", model="dead")])
+    env = {**custom_teachers(teachers), "TEACHER_COOLDOWN_S": "0"}
+    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, env) as client:
+        job_id = client.train(num_examples=6, batch_size=2, checkpoint_every=3, search=DEAD_TEACHER_SEARCH)
+        shares, weights, health = [], [], []
+        for event in client.follow(job_id):
+            if event.type == "teachers":
+                shares.append(event.data["teachers"]["dead"]["pick_share"])
+                weights.append(event.data["teachers"]["dead"]["weight"])
+                if len(shares) == 1:  # the job goes on: /health shows the teachers of the running job
+                    health = client.health()["teachers"]
+        job = client.job(job_id)
+    assert job["status"] == "completed", job["error"]
+    print("dead teacher: pick share", shares, "weight", weights)
+    assert len(shares) == 3, shares
+    assert shares[0] > shares[-1] and shares[-1] <= 0.2, shares
+    assert weights == sorted(weights, reverse=True) and weights[-1] < 0.1, weights
+    dead = {t["name"]: t for t in health}["dead"]
+    assert dead["job_id"] == job_id and dead["failure_rate"] > 0.5 and dead["last_error"] == "timeout", health
+    assert dead["weight"] < {t["name"]: t for t in health}["live"]["weight"]
+
+
 # --- 2. the checker -------------------------------------------------------------------------------------------
 def test_a_dead_checker_leaves_the_rules_and_the_job_records_the_degraded_mode(
     trainer_service, scripted_server, tmp_path

@@ -33,16 +33,44 @@ def ensemble() -> TeacherEnsemble:
 
 def test_report_teachers_tells_only_the_failures_of_the_step():
     teachers, ctx = ensemble(), FakeCtx()
-    teachers.states["a"].requests, teachers.states["a"].failures = 3, 1  # before the step
-    before = teacher_counts(teachers)
-    assert before == {"a": (3, 1), "b": (0, 0)}
     a, b = teachers.states["a"], teachers.states["b"]
-    a.requests, a.failures, a.last_error = 5, 3, LLMError("a", 503, "overloaded", kind="http_503")
-    b.requests = 4
+    a.requests, a.failures, a.picks = 3, 1, 3  # before the step
+    before = teacher_counts(teachers)
+    assert before == {"a": (3, 1, 3), "b": (0, 0, 0)}
+    a.requests, a.failures, a.picks, a.failure_rate = 5, 3, 4, 0.75
+    a.last_error = LLMError("a", 503, "overloaded", kind="http_503")
+    b.requests, b.picks = 4, 3
     tried, failed, summaries = asyncio.run(report_teachers(ctx, teachers, before, step=7))
     assert (tried, failed) == (6, 2)
     assert summaries == ["a: http_503 ([a] HTTP 503: overloaded)"]
-    assert ctx.events == [
+    # weights: q = 0.5 each; health a = 0.25, b = 1 -> 0.2 / 0.8
+    assert ctx.events[1] == (
+        "teachers",
+        {
+            "step": 7,
+            "teachers": {
+                "a": {
+                    "picks": 1,
+                    "pick_share": 0.25,
+                    "requests": 2,
+                    "failures": 2,
+                    "failure_rate": 0.75,
+                    "weight": 0.2,
+                    "resting_s": 0.0,
+                },
+                "b": {
+                    "picks": 3,
+                    "pick_share": 0.75,
+                    "requests": 4,
+                    "failures": 0,
+                    "failure_rate": 0.0,
+                    "weight": 0.8,
+                    "resting_s": 0.0,
+                },
+            },
+        },
+    )
+    assert ctx.events[:1] == [
         (
             "teacher_error",
             {

@@ -2,7 +2,7 @@ import collections
 
 import pytest
 
-from orchestrator.clients.llm import LLMPool, RetryPolicy
+from orchestrator.clients.llm import LLMError, LLMPool, RetryPolicy
 from orchestrator.search.teachers import AllTeachersFailed, TeacherEnsemble, first_line, teacher_messages
 from orchestrator.settings import EndpointSpec
 from support.scripted_server import Rule
@@ -55,6 +55,7 @@ async def test_failover_and_cooldown(scripted_server):
         seed=0,
     )
     ens.record_reward("bad", 5.0)  # make "bad" the favourite so it is tried first
+    ens.record_reward("good", -5.0)
     async with LLMPool(retry=RetryPolicy(max_retries=0)) as pool:
         r1 = await ens.generate(pool, "right", "q", "", n=2, max_tokens=16, temperature=0.7)
         assert r1.teacher == "good" and len(r1.failed) == 1 and len(r1.completion.choices) == 2
@@ -74,3 +75,48 @@ async def test_all_failed(scripted_server):
     async with LLMPool(retry=RetryPolicy(max_retries=0)) as pool:
         with pytest.raises(AllTeachersFailed):
             await ens.generate(pool, "right", "q", "", n=1, max_tokens=8, temperature=0.7)
+
+
+def test_failures_lower_the_pick_weight_whatever_the_scores_and_answers_win_it_back():
+    """Issue #18's case: the live teacher's steps earn negative values, the dead one earns none. A teacher not yet
+    judged counts as average (not as 0, which would beat the live one's negative score), and every failure
+    halves its weight's health factor 1 - f, down to min_health."""
+    ens = TeacherEnsemble(
+        [ep("dead"), ep("live")], learning_rate=0.5, explore=0.1, min_health=0.02, cooldown_s=0, seed=0
+    )
+    for _ in range(3):
+        ens.record_reward("live", -1.0)
+    assert ens.weights() == pytest.approx({"dead": 0.5, "live": 0.5})
+    timeout = LLMError("dead", None, "timed out", kind="timeout")
+    seen = []
+    for _ in range(8):
+        ens.record_failure("dead", timeout)
+        seen.append(ens.weights()["dead"])
+    # q = 0.5 each, so p_dead = h / (h + 1) with h = 1 - f = 0.5^k, floored at 0.02
+    expected = [max(0.5**k, 0.02) / (max(0.5**k, 0.02) + 1) for k in range(1, 9)]
+    assert seen == pytest.approx(expected)
+    picks = collections.Counter(ens.order()[0] for _ in range(4000))
+    assert 0.01 < picks["dead"] / 4000 < 0.035  # still tried now and then, to see it recover
+    for _ in range(3):
+        ens.record_success("dead")
+    assert ens.states["dead"].failure_rate == pytest.approx(0.5**3 * (1 - 0.5**8), abs=1e-9)
+    assert ens.weights()["dead"] > 0.45
+    snap = ens.snapshot()["dead"]
+    assert snap["failures"] == 8 and snap["last_error"] == "timeout" and snap["healthy"]
+
+
+def test_rests_double_while_a_teacher_keeps_failing():
+    ens = TeacherEnsemble([ep("a"), ep("b")], max_consecutive_failures=2, cooldown_s=10, max_cooldown_s=25)
+    error = LLMError("a", 503, "overloaded", kind="http_503")
+    rests = []
+    for _ in range(4):
+        ens.record_failure("a", error)
+        ens.record_failure("a", error)  # resting now; a failure while resting does not extend the rest
+        ens.record_failure("a", error)
+        rests.append(ens.snapshot()["a"]["resting_s"])
+        ens.states["a"].resting_until = 0.0  # the rest is over; it is asked again and fails again
+    assert [round(r) for r in rests] == [10, 20, 25, 25]
+    ens.record_success("a")
+    ens.record_failure("a", error)
+    ens.record_failure("a", error)
+    assert round(ens.snapshot()["a"]["resting_s"]) == 10  # an answer in between: back to the first rest
