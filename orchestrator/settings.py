@@ -350,6 +350,11 @@ class Settings(BaseSettings):
     )  # beyond running + this many, /train and /eval get 429
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger request bodies get 413
     max_event_streams: int = Field(default=256, ge=1)  # open GET /jobs/{id}/events streams; more get 429
+    # Retention of finished (completed, failed, cancelled) jobs: their records, events, steps and folder (trees,
+    # reports) are deleted past the newest JOB_RETENTION_COUNT and once finished JOB_RETENTION_DAYS ago (0 = no
+    # such limit); checked at start-up and whenever a job ends. Queued, running and interrupted jobs are kept.
+    job_retention_count: int = Field(default=200, ge=0)
+    job_retention_days: float = Field(default=0.0, ge=0)
     wandb_project: str | None = None
     wandb_api_key: SecretStr | None = None
 

@@ -6,6 +6,8 @@ last checkpoint, an eval job starts over). At most `max_concurrent_jobs` run at 
 at most `max_queued_jobs` of them (beyond that, submit and resume raise JobsBusy). Train jobs run one at a time
 whatever `max_concurrent_jobs` says: they share one trainer, and one job rewinding it to its checkpoint (on resume
 or after a trainer restart) would undo the other's steps. Eval jobs may run beside a train job.
+Finished jobs past the retention (JOB_RETENTION_COUNT newest, JOB_RETENTION_DAYS) are deleted, records and folder,
+at start-up and whenever a job ends (`prune`).
 Every status change is stored first and then published as a "status" event. A job's final status must reach the
 store: when it cannot be written (a full disk) it is tried again every few seconds while the service runs (the
 job still shows as running meanwhile; after a restart it shows as interrupted and can be resumed).
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -98,7 +102,24 @@ class JobManager:
                 "status",
                 {"status": "interrupted", "reason": "the orchestrator restarted while the job ran"},
             )
+        await self.prune()
         return interrupted
+
+    async def prune(self) -> list[str]:
+        """Delete the finished jobs past the retention settings (records, events, steps, folder); returns
+        their ids."""
+        settings = self.settings
+        days = settings.job_retention_days
+        before = time.time() - days * 86400 if days else None
+        expired = await self.store.expired_jobs(settings.job_retention_count, before)
+        expired = [job_id for job_id in expired if job_id not in self._tasks]
+        if not expired:
+            return []
+        await self.store.delete_jobs(expired)
+        for job_id in expired:
+            await asyncio.to_thread(shutil.rmtree, self.job_dir(job_id), ignore_errors=True)
+        log.info("deleted %d finished jobs past the retention: %s", len(expired), ", ".join(expired[:10]))
+        return expired
 
     async def close(self) -> None:
         """Stop running jobs (they become interrupted, so they can be resumed) and close the clients."""
@@ -245,12 +266,22 @@ class JobManager:
         except (asyncio.CancelledError, JobCancelled):
             status = "interrupted" if self._closing and not self._cancels[job.id].is_set() else "cancelled"
             await asyncio.shield(self._set_status(job.id, status))
+            if status == "cancelled":
+                await asyncio.shield(self._prune_quietly())
             return
         except Exception as exc:
             log.exception("job %s failed", job.id)
             await self._set_final_status(job.id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-            return
-        await self._set_final_status(job.id, "completed", result=result)
+        else:
+            await self._set_final_status(job.id, "completed", result=result)
+        await self._prune_quietly()
+
+    async def _prune_quietly(self) -> None:
+        """Retention after a job ended: a failure to prune (a full disk) must not touch the job's own result."""
+        try:
+            await self.prune()
+        except (StoreError, OSError):
+            log.exception("pruning finished jobs failed; trying again when the next job ends")
 
     async def _set_final_status(self, job_id: str, status: str, **fields: Any) -> None:
         delay, longest = STORE_RETRY_S

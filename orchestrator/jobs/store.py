@@ -218,6 +218,30 @@ class JobStore:
             )
         return ids
 
+    def expired_jobs(self, keep: int, finished_before: float | None) -> list[str]:
+        """Finished jobs (completed, failed, cancelled) past the retention: all but the `keep` last updated
+        (0 = no count limit), and those last updated before `finished_before` (Unix time; None = no age limit)."""
+        final = ", ".join(f"'{s}'" for s in sorted(FINAL_STATUSES))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, updated FROM jobs WHERE status IN ({final}) ORDER BY updated DESC, rowid DESC"
+            ).fetchall()
+        return [
+            r["id"]
+            for i, r in enumerate(rows)
+            if (keep and i >= keep) or (finished_before is not None and r["updated"] < finished_before)
+        ]
+
+    def delete_jobs(self, job_ids: list[str]) -> int:
+        """Forget jobs with their events and step records; returns how many jobs were deleted."""
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" * len(job_ids))
+        with self._lock, self._transaction():
+            self._db.execute(f"DELETE FROM events WHERE job_id IN ({marks})", job_ids)
+            self._db.execute(f"DELETE FROM steps WHERE job_id IN ({marks})", job_ids)
+            return self._db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", job_ids).rowcount
+
     def count_by_status(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
@@ -332,6 +356,12 @@ class AsyncJobStore:
 
     async def mark_interrupted(self) -> list[str]:
         return await self._in_thread(self.sync.mark_interrupted)
+
+    async def expired_jobs(self, keep: int, finished_before: float | None) -> list[str]:
+        return await self._in_thread(self.sync.expired_jobs, keep, finished_before)
+
+    async def delete_jobs(self, job_ids: list[str]) -> int:
+        return await self._in_thread(self.sync.delete_jobs, job_ids)
 
     async def count_by_status(self) -> dict[str, int]:
         return await self._in_thread(self.sync.count_by_status)

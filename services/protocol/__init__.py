@@ -5,6 +5,7 @@ the orchestrator can import it.
 
 from .checkpoints import (
     CHECKPOINT_NAME,
+    CheckpointDeleted,
     CheckpointEntry,
     CheckpointInfo,
     CheckpointList,
@@ -57,6 +58,7 @@ __all__ = [
     "ChatLogprobs",
     "ChatMessage",
     "ChatTokenLogprob",
+    "CheckpointDeleted",
     "CheckpointEntry",
     "CheckpointInfo",
     "CheckpointList",

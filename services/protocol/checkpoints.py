@@ -25,6 +25,11 @@ class CheckpointInfo(BaseModel):
     step: int
     adapter_version: int
     step_key: str | None = Field(description="the step_key of the last step it holds")
+    bytes: int | None = Field(default=None, description="its size on disk")
+    pruned: list[str] = Field(
+        default_factory=list,
+        description="older checkpoints of its series deleted after this save (TRAINER_CHECKPOINT_KEEP_LAST)",
+    )
 
 
 class CheckpointEntry(BaseModel):
@@ -34,7 +39,20 @@ class CheckpointEntry(BaseModel):
     step: int | None
     adapter_version: int | None
     created: float | None = Field(description="Unix time of the save")
+    bytes: int = Field(default=0, description="its size on disk")
 
 
 class CheckpointList(BaseModel):
     checkpoints: list[CheckpointEntry] = Field(description="oldest first")
+    total_bytes: int = Field(default=0, description="everything under the checkpoint folder")
+    max_bytes: int | None = Field(
+        default=None, description="the budget (TRAINER_CHECKPOINT_MAX_BYTES); None: no budget"
+    )
+    keep_last: int | None = Field(
+        default=None, description="checkpoints kept per series (TRAINER_CHECKPOINT_KEEP_LAST)"
+    )
+
+
+class CheckpointDeleted(BaseModel):
+    name: str
+    bytes: int = Field(description="bytes freed")

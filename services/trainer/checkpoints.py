@@ -8,6 +8,11 @@ Layout of <root>/<name>/:
 A checkpoint is written into a temporary sibling directory, every file fsynced, then renamed into place, so a
 reader sees either the whole checkpoint or none. Loading checks sizes and hashes before anything is applied.
 
+Retention (checkpoint_retention.py): `save_retained` checks the byte budget and the disk's room before writing
+(507 when there is none) and afterwards deletes what the saved checkpoint's series sheds (the last K of each
+series stay). A deletion renames the checkpoint aside (`.<name>.del-*`) before removing it, so it is never listed
+half-deleted; `recover` removes what a crash left of one.
+
 Crashes (kill -9) and full disks. A save that dies while writing leaves only a hidden `.<name>.tmp-*` directory,
 which listing and loading ignore and the next process removes (`recover`; temporary directories carry a token of
 the process writing them, so a live save is never touched). Replacing an existing checkpoint takes two renames (the old one aside into
@@ -18,6 +23,7 @@ raises CheckpointWriteError naming the cause; the previous checkpoint of that na
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -39,6 +45,7 @@ from safetensors.torch import save as save_safetensors
 
 from services.protocol import CHECKPOINT_NAME
 
+from .checkpoint_retention import RetentionPolicy, StoredCheckpoint, plan_save
 from .errors import InvalidRequest, TrainerError
 
 NAME_PATTERN = re.compile(CHECKPOINT_NAME)
@@ -90,6 +97,13 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
+@dataclass
+class Saved:
+    path: Path
+    bytes: int
+    pruned: list[str]  # checkpoints of its series that retention deleted after it was saved
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or name in (".", ".."):
         raise InvalidRequest("name", f"{name!r} must match {NAME_PATTERN.pattern}", status=422)
@@ -118,22 +132,90 @@ def save_checkpoint(
     check_name(name)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    blobs = _encode(adapter, optimizer)
+    return _write_checked(root, name, blobs, _record(name, meta, blobs))
+
+
+def save_retained(
+    root: Path,
+    name: str,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    meta: dict[str, Any],
+    policy: RetentionPolicy,
+) -> Saved:
+    """Save as `save_checkpoint` does, within `policy`: refused before anything is written when the budget or the
+    disk has no room for it (CheckpointRoomError, 507), and afterwards the older checkpoints of its series beyond
+    the last `policy.keep_last` are deleted."""
+    check_name(name)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    blobs = _encode(adapter, optimizer)
+    record = _record(name, meta, blobs)
+    new_bytes = sum(len(b) for b in blobs.values()) + len(json.dumps(record, indent=1)) + 256
+    stored = [
+        StoredCheckpoint(name=c["name"], created=c["created"] or 0.0, bytes=c["bytes"])
+        for c in list_checkpoints(root)
+    ]
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError as exc:
+        raise CheckpointWriteError(name, exc) from exc
+    pruned = plan_save(stored, folder_bytes(root), free, name, new_bytes, policy)
+    path = _write_checked(root, name, blobs, record)
+    for old in pruned:
+        delete_checkpoint(root, old.name)
+    return Saved(path=path, bytes=folder_bytes(path), pruned=[c.name for c in pruned])
+
+
+def _encode(adapter: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> dict[str, bytes]:
     buffer = io.BytesIO()
     torch.save(optimizer, buffer)
-    blobs = {ADAPTER_FILE: save_safetensors(adapter), OPTIMIZER_FILE: buffer.getvalue()}
-    record = {
+    return {ADAPTER_FILE: save_safetensors(adapter), OPTIMIZER_FILE: buffer.getvalue()}
+
+
+def _record(name: str, meta: dict[str, Any], blobs: dict[str, bytes]) -> dict[str, Any]:
+    return {
         **meta,
         "format": FORMAT,
         "name": name,
         "created": time.time(),
         "files": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for f, b in blobs.items()},
     }
+
+
+def _write_checked(root: Path, name: str, blobs: dict[str, bytes], record: dict[str, Any]) -> Path:
     try:
         return _write(root, name, blobs, record)
     except CheckpointWriteError:
         raise
     except OSError as exc:
         raise CheckpointWriteError(name, exc) from exc
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under `path` (files that vanish meanwhile, a save's or a deletion's, count 0)."""
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for file in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, file)).st_size
+    return total
+
+
+def delete_checkpoint(root: Path, name: str) -> int:
+    """Delete a checkpoint; returns the bytes freed. Renamed aside first, so it is listed whole or not at all."""
+    check_name(name)
+    root = Path(root)
+    path = root / name
+    with _SWAP_LOCK:
+        if not path.is_dir():
+            raise CheckpointNotFound(f"checkpoint {name!r} not found in {root}")
+        freed = folder_bytes(path)
+        aside = Path(tempfile.mkdtemp(prefix=f".{name}.del-", dir=root))
+        os.replace(path, aside / name)
+    shutil.rmtree(aside, ignore_errors=True)
+    return freed
 
 
 def _write(root: Path, name: str, blobs: dict[str, bytes], record: dict[str, Any]) -> Path:
@@ -187,6 +269,9 @@ def recover(root: Path) -> list[str]:
         for tmp in root.glob(".*.tmp-*"):
             if f".tmp-{_PROCESS_TOKEN}-" not in tmp.name:  # another (dead) process's unfinished save
                 shutil.rmtree(tmp, ignore_errors=True)
+        for deleted in root.glob(".*.del-*"):  # a deletion a crash interrupted (not a live save of a name
+            if f".tmp-{_PROCESS_TOKEN}-" not in deleted.name:  # that happens to hold ".del-")
+                shutil.rmtree(deleted, ignore_errors=True)
     return restored
 
 
@@ -257,6 +342,7 @@ def list_checkpoints(root: Path) -> list[dict[str, Any]]:
                     "step": meta.get("step"),
                     "adapter_version": meta.get("adapter_version"),
                     "created": meta.get("created"),
+                    "bytes": folder_bytes(path),
                 }
             )
     return sorted(found, key=lambda c: (c["created"] or 0, c["name"]))

@@ -19,6 +19,7 @@ from services.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    CheckpointDeleted,
     CheckpointEntry,
     CheckpointInfo,
     CheckpointList,
@@ -38,6 +39,7 @@ from services.protocol import (
 from . import checkpoints as ckpt
 from .adapter_export import AdapterExporter
 from .batching import Batch, Batcher
+from .checkpoint_retention import RetentionPolicy
 from .errors import InvalidRequest, TrainerError
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem
 from .learning import check_grpo_items
@@ -305,12 +307,27 @@ class TrainerEngine:
                 "last_result": s.last_step_result,
                 "model": s.name,
             }
-            path = ckpt.save_checkpoint(
-                self.checkpoint_dir, chosen, s.adapter_state(), s.optimizer.state_dict(), meta
+            saved = ckpt.save_retained(
+                self.checkpoint_dir, chosen, s.adapter_state(), s.optimizer.state_dict(), meta, self.retention
             )
-            return self._checkpoint_info(chosen, path)
+            info = self._checkpoint_info(chosen, saved.path)
+            return info.model_copy(update={"bytes": saved.bytes, "pruned": saved.pruned})
 
         return await self.batcher.exclusive(save)
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        settings = self.settings
+        return RetentionPolicy(
+            keep_last=settings.checkpoint_keep_last,
+            max_bytes=settings.checkpoint_max_bytes or None,
+            min_free_bytes=settings.checkpoint_min_free_bytes,
+        )
+
+    async def delete_checkpoint(self, name: str) -> CheckpointDeleted:
+        # With nothing else running: a save's room check counts what is there.
+        freed = await self.batcher.exclusive(lambda: ckpt.delete_checkpoint(self.checkpoint_dir, name))
+        return CheckpointDeleted(name=name, bytes=freed)
 
     async def load_checkpoint(self, name: str) -> CheckpointInfo:
         # Read and verify off the worker (it may be slow); apply on it, with nothing else running.
@@ -337,7 +354,13 @@ class TrainerEngine:
 
     def list_checkpoints(self) -> CheckpointList:
         entries = ckpt.list_checkpoints(self.checkpoint_dir)
-        return CheckpointList(checkpoints=[CheckpointEntry(**entry) for entry in entries])
+        policy = self.retention
+        return CheckpointList(
+            checkpoints=[CheckpointEntry(**entry) for entry in entries],
+            total_bytes=ckpt.folder_bytes(self.checkpoint_dir),
+            max_bytes=policy.max_bytes,
+            keep_last=policy.keep_last,
+        )
 
     def health(self, started_at: float) -> HealthResponse:
         s = self.student

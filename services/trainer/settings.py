@@ -76,6 +76,13 @@ class TrainerSettings(BaseSettings):
     # reading an older one, so keep more than the versions a sample may lag behind.
     adapter_export_dir: Path | None = None
     adapter_export_keep: int = Field(default=4, ge=1)
+    # Retention (checkpoint_retention.py): each series (a train job's "<job>-stepNNNNNN", the unnamed
+    # "step-NNNNNN") keeps its last checkpoint_keep_last; other names stay until DELETE /checkpoints/{name}. A save
+    # that would leave more than checkpoint_max_bytes under checkpoint_dir (0 = no budget), or less than
+    # checkpoint_min_free_bytes free on its disk, gets 507 before anything is written.
+    checkpoint_keep_last: int = Field(default=3, ge=1)
+    checkpoint_max_bytes: int = Field(default=16 * 2**30, ge=0)
+    checkpoint_min_free_bytes: int = Field(default=2**30, ge=0)
     torch_threads: int | None = None  # None = all cores
     seed: int = 0
     # Bearer token required on every route but /health; the shared API_TOKEN works as well as TRAINER_API_TOKEN.

@@ -173,3 +173,45 @@ def test_a_write_error_names_the_cause_and_keeps_the_previous_checkpoint(tmp_pat
     monkeypatch.undo()
     assert ckpt.load_checkpoint(tmp_path, "c").meta["step"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary directory is removed
+
+
+def test_retention_on_disk_keeps_the_last_k_refuses_past_the_budget_and_deletes(tmp_path):
+    from services.trainer.checkpoint_retention import CheckpointRoomError, RetentionPolicy
+
+    adapter, optimizer = sample_state()
+    size = None
+    policy = RetentionPolicy(keep_last=2, max_bytes=None, min_free_bytes=0)
+    for step in range(5):
+        saved = ckpt.save_retained(
+            tmp_path, f"job-step{step:06d}", adapter, optimizer, {"step": step}, policy
+        )
+        size = saved.bytes
+        assert saved.pruned == ([f"job-step{step - 2:06d}"] if step >= 2 else [])
+    assert [c["name"] for c in ckpt.list_checkpoints(tmp_path)] == ["job-step000003", "job-step000004"]
+    assert ckpt.load_checkpoint(tmp_path, "job-step000004").meta["step"] == 4
+    # A budget of three checkpoints: one named fits, the second is refused before anything is written.
+    assert size is not None
+    policy = RetentionPolicy(keep_last=2, max_bytes=3 * size + 512, min_free_bytes=0)
+    ckpt.save_retained(tmp_path, "best", adapter, optimizer, {"step": 4}, policy)
+    with pytest.raises(CheckpointRoomError) as refused:
+        ckpt.save_retained(tmp_path, "second", adapter, optimizer, {"step": 4}, policy)
+    assert refused.value.status == 507 and "DELETE /checkpoints" in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "job-step000003", "job-step000004"]
+    # The job's series still rolls on inside the budget; deleting a named one makes room for another.
+    ckpt.save_retained(tmp_path, "job-step000005", adapter, optimizer, {"step": 5}, policy)
+    assert abs(ckpt.delete_checkpoint(tmp_path, "best") - size) < 64  # the meta records differ a little
+    ckpt.save_retained(tmp_path, "second", adapter, optimizer, {"step": 5}, policy)
+    assert [c["name"] for c in ckpt.list_checkpoints(tmp_path)] == [
+        "job-step000004",
+        "job-step000005",
+        "second",
+    ]
+    assert all(abs(c["bytes"] - size) < 64 for c in ckpt.list_checkpoints(tmp_path))
+    with pytest.raises(ckpt.CheckpointNotFound):
+        ckpt.delete_checkpoint(tmp_path, "best")
+    # A deletion a crash cut short (renamed aside, not yet removed) is neither listed nor left behind.
+    aside = tmp_path / ".second.del-crashed"
+    aside.mkdir()
+    (tmp_path / "second").rename(aside / "second")
+    assert [c["name"] for c in ckpt.list_checkpoints(tmp_path)] == ["job-step000004", "job-step000005"]
+    assert not aside.exists()

@@ -1,10 +1,17 @@
-"""/checkpoints: save the adapter and optimizer state, load it back, list what is saved."""
+"""/checkpoints: save the adapter and optimizer state, load it back, list and delete what is saved."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 
-from services.protocol import CheckpointInfo, CheckpointList, LoadCheckpointRequest, SaveCheckpointRequest
+from services.protocol import (
+    CHECKPOINT_NAME,
+    CheckpointDeleted,
+    CheckpointInfo,
+    CheckpointList,
+    LoadCheckpointRequest,
+    SaveCheckpointRequest,
+)
 
 from .dependencies import Loader, require_token
 
@@ -24,3 +31,10 @@ async def load_checkpoint(req: LoadCheckpointRequest, loader: Loader) -> Checkpo
 @router.get("/checkpoints")
 async def list_checkpoints(loader: Loader) -> CheckpointList:
     return loader.ready().list_checkpoints()
+
+
+@router.delete("/checkpoints/{name}")
+async def delete_checkpoint(
+    loader: Loader, name: str = Path(pattern=CHECKPOINT_NAME, max_length=128)
+) -> CheckpointDeleted:
+    return await loader.ready().delete_checkpoint(name)

@@ -151,3 +151,44 @@ async def test_train_jobs_run_one_at_a_time_while_evals_run_beside_them(make_man
     assert all(
         {first.id, second.id} - together for together in seen_together
     )  # never both train jobs at once
+
+
+async def writing_a_file(ctx):
+    ctx.path("trees", "000000.json").write_text("{}")
+    return {"ok": True}
+
+
+async def test_retention_deletes_finished_jobs_past_the_count_with_their_files(make_manager, tmp_path):
+    manager = await make_manager(writing_a_file, job_retention_count=2)
+    ids = []
+    for _ in range(4):
+        ids.append((await manager.submit("eval", {})).id)
+        await manager.wait(ids[-1])
+    manager._runners = {"eval": failing, "train": waiting_forever}
+    failed = (await manager.submit("eval", {})).id
+    await manager.wait(failed)
+    running = (await manager.submit("train", {})).id
+    kept = {job.id for job in await manager.list()}
+    # the newest two finished (the failed one among them) stay, and the running one; the rest went with their files
+    assert kept == {ids[-1], failed, running}, kept
+    assert not manager.job_dir(ids[0]).exists() and manager.job_dir(ids[-1]).is_dir()
+    assert await manager.store.events_after(ids[0]) == [] and await manager.store.steps(ids[0]) == []
+    await manager.cancel(running)
+    assert {job.id for job in await manager.list()} == {failed, running}
+
+
+async def test_retention_by_age_runs_at_start_up(tmp_path):
+    settings = Settings(data_dir=tmp_path, job_retention_count=0, job_retention_days=1)
+    store = JobStore(settings.resolved_db_path)
+    store.create_job("eval-old", "eval", {}, status="completed")
+    store.create_job("eval-new", "eval", {}, status="failed")
+    store.create_job("train-stopped", "train", {}, status="interrupted")
+    store._db.execute("UPDATE jobs SET updated = updated - 2 * 86400 WHERE id != 'eval-new'")
+    (settings.data_dir / "jobs" / "eval-old").mkdir(parents=True)
+    manager = JobManager(settings, store=store, runners={})
+    await manager.start()
+    try:
+        assert {job.id for job in await manager.list()} == {"eval-new", "train-stopped"}
+        assert not (settings.data_dir / "jobs" / "eval-old").exists()
+    finally:
+        await manager.close()
