@@ -29,6 +29,7 @@ from orchestrator.api.dependencies import StreamCount
 from orchestrator.jobs.manager import JobManager, JobNotFound, JobsBusy
 from orchestrator.runners.telemetry import Telemetry
 from orchestrator.settings import Settings
+from services.allowed_methods import AllowedMethods
 from services.body_limit import BodySizeLimit
 
 MAX_ERRORS = 50  # validation errors listed in one 422
@@ -96,6 +97,8 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             method=request.method, route=getattr(route, "path", "unmatched"), status=str(response.status_code)
         ).inc()
         return response
+
+    app.add_middleware(AllowedMethods)  # outermost: OPTIONS is answered before any limit or route
 
     app.include_router(job_routes.router)
     app.include_router(service_routes.router)

@@ -22,22 +22,58 @@ from orchestrator.api.dependencies import (
     existing_job,
     require_token,
 )
-from orchestrator.api.schemas import JobAccepted, JobList, JobView
+from orchestrator.api.schemas import ErrorDetail, JobAccepted, JobList, JobSteps, JobView
 from orchestrator.jobs.events import SSE_KEEPALIVE, sse_frame
 from orchestrator.jobs.manager import JobStateError
 from orchestrator.jobs.store import JobRecord
 from orchestrator.runners.requests import EvalRequest, TrainRequest, search_config
 from orchestrator.settings import Settings
 
-JOB_FILES = {"curves.png", "report.png", "report.html", "report.json", "eval.jsonl"}
-# Answers the job routes give besides their own, documented so the OpenAPI schema says what clients will meet.
-SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing or wrong bearer token (API_TOKEN)"},
-    413: {"description": "request body over MAX_REQUEST_BYTES"},
-    429: {"description": "MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS jobs are queued or running; see Retry-After"},
+JOB_FILES = {
+    "curves.png": "image/png",
+    "report.png": "image/png",
+    "report.html": "text/html",
+    "report.json": "application/json",
+    "eval.jsonl": "application/x-ndjson",
+}
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "string"}}
 }
 
-router = APIRouter(dependencies=[Depends(require_token)])
+
+def errors(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of error statuses, `e404="why"` style, each with its body ({"detail": "..."})."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for key, description in described.items():
+        code = int(key.removeprefix("e"))
+        out[code] = {"model": ErrorDetail, "description": description}
+        if code == 429:
+            out[code]["headers"] = RETRY_AFTER
+    return out
+
+
+NO_JOB = "no job with that id"
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["id", "event", "data"],
+}
+BUSY = "MAX_CONCURRENT_JOBS + MAX_QUEUED_JOBS jobs are queued or running; see Retry-After"
+# A body that is not JSON (400), too large (413); a field that fails its check is the 422 FastAPI documents.
+BODY = errors(e400="the body is not JSON", e413="request body over MAX_REQUEST_BYTES")
+SUBMIT_RULES = (
+    " Rules across fields (422 naming the field): offset + num_examples within the split (7,473 train, 1,319 "
+    "test problems)"
+)
+
+router = APIRouter(
+    dependencies=[Depends(require_token)],
+    responses=errors(e401="missing or wrong bearer token (API_TOKEN)"),
+)
 
 
 def train_budget_errors(settings: Settings, body: TrainRequest) -> list[dict]:
@@ -135,7 +171,15 @@ def job_view(job: JobRecord) -> JobView:
     )
 
 
-@router.post("/train", status_code=202, response_model=JobAccepted, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=JobAccepted,
+    responses={**BODY, **errors(e429=BUSY)},
+    description="Queue a train job." + SUBMIT_RULES + "; 1 + search.iterations x (n_teacher_right + "
+    "n_teacher_wrong + n_student) nodes per tree within MAX_TREE_NODES; trees_in_flight within "
+    "MAX_TREES_IN_FLIGHT.",
+)
 async def train(body: TrainRequest, settings: SettingsDep, manager: ManagerDep) -> JobAccepted:
     if errors := train_budget_errors(settings, body):
         raise RequestValidationError(errors)
@@ -143,7 +187,13 @@ async def train(body: TrainRequest, settings: SettingsDep, manager: ManagerDep) 
     return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
 
 
-@router.post("/eval", status_code=202, response_model=JobAccepted, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/eval",
+    status_code=202,
+    response_model=JobAccepted,
+    responses={**BODY, **errors(e429=BUSY)},
+    description="Queue an eval job." + SUBMIT_RULES + ".",
+)
 async def evaluate(body: EvalRequest, manager: ManagerDep) -> JobAccepted:
     job = await manager.submit("eval", body.model_dump(mode="json"))
     return JobAccepted(job_id=job.id, status=job.status, links=job_links(job.id))
@@ -159,18 +209,22 @@ async def list_jobs(
     return JobList(jobs=[job_view(j) for j in await manager.list(limit, status, kind)])
 
 
-@router.get("/jobs/{job_id}", response_model=JobView)
+@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(e404=NO_JOB))
 async def show_job(job_id: str, manager: ManagerDep) -> JobView:
     return job_view(await existing_job(manager, job_id))
 
 
-@router.get("/jobs/{job_id}/steps")
-async def job_steps(job_id: str, manager: ManagerDep) -> dict:
+@router.get("/jobs/{job_id}/steps", response_model=JobSteps, responses=errors(e404=NO_JOB))
+async def job_steps(job_id: str, manager: ManagerDep) -> JobSteps:
     await existing_job(manager, job_id)
-    return {"job_id": job_id, "steps": await manager.steps(job_id)}
+    return JobSteps(job_id=job_id, steps=await manager.steps(job_id))
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView)
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobView,
+    responses=errors(e404=NO_JOB, e409="the job has already finished"),
+)
 async def cancel_job(job_id: str, manager: ManagerDep) -> JobView:
     await existing_job(manager, job_id)
     try:
@@ -179,7 +233,12 @@ async def cancel_job(job_id: str, manager: ManagerDep) -> JobView:
         raise HTTPException(409, str(exc)) from None
 
 
-@router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobView)
+@router.post(
+    "/jobs/{job_id}/resume",
+    status_code=202,
+    response_model=JobView,
+    responses=errors(e404=NO_JOB, e409="the job is not interrupted, failed or cancelled", e429=BUSY),
+)
 async def resume_job(job_id: str, manager: ManagerDep) -> JobView:
     await existing_job(manager, job_id)
     try:
@@ -190,9 +249,14 @@ async def resume_job(job_id: str, manager: ManagerDep) -> JobView:
 
 @router.get(
     "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
-        429: {"description": "MAX_EVENT_STREAMS streams are open; see Retry-After"},
+        200: {
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+            "description": "server-sent events: `id` (resume with Last-Event-ID or ?after=), `event` (its type: "
+            "status, progress, step, teachers, teacher_error, checkpoint, ...) and `data`, the event as JSON",
+        },
+        **errors(e404=NO_JOB, e429="MAX_EVENT_STREAMS streams are open; see Retry-After"),
     },
 )
 async def job_events(
@@ -224,7 +288,20 @@ async def job_events(
     )
 
 
-@router.get("/jobs/{job_id}/trees/{n}")
+@router.get(
+    "/jobs/{job_id}/trees/{n}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "image/svg+xml": {"schema": {"type": "string"}},
+            },
+            "description": "the search tree as JSON, or (format=svg) as a picture",
+        },
+        **errors(e404="no job with that id, or no tree n (yet)"),
+    },
+)
 async def job_tree(
     job_id: str, n: int, manager: ManagerDep, format: str = Query("json", pattern="^(json|svg)$")
 ):
@@ -240,7 +317,17 @@ async def job_tree(
     return Response(plots.tree_svg(record["tree"]), media_type="image/svg+xml")
 
 
-@router.get("/jobs/{job_id}/results.jsonl")
+@router.get(
+    "/jobs/{job_id}/results.jsonl",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            "description": "one JSON line per problem of an eval job",
+        },
+        **errors(e404="no job with that id, not an eval job, or no results yet"),
+    },
+)
 async def job_results(job_id: str, manager: ManagerDep):
     job = await existing_job(manager, job_id)
     path = manager.job_dir(job_id) / "eval.jsonl"
@@ -249,10 +336,20 @@ async def job_results(job_id: str, manager: ManagerDep):
     return FileResponse(path, media_type="application/x-ndjson", filename=f"{job_id}.jsonl")
 
 
-@router.get("/jobs/{job_id}/files/{name}")
+@router.get(
+    "/jobs/{job_id}/files/{name}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {media: {"schema": {"type": "string"}} for media in sorted(set(JOB_FILES.values()))},
+            "description": "a file the job wrote: " + ", ".join(JOB_FILES),
+        },
+        **errors(e404="no job with that id, or no such file (yet)"),
+    },
+)
 async def job_file(job_id: str, name: str, manager: ManagerDep):
     await existing_job(manager, job_id)
     path = manager.job_dir(job_id) / name
     if name not in JOB_FILES or not path.is_file():
         raise HTTPException(404, f"job {job_id} has no file {name!r}")
-    return FileResponse(path)
+    return FileResponse(path, media_type=JOB_FILES[name])

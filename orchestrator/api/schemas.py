@@ -31,6 +31,17 @@ class JobList(BaseModel):
     jobs: list[JobView]
 
 
+class JobSteps(BaseModel):
+    job_id: str
+    steps: list[dict[str, Any]] = Field(description="one record per step of a train job, in order")
+
+
+class ErrorDetail(BaseModel):
+    """Every error but a 422: what went wrong, for a person to read."""
+
+    detail: str
+
+
 class EndpointHealth(BaseModel):
     name: str
     url: str

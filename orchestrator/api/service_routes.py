@@ -9,10 +9,11 @@ import time
 
 import httpx
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.api.dependencies import ManagerDep, SettingsDep, TelemetryDep, require_token
-from orchestrator.api.schemas import EndpointHealth, HealthView, TeacherHealth
+from orchestrator.api.schemas import EndpointHealth, ErrorDetail, HealthView, TeacherHealth
 from orchestrator.clients.http import async_client
 from orchestrator.settings import EndpointSpec, Settings
 
@@ -89,7 +90,18 @@ async def health(settings: SettingsDep, manager: ManagerDep) -> HealthView:
     )
 
 
-@router.get("/metrics", dependencies=[Depends(require_token)])
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_token)],
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format",
+        },
+        401: {"model": ErrorDetail, "description": "missing or wrong bearer token (API_TOKEN)"},
+    },
+)
 async def metrics(manager: ManagerDep, telemetry: TelemetryDep) -> Response:
     telemetry.set_job_counts(await manager.store.count_by_status())
     return Response(telemetry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -12,7 +12,16 @@ from .checkpoints import (
     LoadCheckpointRequest,
     SaveCheckpointRequest,
 )
-from .common import FiniteFloat, LenientModel, ModelName, StrictModel
+from .common import (
+    FiniteFloat,
+    LenientModel,
+    LenientRequest,
+    ModelName,
+    NonEmptyStr,
+    OneOrMoreTexts,
+    StrictModel,
+    is_branch_tag,
+)
 from .openai import (
     AssistantMessage,
     ChatChoice,
@@ -77,6 +86,7 @@ __all__ = [
     "HealthNotReady",
     "HealthResponse",
     "LenientModel",
+    "LenientRequest",
     "LoadCheckpointRequest",
     "LogprobsItem",
     "LogprobsRequest",
@@ -86,6 +96,8 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "ModelName",
+    "NonEmptyStr",
+    "OneOrMoreTexts",
     "PromptedItem",
     "ReceivedChatCompletion",
     "ReceivedCompletion",
@@ -95,4 +107,5 @@ __all__ = [
     "TooLarge",
     "TopLogprob",
     "Usage",
+    "is_branch_tag",
 ]

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from .common import LenientModel
+from .common import LenientRequest
 
 CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
-class SaveCheckpointRequest(LenientModel):
+class SaveCheckpointRequest(LenientRequest):
     name: str | None = Field(default=None, pattern=CHECKPOINT_NAME, description="None = step-NNNNNN")
 
 
-class LoadCheckpointRequest(LenientModel):
+class LoadCheckpointRequest(LenientRequest):
     name: str = Field(pattern=CHECKPOINT_NAME)
 
 

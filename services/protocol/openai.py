@@ -11,21 +11,22 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.config import JsonDict
 
-from .common import FAIL_FAST, LenientModel, ModelName
+from .common import FAIL_FAST, LenientModel, LenientRequest, ModelName, OneOrMoreTexts
 
 FinishReason = Literal["stop", "length"]
 
 
 # ----- requests -----
-class SamplingRequest(LenientModel):
+class SamplingRequest(LenientRequest):
     """What /v1/completions and /v1/chat/completions share: the model and how to sample from it."""
 
     model: ModelName
     temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=64, description="samples per prompt")
-    stop: str | Annotated[list[str], FAIL_FAST] | None = Field(
+    stop: OneOrMoreTexts | None = Field(
         default=None, validate_default=True, description="stop strings; normalised to a list"
     )
     seed: int | None = Field(
@@ -36,10 +37,7 @@ class SamplingRequest(LenientModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
+        return [value] if isinstance(value, str) else list(value or [])
 
     @field_validator("stream")
     @classmethod
@@ -55,20 +53,14 @@ class SamplingRequest(LenientModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], FAIL_FAST]
+    prompt: OneOrMoreTexts = Field(
+        description="a non-empty string, or a non-empty list of them (each answered n times)"
+    )
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(
         default=None, ge=0, le=20, description="the sampled token's log-prob plus this many alternatives"
     )
     echo: bool = Field(default=False, description="the prompt is repeated before the completion")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, value: str | list[str]) -> str | list[str]:
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or any(p == "" for p in prompts):
-            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
-        return value
 
     @property
     def prompts(self) -> list[str]:
@@ -76,7 +68,7 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | Annotated[list[dict[str, Any]], FAIL_FAST] | None = ""
 
@@ -86,7 +78,18 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+# continue_final_message continues the last message, which must be the assistant's, after at least one other (the
+# continued text follows the template's rendering of the messages before it). JSON Schema can say "at least two";
+# "the last one is the assistant's" it cannot, so the field's description says it.
+_CONTINUE_NEEDS_TWO: JsonDict = {
+    "if": {"properties": {"continue_final_message": {"const": True}}, "required": ["continue_final_message"]},
+    "then": {"properties": {"messages": {"minItems": 2}}},
+}
+
+
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra=_CONTINUE_NEEDS_TWO)
+
     messages: Annotated[list[ChatMessage], FAIL_FAST] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, description="wins over max_tokens")
@@ -94,7 +97,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(
-        default=False, description="continue the last (assistant) message instead of starting a new one"
+        default=False,
+        description="continue the last message instead of starting a new one; then `messages` holds at least two "
+        "and the last is the assistant's (else 422)",
     )
 
     @model_validator(mode="after")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
-from .common import FAIL_FAST, FiniteFloat, LenientModel, ModelName, StrictModel
+from .common import FAIL_FAST, FiniteFloat, LenientRequest, ModelName, StrictModel
 from .openai import ChatMessage
 
 LossType = Literal["grpo", "dr_grpo", "legacy"]
@@ -55,12 +56,26 @@ class LossSettings(StrictModel):
     )
 
 
+# Exactly one of prompt and messages, as JSON Schema says it (the other absent or null).
+_ONE_PROMPT: JsonDict = {
+    "oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]
+}
+
+
 class PromptedItem(StrictModel):
     """A completion and what it follows: a prompt string or chat messages (rendered with the chat template),
-    then `context` (text between the prompt and the completion, e.g. earlier reasoning steps)."""
+    exactly one of them, then `context` (text between the prompt and the completion, e.g. earlier reasoning
+    steps)."""
 
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessage], FAIL_FAST] | None = None
+    model_config = ConfigDict(json_schema_extra=_ONE_PROMPT)
+
+    prompt: str | None = Field(default=None, description="give this or messages")
+    messages: Annotated[list[ChatMessage], FAIL_FAST, Field(min_length=1)] | None = Field(
+        default=None, description="give this or prompt"
+    )
     context: str = ""
     completion: str
     completion_ids: Annotated[list[Annotated[int, Field(ge=0)]], FAIL_FAST] | None = Field(
@@ -74,8 +89,6 @@ class PromptedItem(StrictModel):
     def _one_prompt(self) -> PromptedItem:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("prompt, messages: give exactly one of them")
-        if self.messages is not None and not self.messages:
-            raise ValueError("messages: must not be empty")
         return self
 
 
@@ -84,7 +97,7 @@ class LogprobsItem(PromptedItem):
     pass
 
 
-class LogprobsRequest(LenientModel):
+class LogprobsRequest(LenientRequest):
     model: ModelName = "student"
     items: Annotated[list[LogprobsItem], FAIL_FAST] = Field(min_length=1)
 
@@ -109,7 +122,8 @@ class GrpoStepItem(PromptedItem):
     old_logprobs: Annotated[list[FiniteFloat], FAIL_FAST] | None = Field(
         default=None,
         description="PPO's old policy: the trainer's own log-prob of each completion token under the adapter "
-        "the sample is credited to (e.g. from /logprobs); None = the current adapter (ratio 1)",
+        "the sample is credited to (e.g. from /logprobs), one per token of `completion` as the trainer's tokenizer "
+        "splits it (else 400); None = the current adapter (ratio 1)",
     )
     sampler_logprobs: Annotated[list[FiniteFloat], FAIL_FAST] | None = Field(
         default=None,
@@ -120,7 +134,7 @@ class GrpoStepItem(PromptedItem):
     weight: FiniteFloat = Field(default=1.0, ge=0.0, description="multiplies the item's loss")
 
 
-class GrpoStepRequest(LenientModel):
+class GrpoStepRequest(LenientRequest):
     items: Annotated[list[GrpoStepItem], FAIL_FAST] = Field(min_length=1)
     loss: LossSettings = Field(default_factory=LossSettings)
     step_key: str | None = Field(

@@ -1,9 +1,13 @@
 """Property-based fuzz of both services' OpenAPI schemas (schemathesis + hypothesis) against real processes.
 
 Every operation of the trainer (tiny model) and of the orchestrator (over the scripted OpenAI-compatible server)
-gets schema-valid and schema-violating requests; the property is that no answer is a 5xx and that answers the
-schema documents match it. Budgets are kept small by the services' own limits (TRAINER_MAX_GENERATION_TOKENS,
-MAX_TREE_NODES), which is what a deployment does too. Derandomized: the same requests on every run.
+gets schema-valid and schema-violating requests; the property is that the schema tells the truth (issue #18):
+no answer is a 5xx, every status is one the operation documents, with the documented content type, body schema
+and headers, and a schema-violating request is refused. Rules across fields that JSON Schema cannot state (a
+budget over prompts x n x max_tokens, offset + num_examples within the split) are documented on the operation;
+schema-valid requests they refuse are counted, not failed. Budgets are kept small by the services' own limits
+(TRAINER_MAX_GENERATION_TOKENS, MAX_TREE_NODES), which is what a deployment does too. Derandomized: the same
+requests on every run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from orchestrator.local.processes import free_port, orchestrator_process
 from support.scripted_server import ScriptedServer, ServerConfig
@@ -31,6 +41,14 @@ TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = 25  # per operation and per mode (schema-valid, schema-violating)
 GENERATION_TOKENS = 64  # the trainer's budget per completion request in this test: seconds, not minutes
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 
 
 def fuzz(url: str, examples: int = EXAMPLES, only: set[str] | None = None, path_parameters=None):
@@ -75,7 +93,7 @@ def run_cases(url: str, strategy, examples: int, label: str, counts: Counter, fa
         response = case.call(base_url=url, headers=AUTH, timeout=300)
         counts[f"{mode}:{response.status_code}"] += 1
         try:
-            case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
+            case.validate_response(response, checks=CONFORMANCE)
         except BaseException as exc:  # schemathesis raises an exception group of its failures
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -435,3 +453,106 @@ def test_huge_invalid_bodies_get_a_small_422(orchestrator, trainer):
         response = httpx.post(url, content=content, headers=headers, timeout=300)
         assert response.status_code == 422, (url, response.status_code)
         assert len(response.content) < 2 * 2**20, (url, len(content), len(response.content))
+
+
+def test_every_path_answers_options_and_405_with_all_its_methods(orchestrator, trainer):
+    """Issue #18: OPTIONS /checkpoints left out GET (Starlette's 405 named only the first route of the path). Now
+    OPTIONS lists every method the schema declares for the path, and a wrong method's 405 does the same."""
+    import re
+
+    for url in (orchestrator.url, trainer.url):
+        spec = httpx.get(url + "/openapi.json", headers=AUTH).json()
+        for path in spec["paths"]:
+            concrete = path.replace("{job_id}", "x").replace("{n}", "0").replace("{name}", "report.html")
+            # /checkpoints/load is also a /checkpoints/{name}: DELETE is served there too
+            declared = {
+                method.upper()
+                for template, operations in spec["paths"].items()
+                if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), concrete)
+                for method in operations
+            }
+            expected = declared | {"OPTIONS"} | ({"HEAD"} if "GET" in declared else set())
+            options = httpx.options(url + concrete)
+            assert options.status_code == 204, (url, path, options.status_code)
+            assert set(options.headers["allow"].split(", ")) == expected, (url, path, options.headers)
+            wrong = next(m for m in ("PATCH", "PUT", "DELETE") if m not in declared)
+            refused = httpx.request(wrong, url + concrete, headers=AUTH)
+            assert refused.status_code == 405, (url, path, wrong, refused.status_code)
+            assert set(refused.headers["allow"].split(", ")) == expected, (url, path, refused.headers)
+
+
+# Bodies that JSON Schema calls invalid but a lax parser takes (1.0 for an integer, 0 or "true" for a boolean):
+# both services refuse them, as their schemas say.
+NOT_OF_THEIR_TYPE = [
+    ("trainer", "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2, "n": 1.0}, "n"),
+    ("trainer", "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2.0}, "max_tokens"),
+    ("trainer", "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2, "echo": 0}, "echo"),
+    (
+        "trainer",
+        "/v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "continue_final_message": 0},
+        "continue_final_message",
+    ),
+    (
+        "trainer",
+        "/v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "logprobs": "true"},
+        "logprobs",
+    ),
+    (
+        "trainer",
+        "/grpo/step",
+        {"items": [{"prompt": "a", "completion": "b", "advantage": True}]},
+        "advantage",
+    ),
+    (
+        "trainer",
+        "/grpo/step",
+        {"items": [{"prompt": "a", "completion": "b", "advantage": 1.0}], "loss": {"micro_batch_size": 2.0}},
+        "micro_batch_size",
+    ),
+    ("orchestrator", "/eval", {"num_examples": 2.0}, "num_examples"),
+    ("orchestrator", "/train", {"num_examples": 1, "search": {"use_checker": 1}}, "use_checker"),
+]
+
+
+@pytest.mark.parametrize("service, route, body, field", NOT_OF_THEIR_TYPE)
+def test_values_not_of_their_schema_type_get_422(orchestrator, trainer, service, route, body, field):
+    url = trainer.url if service == "trainer" else orchestrator.url
+    response = httpx.post(url + route, json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 422, response.text
+    assert field in response.text
+
+
+def test_the_schemas_state_the_rules_across_fields(orchestrator, trainer):
+    """What JSON Schema can say is in the models (exactly one of prompt and messages; two messages or more to
+    continue the last); what it cannot (budgets, the last message's role, old_logprobs per token) is in the
+    operation's description. Every status a route answers is documented with its body."""
+    spec = httpx.get(trainer.url + "/openapi.json", headers=AUTH).json()
+    schemas, paths = spec["components"]["schemas"], spec["paths"]
+    one_of = schemas["GrpoStepItem"]["oneOf"]
+    assert [branch["required"] for branch in one_of] == [["prompt"], ["messages"]]
+    assert schemas["ChatCompletionRequest"]["then"]["properties"]["messages"]["minItems"] == 2
+    assert "TRAINER_MAX_GENERATION_TOKENS" in paths["/v1/completions"]["post"]["description"]
+    assert "the last is the assistant's" in paths["/v1/chat/completions"]["post"]["description"]
+    assert "old_logprobs" in paths["/grpo/step"]["post"]["description"]
+    assert set(paths["/checkpoints"]["post"]["responses"]) >= {
+        "200",
+        "401",
+        "413",
+        "422",
+        "429",
+        "503",
+        "507",
+    }
+    assert set(paths["/checkpoints/load"]["post"]["responses"]) >= {"404", "409"}
+    assert "Retry-After" in paths["/v1/completions"]["post"]["responses"]["429"]["headers"]
+    spec = httpx.get(orchestrator.url + "/openapi.json", headers=AUTH).json()
+    paths = spec["paths"]
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert set(paths["/jobs/{job_id}/cancel"]["post"]["responses"]) >= {"200", "401", "404", "409"}
+    assert set(paths["/jobs/{job_id}/resume"]["post"]["responses"]) >= {"202", "404", "409", "429"}
+    assert set(paths["/train"]["post"]["responses"]) >= {"202", "400", "401", "413", "422", "429"}
+    assert "MAX_TREE_NODES" in paths["/train"]["post"]["description"]
+    metrics = httpx.get(orchestrator.url + "/metrics", headers=AUTH)
+    assert metrics.headers["content-type"].startswith("text/plain")

@@ -29,7 +29,7 @@ def test_completion_defaults_and_stop_normalisation():
         ({"model": "student", "prompt": "x", "n": 0}, "n"),
         ({"model": "student", "prompt": "x", "n": 65}, "n"),
         ({"model": "student", "prompt": "x", "top_p": 0}, "top_p"),
-        ({"model": "student", "prompt": "x", "stop": [""]}, "stop"),
+        ({"model": "student", "prompt": "x", "stop": [""]}, "stop.0"),
         ({"model": "student", "prompt": "x", "stream": True}, "stream"),
     ],
 )

@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.allowed_methods import AllowedMethods
 from services.body_limit import BodySizeLimit
 
 from ..settings import TrainerSettings
 from . import checkpoint_routes, health_routes, openai_routes, training_routes
-from .errors import ERROR_RESPONSES, error_response, install_error_handlers
+from .errors import error_response, install_error_handlers
 from .loader import EngineLoader
 
 
@@ -29,9 +30,7 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
         if loader.engine is not None:
             loader.engine.close()
 
-    app = FastAPI(
-        title="alphazero-llm-trainer: trainer service", lifespan=lifespan, responses=ERROR_RESPONSES
-    )
+    app = FastAPI(title="alphazero-llm-trainer: trainer service", lifespan=lifespan)
     app.state.settings = settings
     app.state.loader = loader
     for module in (health_routes, openai_routes, training_routes, checkpoint_routes):
@@ -41,6 +40,7 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
         BodySizeLimit, max_bytes=settings.max_request_bytes, setting="TRAINER_MAX_REQUEST_BYTES"
     )
     app.add_middleware(InFlightLimit, limit=settings.max_requests_in_flight)
+    app.add_middleware(AllowedMethods)  # outermost: OPTIONS is answered before any limit or route
     return app
 
 

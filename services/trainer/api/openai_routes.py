@@ -15,8 +15,15 @@ from services.protocol import (
 
 from ..errors import InvalidRequest
 from .dependencies import Loader, Settings, check_budget, check_text, require_token
+from .errors import GUARDED, WITH_BODY, error_responses
 
-router = APIRouter(dependencies=[Depends(require_token)])
+router = APIRouter(dependencies=[Depends(require_token)], responses=error_responses(*GUARDED))
+GENERATES = error_responses(*WITH_BODY, 503)
+BUDGET = (
+    "Rules across fields (422 or 400, `error.param` names the field): prompts x n x max_tokens (a missing "
+    "max_tokens counts as the whole context, TRAINER_MAX_CONTEXT) must stay within TRAINER_MAX_GENERATION_TOKENS "
+    "(422, param max_tokens); each prompt's tokens plus max_tokens must fit the context (400)."
+)
 
 
 @router.get("/v1/models")
@@ -25,14 +32,19 @@ async def models(loader: Loader) -> ModelList:
     return ModelList(data=[ModelCard(id="student", created=created), ModelCard(id="base", created=created)])
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=GENERATES, description=BUDGET)
 async def completions(req: CompletionRequest, settings: Settings, loader: Loader) -> CompletionResponse:
     check_budget(settings, len(req.prompts) * req.n, req.max_tokens or 16)
     check_text(req)
     return await loader.ready().complete(req)
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses=GENERATES,
+    description=BUDGET + " With continue_final_message, `messages` holds at least two and the last is the "
+    "assistant's (422, param messages).",
+)
 async def chat_completions(
     req: ChatCompletionRequest, settings: Settings, loader: Loader
 ) -> ChatCompletionResponse:
