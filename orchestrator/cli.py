@@ -98,6 +98,7 @@ def cmd_serve(args) -> int:
         log_level=args.log_level,
         log_config=log_config,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     return 0
 

@@ -34,7 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = TrainerSettings(**overrides)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the process's one GIL: see the setting
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
 
 
 if __name__ == "__main__":

@@ -54,3 +54,57 @@ def test_completions_past_the_in_flight_limit_get_429_and_the_limit_never_leaks(
     assert {r.status_code for r in asyncio.run(concurrent(trainer.url, invalid * 3))[0]} <= {400, 422, 429}
     served, _ = asyncio.run(concurrent(trainer.url, [BODY] * LIMIT))
     assert [r.status_code for r in served] == [200] * LIMIT
+
+
+# ----- issue #18: 255 and 512 concurrent clients for a bounded time, default limits --------------------------------
+CHAT = {
+    "model": "student",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "max_tokens": 2,
+    "temperature": 0,
+}
+HOLD_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def default_trainer(trainer_model_dir, tmp_path_factory):
+    with TrainerProcess(checkpoint_dir=tmp_path_factory.mktemp("hold-ckpt")) as process:
+        yield process
+
+
+@pytest.mark.parametrize("concurrency", [255, 512])
+def test_concurrent_clients_are_answered_or_refused_with_429_never_dropped(default_trainer, concurrency):
+    """Every request is answered or refused with 429 + Retry-After (TRAINER_MAX_REQUESTS_IN_FLIGHT=256); none is
+    dropped (no reset, no timeout), and /health answers every half second throughout."""
+    from support.load import hold_load
+
+    report = asyncio.run(hold_load(default_trainer.url, "/v1/chat/completions", CHAT, concurrency, HOLD_S))
+    print(report.as_dict())
+    assert report.dropped == 0, report.transport_errors
+    assert not report.other_statuses and report.refused_without_retry_after == 0, report.as_dict()
+    assert report.answered >= concurrency // 2  # the load reached the model, not only the limit
+    assert (report.refused > 0) == (concurrency > 256), report.as_dict()
+    assert report.health_polls >= HOLD_S and report.health_failures == 0 and report.health_max_s < 10
+
+
+def test_an_idle_connection_outlives_the_clients_own_idle_expiry(default_trainer):
+    """The resets under load came from the server closing idle keep-alive connections after uvicorn's 5 s, just as
+    clients (httpx and the openai client expire theirs at 5 s too) reused them. The trainer now keeps them 75 s
+    (TRAINER_KEEP_ALIVE_S): a connection left idle 6 s still serves the next request."""
+    import socket
+    import time
+
+    request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", default_trainer.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            sock.sendall(request)
+            status = reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            assert b'"student"' in reader.read(length)
