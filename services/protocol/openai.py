@@ -19,6 +19,12 @@ FinishReason = Literal["stop", "length"]
 
 
 # ----- requests -----
+class StreamOptions(LenientRequest):
+    include_usage: bool = Field(
+        default=False, description="a last chunk, before data: [DONE], with no choices and the usage"
+    )
+
+
 class SamplingRequest(LenientRequest):
     """What /v1/completions and /v1/chat/completions share: the model and how to sample from it."""
 
@@ -32,19 +38,21 @@ class SamplingRequest(LenientRequest):
     seed: int | None = Field(
         default=None, description="the same seed gives the same text, whatever shares the batch"
     )
-    stream: bool = Field(default=False, description="not supported: true is refused")
+    stream: bool = Field(
+        default=False,
+        description="answer with server-sent events as the tokens are decoded: `data: <chunk JSON>` lines in "
+        "OpenAI's chunk format, then `data: [DONE]`",
+    )
+    stream_options: StreamOptions | None = Field(default=None, description="with stream only")
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         return [value] if isinstance(value, str) else list(value or [])
 
-    @field_validator("stream")
-    @classmethod
-    def _no_streaming(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("streaming is not supported by this server")
-        return value
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     @property
     def stop_strings(self) -> list[str]:
@@ -180,6 +188,52 @@ class ChatChoice(BaseModel):
 class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
+
+
+# ----- streamed responses (stream: true): one chunk per `data:` line -----
+class CompletionChunkChoice(BaseModel):
+    index: int = Field(description="prompt index x n + sample index")
+    text: str = Field(description="the text decoded since the last chunk of this choice")
+    logprobs: CompletionLogprobs | None = Field(default=None, description="of this chunk's tokens")
+    finish_reason: FinishReason | None = Field(default=None, description="set in the choice's last chunk")
+    stop_reason: str | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str = Field(description="the same in every chunk of a response")
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: ModelName
+    choices: list[CompletionChunkChoice] = Field(description="empty in the usage chunk")
+    usage: Usage | None = Field(
+        default=None, description="in the last chunk, with stream_options.include_usage"
+    )
+    adapter_version: int
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, description="in the first chunk of a choice")
+    content: str | None = Field(default=None, description="the text decoded since the last chunk")
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = Field(default=None, description="of this chunk's tokens")
+    finish_reason: FinishReason | None = Field(default=None, description="set in the choice's last chunk")
+    stop_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str = Field(description="the same in every chunk of a response")
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: ModelName
+    choices: list[ChatChunkChoice] = Field(description="empty in the usage chunk")
+    usage: Usage | None = Field(
+        default=None, description="in the last chunk, with stream_options.include_usage"
+    )
+    adapter_version: int
 
 
 class ModelCard(BaseModel):

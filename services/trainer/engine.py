@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from jinja2 import TemplateError
 
 from services.protocol import (
     BatcherStats,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
@@ -23,6 +24,7 @@ from services.protocol import (
     CheckpointEntry,
     CheckpointInfo,
     CheckpointList,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     CompletionScore,
@@ -45,6 +47,7 @@ from .items import GenerationRequest, GrpoItem, Sample, ScoreItem
 from .learning import check_grpo_items
 from .openai_format import ResponseShaper
 from .settings import TrainerSettings
+from .streaming import SampleStream
 from .student import Student
 
 GENERATE, SCORE = "generate", "logprobs"  # the batcher's merge keys, paired with use_adapter
@@ -158,20 +161,22 @@ class TrainerEngine:
             )
 
     # ----- generation -----
+    def _submit(self, model: ModelName, request: GenerationRequest) -> Awaitable[tuple[list[Sample], int]]:
+        """One request to the batcher; answers its samples and the adapter version that produced them."""
+        if self.student.decodes_models_together:
+            return self.batcher.call((GENERATE, BOTH_MODELS), (model, request), rows=request.n)
+        return self.batcher.call((GENERATE, model == "student"), request, rows=request.n)
+
     async def _generate(
         self, model: ModelName, requests: list[GenerationRequest]
     ) -> tuple[list[list[Sample]], int]:
-        if self.student.decodes_models_together:
-            kind: tuple[str, Any] = (GENERATE, BOTH_MODELS)
-            payloads: list[Any] = [(model, r) for r in requests]
-        else:
-            kind, payloads = (GENERATE, model == "student"), list(requests)
-        outcomes = await asyncio.gather(
-            *(self.batcher.call(kind, p, rows=r.n) for p, r in zip(payloads, requests, strict=True))
-        )
+        outcomes = await asyncio.gather(*(self._submit(model, r) for r in requests))
         return [samples for samples, _ in outcomes], max(version for _, version in outcomes)
 
-    async def complete(self, req: CompletionRequest) -> CompletionResponse:
+    def _stream(self, model: ModelName, jobs: list[GenerationRequest]) -> SampleStream:
+        return SampleStream(self.tokenizer, jobs, version_now=lambda: self.student.adapter_version)
+
+    def _completion_jobs(self, req: CompletionRequest) -> list[GenerationRequest]:
         prompts = req.prompts
         max_tokens = req.max_tokens or 16
         jobs = []
@@ -179,6 +184,21 @@ class TrainerEngine:
             ids = self.encode(prompt, special=True)
             self._check_room("prompt" if len(prompts) == 1 else f"prompt[{i}]", len(ids), max_tokens)
             jobs.append(_generation_request(req, ids, max_tokens, req.logprobs))
+        return jobs
+
+    def stream_complete(self, req: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+        """The completion's chunks as its tokens are decoded; a refusal raises here, before anything is sent."""
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequest("echo", "with stream, echo cannot be combined with logprobs", status=422)
+        stream = self._stream(req.model, self._completion_jobs(req))
+        pieces = stream.pieces(lambda job: self._submit(req.model, job))
+        return self.shaper.completion_chunks(
+            req.model, req.prompts, stream, pieces, n=req.n, echo=req.echo, include_usage=req.include_usage
+        )
+
+    async def complete(self, req: CompletionRequest) -> CompletionResponse:
+        prompts = req.prompts
+        jobs = self._completion_jobs(req)
         per_prompt, version = await self._generate(req.model, jobs)
         prompt_scores = None
         if req.echo and req.logprobs is not None:
@@ -198,7 +218,7 @@ class TrainerEngine:
             adapter_version=version,
         )
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    def _chat_job(self, req: ChatCompletionRequest) -> GenerationRequest:
         text = self.render(
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
@@ -210,9 +230,21 @@ class TrainerEngine:
         )
         self._check_room("messages", len(ids), max_tokens)
         top = req.top_logprobs or 0
-        job = _generation_request(req, ids, max_tokens, top if req.logprobs else None)
+        return _generation_request(req, ids, max_tokens, top if req.logprobs else None)
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        job = self._chat_job(req)
         (samples,), version = await self._generate(req.model, [job])
         return self.shaper.chat(req.model, job, samples, logprobs=req.logprobs, adapter_version=version)
+
+    def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        """The chat completion's chunks as its tokens are decoded; a refusal raises here, before anything is
+        sent."""
+        stream = self._stream(req.model, [self._chat_job(req)])
+        pieces = stream.pieces(lambda job: self._submit(req.model, job))
+        return self.shaper.chat_chunks(
+            req.model, stream, pieces, logprobs=req.logprobs, include_usage=req.include_usage
+        )
 
     # ----- scoring and learning -----
     def _score_items(self, items: Sequence[PromptedItem], field: str = "items") -> list[ScoreItem]:

@@ -146,6 +146,13 @@ class DecodeLoop:
                                 )
                             )
                         )
+                if req.on_token is not None:
+                    req.on_token(
+                        sample_index[r],
+                        token,
+                        logprobs[r][-1] if want_logprobs[k] else None,
+                        tops[r][-1] if req.logprobs and top_i is not None else None,
+                    )
                 if token in s.eos_ids:
                     finish[r] = "stop"
                 elif req.stop and (cut := stop_position(s.tokenizer, generated[r], req.stop)) is not None:

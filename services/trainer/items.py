@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# (sample index, token id, its log-prob, its top alternatives): called on the worker thread as each token of a
+# request is decoded, before the decoder looks at whether it ends the sample. The log-prob is None unless the
+# request asked for log-probs, the alternatives unless it asked for some.
+OnToken = Callable[[int, int, float | None, list[tuple[int, float]] | None], None]
 
 
 @dataclass
@@ -15,6 +21,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no log-probs; k >= 0: the sampled token's plus the top k alternatives
+    on_token: OnToken | None = None  # streaming (services/trainer/streaming.py)
 
 
 @dataclass

@@ -1,19 +1,26 @@
 """OpenAI response shaping: the student's samples (token ids, log-probs) as completion and chat objects, with
-their log-probs in each API's format and the usage counts. Nothing here runs the model."""
+their log-probs in each API's format and the usage counts, whole or (stream: true) as chunks while a SampleStream
+brings the samples' pieces. Nothing here runs the model."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from services.protocol import (
     AssistantMessage,
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionResponse,
+    ChatDelta,
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionLogprobs,
     CompletionResponse,
     ModelName,
@@ -22,6 +29,7 @@ from services.protocol import (
 )
 
 from .items import GenerationRequest, Sample
+from .streaming import SampleStream, StreamPiece, TokenInfo
 
 
 class ResponseShaper:
@@ -131,22 +139,149 @@ class ResponseShaper:
         )
 
     def chat_logprobs(self, sample: Sample) -> ChatLogprobs:
+        return self.chat_token_logprobs(_tokens(sample))
+
+    def chat_token_logprobs(self, tokens: list[TokenInfo]) -> ChatLogprobs:
         content = []
-        for k, token_id in enumerate(sample.token_ids):
+        for token_id, logprob, top in tokens:
             piece = self.piece(token_id)
             alternatives = [
                 TopLogprob(token=self.piece(t), logprob=v, bytes=list(self.piece(t).encode()))
-                for t, v in (sample.top_logprobs[k] if sample.top_logprobs else [])
+                for t, v in (top or [])
             ]
             content.append(
                 ChatTokenLogprob(
                     token=piece,
-                    logprob=sample.token_logprobs[k] if sample.token_logprobs is not None else 0.0,
+                    logprob=logprob if logprob is not None else 0.0,
                     bytes=list(piece.encode()),
                     top_logprobs=alternatives,
                 )
             )
         return ChatLogprobs(content=content)
+
+    # ----- stream: true -----
+    async def chat_chunks(
+        self,
+        model: ModelName,
+        stream: SampleStream,
+        pieces: AsyncIterator[StreamPiece],
+        *,
+        logprobs: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """OpenAI's chat chunks: per choice a first one with the role, then the text as it comes (with its tokens'
+        log-probs when asked), the last with finish_reason; with include_usage a last chunk with no choices."""
+        chunk_id, created = _response_id("chatcmpl"), int(time.time())
+        started: set[int] = set()
+        version = 0
+        async for piece in pieces:
+            version = piece.version
+            choices = []
+            if piece.sample not in started:
+                started.add(piece.sample)
+                choices.append(
+                    ChatChunkChoice(index=piece.sample, delta=ChatDelta(role="assistant", content=""))
+                )
+            done = piece.finished
+            choices.append(
+                ChatChunkChoice(
+                    index=piece.sample,
+                    delta=ChatDelta(content=piece.text),
+                    logprobs=self.chat_token_logprobs(piece.tokens) if logprobs else None,
+                    finish_reason=done.finish_reason if done else None,  # type: ignore[arg-type]
+                    stop_reason=done.stop_reason if done else None,
+                )
+            )
+            for choice in choices:
+                yield ChatCompletionChunk(
+                    id=chunk_id, created=created, model=model, choices=[choice], adapter_version=version
+                )
+        if include_usage:
+            yield ChatCompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=model,
+                choices=[],
+                usage=usage(stream.jobs, stream.samples),
+                adapter_version=version,
+            )
+
+    async def completion_chunks(
+        self,
+        model: ModelName,
+        prompts: list[str],
+        stream: SampleStream,
+        pieces: AsyncIterator[StreamPiece],
+        *,
+        n: int,
+        echo: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[CompletionChunk]:
+        """Legacy completion chunks: per choice (prompt index x n + sample index) the text as it comes (the prompt
+        first with echo), its tokens' log-probs when asked (text_offset counted within the choice's text), the
+        last with finish_reason; with include_usage a last chunk with no choices."""
+        chunk_id, created = _response_id("cmpl"), int(time.time())
+        offsets: dict[
+            int, int
+        ] = {}  # per choice: where its next token's text starts (as whole answers count)
+        version = 0
+        async for piece in pieces:
+            version = piece.version
+            index = piece.prompt * n + piece.sample
+            text = piece.text
+            if index not in offsets:
+                offsets[index] = 0
+                if echo:
+                    text = prompts[piece.prompt] + text
+            job = stream.jobs[piece.prompt]
+            shaped = None
+            if job.logprobs is not None:
+                shaped, offsets[index] = self.completion_token_logprobs(piece.tokens, offsets[index])
+            done = piece.finished
+            choice = CompletionChunkChoice(
+                index=index,
+                text=text,
+                logprobs=shaped,
+                finish_reason=done.finish_reason if done else None,  # type: ignore[arg-type]
+                stop_reason=done.stop_reason if done else None,
+            )
+            yield CompletionChunk(
+                id=chunk_id, created=created, model=model, choices=[choice], adapter_version=version
+            )
+        if include_usage:
+            yield CompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=model,
+                choices=[],
+                usage=usage(stream.jobs, stream.samples),
+                adapter_version=version,
+            )
+
+    def completion_token_logprobs(
+        self, tokens: list[TokenInfo], offset: int
+    ) -> tuple[CompletionLogprobs, int]:
+        """The tokens' legacy log-probs, the first token's text starting at `offset`; and the offset after them."""
+        shaped = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for token_id, logprob, top in tokens:
+            piece = self.piece(token_id)
+            shaped.tokens.append(piece)
+            shaped.token_logprobs.append(logprob)
+            shaped.top_logprobs.append({self.piece(t): v for t, v in top} if top else None)
+            shaped.text_offset.append(offset)
+            offset += len(piece)
+        return shaped, offset
+
+
+def _tokens(sample: Sample) -> list[TokenInfo]:
+    return [
+        (
+            token_id,
+            sample.token_logprobs[k] if sample.token_logprobs is not None else None,
+            sample.top_logprobs[k] if sample.top_logprobs else None,
+        )
+        for k, token_id in enumerate(sample.token_ids)
+    ]
 
 
 def usage(jobs: list[GenerationRequest], per_prompt: list[list[Sample]]) -> Usage:

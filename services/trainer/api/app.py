@@ -46,7 +46,8 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
 
 class InFlightLimit:
     """Requests being served or waiting at once (all but /health) up to a limit; past it 429 with Retry-After,
-    answered before the body is read or anything is queued (the outermost middleware).
+    answered before the body is read or anything is queued. A request counts until its answer is fully sent, a
+    streamed one until its last event.
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`app.middleware("http")`) runs every request in a
     task group of its own with streams between the two halves, the largest cost of a completion on the event

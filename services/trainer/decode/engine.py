@@ -193,6 +193,13 @@ class DecodeEngine:
                 if request.logprobs:
                     k = request.logprobs
                     row.tops.append(list(zip(top_ids[slot][:k], top_values[slot][:k], strict=False)))
+            if request.on_token is not None:
+                request.on_token(
+                    row.sample,
+                    token,
+                    row.logprobs[-1] if request.logprobs is not None else None,
+                    row.tops[-1] if request.logprobs else None,
+                )
             if token in self.eos_ids:
                 row.finish = "stop"
             elif (

@@ -31,7 +31,7 @@ MAX_TOP_LOGPROBS = 20  # the API's limit on top_logprobs / logprobs
 class Row:
     """One sample being generated: a request's j-th of n."""
 
-    request: Any  # a GenerationRequest: prompt_ids, n, max_tokens, temperature, top_p, seed, stop, logprobs
+    request: Any  # a GenerationRequest: prompt_ids, n, max_tokens, temperature, top_p, seed, stop, logprobs, on_token
     index: int  # the request's position in the generate call
     sample: int
     seed: int  # in [0, 2**62)
