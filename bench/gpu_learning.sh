@@ -27,7 +27,8 @@
 # come back in $OUT. Every call copies the state and the logs to $OUT, so a lost machine loses only the
 # checkpoints (the state file says how far the run got). PROBE=1 also runs .gpu/probe.py if present.
 # `bash bench/gpu_learning.sh throughput <arguments>` runs bench/search_throughput.py there instead (its JSON is
-# written after every phase into $OUT/search_throughput.json).
+# written after every phase into $OUT/search_throughput.json); `... reliability <arguments>` runs
+# bench/reliability_bench.py (into $OUT/reliability.json; its load and keep_alive phases need no extra wheels).
 set -o pipefail
 cd "$(dirname "$0")/.."
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -46,6 +47,11 @@ if [ "$1" = throughput ]; then  # bench/search_throughput.py instead: bash bench
   shift
   python3 bench/search_throughput.py --workdir /tmp/throughput --out $OUT/search_throughput.json "$@" 2>&1 | tee -a $OUT/log
   rc=$?; tail -c 20000 /tmp/throughput/trainer.log > $OUT/trainer_tail.log 2>/dev/null; exit $rc
+fi
+if [ "$1" = reliability ]; then  # bench/reliability_bench.py instead, e.g. --phases load --load-max-tokens 64
+  shift
+  python3 bench/reliability_bench.py --out $OUT/reliability.json "$@" 2>&1 | tee -a $OUT/log
+  exit $?
 fi
 W=/tmp/learning-gpu N=learning
 case " $* " in *" --dev "*) W=/tmp/learning-gpu-dev N=learning_dev ;; esac

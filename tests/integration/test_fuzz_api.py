@@ -20,18 +20,10 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import Unsatisfiable
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    negative_data_rejection,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.fuzz import fuzz as fuzz_with_checks
+from support.fuzz import report
 from support.scripted_server import ScriptedServer, ServerConfig
 from support.trainer_process import TrainerProcess
 
@@ -41,69 +33,10 @@ TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = 25  # per operation and per mode (schema-valid, schema-violating)
 GENERATION_TOKENS = 64  # the trainer's budget per completion request in this test: seconds, not minutes
-CONFORMANCE = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-    response_headers_conformance,
-    negative_data_rejection,
-]
 
 
 def fuzz(url: str, examples: int = EXAMPLES, only: set[str] | None = None, path_parameters=None):
-    """Run every operation of the service at `url` with `examples` positive and negative cases.
-
-    Returns ({operation label: Counter of status codes}, [failure descriptions]). Failures are collected, not
-    raised, so one run reports all of them."""
-    spec = httpx.get(url + "/openapi.json", headers=AUTH, timeout=30).json()
-    schema = schemathesis.openapi.from_dict(spec)
-    statuses: dict[str, Counter] = {}
-    failures: list[str] = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        if only is not None and operation.label not in only:
-            continue
-        counts = statuses.setdefault(operation.label, Counter())
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
-            try:
-                run_cases(url, strategy, examples, f"{operation.label} [{mode.value}]", counts, failures)
-            except (
-                Unsatisfiable
-            ):  # e.g. no schema-violating value exists for a free-form string path parameter
-                counts[f"{mode.value}:unsatisfiable"] += 1
-    return statuses, failures
-
-
-def run_cases(url: str, strategy, examples: int, label: str, counts: Counter, failures: list[str]) -> None:
-    """Call the service with `examples` cases drawn from `strategy`; count status codes, collect failures."""
-    mode = label.rsplit("[", 1)[1].rstrip("]")
-
-    @settings(
-        max_examples=examples,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        phases=[Phase.explicit, Phase.generate],
-    )
-    @given(case=strategy)
-    def check(case):
-        response = case.call(base_url=url, headers=AUTH, timeout=300)
-        counts[f"{mode}:{response.status_code}"] += 1
-        try:
-            case.validate_response(response, checks=CONFORMANCE)
-        except BaseException as exc:  # schemathesis raises an exception group of its failures
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            failures.append(f"{label} -> {response.status_code}: {exc}"[:3000])
-
-    check()
-
-
-def report(statuses: dict[str, Counter]) -> str:
-    return "\n".join(f"{label}: {dict(sorted(c.items()))}" for label, c in statuses.items())
+    return fuzz_with_checks(url, AUTH, examples, only, path_parameters)
 
 
 # ----- trainer ----------------------------------------------------------------------------------------------
@@ -114,7 +47,7 @@ def trainer(trainer_model_dir, tmp_path_factory):
         yield process
 
 
-def test_trainer_schema_fuzz_has_no_server_errors(trainer):
+def test_trainer_schema_fuzz_conforms(trainer):
     statuses, failures = fuzz(trainer.url)
     print(report(statuses))
     assert not failures, "\n\n".join(failures)
@@ -186,7 +119,7 @@ def wait_done(url: str, job_id: str) -> dict:
     raise TimeoutError(job_id)
 
 
-def test_orchestrator_schema_fuzz_has_no_server_errors(orchestrator):
+def test_orchestrator_schema_fuzz_conforms(orchestrator):
     url = orchestrator.url
     # A finished eval job first, so the job routes are also fuzzed with an id that exists (its files, trees,
     # events, cancel and resume), before the fuzzed /train and /eval fill the queue.
