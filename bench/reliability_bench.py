@@ -40,7 +40,6 @@ from support.scripted_server import Rule, ScriptedServer, ServerConfig
 from support.trainer_process import TrainerProcess
 
 PHASES = ("dead_teacher", "checkpoint_disk", "schemathesis", "streaming", "load", "keep_alive")
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 CHAT = {
     "model": "student",
     "messages": [{"role": "user", "content": "Hi"}],
@@ -50,9 +49,9 @@ CHAT = {
 
 
 def dead_teacher(args) -> dict:
-    search = {
+    search = {  # the fork search (the default shape): 8 forks x 2 teacher requests per tree
         "iterations": 8,
-        "max_depth": 3,
+        "max_depth": 2,
         "chunk_tokens": 8,
         "max_tokens": 32,
         "parallel_simulations": 2,
@@ -70,7 +69,6 @@ def dead_teacher(args) -> dict:
             for name, extra in (("dead", {"timeout_s": 1.0}), ("live", {}))
         ]
         env = {
-            "GSM8K_PATH": str(GSM8K),
             "TEACHER_TIER": "custom",
             "TEACHERS": json.dumps(teachers),
             "TEACHER_COOLDOWN_S": "0",
@@ -87,7 +85,7 @@ def dead_teacher(args) -> dict:
     return {
         "job_status": job["status"],
         "setup": "2 teachers in one tier: 'dead' hangs (1 s timeout), 'live' answers; TEACHER_COOLDOWN_S=0; "
-        f"{steps} steps of 2 problems, 8 simulations each",
+        f"{steps} steps of 2 problems, the fork search with 8 forks per tree",
         "dead_pick_share_per_step": [d["pick_share"] for d in dead],
         "dead_picks_per_step": [d["picks"] for d in dead],
         "dead_weight_per_step": [d["weight"] for d in dead],
@@ -137,7 +135,7 @@ def schemathesis_phase(args) -> dict:
         out["failures"]["trainer"], out["cases"]["trainer"] = failures, _cases(statuses)
     workdir = Path(tempfile.mkdtemp(prefix="azt-rel-fuzz-"))
     with ScriptedServer(ServerConfig(answer="42", answer_depth=1)) as scripted:
-        env = {"GSM8K_PATH": str(GSM8K), "API_TOKEN": token, "MAX_TREE_NODES": "64"}
+        env = {"API_TOKEN": token, "MAX_TREE_NODES": "4096"}
         with orchestrator_process(free_port(), scripted.url, workdir, env=env, cwd=REPO) as process:
             process.wait_ready(60)
             statuses, failures = fuzz(process.url, headers, args.fuzz_examples)

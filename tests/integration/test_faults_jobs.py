@@ -161,12 +161,10 @@ def test_a_job_with_every_teacher_failing_fails_with_the_reason(trainer_service,
     assert trainer_health(trainer_service)["step"] == step_before  # nothing was learned from nothing
 
 
-DEAD_TEACHER_SEARCH = {**TINY_SEARCH, "iterations": 8, "max_depth": 3}  # ~16 picks per step of 2 trees
+DEAD_TEACHER_SEARCH = {**TINY_SEARCH, "iterations": 8}  # 2 trees x 8 forks x 2 teacher requests per step
 
 
-def test_a_dead_teacher_loses_its_share_of_picks_over_the_job(
-    trainer_service, scripted_server, gsm8k_dir, tmp_path
-):
+def test_a_dead_teacher_loses_its_share_of_picks_over_the_job(trainer_service, scripted_server, tmp_path):
     """Issue #18: a teacher that accepts connections and never answers, beside a live one in the same tier. No
     rest (TEACHER_COOLDOWN_S=0), so only the failure rate in the pick weight keeps it from being asked: its share of
     each step's picks falls, its weight falls with every step, and /health shows it while the job runs. Before,
@@ -175,7 +173,7 @@ def test_a_dead_teacher_loses_its_share_of_picks_over_the_job(
     teachers = [teacher("dead", url, "one", timeout_s=1.0), teacher("live", url, "one")]
     scripted_server.set_rules([Rule(mode="hang", model="dead")])
     env = {**custom_teachers(teachers), "TEACHER_COOLDOWN_S": "0"}
-    with Orchestrator(trainer_service, tmp_path, gsm8k_dir, env) as client:
+    with Orchestrator(trainer_service, tmp_path, env) as client:
         job_id = client.train(num_examples=6, batch_size=2, checkpoint_every=3, search=DEAD_TEACHER_SEARCH)
         shares, weights, health = [], [], []
         for event in client.follow(job_id):

@@ -30,13 +30,24 @@ def test_completion_defaults_and_stop_normalisation():
         ({"model": "student", "prompt": "x", "n": 65}, "n"),
         ({"model": "student", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "student", "prompt": "x", "stop": [""]}, "stop.0"),
-        ({"model": "student", "prompt": "x", "stream": True}, "stream"),
+        ({"model": "student", "prompt": "x", "stream": 1}, "stream"),
+        ({"model": "student", "prompt": "x", "n": 1.0}, "n"),
     ],
 )
 def test_completion_refusals_name_the_field(body, field):
     with pytest.raises(ValidationError) as info:
         CompletionRequest(**body)
     assert field in field_of(info.value)
+
+
+def test_stream_options_ask_for_the_usage_chunk_only_when_streaming():
+    assert CompletionRequest(
+        model="base", prompt="x", stream=True, stream_options={"include_usage": True}
+    ).include_usage
+    assert not CompletionRequest(
+        model="base", prompt="x", stream_options={"include_usage": True}
+    ).include_usage
+    assert not CompletionRequest(model="base", prompt="x", stream=True).include_usage
 
 
 def test_chat_continue_final_message_needs_an_assistant_message():
