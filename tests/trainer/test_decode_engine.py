@@ -401,3 +401,23 @@ def test_the_cache_grows_in_slots_and_positions_as_rows_need_them(tiny_random_mo
     assert (cache.allocated, cache.capacity) == (4, 64)
     expected = [hf_greedy(student, r, n) for r, n in ((PROMPTS[2], 9), (PROMPTS[1], 7), (PROMPTS[4], 7))]
     assert [r[0].token_ids for r in results] == expected
+
+
+def test_sampler_takes_temperatures_and_top_p_near_zero_as_greedy():
+    """temperature 5e-324 divided the logits into +-inf and the softmax into NaN; top_p 5e-324 then kept no token
+    (gather at index -1: a 500 the schema fuzz found). Both now pick the most likely token."""
+    logits = torch.tensor([[2.0, -1.0, 5.0, 0.5], [-3.0, 4.0, 1.0, -2.0]])
+    tiny = torch.full((2,), 5e-324, dtype=torch.float64).float().clamp(min=torch.finfo(torch.float32).tiny)
+    seeds, counters = torch.tensor([1, 2]), torch.tensor([0, 0])
+    zero = torch.zeros(2)  # 5e-324 as the float32 the lane holds it in
+    cases = (
+        (tiny, torch.ones(2), False),
+        (tiny, tiny, True),
+        (torch.ones(2), zero, True),
+        (tiny, zero, True),
+    )
+    for temperature, top_p, nucleus in cases:
+        tokens, picked, _, _ = choose(
+            logits, temperature, top_p, seeds, counters, sampled=True, nucleus=nucleus, top_k=0
+        )
+        assert tokens.tolist() == [2, 1] and torch.isfinite(picked).all()

@@ -52,7 +52,9 @@ def choose(
     tokens = logits.argmax(dim=-1)
     if sampled:
         scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-        scaled = logits / scale.unsqueeze(1)
+        # Shifted so the largest logit is 0 first: a temperature near 0 (5e-324) then sends the others to -inf,
+        # never the largest to +inf, whose softmax would be NaN (a 500 found by the schema fuzz).
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / scale.unsqueeze(1)
         uniform = row_uniform(seed, counter).unsqueeze(1)
         if nucleus:
             scaled, order = torch.sort(scaled, dim=-1, descending=True)
@@ -63,7 +65,7 @@ def choose(
             # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays); top_p >= 1
             # keeps everything, whatever the rounding of the cumulative sum.
             threshold = torch.where(top_p < 1.0, top_p, torch.full_like(top_p, 2.0)).unsqueeze(1)
-            kept = ((cdf - probs) < threshold).sum(dim=-1, keepdim=True)
+            kept = ((cdf - probs) < threshold).sum(dim=-1, keepdim=True).clamp(min=1)
             mass = cdf.gather(1, kept - 1)
             index = torch.searchsorted(cdf, uniform * mass).clamp(max=kept - 1)
             choice = order.gather(1, index).squeeze(1)
