@@ -76,8 +76,7 @@ from orchestrator.local.machine import describe_machine
 from orchestrator.local.processes import (
     free_port,
     orchestrator_process,
-    reference_teacher_process,
-    student_tokenizer_file,
+    reference_teacher_for_student,
     trainer_process,
 )
 from orchestrator.runners.requests import GSM8K_TEST_SIZE, GSM8K_TRAIN_SIZE
@@ -298,10 +297,7 @@ class Services:
         teacher_env = {"TEACHER_TIER": "embedded"}
         endpoint = {"max_concurrency": args.max_requests_in_flight, "timeout_s": args.request_timeout}
         if args.teacher == "reference":
-            teacher: dict[str, str] = {}
-            if tokenizer := student_tokenizer_file():
-                teacher["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
-            reference = reference_teacher_process(free_port(), workdir, env=teacher, cwd=REPO_ROOT)
+            reference = reference_teacher_for_student(free_port(), workdir, cwd=REPO_ROOT)
             self.processes.append(reference)
             reference.start()
             reference.wait_ready(timeout_s=120)

@@ -37,6 +37,7 @@ from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.machine import describe_machine
 from orchestrator.local.processes import free_port, orchestrator_process
 from support.scripted_server import Rule, ScriptedServer, ServerConfig
+from support.tiny_search import TINY_SEARCH
 from support.trainer_process import TrainerProcess
 
 PHASES = ("dead_teacher", "checkpoint_disk", "schemathesis", "streaming", "load", "keep_alive")
@@ -49,18 +50,7 @@ CHAT = {
 
 
 def dead_teacher(args) -> dict:
-    search = {  # the fork search (the default shape): 8 forks x 2 teacher requests per tree
-        "iterations": 8,
-        "max_depth": 2,
-        "chunk_tokens": 8,
-        "max_tokens": 32,
-        "parallel_simulations": 2,
-        "n_student": 1,
-        "n_teacher_right": 1,
-        "n_teacher_wrong": 1,
-        "rollout": False,
-        "use_checker": False,
-    }
+    search = {**TINY_SEARCH, "iterations": 8}  # the fork search (the default shape): 8 forks x 2 teacher requests
     workdir = Path(tempfile.mkdtemp(prefix="azt-rel-teacher-"))
     with TrainerProcess(checkpoint_dir=workdir / "ckpt") as trainer, ScriptedServer() as scripted:
         scripted.set_rules([Rule(mode="hang", model="dead")])

@@ -51,8 +51,7 @@ from orchestrator.gsm8k.data import load_gsm8k
 from orchestrator.local.machine import describe_machine
 from orchestrator.local.processes import (
     free_port,
-    reference_teacher_process,
-    student_tokenizer_file,
+    reference_teacher_for_student,
     trainer_process,
 )
 from orchestrator.search.services import SearchServices
@@ -360,10 +359,7 @@ def main(argv=None) -> int:
         if any(
             x in ("search_fork", "search_line_reference", "search_line_reference_nochecker") for x in phases
         ):
-            env: dict[str, str] = {}
-            if tokenizer := student_tokenizer_file():
-                env["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
-            teacher = reference_teacher_process(free_port(), workdir, env=env, cwd=REPO_ROOT)
+            teacher = reference_teacher_for_student(free_port(), workdir, cwd=REPO_ROOT)
             services.append(teacher)
             teacher.start()
             teacher.wait_ready(timeout_s=120)

@@ -29,8 +29,7 @@ from orchestrator.local.processes import (
     ServiceProcess,
     free_port,
     orchestrator_process,
-    reference_teacher_process,
-    student_tokenizer_file,
+    reference_teacher_for_student,
     trainer_process,
 )
 
@@ -111,10 +110,7 @@ def run_demo(args) -> int:
         trainer.wait_ready(timeout_s=600)  # the trainer's /health is 200 only once it serves (HealthResponse)
         if args.teacher == "reference":
             # Started once the trainer is up: its converted model has the tokenizer the teacher counts with.
-            teacher_env: dict[str, str] = {}
-            if tokenizer := student_tokenizer_file():
-                teacher_env["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
-            teacher = reference_teacher_process(free_port(), workdir, env=teacher_env, cwd=REPO_ROOT)
+            teacher = reference_teacher_for_student(free_port(), workdir, cwd=REPO_ROOT)
             services.append(teacher)
             teacher.start()
             teacher.wait_ready(timeout_s=300)

@@ -160,6 +160,15 @@ def reference_teacher_process(
     )
 
 
+def reference_teacher_for_student(port: int, workdir: Path, cwd: str | Path | None = None) -> ServiceProcess:
+    """The reference teacher counting its usage in the student's tokens where the student's tokenizer is here
+    (so token budgets compare teacher and student text alike). Build it once the trainer is up."""
+    env: dict[str, str] = {}
+    if tokenizer := student_tokenizer_file():
+        env["REFERENCE_TEACHER_TOKENIZER"] = tokenizer
+    return reference_teacher_process(port, workdir, env=env, cwd=cwd)
+
+
 def student_tokenizer_file() -> str | None:
     """The student's tokenizer.json (the trainer's converted model directory, as TRAINER_* settings name it), so a
     reference teacher counts its tokens as the student's tokenizer would; None where there is none (it then

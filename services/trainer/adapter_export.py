@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
+from .durable_files import fsync_dir, write_synced
 from .errors import TrainerError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -91,15 +92,12 @@ class AdapterExporter:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
         try:
             for name, blob in files.items():
-                with open(tmp / name, "wb") as handle:
-                    handle.write(blob)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                write_synced(tmp / name, blob)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: the student server may run as another user
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, target)
             os.utime(target)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -108,11 +106,3 @@ class AdapterExporter:
         exported = [p for p in self.exported() if p != keep]
         for old in exported[: max(len(exported) - (self.keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

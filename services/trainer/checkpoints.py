@@ -46,6 +46,7 @@ from safetensors.torch import save as save_safetensors
 from services.protocol import CHECKPOINT_NAME
 
 from .checkpoint_retention import RetentionPolicy, StoredCheckpoint, plan_save
+from .durable_files import fsync_dir, write_synced
 from .errors import InvalidRequest, TrainerError
 
 NAME_PATTERN = re.compile(CHECKPOINT_NAME)
@@ -108,21 +109,6 @@ def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or name in (".", ".."):
         raise InvalidRequest("name", f"{name!r} must match {NAME_PATTERN.pattern}", status=422)
     return name
-
-
-def _fsync_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -222,9 +208,9 @@ def _write(root: Path, name: str, blobs: dict[str, bytes], record: dict[str, Any
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_PROCESS_TOKEN}-", dir=root))
     try:
         for file, blob in blobs.items():
-            _fsync_file(tmp / file, blob)
-        _fsync_file(tmp / META_FILE, json.dumps(record, indent=1).encode())
-        _fsync_dir(tmp)
+            write_synced(tmp / file, blob)
+        write_synced(tmp / META_FILE, json.dumps(record, indent=1).encode())
+        fsync_dir(tmp)
         target = root / name
         with _SWAP_LOCK:
             if target.exists():  # rename the old one aside first so the swap itself is one rename
@@ -234,7 +220,7 @@ def _write(root: Path, name: str, blobs: dict[str, bytes], record: dict[str, Any
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -286,7 +272,7 @@ def _restore(root: Path, aside: Path, restored: list[str]) -> None:
         except CheckpointCorrupt:
             return
         os.replace(copy, root / name)
-        _fsync_dir(root)
+        fsync_dir(root)
         restored.append(name)
     shutil.rmtree(aside, ignore_errors=True)
 

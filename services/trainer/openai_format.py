@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from services.protocol import (
     AssistantMessage,
@@ -197,14 +197,7 @@ class ResponseShaper:
                     id=chunk_id, created=created, model=model, choices=[choice], adapter_version=version
                 )
         if include_usage:
-            yield ChatCompletionChunk(
-                id=chunk_id,
-                created=created,
-                model=model,
-                choices=[],
-                usage=usage(stream.jobs, stream.samples),
-                adapter_version=version,
-            )
+            yield _usage_chunk(ChatCompletionChunk, chunk_id, created, model, stream, version)
 
     async def completion_chunks(
         self,
@@ -249,14 +242,7 @@ class ResponseShaper:
                 id=chunk_id, created=created, model=model, choices=[choice], adapter_version=version
             )
         if include_usage:
-            yield CompletionChunk(
-                id=chunk_id,
-                created=created,
-                model=model,
-                choices=[],
-                usage=usage(stream.jobs, stream.samples),
-                adapter_version=version,
-            )
+            yield _usage_chunk(CompletionChunk, chunk_id, created, model, stream, version)
 
     def completion_token_logprobs(
         self, tokens: list[TokenInfo], offset: int
@@ -296,3 +282,20 @@ def usage(jobs: list[GenerationRequest], per_prompt: list[list[Sample]]) -> Usag
 
 def _response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+_Chunk = TypeVar("_Chunk", ChatCompletionChunk, CompletionChunk)
+
+
+def _usage_chunk(
+    chunk: type[_Chunk], chunk_id: str, created: int, model: ModelName, stream: SampleStream, version: int
+) -> _Chunk:
+    """The last chunk of a stream asked with stream_options.include_usage: no choices, the whole request's usage."""
+    return chunk(
+        id=chunk_id,
+        created=created,
+        model=model,
+        choices=[],
+        usage=usage(stream.jobs, stream.samples),
+        adapter_version=version,
+    )

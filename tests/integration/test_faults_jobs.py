@@ -17,21 +17,10 @@ import pytest
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.processes import free_port, orchestrator_process
 from support.scripted_server import Rule
+from support.tiny_search import TINY_SEARCH
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY_SEARCH = {
-    "iterations": 2,
-    "max_depth": 2,
-    "chunk_tokens": 8,
-    "max_tokens": 32,
-    "parallel_simulations": 2,
-    "n_student": 1,
-    "n_teacher_right": 1,
-    "n_teacher_wrong": 1,
-    "rollout": False,
-    "use_checker": False,
-}
 SECRET = "sk-fault-test-0123456789abcdef"  # the API key of one failing teacher: it must never reach an event
 
 

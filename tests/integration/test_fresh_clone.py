@@ -61,8 +61,8 @@ def test_demo_runs_from_a_fresh_clone_with_nothing_beside_it(fresh_clone: Path):
     env.update(PYTHONPATH=str(fresh_clone), HF_ENDPOINT=closed_port_url(), PYTHONUNBUFFERED="1")
     figures = fresh_clone / "runs" / "demo.json"
     demo = [
-        *("--train-examples", "1", "--batch-size", "1", "--iterations", "1", "--max-depth", "1"),
-        *("--chunk-tokens", "16", "--max-tokens", "32", "--rollout-max-tokens", "0"),
+        *("--train-examples", "1", "--batch-size", "1", "--root-samples", "2"),
+        *("--iterations", "1", "--n-student", "1", "--max-tokens", "32"),
         *("--eval-examples", "2", "--eval-max-tokens", "24", "--request-timeout", "300"),
         *("--workdir", "runs/demo", "--json-out", str(figures)),
     ]

@@ -15,22 +15,10 @@ pytest.importorskip("wandb", reason="wandb is in the dev extra: pip install -e '
 
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.local.processes import free_port, orchestrator_process
+from support.tiny_search import TINY_SEARCH
 from support.wandb_records import history, run_info
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-SEARCH = {
-    "iterations": 2,
-    "max_depth": 2,
-    "chunk_tokens": 8,
-    "max_tokens": 32,
-    "parallel_simulations": 2,
-    "n_student": 1,
-    "n_teacher_right": 1,
-    "n_teacher_wrong": 1,
-    "rollout": False,
-    "use_checker": False,
-}
 
 
 def test_a_train_job_writes_its_step_metrics_to_an_offline_wandb_run(
@@ -50,7 +38,7 @@ def test_a_train_job_writes_its_step_metrics_to_an_offline_wandb_run(
     process = orchestrator_process(free_port(), trainer_service.url, tmp_path, env=env)
     with process, OrchestratorClient(process.url, timeout_s=120) as client:
         process.wait_ready(timeout_s=60)
-        job_id = client.train(num_examples=2, batch_size=1, search=SEARCH)
+        job_id = client.train(num_examples=2, batch_size=1, search=TINY_SEARCH)
         job = client.wait(job_id, timeout_s=600)
         steps = client.steps(job_id)
     assert job["status"] == "completed", job["error"]

@@ -85,11 +85,11 @@ def test_meta_records_sizes_and_hashes(tmp_path):
 
 # --- crashes and full disks during a save -------------------------------------------------------------------
 CRASH_POINTS = [
-    ("_fsync_file", 0, "half"),  # killed halfway through writing the adapter file
-    ("_fsync_file", 1, "after"),  # adapter written
-    ("_fsync_file", 2, "after"),  # optimizer written
-    ("_fsync_file", 3, "after"),  # meta written, temporary directory not yet synced
-    ("_fsync_dir", 1, "after"),  # temporary directory synced, not yet renamed
+    ("write_synced", 0, "half"),  # killed halfway through writing the adapter file
+    ("write_synced", 1, "after"),  # adapter written
+    ("write_synced", 2, "after"),  # optimizer written
+    ("write_synced", 3, "after"),  # meta written, temporary directory not yet synced
+    ("fsync_dir", 1, "after"),  # temporary directory synced, not yet renamed
     ("replace", 1, "after"),  # the old checkpoint moved aside, the new one not yet in place
     ("replace", 2, "after"),  # the new one in place, the old copy not yet removed
 ]
@@ -164,7 +164,7 @@ def test_a_write_error_names_the_cause_and_keeps_the_previous_checkpoint(tmp_pat
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_fsync_file", full)
+    monkeypatch.setattr(ckpt, "write_synced", full)
     with pytest.raises(ckpt.CheckpointWriteError, match="checkpoint c: no space left") as raised:
         ckpt.save_checkpoint(
             tmp_path, "c", {"x": torch.zeros(1)}, optimizer, {"step": 2, "adapter_version": 2}
