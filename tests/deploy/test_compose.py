@@ -181,6 +181,37 @@ def test_every_variable_compose_reads_is_in_env_example(configs, tmp_path):
     assert not missing, f"variables compose.yaml reads but .env.example does not list: {sorted(missing)}"
 
 
+def test_every_setting_of_every_service_is_in_env_example():
+    """.env.example is the settings reference: every field of the orchestrator's, the trainer's and the reference
+    teacher's settings is listed under one of the names it is read from."""
+    from pydantic import AliasChoices
+
+    from orchestrator.reference_teacher.server import ReferenceTeacherSettings
+    from orchestrator.settings import Settings
+
+    classes: list[type] = [Settings, ReferenceTeacherSettings]
+    try:
+        from services.trainer.settings import TrainerSettings
+
+        classes.append(TrainerSettings)
+    except ImportError:  # the orchestrator-only install: no torch stack
+        pass
+    listed = env_example_names()
+    missing = []
+    for cls in classes:
+        prefix = cls.model_config.get("env_prefix", "")
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            names = (
+                [str(x) for x in alias.choices]
+                if isinstance(alias, AliasChoices)
+                else [alias or prefix + name]
+            )
+            if not {n.upper() for n in names} & listed:
+                missing.append(f"{cls.__name__}.{name} ({' or '.join(n.upper() for n in names)})")
+    assert not missing, f"settings .env.example does not list: {missing}"
+
+
 def test_secrets_reach_only_the_services_that_need_them(tmp_path):
     secrets = {
         "OPENROUTER_API_KEY": "sk-or-test-1",
