@@ -3,7 +3,7 @@
 #   docker build -f docker/trainer.Dockerfile -t alphazero-llm-trainer/trainer .
 #   docker build ... --build-arg TRAINER_BACKEND=unsloth     (the default backend baked into the image)
 # The image holds both backends: transformers + peft + bitsandbytes, and Unsloth; TRAINER_BACKEND picks one at
-# start (compose passes it through from .env). The default is the backend the GPU figures back (README, GPU).
+# start (compose passes it through from .env). The default is the backend the GPU figures back (docs/deployment.md).
 # Torch comes from the PyTorch CUDA index at a pinned version; the CUDA runtime libraries ship inside its wheels,
 # and the host's driver arrives through the NVIDIA container toolkit.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
