@@ -34,7 +34,9 @@ Arms (only what the arm is about is set; everything else is the product's defaul
              teacher's whole answer (the fork search's gold answer) and no student sample, advantage_mode
              "rejection" (fine-tuning on the correct paths), teacher weight 1: the supervised ceiling (needs
              `--teacher reference`);
-- legacy:    the mcts arm with the reward-weighted SFT loss (an ablation).
+- legacy:    the mcts arm with the reward-weighted SFT loss (an ablation);
+- mcts_group: the mcts arm with teacher_paths "group": teacher-written paths as members of the group, whole
+             paths, A = R - mean over all (phase 2's rule, which made the student worse in session 4's H200 run).
 `--arm NAME=JSON` adds an arm: JSON deep-merged over the mcts request (e.g. another learning rate). Flags such as
 --learning-rate or --iterations override the product's defaults in every arm (left out, they are not sent).
 
@@ -254,6 +256,7 @@ def arm_requests(args) -> dict[str, dict]:
             },
         ),
         "legacy": deep_merge(product, {"loss": {"type": "legacy"}}),
+        "mcts_group": deep_merge(product, {"teacher_paths": "group"}),
     }
     for spec in args.arm or []:
         name, _, body = spec.partition("=")
@@ -428,8 +431,10 @@ class Run:
                 self.log(
                     f"arm {name} step {m.get('step')}: {m.get('generated_tokens')} tokens "
                     f"(student {m.get('student_tokens')}, teacher {m.get('teacher_tokens')}; total "
-                    f"{m.get('generated_tokens_total')}), correct leaves {m.get('correct_leaf_share')}, "
-                    f"dropped groups {m.get('dropped_groups')}, search {m.get('search_seconds')} s, "
+                    f"{m.get('generated_tokens_total')}), correct leaves {m.get('correct_leaf_share')} "
+                    f"(the student's own {m.get('student_correct_share')}), rescued groups "
+                    f"{m.get('rescued_groups')}, dropped groups {m.get('dropped_groups')}, items {m.get('items')}, "
+                    f"grad norm {m.get('grad_norm')}, search {m.get('search_seconds')} s, "
                     f"update {m.get('grpo_seconds')} s, step {m.get('step_seconds')} s"
                 )
             reported = len(steps)
@@ -549,6 +554,10 @@ def arm_result(name: str, arm: dict, rows: list[dict], base_rows: list[dict], ar
         "adapter_version": arm["adapter_version"],
         "train_seconds": arm["train_seconds"],
         "correct_leaf_share": [m.get("correct_leaf_share") for m in arm["steps"]],
+        "student_correct_share": [m.get("student_correct_share") for m in arm["steps"]],
+        "rescued_groups": [m.get("rescued_groups") for m in arm["steps"]],
+        "items": [m.get("items") for m in arm["steps"]],
+        "grad_norm": [m.get("grad_norm") for m in arm["steps"]],
         "mean_reward": [m.get("mean_reward") for m in arm["steps"]],
         "search_seconds": [m.get("search_seconds") for m in arm["steps"]],
         "grpo_seconds": [m.get("grpo_seconds") for m in arm["steps"]],

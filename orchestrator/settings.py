@@ -149,8 +149,9 @@ class SearchConfig(BaseModel):
     )
     teacher_gold: bool = Field(
         default=True,
-        description="fork: a tree with no correct answer after its last round gets the 'right' teacher's whole "
-        "answer from the question (GCPO), so its group carries a signal",
+        description="fork: a tree in which no answer written by the student alone is right after its last round "
+        "gets the 'right' teacher's whole answer from the question (GCPO): the worked solution of a problem the "
+        "student did not solve (a right teacher continuation of a student prefix does not count)",
     )
     temperature: float = Field(default=1.0, ge=0, le=2, description="student sampling temperature")
     teacher_temperature: float = Field(default=0.7, ge=0, le=2, description="teacher sampling temperature")

@@ -126,6 +126,13 @@ class TrainRequest(StrictModel):
         default=False,
         description="divide flat advantages by the group's std (GRPO's z-score); off: Dr. GRPO, no std scaling",
     )
+    teacher_paths: Literal["guided", "group"] = Field(
+        default="guided",
+        description="flat mode: how paths with teacher-written text train. guided: the baseline is the mean "
+        "reward of the student's own answers, which train only where they are both right and wrong; a teacher "
+        "path trains from its first teacher-written line, the student's lines before it as context. group: every "
+        "path is a group member, A = R - mean over all, whole paths (phase 2's rule)",
+    )
     teacher_weight: float = Field(
         default=1.0,
         ge=0,

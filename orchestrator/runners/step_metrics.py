@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.runners.batch_search import BatchSearch
 from orchestrator.runners.telemetry import Telemetry
-from orchestrator.runners.trajectories import trajectories
+from orchestrator.runners.trajectories import rescued, trajectories
 from orchestrator.search.services import SearchServices
 from orchestrator.search.tree import Tree
 from orchestrator.settings import Settings
@@ -18,13 +18,18 @@ log = logging.getLogger(__name__)
 
 
 def tree_metrics(trees: list[Tree]) -> dict[str, Any]:
-    """Mean leaf reward and share of correct leaves over every root-to-terminal path of the step's trees."""
-    paths = [t for tree in trees for t in trajectories(tree)]
+    """Mean leaf reward and share of correct leaves over every root-to-terminal path of the step's trees; the
+    share among the answers the student wrote alone, and the trees only a teacher's text got right ("rescued")."""
+    per_tree = [trajectories(tree) for tree in trees]
+    paths = [t for group in per_tree for t in group]
+    own = [t for t in paths if t.on_policy]
     rewards = [float(p.reward) for p in paths if p.reward is not None]
     return {
         "trajectories": len(paths),
         "mean_reward": sum(rewards) / len(rewards) if rewards else None,
         "correct_leaf_share": sum(bool(p.correct) for p in paths) / len(paths) if paths else None,
+        "student_correct_share": sum(bool(p.correct) for p in own) / len(own) if own else None,
+        "rescued_groups": sum(rescued(group) for group in per_tree),
     }
 
 

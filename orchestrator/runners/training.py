@@ -4,7 +4,7 @@
     for step in start+1 .. total:
         trees  = run_search(p) for p in batch(step)            (concurrently: the whole batch by default)
         check_step: teacher failures and degraded modes told; a step with nothing to learn from fails the job
-        items  = grpo_group(tree) for every tree                (per problem; all-same groups dropped)
+        items  = grpo_group(tree) for every tree                (per problem; groups without a signal dropped)
         result = trainer /grpo/step(items, step_key=f"{job}:{step}")
         record the step's metrics (generated tokens by source, and the job's total); every N steps save a
         checkpoint; every M steps a quick student eval
@@ -106,6 +106,7 @@ async def train_step(
             request.advantage_clip,
             request.teacher_weight,
             scale=request.scale_advantages,
+            teacher_paths=request.teacher_paths,
         )
         dropped += int(not group and bool(tree.root.children))
         items += [item.to_trainer_item() for item in group]

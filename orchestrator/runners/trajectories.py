@@ -1,22 +1,39 @@
 """From a finished tree to training data: root-to-terminal trajectories and GRPO groups.
 
-A tree is one group. A group whose scored paths are all correct or all wrong carries no correctness signal and
-is dropped (DAPO's dynamic sampling, verl's filter_groups): its reward differences are the dense tie-breaks
-alone, and training on them is what collapsed the early GPU runs. (With the fork search's gold answer an
-all-wrong tree is no longer all-same.)
+A tree is one group. A group that carries no correctness signal is dropped (DAPO's dynamic sampling, verl's
+filter_groups): its reward differences would be the dense tie-breaks alone, and training on them is what collapsed
+the early GPU runs.
 
 Three advantage modes:
-- "flat" (GRPO): one item per root-to-terminal trajectory, completion = the whole solution text;
-      A_j = clip(R_j - mean(R), -clip, clip)                          (Dr. GRPO: no std scaling; the default)
-      A_j = clip((R_j - mean(R)) / (std(R) + eps), -clip, clip)       (`scale=True`: GRPO's z-score)
-  (population std). Before clipping the advantages of a group sum to 0. A prefix shared by several paths
-  appears in each of their items, so it gets the mean of their advantages: the subtree's credit (TreeRL).
+- "flat" (GRPO, the default): one item per root-to-terminal trajectory, A = R - b, clipped (Dr. GRPO: no std
+  scaling; `scale=True` divides by the std of the group's rewards, GRPO's z-score). How teacher-written text
+  enters is `teacher_paths`:
+  - "guided" (the default since the H200 run of session 4; docs/learning-design.md, "What the H200 run showed"):
+        b = mean R over the student's own answers (0 when it wrote none)
+    the baseline estimates the student's value at the question, which only its own samples measure; a teacher's
+    answer neither raises nor lowers it.
+        student answers (every line student-written): items only when they are both right and wrong;
+            A_j = R_j - b   (their advantages sum to 0)
+        a path with teacher-written text: an item when it carries a signal against the student (the student's
+            answers are mixed, or the path's correctness differs from theirs; with no student answer: when it is
+            right); its completion is the text from its first teacher-written line to its end, and the student's
+            lines before that are its context (no gradient): A = R - b, weight `teacher_weight`.
+    So in a "rescued" group, where only teacher-written answers are right, the student's wrong answers get no
+    push down (nothing of its own is right to contrast them with) and the teacher's right text is learned as a
+    guided continuation of the student's own prefix, or from the question for a whole (gold) answer: supervised
+    fine-tuning on it. A student prefix gets credit only from the student's own answers through it, never from
+    a teacher that finished it.
+  - "group" (phase 2's rule, kept as an ablation): every path is a member of the group,
+        A_j = R_j - mean(R)   over all paths;  completion = the whole path, student prefix included.
+  A prefix shared by several paths appears in each of their items, so it gets the sum of their advantages: the
+  subtree's credit (TreeRL).
 - "tree" (TreeRL): one item per segment of the scored subtree (a maximal chain of nodes that do not branch:
   in the fork search a run of lines up to where answers part, or a whole continuation), completion = the
   segment's lines, context = the solution before it;
       A(segment) = clip((V(end) - V(parent)) + (V(end) - V(root)), -clip, clip)
   V = a node's mean backed-up value, `end` the segment's last node, `parent` the node before its first:
   TreeRL's local plus global advantage (the local term of a chain telescopes, so segments lose nothing).
+  Groups whose answers are all right or all wrong are dropped.
 - "rejection" (rejection-sampling fine-tuning; STaR, RAFT): one item per distinct correct root-to-terminal
   trajectory with at least one worked line before its answer, advantage 1; wrong ones are dropped, and so are
   bare answers ("#### 72" alone), which teach guessing. With the loss's ratio at 1 this is supervised fine-tuning on
@@ -130,6 +147,12 @@ def _whole_path_item(tree: Tree, path: Trajectory, advantage: float, teacher_wei
     )
 
 
+def rescued(paths: list[Trajectory]) -> bool:
+    """True when the student wrote answers, none of them right, and a path with teacher-written text is right."""
+    own = [t for t in paths if t.on_policy]
+    return bool(own) and not any(t.correct for t in own) and any(t.correct for t in paths if not t.on_policy)
+
+
 def mixed_correctness(paths: list[Trajectory]) -> bool:
     """True when the paths hold both correct and wrong answers: the group carries a correctness signal."""
     return len({t.correct for t in paths}) == 2
@@ -141,6 +164,48 @@ def centred(values: list[float], clip: float = 5.0) -> list[float]:
         return []
     mean = sum(values) / len(values)
     return [max(-clip, min(clip, v - mean)) for v in values]
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _guided_item(tree: Tree, path: Trajectory, advantage: float, teacher_weight: float) -> GroupItem:
+    """A path with teacher-written text: completion from its first teacher-written line, the student's lines
+    before it as context."""
+    first = next(i for i, src in enumerate(path.sources) if src != STUDENT)
+    start = tree.nodes[path.node_ids[first]]
+    assert start.parent is not None
+    return GroupItem(
+        messages=tree.messages,
+        context=tree.partial_text(tree.nodes[start.parent]),
+        completion="\n".join(path.steps[first:]),
+        advantage=advantage,
+        source=_source(path.sources[first:]),
+        weight=teacher_weight,
+        node_id=path.leaf,
+    )
+
+
+def guided_group(
+    paths: list[Trajectory], tree: Tree, clip: float, teacher_weight: float, scale: bool
+) -> list[GroupItem]:
+    """The flat group with teacher_paths="guided" (the module docstring has the rule)."""
+    own = [t for t in paths if t.on_policy]
+    baseline = sum(t.reward for t in own) / len(own) if own else 0.0
+    own_signal = mixed_correctness(own)
+    student_outcome = {t.correct for t in own} or {False}  # no answer of its own: as if it could not solve it
+    guided = [t for t in paths if not t.on_policy and (own_signal or t.correct not in student_outcome)]
+    if not own_signal and not guided:
+        return []
+    spread = _std([t.reward for t in paths]) + EPS if scale else 1.0
+
+    def advantage(t: Trajectory) -> float:
+        return max(-clip, min(clip, (t.reward - baseline) / spread))
+
+    items = [_whole_path_item(tree, t, advantage(t), teacher_weight) for t in own] if own_signal else []
+    return items + [_guided_item(tree, t, advantage(t), teacher_weight) for t in guided]
 
 
 def segments(tree: Tree, paths: list[Trajectory]) -> list[list[Node]]:
@@ -167,10 +232,13 @@ def grpo_group(
     clip: float = 5.0,
     teacher_weight: float = 1.0,
     scale: bool = False,
+    teacher_paths: Literal["guided", "group"] = "guided",
 ) -> list[GroupItem]:
-    """The tree's GRPO items; none when the group is dropped (all its answers equally correct)."""
+    """The tree's GRPO items; none when the group is dropped (it carries no correctness signal)."""
     if mode not in ("flat", "tree", "rejection"):
         raise ValueError(f"unknown advantage mode {mode!r} (flat | tree | rejection)")
+    if teacher_paths not in ("guided", "group"):
+        raise ValueError(f"unknown teacher_paths {teacher_paths!r} (guided | group)")
     paths = trajectories(tree)
     if mode == "rejection":
         items, seen = [], set()
@@ -181,6 +249,8 @@ def grpo_group(
             seen.add(t.text)
             items.append(_whole_path_item(tree, t, 1.0, teacher_weight))
         return items
+    if mode == "flat" and teacher_paths == "guided":
+        return guided_group(paths, tree, clip, teacher_weight, scale)
     if not mixed_correctness(paths):
         return []
     if mode == "flat":

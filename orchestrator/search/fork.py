@@ -19,9 +19,12 @@ sampled tokens' log-probs, so a train step's requests are few, large and all of 
                    answer: HRE 0); reward = rewards.path_reward (correctness, plus the capped tie-breaks);
                 4. backup: every new answer's reward along root..leaf (visits, values) and to the teachers that
                    wrote it (their dynamic weights); the virtual loss is removed.
-    gold        with `teacher_gold`, a tree with no correct leaf after its last round gets the "right"
-                teacher's whole answer from the question (GCPO), backed up like any answer, so its group
-                carries a signal.
+    gold        with `teacher_gold`, a tree in which no answer written by the student alone is right after its
+                last round gets the "right" teacher's whole answer from the question (GCPO), backed up like any
+                answer: the clean worked solution of a problem the student did not solve. A right teacher
+                continuation of a student prefix does not count as solved (in the H200 run of session 4
+                the forks' teacher continuations were right so often that gold was asked in only ~8 of 64
+                trees per step, so the whole answers the learning probe trained on were missing).
 
 Every tree of a train step runs at once (runners/batch_search.py): their round-0 requests reach the trainer
 together, and each tree's next round starts as soon as its own answers are in (the trainer admits requests
@@ -172,7 +175,7 @@ class _ForkSearch:
                 for path in paths:
                     remove_virtual_loss(path)
             self.stats.forks += len(paths)
-        if cfg.teacher_gold and not any(n.correct for n in tree if n.terminal):
+        if cfg.teacher_gold and not self._student_solved():
             before = self.stats.answers
             await self._round([self._teacher(tree.root, "right", 1)])
             self.stats.gold_added = self.stats.answers > before
@@ -189,6 +192,11 @@ class _ForkSearch:
         await asyncio.gather(*(self._judge(leaf, a.eos) for leaf, a in new))
         for leaf, _ in added:
             self._backup(leaf)
+
+    def _student_solved(self) -> bool:
+        """Whether an answer written by the student alone (every line its own) is right."""
+        tree = self.tree
+        return any(n.terminal and n.correct and all(s.source == STUDENT for s in tree.steps(n)) for n in tree)
 
     # --- requests -------------------------------------------------------------------------------------------
     def _next_seed(self) -> int | None:

@@ -71,7 +71,7 @@ async def test_search_reaches_terminal_leaves_within_limits(url):
     paths = trajectories(tree)
     assert paths and all(p.steps[-1].startswith("####") for p in paths)
     assert any(p.correct for p in paths) and any(not p.correct for p in paths)
-    group = grpo_group(tree)
+    group = grpo_group(tree, teacher_paths="group")  # every path a member of the group, in path order
     assert len(group) == len(paths) >= 2
     assert abs(sum(g.advantage for g in group)) < 1e-6
     assert max(g.advantage for g in group) > 0 > min(g.advantage for g in group)
@@ -79,6 +79,9 @@ async def test_search_reaches_terminal_leaves_within_limits(url):
     wrong_adv = [g.advantage for g, p in zip(group, paths, strict=True) if not p.correct]
     assert max(correct_adv) > max(wrong_adv)  # HRE dominates the reward
     assert {g.weight for g in group} <= {1.0, 0.5}
+    guided = grpo_group(tree)  # the default: the student's answers around their own mean
+    own = [g for g in guided if g.source == "student"]
+    assert guided and abs(sum(g.advantage for g in own)) < 1e-6
     tree_items = grpo_group(tree, "tree")
     assert all(abs(i.advantage) <= 5.0 for i in tree_items) and tree_items
     data = tree.to_json()

@@ -21,6 +21,7 @@ def test_defaults_are_valid():
         ({"loss": {"type": "ppo"}}, "type"),
         ({"batch_size": -1}, "batch_size"),
         ({"unknown_field": 1}, "unknown_field"),
+        ({"teacher_paths": "whole"}, "teacher_paths"),
     ],
 )
 def test_train_limits_name_the_field(body, field):
@@ -62,6 +63,7 @@ def test_a_bare_train_request_is_the_recipe():
     )
     assert (request.batch_size, request.advantage_mode, request.scale_advantages) == (64, "flat", False)
     assert request.teacher_weight == 1.0 and request.max_generated_tokens is None
+    assert request.teacher_paths == "guided"  # since session 4's H200 run (docs/learning-design.md)
     settings = Settings()
     config = search_config(settings, request)
     assert config.shape == "fork" and config.student_rows() == 8  # 4 answers + 2 forks x 2 continuations

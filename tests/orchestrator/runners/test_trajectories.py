@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from orchestrator.runners.trajectories import grpo_group, trajectories, zscore
-from orchestrator.search.tree import Tree, backprop
+from orchestrator.runners.trajectories import grpo_group, rescued, trajectories, zscore
+from orchestrator.search.tree import Node, Tree, backprop
 
 
 def scored_tree() -> Tree:
@@ -120,3 +120,130 @@ def test_empty_tree_gives_empty_group():
     tree = Tree("p", "q", "1", [])
     assert trajectories(tree) == [] and grpo_group(tree) == [] and grpo_group(tree, "tree") == []
     assert not math.isnan(sum(zscore([1.0])))
+
+
+# --- teacher paths: "guided" (the default) against "group" (phase 2's rule) -------------------------------------
+def answer(
+    tree: Tree, start: Node, texts: list[str], source: str, correct: bool, dense: float = -0.02
+) -> Node:
+    """An answer's lines below `start`, written by `source`, judged and backed up (reward = correctness + dense)."""
+    node = start
+    for text in texts:
+        node = tree.add_child(node, text, source, "student" if source == "student" else "right")
+    node.terminal, node.correct, node.reward = True, correct, (1.0 if correct else 0.0) + dense
+    node.answer = texts[-1][5:]
+    backprop(tree.path(node), node.reward)
+    return node
+
+
+def rescued_tree() -> Tree:
+    """What nearly every tree of the H200 run looked like: the student's answers all wrong, a fork in one of them
+    continued wrongly by the student and rightly by the teacher, and the teacher's gold answer from the question.
+        root -> s1 -> s2 -> "#### 5"             student, wrong
+                   -> "#### 6"                     student continuation of s1, wrong
+                   -> r1 -> "#### 7"               teacher ("ref") continuation of s1, right
+             -> u1 -> "#### 4"                     student, wrong
+             -> g1 -> g2 -> "#### 7"               teacher gold answer, right"""
+    tree = Tree("p-2", "q?", "7", [{"role": "user", "content": "q?"}])
+    s1 = tree.add_child(tree.root, "S1", "student", "student")
+    answer(tree, s1, ["S2", "#### 5"], "student", False, dense=-0.01)
+    answer(tree, s1, ["#### 6"], "student", False, dense=-0.03)
+    answer(tree, s1, ["R1", "#### 7"], "ref", True)
+    answer(tree, tree.root, ["U1", "#### 4"], "student", False, dense=-0.02)
+    answer(tree, tree.root, ["G1", "G2", "#### 7"], "ref", True)
+    return tree
+
+
+def test_a_rescued_group_trains_the_teachers_text_and_pushes_no_student_answer_down():
+    tree = rescued_tree()
+    paths = trajectories(tree)
+    assert rescued(paths) and not rescued(trajectories(scored_tree()))
+    items = grpo_group(tree, teacher_weight=0.5)
+    baseline = (-0.01 - 0.03 - 0.02) / 3  # the student's own answers only
+    assert [(i.context, i.completion) for i in items] == [
+        ("S1\n", "R1\n#### 7"),  # the student's prefix is context, not completion
+        ("", "G1\nG2\n#### 7"),  # the gold answer from the question
+    ]
+    assert [i.advantage for i in items] == pytest.approx([0.98 - baseline, 0.98 - baseline])
+    assert [i.weight for i in items] == [0.5, 0.5] and [i.source for i in items] == ["ref", "ref"]
+    # no item holds student-written text as its completion
+    assert all("S1" not in i.completion and "U1" not in i.completion for i in items)
+
+
+def test_the_group_rule_of_phase_2_is_kept_as_an_ablation():
+    tree = rescued_tree()
+    for k in range(4):  # the run's proportions: ~10 answers a tree, ~2 of them right (teacher-written)
+        answer(tree, tree.root, [f"V{k}", "#### 3"], "student", False)
+    items = grpo_group(tree, teacher_paths="group")
+    rewards = [t.reward for t in trajectories(tree)]
+    mean = sum(rewards) / len(rewards)
+    assert [i.completion for i in items][:5] == [
+        "S1\nS2\n#### 5",
+        "S1\n#### 6",
+        "S1\nR1\n#### 7",  # the student's prefix inside a positive item
+        "U1\n#### 4",
+        "G1\nG2\n#### 7",
+    ]
+    assert [i.advantage for i in items] == pytest.approx([r - mean for r in rewards])
+    assert sum(i.advantage < 0 for i in items) == 7  # every student answer pushed down
+    # the prefix S1's net credit, summed over the items that hold it: up, although all the student wrote is wrong
+    assert sum(i.advantage for i in items if i.completion.startswith("S1")) > 0.1
+    guided = grpo_group(tree)
+    assert [i.completion for i in guided] == ["R1\n#### 7", "G1\nG2\n#### 7"]  # the same tree, guided
+    with pytest.raises(ValueError):
+        grpo_group(tree, teacher_paths="bogus")  # type: ignore[arg-type]
+
+
+def test_where_the_student_solved_it_its_answers_keep_dr_grpo_around_its_own_mean():
+    tree = Tree("p-3", "q?", "7", [{"role": "user", "content": "q?"}])
+    s1 = tree.add_child(tree.root, "S1", "student", "student")
+    answer(tree, s1, ["#### 7"], "student", True, dense=0.0)
+    answer(tree, s1, ["#### 6"], "student", False, dense=0.0)
+    answer(tree, tree.root, ["U1", "#### 5"], "student", False, dense=0.0)
+    answer(tree, s1, ["R1", "#### 7"], "ref", True, dense=0.0)
+    items = grpo_group(tree)
+    own = [i for i in items if i.source == "student"]
+    assert [i.completion for i in own] == ["S1\n#### 7", "S1\n#### 6", "U1\n#### 5"]
+    assert [i.advantage for i in own] == pytest.approx([2 / 3, -1 / 3, -1 / 3])  # b = 1/3, not the mean of 4
+    assert sum(i.advantage for i in own) == pytest.approx(0.0)
+    (guided,) = [i for i in items if i.source == "ref"]
+    assert (guided.context, guided.completion, guided.advantage) == (
+        "S1\n",
+        "R1\n#### 7",
+        pytest.approx(2 / 3),
+    )
+    scaled = grpo_group(tree, scale=True)
+    std = math.sqrt(sum((r - 0.5) ** 2 for r in (1.0, 0.0, 0.0, 1.0)) / 4)  # the whole group's spread
+    assert scaled[0].advantage == pytest.approx((1.0 - 1 / 3) / std, rel=1e-5)
+
+
+def test_teacher_paths_enter_only_against_the_student_outcome():
+    tree = Tree("p-4", "q?", "7", [{"role": "user", "content": "q?"}])
+    answer(tree, tree.root, ["A", "#### 7"], "student", True, dense=0.0)
+    answer(tree, tree.root, ["B", "#### 7"], "student", True, dense=0.0)
+    answer(tree, tree.root, ["R", "#### 7"], "ref", True, dense=0.0)  # right like the student: no signal
+    assert grpo_group(tree) == []
+    answer(tree, tree.root, ["W", "#### 8"], "ref", False, dense=0.0)  # a "wrong" teacher's answer
+    (item,) = grpo_group(tree)
+    assert (item.completion, item.advantage) == ("W\n#### 8", pytest.approx(-1.0))
+    # a tree of teacher answers only (no student answer): the right ones train with A = R, the wrong ones not
+    teacher_only = Tree("p-5", "q?", "7", [{"role": "user", "content": "q?"}])
+    answer(teacher_only, teacher_only.root, ["G", "#### 7"], "ref", True, dense=0.0)
+    answer(teacher_only, teacher_only.root, ["W", "#### 8"], "ref", False, dense=0.0)
+    (gold,) = grpo_group(teacher_only)
+    assert (gold.completion, gold.advantage) == ("G\n#### 7", pytest.approx(1.0))
+
+
+def test_trees_of_student_answers_give_the_same_items_under_both_rules():
+    """The grpo and mcts_student arms (no teacher) are untouched by the teacher-path rule."""
+    tree = Tree("p-6", "q?", "7", [{"role": "user", "content": "q?"}])
+    s1 = tree.add_child(tree.root, "S1", "student", "student")
+    answer(tree, s1, ["#### 7"], "student", True)
+    answer(tree, s1, ["#### 6"], "student", False, dense=-0.05)
+    answer(tree, tree.root, ["#### 5"], "student", False)
+    for scale in (False, True):
+        guided, group = grpo_group(tree, scale=scale), grpo_group(tree, scale=scale, teacher_paths="group")
+        assert [(i.context, i.completion, i.weight) for i in guided] == [
+            (i.context, i.completion, i.weight) for i in group
+        ]
+        assert [i.advantage for i in guided] == pytest.approx([i.advantage for i in group])

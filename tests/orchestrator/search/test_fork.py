@@ -1,6 +1,6 @@
 """The fork search (search/fork.py, the default shape) and its pure parts (lines.py, fork_tree.py): answers cut
 into lines with their tokens' log-probs, prefixes merged, PUCT over internal line-nodes with virtual loss, the
-backup, the gold answer for all-wrong trees, the checker only where the rules are unsure, token accounting.
+backup, the gold answer for trees the student did not solve, the checker only where the rules are unsure, token accounting.
 The searches run against the scripted OpenAI-compatible server (a real HTTP server on 127.0.0.1)."""
 
 from __future__ import annotations
@@ -207,7 +207,9 @@ async def test_the_default_search_round_by_round(scripted_server):
     student_lines = [n for n in tree if n.source == STUDENT]
     assert sum(n.tokens for n in student_lines) <= stats["student_tokens"]
     group = grpo_group(tree)
-    assert len(group) == len(trajectories(tree)) and abs(sum(i.advantage for i in group)) < 1e-9
+    assert len(group) == len(trajectories(tree))  # the student's answers are right and wrong: all train
+    own = [i for i in group if i.source == STUDENT]
+    assert abs(sum(i.advantage for i in own)) < 1e-9  # around the student's own mean; teacher text on top
 
 
 async def test_generated_tokens_are_the_servers_usage_by_source(scripted_server):
@@ -244,6 +246,25 @@ async def test_a_tree_with_no_correct_answer_gets_the_teachers_gold_answer(scrip
     assert not without.stats["gold_added"] and without.stats["correct_leaves"] == 0
     assert grpo_group(without.tree) == []  # all wrong: the group is dropped
     assert "t1" not in scripted_server.models
+
+
+async def test_gold_too_when_only_a_teacher_continuation_is_right(scripted_server):
+    """A right teacher continuation of the student's prefix is not the student solving the problem: the tree
+    still gets the whole gold answer from the question (the clean worked solution the guided items train on)."""
+    scripted_server.config = ServerConfig(wrong_models=["student"])
+    result, _ = await fork(scripted_server)  # the defaults: a "right" teacher continuation at each fork
+    tree, stats = result.tree, result.stats
+    check_tree(tree)
+    right = [n for n in tree if n.terminal and n.correct]
+    continuations = [n for n in right if tree.steps(n)[0].source == STUDENT]
+    golds = [n for n in right if tree.steps(n)[0].parent == 0 and tree.steps(n)[0].source == "t1"]
+    assert continuations and len(golds) == 1 and stats["gold_added"]
+    assert all(any(s.source == "t1" for s in tree.steps(n)) for n in right)  # the student wrote none of them
+    items = grpo_group(tree)
+    assert items and all(
+        i.source == "t1" and i.advantage > 0.5 for i in items
+    )  # no student answer pushed down
+    assert sorted(i.context == "" for i in items) == [False] * len(continuations) + [True]
 
 
 async def test_no_gold_when_the_student_found_a_correct_answer(scripted_server):

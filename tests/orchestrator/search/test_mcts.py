@@ -145,8 +145,10 @@ async def test_many_trees_and_group(scripted_server):
         assert pool.max_in_flight <= 4
     assert [r.tree.problem_id for r in results] == [p.id for p in problems]
     for r in results:
-        group = grpo_group(r.tree)
+        group = grpo_group(r.tree, teacher_paths="group")  # every path a member: advantages sum to 0
         assert len(group) >= 2 and abs(sum(g.advantage for g in group)) < 1e-6
+        guided = grpo_group(r.tree)  # the student's answers around their own mean; teacher text beside them
+        assert guided and abs(sum(g.advantage for g in guided if g.source == "student")) < 1e-6
         assert r.tree.to_json()["nodes"][0]["visits"] == r.tree.root.visits
 
 
