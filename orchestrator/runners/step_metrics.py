@@ -77,6 +77,7 @@ def grpo_metrics(result: GrpoStepResponse, seconds: float) -> dict[str, Any]:
         "clip_fraction": result.clip_fraction,
         "grad_norm": result.grad_norm,
         "train_tokens": result.tokens,
+        "micro_batches": result.micro_batches,
         "adapter_version": result.adapter_version,
         "trainer_step": result.step,
         "duplicate": result.duplicate,

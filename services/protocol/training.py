@@ -40,7 +40,13 @@ class LossSettings(StrictModel):
     max_grad_norm: FiniteFloat = Field(
         default=1.0, gt=0.0, description="the gradient is clipped to this norm"
     )
-    micro_batch_size: int = Field(default=8, ge=1, le=1024, description="sequences per forward/backward pass")
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="sequences per forward/backward pass; None = as many as fit the trainer's token budget "
+        "(TRAINER_MICRO_BATCH_TOKENS: padded tokens per pass)",
+    )
     learning_rate: FiniteFloat | None = Field(
         default=None, gt=0.0, le=1.0, description="this step's learning rate; None = TRAINER_LEARNING_RATE"
     )
@@ -162,4 +168,7 @@ class GrpoStepResponse(BaseModel):
     adapter_path: str | None = Field(
         default=None,
         description="the PEFT directory of this version's adapter (TRAINER_ADAPTER_EXPORT_DIR; None when off)",
+    )
+    micro_batches: int = Field(
+        default=0, description="forward/backward passes the step ran (0: not reported)"
     )

@@ -63,3 +63,4 @@ class StepResult:
     step: int
     is_weight_mean: float = 1.0
     is_truncated_fraction: float = 0.0
+    micro_batches: int = 0

@@ -19,20 +19,44 @@ if TYPE_CHECKING:
     from .student import Student
 
 
+def micro_batches(lengths: list[int], *, size: int | None, token_budget: int) -> list[list[int]]:
+    """The items' indices, shortest sequence first, cut into micro-batches: `size` items each when given, else
+    as many as fit `token_budget` padded tokens (rows x the longest sequence of the micro-batch; an item longer
+    than the budget goes alone). Shortest first keeps the padding of each micro-batch small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if size is not None:
+        return [order[start : start + size] for start in range(0, len(order), size)]
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted: item i is the longest of the micro-batch it joins
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= token_budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> StepResult:
-    """One optimizer step over all items (micro-batches with gradient accumulation)."""
+    """One optimizer step over all items (micro-batches with gradient accumulation).
+
+    The loss of grpo.py is normalised by the step's N and (dr_grpo) L_max, not the micro-batch's, so how the
+    items are cut into micro-batches changes the cost, never the gradient."""
     check_grpo_items(items)
     model, optimizer = student.model, student.optimizer
     n = len(items)
     max_length = loss.max_length or max(len(it.completion_ids) for it in items)
-    order = sorted(range(n), key=lambda i: len(items[i].context_ids) + len(items[i].completion_ids))
+    batches = micro_batches(
+        [len(it.context_ids) + len(it.completion_ids) for it in items],
+        size=loss.micro_batch_size,
+        token_budget=student.micro_batch_tokens,
+    )
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "truncated": 0.0, "is_weights": 0.0}
     sampled_elsewhere = sum(len(it.sampler_logprobs or []) for it in items)
     optimizer.zero_grad(set_to_none=True)
     model.train()
     try:
-        for start in range(0, n, loss.micro_batch_size):
-            chunk = [items[i] for i in order[start : start + loss.micro_batch_size]]
+        for batch in batches:
+            chunk = [items[i] for i in batch]
             ref_logp = None
             if loss.beta != 0.0:
                 with torch.no_grad(), model.disable_adapter():
@@ -92,6 +116,7 @@ def grpo_step(student: Student, items: list[GrpoItem], loss: LossSettings) -> St
         step=student.step,
         is_weight_mean=is_weight_mean,
         is_truncated_fraction=is_truncated_fraction,
+        micro_batches=len(batches),
     )
 
 

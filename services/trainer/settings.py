@@ -58,6 +58,13 @@ class TrainerSettings(BaseSettings):
     gradient_checkpointing: bool = True
     compile_layers: bool = True
 
+    # A GRPO step runs its items in micro-batches of at most this many padded tokens (rows x the longest
+    # sequence) when the request names no micro_batch_size; None = 16384 on CUDA, 2048 on CPU (about the former
+    # 8 items). On an H200, 8-item micro-batches (~3k tokens) made a 640-item step ~80 eager passes of ~0.3 s,
+    # launch bound (bench/RESULTS.md, learning, session 4). Memory grows with it: SmolLM2-135M in float32 on CPU
+    # took ~2.4 MiB per padded token (peak RSS 2.9 GiB at 512 tokens, 6.6 GiB at 2048); in bf16 without gradient
+    # checkpointing expect roughly half, ~20 GiB at 16384 (not measured on a GPU); with checkpointing far less.
+    micro_batch_tokens: int | None = Field(default=None, ge=1)
     max_batch_size: int = Field(default=32, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0)
     # Requests join a running decode loop every this many decode steps (each join is a prefill and a KV-cache
@@ -96,7 +103,7 @@ class TrainerSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("TRAINER_API_TOKEN", "API_TOKEN", "api_token")
     )
 
-    @field_validator("adapter_export_dir", mode="before")
+    @field_validator("adapter_export_dir", "micro_batch_tokens", mode="before")
     @classmethod
     def _empty_is_off(cls, value: Any) -> Any:
         return None if value == "" else value  # compose passes an unset variable as ""

@@ -63,6 +63,7 @@ class Student:
         self.sampling_generator = torch.Generator(device=device).manual_seed(settings.seed)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.base_learning_rate = settings.learning_rate
+        self.micro_batch_tokens = settings.micro_batch_tokens or default_micro_batch_tokens(device)
         causal_lm = model.get_base_model()
         self.decoder = causal_lm.model  # the transformer stack: hidden states without the lm_head
         self.lm_head = causal_lm.get_output_embeddings()
@@ -179,6 +180,12 @@ class Student:
         set_peft_model_state_dict(self.model, state)
         if self.merged_decoder is not None:  # the adapter changed but adapter_version may not: merge again
             self.merged_decoder.invalidate()
+
+
+def default_micro_batch_tokens(device: torch.device) -> int:
+    """Padded tokens per GRPO micro-batch when TRAINER_MICRO_BATCH_TOKENS is unset: a GPU wants few large
+    passes; on a CPU the pass size buys little speed, and it bounds the step's memory."""
+    return 16384 if device.type == "cuda" else 2048
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

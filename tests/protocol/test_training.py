@@ -44,7 +44,7 @@ def test_grpo_loss_defaults_and_bad_type():
         req.loss.clip_eps,
         req.loss.max_grad_norm,
         req.loss.micro_batch_size,
-    ) == ("grpo", 0.04, 0.2, 1.0, 8)
+    ) == ("grpo", 0.04, 0.2, 1.0, None)  # None: the trainer packs by TRAINER_MICRO_BATCH_TOKENS
     with pytest.raises(ValidationError) as info:
         GrpoStepRequest(items=[{"prompt": "a", "completion": "b", "advantage": 0.5}], loss={"type": "ppo"})
     assert "loss.type" in field_of(info.value)

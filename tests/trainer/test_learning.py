@@ -8,6 +8,8 @@ torch = pytest.importorskip("torch")
 
 from services.protocol import LossSettings
 from services.trainer.items import GrpoItem, ScoreItem
+from services.trainer.learning import micro_batches
+from services.trainer.student import default_micro_batch_tokens
 from support.tiny_student import make_student
 
 
@@ -86,3 +88,67 @@ def test_invalid_items_change_nothing(student):
     with pytest.raises(ValueError, match=r"items\[0\].sampler_logprobs: 3 values for 2"):
         student.grpo_step([GrpoItem([1, 2], [3, 4], 1.0, sampler_logprobs=[-1.0] * 3)], LossSettings())
     assert student.adapter_version == version
+
+
+# --- micro-batches packed by a token budget ---------------------------------------------------------------------
+def test_micro_batches_fill_a_padded_token_budget_shortest_first():
+    lengths = [9, 2, 30, 4, 4, 3, 12]
+    batches = micro_batches(lengths, size=None, token_budget=12)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every item once
+    # 3 x 4 tokens; the next 4 alone (4 x 4 > 12); 30, over the budget, alone
+    assert batches == [[1, 5, 3], [4], [0], [6], [2]]
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 12 or len(b) == 1
+    assert micro_batches(lengths, size=3, token_budget=12) == [[1, 5, 3], [4, 0, 6], [2]]  # a size overrides
+    assert micro_batches(lengths, size=None, token_budget=10**6) == [[1, 5, 3, 4, 0, 6, 2]]
+    assert micro_batches([], size=None, token_budget=8) == []
+
+
+def _step_with_gradients(student, items, loss):
+    """The real step, with the gradient it hands the optimizer (after accumulation and clipping) recorded."""
+    recorded = []
+    apply = student.optimizer.step
+
+    def step(*args, **kwargs):
+        recorded.extend(p.grad.detach().clone() for p in student.trainable)
+        return apply(*args, **kwargs)
+
+    student.optimizer.step = step
+    return student.grpo_step(items, loss), recorded
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "legacy"])
+def test_packing_by_tokens_changes_neither_the_loss_nor_the_gradient(
+    tiny_random_model_dir, tmp_path, loss_type
+):
+    """Packing only regroups the items: the loss is normalised by the whole step's N (and dr_grpo's L_max), so
+    uneven micro-batches of a tight budget give the one-batch loss and gradient."""
+    items = [
+        GrpoItem(list(range(5, 5 + c)), list(range(40, 40 + y)), advantage=a)
+        for c, y, a in [(3, 2, 1.0), (1, 5, -0.5), (6, 1, 0.25), (2, 2, -1.0), (4, 6, 0.75), (7, 3, -0.25)]
+    ]
+    loss = LossSettings(type=loss_type, beta=0.1, max_grad_norm=1e9)
+    runs = {}
+    for budget in (10**6, 14):
+        student = make_student(tiny_random_model_dir, tmp_path, micro_batch_tokens=budget)  # the same start
+        runs[budget] = _step_with_gradients(student, items, loss)
+    (whole, whole_grads), (packed, packed_grads) = runs[10**6], runs[14]
+    # sequence lengths 5 6 7 4 10 10 at 14 tokens a pass: [4, 5] [6, 7] [10] [10]
+    assert (whole.micro_batches, packed.micro_batches) == (1, 4)
+    assert packed.loss == pytest.approx(whole.loss, abs=1e-6) and packed.tokens == whole.tokens == 19
+    assert packed.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
+    assert len(packed_grads) == len(whole_grads) > 0
+    for a, b in zip(packed_grads, whole_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_request_without_micro_batch_size_packs_by_the_trainer_budget(tiny_random_model_dir, tmp_path):
+    assert LossSettings().micro_batch_size is None
+    assert default_micro_batch_tokens(torch.device("cpu")) == 2048
+    assert default_micro_batch_tokens(torch.device("cuda")) == 16384
+    student = make_student(tiny_random_model_dir, tmp_path, micro_batch_tokens=8)
+    items = [GrpoItem([5, 6], [7, 8], advantage=1.0), GrpoItem([5], [9, 10, 11], advantage=-1.0)]
+    assert student.grpo_step(items, LossSettings()).micro_batches == 1  # 2 rows x 4 tokens
+    assert student.grpo_step(items, LossSettings(micro_batch_size=1)).micro_batches == 2  # the request's size
+    items.append(GrpoItem([5, 6, 7], [8, 9], advantage=0.5))
+    assert student.grpo_step(items, LossSettings()).micro_batches == 2  # 3 x 5 > 8: [4, 4] and [5]
