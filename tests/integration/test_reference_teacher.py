@@ -174,6 +174,7 @@ def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, 
             request, result = job["request"], job["result"]
             assert request["loss"]["type"] == "dr_grpo" and request["loss"]["learning_rate"] == 5e-4
             assert request["loss"]["beta"] == 0.0 and request["loss"]["clip_eps_high"] == 0.28
+            assert request["teacher_paths"] == "guided" and request["loss"]["micro_batch_size"] is None
             assert result["stop_reason"] == "max_generated_tokens" and result["steps"] == 2
             assert result["steps_done"] == 1 and result["checkpoint"]["step"] == 1
             names = {c["name"] for c in httpx.get(trainer_service.url + "/checkpoints").json()["checkpoints"]}
@@ -184,6 +185,8 @@ def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, 
             assert step["generated_tokens_total"] == step["generated_tokens"] == result["generated_tokens"]
             assert not step.get("skipped") and step["items"] >= 2 and step["dropped_groups"] == 0
             assert result["applied_steps"] == 1 and result["adapter_version"] == version_before + 1
+            assert step["micro_batches"] >= 1  # packed by the trainer's token budget
+            assert 0 <= step["rescued_groups"] <= 2 and step["student_correct_share"] is not None
             for n in (0, 1):
                 record = client.tree(job_id, n)
                 assert record["stats"]["shape"] == "fork" and record["stats"]["requests"] >= 1
@@ -194,3 +197,16 @@ def test_a_train_job_on_the_recipe_defaults(reference_teacher, trainer_service, 
                 assert nodes[0]["visits"] == sum(
                     x["visits"] for x in leaves
                 )  # every answer backed up to the root
+                by_id = {x["id"]: x for x in nodes}
+
+                def student_wrote(x, by_id=by_id):
+                    while x["parent"] is not None:
+                        if x["source"] != "student":
+                            return False
+                        x = by_id[x["parent"]]
+                    return True
+
+                solved = any(x["correct"] and student_wrote(x) for x in leaves)
+                assert record["stats"]["gold_added"] == (
+                    not solved
+                )  # gold where the student alone did not solve it
