@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from orchestrator.clients.llm import Completion, LLMError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
+from orchestrator.search.cancellation import until_done_or_cancelled
 from orchestrator.search.fork_tree import Writer, add_answer, select_forks
 from orchestrator.search.lines import Line, split_answer
 from orchestrator.search.rewards import RunningMean, accumulated_pre, path_reward, step_pre
@@ -122,20 +123,8 @@ class _ForkSearch:
     async def run(self, cancel: asyncio.Event | None) -> SearchResult:
         started = time.perf_counter()
         grow = asyncio.create_task(self._grow())
-        cancelled = False
         try:
-            if cancel is None:
-                await grow
-            else:
-                waiter = asyncio.create_task(cancel.wait())
-                await asyncio.wait({grow, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if not grow.done():
-                    cancelled = True
-                    grow.cancel()
-                    await asyncio.gather(grow, return_exceptions=True)
-                else:
-                    grow.result()  # re-raise a bug
+            cancelled = await until_done_or_cancelled(grow, cancel)
         finally:
             if not grow.done():  # run_search itself cancelled
                 grow.cancel()

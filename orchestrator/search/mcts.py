@@ -32,6 +32,7 @@ from orchestrator.clients.llm import Completion, LLMError
 from orchestrator.clients.trainer import TrainerError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
+from orchestrator.search.cancellation import until_done_or_cancelled
 from orchestrator.search.rewards import RunningMean, accumulated_pre, path_reward, step_pre
 from orchestrator.search.sampling import sample_student
 from orchestrator.search.services import SearchResult, SearchServices
@@ -107,21 +108,8 @@ class _Search:
     async def run(self, cancel: asyncio.Event | None) -> SearchResult:
         started = time.perf_counter()
         workers = [asyncio.create_task(self._worker(w)) for w in range(self.cfg.parallel_simulations)]
-        all_done = asyncio.gather(*workers)
-        cancelled = False
         try:
-            if cancel is None:
-                await all_done
-            else:
-                waiter = asyncio.create_task(cancel.wait())
-                await asyncio.wait({all_done, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if not all_done.done():
-                    cancelled = True
-                    all_done.cancel()
-                    await asyncio.gather(all_done, return_exceptions=True)
-                else:
-                    all_done.result()  # re-raise a worker's bug
+            cancelled = await until_done_or_cancelled(asyncio.gather(*workers), cancel)
         finally:
             # run_search itself cancelled, or one worker failed: stop the others before touching the tree
             pending = [t for t in workers if not t.done()]
