@@ -309,6 +309,12 @@ class Settings(BaseSettings):
     student_api_key_env: str | None = None  # the environment variable holding the student server's key
     # TRAINER_ADAPTER_EXPORT_DIR as the student server sees it; None = the trainer's paths are valid there.
     student_adapter_dir: str | None = None
+    # How long a train job waits for an unreachable student server (killed, restarting) before it fails; the step
+    # whose search it spoiled is searched again once the server is back with the current adapter.
+    student_wait_s: float = Field(default=600.0, ge=0)
+    # GRPO items whose student text is more than this many adapter versions behind the version a step updates (or
+    # from a version a rewind abandoned) are dropped before the step (runners/off_policy.py says when that happens).
+    max_off_policy_versions: int = Field(default=1, ge=0, le=1_000_000)
     teacher_tier: TeacherTier = "embedded"
     teachers: list[EndpointSpec] | None = None  # used when teacher_tier == "custom"
     openrouter_base_url: str = "https://openrouter.ai/api/v1"

@@ -31,8 +31,8 @@ from typing import TypeVar
 import httpx
 
 from orchestrator.clients.http import async_client
-from orchestrator.clients.llm import LLMError, RetryPolicy, api_key, parse_retry_after
-from orchestrator.settings import Settings
+from orchestrator.clients.llm import Completion, LLMError, LLMPool, RetryPolicy, api_key, parse_retry_after
+from orchestrator.settings import EndpointSpec, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -190,6 +190,15 @@ class StudentAdapters:
                     )
             await self.restore()
         raise AssertionError("unreachable")
+
+    async def chat(self, pool: LLMPool, endpoint: EndpointSpec, messages: list[dict], **params) -> Completion:
+        """`pool.chat` on the server of `endpoint` under the current version (`run`: leased, and retried once
+        after a restart); the completion says the version it came from (vLLM's answers do not)."""
+        completion, adapter = await self.run(
+            lambda model: pool.chat(endpoint.model_copy(update={"model": model}), messages, **params)
+        )
+        completion.adapter_version = adapter.version
+        return completion
 
     async def restore(self) -> None:
         """Bring the server back in line after it lost adapters (a restart): forget what it no longer lists and

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.clients.llm import LLMPool
+from orchestrator.clients.student_adapters import StudentAdapters
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.jobs.events import EventHub
 from orchestrator.jobs.store import AsyncJobStore
@@ -34,6 +35,7 @@ class JobRun:
     telemetry: Telemetry | None = None
     resumed: bool = False
     live: dict[str, Callable[[], Any]] = field(default_factory=dict)  # what /health shows of the running job
+    student_adapters: StudentAdapters | None = None
 
     async def emit(self, type: str, **data: Any) -> None:
         await self.hub.publish(self.job_id, type, data)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.clients.llm import LLMPool
+from orchestrator.clients.student_adapters import StudentAdapters
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.jobs.context import JobCancelled, JobRun
 from orchestrator.jobs.events import EventHub
@@ -89,12 +90,16 @@ class JobManager:
         self._closing = False
         self.pool: LLMPool | None = None
         self.trainer: TrainerClient | None = None
+        # One view of the student server's adapters for every job (STUDENT_URL; None when unset): which version is
+        # current, and which ones requests of any job still use.
+        self.student_adapters: StudentAdapters | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> list[str]:
         """Open clients and mark jobs left running by a dead process as interrupted (returned)."""
         self.pool = LLMPool.from_settings(self.settings)
         self.trainer = TrainerClient.from_settings(self.settings)
+        self.student_adapters = StudentAdapters.from_settings(self.settings)
         interrupted = await self.store.mark_interrupted()
         for job_id in interrupted:
             await self.hub.publish(
@@ -133,6 +138,8 @@ class JobManager:
             await self.pool.aclose()
         if self.trainer is not None:
             await self.trainer.aclose()
+        if self.student_adapters is not None:
+            await self.student_adapters.aclose()
         self.store.sync.close()
 
     def job_dir(self, job_id: str) -> Path:
@@ -260,6 +267,7 @@ class JobManager:
                     telemetry=self.telemetry,
                     resumed=resumed,
                     live=self._live.setdefault(job.id, {}),
+                    student_adapters=self.student_adapters,
                 )
                 ctx.job_dir.mkdir(parents=True, exist_ok=True)
                 result = await runners[job.kind](ctx)

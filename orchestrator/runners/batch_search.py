@@ -33,6 +33,7 @@ class BatchSearch:
     student_tokens: int = 0
     teacher_tokens: int = 0
     teacher_errors: int = 0
+    student_unavailable: int = 0  # student requests the server could not serve (it was away, or restarting)
     search_errors: int = 0
     first_error: str | None = None
     degraded: list[str] = field(default_factory=list)  # each mode once, in the order first met
@@ -90,6 +91,7 @@ async def search_batch(
         batch.student_tokens += int(result.stats.get("student_tokens", 0) or 0)
         batch.teacher_tokens += int(result.stats.get("teacher_tokens", 0) or 0)
         batch.teacher_errors += int(result.stats.get("teacher_errors", 0) or 0)
+        batch.student_unavailable += int(result.stats.get("student_unavailable", 0) or 0)
         batch.degraded += [d for d in result.stats.get("degraded", []) if d not in batch.degraded]
         if ctx.telemetry is not None:
             ctx.telemetry.searches.inc()

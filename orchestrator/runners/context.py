@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.clients.llm import LLMPool
+from orchestrator.clients.student_adapters import StudentAdapters
 from orchestrator.clients.trainer import TrainerClient
 from orchestrator.runners.telemetry import Telemetry
 from orchestrator.settings import Settings
@@ -48,6 +49,12 @@ class JobContext(Protocol):
     def pool(self) -> LLMPool: ...
     @property
     def trainer(self) -> TrainerClient: ...
+    @property
+    def student_adapters(self) -> StudentAdapters | None:
+        """The student server's adapter versions (STUDENT_URL), shared by the process's jobs; None: the trainer
+        serves the student."""
+        ...
+
     @property
     def job_dir(self) -> Path: ...
     @property

@@ -5,6 +5,9 @@ judged twice: strict (the number on the last `#### ` line) and flexible (the las
 compared numerically with the gold answer. With both models asked on the same problems the report adds
 McNemar's exact p-value of the paired results (orchestrator.gsm8k.stats). Requests go out concurrently so the
 trainer can merge them into shared forward batches.
+
+With a student server (STUDENT_URL) the "student" answers come from it, under the trainer's current adapter
+version (published first); "base" stays on the trainer (adapters off).
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from orchestrator.clients.llm import LLMError, LLMPool
+from orchestrator.clients.llm import Completion, LLMError, LLMPool
+from orchestrator.clients.student_adapters import StudentAdapters, StudentServerError
 from orchestrator.gsm8k.answers import extract_flexible, extract_strict, same_number
 from orchestrator.gsm8k.data import Problem, load_gsm8k, question_messages, read_split
 from orchestrator.gsm8k.stats import accuracy, compare_paired
 from orchestrator.runners.context import JobContext
+from orchestrator.runners.student_server import StudentServer
 from orchestrator.settings import EndpointSpec, Settings
 
 
-def model_endpoints(settings: Settings) -> dict[str, EndpointSpec]:
-    """ "student" = the current adapter, "base" = the same model, adapters off (both on the trainer)."""
-    student = settings.student_endpoint()
-    return {"student": student, "base": student.model_copy(update={"name": "base", "model": "base"})}
+def model_endpoints(settings: Settings, adapters: StudentAdapters | None = None) -> dict[str, EndpointSpec]:
+    """ "student" = the current adapter, "base" = the same model, adapters off (both on the trainer); with
+    `adapters`, "student" is the student server (its model name is the current version's, set per request)."""
+    trainer = settings.student_endpoint()
+    student = (settings.student_server() if adapters is not None else None) or trainer
+    return {"student": student, "base": trainer.model_copy(update={"name": "base", "model": "base"})}
 
 
 def judge(problem: Problem, model: str, text: str) -> dict[str, Any]:
@@ -51,17 +58,23 @@ async def answer_all(
     max_tokens: int,
     concurrency: int,
     on_answer: Callable[[dict], Awaitable[None]] | None = None,
+    adapters: StudentAdapters | None = None,
 ) -> list[dict]:
-    """One greedy answer per (problem, model); rows in problem order, models interleaved."""
+    """One greedy answer per (problem, model); rows in problem order, models interleaved. With `adapters` the
+    "student" model is asked under the student server's current version."""
     limit = asyncio.Semaphore(concurrency)
+
+    async def ask(problem: Problem, model: str) -> Completion:
+        messages, params = question_messages(problem), {"max_tokens": max_tokens, "temperature": 0.0}
+        if model == "student" and adapters is not None:
+            return await adapters.chat(pool, endpoints[model], messages, **params)
+        return await pool.chat(endpoints[model], messages, **params)
 
     async def one(problem: Problem, model: str) -> dict:
         async with limit:
             started = time.perf_counter()
             try:
-                completion = await pool.chat(
-                    endpoints[model], question_messages(problem), max_tokens=max_tokens, temperature=0.0
-                )
+                completion = await ask(problem, model)
                 choice = completion.choices[0]
                 row = judge(problem, model, choice.text)
                 row.update(
@@ -70,7 +83,7 @@ async def answer_all(
                     adapter_version=completion.adapter_version,
                     error=None,
                 )
-            except LLMError as exc:  # one failed answer counts as wrong and is reported, not fatal
+            except (LLMError, StudentServerError) as exc:  # one failed answer counts as wrong, reported
                 row = judge(problem, model, "")
                 row.update(finish_reason=None, completion_tokens=0, adapter_version=None, error=str(exc))
             row["seconds"] = round(time.perf_counter() - started, 3)
@@ -136,12 +149,23 @@ def accuracy_table(report: dict[str, Any]) -> str:
 
 
 async def quick_eval(
-    pool: LLMPool, settings: Settings, examples: int, max_tokens: int, concurrency: int
+    pool: LLMPool,
+    settings: Settings,
+    examples: int,
+    max_tokens: int,
+    concurrency: int,
+    adapters: StudentAdapters | None = None,
 ) -> dict[str, float]:
     """The student's accuracy on the first `examples` test problems (greedy): a train job's curves."""
     problems = await asyncio.to_thread(load_gsm8k, "test", settings.gsm8k_path, examples, 0)
     rows = await answer_all(
-        problems, ["student"], pool, model_endpoints(settings), max_tokens, concurrency=concurrency
+        problems,
+        ["student"],
+        pool,
+        model_endpoints(settings, adapters),
+        max_tokens,
+        concurrency=concurrency,
+        adapters=adapters,
     )
     student = build_report(rows, ["student"])["models"]["student"]
     return {"eval_strict_acc": student["strict_acc"], "eval_flexible_acc": student["flexible_acc"]}
@@ -157,6 +181,10 @@ async def run_eval_job(ctx: JobContext) -> dict[str, Any]:
     models = req["models"]
     total = len(problems) * len(models)
     done = 0
+    adapters = ctx.student_adapters if "student" in models else None
+    if adapters is not None:  # the student server answers under the version the trainer holds now
+        server = StudentServer(adapters, ctx.settings.student_wait_s, ctx.emit)
+        await server.publish_trainer_version(await ctx.trainer.health())
     await ctx.set_progress(phase="answering", done=0, total=total, gsm8k=gsm8k.source.to_record())
 
     async def on_answer(row: dict) -> None:
@@ -182,10 +210,11 @@ async def run_eval_job(ctx: JobContext) -> dict[str, Any]:
         problems,
         models,
         ctx.pool,
-        model_endpoints(ctx.settings),
+        model_endpoints(ctx.settings, adapters),
         req["max_tokens"],
         req["concurrency"],
         on_answer,
+        adapters=adapters,
     )
     report = build_report(rows, models)
     report["seconds"] = round(time.perf_counter() - started, 2)

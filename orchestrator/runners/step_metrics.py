@@ -19,17 +19,20 @@ log = logging.getLogger(__name__)
 
 def tree_metrics(trees: list[Tree]) -> dict[str, Any]:
     """Mean leaf reward and share of correct leaves over every root-to-terminal path of the step's trees; the
-    share among the answers the student wrote alone, and the trees only a teacher's text got right ("rescued")."""
+    share among the answers the student wrote alone, the trees only a teacher's text got right ("rescued"), and
+    the adapter versions the student's text in them came from."""
     per_tree = [trajectories(tree) for tree in trees]
     paths = [t for group in per_tree for t in group]
     own = [t for t in paths if t.on_policy]
     rewards = [float(p.reward) for p in paths if p.reward is not None]
+    versions = {n.adapter_version for tree in trees for n in tree if n.adapter_version is not None}
     return {
         "trajectories": len(paths),
         "mean_reward": sum(rewards) / len(rewards) if rewards else None,
         "correct_leaf_share": sum(bool(p.correct) for p in paths) / len(paths) if paths else None,
         "student_correct_share": sum(bool(p.correct) for p in own) / len(own) if own else None,
         "rescued_groups": sum(rescued(group) for group in per_tree),
+        "sample_versions": sorted(versions),
     }
 
 
@@ -63,6 +66,7 @@ def search_metrics(
         "teacher_tokens": searched.teacher_tokens,
         "search_requests": searched.requests,
         "teacher_errors": searched.teacher_errors,
+        "student_unavailable": searched.student_unavailable,
         "search_errors": searched.search_errors,
         "degraded": searched.degraded,
         "search_seconds": round(searched.seconds, 3),
@@ -81,6 +85,8 @@ def grpo_metrics(result: GrpoStepResponse, seconds: float) -> dict[str, Any]:
         "adapter_version": result.adapter_version,
         "trainer_step": result.step,
         "duplicate": result.duplicate,
+        "is_weight_mean": result.is_weight_mean,
+        "is_truncated_fraction": result.is_truncated_fraction,
         "grpo_seconds": round(seconds, 3),
     }
 

@@ -1,11 +1,14 @@
 """The training loop of a train job: search a batch of problems, trees -> GRPO groups, one step.
 
     start = start_or_resume()                                  (checkpoint 0, or a rewind to the last one)
+    publish the trainer's adapter version to the student server (STUDENT_URL only)
     for step in start+1 .. total:
         trees  = run_search(p) for p in batch(step)            (concurrently: the whole batch by default)
         check_step: teacher failures and degraded modes told; a step with nothing to learn from fails the job
         items  = grpo_group(tree) for every tree                (per problem; groups without a signal dropped)
+        items  = drop_stale(items)                              (samples too many adapter versions old)
         result = trainer /grpo/step(items, step_key=f"{job}:{step}")
+        publish result's adapter version to the student server (STUDENT_URL only)
         record the step's metrics (generated tokens by source, and the job's total); every N steps save a
         checkpoint; every M steps a quick student eval
         once the job's generated tokens reach max_generated_tokens: save this step's checkpoint and stop
@@ -13,6 +16,11 @@
 Every trainer call is bracketed by /health checks (clients/trainer.py's TrainerWatch): a trainer that restarted
 lost the steps since the job's last checkpoint, so the loop rewinds to it and goes on from there
 (checkpoints.py), at most MAX_TRAINER_RESTARTS times per run.
+
+With a student server (STUDENT_URL) the student's samples come from it, under the adapter version the trainer
+holds (student_server.py): published at the start of a run, after every applied step and after every rewind. A
+search whose student requests failed because that server was away is done again once it is back (at most
+MAX_SEARCH_REPEATS times per step); the step is sent only after its batch was searched whole.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 
 from orchestrator.clients.trainer import TrainerRestarted, TrainerUnavailable, TrainerWatch
 from orchestrator.gsm8k.data import Problem, read_split
-from orchestrator.runners.batch_search import search_batch
+from orchestrator.runners.batch_search import BatchSearch, search_batch
 from orchestrator.runners.checkpoints import (
     checkpoint_due,
     rewind_after_restart,
@@ -36,14 +44,17 @@ from orchestrator.runners.checkpoints import (
 from orchestrator.runners.context import JobContext
 from orchestrator.runners.evaluation import quick_eval
 from orchestrator.runners.fault_reports import check_step, teacher_counts
+from orchestrator.runners.off_policy import drop_stale
 from orchestrator.runners.requests import TrainRequest, search_config, trees_in_flight
 from orchestrator.runners.step_metrics import WandbSink, count_step, grpo_metrics, search_metrics
-from orchestrator.runners.trajectories import grpo_group
+from orchestrator.runners.student_server import StudentServer
+from orchestrator.runners.trajectories import GroupItem, grpo_group
 from orchestrator.search.services import SearchServices
 from orchestrator.settings import SearchConfig
 
 log = logging.getLogger(__name__)
 MAX_TRAINER_RESTARTS = 5  # per run of a job: a trainer that keeps dying fails the job instead of looping
+MAX_SEARCH_REPEATS = 3  # per step: searches spoiled by an absent student server that are done again
 
 
 def generated_tokens(steps: list[dict]) -> int:
@@ -67,6 +78,8 @@ class TrainPlan:
     config: SearchConfig
     services: SearchServices  # shared by every search of the job (teacher weights learn across trees)
     trees_in_flight: int
+    student_server: StudentServer | None = None  # STUDENT_URL set: the student's samples come from it
+    max_off_policy_versions: int = 1
 
     @property
     def total_steps(self) -> int:
@@ -91,14 +104,13 @@ async def train_step(
     started = time.perf_counter()
     batch = plan.batch(step)
     teachers_before = teacher_counts(plan.services.teachers)
-    searched = await search_batch(
-        ctx, batch, plan.problems_before(step), step, plan.config, plan.services, plan.trees_in_flight
-    )
-    ctx.raise_if_cancelled()
-    # The student is served by the trainer: trees grown while it was away or restarting are no good.
-    await watch.check()
+    searched, repeats = await search_step_batch(ctx, plan, step)
+    # The trainer scores, steps (and may serve the student): trees grown while it was away or restarting are no
+    # good. Its adapter version now is the one this step updates.
+    health = await watch.check()
     await check_step(ctx, plan.services.teachers, teachers_before, searched, len(batch), degraded, step)
-    items, dropped = [], 0
+    group_items: list[GroupItem] = []
+    dropped = 0
     for tree in searched.trees:
         group = grpo_group(
             tree,
@@ -109,13 +121,18 @@ async def train_step(
             teacher_paths=request.teacher_paths,
         )
         dropped += int(not group and bool(tree.root.children))
-        items += [item.to_trainer_item() for item in group]
+        group_items += group
+    fresh, stale = drop_stale(group_items, health.adapter_version, plan.max_off_policy_versions)
+    items = [item.to_trainer_item() for item in fresh]
     metrics = search_metrics(len(batch), searched, len(items), dropped, plan.services)
+    metrics.update(stale_items=len(stale), search_repeats=repeats)
     if any(item["advantage"] != 0 for item in items):
         grpo_started = time.perf_counter()
         step_key = f"{ctx.job_id}:{step}"  # a repeated call is applied once (trainer contract)
         result = await watch.call(partial(ctx.trainer.grpo_step, items, request.loss, step_key=step_key))
         metrics.update(grpo_metrics(result, time.perf_counter() - grpo_started))
+        if plan.student_server is not None:  # the next samples (and the eval below) come from this version
+            await plan.student_server.publish(result.adapter_version, result.adapter_path)
     else:  # no tree, or every path scored the same: nothing to learn from this batch
         metrics.update(skipped=True, kl=None, loss=None)
     metrics["tokens"] = (metrics["search_tokens"] or 0) + int(metrics.get("train_tokens") or 0)
@@ -127,12 +144,38 @@ async def train_step(
                 request.eval_examples,
                 request.eval_max_tokens,
                 request.eval_concurrency,
+                adapters=ctx.student_adapters,
             )
         )
         await watch.check()  # the eval asked the student: a restart during it spoils the figures
     metrics["step_seconds"] = round(time.perf_counter() - started, 3)
     count_step(ctx.telemetry, metrics)
     return metrics
+
+
+async def search_step_batch(ctx: JobContext, plan: TrainPlan, step: int) -> tuple[BatchSearch, int]:
+    """The step's batch searched, and how many times it was searched again: with a student server, a search
+    whose student requests failed because the server was away is repeated once it is back (at most
+    MAX_SEARCH_REPEATS times; then the step goes on with what it has, as with any degraded search)."""
+    repeats = 0
+    while True:
+        searched = await search_batch(
+            ctx,
+            plan.batch(step),
+            plan.problems_before(step),
+            step,
+            plan.config,
+            plan.services,
+            plan.trees_in_flight,
+        )
+        ctx.raise_if_cancelled()
+        if plan.student_server is None or not searched.student_unavailable or repeats == MAX_SEARCH_REPEATS:
+            return searched, repeats
+        await plan.student_server.recover()
+        repeats += 1
+        await ctx.emit(
+            "search_repeated", step=step, repeat=repeats, student_unavailable=searched.student_unavailable
+        )
 
 
 async def run_train_job(ctx: JobContext) -> dict[str, Any]:
@@ -143,18 +186,23 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
     gsm8k = await asyncio.to_thread(read_split, request.split, settings.gsm8k_path)
     problems = gsm8k.problems(request.num_examples, request.offset)
     await ctx.set_progress(gsm8k=gsm8k.source.to_record())
+    adapters = ctx.student_adapters
     plan = TrainPlan(
         request=request,
         problems=problems,
         batches=plan_batches(len(problems), request.batch_size, request.epochs),
         config=search_config(settings, request),
-        services=SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer),
+        services=SearchServices.from_settings(settings, ctx.pool, trainer=ctx.trainer, adapters=adapters),
         trees_in_flight=trees_in_flight(settings, request),
+        student_server=StudentServer(adapters, settings.student_wait_s, ctx.emit) if adapters else None,
+        max_off_policy_versions=settings.max_off_policy_versions,
     )
     ctx.show_live("teachers", plan.services.teachers.snapshot)  # their weights and failures on /health
     total_steps = plan.total_steps
     watch = TrainerWatch(ctx.trainer, settings.trainer_wait_s, ctx.emit)
     start = await start_or_resume(ctx, watch)
+    if plan.student_server is not None:
+        await plan.student_server.publish_trainer_version(await watch.health())
     checkpoint, degraded = start.checkpoint, start.degraded
     await ctx.set_progress(
         phase="training",
@@ -179,6 +227,8 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
                     step = 1 + await rewind_after_restart(ctx, watch, restarted)
                     generated = generated_tokens(await ctx.store.steps(ctx.job_id))
                     restarted = None
+                    if plan.student_server is not None:
+                        await plan.student_server.publish_trainer_version(await watch.health())
                 metrics = await train_step(ctx, watch, plan, step, degraded)
                 generated += metrics["generated_tokens"]
                 metrics["generated_tokens_total"] = generated
@@ -241,6 +291,8 @@ async def run_train_job(ctx: JobContext) -> dict[str, Any]:
         "problems_per_min": round(60 * problems_this_run / train_seconds, 3) if train_seconds > 0 else None,
         "resumed_from_step": start.step if ctx.resumed else None,
         "trainer_restarts": restarts,
+        # The adapter versions this run made current on the student server (STUDENT_URL; None when unset).
+        "student_adapter_versions": plan.student_server.published if plan.student_server else None,
         "degraded": degraded,
         "gsm8k": gsm8k.source.to_record(),
     }

@@ -41,11 +41,21 @@ Three advantage modes:
   nearly all wrong) cannot be driven to collapse by negative advantages.
 Off-policy text: an item whose completion contains any teacher-written step gets weight `teacher_weight`
 (the request's, 1.0 by default: the trainer scales its loss by it); items made only of student steps get weight 1.
+
+Samples from a student server (STUDENT_URL): an item made only of student steps that all kept their sampled
+tokens carries them (`completion_ids`, the steps' tokens one after another, scored instead of the text) and the
+log-probs the server gave them (`sampler_logprobs`, the behaviour policy): the trainer weights each token by
+min(pi_old / mu, loss.is_cap) (truncated importance sampling). Every item says the oldest adapter version its
+student text came from (`adapter_version`), for the staleness limit (off_policy.py). Where a continuation follows
+a fork point, the server was given the tree's text of the lines before it (stripped, blank lines dropped) while the
+item carries those lines' own sampled tokens: the two differ only where the sample had blank lines or spaces
+around a line, and the importance weight takes that difference as part of the mismatch it corrects.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,16 +94,46 @@ class GroupItem:
     source: str  # "student", a teacher name, or "mixed:<t1>,<t2>" for a path with several sources
     weight: float
     node_id: int | None = None  # the leaf (flat) or the step's node (tree)
+    adapter_version: int | None = (
+        None  # the oldest student adapter version of its text (None: no student text)
+    )
+    completion_ids: list[int] | None = None  # the sampled tokens of the completion (a student server's only)
+    sampler_logprobs: list[float] | None = None  # their log-probs as that server reported them
 
     def to_trainer_item(self) -> dict:
         """One item of the trainer's POST /grpo/step."""
-        return {
+        item = {
             "messages": self.messages,
             "context": self.context,
             "completion": self.completion,
             "advantage": self.advantage,
             "weight": self.weight,
         }
+        if self.completion_ids is not None and self.sampler_logprobs is not None:
+            item.update(completion_ids=self.completion_ids, sampler_logprobs=self.sampler_logprobs)
+        return item
+
+
+def oldest_version(nodes: Sequence[Node]) -> int | None:
+    """The oldest adapter version that wrote any of `nodes` (None when none says)."""
+    versions = [n.adapter_version for n in nodes if n.adapter_version is not None]
+    return min(versions) if versions else None
+
+
+def sampled_tokens(nodes: Sequence[Node]) -> tuple[list[int], list[float]] | None:
+    """The nodes' sampled token ids and their sampler log-probs, one node after another; None unless every node is
+    the student's and kept its tokens (a teacher's text, or a sample from a server that gave no ids, is scored on
+    its text instead)."""
+    ids: list[int] = []
+    logprobs: list[float] = []
+    for node in nodes:
+        if node.source != STUDENT or node.token_ids is None or node.sampler_logprobs is None:
+            return None
+        if len(node.token_ids) != len(node.sampler_logprobs):
+            return None
+        ids += node.token_ids
+        logprobs += node.sampler_logprobs
+    return (ids, logprobs) if ids else None
 
 
 def trajectories(tree: Tree) -> list[Trajectory]:
@@ -136,6 +176,8 @@ def _source(sources: list[str]) -> str:
 
 def _whole_path_item(tree: Tree, path: Trajectory, advantage: float, teacher_weight: float) -> GroupItem:
     """One item whose completion is a whole root-to-terminal path (the flat and rejection modes)."""
+    nodes = [tree.nodes[i] for i in path.node_ids]
+    sampled = sampled_tokens(nodes)
     return GroupItem(
         messages=tree.messages,
         context="",
@@ -144,6 +186,9 @@ def _whole_path_item(tree: Tree, path: Trajectory, advantage: float, teacher_wei
         source=_source(path.sources),
         weight=1.0 if path.on_policy else teacher_weight,
         node_id=path.leaf,
+        adapter_version=oldest_version(nodes),
+        completion_ids=sampled[0] if sampled else None,
+        sampler_logprobs=sampled[1] if sampled else None,
     )
 
 
@@ -173,7 +218,8 @@ def _std(values: list[float]) -> float:
 
 def _guided_item(tree: Tree, path: Trajectory, advantage: float, teacher_weight: float) -> GroupItem:
     """A path with teacher-written text: completion from its first teacher-written line, the student's lines
-    before it as context."""
+    before it as context. Its completion is teacher-written, so it carries no sampled tokens; its version is that
+    of any student line inside the completion (the context gets no gradient)."""
     first = next(i for i, src in enumerate(path.sources) if src != STUDENT)
     start = tree.nodes[path.node_ids[first]]
     assert start.parent is not None
@@ -185,6 +231,7 @@ def _guided_item(tree: Tree, path: Trajectory, advantage: float, teacher_weight:
         source=_source(path.sources[first:]),
         weight=teacher_weight,
         node_id=path.leaf,
+        adapter_version=oldest_version([tree.nodes[i] for i in path.node_ids[first:]]),
     )
 
 
@@ -265,6 +312,7 @@ def grpo_group(
         parent = tree.nodes[first.parent]
         advantage = (end.value - parent.value) + (end.value - root_value)
         sources = [n.source for n in chain]
+        sampled = sampled_tokens(chain)
         items.append(
             GroupItem(
                 messages=tree.messages,
@@ -274,6 +322,9 @@ def grpo_group(
                 source=_source(sources),
                 weight=1.0 if all(src == STUDENT for src in sources) else teacher_weight,
                 node_id=end.id,
+                adapter_version=oldest_version(chain),
+                completion_ids=sampled[0] if sampled else None,
+                sampler_logprobs=sampled[1] if sampled else None,
             )
         )
     return items

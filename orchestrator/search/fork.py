@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.clients.llm import Completion, LLMError
+from orchestrator.clients.student_adapters import StudentServerError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
 from orchestrator.search.cancellation import until_done_or_cancelled
@@ -67,6 +68,7 @@ class _Answer:
     writer: Writer
     finish_reason: str | None
     eos: bool
+    adapter_version: int | None = None  # the student's version that wrote it (None: a teacher)
 
 
 @dataclass
@@ -79,6 +81,9 @@ class _Stats:
     student_tokens: int = 0
     teacher_tokens: int = 0
     teacher_errors: int = 0
+    # Student requests that failed because the server could not serve (connection, timeout, 429/5xx, or a student
+    # server that could not get the current adapter loaded again): the train loop may search the batch again.
+    student_unavailable: int = 0
     checker_calls: int = 0
     gold_added: bool = False
     critical_path_s: float = 0.0
@@ -212,23 +217,28 @@ class _ForkSearch:
                 max_tokens=self._room(start),
                 temperature=self.cfg.temperature,
                 seed=self._next_seed(),
+                adapters=self.svc.adapters,
             )
-        except LLMError as exc:
+        except (LLMError, StudentServerError) as exc:
             self.stats.error(f"student: {exc}")
             self.stats.degrade("student_errors")
+            if isinstance(exc, StudentServerError) or exc.retryable:
+                self.stats.student_unavailable += 1
             return [], 0.0
         if any(ch.token_logprobs is None for ch in completion.choices):
             self.stats.degrade("uniform_priors: the student's server gave no log-probs")
         self.stats.student_tokens += _generated(completion)
         answers = []
         for ch, tokens in zip(completion.choices, _per_choice(completion), strict=True):
-            lines = split_answer(ch.text, ch.tokens, ch.token_logprobs)
+            lines = split_answer(ch.text, ch.tokens, ch.token_logprobs, ch.token_ids)
             counts = (
                 [len(line.logprobs) for line in lines]
                 if ch.token_logprobs is not None
                 else share(tokens, [len(line.text) for line in lines])
             )
-            answers += self._answer(start, lines, counts, STUDENT_WRITER, ch.finish_reason, ch.eos)
+            answers += self._answer(
+                start, lines, counts, STUDENT_WRITER, ch.finish_reason, ch.eos, completion.adapter_version
+            )
         return answers, completion.latency_s
 
     async def _teacher(self, start: Node, kind: str, n: int) -> tuple[list[_Answer], float]:
@@ -278,16 +288,21 @@ class _ForkSearch:
         writer: Writer,
         finish_reason: str | None,
         eos: bool,
+        adapter_version: int | None = None,
     ) -> list[_Answer]:
         if not lines:
             if start.parent is None or writer != STUDENT_WRITER:  # nothing written: nothing to learn from
                 self.stats.empty_answers += 1
                 return []
-            # The continuation ended at once: the answer is root..start itself, as a leaf beside `start`.
+            # The continuation ended at once: the answer is root..start itself, as a leaf beside `start`. Its
+            # tokens were sampled by two requests (`start`'s and this one), so it keeps no sampled tokens (its
+            # GRPO item is scored on its text) and the older of their versions.
             parent = self.tree.nodes[start.parent]
             ended = Line(start.text)
-            return [_Answer(parent, [ended], [start.tokens], writer, finish_reason, eos)]
-        return [_Answer(start, lines, counts, writer, finish_reason, eos)]
+            versions = [v for v in (start.adapter_version, adapter_version) if v is not None]
+            version = min(versions) if versions else None
+            return [_Answer(parent, [ended], [start.tokens], writer, finish_reason, eos, version)]
+        return [_Answer(start, lines, counts, writer, finish_reason, eos, adapter_version)]
 
     # --- tree, judgement, backup ---------------------------------------------------------------------------
     def _add(self, answer: _Answer) -> tuple[Node, bool]:
@@ -299,6 +314,7 @@ class _ForkSearch:
             answer.writer,
             token_counts=answer.token_counts,
             finish_reason=answer.finish_reason,
+            adapter_version=answer.adapter_version,
         )
         self.stats.answers += 1
         for node in created:
@@ -363,6 +379,7 @@ class _ForkSearch:
             "student_tokens": s.student_tokens,
             "teacher_tokens": s.teacher_tokens,
             "teacher_errors": s.teacher_errors,
+            "student_unavailable": s.student_unavailable,
             "checker_calls": s.checker_calls,
             "gold_added": s.gold_added,
             "seconds": seconds,

@@ -47,11 +47,13 @@ def add_answer(
     *,
     token_counts: list[int],
     finish_reason: str | None,
+    adapter_version: int | None = None,
 ) -> tuple[Node, list[Node]]:
     """Merge the answer start..lines[-1] into the tree; returns (its leaf, the nodes it created).
 
     `token_counts[i]` is the number of tokens of lines[i]. `start` is the node the lines follow (the root, or a
-    fork point). The leaf keeps the finish reason of the answer that first wrote it."""
+    fork point). The leaf keeps the finish reason of the answer that first wrote it; a node keeps the adapter
+    version and the sampled tokens of the answer that created it."""
     if not lines:
         raise ValueError("an answer needs at least one line")
     node, created = start, []
@@ -70,6 +72,9 @@ def add_answer(
                 step_logprob=line.mean_logprob,
                 tokens=token_counts[i],
                 finish_reason=finish_reason if last else None,
+                adapter_version=adapter_version,
+                token_ids=line.token_ids,
+                sampler_logprobs=list(line.logprobs) if line.token_ids is not None else None,
             )
             match.terminal = last
             created.append(match)

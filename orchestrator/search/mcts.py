@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.clients.llm import Completion, LLMError
+from orchestrator.clients.student_adapters import StudentServerError
 from orchestrator.clients.trainer import TrainerError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
@@ -62,6 +63,7 @@ class _Candidate:
     tokens: int | None
     finish_reason: str | None = None
     eos: bool = False
+    adapter_version: int | None = None  # the student's version that wrote it (None: a teacher)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class _Stats:
     student_tokens: int = 0
     teacher_tokens: int = 0
     teacher_errors: int = 0
+    student_unavailable: int = 0  # student requests the server could not serve (fork.py's _Stats says more)
     checker_calls: int = 0
     rollouts: int = 0
     errors: list[str] = field(default_factory=list)
@@ -134,6 +137,7 @@ class _Search:
             "student_tokens": s.student_tokens,
             "teacher_tokens": s.teacher_tokens,
             "teacher_errors": s.teacher_errors,
+            "student_unavailable": s.student_unavailable,
             "checker_calls": s.checker_calls,
             "rollouts": s.rollouts,
             "seconds": seconds,
@@ -254,10 +258,12 @@ class _Search:
                 stop=["\n"] if self.cfg.one_line_steps else None,
                 seed=self._next_seed(),
                 logprobs=self.student_logprobs,
+                adapters=self.svc.adapters,
             )
-        except LLMError as exc:
+        except (LLMError, StudentServerError) as exc:
             self.stats.error(f"student: {exc}")
             self.stats.degrade("student_errors")
+            self._count_unavailable(exc)
             return []
         if self.student_logprobs and any(ch.token_logprobs is None for ch in completion.choices):
             self.student_logprobs = False  # asked again without: don't ask for them again
@@ -274,9 +280,14 @@ class _Search:
                 tokens=len(ch.token_logprobs) if ch.token_logprobs else None,
                 finish_reason=ch.finish_reason,
                 eos=ch.eos,
+                adapter_version=completion.adapter_version,
             )
             for ch in completion.choices
         ]
+
+    def _count_unavailable(self, exc: LLMError | StudentServerError) -> None:
+        if isinstance(exc, StudentServerError) or exc.retryable:
+            self.stats.student_unavailable += 1
 
     def _count_tokens(self, source: str, completion: Completion) -> None:
         tokens = int(completion.usage.get("completion_tokens", 0) or 0)
@@ -387,6 +398,7 @@ class _Search:
                     tokens=cand.tokens if cand.tokens is not None else _estimate_tokens(cand.text),
                     similarity=similarity,
                     finish_reason=cand.finish_reason,
+                    adapter_version=cand.adapter_version,
                 )
             )
         return children
@@ -484,10 +496,12 @@ class _Search:
                 temperature=self.cfg.temperature,
                 seed=self._next_seed(),
                 logprobs=False,
+                adapters=self.svc.adapters,
             )
-        except LLMError as exc:
+        except (LLMError, StudentServerError) as exc:
             self.stats.error(f"rollout: {exc}")
             self.stats.degrade("rollout_errors")
+            self._count_unavailable(exc)
             return self._path_value(node, 0.0)[0]
         latencies.append(completion.latency_s)
         self._count_tokens(STUDENT, completion)

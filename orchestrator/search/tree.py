@@ -36,6 +36,13 @@ class Node:
     value_sum: float = 0.0
     virtual_loss: int = 0
     step_logprob: float | None = None  # student's mean token log-prob of `text`
+    # The student's adapter version that wrote this step (the serving engine says which; None: a teacher, the
+    # root, or a server that does not say), and, from a student server that returns them, the sampled tokens of
+    # the step with the log-probs that server gave them: the behaviour policy of the GRPO step's importance
+    # correction (runners/trajectories.py).
+    adapter_version: int | None = None
+    token_ids: list[int] | None = None
+    sampler_logprobs: list[float] | None = None
     step_pre: float = 0.0
     accumulated_pre: float = 0.0
     tokens: int = 0  # tokens of this step

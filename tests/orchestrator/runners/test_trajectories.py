@@ -247,3 +247,92 @@ def test_trees_of_student_answers_give_the_same_items_under_both_rules():
             (i.context, i.completion, i.weight) for i in group
         ]
         assert [i.advantage for i in guided] == pytest.approx([i.advantage for i in group])
+
+
+def sampled_tree() -> Tree:
+    """A student answer from a student server (ids and sampler log-probs on each line, version 3), a fork's
+    continuation after its first line (version 4), and a teacher's answer (no ids, no version):
+    root -> a "x = 1" (v3, ids 1 2) -> a1 "#### 1" (v3, ids 3 4; reward 1)
+                                    -> a2 "#### 2" (v4, ids 5; reward 0)
+    root -> t "#### 1" (teacher, reward 1)"""
+    tree = Tree("p-0", "q?", "1", [{"role": "user", "content": "q?"}])
+    a = tree.add_child(
+        tree.root,
+        "x = 1",
+        "student",
+        "student",
+        adapter_version=3,
+        token_ids=[1, 2],
+        sampler_logprobs=[-0.1, -0.2],
+    )
+    leaves = [
+        tree.add_child(
+            a,
+            "#### 1",
+            "student",
+            "student",
+            adapter_version=3,
+            token_ids=[3, 4],
+            sampler_logprobs=[-0.3, -0.4],
+        ),
+        tree.add_child(
+            a, "#### 2", "student", "student", adapter_version=4, token_ids=[5], sampler_logprobs=[-0.5]
+        ),
+        tree.add_child(tree.root, "#### 1", "t1", "right"),
+    ]
+    for leaf, reward in zip(leaves, (1.0, 0.0, 1.0), strict=True):
+        leaf.terminal, leaf.reward, leaf.correct = True, reward, reward > 0
+        backprop(tree.path(leaf), reward)
+    return tree
+
+
+def test_items_of_sampled_text_carry_its_tokens_and_the_sampler_log_probs():
+    items = grpo_group(sampled_tree(), "flat")
+    first, fork, teacher = items
+    assert (first.completion_ids, first.sampler_logprobs) == ([1, 2, 3, 4], [-0.1, -0.2, -0.3, -0.4])
+    assert (fork.completion_ids, fork.sampler_logprobs) == ([1, 2, 5], [-0.1, -0.2, -0.5])
+    assert [i.adapter_version for i in items] == [3, 3, None]  # the oldest version of the item's student text
+    assert teacher.completion_ids is None and teacher.sampler_logprobs is None
+    sent = first.to_trainer_item()
+    assert sent["completion_ids"] == [1, 2, 3, 4] and sent["sampler_logprobs"] == [-0.1, -0.2, -0.3, -0.4]
+    assert (
+        "completion_ids" not in teacher.to_trainer_item()
+        and "sampler_logprobs" not in teacher.to_trainer_item()
+    )
+    # tree mode: a segment's own tokens, after the text of the lines before it
+    segments = {i.completion: i for i in grpo_group(sampled_tree(), "tree")}
+    assert segments["#### 2"].context == "x = 1\n" and segments["#### 2"].completion_ids == [5]
+    assert segments["#### 2"].adapter_version == 4 and segments["x = 1"].completion_ids == [1, 2]
+
+
+def test_a_guided_teacher_item_after_sampled_student_lines_carries_no_sampled_tokens():
+    """A rescued tree from a student server: the teacher's right continuation of the student's sampled prefix is
+    learned with that prefix as context; its completion is the teacher's, so no ids, no sampler log-probs and no
+    version (only the student's text would be stale); the student's wrong answers give no item."""
+    tree = Tree("p-1", "q?", "1", [{"role": "user", "content": "q?"}])
+    a = tree.add_child(
+        tree.root,
+        "x = 2",
+        "student",
+        "student",
+        adapter_version=3,
+        token_ids=[1, 2],
+        sampler_logprobs=[-0.1, -0.2],
+    )
+    wrong = tree.add_child(
+        a, "#### 2", "student", "student", adapter_version=3, token_ids=[3], sampler_logprobs=[-0.3]
+    )
+    right = tree.add_child(a, "#### 1", "reference", "right")
+    for leaf, reward in ((wrong, 0.0), (right, 1.0)):
+        leaf.terminal, leaf.reward, leaf.correct = True, reward, reward > 0
+        backprop(tree.path(leaf), reward)
+    (item,) = grpo_group(tree)
+    assert (item.context, item.completion, item.source) == ("x = 2\n", "#### 1", "reference")
+    assert item.completion_ids is None and item.sampler_logprobs is None and item.adapter_version is None
+    assert "sampler_logprobs" not in item.to_trainer_item()
+
+
+def test_a_path_with_a_line_without_sampled_tokens_is_scored_on_its_text():
+    tree = sampled_tree()
+    tree.nodes[1].token_ids = None  # "x = 1" came from a server that gave no ids
+    assert all(i.completion_ids is None and i.sampler_logprobs is None for i in grpo_group(tree, "flat"))

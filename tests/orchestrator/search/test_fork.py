@@ -44,6 +44,28 @@ def test_each_token_goes_to_the_line_it_starts_on():
     assert lines[1].surprisal == pytest.approx(2.0)
 
 
+def test_sampled_ids_follow_their_tokens_into_lines():
+    """With the sampler's ids (a student server's return_token_ids) every line keeps the ids of its own tokens, one
+    per log-prob, and the lines' ids one after another are the sample's ids: blank lines' tokens go to the next
+    line, trailing ones to the last."""
+    text = "\n\nShe has 3.\n\nSo 6.\n#### 6\n\n"
+    tokens = ["\n\n", "She", " has", " 3", ".\n\n", "So", " 6", ".\n", "####", " 6", "\n\n", "<|im_end|>"]
+    ids = list(range(100, 100 + len(tokens)))
+    logprobs = [-0.01 * i for i in range(len(tokens))]
+    lines = split_answer(text, tokens, logprobs, ids)
+    assert [line.text for line in lines] == ["She has 3.", "So 6.", "#### 6"]
+    assert [line.token_ids for line in lines] == [
+        [100, 101, 102, 103, 104],
+        [105, 106, 107],
+        [108, 109, 110, 111],
+    ]
+    assert [len(line.token_ids or []) for line in lines] == [len(line.logprobs) for line in lines]
+    assert [i for line in lines for i in line.token_ids or []] == ids
+    # ids that do not match the tokens one for one are not kept (the lines' log-probs still are)
+    assert all(line.token_ids is None for line in split_answer(text, tokens, logprobs, ids[:-1]))
+    assert all(line.token_ids is None for line in split_answer(text, tokens, logprobs))
+
+
 def test_lines_without_tokens_and_word_tokens():
     plain = split_answer("  a = 1  \n\n\n#### 1\n")
     assert [(line.text, line.mean_logprob) for line in plain] == [("a = 1", None), ("#### 1", None)]
