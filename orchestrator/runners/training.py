@@ -125,7 +125,9 @@ async def train_step(
     fresh, stale = drop_stale(group_items, health.adapter_version, plan.max_off_policy_versions)
     items = [item.to_trainer_item() for item in fresh]
     metrics = search_metrics(len(batch), searched, len(items), dropped, plan.services)
-    metrics.update(stale_items=len(stale), search_repeats=repeats)
+    # sampled_items: items whose tokens a student server sampled (the trainer's importance weights cover these)
+    sampled = sum(1 for item in items if "sampler_logprobs" in item)
+    metrics.update(stale_items=len(stale), sampled_items=sampled, search_repeats=repeats)
     if any(item["advantage"] != 0 for item in items):
         grpo_started = time.perf_counter()
         step_key = f"{ctx.job_id}:{step}"  # a repeated call is applied once (trainer contract)

@@ -218,6 +218,9 @@ JOB_SEARCH = {
 }
 SHORT_SOLUTIONS = (70, 48)  # GSM8K train problems whose reference solution fits the budget
 JOB_LOSS = {"learning_rate": 3e-3}
+# Every answer an item (phase 2's rule): the student's answers then train in every step, carrying vLLM's sampled
+# tokens, whatever the guided default would make of a tree the student got wrong (teacher text only).
+JOB_TRAINING = {"search": JOB_SEARCH, "loss": JOB_LOSS, "teacher_paths": "group"}
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +278,7 @@ def check_steps_sampled_from(client: OrchestratorClient, job_id: str, first_vers
         version = first_version + n
         assert not record.get("skipped") and record["adapter_version"] == version + 1, record
         assert record["sample_versions"] == [version] and record["stale_items"] == 0, record
+        assert record["sampled_items"] > 0, record  # the step's importance weights covered vLLM's tokens
         tree = client.tree(job_id, n)["tree"]
         for node in student_nodes(tree):
             assert node["adapter_version"] == version, node
@@ -295,8 +299,7 @@ def test_a_train_job_samples_from_vllm_across_adapter_versions(trainer, vllm, re
             epochs=4,
             batch_size=1,
             checkpoint_every=10,
-            search=JOB_SEARCH,
-            loss=JOB_LOSS,
+            **JOB_TRAINING,
         )
         job = client.wait(job_id, timeout_s=900)
         assert job["status"] == "completed", job["error"]
@@ -336,8 +339,7 @@ def test_vllm_killed_and_restarted_mid_job(trainer, vllm, reference_teacher, tmp
             epochs=3,
             batch_size=1,
             checkpoint_every=10,
-            search=JOB_SEARCH,
-            loss=JOB_LOSS,
+            **JOB_TRAINING,
         )
         for event in client.follow(job_id):
             if event.type == "step":
