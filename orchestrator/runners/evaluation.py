@@ -6,8 +6,9 @@ compared numerically with the gold answer. With both models asked on the same pr
 McNemar's exact p-value of the paired results (orchestrator.gsm8k.stats). Requests go out concurrently so the
 trainer can merge them into shared forward batches.
 
-With a student server (STUDENT_URL) the "student" answers come from it, under the trainer's current adapter
-version (published first); "base" stays on the trainer (adapters off).
+With a student server (STUDENT_URL) both models are asked there: "student" under the trainer's current adapter
+version (published first), "base" as the server's base model ("<STUDENT_MODEL>-base"), so a comparison of the
+two differs by the adapter only, not by the trainer's 4-bit base against the server's bf16 one.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ from orchestrator.settings import EndpointSpec, Settings
 
 def model_endpoints(settings: Settings, adapters: StudentAdapters | None = None) -> dict[str, EndpointSpec]:
     """ "student" = the current adapter, "base" = the same model, adapters off (both on the trainer); with
-    `adapters`, "student" is the student server (its model name is the current version's, set per request)."""
-    trainer = settings.student_endpoint()
-    student = (settings.student_server() if adapters is not None else None) or trainer
-    return {"student": student, "base": trainer.model_copy(update={"name": "base", "model": "base"})}
+    `adapters`, both on the student server: "student" under the current version's name (set per request),
+    "base" as its base model."""
+    server = settings.student_server() if adapters is not None else None
+    if server is None:
+        trainer = settings.student_endpoint()
+        return {"student": trainer, "base": trainer.model_copy(update={"name": "base", "model": "base"})}
+    base = server.model_copy(
+        update={"name": "student-server-base", "model": f"{settings.student_model}-base"}
+    )
+    return {"student": server, "base": base}
 
 
 def judge(problem: Problem, model: str, text: str) -> dict[str, Any]:
@@ -181,8 +188,8 @@ async def run_eval_job(ctx: JobContext) -> dict[str, Any]:
     models = req["models"]
     total = len(problems) * len(models)
     done = 0
-    adapters = ctx.student_adapters if "student" in models else None
-    if adapters is not None:  # the student server answers under the version the trainer holds now
+    adapters = ctx.student_adapters
+    if adapters is not None and "student" in models:  # the server answers under the version the trainer holds
         server = StudentServer(adapters, ctx.settings.student_wait_s, ctx.emit)
         await server.publish_trainer_version(await ctx.trainer.health())
     await ctx.set_progress(phase="answering", done=0, total=total, gsm8k=gsm8k.source.to_record())

@@ -289,7 +289,7 @@ def test_a_train_job_samples_from_vllm_across_adapter_versions(trainer, vllm, re
     """Four steps on one problem: version v0 (the trainer's now) .. v0+3 sample the student's answers, all on vLLM
     (the trainer generates nothing), each new version loaded as the step is applied and the old ones unloaded;
     the greedy answer changes with every version; the step's items carried vLLM's tokens and log-probs (the
-    trainer's importance weights near 1). An eval job's student answers then come from vLLM under the last version."""
+    trainer's importance weights near 1). An eval job's base and student answers then both come from vLLM, the student under the last version."""
     before = trainer_health(trainer)
     v0 = before["adapter_version"]
     with orchestrator(trainer, vllm, reference_teacher, tmp_path) as client:
@@ -318,11 +318,14 @@ def test_a_train_job_samples_from_vllm_across_adapter_versions(trainer, vllm, re
         assert sampled_on_trainer == 0  # every student token came from vLLM
         assert listed_adapters(vllm) == {f"student-v{v0 + 4}": after["adapter_path"]}  # old versions unloaded
 
-        eval_id = client.eval(num_examples=2, models=["student"], max_tokens=24, concurrency=2)
+        eval_id = client.eval(num_examples=2, models=["base", "student"], max_tokens=24, concurrency=2)
         evaluation = client.wait(eval_id, timeout_s=600)
         assert evaluation["status"] == "completed", evaluation["error"]
         rows = client.results(eval_id)
-        assert [r["adapter_version"] for r in rows] == [v0 + 4] * 2 and not any(r["error"] for r in rows)
+        assert not any(r["error"] for r in rows)
+        versions = {m: [r["adapter_version"] for r in rows if r["model"] == m] for m in ("base", "student")}
+        assert versions["student"] == [v0 + 4] * 2 and versions["base"] == [None] * 2, versions
+        # both models answered by vLLM (base as its bf16 base model): the trainer decoded nothing
         assert trainer_health(trainer)["batcher"]["forward_batches"] == before["batcher"]["forward_batches"]
 
 
