@@ -48,6 +48,19 @@ def trainer_service(trainer_model_dir, tmp_path_factory):
         yield trainer
 
 
+@pytest.fixture(scope="module")
+def reference_teacher(repo_root, tmp_path_factory):
+    """The reference teacher (python -m orchestrator.reference_teacher) on 127.0.0.1, shared by one test module."""
+    from orchestrator.local.processes import free_port, reference_teacher_process
+
+    process = reference_teacher_process(
+        free_port(), tmp_path_factory.mktemp("reference"), env={}, cwd=repo_root
+    )
+    with process:
+        process.wait_ready(timeout_s=60)
+        yield process
+
+
 # ----- scripted OpenAI-compatible server (search dev) -----
 @pytest.fixture(scope="session")
 def _scripted_server_session():

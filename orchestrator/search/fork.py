@@ -37,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from orchestrator.clients.llm import Completion, LLMError
 from orchestrator.clients.student_adapters import StudentServerError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
 from orchestrator.search.cancellation import until_done_or_cancelled
+from orchestrator.search.counters import SearchCounters
 from orchestrator.search.fork_tree import Writer, add_answer, select_forks
 from orchestrator.search.lines import Line, split_answer
 from orchestrator.search.rewards import RunningMean, accumulated_pre, path_reward, step_pre
@@ -72,31 +73,13 @@ class _Answer:
 
 
 @dataclass
-class _Stats:
+class _Stats(SearchCounters):
     rounds: int = 0
     forks: int = 0
     answers: int = 0
     empty_answers: int = 0
-    requests: int = 0
-    student_tokens: int = 0
-    teacher_tokens: int = 0
-    teacher_errors: int = 0
-    # Student requests that failed because the server could not serve (connection, timeout, 429/5xx, or a student
-    # server that could not get the current adapter loaded again): the train loop may search the batch again.
-    student_unavailable: int = 0
-    checker_calls: int = 0
     gold_added: bool = False
     critical_path_s: float = 0.0
-    errors: list[str] = field(default_factory=list)
-    degraded: list[str] = field(default_factory=list)
-
-    def degrade(self, what: str) -> None:
-        if what not in self.degraded:
-            self.degraded.append(what)
-
-    def error(self, what: str) -> None:
-        if len(self.errors) < 50:
-            self.errors.append(what)
 
 
 def share(total: int, weights: list[int]) -> list[int]:
@@ -259,18 +242,9 @@ class _ForkSearch:
                 whole=True,
             )
         except AllTeachersFailed as exc:
-            tried = len(self.svc.teachers.states)
-            self.stats.requests += tried
-            self.stats.teacher_errors += tried
-            self.stats.error(f"teachers ({kind}): {exc}")
-            self.stats.degrade("all_teachers_failed")
+            self.stats.all_teachers_failed(kind, len(self.svc.teachers.states), exc)
             return [], 0.0
-        self.stats.requests += 1 + len(reply.failed)
-        if reply.failed:
-            self.stats.teacher_errors += len(reply.failed)
-            for message in reply.failed:
-                self.stats.error(f"teacher ({kind}): {message}")
-            self.stats.degrade("teacher_failover")
+        self.stats.teacher_answered(kind, reply.failed)
         self.stats.teacher_tokens += _generated(reply.completion)
         writer = Writer(reply.teacher, kind)
         answers = []

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from orchestrator.clients.llm import Completion, LLMError
 from orchestrator.clients.student_adapters import StudentServerError
@@ -34,6 +34,7 @@ from orchestrator.clients.trainer import TrainerError
 from orchestrator.gsm8k.answers import extract_answer, same_number
 from orchestrator.gsm8k.data import Problem, question_messages
 from orchestrator.search.cancellation import until_done_or_cancelled
+from orchestrator.search.counters import SearchCounters
 from orchestrator.search.rewards import RunningMean, accumulated_pre, path_reward, step_pre
 from orchestrator.search.sampling import sample_student
 from orchestrator.search.services import SearchResult, SearchServices
@@ -67,27 +68,11 @@ class _Candidate:
 
 
 @dataclass
-class _Stats:
+class _Stats(SearchCounters):
     expansions: int = 0
     simulations: int = 0
-    requests: int = 0
     tokens: int = 0  # generated: student_tokens + teacher_tokens
-    student_tokens: int = 0
-    teacher_tokens: int = 0
-    teacher_errors: int = 0
-    student_unavailable: int = 0  # student requests the server could not serve (fork.py's _Stats says more)
-    checker_calls: int = 0
     rollouts: int = 0
-    errors: list[str] = field(default_factory=list)
-    degraded: list[str] = field(default_factory=list)
-
-    def degrade(self, what: str) -> None:
-        if what not in self.degraded:
-            self.degraded.append(what)
-
-    def error(self, what: str) -> None:
-        if len(self.errors) < 50:
-            self.errors.append(what)
 
 
 def _estimate_tokens(text: str) -> int:
@@ -316,18 +301,9 @@ class _Search:
                 whole=not self.cfg.one_line_steps,
             )
         except AllTeachersFailed as exc:
-            tried = len(self.svc.teachers.states)
-            self.stats.requests += tried
-            self.stats.teacher_errors += tried
-            self.stats.error(f"teachers ({kind}): {exc}")
-            self.stats.degrade("all_teachers_failed")
+            self.stats.all_teachers_failed(kind, len(self.svc.teachers.states), exc)
             return []
-        self.stats.requests += 1 + len(reply.failed)
-        if reply.failed:
-            self.stats.teacher_errors += len(reply.failed)
-            for message in reply.failed:
-                self.stats.error(f"teacher ({kind}): {message}")
-            self.stats.degrade("teacher_failover")
+        self.stats.teacher_answered(kind, reply.failed)
         latencies.append(reply.completion.latency_s)
         self._count_tokens(reply.teacher, reply.completion)
         return [

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.clients.llm import LLMPool, RetryPolicy
 from orchestrator.clients.orchestrator import OrchestratorClient
 from orchestrator.gsm8k.data import load_gsm8k
-from orchestrator.local.processes import free_port, orchestrator_process, reference_teacher_process
+from orchestrator.local.processes import free_port, orchestrator_process
 from orchestrator.reference_teacher.references import parse_reference
 from orchestrator.runners.trajectories import grpo_group
 from orchestrator.search.services import SearchServices
@@ -22,16 +22,6 @@ from orchestrator.settings import Settings
 from support.line_search import line_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def reference_teacher(repo_root, tmp_path_factory):
-    process = reference_teacher_process(
-        free_port(), tmp_path_factory.mktemp("reference"), env={}, cwd=repo_root
-    )
-    with process:
-        process.wait_ready(timeout_s=60)
-        yield process
 
 
 @pytest.fixture(scope="module")

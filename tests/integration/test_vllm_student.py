@@ -28,7 +28,7 @@ from orchestrator.clients.student_adapters import (
     StudentAdapters,
     StudentServerUnreachable,
 )
-from orchestrator.local.processes import free_port, orchestrator_process, reference_teacher_process
+from orchestrator.local.processes import free_port, orchestrator_process
 from orchestrator.settings import EndpointSpec
 from support.trainer_process import TrainerProcess
 from support.vllm_server import VLLMServer
@@ -221,16 +221,6 @@ JOB_LOSS = {"learning_rate": 3e-3}
 # Every answer an item (phase 2's rule): the student's answers then train in every step, carrying vLLM's sampled
 # tokens, whatever the guided default would make of a tree the student got wrong (teacher text only).
 JOB_TRAINING = {"search": JOB_SEARCH, "loss": JOB_LOSS, "teacher_paths": "group"}
-
-
-@pytest.fixture(scope="module")
-def reference_teacher(repo_root, tmp_path_factory):
-    process = reference_teacher_process(
-        free_port(), tmp_path_factory.mktemp("reference"), env={}, cwd=repo_root
-    )
-    with process:
-        process.wait_ready(timeout_s=60)
-        yield process
 
 
 @contextmanager
