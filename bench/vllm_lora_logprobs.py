@@ -37,16 +37,10 @@ from orchestrator.local.machine import describe_machine  # noqa: E402
 from services.trainer.model_source import resolve_model  # noqa: E402
 from services.trainer.settings import TrainerSettings  # noqa: E402
 from support.trainer_process import TrainerProcess  # noqa: E402
+from support.vllm_server import STUDENT_LORA_ENV as LORA_ENV  # noqa: E402
 from support.vllm_server import VLLMServer, vllm_python  # noqa: E402
 
 PROMPT = "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"
-LORA_ENV = {
-    "VLLM_ENABLE_LORA": "true",
-    "VLLM_MAX_LORA_RANK": "32",
-    "VLLM_MAX_LORAS": "2",
-    "VLLM_MAX_CPU_LORAS": "4",
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-}
 CAP = 2.0
 
 

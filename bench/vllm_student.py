@@ -46,16 +46,9 @@ from orchestrator.local.processes import (  # noqa: E402
     reference_teacher_process,
 )
 from support.trainer_process import TrainerProcess  # noqa: E402
+from support.vllm_server import STUDENT_LORA_ENV as LORA_ENV  # noqa: E402
 from support.vllm_server import VLLMServer, vllm_python  # noqa: E402
 
-# compose.yaml's `student` service flags, for the trainer's default LoRA rank (32).
-LORA_ENV = {
-    "VLLM_ENABLE_LORA": "true",
-    "VLLM_MAX_LORA_RANK": "32",
-    "VLLM_MAX_LORAS": "2",
-    "VLLM_MAX_CPU_LORAS": "4",
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-}
 
 
 def load_average() -> str:

