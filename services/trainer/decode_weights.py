@@ -56,14 +56,17 @@ def merge_blocker(peft_model) -> str | None:
 class MergedDecoder:
     """Owns the plain base and student models; `model(enabled, adapter_version)` returns the one to decode with."""
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, dtype: torch.dtype | None = None):
+        """dtype: the copies' floating-point weights in this dtype (cast once, shared by both copies); None = the
+        model's own tensors, shared without a copy."""
         from peft.tuners.lora import LoraLayer
 
         causal_lm = peft_model.get_base_model()
         # (path, peft LoRA module) for every target linear, e.g. ("model.layers.0.self_attn.q_proj", LoraLayer)
         self.targets = [(n, m) for n, m in causal_lm.named_modules() if isinstance(m, LoraLayer)]
-        self.base = _plain_copy(causal_lm, self.targets, own_targets=False)
-        self.student = _plain_copy(causal_lm, self.targets, own_targets=True)
+        cast = _Cast(None if dtype == causal_lm.dtype else dtype)
+        self.base = _plain_copy(causal_lm, self.targets, own_targets=False, cast=cast)
+        self.student = _plain_copy(causal_lm, self.targets, own_targets=True, cast=cast)
         self._student_weights = [
             self.student.get_submodule(name).weight for name, _ in self.targets
         ]  # the tensors `sync` rewrites
@@ -97,16 +100,33 @@ class MergedDecoder:
         self.epoch += 1
 
 
-def _plain_copy(causal_lm, targets, *, own_targets: bool):
-    """A plain model of causal_lm's class and config whose parameters and buffers are causal_lm's own tensors;
-    with own_targets, each LoRA target's weight is a fresh copy of W0 instead of W0 itself."""
+class _Cast:
+    """Floating-point parameters in another dtype, each cast once: both plain copies and tied names then share the
+    cast tensor as they would share the original. dtype None = the original tensors themselves."""
+
+    def __init__(self, dtype: torch.dtype | None):
+        self.dtype = dtype
+        self._done: dict[int, torch.Tensor] = {}
+
+    def __call__(self, tensor: torch.Tensor, *, buffer: bool) -> torch.Tensor:
+        # Buffers (rotary frequencies) keep their dtype, as transformers keeps them in float32 under bf16 weights.
+        if self.dtype is None or buffer or not tensor.is_floating_point():
+            return tensor
+        if id(tensor) not in self._done:
+            self._done[id(tensor)] = torch.nn.Parameter(tensor.detach().to(self.dtype), requires_grad=False)
+        return self._done[id(tensor)]
+
+
+def _plain_copy(causal_lm, targets, *, own_targets: bool, cast: _Cast):
+    """A plain model of causal_lm's class and config whose parameters and buffers are causal_lm's own tensors (or
+    their casts); with own_targets, each LoRA target's weight is a fresh copy of W0 instead of W0 itself."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # no memory: every tensor is replaced below
         plain = AutoModelForCausalLM.from_config(
             # Its own config: a decode engine may give the plain model another attention implementation.
             copy.deepcopy(causal_lm.config),
-            dtype=causal_lm.dtype,
+            dtype=cast.dtype or causal_lm.dtype,
             attn_implementation=causal_lm.config._attn_implementation,
         )
     # peft names a target's weight "<path>.base_layer.weight"; the plain model names it "<path>.weight".
@@ -120,7 +140,7 @@ def _plain_copy(causal_lm, targets, *, own_targets: bool):
         for name, _tensor in list(getattr(plain, f"named_{kind}")(remove_duplicate=False)):
             path, _, leaf = name.rpartition(".")
             module = plain.get_submodule(path)
-            shared = source[name]
+            shared = cast(source[name], buffer=kind == "buffers")
             if own_targets and path in target_paths and leaf == "weight":
                 shared = torch.nn.Parameter(shared.detach().clone(), requires_grad=False)
             getattr(module, f"_{kind}")[leaf] = shared

@@ -83,7 +83,10 @@ class Student:
         # Generation decodes through plain copies with the adapter merged in (decode_weights.py: peft's wrappers
         # cost ~35% of a decode step); None = through the model as the backend has it, where merging is not possible.
         blocker = backend.merged_decode_off or merge_blocker(model)
-        self.merged_decoder = MergedDecoder(model) if blocker is None else None
+        decode_dtype = torch.bfloat16 if settings.decode_dtype == "bfloat16" else None
+        self.merged_decoder = MergedDecoder(model, dtype=decode_dtype) if blocker is None else None
+        if blocker is not None and decode_dtype is not None:
+            log.warning("TRAINER_DECODE_DTYPE=bfloat16 has no effect: generation runs through the peft model")
         if blocker is not None:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
         self.backend_decoding = backend.decoding

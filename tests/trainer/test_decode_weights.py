@@ -66,3 +66,32 @@ def test_loading_an_adapter_state_invalidates_the_merged_weights(student):
     assert greedy(student) != fresh  # merged at adapter_version 1
     student.load_adapter_state(initial)  # adapter_version stays 1: only the invalidation forces a new merge
     assert greedy(student) == fresh
+
+
+def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_float32(
+    tiny_random_model_dir, tmp_path
+):
+    student = make_student(tiny_random_model_dir, tmp_path, decode_dtype="bfloat16")
+    decoder = student.merged_decoder
+    assert student.model.get_base_model().dtype == torch.float32  # scoring and training stay float32
+    assert decoder.base.dtype == decoder.student.dtype == torch.bfloat16
+    # one bf16 cast of each base tensor, shared by both copies; the student owns only its target weights
+    base_ptrs = {t.data_ptr() for t in decoder.base.parameters()}
+    owned = [n for n, t in decoder.student.named_parameters() if t.data_ptr() not in base_ptrs]
+    assert len(owned) == len(decoder.targets) and all(n.endswith("_proj.weight") for n in owned)
+    # rotary buffers keep float32, as transformers keeps them under bf16 weights
+    assert all(b.dtype == torch.float32 for b in decoder.base.buffers() if b.is_floating_point())
+
+    big_step(student)
+    student.generate([GenerationRequest(PROMPTS[0], max_tokens=1, temperature=0)])  # syncs the merge
+    name, module = decoder.targets[0]
+    w0 = module.get_base_layer().weight
+    merged = (
+        w0 + module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+    )
+    assert torch.equal(decoder.student.get_submodule(name).weight, merged.detach().to(torch.bfloat16))
+    # bf16 greedy picks the float32 model's best token up to bf16 rounding (this random model has near-ties)
+    with torch.no_grad():
+        for prompt, tokens in zip(PROMPTS, greedy(student), strict=True):
+            logprobs = student.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
+            assert logprobs.max() - logprobs[tokens[0]] < 0.05
