@@ -159,11 +159,17 @@ def trajectories(tree: Tree) -> list[Trajectory]:
     return out
 
 
+def _std(values: list[float]) -> float:
+    """The population standard deviation (GRPO's group std)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
 def zscore(values: list[float], clip: float = 5.0) -> list[float]:
     if not values:
         return []
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    std = _std(values)
     if std < EPS:
         return [0.0] * len(values)
     return [max(-clip, min(clip, (v - mean) / (std + EPS))) for v in values]
@@ -209,11 +215,6 @@ def centred(values: list[float], clip: float = 5.0) -> list[float]:
         return []
     mean = sum(values) / len(values)
     return [max(-clip, min(clip, v - mean)) for v in values]
-
-
-def _std(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
 def _guided_item(tree: Tree, path: Trajectory, advantage: float, teacher_weight: float) -> GroupItem:

@@ -13,6 +13,9 @@ non-target weights):
   a bf16 3B model on CUDA: ~2.6B parameters, ~5 GiB).
 Keeping base apart (rather than one copy rewritten to W0 for base) means alternating base and student batches,
 as evaluations do, costs no rewrites.
+
+With TRAINER_DECODE_DTYPE=bfloat16 on a float32 model (CPUs with bf16 matrix instructions) the copies share bf16
+casts of those tensors instead, each cast once: one more bf16 copy of the whole model besides the student's targets.
 """
 
 from __future__ import annotations

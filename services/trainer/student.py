@@ -85,10 +85,12 @@ class Student:
         blocker = backend.merged_decode_off or merge_blocker(model)
         decode_dtype = torch.bfloat16 if settings.decode_dtype == "bfloat16" else None
         self.merged_decoder = MergedDecoder(model, dtype=decode_dtype) if blocker is None else None
-        if blocker is not None and decode_dtype is not None:
-            log.warning("TRAINER_DECODE_DTYPE=bfloat16 has no effect: generation runs through the peft model")
         if blocker is not None:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
+            if decode_dtype is not None:
+                log.warning(
+                    "TRAINER_DECODE_DTYPE=bfloat16 has no effect: generation runs through the peft model"
+                )
         self.backend_decoding = backend.decoding
         self.decode_loop = DecodeLoop(self)
         # The slot engine (slot_generation.py, decode/) where the adapter merges, unless TRAINER_DECODE_ENGINE=loop.
