@@ -101,6 +101,8 @@ def install_pydantic_stand_ins() -> None:
         cuda_graphs: bool = True
         decode_compile: bool = False
         torch_threads: int | None = None
+        micro_batch_tokens: int | None = None
+        decode_dtype: str = "model"
         seed: int = 0
 
     module = types.ModuleType("services.trainer.settings")
