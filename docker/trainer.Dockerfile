@@ -42,8 +42,9 @@ COPY docker/select_packages.py ./
 RUN python select_packages.py && pip install --no-cache-dir --no-deps --no-compile .
 
 FROM base
-# transformers (proven on the GPU) or unsloth; see the header.
-ARG TRAINER_BACKEND=transformers
+# unsloth (faster GRPO steps and less memory than transformers on an H200, both passing the CUDA tests:
+# bench/RESULTS.md, "Backends side by side") or transformers; see the header.
+ARG TRAINER_BACKEND=unsloth
 RUN useradd --create-home --uid 1000 --user-group app \
     && mkdir -p /cache/models /cache/huggingface /data/checkpoints \
     && chown -R app:app /cache /data
