@@ -194,6 +194,7 @@ def product_request(args) -> dict:
     _set(loss, "learning_rate", args.learning_rate)
     _set(loss, "micro_batch_size", args.micro_batch)
     _set(loss, "clip_eps_high", args.clip_eps_high)
+    _set(loss, "updates", args.updates)
     offset, count = train_problems(args)
     request = {
         "split": "train",
@@ -434,7 +435,8 @@ class Run:
                     f"{m.get('generated_tokens_total')}), correct leaves {m.get('correct_leaf_share')} "
                     f"(the student's own {m.get('student_correct_share')}), rescued groups "
                     f"{m.get('rescued_groups')}, dropped groups {m.get('dropped_groups')}, items {m.get('items')}, "
-                    f"grad norm {m.get('grad_norm')}, search {m.get('search_seconds')} s, "
+                    f"grad norm {m.get('grad_norm')} over {m.get('updates')} updates, "
+                    f"search {m.get('search_seconds')} s, "
                     f"update {m.get('grpo_seconds')} s, step {m.get('step_seconds')} s"
                 )
             reported = len(steps)
@@ -551,6 +553,8 @@ def arm_result(name: str, arm: dict, rows: list[dict], base_rows: list[dict], ar
         "teacher_tokens": arm.get("teacher_tokens"),
         "budget_reached": arm["budget_reached"],
         "applied_steps": arm["applied_steps"],
+        # optimizer steps: loss.updates per applied step (records from before loss.updates made one)
+        "optimizer_steps": sum(int(m.get("updates", 0 if m.get("skipped") else 1)) for m in arm["steps"]),
         "adapter_version": arm["adapter_version"],
         "train_seconds": arm["train_seconds"],
         "correct_leaf_share": [m.get("correct_leaf_share") for m in arm["steps"]],
@@ -732,6 +736,12 @@ def parse_args(argv=None):
     a("--loss-type", choices=("grpo", "dr_grpo", "legacy"), default=None)
     a("--clip-eps-high", type=float, default=None)
     a("--micro-batch", type=int, default=None)
+    a(
+        "--updates",
+        type=int,
+        default=None,
+        help="optimizer steps per GRPO step over its items (loss.updates; the product's default is 1)",
+    )
     a("--teacher-weight", type=float, default=None)
     a("--advantage-mode", choices=("flat", "tree", "rejection"), default=None)
     a("--scale-advantages", action=argparse.BooleanOptionalAction, default=None, help="GRPO's std scaling")

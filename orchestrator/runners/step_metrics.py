@@ -82,6 +82,8 @@ def grpo_metrics(result: GrpoStepResponse, seconds: float) -> dict[str, Any]:
         "grad_norm": result.grad_norm,
         "train_tokens": result.tokens,
         "micro_batches": result.micro_batches,
+        "updates": result.updates,
+        "update_grad_norms": [u.grad_norm for u in result.per_update],
         "adapter_version": result.adapter_version,
         "trainer_step": result.step,
         "duplicate": result.duplicate,

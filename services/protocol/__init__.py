@@ -61,6 +61,7 @@ from .training import (
     LossSettings,
     LossType,
     PromptedItem,
+    UpdateStats,
 )
 
 __all__ = [
@@ -118,6 +119,7 @@ __all__ = [
     "StrictModel",
     "TooLarge",
     "TopLogprob",
+    "UpdateStats",
     "Usage",
     "is_branch_tag",
 ]

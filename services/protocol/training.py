@@ -12,6 +12,9 @@ from .common import FAIL_FAST, FiniteFloat, LenientRequest, ModelName, StrictMod
 from .openai import ChatMessage
 
 LossType = Literal["grpo", "dr_grpo", "legacy"]
+# A sanity bound on optimizer steps per /grpo/step: GRPO runs use 1-4 (mu, or TRL's steps_per_generation over
+# gradient_accumulation_steps); far more re-fits one batch of samples until the clip masks every token.
+MAX_UPDATES = 16
 
 
 class LossSettings(StrictModel):
@@ -19,8 +22,9 @@ class LossSettings(StrictModel):
 
     The bounds are the ones the step can honour: the clipped ratio's lower end 1 - clip_eps must stay positive,
     and a learning rate of 1e300 overflowed inside AdamW. The caps on beta and clip_eps_high (10) are sanity
-    bounds: a KL weight above 10 drowns the policy term, and a ratio allowed up to 11 is no clip at all. No cap on
-    max_grad_norm: any finite norm is a meaningful threshold, and a huge one means "do not clip".
+    bounds: a KL weight above 10 drowns the policy term, and a ratio allowed up to 11 is no clip at all; so is
+    the cap on updates (MAX_UPDATES). No cap on max_grad_norm: any finite norm is a meaningful threshold, and a
+    huge one means "do not clip".
     """
 
     type: LossType = Field(
@@ -59,6 +63,16 @@ class LossSettings(StrictModel):
         description="truncation C of the importance weight min(pi_old/mu, C) of tokens that carry "
         "sampler_logprobs (TRL's vllm_importance_sampling_cap: 2.0 with per-token truncation, its first mode; "
         "3.0 with its later per-sequence masking)",
+    )
+    updates: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_UPDATES,
+        description="optimizer steps this /grpo/step makes over its items (GRPO's mini-batches per generation: "
+        "TRL's steps_per_generation / gradient_accumulation_steps): the items, shuffled with the step number as "
+        "seed and each prompt's items kept together where the cut allows, are cut into this many mini-batches "
+        "of near-equal size, each one update; PPO's old policy is the adapter before the first of them. The "
+        "adapter version still goes up by one per /grpo/step",
     )
 
 
@@ -150,11 +164,23 @@ class GrpoStepRequest(LenientRequest):
     )
 
 
+class UpdateStats(BaseModel):
+    """One optimizer step of a /grpo/step (its mini-batch of items)."""
+
+    items: int
+    tokens: int
+    loss: float = Field(description="the mini-batch's loss, normalised by its own item count")
+    grad_norm: float = Field(description="before clipping")
+    clip_fraction: float = Field(
+        description="share of the mini-batch's completion tokens whose ratio was clipped"
+    )
+
+
 class GrpoStepResponse(BaseModel):
-    loss: float
+    loss: float = Field(description="the updates' losses, each weighted by its share of the items")
     kl: float = Field(description="mean per-sequence KL to the base model")
     clip_fraction: float = Field(description="share of completion tokens whose ratio was clipped")
-    grad_norm: float = Field(description="before clipping")
+    grad_norm: float = Field(description="before clipping; the mean over the updates")
     tokens: int
     adapter_version: int = Field(description="the version after this step")
     step: int
@@ -171,4 +197,11 @@ class GrpoStepResponse(BaseModel):
     )
     micro_batches: int = Field(
         default=0, description="forward/backward passes the step ran (0: not reported)"
+    )
+    updates: int = Field(
+        default=1,
+        description="optimizer steps the step made (loss.updates, fewer when there were fewer items)",
+    )
+    per_update: list[UpdateStats] = Field(
+        default_factory=list, description="one per optimizer step, in order (empty: not reported)"
     )

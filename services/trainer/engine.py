@@ -284,6 +284,9 @@ class TrainerEngine:
 
     async def grpo_step(self, req: GrpoStepRequest) -> GrpoStepResponse:
         scored = self._score_items(req.items)
+        # One group per prompt (its messages or string, not the context): a step of several updates keeps a
+        # prompt's answers in one mini-batch where it can.
+        groups: dict[str, int] = {}
         items = [
             GrpoItem(
                 s.context_ids,
@@ -292,6 +295,7 @@ class TrainerEngine:
                 old_logprobs=it.old_logprobs,
                 weight=it.weight,
                 sampler_logprobs=it.sampler_logprobs,
+                group=groups.setdefault(it.model_dump_json(include={"prompt", "messages"}), len(groups)),
             )
             for s, it in zip(scored, req.items, strict=True)
         ]

@@ -22,7 +22,8 @@ Aggregations ("loss types"):
     dr_grpo    L = 1/N sum_i w_i * (1/L_max sum_t l_t)       (sum over tokens / a constant; Dr. GRPO, Liu 2025)
     legacy     L = 1/N sum_i w_i * (1/|y_i| sum_t (-rho_t * A_i * logp_t + beta * kl_t))
                reward-weighted SFT: the original project's update, kept as an ablation.
-N is the number of sequences of the whole step (not of a micro-batch), so micro-batch losses add up to L.
+N is the number of sequences of the update (the step's items, or its mini-batch when loss.updates > 1; never a
+micro-batch's), so micro-batch losses add up to L.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def grpo_loss(
 ) -> LossTerms:
     """The loss of one micro-batch; see the module docstring for the maths.
 
-    num_sequences: N of the whole step (defaults to this batch's B); max_length: L_max for dr_grpo (defaults
+    num_sequences: N of the update (defaults to this batch's B); max_length: L_max for dr_grpo (defaults
     to this batch's T). sampler_logp: mu per token (None = every token on-policy, rho = 1); is_cap: C.
     """
     mask = mask.to(logp.dtype)

@@ -50,6 +50,21 @@ class GrpoItem:
     old_logprobs: list[float] | None = None
     weight: float = 1.0
     sampler_logprobs: list[float] | None = None  # the behaviour policy (another server's sampling)
+    # Items of one group (one prompt's answers) go into the same mini-batch of a step of several updates where
+    # the cut allows; None: a group of its own.
+    group: int | None = None
+
+
+@dataclass
+class UpdateResult:
+    """One optimizer step of a GRPO step: its mini-batch's loss (normalised by its own item count), gradient
+    norm before clipping, and clip fraction."""
+
+    items: int
+    tokens: int
+    loss: float
+    grad_norm: float
+    clip_fraction: float
 
 
 @dataclass
@@ -64,3 +79,5 @@ class StepResult:
     is_weight_mean: float = 1.0
     is_truncated_fraction: float = 0.0
     micro_batches: int = 0
+    updates: int = 1
+    per_update: list[UpdateResult] = field(default_factory=list)

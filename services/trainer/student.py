@@ -154,7 +154,7 @@ class Student:
         return score(self, items, use_adapter=use_adapter, batch_size=batch_size)
 
     def grpo_step(self, items: list[GrpoItem], loss: LossSettings) -> StepResult:
-        """One optimizer step over all items; the adapter version goes up by one."""
+        """loss.updates optimizer steps over the items (one by default); the adapter version goes up by one."""
         return grpo_step(self, items, loss)
 
     # ----- state for checkpoints -----

@@ -101,6 +101,7 @@ def test_invalid_requests_get_422_naming_the_field(client, route, body, field):
         ({"max_grad_norm": 0}, "max_grad_norm"),
         ({"type": "ppo"}, "type"),
         ({"clip_eps_hi": 0.3}, "clip_eps_hi"),
+        ({"updates": 17}, "updates"),
     ],
 )
 def test_a_loss_the_trainer_would_refuse_gets_422_at_submission(client, loss, field):
@@ -116,7 +117,14 @@ def test_a_loss_the_trainer_would_refuse_gets_422_at_submission(client, loss, fi
 
 
 def test_a_loss_the_trainer_accepts_is_taken_and_its_bounds_are_documented(client):
-    loss = {"type": "dr_grpo", "beta": 0.0, "clip_eps": 0.3, "clip_eps_high": 0.28, "learning_rate": 1e-5}
+    loss = {
+        "type": "dr_grpo",
+        "beta": 0.0,
+        "clip_eps": 0.3,
+        "clip_eps_high": 0.28,
+        "learning_rate": 1e-5,
+        "updates": 4,
+    }
     response = client.http.post("/train", json={"num_examples": 1, "loss": loss})
     assert response.status_code == 202
     job_id = response.json()["job_id"]
@@ -128,6 +136,11 @@ def test_a_loss_the_trainer_accepts_is_taken_and_its_bounds_are_documented(clien
     assert bounds["clip_eps"]["exclusiveMaximum"] == 1.0 and bounds["beta"]["maximum"] == 10.0
     learning_rate = bounds["learning_rate"]["anyOf"][0]  # float | None
     assert (learning_rate["exclusiveMinimum"], learning_rate["maximum"]) == (0.0, 1.0)
+    assert (bounds["updates"]["minimum"], bounds["updates"]["maximum"], bounds["updates"]["default"]) == (
+        1,
+        16,
+        1,
+    )
     defaults = {name: bounds[name]["default"] for name in ("type", "beta", "clip_eps_high", "learning_rate")}
     assert defaults == {"type": "dr_grpo", "beta": 0.0, "clip_eps_high": 0.28, "learning_rate": 5e-4}
 

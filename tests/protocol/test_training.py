@@ -44,7 +44,8 @@ def test_grpo_loss_defaults_and_bad_type():
         req.loss.clip_eps,
         req.loss.max_grad_norm,
         req.loss.micro_batch_size,
-    ) == ("grpo", 0.04, 0.2, 1.0, None)  # None: the trainer packs by TRAINER_MICRO_BATCH_TOKENS
+        req.loss.updates,
+    ) == ("grpo", 0.04, 0.2, 1.0, None, 1)  # None: the trainer packs by TRAINER_MICRO_BATCH_TOKENS
     with pytest.raises(ValidationError) as info:
         GrpoStepRequest(items=[{"prompt": "a", "completion": "b", "advantage": 0.5}], loss={"type": "ppo"})
     assert "loss.type" in field_of(info.value)
@@ -59,6 +60,8 @@ def test_grpo_loss_defaults_and_bad_type():
         {"beta": 11},
         {"clip_eps_high": 11},
         {"learning_rate": 1e300},
+        {"updates": 0},
+        {"updates": 17},
     ],
 )
 def test_loss_settings_refuse_what_the_step_cannot_honour(loss):

@@ -19,6 +19,7 @@ def test_defaults_are_valid():
         ({"search": {"max_tokens": 8}}, "max_tokens"),
         ({"search": {"typo": 1}}, "typo"),
         ({"loss": {"type": "ppo"}}, "type"),
+        ({"loss": {"updates": 0}}, "updates"),
         ({"batch_size": -1}, "batch_size"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"teacher_paths": "whole"}, "teacher_paths"),

@@ -1,43 +1,32 @@
-import pytest
-
-from orchestrator.runners.step_metrics import tree_metrics
-from orchestrator.search.tree import Tree
+from orchestrator.runners.step_metrics import grpo_metrics
+from services.protocol import GrpoStepResponse
 
 
-def test_tree_metrics_over_terminal_paths():
-    tree = Tree("train-0", "q", "4", [{"role": "user", "content": "q"}])
-    a = tree.add_child(tree.root, "2+2=4", "student", "student", adapter_version=3)
-    good = tree.add_child(a, "#### 4", "student", "student", adapter_version=2)
-    bad = tree.add_child(tree.root, "#### 5", "embedded-base", "wrong")
-    for node, correct, reward in ((good, True, 1.0), (bad, False, -1.0)):
-        node.terminal, node.correct, node.reward = True, correct, reward
-    metrics = tree_metrics([tree])
-    assert metrics["trajectories"] == 2
-    assert metrics["mean_reward"] == 0.0
-    assert metrics["correct_leaf_share"] == 0.5
-    assert metrics["student_correct_share"] == 1.0 and metrics["rescued_groups"] == 0
-    assert metrics["sample_versions"] == [2, 3]  # the student's versions; the teacher's node has none
-    assert tree_metrics([]) == {
-        "trajectories": 0,
-        "mean_reward": None,
-        "correct_leaf_share": None,
-        "student_correct_share": None,
-        "rescued_groups": 0,
-        "sample_versions": [],
+def test_the_step_record_carries_the_trainer_updates():
+    """The job's step record says how many optimizer steps the trainer's /grpo/step made, and their norms."""
+    answer = GrpoStepResponse.model_validate(
+        {
+            "loss": 0.5,
+            "kl": 0.0,
+            "clip_fraction": 0.25,
+            "grad_norm": 0.3,
+            "tokens": 40,
+            "adapter_version": 3,
+            "step": 3,
+            "duplicate": False,
+            "micro_batches": 2,
+            "updates": 2,
+            "per_update": [
+                {"items": 4, "tokens": 20, "loss": 0.4, "grad_norm": 0.2, "clip_fraction": 0.0},
+                {"items": 4, "tokens": 20, "loss": 0.6, "grad_norm": 0.4, "clip_fraction": 0.5},
+            ],
+        }
+    )
+    record = grpo_metrics(answer, seconds=1.25)
+    assert (record["updates"], record["update_grad_norms"], record["adapter_version"]) == (2, [0.2, 0.4], 3)
+    # a trainer from before loss.updates: one update, none listed
+    older = answer.model_dump(exclude={"updates", "per_update"})
+    assert grpo_metrics(GrpoStepResponse.model_validate(older), 1.0) | {"grpo_seconds": 1.25} == record | {
+        "updates": 1,
+        "update_grad_norms": [],
     }
-
-
-def test_a_tree_only_a_teacher_got_right_is_counted_as_rescued():
-    tree = Tree("train-1", "q", "4", [{"role": "user", "content": "q"}])
-    a = tree.add_child(tree.root, "2+3=5", "student", "student")
-    wrong = [
-        tree.add_child(a, "#### 5", "student", "student"),
-        tree.add_child(tree.root, "#### 6", "student", "student"),
-    ]
-    right = tree.add_child(a, "#### 4", "reference", "right")  # the teacher finished the student's prefix
-    for node in wrong:
-        node.terminal, node.correct, node.reward = True, False, 0.0
-    right.terminal, right.correct, right.reward = True, True, 1.0
-    metrics = tree_metrics([tree, tree])
-    assert metrics["rescued_groups"] == 2 and metrics["student_correct_share"] == 0.0
-    assert metrics["correct_leaf_share"] == pytest.approx(1 / 3)

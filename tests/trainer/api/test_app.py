@@ -84,3 +84,18 @@ async def test_checkpoint_names_that_could_escape_the_folder_get_422(tmp_path, n
         for route in ("/checkpoints", "/checkpoints/load"):
             response = await client.post(route, json={"name": name})
             assert response.status_code == 422 and response.json()["error"]["param"] == "name"
+
+
+@pytest.mark.parametrize("updates", [0, 17, 2.5, "two"])
+async def test_a_bad_number_of_updates_gets_422_naming_the_field(tmp_path, updates):
+    import httpx
+
+    # Checked on the request model, before the engine is needed: the model never loads here.
+    settings = TrainerSettings(model_source=str(tmp_path / "nowhere.gguf"), checkpoint_dir=tmp_path)
+    transport = httpx.ASGITransport(app=create_app(settings))
+    item = {"prompt": "a", "completion": " b", "advantage": 1.0}
+    async with httpx.AsyncClient(transport=transport, base_url="http://trainer") as client:
+        response = await client.post("/grpo/step", json={"items": [item], "loss": {"updates": updates}})
+        assert response.status_code == 422 and response.json()["error"]["param"] == "loss.updates"
+        accepted = await client.post("/grpo/step", json={"items": [item], "loss": {"updates": 16}})
+        assert accepted.status_code == 503  # valid: it reaches the engine, which has no model here
