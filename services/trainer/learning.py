@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ def micro_batches(lengths: list[int], *, size: int | None, token_budget: int) ->
     return batches
 
 
-def update_batches(groups: list[int | None], updates: int, *, seed: int) -> list[list[int]]:
+def update_batches(groups: Sequence[int | None], updates: int, *, seed: int) -> list[list[int]]:
     """The items' indices cut into min(updates, n) mini-batches, one per optimizer step.
 
     One update: every item, in order (the step as it always was). Several: the items shuffled with `seed` (the
@@ -68,7 +69,7 @@ def update_batches(groups: list[int | None], updates: int, *, seed: int) -> list
     return batches
 
 
-def _group_key(groups: list[int | None], i: int) -> tuple[str, int]:
+def _group_key(groups: Sequence[int | None], i: int) -> tuple[str, int]:
     group = groups[i]
     return ("item", i) if group is None else ("group", group)
 

@@ -194,6 +194,14 @@ def test_the_token_budget_is_the_jobs_max_generated_tokens(repo_root):
     assert "max_generated_tokens" not in learning.product_request(learning.parse_args([]))
 
 
+def test_the_updates_flag_sets_loss_updates_in_every_arm(repo_root):
+    learning = load_learning(repo_root)
+    arms = learning.arm_requests(learning.parse_args(["--updates", "4"]))
+    assert {TrainRequest.model_validate(a).loss.updates for a in arms.values()} == {4}
+    # left out: not sent, so the trainer's default (1) holds
+    assert "loss" not in learning.product_request(learning.parse_args([]))
+
+
 def test_extra_arm_is_merged_over_the_product(repo_root):
     learning = load_learning(repo_root)
     args = learning.parse_args(["--arm", 'lr2e-4={"loss": {"learning_rate": 0.0002}}'])
