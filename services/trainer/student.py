@@ -24,6 +24,7 @@ from .decode_weights import MergedDecoder, merge_blocker
 from .generation import Admit, DecodeLoop, OnDone
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem, StepResult
 from .learning import grpo_step
+from .packed_linear import packing_available
 from .scoring import score
 from .settings import TrainerSettings
 from .slot_generation import SlotGeneration
@@ -84,7 +85,12 @@ class Student:
         # cost ~35% of a decode step); None = through the model as the backend has it, where merging is not possible.
         blocker = backend.merged_decode_off or merge_blocker(model)
         decode_dtype = torch.bfloat16 if settings.decode_dtype == "bfloat16" else None
-        self.merged_decoder = MergedDecoder(model, dtype=decode_dtype) if blocker is None else None
+        pack = (
+            settings.decode_packed
+            and device.type == "cpu"
+            and packing_available(decode_dtype or model.get_base_model().dtype)
+        )
+        self.merged_decoder = MergedDecoder(model, dtype=decode_dtype, pack=pack) if blocker is None else None
         if blocker is not None:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
             if decode_dtype is not None:

@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 from services.protocol import LossSettings
 from services.trainer.decode_weights import merge_blocker
 from services.trainer.items import GenerationRequest, GrpoItem
+from services.trainer.packed_linear import PackedLinear, packing_available
 from support.tiny_student import make_student
 
 PROMPTS = [[5, 6, 7, 8, 9], [42], [100, 200, 300]]
@@ -36,8 +37,14 @@ def student(tiny_random_model_dir, tmp_path):
     return make_student(tiny_random_model_dir, tmp_path)
 
 
-def test_the_transformers_backend_merges_and_shares_the_base_tensors(student):
+def weight(layer) -> torch.Tensor:
+    return layer.dense_weight() if isinstance(layer, PackedLinear) else layer.weight
+
+
+def test_the_transformers_backend_merges_and_shares_the_base_tensors(tiny_random_model_dir, tmp_path):
+    student = make_student(tiny_random_model_dir, tmp_path, decode_packed=False)
     assert student.merged_decoder is not None and merge_blocker(student.model) is None
+    assert not any(isinstance(m, PackedLinear) for m in student.merged_decoder.student.modules())
     peft_base = {t.data_ptr() for t in student.model.get_base_model().parameters()}
     # base shares every tensor; the student owns only its target weights
     assert {t.data_ptr() for t in student.merged_decoder.base.parameters()} <= peft_base
@@ -68,17 +75,25 @@ def test_loading_an_adapter_state_invalidates_the_merged_weights(student):
     assert greedy(student) == fresh
 
 
+@pytest.mark.parametrize("packed", [False, True])
 def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_float32(
-    tiny_random_model_dir, tmp_path
+    tiny_random_model_dir, tmp_path, packed
 ):
-    student = make_student(tiny_random_model_dir, tmp_path, decode_dtype="bfloat16")
+    if packed and not packing_available(torch.bfloat16):
+        pytest.skip("this torch or CPU does not pre-pack bf16 weights")
+    student = make_student(tiny_random_model_dir, tmp_path, decode_dtype="bfloat16", decode_packed=packed)
     decoder = student.merged_decoder
+    assert decoder.packed == packed
     assert student.model.get_base_model().dtype == torch.float32  # scoring and training stay float32
     assert decoder.base.dtype == decoder.student.dtype == torch.bfloat16
-    # one bf16 cast of each base tensor, shared by both copies; the student owns only its target weights
-    base_ptrs = {t.data_ptr() for t in decoder.base.parameters()}
-    owned = [n for n, t in decoder.student.named_parameters() if t.data_ptr() not in base_ptrs]
-    assert len(owned) == len(decoder.targets) and all(n.endswith("_proj.weight") for n in owned)
+    assert all(
+        weight(m).dtype == torch.bfloat16 for m in decoder.student.modules() if hasattr(m, "in_features")
+    )
+    if not packed:
+        # one bf16 cast of each base tensor, shared by both copies; the student owns only its target weights
+        base_ptrs = {t.data_ptr() for t in decoder.base.parameters()}
+        owned = [n for n, t in decoder.student.named_parameters() if t.data_ptr() not in base_ptrs]
+        assert len(owned) == len(decoder.targets) and all(n.endswith("_proj.weight") for n in owned)
     # rotary buffers keep float32, as transformers keeps them under bf16 weights
     assert all(b.dtype == torch.float32 for b in decoder.base.buffers() if b.is_floating_point())
 
@@ -89,9 +104,41 @@ def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_
     merged = (
         w0 + module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
     )
-    assert torch.equal(decoder.student.get_submodule(name).weight, merged.detach().to(torch.bfloat16))
+    assert torch.equal(weight(decoder.student.get_submodule(name)), merged.detach().to(torch.bfloat16))
     # bf16 greedy picks the float32 model's best token up to bf16 rounding (this random model has near-ties)
     with torch.no_grad():
         for prompt, tokens in zip(PROMPTS, greedy(student), strict=True):
             logprobs = student.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
             assert logprobs.max() - logprobs[tokens[0]] < 0.05
+
+
+@pytest.mark.skipif(
+    not packing_available(torch.float32), reason="this torch or CPU does not pre-pack weights"
+)
+def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_repacked_at_each_merge(student):
+    decoder = student.merged_decoder
+    assert decoder.packed
+    linears = {
+        copy: {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+        for copy, model in (("base", decoder.base), ("student", decoder.student))
+    }
+    assert linears["base"] and all(isinstance(m, PackedLinear) for c in linears.values() for m in c.values())
+    targets = {name for name, _ in decoder.targets}
+    for name, layer in linears[
+        "student"
+    ].items():  # non-targets (the lm_head) shared, targets the student's own
+        assert (layer is linears["base"][name]) == (name not in targets)
+    peft_model = student.model.get_base_model()
+    for name, layer in linears["base"].items():  # base packs the peft model's own W0 (float32: no cast)
+        plain = peft_model.get_submodule(name)
+        assert torch.equal(layer.dense_weight(), getattr(plain, "base_layer", plain).weight)
+
+    big_step(student)
+    trained = greedy(student, merged=False)
+    assert greedy(student) == trained  # the student's targets were packed again at this adapter version
+    name, module = decoder.targets[0]
+    merged = module.get_base_layer().weight + module.scaling["default"] * (
+        module.lora_B["default"].weight @ module.lora_A["default"].weight
+    )
+    assert torch.allclose(linears["student"][name].dense_weight(), merged.detach(), atol=1e-6)
+    assert torch.equal(linears["base"][name].dense_weight(), module.get_base_layer().weight)  # base untouched

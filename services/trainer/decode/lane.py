@@ -99,7 +99,7 @@ class Lane:
         self._floats = torch.zeros(2, slots, dtype=torch.float32, device=device)
         self.temperature, self.top_p = self._floats[0], self._floats[1]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # sampled, then fed
-        vocab = self.lm_head.weight.shape[0]
+        vocab = self.lm_head.out_features
         # One more row than slots: the scratch slot's, where prefill padding writes its logits.
         self.logits = torch.zeros(slots + 1, vocab, dtype=torch.float32, device=device)
         self.picked = torch.zeros(slots, dtype=torch.float32, device=device)
