@@ -307,6 +307,10 @@ def test_sampler_keeps_to_the_nucleus_and_follows_the_distribution():
     assert bool((greedy == 0).all()) and top_ids[0].tolist() == [0, 1]
     again, _, _, _ = choose(logits, ones, ones, seeds, counters, sampled=True, nucleus=False, top_k=0)
     assert torch.equal(again, tokens)  # a pure function of seed and counter
+    bare, no_logprobs, _, _ = choose(
+        logits, ones, ones, seeds, counters, sampled=True, nucleus=False, top_k=0, logprobs=False
+    )
+    assert torch.equal(bare, tokens) and no_logprobs is None  # the same draw without the log-softmax
 
 
 def test_row_uniform_is_strictly_inside_zero_one_and_varies_with_seed_and_counter():

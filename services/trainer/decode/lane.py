@@ -355,8 +355,8 @@ class Lane:
         rows = self._rows_bound()
         sampled, nucleus, top_k, want_logprobs = self._mode
         self.graphs.run(
-            ("sample", rows, sampled, nucleus, top_k),
-            lambda: self._sample(rows, sampled, nucleus, top_k),
+            ("sample", rows, sampled, nucleus, top_k, want_logprobs),
+            lambda: self._sample(rows, sampled, nucleus, top_k, want_logprobs),
         )
         # Copies, not views: in the overlapped order the next step may run before the host reads these.
         outputs = [self.tokens[:rows]]
@@ -371,7 +371,7 @@ class Lane:
         else:
             self._sampled = [t.clone() for t in outputs]
 
-    def _sample(self, rows: int, sampled: bool, nucleus: bool, top_k: int) -> None:
+    def _sample(self, rows: int, sampled: bool, nucleus: bool, top_k: int, logprobs: bool) -> None:
         tokens, picked, top_values, top_ids = choose(
             self.logits[:rows],
             self.temperature[:rows],
@@ -381,9 +381,11 @@ class Lane:
             sampled=sampled,
             nucleus=nucleus,
             top_k=top_k,
+            logprobs=logprobs,
         )
         self.tokens[:rows].copy_(tokens)
-        self.picked[:rows].copy_(picked)
+        if picked is not None:
+            self.picked[:rows].copy_(picked)
         if top_values is not None and top_ids is not None:
             self.top_values[:rows, :top_k].copy_(top_values)
             self.top_ids[:rows, :top_k].copy_(top_ids)
