@@ -91,7 +91,8 @@ class TrainerSettings(BaseSettings):
     decode_dtype: Literal["model", "bfloat16"] = "model"
     # On CPU, the decode copies' linear layers hold their weights pre-packed by oneDNN (packed_linear.py): about 2x
     # faster decode GEMMs, for one packed copy of the base weights in memory (~540 MB float32, ~270 MB bf16 for
-    # SmolLM2-135M). Ignored on CUDA and where this torch or CPU cannot pack.
+    # SmolLM2-135M). Ignored on CUDA, where this torch or CPU cannot pack, and with TRAINER_DECODE_COMPILE (dynamo
+    # cannot trace oneDNN's opaque packed tensors).
     decode_packed: bool = True
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
     # The adapter of every version as a PEFT directory, for a student server that loads LoRA adapters at runtime

@@ -88,6 +88,7 @@ class Student:
         pack = (
             settings.decode_packed
             and device.type == "cpu"
+            and not settings.decode_compile  # dynamo cannot trace oneDNN's opaque packed weights
             and packing_available(decode_dtype or model.get_base_model().dtype)
         )
         self.merged_decoder = MergedDecoder(model, dtype=decode_dtype, pack=pack) if blocker is None else None

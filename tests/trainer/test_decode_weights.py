@@ -142,3 +142,9 @@ def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_re
     )
     assert torch.allclose(linears["student"][name].dense_weight(), merged.detach(), atol=1e-6)
     assert torch.equal(linears["base"][name].dense_weight(), module.get_base_layer().weight)  # base untouched
+
+
+def test_a_compiled_decode_step_keeps_plain_linears_which_dynamo_can_trace(tiny_random_model_dir, tmp_path):
+    student = make_student(tiny_random_model_dir, tmp_path, decode_compile=True)
+    assert student.merged_decoder is not None and not student.merged_decoder.packed
+    assert not any(isinstance(m, PackedLinear) for m in student.merged_decoder.student.modules())
