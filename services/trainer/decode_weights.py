@@ -18,10 +18,11 @@ With TRAINER_DECODE_DTYPE=bfloat16 on a float32 model (CPUs with bf16 matrix ins
 casts of those tensors instead, each cast once: one more bf16 copy of the whole model besides the student's targets.
 
 On CPU (TRAINER_DECODE_PACKED, on by default) every linear layer of the copies is a PackedLinear (packed_linear.py):
-its weight pre-packed once by oneDNN, about twice as fast per decode GEMM. Packed weights are shared as the plain
+its weight pre-packed once by oneDNN, 2-3x as fast per decode GEMM. Packed weights are shared as the plain
 ones would be (base's and the student's non-target layers, the lm_head); the student's targets are packed again at
-each sync, and no plain copy of them is kept. The cost: one packed copy of base's linear weights (SmolLM2-135M:
-~134M parameters, ~540 MB in float32, ~270 MB in bf16), since the peft model keeps the plain ones.
+each sync, and no plain copy of them is kept. The cost in float32: one packed copy of base's linear weights
+(SmolLM2-135M: ~134M parameters, ~540 MB), since the peft model keeps the plain ones; in bf16 the packed layers
+take the place of the plain bf16 casts.
 """
 
 from __future__ import annotations

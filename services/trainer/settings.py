@@ -89,9 +89,9 @@ class TrainerSettings(BaseSettings):
     # bf16 copy, not the float32 model that scores and trains (as with a bf16 vLLM student). Scoring and training
     # are unchanged.
     decode_dtype: Literal["model", "bfloat16"] = "model"
-    # On CPU, the decode copies' linear layers hold their weights pre-packed by oneDNN (packed_linear.py): about 2x
-    # faster decode GEMMs, for one packed copy of the base weights in memory (~540 MB float32, ~270 MB bf16 for
-    # SmolLM2-135M). Ignored on CUDA, where this torch or CPU cannot pack, and with TRAINER_DECODE_COMPILE (dynamo
+    # On CPU, the decode copies' linear layers hold their weights pre-packed by oneDNN (packed_linear.py): 2-3x
+    # faster decode GEMMs, for one packed copy of the base weights in memory (float32: ~540 MB for SmolLM2-135M;
+    # bf16: in place of the plain bf16 casts). Ignored on CUDA, where this torch or CPU cannot pack, and with TRAINER_DECODE_COMPILE (dynamo
     # cannot trace oneDNN's opaque packed tensors).
     decode_packed: bool = True
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
