@@ -33,7 +33,7 @@ from typing import cast
 
 import torch
 
-from .packed_linear import PackedLinear
+from .packed_linear import PackedGroup, PackedLinear, PackedSlice
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ class MergedDecoder:
             packs: dict[int, PackedLinear] = {}  # one packed layer per shared weight tensor
             _pack_linears(self.base, packs, own=set())
             _pack_linears(self.student, packs, own={name for name, _ in self.targets})
+            groups: dict[tuple[int, ...], PackedGroup] = {}  # one group per tuple of member layers
+            _fuse_siblings(self.base, groups)
+            _fuse_siblings(self.student, groups)
         # The layers whose weights `sync` rewrites (nn.Linear: in place; PackedLinear: packed again).
         self._student_layers = [self.student.get_submodule(name) for name, _ in self.targets]
         self._synced_version: int | None = None  # adapter_version the student weights hold; None = stale
@@ -108,16 +111,23 @@ class MergedDecoder:
         The sum is formed in float32 and cast once to the weights' dtype (bf16 on CUDA)."""
         if self._synced_version == adapter_version:
             return
+        staged: dict[
+            int, tuple[PackedGroup, dict[int, torch.Tensor]]
+        ] = {}  # fused groups: packed once, at the end
         for (_, module), layer in zip(self.targets, self._student_layers, strict=True):
             w0 = module.get_base_layer().weight
             lora_b = cast(torch.Tensor, module.lora_B[ADAPTER].weight)
             lora_a = cast(torch.Tensor, module.lora_A[ADAPTER].weight)
             delta = lora_b.float() @ lora_a.float()
             merged = w0.float() + module.scaling[ADAPTER] * delta
-            if isinstance(layer, PackedLinear):
+            if isinstance(layer, PackedSlice):
+                staged.setdefault(id(layer.group), (layer.group, {}))[1][layer.index] = merged.to(layer.dtype)
+            elif isinstance(layer, PackedLinear):
                 layer.load(merged.to(layer.dtype))
             else:
                 layer.weight.copy_(merged.to(layer.weight.dtype))
+        for group, parts in staged.values():
+            group.load(parts)
         self._synced_version = adapter_version
         self.epoch += 1
 
@@ -189,3 +199,26 @@ def _pack_linears(plain, packs: dict[int, PackedLinear], *, own: set[str]) -> No
                 layer = packs[id(weight)] = PackedLinear(weight, module.bias)
         parent, _, leaf = path.rpartition(".")
         setattr(plain.get_submodule(parent), leaf, layer)
+
+
+# Projections that read one input, fused into one GEMM where a module has all of them (Llama-style attention, MLP).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fuse_siblings(plain, groups: dict[tuple[int, ...], PackedGroup]) -> None:
+    """Replace each set of bias-free PackedLinear siblings by PackedSlices of one PackedGroup. Siblings that are the
+    same layers in another copy (base's and the student's non-targets) share their group through `groups`."""
+    for module in list(plain.modules()):
+        for names in SIBLINGS:
+            members = [getattr(module, name, None) for name in names]
+            if not all(isinstance(m, PackedLinear) and m.bias is None for m in members):
+                continue
+            layers = cast(list[PackedLinear], members)
+            if len({m.in_features for m in layers}) != 1 or len({m.dtype for m in layers}) != 1:
+                continue
+            key = tuple(id(m) for m in layers)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = PackedGroup([m.dense_weight() for m in layers])
+            for index, name in enumerate(names):
+                setattr(module, name, PackedSlice(group, index))

@@ -70,3 +70,54 @@ class PackedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, packed"
+
+
+class PackedGroup:
+    """Sibling projections of one input (a layer's q, k and v; the MLP's gate and up) as one packed GEMM.
+
+    Each member is a PackedSlice in the model, called as the plain projection would be: the first member called with
+    an input computes the product for all of them, and the others, called with that same tensor, take their slice
+    of it (the last member drops it). Three GEMMs of 576 -> 576, 192, 192 at 32 rows take ~84 us, one of 576 -> 960
+    ~53 us; fewer, larger parallel regions also suffer less when other processes share the cores. A member called
+    with another input (a model whose attention calls its projections otherwise) computes the product again: slower,
+    never wrong."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        self.sizes = [w.shape[0] for w in weights]
+        self.layer = PackedLinear(torch.cat([w.detach() for w in weights]), None)
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+
+    def load(self, parts: dict[int, torch.Tensor]) -> None:
+        """Pack again with member i's weight replaced by parts[i] (members not in parts keep theirs)."""
+        current = self.layer.dense_weight().split(self.sizes) if len(parts) < len(self.sizes) else ()
+        self.layer.load(torch.cat([parts[i] if i in parts else current[i] for i in range(len(self.sizes))]))
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if x is not self._input:
+            self._input, self._outputs = x, self.layer(x).split(self.sizes, dim=-1)
+        out = self._outputs[index]
+        if index == len(self.sizes) - 1:
+            self._input, self._outputs = None, ()
+        return out
+
+
+class PackedSlice(torch.nn.Module):
+    """Member `index` of a PackedGroup: y = x W_index^T."""
+
+    def __init__(self, group: PackedGroup, index: int):
+        super().__init__()
+        self.group, self.index = group, index
+        self.out_features = group.sizes[index]
+        self.in_features = group.layer.in_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.group.layer.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        start = sum(self.group.sizes[: self.index])
+        return self.group.layer.dense_weight()[start : start + self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x, self.index)

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from services.protocol import LossSettings
 from services.trainer.decode_weights import merge_blocker
 from services.trainer.items import GenerationRequest, GrpoItem
-from services.trainer.packed_linear import PackedLinear, packing_available
+from services.trainer.packed_linear import PackedGroup, PackedLinear, PackedSlice, packing_available
 from support.tiny_student import make_student
 
 PROMPTS = [[5, 6, 7, 8, 9], [42], [100, 200, 300]]
@@ -38,7 +38,7 @@ def student(tiny_random_model_dir, tmp_path):
 
 
 def weight(layer) -> torch.Tensor:
-    return layer.dense_weight() if isinstance(layer, PackedLinear) else layer.weight
+    return layer.dense_weight() if isinstance(layer, (PackedLinear, PackedSlice)) else layer.weight
 
 
 def test_the_transformers_backend_merges_and_shares_the_base_tensors(tiny_random_model_dir, tmp_path):
@@ -112,22 +112,32 @@ def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_
             assert logprobs.max() - logprobs[tokens[0]] < 0.05
 
 
+def packed_of(layer):
+    """The packed weight holder of a decode linear: the layer itself, or the fused group it is a slice of."""
+    return layer.group if isinstance(layer, PackedSlice) else layer
+
+
 @pytest.mark.skipif(
     not packing_available(torch.float32), reason="this torch or CPU does not pre-pack weights"
 )
 def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_repacked_at_each_merge(student):
     decoder = student.merged_decoder
     assert decoder.packed
+    kinds = (torch.nn.Linear, PackedLinear, PackedSlice)
     linears = {
-        copy: {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+        copy: {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
         for copy, model in (("base", decoder.base), ("student", decoder.student))
     }
-    assert linears["base"] and all(isinstance(m, PackedLinear) for c in linears.values() for m in c.values())
+    assert linears["base"] and not any(
+        type(m) is torch.nn.Linear for c in linears.values() for m in c.values()
+    )
+    q, k, v = (linears["base"][f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert isinstance(q, PackedSlice) and q.group is k.group is v.group  # one GEMM for the three
     targets = {name for name, _ in decoder.targets}
     for name, layer in linears[
         "student"
     ].items():  # non-targets (the lm_head) shared, targets the student's own
-        assert (layer is linears["base"][name]) == (name not in targets)
+        assert (packed_of(layer) is packed_of(linears["base"][name])) == (name not in targets)
     peft_model = student.model.get_base_model()
     for name, layer in linears["base"].items():  # base packs the peft model's own W0 (float32: no cast)
         plain = peft_model.get_submodule(name)
@@ -136,12 +146,30 @@ def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_re
     big_step(student)
     trained = greedy(student, merged=False)
     assert greedy(student) == trained  # the student's targets were packed again at this adapter version
-    name, module = decoder.targets[0]
-    merged = module.get_base_layer().weight + module.scaling["default"] * (
-        module.lora_B["default"].weight @ module.lora_A["default"].weight
-    )
-    assert torch.allclose(linears["student"][name].dense_weight(), merged.detach(), atol=1e-6)
-    assert torch.equal(linears["base"][name].dense_weight(), module.get_base_layer().weight)  # base untouched
+    for name, module in decoder.targets[:3]:  # q, k, v of layer 0: each slice of the fused group merged
+        merged = module.get_base_layer().weight + module.scaling["default"] * (
+            module.lora_B["default"].weight @ module.lora_A["default"].weight
+        )
+        assert torch.allclose(linears["student"][name].dense_weight(), merged.detach(), atol=1e-6)
+        assert torch.equal(
+            linears["base"][name].dense_weight(), module.get_base_layer().weight
+        )  # base untouched
+
+
+@pytest.mark.skipif(
+    not packing_available(torch.float32), reason="this torch or CPU does not pre-pack weights"
+)
+def test_a_fused_group_serves_each_member_its_own_product_whatever_the_call_order():
+    weights = [torch.randn(n, 16) for n in (8, 4, 4)]
+    group = PackedGroup(weights)
+    q, k, v = (PackedSlice(group, i) for i in range(3))
+    x, y = torch.randn(5, 16), torch.randn(5, 16)
+    assert torch.allclose(q(x), x @ weights[0].T, atol=1e-5)
+    assert torch.allclose(k(y), y @ weights[1].T, atol=1e-5)  # another input: computed again, not x's slice
+    assert torch.allclose(v(y), y @ weights[2].T, atol=1e-5)
+    assert torch.allclose(v(x), x @ weights[2].T, atol=1e-5)  # the last member dropped y's product
+    group.load({1: torch.zeros(4, 16)})  # one member rewritten, the others kept
+    assert torch.equal(k(x), torch.zeros(5, 4)) and torch.allclose(q(x), x @ weights[0].T, atol=1e-5)
 
 
 def test_a_compiled_decode_step_keeps_plain_linears_which_dynamo_can_trace(tiny_random_model_dir, tmp_path):
