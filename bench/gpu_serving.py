@@ -103,6 +103,7 @@ def install_pydantic_stand_ins() -> None:
         torch_threads: int | None = None
         micro_batch_tokens: int | None = None
         decode_dtype: str = "model"
+        decode_packed: bool = True  # read by Student; CPU only, so a no-op on the GPU
         seed: int = 0
 
     module = types.ModuleType("services.trainer.settings")
