@@ -272,7 +272,7 @@ class TrainerEngine:
         scores, version = await self.batcher.call((SCORE, req.model == "student"), items, rows=len(items))
         results = [
             CompletionScore(
-                tokens=[self.tokenizer.decode([t]) for t in item.completion_ids],
+                tokens=[self.shaper.piece(t) for t in item.completion_ids],
                 token_logprobs=values,
                 sum=float(sum(values)),
                 mean=float(sum(values) / len(values)) if values else 0.0,
