@@ -255,10 +255,21 @@ def service_pythonpath() -> str:
         raise RuntimeError("the service needs fastapi, uvicorn and pydantic-settings, and .whl holds no wheels "
                            "(carry .whl: see bench/gpu_learning.sh)")
     site = Path(tempfile.gettempdir()) / "site"
-    if not (site / "fastapi").is_dir():
+    installed = site / ".wheels"  # the wheel names installed there: a warm machine reinstalls when .whl changed
+    names = "\n".join(wheel.name for wheel in wheels)
+    if not (site / "fastapi").is_dir() or not installed.is_file() or installed.read_text() != names:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+        installed.write_text(names)
     return os.pathsep.join([str(site), *here])
+
+
+def http_parser(pythonpath: str) -> str:
+    """The HTTP parser uvicorn picks in the service's process: httptools (C) where it is installed, else h11."""
+    probe = "import importlib.util as u; print('httptools' if u.find_spec('httptools') else 'h11')"
+    found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": pythonpath},
+                           capture_output=True, text=True)
+    return found.stdout.strip() or "unknown"
 
 
 def parse_variants(text: str) -> dict[str, dict[str, str]]:
@@ -318,7 +329,8 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
         t = time.perf_counter()
         health = process.wait_ready(max(deadline - time.monotonic(), 1.0))
         info = {"ready_wait_s": time.perf_counter() - t, "device": health["device"],
-                "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")}}
+                "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")},
+                "http_parser": http_parser(process.env["PYTHONPATH"])}
         t = time.perf_counter()
         warm = asyncio.run(closed_loop(process.url, levels[-1], args.warmup_s, body))
         asyncio.run(closed_loop(process.url, 1, min(args.warmup_s, 2.0), body))
