@@ -99,3 +99,30 @@ async def test_a_bad_number_of_updates_gets_422_naming_the_field(tmp_path, updat
         assert response.status_code == 422 and response.json()["error"]["param"] == "loss.updates"
         accepted = await client.post("/grpo/step", json={"items": [item], "loss": {"updates": 16}})
         assert accepted.status_code == 503  # valid: it reaches the engine, which has no model here
+
+
+def test_every_dependency_and_route_runs_on_the_event_loop():
+    """FastAPI runs a plain `def` dependency or endpoint in its thread pool: a hand-off to a worker thread and back
+    per request, contending for the GIL with the decode thread (~7% of it at 255 requests in flight, issue #20)."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from services.trainer.api import checkpoint_routes, health_routes, openai_routes, training_routes
+
+    sync = []
+
+    def walk(dependant, where):
+        for dependency in dependant.dependencies:
+            if dependency.call is not None and not inspect.iscoroutinefunction(dependency.call):
+                sync.append(f"{where}: {dependency.call.__name__}")
+            walk(dependency, where)
+
+    modules = (health_routes, openai_routes, training_routes, checkpoint_routes)  # the routers create_app includes
+    routes = [route for module in modules for route in module.router.routes if isinstance(route, APIRoute)]
+    assert len(routes) >= 8
+    for route in routes:
+        if not inspect.iscoroutinefunction(route.endpoint):
+            sync.append(f"{route.path}: the endpoint {route.endpoint.__name__}")
+        walk(route.dependant, route.path)
+    assert sync == []
