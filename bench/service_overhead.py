@@ -78,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkouts", default=f"this={ROOT}", help="name=path,... (each a checkout of the project)")
     parser.add_argument("--env", default="", help="TRAINER_*=value,... for every service")
-    parser.add_argument("--in-flight", type=int, default=255)
+    parser.add_argument("--in-flight", default="255", help="levels, e.g. 32,255 (each: every repeat, every service)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--repeats", type=int, default=2)
@@ -99,7 +99,8 @@ def main() -> int:
     write_model(work / "model", ROOT / "bench" / "configs" / "smollm2-135m", tiny=True)
     extra_env = dict(a.split("=", 1) for a in args.env.split(",") if a)
     checkouts = dict(c.split("=", 1) for c in args.checkouts.split(","))
-    rows = max(256, args.in_flight)
+    levels = [int(level) for level in args.in_flight.split(",")]
+    rows = max(256, *levels)
     services = {
         name: start(name, Path(path).resolve(), work, work / "model", rows, extra_env)
         for name, path in checkouts.items()
@@ -112,11 +113,11 @@ def main() -> int:
         return {"model": "student", "prompt": f"{client} {k} {text}", "max_tokens": args.tokens,
                 "temperature": 1.0, "top_p": 1.0, "seed": client * 100_003 + k, "logprobs": 0}
 
-    def loop(process) -> dict:
+    def loop(process, in_flight: int) -> dict:
         url = process.url
         counters = lambda: httpx.get(url + "/health", timeout=30).json()["batcher"]  # noqa: E731
         before, cpu_before = counters(), cpu_seconds(process.proc.pid)
-        result = asyncio.run(closed_loop(url, args.in_flight, args.seconds, body))
+        result = asyncio.run(closed_loop(url, in_flight, args.seconds, body))
         cpu_after = cpu_seconds(process.proc.pid)
         passes = counters()["forward_passes"] - before["forward_passes"]
         requests = max(result["requests"], 1)
@@ -128,27 +129,29 @@ def main() -> int:
 
     loops = []
     try:
-        for name, process in services.items():
+        for process in services.values():
             process.wait_ready(300)
-            asyncio.run(closed_loop(process.url, args.in_flight, args.warmup_s, body))
-        for repeat in range(args.repeats):
+            asyncio.run(closed_loop(process.url, max(levels), args.warmup_s, body))
+        for level, repeat in ((level, repeat) for level in levels for repeat in range(args.repeats)):
             for name, process in services.items():
-                result = loop(process)
+                result = loop(process, level)
                 loops.append({"service": name, "repeat": repeat, "load_avg": os.getloadavg()[0], **result})
-                print(f"{name:>10} r{repeat} {result['tok_s']:8.0f} tok/s {result['requests_s']:6.1f} req/s "
+                print(f"{name:>10} {level:3d} r{repeat} {result['tok_s']:8.0f} tok/s {result['requests_s']:6.1f} req/s "
                       f"{result['ms_per_pass']:6.2f} ms/pass {result['tokens_per_pass']:6.1f} tok/pass "
                       f"loop CPU {result['event_loop_cpu_ms_per_request']:5.2f} ms/req, other threads "
                       f"{result['other_threads_cpu_ms_per_request']:5.2f} "
                       f"conn_err {result['connection_errors']} http {result['http_errors']} "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
-        for name in services:
-            mine = [x["tok_s"] for x in loops if x["service"] == name]
-            if mine:
-                print(f"{name:>10} mean {sum(mine) / len(mine):8.0f} tok/s over {len(mine)} loops", flush=True)
+        for level, name in ((level, name) for level in levels for name in services):
+            mine = [x for x in loops if x["service"] == name and x["in_flight"] == level]
+            tok_s = sum(x["tok_s"] for x in mine) / len(mine)
+            cpu = sum(x["event_loop_cpu_ms_per_request"] for x in mine) / len(mine)
+            print(f"{name:>10} {level:3d} mean {tok_s:8.0f} tok/s, event-loop CPU {cpu:5.2f} ms/request over "
+                  f"{len(mine)} loops", flush=True)
         if args.profile_s > 0:
             name, process = next(iter(services.items()))
             profile(process, args.profile_s, Path(args.profile_out),
-                    lambda: asyncio.run(closed_loop(process.url, args.in_flight, args.profile_s + 2, body)))
+                    lambda: asyncio.run(closed_loop(process.url, max(levels), args.profile_s + 2, body)))
     finally:
         for process in services.values():
             process.stop()

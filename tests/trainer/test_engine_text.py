@@ -30,7 +30,9 @@ def engine(student, tmp_path_factory):
 def test_encode_gives_the_ids_of_transformers_call(engine, special):
     reference = engine.tokenizer  # the handlers' copy, asked the way the engine asked before
     for text in TEXTS:
-        assert engine.encode(text, special=special) == reference(text, add_special_tokens=special).input_ids, text
+        assert (
+            engine.encode(text, special=special) == reference(text, add_special_tokens=special).input_ids
+        ), text
 
 
 def test_encode_follows_split_special_tokens(engine):

@@ -118,7 +118,8 @@ def test_every_dependency_and_route_runs_on_the_event_loop():
                 sync.append(f"{where}: {dependency.call.__name__}")
             walk(dependency, where)
 
-    modules = (health_routes, openai_routes, training_routes, checkpoint_routes)  # the routers create_app includes
+    # The routers create_app includes.
+    modules = (health_routes, openai_routes, training_routes, checkpoint_routes)
     routes = [route for module in modules for route in module.router.routes if isinstance(route, APIRoute)]
     assert len(routes) >= 8
     for route in routes:
