@@ -6,6 +6,7 @@ Settings come from TRAINER_* environment variables; --host/--port/--model-source
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -34,13 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     settings = TrainerSettings(**overrides)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the process's one GIL: see the setting
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    http = http_parser(settings.http_parser)
+    logging.getLogger(__name__).info("HTTP parser: %s", http)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
         timeout_keep_alive=settings.keep_alive_s,
+        http=http,
     )
+
+
+def http_parser(choice: str) -> str:
+    """TRAINER_HTTP_PARSER as uvicorn's `http`: "auto" is httptools where it imports (as uvicorn's own auto)."""
+    if choice == "auto":
+        return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    return choice
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class TrainerSettings(BaseSettings):
     # GIL-releasing calls (a graph replay, a copy, the wait for the GPU) could cost it up to 5 ms to get the GIL
     # back from a busy event loop, longer than a whole decode step on a GPU.
     gil_switch_interval_ms: float = Field(default=0.5, gt=0, le=100)
+    # uvicorn's HTTP parser: "auto" takes httptools (C, a dependency) where it imports, else h11 (pure Python,
+    # ~8% of the process's GIL time at 255 requests in flight, bench/RESULTS.md); set one to compare them.
+    http_parser: Literal["auto", "httptools", "h11"] = "auto"
     max_context: int = Field(default=2048, ge=16)
     # "slots": generation runs in services/trainer/decode (fixed KV slots, prefix reuse, CUDA graphs) wherever the
     # adapter can be merged; "loop": the transformers DynamicCache loop in student.py (always used where it cannot).

@@ -127,3 +127,18 @@ def test_every_dependency_and_route_runs_on_the_event_loop():
             sync.append(f"{route.path}: the endpoint {route.endpoint.__name__}")
         walk(route.dependant, route.path)
     assert sync == []
+
+
+def test_the_http_parser_setting_picks_uvicorns_parser(monkeypatch):
+    import uvicorn.config
+
+    from services.trainer.__main__ import http_parser
+
+    assert TrainerSettings().http_parser == "auto"
+    assert http_parser("auto") == "httptools"  # a dependency of the project (pyproject.toml)
+    assert http_parser("h11") == "h11"
+    for name in ("auto", "h11", "httptools"):  # uvicorn knows each value the service passes
+        assert http_parser(name) in uvicorn.config.HTTP_PROTOCOLS
+    monkeypatch.setenv("TRAINER_HTTP_PARSER", "h2")
+    with pytest.raises(ValueError):
+        TrainerSettings()
