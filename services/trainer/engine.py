@@ -148,15 +148,7 @@ class TrainerEngine:
             ) from exc
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
-        """The text's token ids. Through the Rust tokenizer itself where there is one: transformers' __call__
-        around it (argument checks, a BatchEncoding of every field) cost ~9% of the process's GIL time at 255
-        requests in flight, and gives the same ids (tests/trainer/test_engine_encode.py)."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or backend.truncation is not None or backend.padding is not None:
-            return list(self.tokenizer(text, add_special_tokens=special).input_ids)
-        if backend.encode_special_tokens != self.tokenizer.split_special_tokens:
-            backend.encode_special_tokens = self.tokenizer.split_special_tokens  # as transformers sets it
-        return backend.encode(text, add_special_tokens=special).ids
+        return list(self.tokenizer(text, add_special_tokens=special).input_ids)
 
     def _check_room(self, field: str, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
