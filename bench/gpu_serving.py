@@ -264,8 +264,13 @@ def service_pythonpath() -> str:
     return os.pathsep.join([str(site), *here])
 
 
-def http_parser(pythonpath: str) -> str:
-    """The HTTP parser uvicorn picks in the service's process: httptools (C) where it is installed, else h11."""
+def http_parser(env: dict[str, str]) -> str:
+    """The HTTP parser of the service's process: TRAINER_HTTP_PARSER where it names one, else (auto) httptools (C)
+    where it is installed there, else h11."""
+    chosen = env.get("TRAINER_HTTP_PARSER", "auto")
+    if chosen != "auto":
+        return chosen
+    pythonpath = env["PYTHONPATH"]
     probe = "import importlib.util as u; print('httptools' if u.find_spec('httptools') else 'h11')"
     found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": pythonpath},
                            capture_output=True, text=True)
@@ -330,7 +335,7 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
         health = process.wait_ready(max(deadline - time.monotonic(), 1.0))
         info = {"ready_wait_s": time.perf_counter() - t, "device": health["device"],
                 "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")},
-                "http_parser": http_parser(process.env["PYTHONPATH"])}
+                "http_parser": http_parser(process.env)}
         t = time.perf_counter()
         warm = asyncio.run(closed_loop(process.url, levels[-1], args.warmup_s, body))
         asyncio.run(closed_loop(process.url, 1, min(args.warmup_s, 2.0), body))
