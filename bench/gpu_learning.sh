@@ -32,7 +32,12 @@
 # bench/reliability_bench.py (into $OUT/reliability.json; its load and keep_alive phases need no extra wheels).
 set -o pipefail
 cd "$(dirname "$0")/.."
-[ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Installed once per machine, and again when the carried wheels change (a warm machine keeps /tmp/site).
+STAMP=$(ls .whl 2>/dev/null | sha256sum | cut -c1-16)
+if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$STAMP" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  echo "$STAMP" > /tmp/site/.wheels
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 G=/tmp/gguf; mkdir -p $G
 for p in aa ab; do for d in .gguf_parts .models; do [ -f $d/part_$p ] && cp $d/part_$p $G/part_$p; done; done
