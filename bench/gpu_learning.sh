@@ -33,8 +33,9 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 # Installed once per machine, and again when the carried wheels change (a warm machine keeps /tmp/site).
+# A call that does not carry .whl uses what an earlier call installed.
 STAMP=$(ls .whl 2>/dev/null | sha256sum | cut -c1-16)
-if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$STAMP" ]; then
+if ls .whl/*.whl > /dev/null 2>&1 && [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$STAMP" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   echo "$STAMP" > /tmp/site/.wheels
 fi
