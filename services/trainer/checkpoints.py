@@ -15,10 +15,11 @@ half-deleted; `recover` removes what a crash left of one.
 
 Crashes (kill -9) and full disks. A save that dies while writing leaves only a hidden `.<name>.tmp-*` directory,
 which listing and loading ignore and the next process removes (`recover`; temporary directories carry a token of
-the process writing them, so a live save is never touched). Replacing an existing checkpoint takes two renames (the old one aside into
-`.<name>.old-*/<name>`, the new one into place); a crash between them leaves no `<name>`, so listing and loading
-first move a complete aside copy back (`recover`). A write that fails (ENOSPC, EFBIG under RLIMIT_FSIZE, EIO)
-raises CheckpointWriteError naming the cause; the previous checkpoint of that name stays as it was.
+the process writing them, so a live save is never touched). Replacing an existing checkpoint takes two renames
+(the old one aside into `.<name>.old-*/<name>`, the new one into place); a crash between them leaves no
+`<name>`, so listing and loading first move a complete aside copy back (`recover`). A write that fails (ENOSPC,
+EFBIG under RLIMIT_FSIZE, EIO) raises CheckpointWriteError naming the cause; the previous checkpoint of that name
+stays as it was.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Why: on CPU, `F.linear` hands oneDNN/MKL the weight in its plain row-major layout at every call, and at a decode
 step's shapes (32 rows x 576 -> 1536 and the like) that costs 2-3x what oneDNN takes with the weight reordered once
 into its blocked layout (2 cores, AMD EPYC avx512_bf16, 32 x 576 -> 1536: bf16 145 -> 78 us, float32 408 -> 131
-us; in process, 32 rows x 64 tokens: float32 1.9x the tokens/s, the bf16 copy 1.09x; bench/RESULTS.md, issue #20). The reorder is what torch.compile's inductor does for frozen CPU
-weights (torch.ops.mkldnn._reorder_linear_weight and _linear_pointwise); here it is done without compiling, once
-per weight, and again whenever a merged weight is rewritten (`load`).
+us; in process, 32 rows x 64 tokens: float32 1.9x the tokens/s, the bf16 copy 1.09x; bench/RESULTS.md, issue
+#20). The reorder is what torch.compile's inductor does for frozen CPU weights (torch.ops.mkldnn.
+_reorder_linear_weight and _linear_pointwise); here it is done without compiling, once per weight, and again
+whenever a merged weight is rewritten (`load`).
 
 The result is the same product: bf16 bit-equal to F.linear on the shapes tested, float32 within a few ulps (the
 summation order differs).

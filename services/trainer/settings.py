@@ -94,8 +94,8 @@ class TrainerSettings(BaseSettings):
     decode_dtype: Literal["model", "bfloat16"] = "model"
     # On CPU, the decode copies' linear layers hold their weights pre-packed by oneDNN (packed_linear.py): 2-3x
     # faster decode GEMMs, for one packed copy of the base weights in memory (float32: ~540 MB for SmolLM2-135M;
-    # bf16: in place of the plain bf16 casts). Ignored on CUDA, where this torch or CPU cannot pack, and with TRAINER_DECODE_COMPILE (dynamo
-    # cannot trace oneDNN's opaque packed tensors).
+    # bf16: in place of the plain bf16 casts). Ignored on CUDA, where this torch or CPU cannot pack, and with
+    # TRAINER_DECODE_COMPILE (dynamo cannot trace oneDNN's opaque packed tensors).
     decode_packed: bool = True
     checkpoint_dir: Path = Path("runs/trainer/checkpoints")
     # The adapter of every version as a PEFT directory, for a student server that loads LoRA adapters at runtime
