@@ -386,7 +386,8 @@ def main() -> int:
     parser.add_argument("--rows", default="1,32,128,256")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--candidates", default="loop,slots,slots_eager,service",
-                        help="also: slots_compiled, slots_sync, search, mixed, hf_static, hf_cb")
+                        help="also: slots_unfused, kernels, slots_compiled, slots_sync, search, mixed, hf_static, "
+                             "hf_cb")
     parser.add_argument("--budget-s", type=float, default=70.0,
                         help="in-process: no new measurement starts after this many seconds")
     parser.add_argument("--hf-budget-s", type=float, default=75.0,
@@ -499,10 +500,22 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                                   logprobs=0 if sampled else None) for i in range(rows)]
 
     engines = {"loop": None, "slots": engine, "slots_eager": engine, "slots_sync": engine}
+    # Decode copies without the fused layers (services/trainer/fused_layers.py): the same engine over
+    # transformers' own projections and norms, for the side-by-side comparison.
+    merged = student.merged_decoder
+    decoders = {}
+    if wanted & {"slots_unfused", "kernels"} and engine is not None:
+        from services.trainer.decode import DecodeConfig
+        from services.trainer.decode_weights import MergedDecoder
+        from services.trainer.slot_generation import SlotGeneration
+
+        decoders["slots_unfused"] = MergedDecoder(student.model, fuse=False)
+        engines["slots_unfused"] = SlotGeneration(student, DecodeConfig.for_device(student.device, slots=max_rows))
 
     def student_run(name, rows, mode, tokens, use_engine, *, use_adapter=True, job=None, gpu_times=None):
         chosen = engines.get(name, engine) if use_engine else None
         student.slot_decoder = chosen
+        student.merged_decoder = decoders.get(name, merged)
         if chosen is not None:
             for lane in chosen.engine.lanes.values():
                 lane.index.clear()  # no prefix cached from an earlier run: every run prefills its prompts
@@ -514,7 +527,7 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
         out = student.generate(reqs, use_adapter=use_adapter)
         sync()
         wall = time.perf_counter() - t
-        student.slot_decoder = engine
+        student.slot_decoder, student.merged_decoder = engine, merged
         if chosen is not None:
             for lane in chosen.engine.lanes.values():
                 lane.graphs.timings = None
@@ -556,10 +569,40 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
         )
     # sampled at every size (what the service serves), greedy at the largest (checked against the loop)
     sizes = [(rows, "sampled") for rows in rows_list] + [(max_rows, "greedy")]
-    for name, use_engine in (("loop", False), ("slots", True), ("slots_compiled", True)):
+    for name, use_engine in (("loop", False), ("slots", True), ("slots_unfused", True), ("slots_compiled", True)):
         if name in wanted and name in engines:
             for rows, mode in sizes:
                 bench.guarded(name, lambda n=name, e=use_engine, r=rows, m=mode: time_student(n, e, r, m))
+    if "kernels" in wanted and engine is not None:
+        def kernels():
+            """Kernels and their GPU time per decode step, fused and unfused, from a profile of eager runs of 2
+            and 6 tokens (the difference is 4 decode steps; the prefill and first step cancel out)."""
+            for name in ("slots", "slots_unfused"):
+                lanes = engines[name].engine.lanes
+                student_run(name, max_rows, "sampled", 2, True)  # lanes and weights ready
+                for lane in lanes.values():
+                    lane.graphs.enabled = False
+                try:
+                    counts = {}
+                    for tokens in (2, 6):
+                        activities = [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else \
+                            [torch.profiler.ProfilerActivity.CPU]
+                        with torch.profiler.profile(activities=activities) as prof:
+                            student_run(name, max_rows, "sampled", tokens, True)
+                        if device == "cuda":
+                            events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                            busy = sum(e.device_time for e in events) / 1000
+                        else:
+                            events = [e for e in prof.events() if e.name.startswith("aten::")]
+                            busy = 0.0
+                        counts[tokens] = (len(events), busy)
+                    bench.record(candidate=name, mode="kernels", rows=max_rows,
+                                 kernels_per_step=(counts[6][0] - counts[2][0]) / 4,
+                                 kernel_ms_per_step=(counts[6][1] - counts[2][1]) / 4)
+                finally:
+                    for lane in lanes.values():
+                        lane.graphs.enabled = device == "cuda"
+        bench.guarded("kernels", kernels)
     if "slots_eager" in wanted and engine is not None:
         def eager():
             for lane in engine.engine.lanes.values():
@@ -751,6 +794,8 @@ def print_table(rows: list[dict]) -> None:
         size = r.get("rows", "") if r.get("candidate") != "service" else r.get("in_flight", "")
         if "tok_s" not in r:
             note = r.get("error") or r.get("skipped") or ""
+            if "kernels_per_step" in r:
+                note = f"{r['kernels_per_step']:.0f} kernels per decode step, {r['kernel_ms_per_step']:.2f} ms busy"
             if "graphs_captured" in r:
                 note = (f"graphs captured {r['graphs_captured']}, enabled per lane {r['graphs_enabled']} "
                         f"{r['graphs_failure'] or ''}")

@@ -23,6 +23,11 @@ ones would be (base's and the student's non-target layers, the lm_head); the stu
 each sync, and no plain copy of them is kept. The cost in float32: one packed copy of base's linear weights
 (SmolLM2-135M: ~134M parameters, ~540 MB), since the peft model keeps the plain ones; in bf16 the packed layers
 take the place of the plain bf16 casts.
+
+Both copies also fuse what transformers runs as several kernels (fused_layers.py): a layer's q/k/v and gate/up
+projections are one GEMM each over their weights stacked, and each RMSNorm is one call. For base, the stacked
+weights are the peft model's own W0: its frozen target layers are pointed at rows of the stacked tensor, so
+fusing costs no memory (with a cast or packed copy, the stack is that copy's).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import cast
 
 import torch
 
-from .packed_linear import PackedGroup, PackedLinear, PackedSlice
+from .fused_layers import SiblingGroup, SiblingSlice, fuse_norms
+from .packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +74,13 @@ def merge_blocker(peft_model) -> str | None:
 class MergedDecoder:
     """Owns the plain base and student models; `model(enabled, adapter_version)` returns the one to decode with."""
 
-    def __init__(self, peft_model, dtype: torch.dtype | None = None, *, pack: bool = False):
+    def __init__(
+        self, peft_model, dtype: torch.dtype | None = None, *, pack: bool = False, fuse: bool = True
+    ):
         """dtype: the copies' floating-point weights in this dtype (cast once, shared by both copies); None = the
-        model's own tensors, shared without a copy. pack: every linear layer a PackedLinear (CPU, where
-        packing_available says so)."""
+        model's own tensors, shared without a copy. pack: every linear layer pre-packed by oneDNN (CPU, where
+        packing_available says so). fuse: sibling projections as one GEMM and RMSNorms as one call
+        (fused_layers.py); off where torch.compile traces the step (it fuses on its own)."""
         from peft.tuners.lora import LoraLayer
 
         causal_lm = peft_model.get_base_model()
@@ -79,17 +88,24 @@ class MergedDecoder:
         self.targets = [(n, m) for n, m in causal_lm.named_modules() if isinstance(m, LoraLayer)]
         cast = _Cast(None if dtype == causal_lm.dtype else dtype)
         self.packed = pack
+        # Base's stacked sibling weights are the peft model's own W0 (its layers then view their rows): no copy.
+        stacked = _stack_frozen_siblings(causal_lm) if fuse and not pack and cast.dtype is None else {}
         self.base = _plain_copy(causal_lm, self.targets, own_targets=False, cast=cast)
         # Packed, the student's targets need no plain copy of W0: sync packs their merged weights anew.
         self.student = _plain_copy(causal_lm, self.targets, own_targets=not pack, cast=cast)
+        own = {name for name, _ in self.targets}
+        if fuse:
+            groups: dict[tuple, SiblingGroup] = {}  # one group per tuple of member weights
+            _fuse_siblings(self.base, groups, stacked, own=set(), pack=pack)
+            _fuse_siblings(self.student, groups, stacked, own=own, pack=pack)
+            for plain in (self.base, self.student):
+                fuse_norms(plain)
         if pack:
             packs: dict[int, PackedLinear] = {}  # one packed layer per shared weight tensor
             _pack_linears(self.base, packs, own=set())
-            _pack_linears(self.student, packs, own={name for name, _ in self.targets})
-            groups: dict[tuple[int, ...], PackedGroup] = {}  # one group per tuple of member layers
-            _fuse_siblings(self.base, groups)
-            _fuse_siblings(self.student, groups)
-        # The layers whose weights `sync` rewrites (nn.Linear: in place; PackedLinear: packed again).
+            _pack_linears(self.student, packs, own=own)
+        # The layers whose weights `sync` rewrites (nn.Linear: in place; packed: packed again; a group member:
+        # its rows of the group).
         self._student_layers = [self.student.get_submodule(name) for name, _ in self.targets]
         self._synced_version: int | None = None  # adapter_version the student weights hold; None = stale
         self.epoch = 0  # +1 whenever the student's weights are rewritten (what it computed before is stale)
@@ -112,15 +128,15 @@ class MergedDecoder:
         if self._synced_version == adapter_version:
             return
         staged: dict[
-            int, tuple[PackedGroup, dict[int, torch.Tensor]]
-        ] = {}  # fused groups: packed once, at the end
+            int, tuple[SiblingGroup, dict[int, torch.Tensor]]
+        ] = {}  # groups: loaded once, at the end
         for (_, module), layer in zip(self.targets, self._student_layers, strict=True):
             w0 = module.get_base_layer().weight
             lora_b = cast(torch.Tensor, module.lora_B[ADAPTER].weight)
             lora_a = cast(torch.Tensor, module.lora_A[ADAPTER].weight)
             delta = lora_b.float() @ lora_a.float()
             merged = w0.float() + module.scaling[ADAPTER] * delta
-            if isinstance(layer, PackedSlice):
+            if isinstance(layer, SiblingSlice):
                 staged.setdefault(id(layer.group), (layer.group, {}))[1][layer.index] = merged.to(layer.dtype)
             elif isinstance(layer, PackedLinear):
                 layer.load(merged.to(layer.dtype))
@@ -205,20 +221,61 @@ def _pack_linears(plain, packs: dict[int, PackedLinear], *, own: set[str]) -> No
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _fuse_siblings(plain, groups: dict[tuple[int, ...], PackedGroup]) -> None:
-    """Replace each set of bias-free PackedLinear siblings by PackedSlices of one PackedGroup. Siblings that are the
-    same layers in another copy (base's and the student's non-targets) share their group through `groups`."""
-    for module in list(plain.modules()):
+def _siblings(model) -> list[tuple[str, torch.nn.Module, tuple[str, ...], list[torch.nn.Linear]]]:
+    """(module path, module, member names, member layers) for every set of SIBLINGS that one GEMM can compute:
+    all present, bias-free, of one input size and dtype. A member is an nn.Linear or a peft LoRA layer over one."""
+    found = []
+    for path, module in model.named_modules():
         for names in SIBLINGS:
             members = [getattr(module, name, None) for name in names]
-            if not all(isinstance(m, PackedLinear) and m.bias is None for m in members):
+            layers = [getattr(m, "base_layer", m) for m in members]
+            if not all(type(m) is torch.nn.Linear and m.bias is None for m in layers):
                 continue
-            layers = cast(list[PackedLinear], members)
-            if len({m.in_features for m in layers}) != 1 or len({m.dtype for m in layers}) != 1:
-                continue
-            key = tuple(id(m) for m in layers)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = PackedGroup([m.dense_weight() for m in layers])
-            for index, name in enumerate(names):
-                setattr(module, name, PackedSlice(group, index))
+            linears = cast(list[torch.nn.Linear], layers)
+            if len({m.in_features for m in linears}) == 1 and len({m.weight.dtype for m in linears}) == 1:
+                found.append((path, module, names, linears))
+    return found
+
+
+@torch.no_grad()
+def _stack_frozen_siblings(causal_lm) -> dict[tuple[int, ...], torch.Tensor]:
+    """Stack each sibling set's frozen weights (W0, never trained) into one tensor, and point the members at its
+    rows, so that base's fused GEMM reads the model's own weights instead of a copy. Returns the stacked tensors
+    by the ids of the members' new weights."""
+    stacked = {}
+    for _, _, _, linears in _siblings(causal_lm):
+        if any(m.weight.requires_grad for m in linears):
+            continue
+        weight = torch.cat([m.weight.detach() for m in linears])
+        start = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+            start += rows
+        stacked[tuple(id(m.weight) for m in linears)] = weight
+    return stacked
+
+
+def _fuse_siblings(
+    plain,
+    groups: dict[tuple, SiblingGroup],
+    stacked: dict[tuple[int, ...], torch.Tensor],
+    *,
+    own: set[str],
+    pack: bool,
+) -> None:
+    """Replace each set of sibling nn.Linears of `plain` by SiblingSlices of one SiblingGroup. Siblings that are the
+    same weights in another copy (base's and the student's non-targets) share their group through `groups`; a
+    member whose path is in `own` (the student's targets, rewritten at each sync) makes a group of this copy's own.
+    """
+    for path, module, names, linears in _siblings(plain):
+        paths = [f"{path}.{name}" if path else name for name in names]
+        key = tuple(("own", p) if p in own else id(m.weight) for p, m in zip(paths, linears, strict=True))
+        group = groups.get(key)
+        if group is None:
+            weight = stacked.get(key) if not pack else None  # type: ignore[arg-type]
+            if weight is None:
+                weight = torch.cat([m.weight.detach() for m in linears])
+            group = groups[key] = SiblingGroup(weight, [m.out_features for m in linears], pack=pack)
+        for index, name in enumerate(names):
+            setattr(module, name, SiblingSlice(group, index))

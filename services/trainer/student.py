@@ -91,7 +91,11 @@ class Student:
             and not settings.decode_compile  # dynamo cannot trace oneDNN's opaque packed weights
             and packing_available(decode_dtype or model.get_base_model().dtype)
         )
-        self.merged_decoder = MergedDecoder(model, dtype=decode_dtype, pack=pack) if blocker is None else None
+        self.merged_decoder = (
+            MergedDecoder(model, dtype=decode_dtype, pack=pack, fuse=not settings.decode_compile)
+            if blocker is None
+            else None
+        )
         if blocker is not None:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
             if decode_dtype is not None:

@@ -7,8 +7,9 @@ torch = pytest.importorskip("torch")
 
 from services.protocol import LossSettings
 from services.trainer.decode_weights import merge_blocker
+from services.trainer.fused_layers import FusedRMSNorm, SiblingGroup, SiblingSlice
 from services.trainer.items import GenerationRequest, GrpoItem
-from services.trainer.packed_linear import PackedGroup, PackedLinear, PackedSlice, packing_available
+from services.trainer.packed_linear import PackedLinear, packing_available
 from support.tiny_student import make_student
 
 PROMPTS = [[5, 6, 7, 8, 9], [42], [100, 200, 300]]
@@ -38,19 +39,61 @@ def student(tiny_random_model_dir, tmp_path):
 
 
 def weight(layer) -> torch.Tensor:
-    return layer.dense_weight() if isinstance(layer, (PackedLinear, PackedSlice)) else layer.weight
+    return layer.dense_weight() if isinstance(layer, (PackedLinear, SiblingSlice)) else layer.weight
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    """Every plain weight a decode copy computes with, by name: its parameters, and each fused member's rows."""
+    found = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, SiblingSlice) and module.group.packed is None:
+            found[f"{name}.weight"] = module.dense_weight()
+    return found
+
+
+def storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 def test_the_transformers_backend_merges_and_shares_the_base_tensors(tiny_random_model_dir, tmp_path):
     student = make_student(tiny_random_model_dir, tmp_path, decode_packed=False)
-    assert student.merged_decoder is not None and merge_blocker(student.model) is None
-    assert not any(isinstance(m, PackedLinear) for m in student.merged_decoder.student.modules())
-    peft_base = {t.data_ptr() for t in student.model.get_base_model().parameters()}
-    # base shares every tensor; the student owns only its target weights
-    assert {t.data_ptr() for t in student.merged_decoder.base.parameters()} <= peft_base
-    owned = [n for n, t in student.merged_decoder.student.named_parameters() if t.data_ptr() not in peft_base]
-    assert owned and all(n.endswith("_proj.weight") for n in owned)
-    assert len(owned) == len(student.merged_decoder.targets)
+    decoder = student.merged_decoder
+    assert decoder is not None and merge_blocker(student.model) is None
+    assert not any(isinstance(m, PackedLinear) for m in decoder.student.modules())
+    peft_base = storages(student.model.get_base_model().parameters())
+    # base computes with the peft model's own tensors (its fused q/k/v read the rows W0 lives in); the student
+    # owns only its target weights
+    assert storages(weights_of(decoder.base).values()) <= peft_base
+    owned = {
+        n for n, t in weights_of(decoder.student).items() if t.untyped_storage().data_ptr() not in peft_base
+    }
+    assert owned == {f"{name}.weight" for name, _ in decoder.targets}
+
+
+def test_the_decode_copies_fuse_siblings_and_norms_and_still_compute_what_transformers_does(
+    tiny_random_model_dir, tmp_path
+):
+    student = make_student(tiny_random_model_dir, tmp_path, decode_packed=False)
+    decoder = student.merged_decoder
+    for plain in (decoder.base, decoder.student):
+        attention = plain.model.layers[0].self_attn
+        assert isinstance(attention.q_proj, SiblingSlice)
+        assert attention.q_proj.group is attention.k_proj.group is attention.v_proj.group
+        mlp = plain.model.layers[0].mlp
+        assert mlp.gate_proj.group is mlp.up_proj.group is not attention.q_proj.group
+        assert all(
+            isinstance(m, FusedRMSNorm) for n, m in plain.named_modules() if n.endswith(("norm", "layernorm"))
+        )
+    assert decoder.base.model.layers[0].self_attn.q_proj.group is not (
+        decoder.student.model.layers[0].self_attn.q_proj.group
+    )  # the student's targets are its own
+    big_step(student)
+    ids = torch.tensor([PROMPTS[0]])
+    for use_adapter in (True, False):
+        plain = decoder.model(use_adapter, student.adapter_version)
+        with torch.no_grad(), student.adapter(use_adapter):
+            reference = student.model(input_ids=ids).logits
+        assert torch.allclose(plain(input_ids=ids).logits, reference, atol=1e-5)
 
 
 def test_merged_greedy_equals_peft_greedy_for_the_trained_student_and_for_base(student):
@@ -91,9 +134,13 @@ def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_
     )
     if not packed:
         # one bf16 cast of each base tensor, shared by both copies; the student owns only its target weights
-        base_ptrs = {t.data_ptr() for t in decoder.base.parameters()}
-        owned = [n for n, t in decoder.student.named_parameters() if t.data_ptr() not in base_ptrs]
-        assert len(owned) == len(decoder.targets) and all(n.endswith("_proj.weight") for n in owned)
+        base_storages = storages(weights_of(decoder.base).values())
+        owned = {
+            n
+            for n, t in weights_of(decoder.student).items()
+            if t.untyped_storage().data_ptr() not in base_storages
+        }
+        assert owned == {f"{name}.weight" for name, _ in decoder.targets}
     # rotary buffers keep float32, as transformers keeps them under bf16 weights
     assert all(b.dtype == torch.float32 for b in decoder.base.buffers() if b.is_floating_point())
 
@@ -114,7 +161,7 @@ def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_
 
 def packed_of(layer):
     """The packed weight holder of a decode linear: the layer itself, or the fused group it is a slice of."""
-    return layer.group if isinstance(layer, PackedSlice) else layer
+    return layer.group if isinstance(layer, SiblingSlice) else layer
 
 
 @pytest.mark.skipif(
@@ -123,7 +170,7 @@ def packed_of(layer):
 def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_repacked_at_each_merge(student):
     decoder = student.merged_decoder
     assert decoder.packed
-    kinds = (torch.nn.Linear, PackedLinear, PackedSlice)
+    kinds = (torch.nn.Linear, PackedLinear, SiblingSlice)
     linears = {
         copy: {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
         for copy, model in (("base", decoder.base), ("student", decoder.student))
@@ -132,7 +179,7 @@ def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_re
         type(m) is torch.nn.Linear for c in linears.values() for m in c.values()
     )
     q, k, v = (linears["base"][f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
-    assert isinstance(q, PackedSlice) and q.group is k.group is v.group  # one GEMM for the three
+    assert isinstance(q, SiblingSlice) and q.group is k.group is v.group  # one GEMM for the three
     targets = {name for name, _ in decoder.targets}
     for name, layer in linears[
         "student"
@@ -156,13 +203,13 @@ def test_on_cpu_every_decode_linear_is_packed_shared_as_the_plain_weights_and_re
         )  # base untouched
 
 
-@pytest.mark.skipif(
-    not packing_available(torch.float32), reason="this torch or CPU does not pre-pack weights"
-)
-def test_a_fused_group_serves_each_member_its_own_product_whatever_the_call_order():
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_fused_group_serves_each_member_its_own_product_whatever_the_call_order(pack):
+    if pack and not packing_available(torch.float32):
+        pytest.skip("this torch or CPU does not pre-pack weights")
     weights = [torch.randn(n, 16) for n in (8, 4, 4)]
-    group = PackedGroup(weights)
-    q, k, v = (PackedSlice(group, i) for i in range(3))
+    group = SiblingGroup(torch.cat(weights), [8, 4, 4], pack=pack)
+    q, k, v = (SiblingSlice(group, i) for i in range(3))
     x, y = torch.randn(5, 16), torch.randn(5, 16)
     assert torch.allclose(q(x), x @ weights[0].T, atol=1e-5)
     assert torch.allclose(k(y), y @ weights[1].T, atol=1e-5)  # another input: computed again, not x's slice
@@ -170,6 +217,23 @@ def test_a_fused_group_serves_each_member_its_own_product_whatever_the_call_orde
     assert torch.allclose(v(x), x @ weights[2].T, atol=1e-5)  # the last member dropped y's product
     group.load({1: torch.zeros(4, 16)})  # one member rewritten, the others kept
     assert torch.equal(k(x), torch.zeros(5, 4)) and torch.allclose(q(x), x @ weights[0].T, atol=1e-5)
+    assert torch.equal(k.dense_weight(), torch.zeros(4, 16))
+
+
+def test_a_norm_that_is_not_plain_rms_norm_keeps_its_own_module():
+    from services.trainer.fused_layers import same_as
+
+    class OnePlusWeightNorm(torch.nn.Module):  # Gemma's form: (1 + weight) * x / rms
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(8)), 1e-6
+
+        def forward(self, x):
+            return (
+                (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            )
+
+    assert same_as(OnePlusWeightNorm()) is None
 
 
 def test_a_compiled_decode_step_keeps_plain_linears_which_dynamo_can_trace(tiny_random_model_dir, tmp_path):

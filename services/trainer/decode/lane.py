@@ -330,7 +330,7 @@ class Lane:
         hidden = self.decoder(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=sees.unsqueeze(1),
+            attention_mask=additive(sees.unsqueeze(1), self.cache.kv.dtype),
             use_cache=False,
             slot_kv=state,
         ).last_hidden_state
@@ -443,7 +443,7 @@ class Lane:
         hidden = self.decoder(
             input_ids=tokens.unsqueeze(1),
             position_ids=pos.unsqueeze(1),
-            attention_mask=sees,
+            attention_mask=additive(sees, self.cache.kv.dtype),
             use_cache=False,
             slot_kv=state,
         ).last_hidden_state
@@ -476,6 +476,12 @@ class Lane:
         self.rows[target], self.rows[source] = row, None
         row.slot = target
         self._dirty = True
+
+
+def additive(sees: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask as SDPA's additive one: 0 where a query sees a key, -inf where not. Made once per forward;
+    given the boolean mask, SDPA would convert it again in every layer (one kernel more per layer)."""
+    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, float("-inf"))
 
 
 def _round_up(value: int, step: int) -> int:
