@@ -418,6 +418,12 @@ def main() -> int:
         if args.out == os.path.join(os.environ.get("OUT", "."), "gpu_serving.json"):
             args.out = os.path.join(tempfile.gettempdir(), "gpu_serving_smoke.json")
     started = time.time()
+    try:  # the carried wheels (.whl) importable here too where they are missing: liger-kernel for the decode copies
+        for entry in service_pythonpath().split(os.pathsep):
+            if entry not in sys.path:
+                sys.path.append(entry)
+    except RuntimeError as exc:
+        print(f"no carried wheels: {exc}", flush=True)
     install_pydantic_stand_ins()
     from services.trainer.items import GenerationRequest
     from services.trainer.loading import load_student
@@ -577,6 +583,16 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
         def kernels():
             """Kernels and their GPU time per decode step, fused and unfused, from a profile of eager runs of 2
             and 6 tokens (the difference is 4 decode steps; the prefill and first step cancel out)."""
+            ids = torch.tensor([prompts[0][:64]], device=student.device)
+            with torch.no_grad():
+                logits = {name: decoder.base(input_ids=ids).logits.float()
+                          for name, decoder in (("fused", merged), ("unfused", decoders["slots_unfused"]))}
+            bench.record(candidate="slots", mode="fused_vs_unfused_logits",
+                         fused_layers=sorted({type(m).__name__ for m in merged.base.modules()
+                                              if type(m).__name__.startswith(("Fused", "Sibling"))}),
+                         max_abs_diff=(logits["fused"] - logits["unfused"]).abs().max().item(),
+                         max_abs_logit=logits["unfused"].abs().max().item(),
+                         argmax_same=(logits["fused"].argmax(-1) == logits["unfused"].argmax(-1)).float().mean().item())
             for name in ("slots", "slots_unfused"):
                 lanes = engines[name].engine.lanes
                 student_run(name, max_rows, "sampled", 2, True)  # lanes and weights ready

@@ -25,7 +25,8 @@ each sync, and no plain copy of them is kept. The cost in float32: one packed co
 take the place of the plain bf16 casts.
 
 Both copies also fuse what transformers runs as several kernels (fused_layers.py): a layer's q/k/v and gate/up
-projections are one GEMM each over their weights stacked, and each RMSNorm is one call. For base, the stacked
+projections are one GEMM each over their weights stacked; on CUDA each RMSNorm, rotary embedding and SwiGLU is one
+Triton kernel (Liger Kernel's). For base, the stacked
 weights are the peft model's own W0: its frozen target layers are pointed at rows of the stacked tensor, so
 fusing costs no memory (with a cast or packed copy, the stack is that copy's).
 """
@@ -38,7 +39,7 @@ from typing import cast
 
 import torch
 
-from .fused_layers import SiblingGroup, SiblingSlice, fuse_norms
+from .fused_layers import SiblingGroup, SiblingSlice, fuse_blocks, fuse_norms
 from .packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class MergedDecoder:
             _fuse_siblings(self.student, groups, stacked, own=own, pack=pack)
             for plain in (self.base, self.student):
                 fuse_norms(plain)
+                fuse_blocks(plain)
         if pack:
             packs: dict[int, PackedLinear] = {}  # one packed layer per shared weight tensor
             _pack_linears(self.base, packs, own=set())

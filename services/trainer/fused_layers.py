@@ -15,7 +15,10 @@ transformers rounds twice, so a value may differ by one unit in the last place.
 from __future__ import annotations
 
 import copy
-from typing import cast
+import functools
+import sys
+from types import SimpleNamespace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +78,13 @@ class SiblingGroup:
         ]
         self.packed.load(torch.cat(stacked))
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output, side by side in the last dimension."""
+        return self.packed(x) if self.packed is not None else F.linear(x, self.dense_weight())
+
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if x is not self._input:
-            product = self.packed(x) if self.packed is not None else F.linear(x, self.dense_weight())
-            self._input, self._outputs = x, product.split(self.sizes, dim=-1)
+            self._input, self._outputs = x, self.product(x).split(self.sizes, dim=-1)
         out = self._outputs[index]
         if index == len(self.sizes) - 1:
             self._input, self._outputs = None, ()
@@ -111,14 +117,34 @@ class SiblingSlice(torch.nn.Module):
         )
 
 
+@functools.cache
+def triton_kernels() -> Any:
+    """Liger Kernel's Triton ops (rms_norm, rope, swiglu) where they can run (liger-kernel and triton installed, a
+    CUDA device), else None: the layers below then compute the same with torch ops."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from liger_kernel.ops import rms_norm, rope, swiglu
+    except ImportError:  # liger-kernel is in the gpu extra; elsewhere the torch ops serve
+        return None
+    return SimpleNamespace(
+        rms_norm=rms_norm.rms_norm_forward, rope=rope.rope_forward, swiglu=swiglu.swiglu_fused_gate_up_forward
+    )
+
+
 class FusedRMSNorm(torch.nn.Module):
-    """y = weight * x / sqrt(mean(x^2) + eps) over the last dimension, as one call of torch's rms_norm."""
+    """y = weight * x / sqrt(mean(x^2) + eps) over the last dimension, computed in float32 and cast back before
+    the weight is applied (transformers' Llama rounding). One Triton kernel on CUDA; torch's rms_norm elsewhere."""
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight, self.eps = weight, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and (kernels := triton_kernels()) is not None:
+            return kernels.rms_norm(x, self.weight, self.eps, 0.0, "llama", None)[0]
+        if x.dtype != torch.float32:
+            return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
@@ -156,3 +182,136 @@ def fuse_norms(model: torch.nn.Module) -> int:
         setattr(model.get_submodule(parent), leaf, fused)
         replaced += 1
     return replaced
+
+
+class FusedMLP(torch.nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up as one GEMM (their SiblingGroup) and the SwiGLU as one Triton
+    kernel over that product on CUDA. Keeps the module's layer names, so paths such as mlp.gate_proj still lead to
+    the layers (the merge rewrites them there)."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.group = cast(SiblingSlice, mlp.gate_proj).group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.group.product(x)
+        if x.is_cuda and (kernels := triton_kernels()) is not None:
+            hidden = kernels.swiglu(gate_up)[1]
+        else:
+            gate, up = gate_up.split(self.group.sizes, dim=-1)
+            hidden = F.silu(gate) * up
+        return self.down_proj(hidden)
+
+
+class FusedAttention(torch.nn.Module):
+    """A Llama-style attention layer (q/k/v projections, rotary positions, the model's attention function, o_proj)
+    with q, k and v as one GEMM and the rotary embedding of q and k as one Triton kernel on CUDA (transformers'
+    apply_rotary_pos_emb is 10 kernels). It never takes a KV cache: the decode copies attend over the slot cache
+    through the attention function (decode/attention.py). Attributes the attention functions read (layer_idx,
+    scaling, config, ...) are the original module's."""
+
+    SHARED = (
+        "config",
+        "layer_idx",
+        "head_dim",
+        "scaling",
+        "is_causal",
+        "num_key_value_groups",
+        "attention_dropout",
+    )
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        for name in self.SHARED:
+            if hasattr(attention, name):
+                setattr(self, name, getattr(attention, name))
+        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
+        self.o_proj = attention.o_proj
+        self.group = cast(SiblingSlice, attention.q_proj).group
+        # The model's own rotary function, for devices without the Triton kernel (exactly transformers' result).
+        self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (
+            part.view(shape).transpose(1, 2)
+            for part in self.group.product(hidden_states).split(self.group.sizes, -1)
+        )
+        cos, sin = position_embeddings
+        if hidden_states.is_cuda and (kernels := triton_kernels()) is not None:
+            query, key = kernels.rope(query, key, cos, sin)[:2]
+        else:
+            query, key = self.apply_rotary(query, key, cos, sin)
+        attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attend(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+@torch.no_grad()
+def fuse_blocks(model: torch.nn.Module) -> int:
+    """Replace each attention and MLP module of `model` whose projections are sibling groups by a FusedAttention or
+    FusedMLP, where the fused module gives the original's output on a random probe (a model whose layer does more,
+    such as Qwen3's q/k norms, or a non-SiLU MLP, keeps its own). Returns how many were replaced."""
+    replaced = 0
+    for path, module in list(model.named_modules()):
+        fused = _fused_block(module)
+        if fused is None:
+            continue
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, fused)
+        replaced += 1
+    return replaced
+
+
+def _fused_block(module: torch.nn.Module) -> torch.nn.Module | None:
+    siblings = lambda *names: all(isinstance(getattr(module, n, None), SiblingSlice) for n in names)  # noqa: E731
+    if siblings("q_proj", "k_proj", "v_proj") and hasattr(module, "o_proj") and hasattr(module, "head_dim"):
+        fused = FusedAttention(module)
+        if not hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb"):
+            return None
+        return fused if _same_attention(module, fused) else None
+    if siblings("gate_proj", "up_proj") and hasattr(module, "down_proj"):
+        fused = FusedMLP(module)
+        return (
+            fused
+            if _same_output(module, fused, _probe(module, cast(SiblingSlice, module.gate_proj).in_features))
+            else None
+        )
+    return None
+
+
+def _probe(module: torch.nn.Module, width: int, rows: int = 2, length: int = 3) -> torch.Tensor:
+    weight = next(module.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    group = next(m for m in module.children() if isinstance(m, SiblingSlice)).group
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(rows, length, width, generator=generator).to(device=device, dtype=group.dtype)
+
+
+def _same_output(original, fused, *inputs, **kwargs) -> bool:
+    try:
+        expected, got = original(*inputs, **kwargs), fused(*inputs, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    got = got[0] if isinstance(got, tuple) else got
+    if expected.dtype == torch.float32 and not expected.is_cuda:
+        return torch.equal(expected, got)
+    return torch.allclose(
+        expected.float(), got.float(), rtol=2e-2, atol=2e-2
+    )  # kernels that round differently
+
+
+def _same_attention(original, fused: FusedAttention) -> bool:
+    hidden = _probe(original, fused.group.in_features)
+    rows, length = hidden.shape[:2]
+    generator = torch.Generator().manual_seed(3)
+    angles = torch.rand(rows, length, fused.head_dim // 2, generator=generator).to(hidden.device) * 6.0
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
+    return _same_output(original, fused, hidden, (cos, sin), None)
