@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -244,6 +245,7 @@ def compare(reference: list[list[int]] | None, got: list[list[int]]) -> dict:
 
 
 # ----- the service -------------------------------------------------------------------------------------------------
+@functools.cache  # once: after main() puts /tmp/site on its own path, fastapi would seem installed
 def service_pythonpath() -> str:
     """PYTHONPATH for the service's process: this checkout, and /tmp/site with the .whl wheels installed where
     fastapi, uvicorn or pydantic-settings is missing (the lent GPU machine has none of them)."""

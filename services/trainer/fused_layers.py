@@ -155,14 +155,14 @@ class FusedRMSNorm(torch.nn.Module):
 def same_as(norm: torch.nn.Module) -> FusedRMSNorm | None:
     """A FusedRMSNorm sharing `norm`'s weight where it computes what `norm` does, else None.
 
-    Checked on a random input in float32 (exactly equal), so a model whose norm is something else (Gemma's
-    (1 + weight), a bias, another axis) keeps its own module."""
+    Checked on a random input in float32 on the CPU (exactly equal: the torch path), so a model whose norm is
+    something else (Gemma's (1 + weight), a bias, another axis) keeps its own module."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
         return None
     probe_weight = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(1))
-    reference = copy.deepcopy(norm).float()  # the module's own forward, over a float32 probe weight
+    reference = copy.deepcopy(norm).float().cpu()  # the module's own forward, over a float32 probe weight
     cast(torch.Tensor, reference.weight).copy_(probe_weight)
     try:
         same = torch.equal(reference(x), FusedRMSNorm(probe_weight, eps)(x))
