@@ -124,7 +124,7 @@ def triton_kernels() -> Any:
     if not torch.cuda.is_available():
         return None
     try:
-        from liger_kernel.ops import rms_norm, rope, swiglu
+        from liger_kernel.ops import rms_norm, rope, swiglu  # pyright: ignore[reportMissingImports]
     except ImportError:  # liger-kernel is in the gpu extra; elsewhere the torch ops serve
         return None
     return SimpleNamespace(
@@ -189,9 +189,15 @@ class FusedMLP(torch.nn.Module):
     kernel over that product on CUDA. Keeps the module's layer names, so paths such as mlp.gate_proj still lead to
     the layers (the merge rewrites them there)."""
 
+    gate_proj: torch.nn.Module
+    up_proj: torch.nn.Module
+    down_proj: torch.nn.Module
+
     def __init__(self, mlp: torch.nn.Module):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_proj, self.up_proj, self.down_proj = (
+            mlp.get_submodule(n) for n in ("gate_proj", "up_proj", "down_proj")
+        )
         self.group = cast(SiblingSlice, mlp.gate_proj).group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +226,10 @@ class FusedAttention(torch.nn.Module):
         "num_key_value_groups",
         "attention_dropout",
     )
+    config: Any
+    head_dim: int
+    scaling: float
+    o_proj: torch.nn.Module
 
     def __init__(self, attention: torch.nn.Module):
         super().__init__()
@@ -227,7 +237,7 @@ class FusedAttention(torch.nn.Module):
             if hasattr(attention, name):
                 setattr(self, name, getattr(attention, name))
         self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
-        self.o_proj = attention.o_proj
+        self.o_proj = attention.get_submodule("o_proj")
         self.group = cast(SiblingSlice, attention.q_proj).group
         # The model's own rotary function, for devices without the Triton kernel (exactly transformers' result).
         self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
