@@ -53,7 +53,7 @@ from bench.gpu_naive import Sequence, deep_copied_reference, naive_grpo_step, na
 
 H100_BF16_FLOPS = 989e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def log(*parts) -> None:
@@ -61,6 +61,7 @@ def log(*parts) -> None:
 
 
 # ---------------------------------------------------------------- models
+
 
 def random_model_dir(name: str, scratch: Path, tokenizer_dir: Path | None) -> Path:
     """A HF directory with random bf16 weights for bench/configs/<name> (built once, on the GPU), with the
@@ -97,8 +98,13 @@ def word_level_tokenizer(config):
     pad = 128004 if config.vocab_size > 128004 else 0
     words = Tokenizer(models.WordLevel({f"<t{i}>": i for i in range(config.vocab_size)}, unk_token="<t0>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token=f"<t{config.bos_token_id}>",
-                                   eos_token=f"<t{eos}>", pad_token=f"<t{pad}>", unk_token="<t0>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        bos_token=f"<t{config.bos_token_id}>",
+        eos_token=f"<t{eos}>",
+        pad_token=f"<t{pad}>",
+        unk_token="<t0>",
+    )
 
 
 def prompt_text(length: int, seed: int) -> str:
@@ -110,8 +116,15 @@ def prompt_text(length: int, seed: int) -> str:
 def engine_settings(path: Path, quant: str, scratch: Path, backend: str):
     from services.trainer.settings import TrainerSettings
 
-    return TrainerSettings(model_source=str(path), device="cuda", load_in_4bit=quant == "nf4", backend=backend,
-                           max_context=8192, checkpoint_dir=scratch / f"checkpoints-{backend}", learning_rate=1e-4)
+    return TrainerSettings(
+        model_source=str(path),
+        device="cuda",
+        load_in_4bit=quant == "nf4",
+        backend=backend,
+        max_context=8192,
+        checkpoint_dir=scratch / f"checkpoints-{backend}",
+        learning_rate=1e-4,
+    )
 
 
 def load_engine_student(path: Path, quant: str, scratch: Path, backend: str = "transformers"):
@@ -136,7 +149,7 @@ def service_student(path: Path, quant: str, scratch: Path, backend: str, prompt:
         report.update(ServiceRound(client, prompt).run(ready_timeout=900))
         engine = client.app.state.loader.engine
         torch.set_num_threads(min(torch.get_num_threads(), 8))
-        yield engine.student if engine is not None else None
+        yield engine.core.student if engine is not None else None  # the in-process core (LocalCore)
 
 
 def count_params(name: str) -> int:
@@ -150,13 +163,15 @@ def count_params(name: str) -> int:
 
 # ---------------------------------------------------------------- the proposed patches, applied in stages
 
+
 def apply_stage(student, stage: str) -> None:
     """Add one proposed change to a loaded engine (cumulative); 'engine' = the trainer's code as it is."""
     if stage == "engine":
         return
     if stage == "ckpt":  # activation checkpointing of the decoder layers (recompute in backward)
         student.model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     elif stage == "fused":  # lm_head fused into a chunked selective log-softmax (bench/gpu_fused.py)
         student._completion_logprobs = types.MethodType(fused_completion_logprobs, student)
     elif stage == "tf32":  # the float32 LoRA matmuls on tensor cores
@@ -168,6 +183,7 @@ def apply_stage(student, stage: str) -> None:
         def completion_logprobs_autocast(items):
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 return inner(items)
+
         student._completion_logprobs = completion_logprobs_autocast
     elif stage == "compile":  # regional torch.compile: each decoder layer, code shared by all layers
         from torch import _dynamo
@@ -203,8 +219,10 @@ def profile_step(step, title: str) -> None:
     wall = time.time() - t0
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / 1e6
-    log(f"profile {title}: wall {wall:.3f} s (profiled), GPU kernels {gpu:.3f} s, "
-        f"kernel launches {sum(e.count for e in events if e.device_type.name == 'CUDA')}")
+    log(
+        f"profile {title}: wall {wall:.3f} s (profiled), GPU kernels {gpu:.3f} s, "
+        f"kernel launches {sum(e.count for e in events if e.device_type.name == 'CUDA')}"
+    )
     print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60), flush=True)
 
 
@@ -220,8 +238,10 @@ def grpo_items(ids: torch.Tensor, prompt_len: int, adv: torch.Tensor):
     from services.trainer.items import GrpoItem
 
     rows = ids.tolist()
-    return [GrpoItem(context_ids=r[:prompt_len], completion_ids=r[prompt_len:], advantage=float(a))
-            for r, a in zip(rows, adv.tolist())]
+    return [
+        GrpoItem(context_ids=r[:prompt_len], completion_ids=r[prompt_len:], advantage=float(a))
+        for r, a in zip(rows, adv.tolist())
+    ]
 
 
 def score_items(ids: torch.Tensor, prompt_len: int):
@@ -231,6 +251,7 @@ def score_items(ids: torch.Tensor, prompt_len: int):
 
 
 # ---------------------------------------------------------------- timing
+
 
 def timed(fn, warmup: int, repeat: int) -> tuple[float, float]:
     """Median seconds per call and peak GiB over the timed calls."""
@@ -255,12 +276,15 @@ def row(**fields) -> dict:
     return fields
 
 
-def bench_config(name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None,
-                 service: dict) -> list[dict]:
+def bench_config(
+    name: str, quant: str, stages: list[str], args, scratch: Path, tok_dir: Path | None, service: dict
+) -> list[dict]:
     path = random_model_dir(name, scratch, tok_dir)
     torch.backends.cuda.matmul.allow_tf32 = False
     if not args.service_check:
-        return bench_student(load_engine_student(path, quant, scratch, args.backend), name, quant, stages, args)
+        return bench_student(
+            load_engine_student(path, quant, scratch, args.backend), name, quant, stages, args
+        )
     report = service.setdefault(f"{name}:{quant}", {})
     with service_student(path, quant, scratch, args.backend, prompt_text(96, seed=2), report) as student:
         if student is None:
@@ -274,8 +298,14 @@ def bench_student(student, name: str, quant: str, stages: list[str], args) -> li
     rows = []
     params = count_params(name)
     trainable = sum(p.numel() for p in student.trainable)
-    common = dict(model=name, quant=quant, params=params, device=torch.cuda.get_device_name(),
-                  backend=student.backend, trainable_params=trainable)
+    common = dict(
+        model=name,
+        quant=quant,
+        params=params,
+        device=torch.cuda.get_device_name(),
+        backend=student.backend,
+        trainable_params=trainable,
+    )
     log("loaded", student.backend, "trainable parameters", trainable)
 
     def flops_share(tokens: int, sec: float) -> float:
@@ -290,21 +320,53 @@ def bench_student(student, name: str, quant: str, stages: list[str], args) -> li
         torch.cuda.empty_cache()
         try:
             reference = deep_copied_reference(student.model)
-            sec, peak = timed(lambda: naive_grpo_step(student.model, reference, student.optimizer, seqs),
-                              1, args.naive_repeat)
-            rows.append(row(op="grpo", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
-                            peak_gib=peak, mfu=flops_share(tokens, sec), **common))
+            sec, peak = timed(
+                lambda: naive_grpo_step(student.model, reference, student.optimizer, seqs),
+                1,
+                args.naive_repeat,
+            )
+            rows.append(
+                row(
+                    op="grpo",
+                    path="naive",
+                    batch=batch,
+                    length=length,
+                    seconds=sec,
+                    tok_s=tokens / sec,
+                    peak_gib=peak,
+                    mfu=flops_share(tokens, sec),
+                    **common,
+                )
+            )
             del reference
         except Exception as exc:  # noqa: BLE001 - a failure of the baseline is a result too
-            rows.append(row(op="grpo", path="naive", batch=batch, length=length,
-                            error=f"{type(exc).__name__}: {exc}"[:300], **common))
+            rows.append(
+                row(
+                    op="grpo",
+                    path="naive",
+                    batch=batch,
+                    length=length,
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    **common,
+                )
+            )
         student.optimizer.zero_grad(set_to_none=True)
         student.model.eval()
         gc.collect()
         torch.cuda.empty_cache()
         sec, peak = timed(lambda: naive_logprobs(student.model, seqs), 1, args.naive_repeat)
-        rows.append(row(op="logprobs", path="naive", batch=batch, length=length, seconds=sec, tok_s=tokens / sec,
-                        peak_gib=peak, **common))
+        rows.append(
+            row(
+                op="logprobs",
+                path="naive",
+                batch=batch,
+                length=length,
+                seconds=sec,
+                tok_s=tokens / sec,
+                peak_gib=peak,
+                **common,
+            )
+        )
 
     want_gen = args.gen_tokens and quant in split_list(args.gen_quants)
     if want_gen:
@@ -315,8 +377,16 @@ def bench_student(student, name: str, quant: str, stages: list[str], args) -> li
         try:
             apply_stage(student, stage)
         except Exception as exc:  # noqa: BLE001
-            rows.append(row(op="stage", path=stage, batch=0, length=0, error=f"{type(exc).__name__}: {exc}"[:300],
-                            **common))
+            rows.append(
+                row(
+                    op="stage",
+                    path=stage,
+                    batch=0,
+                    length=0,
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    **common,
+                )
+            )
             break
         applied.append(stage)
         label = "+".join(applied)
@@ -334,26 +404,68 @@ def bench_student(student, name: str, quant: str, stages: list[str], args) -> li
                 student.grpo_step(items, loss)  # the first call pays for compilation, if any
                 first = time.time() - t0
                 sec, peak = timed(lambda: student.grpo_step(items, loss), args.warmup, args.repeat)
-                rows.append(row(op="grpo", path=label, batch=batch, length=length, micro_batch=loss.micro_batch_size,
-                                seconds=sec, first_call_s=first, tok_s=tokens / sec, peak_gib=peak,
-                                mfu=flops_share(tokens, sec), **common))
+                rows.append(
+                    row(
+                        op="grpo",
+                        path=label,
+                        batch=batch,
+                        length=length,
+                        micro_batch=loss.micro_batch_size,
+                        seconds=sec,
+                        first_call_s=first,
+                        tok_s=tokens / sec,
+                        peak_gib=peak,
+                        mfu=flops_share(tokens, sec),
+                        **common,
+                    )
+                )
                 if args.profile and index == len(stages) - 1 and shape == grid[0]:
                     try:
-                        profile_step(lambda: student.grpo_step(items, loss), f"{name} {quant} {label} {shape}")
+                        profile_step(
+                            lambda: student.grpo_step(items, loss), f"{name} {quant} {label} {shape}"
+                        )
                     except Exception as exc:  # noqa: BLE001 - the profile is a diagnostic only
                         log("profile failed:", exc)
             except Exception as exc:  # noqa: BLE001 - out of memory or a compile failure: record and go on
-                rows.append(row(op="grpo", path=label, batch=batch, length=length,
-                                error=f"{type(exc).__name__}: {exc}"[:300], **common))
+                rows.append(
+                    row(
+                        op="grpo",
+                        path=label,
+                        batch=batch,
+                        length=length,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                        **common,
+                    )
+                )
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                sec, peak = timed(lambda: student.logprobs(scored, batch_size=batch), args.warmup, args.repeat)
-                rows.append(row(op="logprobs", path=label, batch=batch, length=length, seconds=sec,
-                                tok_s=tokens / sec, peak_gib=peak, **common))
+                sec, peak = timed(
+                    lambda: student.logprobs(scored, batch_size=batch), args.warmup, args.repeat
+                )
+                rows.append(
+                    row(
+                        op="logprobs",
+                        path=label,
+                        batch=batch,
+                        length=length,
+                        seconds=sec,
+                        tok_s=tokens / sec,
+                        peak_gib=peak,
+                        **common,
+                    )
+                )
             except Exception as exc:  # noqa: BLE001
-                rows.append(row(op="logprobs", path=label, batch=batch, length=length,
-                                error=f"{type(exc).__name__}: {exc}"[:300], **common))
+                rows.append(
+                    row(
+                        op="logprobs",
+                        path=label,
+                        batch=batch,
+                        length=length,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                        **common,
+                    )
+                )
     if want_gen and args.gen_after_stages:
         rows += time_generation(student, args, common, suffix="+" + "+".join(applied))
     gc.collect()
@@ -367,31 +479,59 @@ def time_generation(student, args, common: dict, suffix: str) -> list[dict]:
 
     rows = []
     prompt = random_batch(1, 128, seed=1)[0][0, :96].tolist()
-    requests = [GenerationRequest(prompt_ids=prompt, n=args.gen_batch, max_tokens=args.gen_tokens,
-                                  temperature=1.0, seed=3)]
+    requests = [
+        GenerationRequest(
+            prompt_ids=prompt, n=args.gen_batch, max_tokens=args.gen_tokens, temperature=1.0, seed=3
+        )
+    ]
     for variant in split_list(args.gen_variants):
         produced = []
 
         def generate():
             samples = student.generate(requests)
             produced.append(sum(s.num_generated for s in samples[0]))
+
         try:
             t0 = time.time()
             generate()  # warm-up (and compilation, if any)
             first = time.time() - t0
             sec, peak = timed(generate, 0, 1)
-            rows.append(row(op="generate", path=variant + suffix, batch=args.gen_batch, length=args.gen_tokens,
-                            seconds=sec, first_call_s=first, tok_s=produced[-1] / sec, peak_gib=peak, **common))
+            rows.append(
+                row(
+                    op="generate",
+                    path=variant + suffix,
+                    batch=args.gen_batch,
+                    length=args.gen_tokens,
+                    seconds=sec,
+                    first_call_s=first,
+                    tok_s=produced[-1] / sec,
+                    peak_gib=peak,
+                    **common,
+                )
+            )
         except Exception as exc:  # noqa: BLE001
-            rows.append(row(op="generate", path=variant + suffix, batch=args.gen_batch, length=args.gen_tokens,
-                            error=f"{type(exc).__name__}: {exc}"[:300], **common))
+            rows.append(
+                row(
+                    op="generate",
+                    path=variant + suffix,
+                    batch=args.gen_batch,
+                    length=args.gen_tokens,
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    **common,
+                )
+            )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="qwen2.5-0.5b:nf4,llama-3.2-3b:nf4,llama-3.2-3b:bf16",
-                        help="model:quant[:stage+stage...] entries (quant nf4 or bf16)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs",
+        default="qwen2.5-0.5b:nf4,llama-3.2-3b:nf4,llama-3.2-3b:bf16",
+        help="model:quant[:stage+stage...] entries (quant nf4 or bf16)",
+    )
     parser.add_argument("--stages-nf4", default="engine,ckpt,fused,tf32,compile")
     parser.add_argument("--stages-bf16", default="engine,fused,tf32,compile")
     parser.add_argument("--grid", default="8x512,16x512,8x1024", help="BxL settings timed at the last stage")
@@ -408,18 +548,33 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/bench_models")
     parser.add_argument("--tokenizer", default=str(REPO / ".bench_assets" / "tokenizer"))
     parser.add_argument("--profile", action="store_true", help="profile one step of the last stage")
-    parser.add_argument("--gen-after-stages", action="store_true", help="time generation again after the stages")
+    parser.add_argument(
+        "--gen-after-stages", action="store_true", help="time generation again after the stages"
+    )
     parser.add_argument("--gen-quants", default="nf4,bf16", help="quantisations whose generation is timed")
-    parser.add_argument("--backend", default="transformers", choices=["transformers", "unsloth"],
-                        help="the trainer's CUDA backend (TRAINER_BACKEND)")
-    parser.add_argument("--service-check", action="store_true",
-                        help="load through the trainer service and run bench/gpu_service.py's round first")
+    parser.add_argument(
+        "--backend",
+        default="transformers",
+        choices=["transformers", "unsloth"],
+        help="the trainer's CUDA backend (TRAINER_BACKEND)",
+    )
+    parser.add_argument(
+        "--service-check",
+        action="store_true",
+        help="load through the trainer service and run bench/gpu_service.py's round first",
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    if args.backend == "unsloth":  # before transformers, as in the trainer service (Unsloth patches it on import)
+    if (
+        args.backend == "unsloth"
+    ):  # before transformers, as in the trainer service (Unsloth patches it on import)
         import unsloth  # noqa: F401
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
-    args.grid, args.stage_grid, args.naive_grid = split(args.grid), split(args.stage_grid), split(args.naive_grid)
+    args.grid, args.stage_grid, args.naive_grid = (
+        split(args.grid),
+        split(args.stage_grid),
+        split(args.naive_grid),
+    )
     tok_dir = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else None
     scratch = Path(args.scratch)
     rows, service = [], {}
@@ -428,16 +583,32 @@ def main() -> None:
         name, quant, *own = entry.split(":")
         stages = own[0].split("+") if own else split(args.stages_nf4 if quant == "nf4" else args.stages_bf16)
         if args.backend != "transformers" and (stages != ["engine"] or args.naive_grid):
-            parser.error("under --backend unsloth only the engine is timed: give model:quant:engine and "
-                         "--naive-grid ''")
+            parser.error(
+                "under --backend unsloth only the engine is timed: give model:quant:engine and "
+                "--naive-grid ''"
+            )
         log("config", name, quant, stages, "backend", args.backend)
         try:
             rows += bench_config(name, quant, stages, args, scratch, tok_dir, service)
         except Exception as exc:  # a load that fails is a result; the file still gets written
-            rows.append(row(op="load", path=args.backend, batch=0, length=0, model=name, quant=quant,
-                            backend=args.backend, error=f"{type(exc).__name__}: {exc}"[:2000]))
+            rows.append(
+                row(
+                    op="load",
+                    path=args.backend,
+                    batch=0,
+                    length=0,
+                    model=name,
+                    quant=quant,
+                    backend=args.backend,
+                    error=f"{type(exc).__name__}: {exc}"[:2000],
+                )
+            )
         if args.out:
-            result = {"rows": rows, "command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            result = {
+                "rows": rows,
+                "command": command,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             if args.service_check:
                 result["service"] = service
             Path(args.out).write_text(json.dumps(result, indent=1))
@@ -449,10 +620,14 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':13} {'q':4} {'backend':12} {'op':8} {'path':28} {'BxL':8} {'tok/s':>8} {'GiB':>6} {'mfu':>6}")
+    print(
+        f"{'model':13} {'q':4} {'backend':12} {'op':8} {'path':28} {'BxL':8} {'tok/s':>8} {'GiB':>6} {'mfu':>6}"
+    )
     for r in rows:
-        head = (f"{r['model']:13} {r['quant']:4} {r.get('backend', 'transformers'):12} {r['op']:8} {r['path']:28} "
-                f"{str(r['batch']) + 'x' + str(r['length']):8}")
+        head = (
+            f"{r['model']:13} {r['quant']:4} {r.get('backend', 'transformers'):12} {r['op']:8} {r['path']:28} "
+            f"{str(r['batch']) + 'x' + str(r['length']):8}"
+        )
         if "error" in r:
             print(head, "ERROR", r["error"][:60])
             continue

@@ -23,6 +23,18 @@ class TrainerError(Exception):
         """OpenAI's error `type`: the client's to fix (4xx) or the server's (5xx)."""
         return "invalid_request_error" if self.status < 500 else "server_error"
 
+    def __reduce__(self) -> tuple:
+        # Pickled as class, message and fields, not by calling __init__ again (the subclasses' own signatures
+        # differ): an error raised in the engine process reaches the route as the same class, status and field.
+        return (_rebuild_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[TrainerError], message: str, fields: dict) -> TrainerError:
+    error = cls.__new__(cls)
+    error.args = (message,)
+    error.__dict__.update(fields)
+    return error
+
 
 class InvalidRequest(TrainerError, ValueError):
     """The request cannot be served as given (400; 422 where the field check belongs with validation).
@@ -55,4 +67,15 @@ class NotReady(TrainerError):
 
     def __init__(self, reason: str | None):
         super().__init__(f"model failed to load: {reason}" if reason else "model is loading")
+        self.reason = reason
+
+
+class EngineStopped(TrainerError):
+    """The engine process (TRAINER_ENGINE_PROCESS) exited or was killed: requests it held fail with this, and so
+    does every request after it (503; /health says why)."""
+
+    status = 503
+
+    def __init__(self, reason: str):
+        super().__init__(f"the engine process stopped: {reason}")
         self.reason = reason

@@ -70,10 +70,17 @@ class TrainerSettings(BaseSettings):
     # Requests join a running decode loop every this many decode steps (each join is a prefill and a KV-cache
     # copy); 1 = at every step, the lowest latency for a lone request.
     admit_every_steps: int = Field(default=4, ge=1)
-    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval). The HTTP event
-    # loop and the decode thread share one GIL: at Python's default of 5 ms, each of the decode step's many
-    # GIL-releasing calls (a graph replay, a copy, the wait for the GPU) could cost it up to 5 ms to get the GIL
-    # back from a busy event loop, longer than a whole decode step on a GPU.
+    # The model and everything that runs on it (generation, scoring, GRPO steps, checkpoints) in a process of its
+    # own (engine_process.py), the HTTP side (uvicorn, pydantic, tokenizing, response shaping) in this one, each
+    # with its own GIL, as vLLM V1 splits AsyncLLM from EngineCore: the decode thread no longer waits for the
+    # event loop's GIL holds. False: both in one process.
+    engine_process: bool = False
+    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval), set in both
+    # processes. In one process the HTTP event loop and the decode thread share one GIL: at Python's default of
+    # 5 ms, each of the decode step's many GIL-releasing calls (a graph replay, a copy, the wait for the GPU) could
+    # cost it up to 5 ms to get the GIL back from a busy event loop, longer than a whole decode step on a GPU. With
+    # TRAINER_ENGINE_PROCESS the decode thread shares the engine process's GIL only with its pipe's reader and
+    # sender threads, and the event loop the HTTP process's with the reader of the engine's replies.
     gil_switch_interval_ms: float = Field(default=0.5, gt=0, le=100)
     # uvicorn's HTTP parser: "auto" takes httptools (C, a dependency) where it imports, else h11 (pure Python,
     # ~8% of the process's GIL time at 255 requests in flight, bench/RESULTS.md); set one to compare them.

@@ -133,7 +133,7 @@ def test_health_reports_the_cuda_backend(cuda_client):
 def test_student_is_4bit_nf4_with_bf16_compute_and_8bit_adamw(cuda_client):
     bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (carry its wheel)")
     _, app = cuda_client
-    student = app.state.loader.engine.student
+    student = app.state.loader.engine.core.student
     quantised = [m for m in student.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised, "no bitsandbytes Linear4bit layer: the base is not 4-bit"
     assert all(m.weight.quant_state.quant_type == "nf4" for m in quantised)
@@ -225,7 +225,7 @@ def test_generation_agrees_with_scoring(cuda_client):
     from services.trainer.items import GenerationRequest, ScoreItem
 
     _, app = cuda_client
-    student = app.state.loader.engine.student
+    student = app.state.loader.engine.core.student
     prompt = student.tokenizer(
         "Natalia sold clips to 48 of her friends in April, and then", add_special_tokens=False
     ).input_ids

@@ -321,11 +321,12 @@ def test_row_uniform_is_strictly_inside_zero_one_and_varies_with_seed_and_counte
 
 
 async def test_the_services_student_and_base_requests_share_one_decode_batch(tiny_random_model_dir, tmp_path):
-    """Through the service's engine (TrainerEngine, its batcher): concurrent "student" and "base" completions are
+    """Through the service's engine (TrainerEngine over LocalCore, its batcher): concurrent "student" and "base" completions are
     one batch, one decode loop, and each answer equals what the request gets alone."""
     import asyncio
 
     from services.protocol import CompletionRequest
+    from services.trainer.core import LocalCore
     from services.trainer.engine import TrainerEngine
     from services.trainer.loading import load_student
     from services.trainer.settings import TrainerSettings
@@ -342,7 +343,8 @@ async def test_the_services_student_and_base_requests_share_one_decode_batch(tin
         GrpoItem(p, [11, 12, 13, 14], advantage=1.0 if i % 2 else -1.0) for i, p in enumerate(PROMPTS[:3])
     ]
     student.grpo_step(items, LossSettings(beta=0.0, learning_rate=0.5, max_grad_norm=1e9))
-    engine = TrainerEngine(student, settings)
+    core = LocalCore(student, settings)
+    engine = TrainerEngine(core, settings)
     try:
         bodies = [
             CompletionRequest(model=model, prompt=f"Fact number {i}:", max_tokens=5, temperature=0)
@@ -350,10 +352,10 @@ async def test_the_services_student_and_base_requests_share_one_decode_batch(tin
             for model in ("student", "base")
         ]
         together = await asyncio.gather(*(engine.complete(body) for body in bodies))
-        counters = engine.batcher.counters
+        counters = core.batcher.counters
         assert counters.forward_batches == 1 and counters.merged_requests == len(bodies)
         alone = [await engine.complete(body) for body in bodies]
-        assert engine.batcher.counters.forward_batches == 1 + len(bodies)
+        assert core.batcher.counters.forward_batches == 1 + len(bodies)
         texts = [r.choices[0].text for r in together]
         assert texts == [r.choices[0].text for r in alone]
         assert texts[0::2] != texts[1::2]  # the student's texts are not base's: the lanes were not mixed up

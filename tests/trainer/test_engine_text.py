@@ -17,10 +17,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def engine(student, tmp_path_factory):
+    from services.trainer.core import LocalCore
     from services.trainer.engine import TrainerEngine
     from services.trainer.settings import TrainerSettings
 
-    engine = TrainerEngine(student, TrainerSettings(checkpoint_dir=tmp_path_factory.mktemp("ckpt")))
+    settings = TrainerSettings(checkpoint_dir=tmp_path_factory.mktemp("ckpt"))
+    engine = TrainerEngine(LocalCore(student, settings), settings)
     yield engine
     engine.close()
 

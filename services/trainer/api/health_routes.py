@@ -1,4 +1,5 @@
-"""/health: open to all (no token), 200 once the model serves, 503 while it loads or after it failed to."""
+"""/health: open to all (no token), 200 once the model serves, 503 while it loads, after it failed to, or after
+the engine process (TRAINER_ENGINE_PROCESS) stopped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from services.protocol import HealthNotReady, HealthResponse
 
+from ..errors import EngineStopped
 from .dependencies import Loader
 
 router = APIRouter()
@@ -16,11 +18,15 @@ router = APIRouter()
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthNotReady}})
 async def health(loader: Loader) -> HealthResponse | JSONResponse:
-    if loader.engine is None:
-        body = HealthNotReady(
-            status="error" if loader.error else "loading",
-            error=loader.error,
-            loading_s=round(time.time() - loader.started, 1),
-        )
-        return JSONResponse(status_code=503, content=body.model_dump())
-    return loader.engine.health(started_at=loader.started)  # a new started_at = a restarted trainer
+    if loader.engine is not None and loader.failure() is None:
+        try:
+            return await loader.engine.health(
+                started_at=loader.started
+            )  # a new started_at = a restarted trainer
+        except EngineStopped:
+            pass  # it stopped while we asked: answered as below
+    error = loader.failure()
+    body = HealthNotReady(
+        status="error" if error else "loading", error=error, loading_s=round(time.time() - loader.started, 1)
+    )
+    return JSONResponse(status_code=503, content=body.model_dump())
