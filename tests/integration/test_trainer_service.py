@@ -24,6 +24,17 @@ def reference(trainer_model_dir):
     return model, tokenizer
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["one-process", "engine-process"])
+def trainer_service(trainer_model_dir, tmp_path_factory, request):
+    """The real service, with the model in its own process (TRAINER_ENGINE_PROCESS) and without: every test here
+    runs against both."""
+    from support.trainer_process import TrainerProcess
+
+    env = {"TRAINER_ENGINE_PROCESS": str(request.param).lower()}
+    with TrainerProcess(checkpoint_dir=tmp_path_factory.mktemp("trainer-ckpt"), env=env) as trainer:
+        yield trainer
+
+
 @pytest.fixture(scope="module")
 def client(trainer_service):
     with httpx.Client(base_url=trainer_service.url, timeout=300) as http:

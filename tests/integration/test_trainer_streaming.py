@@ -21,9 +21,10 @@ MESSAGES = [{"role": "user", "content": "What is 2 + 3? Answer briefly."}]
 COUNTING = "1, 2, 3, 4,"  # the base model counts on, token after token, until max_tokens
 
 
-@pytest.fixture(scope="module")
-def trainer(trainer_model_dir, tmp_path_factory):
-    env = {"TRAINER_MAX_REQUESTS_IN_FLIGHT": "2"}
+@pytest.fixture(scope="module", params=[False, True], ids=["one-process", "engine-process"])
+def trainer(trainer_model_dir, tmp_path_factory, request):
+    # With the model in its own process (TRAINER_ENGINE_PROCESS) and without: streaming crosses the pipe there.
+    env = {"TRAINER_MAX_REQUESTS_IN_FLIGHT": "2", "TRAINER_ENGINE_PROCESS": str(request.param).lower()}
     with TrainerProcess(checkpoint_dir=tmp_path_factory.mktemp("stream-ckpt"), env=env) as process:
         yield process
 
