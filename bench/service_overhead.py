@@ -3,6 +3,7 @@ checkouts, measured in turns in one run, and a py-spy profile of one service und
 
     python bench/service_overhead.py --checkouts "base=/tmp/svc-base,this=." --in-flight 255 --repeats 3
     python bench/service_overhead.py --profile-s 20 --in-flight 255          # py-spy --gil of this checkout's service
+    python bench/service_overhead.py --variants "split:TRAINER_ENGINE_PROCESS=true" --in-flight 32,255
 
 The model is gpu_serving.py's tiny shape (random weights, 2 layers, hidden 64, a made-up tokenizer of one token per
 character), whose decode step takes a few ms on a CPU as a 135M model's does on a GPU, so the service's own costs
@@ -11,6 +12,9 @@ Each checkout's service (`python -m services.trainer`, its own code on PYTHONPAT
 repeat every service in turn runs a closed loop of /v1/completions (bench/service_load.py, gpu_serving.py's request:
 distinct prompts of 96-224 characters, sampled, seeded, logprobs 0) while the others sit idle. Figures per loop:
 tok/s, requests/s, and from /health's counters the decode forward passes: ms per pass and tokens per pass.
+--variants adds services of the first checkout with other TRAINER_* settings (name:VAR=value,...;name:...). CPU per
+request: the service's main thread (the event loop), its other threads, and its child processes (the engine
+process of TRAINER_ENGINE_PROCESS, where the decode thread then runs).
 
 --profile-s: after the loops, `py-spy record --gil --format raw` of the first service during one more loop; the
 printed table is each function's share of the GIL-holding samples, inclusive (top 40), and the decode thread's
@@ -74,10 +78,26 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return main, other
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process's children, all their threads (the engine process of TRAINER_ENGINE_PROCESS, and
+    multiprocessing's resource tracker, which does next to nothing)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            total += sum(cpu_seconds(int(child)))
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkouts", default=f"this={ROOT}", help="name=path,... (each a checkout of the project)")
     parser.add_argument("--env", default="", help="TRAINER_*=value,... for every service")
+    parser.add_argument("--variants", default="", help="name:TRAINER_*=value,...;... services of the first checkout "
+                        "with other settings, e.g. split:TRAINER_ENGINE_PROCESS=true")
     parser.add_argument("--in-flight", default="255", help="levels, e.g. 32,255 (each: every repeat, every service)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -101,9 +121,13 @@ def main() -> int:
     checkouts = dict(c.split("=", 1) for c in args.checkouts.split(","))
     levels = [int(level) for level in args.in_flight.split(",")]
     rows = max(256, *levels)
+    from bench.gpu_serving import parse_variants
+
+    first = Path(next(iter(checkouts.values()))).resolve()
+    runs = {name: (Path(path).resolve(), {}) for name, path in checkouts.items()}
+    runs.update({name: (first, env) for name, env in parse_variants(args.variants).items()})
     services = {
-        name: start(name, Path(path).resolve(), work, work / "model", rows, extra_env)
-        for name, path in checkouts.items()
+        name: start(name, path, work, work / "model", rows, {**extra_env, **env}) for name, (path, env) in runs.items()
     }
     rng = random.Random(1)
     texts = [text_prompt(rng, rng.randint(96, 224)) for _ in range(256)]
@@ -116,16 +140,18 @@ def main() -> int:
     def loop(process, in_flight: int) -> dict:
         url = process.url
         counters = lambda: httpx.get(url + "/health", timeout=30).json()["batcher"]  # noqa: E731
-        before, cpu_before = counters(), cpu_seconds(process.proc.pid)
+        pid = process.proc.pid
+        before, cpu_before, engine_before = counters(), cpu_seconds(pid), children_cpu_seconds(pid)
         result = asyncio.run(closed_loop(url, in_flight, args.seconds, body))
-        cpu_after = cpu_seconds(process.proc.pid)
+        cpu_after, engine_after = cpu_seconds(pid), children_cpu_seconds(pid)
         passes = counters()["forward_passes"] - before["forward_passes"]
         requests = max(result["requests"], 1)
         main_ms = 1000 * (cpu_after[0] - cpu_before[0]) / requests
         other_ms = 1000 * (cpu_after[1] - cpu_before[1]) / requests
         return {**result, "forward_passes": passes, "ms_per_pass": 1000 * result["wall_s"] / max(passes, 1),
                 "tokens_per_pass": result["tokens"] / max(passes, 1),
-                "event_loop_cpu_ms_per_request": main_ms, "other_threads_cpu_ms_per_request": other_ms}
+                "event_loop_cpu_ms_per_request": main_ms, "other_threads_cpu_ms_per_request": other_ms,
+                "child_processes_cpu_ms_per_request": 1000 * (engine_after - engine_before) / requests}
 
     loops = []
     try:
@@ -139,7 +165,8 @@ def main() -> int:
                 print(f"{name:>10} {level:3d} r{repeat} {result['tok_s']:8.0f} tok/s {result['requests_s']:6.1f} req/s "
                       f"{result['ms_per_pass']:6.2f} ms/pass {result['tokens_per_pass']:6.1f} tok/pass "
                       f"loop CPU {result['event_loop_cpu_ms_per_request']:5.2f} ms/req, other threads "
-                      f"{result['other_threads_cpu_ms_per_request']:5.2f} "
+                      f"{result['other_threads_cpu_ms_per_request']:5.2f}, children "
+                      f"{result['child_processes_cpu_ms_per_request']:5.2f} "
                       f"conn_err {result['connection_errors']} http {result['http_errors']} "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
         for level, name in ((level, name) for level in levels for name in services):

@@ -1,6 +1,7 @@
 """The trainer's operations behind the routes: render and tokenise requests, send them to the engine core (core.py:
-the student behind its batcher, in this process or the engine process), and hand the results to the response shaper (openai_format.py) or the protocol's models. No HTTP here:
-refusals are TrainerErrors raised with their status and field.
+the student behind its batcher, in this process or in the engine process), and hand the results to the response
+shaper (openai_format.py) or the protocol's models. No HTTP here: refusals are TrainerErrors raised with their
+status and field.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def exit_reason(process: BaseProcess) -> str:
 
 
 def _stop(process: BaseProcess, conn: Connection, grace_s: float = 5.0) -> None:
-    """Let the engine process end (after Stop, or when our end of the pipe closes); terminate, then kill it, if not."""
+    """Let the engine process end (after Stop, or as our end of the pipe closes); else terminate, then kill it."""
     process.join(grace_s)
     conn.close()
     process.join(2)

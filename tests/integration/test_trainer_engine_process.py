@@ -58,7 +58,8 @@ def test_a_killed_engine_answers_503_at_once_and_health_says_why(trainer):
     url = trainer.url
     with httpx.Client(base_url=url, timeout=120) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert client.post("/v1/completions", json={**LONG, "max_tokens": 4}).status_code == 200
-        waiting = [pool.submit(client.post, "/v1/completions", json={**LONG, "prompt": f"{i}, {i + 1}, {i + 2},"}) for i in range(4)]
+        bodies = [{**LONG, "prompt": f"{i}, {i + 1}, {i + 2},"} for i in range(4)]
+        waiting = [pool.submit(client.post, "/v1/completions", json=body) for body in bodies]
         time.sleep(1.0)
         pid = engine_pid(trainer)
         os.kill(pid, signal.SIGKILL)
