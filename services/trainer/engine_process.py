@@ -5,7 +5,9 @@ thread (tokens and replies out); the HTTP event loop runs in the other process, 
 
 The sender takes everything that is ready and sends it as one list: the tokens of a decode step's streams and
 the replies of the requests it finished go out in one write. When the HTTP process goes away (its end of the
-pipe closes: stopped, crashed or killed), this process exits at once: it never outlives the service.
+pipe closes: stopped, crashed or killed), this process exits at once: it never outlives the service. It ignores
+SIGINT and SIGTERM, which reach it with its service's whole process group (Ctrl-C in a terminal, a process manager
+stopping the group): the service shuts down in order and then stops it; SIGKILL still ends it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 from dataclasses import replace
@@ -35,6 +38,8 @@ def describe_load_failure(exc: BaseException) -> str:
 
 def serve(conn: Connection, settings: TrainerSettings, log_level: int | str = "WARNING") -> None:
     """The spawned process's target: load the model, then answer calls until Stop or the pipe closes."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
     # Here the decode thread competes only with this process's reader and sender threads for the GIL.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

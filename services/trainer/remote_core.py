@@ -193,12 +193,11 @@ def exit_reason(process: BaseProcess) -> str:
 
 
 def _stop(process: BaseProcess, conn: Connection, grace_s: float = 5.0) -> None:
-    """Let the engine process end (after Stop, or as our end of the pipe closes); else terminate, then kill it."""
+    """Let the engine process end (after Stop, or as our end of the pipe closes); kill it if it does not (it
+    ignores SIGTERM: engine_process.py says why)."""
     process.join(grace_s)
     conn.close()
-    process.join(2)
-    for end in (process.terminate, process.kill):
-        if not process.is_alive():
-            break
-        end()
+    process.join(5)
+    if process.is_alive():
+        process.kill()
         process.join(5)

@@ -81,8 +81,9 @@ def test_the_engine_process_ends_with_the_service(trainer_model_dir, tmp_path):
     env = {"TRAINER_ENGINE_PROCESS": "true"}
     stopped = TrainerProcess(checkpoint_dir=tmp_path / "a", env=env).start()
     pid = engine_pid(stopped)
-    stopped.stop()  # SIGTERM: uvicorn's shutdown closes the engine
+    stopped.stop()  # SIGTERM to the process group: the engine ignores it, uvicorn's shutdown closes it in order
     assert wait_gone(pid)
+    assert "engine process stopped" not in stopped.log_tail(20_000)  # not mistaken for a crash
     killed = TrainerProcess(checkpoint_dir=tmp_path / "b", env=env).start()
     try:
         pid = engine_pid(killed)
