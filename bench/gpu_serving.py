@@ -15,9 +15,11 @@
    8 samples): "sampling" (n=8 whole answers of a fresh prompt, a GRPO arm) and "search" (n=8 steps of 32
    tokens from a node, then 8 n=1 continuations from node + child: what the fork search sends). Last, services
    with other settings (--variants; by default the GIL switch interval at Python's 5 ms, and requests admitted
-   at every decode step), started beside the first, each measured at 255 in flight.
+   at every decode step), started beside the first, each measured at 255 in flight; e.g. --variants
+   "split:TRAINER_ENGINE_PROCESS=true" measures the model in the service's own engine process.
    The service needs fastapi/uvicorn/pydantic: where they are missing, the wheels in .whl (see
-   bench/gpu_learning.sh) are installed into /tmp/site for the service's process only.
+   bench/gpu_learning.sh) are installed into /tmp/site for the service's process (and its engine process, which
+   inherits its environment) only.
 Optional candidates (--candidates; phase 1's comparison, each minutes on a GPU): slots_compiled (the step
 torch.compiled inside the graphs), slots_sync (steps in order), search / mixed (in-process workloads), hf_static
 (transformers static cache + torch.compile) and hf_cb (transformers continuous batching).

@@ -33,10 +33,15 @@ def main(argv: list[str] | None = None) -> None:
         if v is not None
     }
     settings = TrainerSettings(**overrides)
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the process's one GIL: see the setting
+    # This process's GIL (with TRAINER_ENGINE_PROCESS the engine process sets its own): see the setting.
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     http = http_parser(settings.http_parser)
-    logging.getLogger(__name__).info("HTTP parser: %s", http)
+    logging.getLogger(__name__).info(
+        "HTTP parser: %s; model %s",
+        http,
+        "in its own process" if settings.engine_process else "in this process",
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
