@@ -649,6 +649,53 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                          graphs_enabled=[lane.graphs.enabled for lane in lanes],
                          graphs_failure=[lane.graphs.failure for lane in lanes if lane.graphs.failure])
 
+    if "continuous" in wanted and engine is not None:
+        def continuous():
+            """The service's traffic without HTTP: max_rows requests in flight in one generate call, each finished
+            request replaced by a new one at the next admission (every `admit_every` steps, as the service's
+            batcher admits), for --service-seconds. What the engine's continuous batching keeps of the in-process
+            figure, apart from what the HTTP side costs."""
+            for admit_every in (1, 4):
+                deadline = time.monotonic() + min(args.service_seconds, 15.0)
+                finished, calls, served = [0], [0], [0]
+                counter = iter(range(10**9))
+
+                def admit(free, every=admit_every):
+                    calls[0] += 1
+                    if calls[0] % every or time.monotonic() > deadline:
+                        return []
+                    take = min(free, finished[0] - served[0])
+                    served[0] += take
+                    return [GenerationRequest(prompts[next(counter) % len(prompts)], max_tokens=args.tokens,
+                                              temperature=1.0, top_p=1.0, seed=7, logprobs=0) for _ in range(take)]
+
+                def on_done(index, samples):
+                    finished[0] += 1
+
+                lanes = engine.engine.lanes.values()
+                for lane in lanes:
+                    lane.index.clear()
+                before = (engine.engine.forward_passes, engine.engine.prefill_passes, engine.engine.prefill_seconds,
+                          sum(lane.graphs.captures for lane in lanes))
+                sync()
+                t = time.perf_counter()
+                # A closed loop's steady state from the start: rows at every stage of their answers (rows that
+                # all start together would all finish together, and admit nothing until the run is over).
+                first = [GenerationRequest(prompts[i], max_tokens=1 + i * (args.tokens - 1) // max(max_rows - 1, 1),
+                                           temperature=1.0, top_p=1.0, seed=i, logprobs=0) for i in range(max_rows)]
+                out = engine.generate(first, admit=admit, on_done=on_done)
+                sync()
+                wall = time.perf_counter() - t
+                generated = sum(s.num_generated for r in out for s in r)
+                passes = engine.engine.forward_passes - before[0]
+                bench.record(candidate="slots", mode=f"continuous_admit{admit_every}", rows=max_rows,
+                             tokens=generated, wall_s=wall, tok_s=generated / wall,
+                             ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
+                             prefill_passes=engine.engine.prefill_passes - before[1],
+                             prefill_s=engine.engine.prefill_seconds - before[2],
+                             graphs_captured=sum(lane.graphs.captures for lane in lanes) - before[3],
+                             requests=len(out))
+        bench.guarded("continuous", continuous)
     if "search" in wanted:
         def search():
             node = prompts[0][:160] if not args.smoke else prompts[0]

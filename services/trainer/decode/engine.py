@@ -17,6 +17,7 @@ an epoch that changes whenever that model's weights change (cached prefixes are 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,8 @@ class DecodeEngine:
         self._stops: StopChecker | None = None
         self._seeds = random.Random(config.seed)
         self.forward_passes = 0  # prefill and decode forwards, all lanes
+        self.prefill_passes = 0  # of which prefill forwards (joining rows)
+        self.prefill_seconds = 0.0  # host time spent placing joining rows (their prefills launched and waited for)
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -176,8 +179,11 @@ class DecodeEngine:
             waiting = [row for row in run.pending if row_lane(run, row) is lane]
             if not waiting:
                 continue
+            started = time.perf_counter()
             placed, passes = lane.place(waiting)
+            self.prefill_seconds += time.perf_counter() - started
             self.forward_passes += passes
+            self.prefill_passes += passes
             if placed:
                 gone = set(map(id, placed))
                 run.pending = [row for row in run.pending if id(row) not in gone]
