@@ -73,8 +73,9 @@ class TrainerSettings(BaseSettings):
     # The model and everything that runs on it (generation, scoring, GRPO steps, checkpoints) in a process of its
     # own (engine_process.py), the HTTP side (uvicorn, pydantic, tokenizing, response shaping) in this one, each
     # with its own GIL, as vLLM V1 splits AsyncLLM from EngineCore: the decode thread no longer waits for the
-    # event loop's GIL holds. False: both in one process.
-    engine_process: bool = False
+    # event loop's GIL holds (H200, 255 requests in flight, side by side: +6% and +30% tokens/s in two runs; bench/
+    # RESULTS.md). False: both in one process.
+    engine_process: bool = True
     # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval), set in both
     # processes. In one process the HTTP event loop and the decode thread share one GIL: at Python's default of
     # 5 ms, each of the decode step's many GIL-releasing calls (a graph replay, a copy, the wait for the GPU) could
