@@ -92,7 +92,9 @@ class DecodeEngine:
         self._seeds = random.Random(config.seed)
         self.forward_passes = 0  # prefill and decode forwards, all lanes
         self.prefill_passes = 0  # of which prefill forwards (joining rows)
-        self.prefill_seconds = 0.0  # host time spent placing joining rows (their prefills launched and waited for)
+        self.prefill_seconds = (
+            0.0  # host time spent placing joining rows (their prefills launched and waited for)
+        )
 
     @staticmethod
     def unsupported(model) -> str | None:
