@@ -360,7 +360,10 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
                      ms_per_pass=1000 * result["wall_s"] / max(passes, 1),
                      tokens_per_pass=result["tokens"] / max(passes, 1),
                      forward_batches=after["forward_batches"] - before["forward_batches"],
-                     admitted_requests=after["admitted_requests"] - before["admitted_requests"])
+                     admitted_requests=after["admitted_requests"] - before["admitted_requests"],
+                     # where a request's time goes: waiting to join, prefills, and how full the decode steps are
+                     **{key: after[key] - before[key] for key in ("queue_wait_s", "prefill_passes", "decode_steps",
+                                                                  "decoded_rows") if key in after})
 
     url = ready("default", services["default"])
     for level in levels:
@@ -656,45 +659,48 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
             batcher admits), for --service-seconds. What the engine's continuous batching keeps of the in-process
             figure, apart from what the HTTP side costs."""
             for admit_every in (1, 4):
-                deadline = time.monotonic() + min(args.service_seconds, 15.0)
-                finished, calls, served = [0], [0], [0]
-                counter = iter(range(10**9))
+                closed_loop_in_process(admit_every)
 
-                def admit(free, every=admit_every):
-                    calls[0] += 1
-                    if calls[0] % every or time.monotonic() > deadline:
-                        return []
-                    take = min(free, finished[0] - served[0])
-                    served[0] += take
-                    return [GenerationRequest(prompts[next(counter) % len(prompts)], max_tokens=args.tokens,
-                                              temperature=1.0, top_p=1.0, seed=7, logprobs=0) for _ in range(take)]
+        def closed_loop_in_process(admit_every: int) -> None:
+            deadline = time.monotonic() + min(args.service_seconds, 15.0)
+            finished, calls, served = [0], [0], [0]
+            counter = iter(range(10**9))
 
-                def on_done(index, samples):
-                    finished[0] += 1
+            def admit(free, every=admit_every):
+                calls[0] += 1
+                if calls[0] % every or time.monotonic() > deadline:
+                    return []
+                take = min(free, finished[0] - served[0])
+                served[0] += take
+                return [GenerationRequest(prompts[next(counter) % len(prompts)], max_tokens=args.tokens,
+                                          temperature=1.0, top_p=1.0, seed=7, logprobs=0) for _ in range(take)]
 
-                lanes = engine.engine.lanes.values()
-                for lane in lanes:
-                    lane.index.clear()
-                before = (engine.engine.forward_passes, engine.engine.prefill_passes, engine.engine.prefill_seconds,
-                          sum(lane.graphs.captures for lane in lanes))
-                sync()
-                t = time.perf_counter()
-                # A closed loop's steady state from the start: rows at every stage of their answers (rows that
-                # all start together would all finish together, and admit nothing until the run is over).
-                first = [GenerationRequest(prompts[i], max_tokens=1 + i * (args.tokens - 1) // max(max_rows - 1, 1),
-                                           temperature=1.0, top_p=1.0, seed=i, logprobs=0) for i in range(max_rows)]
-                out = engine.generate(first, admit=admit, on_done=on_done)
-                sync()
-                wall = time.perf_counter() - t
-                generated = sum(s.num_generated for r in out for s in r)
-                passes = engine.engine.forward_passes - before[0]
-                bench.record(candidate="slots", mode=f"continuous_admit{admit_every}", rows=max_rows,
-                             tokens=generated, wall_s=wall, tok_s=generated / wall,
-                             ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
-                             prefill_passes=engine.engine.prefill_passes - before[1],
-                             prefill_s=engine.engine.prefill_seconds - before[2],
-                             graphs_captured=sum(lane.graphs.captures for lane in lanes) - before[3],
-                             requests=len(out))
+            def on_done(index, samples):
+                finished[0] += 1
+
+            lanes = engine.engine.lanes.values()
+            for lane in lanes:
+                lane.index.clear()
+            before = (engine.engine.forward_passes, engine.engine.prefill_passes, engine.engine.prefill_seconds,
+                      sum(lane.graphs.captures for lane in lanes))
+            sync()
+            t = time.perf_counter()
+            # A closed loop's steady state from the start: rows at every stage of their answers (rows that
+            # all start together would all finish together, and admit nothing until the run is over).
+            first = [GenerationRequest(prompts[i], max_tokens=1 + i * (args.tokens - 1) // max(max_rows - 1, 1),
+                                       temperature=1.0, top_p=1.0, seed=i, logprobs=0) for i in range(max_rows)]
+            out = engine.generate(first, admit=admit, on_done=on_done)
+            sync()
+            wall = time.perf_counter() - t
+            generated = sum(s.num_generated for r in out for s in r)
+            passes = engine.engine.forward_passes - before[0]
+            bench.record(candidate="slots", mode=f"continuous_admit{admit_every}", rows=max_rows,
+                         tokens=generated, wall_s=wall, tok_s=generated / wall,
+                         ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
+                         prefill_passes=engine.engine.prefill_passes - before[1],
+                         prefill_s=engine.engine.prefill_seconds - before[2],
+                         graphs_captured=sum(lane.graphs.captures for lane in lanes) - before[3],
+                         requests=len(out))
         bench.guarded("continuous", continuous)
     if "search" in wanted:
         def search():

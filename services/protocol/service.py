@@ -17,6 +17,18 @@ class BatcherStats(BaseModel):
     merged_requests: int = Field(description="jobs that ran in a batch together with at least one other")
     admitted_requests: int = Field(description="jobs that joined a batch already running")
     forward_passes: int = Field(description="model forward calls")
+    queue_wait_s: float = Field(
+        default=0.0,
+        description="seconds jobs waited in all, from being queued to starting or joining a batch",
+    )
+    prefill_passes: int = Field(
+        default=0, description="of forward_passes, the slot engine's prefills of joining rows"
+    )
+    decode_steps: int = Field(default=0, description="of forward_passes, the slot engine's decode steps")
+    decoded_rows: int = Field(
+        default=0,
+        description="rows those decode steps decoded, in all: decoded_rows / decode_steps is the mean batch",
+    )
 
 
 class HealthResponse(BaseModel):

@@ -29,6 +29,7 @@ class Job:
     payload: Any  # for merged jobs: what the batch runner gets; for exclusive jobs: a callable
     rows: int = 1  # batch rows this job occupies (n samples of a generation request)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    submitted: float = field(default_factory=time.monotonic)  # when it was queued (for queue_wait_s)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class BatcherCounters:
     max_batch_rows: int = 0
     merged_requests: int = 0  # jobs that ran in a batch together with at least one other job
     admitted_requests: int = 0  # jobs that joined a batch already running
+    queue_wait_s: float = 0.0  # seconds jobs waited, in all, from being queued to starting or joining a batch
 
 
 class Batch:
@@ -138,6 +140,7 @@ class Batcher:
             if job.kind == kind and job.rows <= free_rows and job.future.set_running_or_notify_cancel():
                 taken.append(job)
                 free_rows -= job.rows
+                self.counters.queue_wait_s += time.monotonic() - job.submitted
             elif not job.future.cancelled():
                 kept.append(job)
         self._held = kept
@@ -186,6 +189,8 @@ class Batcher:
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not jobs:
             return
+        started = time.monotonic()
+        self.counters.queue_wait_s += sum(started - job.submitted for job in jobs)
         self.counters.forward_batches += 1
         batch = Batch(self, jobs[0].kind, jobs)
         try:

@@ -63,7 +63,7 @@ class EngineStats:
     adapter_path: str | None
     step: int
     queue_depth: int
-    counters: dict[str, int]  # batching.BatcherCounters' fields, plus forward_passes
+    counters: dict[str, float]  # batching.BatcherCounters' fields, forward_passes and decode_counters()
 
 
 class EngineCore:
@@ -178,7 +178,11 @@ class LocalCore(EngineCore):
             adapter_path=self.adapter_path,
             step=s.step,
             queue_depth=self.batcher.depth,
-            counters={**asdict(self.batcher.counters), "forward_passes": s.forward_passes},
+            counters={
+                **asdict(self.batcher.counters),
+                "forward_passes": s.forward_passes,
+                **decode_counters(s),
+            },
         )
 
     def export_adapter(self) -> str | None:
@@ -336,3 +340,15 @@ def _copy_outcome(source: concurrent.futures.Future, target: concurrent.futures.
         target.set_exception(error)
     else:
         target.set_result(source.result())
+
+
+def decode_counters(student: Student) -> dict[str, int]:
+    """The slot engine's prefill passes, decode steps and decoded rows (zeros where generation runs elsewhere)."""
+    engine = student.slot_decoder.engine if student.slot_decoder is not None else None
+    if engine is None:
+        return {"prefill_passes": 0, "decode_steps": 0, "decoded_rows": 0}
+    return {
+        "prefill_passes": engine.prefill_passes,
+        "decode_steps": engine.decode_steps,
+        "decoded_rows": engine.decoded_rows,
+    }

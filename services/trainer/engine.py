@@ -266,7 +266,7 @@ class TrainerEngine:
             adapter_path=stats.adapter_path,
             step=stats.step,
             queue_depth=stats.queue_depth,
-            batcher=BatcherStats(**stats.counters),
+            batcher=BatcherStats.model_validate(stats.counters),
             started_at=started_at,
         )
 

@@ -187,6 +187,14 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
     assert after["requests"] - before["requests"] == 8
     assert after["forward_batches"] - before["forward_batches"] < 8
     assert after["max_batch_rows"] > 1
+    # the slot engine's share of the passes: prefills of the joining rows, and decode steps of several rows each
+    delta = {key: after[key] - before[key] for key in ("prefill_passes", "decode_steps", "decoded_rows")}
+    assert delta["prefill_passes"] >= 1 and delta["decode_steps"] >= 3  # 4 tokens: 3 steps after the prefill
+    assert delta["decoded_rows"] > delta["decode_steps"]  # some step decoded more than one row
+    assert (
+        after["forward_passes"] - before["forward_passes"] == delta["prefill_passes"] + delta["decode_steps"]
+    )
+    assert after["queue_wait_s"] >= before["queue_wait_s"] >= 0
 
 
 @pytest.mark.parametrize(

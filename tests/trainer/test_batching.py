@@ -120,6 +120,7 @@ async def test_a_running_batch_admits_late_jobs_and_answers_early():
         assert late == "joined 1" and await first == "first, early" and answered_early == [True]
         assert batcher.counters.forward_batches == 1 and batcher.counters.admitted_requests == 1
         assert batcher.counters.requests == 2
+        assert batcher.counters.queue_wait_s > 0  # the joining job waited for the running batch to admit it
     finally:
         batcher.close()
 

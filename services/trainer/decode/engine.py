@@ -92,8 +92,11 @@ class DecodeEngine:
         self._seeds = random.Random(config.seed)
         self.forward_passes = 0  # prefill and decode forwards, all lanes
         self.prefill_passes = 0  # of which prefill forwards (joining rows)
-        self.prefill_seconds = (
-            0.0  # host time spent placing joining rows (their prefills launched and waited for)
+        # host time spent placing joining rows (their prefills launched, the inputs copied)
+        self.prefill_seconds = 0.0
+        self.decode_steps = 0  # decode forwards, all lanes
+        self.decoded_rows = (
+            0  # rows those forwards decoded, in all (decoded_rows / decode_steps: the mean batch)
         )
 
     @staticmethod
@@ -160,21 +163,26 @@ class DecodeEngine:
                     lane.sample()
                 if self.config.overlap:  # decode first: the host reads the tokens while the device runs
                     for lane in lanes:
+                        self._count_step(lane)
                         lane.step()
-                        self.forward_passes += 1
                 for lane in lanes:
                     self._collect(lane, run)
                 if not self.config.overlap:
                     for lane in lanes:
                         if lane.live_count:
+                            self._count_step(lane)
                             lane.step()
-                            self.forward_passes += 1
         finally:
             for lane in run.lanes:  # after a failure, no row of this run may keep a slot
                 for slot, row in enumerate(lane.rows):
                     if row is not None:
                         lane.release(slot, keep_prefix=False)
         return [samples or [] for samples in run.results]
+
+    def _count_step(self, lane: Lane) -> None:
+        self.forward_passes += 1
+        self.decode_steps += 1
+        self.decoded_rows += lane.live_count
 
     def _place(self, run: _Run) -> None:
         for lane in run.lanes:
