@@ -3,13 +3,14 @@
 
 - kill -9 while POST /checkpoints writes, at several moments, then a restart on the same folder: the previous
   checkpoint loads with its recorded sha256 and step; a half-written one is never listed nor loaded.
-- a full disk: the trainer runs with SIGXFSZ ignored and, at the moment of the test, RLIMIT_FSIZE lowered to
-  1 MiB with prlimit(2), so every checkpoint write fails with EFBIG exactly as writes fail on a full disk (no
-  root, no mounts). The save answers 507 naming the cause; the previous checkpoint is untouched and loads.
+- a full disk: the trainer runs with SIGXFSZ ignored and, at the moment of the test, RLIMIT_FSIZE lowered to 1 MiB
+  with prlimit(2) for it and its engine process, so every checkpoint write fails with EFBIG exactly as writes fail on
+  a full disk (no root, no mounts). The save answers 507 naming the cause; the previous checkpoint is untouched and loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import resource
@@ -115,10 +116,27 @@ def test_kill_during_a_checkpoint_save_leaves_the_previous_one_loadable(trainer,
         shutil.rmtree(root / "next")
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants: with TRAINER_ENGINE_PROCESS the engine process (the trainer's child)
+    writes the checkpoints."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():  # a child belongs to the thread that started it
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *(p for child in children for p in process_tree(child))]
+
+
+def limit_file_size(pid: int, limits: tuple[int, int]) -> None:
+    """RLIMIT_FSIZE of the trainer and every process under it."""
+    for member in process_tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            resource.prlimit(member, resource.RLIMIT_FSIZE, limits)
+
+
 def test_a_full_disk_during_a_checkpoint_save_is_507_and_the_previous_one_stays(trainer, previous):
     pid = trainer.service.proc.pid
     soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, hard))  # files may not grow past 1 MiB
+    limit_file_size(pid, (1 << 20, hard))  # files may not grow past 1 MiB
     try:
         for name in ("full", "previous"):  # a new checkpoint, and one replacing the previous checkpoint
             response = post(trainer, "/checkpoints", {"name": name})
@@ -130,7 +148,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_507_and_the_previous_one_stays(
         assert not [p for p in trainer.checkpoint_dir.iterdir() if ".tmp-" in p.name]  # cleaned up
         assert_previous_loads(trainer, previous)  # reading needs no room
     finally:
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        limit_file_size(pid, (soft, hard))
     assert post(trainer, "/checkpoints", {"name": "full"}).status_code == 200  # room again: saving works
     assert_previous_loads(trainer, previous)
 
@@ -162,7 +180,7 @@ def test_a_train_job_whose_checkpoint_meets_a_full_disk_fails_clearly_and_resume
             job_id = client.train(num_examples=2, offset=40, batch_size=1, checkpoint_every=1, search=search)
             for event in client.follow(job_id):
                 if event.type == "checkpoint":  # step 0 saved: the disk fills before step 1's checkpoint
-                    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, hard))
+                    limit_file_size(pid, (1 << 20, hard))
                     break
             list(client.follow(job_id, after=event.id))
             job = client.job(job_id)
@@ -173,13 +191,13 @@ def test_a_train_job_whose_checkpoint_meets_a_full_disk_fails_clearly_and_resume
                 job["progress"]["checkpoint"]["step"] == 0
             )  # the job still points at a checkpoint that exists
 
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))  # room again
+            limit_file_size(pid, (soft, hard))  # room again
             client.resume(job_id)
             events = list(client.follow(job_id))
             job = client.job(job_id)
             steps = client.steps(job_id)
     finally:
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        limit_file_size(pid, (soft, hard))
         orch.stop()
     assert job["status"] == "completed", job["error"]
     assert [e.data["from_step"] for e in events if e.type == "resumed"] == [0]
