@@ -351,10 +351,18 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
         if deadline - time.monotonic() < seconds + 3:
             bench.record(candidate="service", mode=mode, skipped="service budget spent", **extra)
             return
-        counters = lambda: httpx.get(url + "/health", timeout=30).json()["batcher"]  # noqa: E731
-        before = counters()
+        health = lambda: httpx.get(url + "/health", timeout=30).json()  # noqa: E731
+        health_before = health()
         result = asyncio.run(run())
-        after = counters()
+        health_after = health()
+        before, after = health_before["batcher"], health_after["batcher"]
+        # The HTTP side's share of a request's time (/health's `service`, where the service reports it): mean
+        # seconds per request in the handlers and per generation with the engine, beside the client's latency.
+        http = {}
+        if health_after.get("service") and health_before.get("service"):
+            delta = {k: health_after["service"][k] - health_before["service"][k] for k in health_after["service"]}
+            http = {"server_s_per_request": delta["request_seconds"] / max(delta["requests"], 1),
+                    "engine_s_per_generation": delta["generation_seconds"] / max(delta["generations"], 1)}
         passes = after["forward_passes"] - before["forward_passes"]
         bench.record(candidate="service", mode=mode, **{**extra, **result}, forward_passes=passes,
                      ms_per_pass=1000 * result["wall_s"] / max(passes, 1),
@@ -363,7 +371,7 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
                      admitted_requests=after["admitted_requests"] - before["admitted_requests"],
                      # where a request's time goes: waiting to join, prefills, and how full the decode steps are
                      **{key: after[key] - before[key] for key in ("queue_wait_s", "prefill_passes", "decode_steps",
-                                                                  "decoded_rows") if key in after})
+                                                                  "decoded_rows") if key in after}, **http)
 
     url = ready("default", services["default"])
     for level in levels:

@@ -49,7 +49,15 @@ from .openai import (
     TopLogprob,
     Usage,
 )
-from .service import BatcherStats, ErrorBody, ErrorInfo, HealthNotReady, HealthResponse, TooLarge
+from .service import (
+    BatcherStats,
+    ErrorBody,
+    ErrorInfo,
+    HealthNotReady,
+    HealthResponse,
+    ServiceStats,
+    TooLarge,
+)
 from .training import (
     CompletionScore,
     GrpoStepItem,
@@ -115,6 +123,7 @@ __all__ = [
     "ReceivedCompletion",
     "SamplingRequest",
     "SaveCheckpointRequest",
+    "ServiceStats",
     "StreamOptions",
     "StrictModel",
     "TooLarge",

@@ -31,6 +31,21 @@ class BatcherStats(BaseModel):
     )
 
 
+class ServiceStats(BaseModel):
+    """Where a request's time goes on the HTTP side (the trainer's front end; with TRAINER_ENGINE_PROCESS, the
+    process apart from the engine's): per request, request_seconds / requests against the client's latency, and
+    generation_seconds / generations against the engine's queue wait and decode."""
+
+    requests: int = Field(description="HTTP requests answered (all but /health)")
+    request_seconds: float = Field(
+        description="their wall time in all, from arrival to the answer's last byte"
+    )
+    generations: int = Field(description="generation jobs (one per prompt) handed to the engine")
+    generation_seconds: float = Field(
+        description="their wall time in all, from being handed to the engine until their samples came back"
+    )
+
+
 class HealthResponse(BaseModel):
     """200: the model is loaded and serving."""
 
@@ -46,6 +61,7 @@ class HealthResponse(BaseModel):
     step: int
     queue_depth: int = Field(description="jobs waiting for the model")
     batcher: BatcherStats
+    service: ServiceStats | None = None
     started_at: float = Field(description="Unix time the service started: a new value = a restarted trainer")
 
 

@@ -7,7 +7,8 @@ status and field.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from jinja2 import TemplateError
@@ -34,6 +35,7 @@ from services.protocol import (
     ModelName,
     PromptedItem,
     SamplingRequest,
+    ServiceStats,
 )
 
 from . import checkpoints as ckpt
@@ -57,6 +59,8 @@ class TrainerEngine:
         self.tokenizer = core.tokenizer
         self.shaper = ResponseShaper(self.tokenizer)
         self.checkpoint_dir = Path(settings.checkpoint_dir)
+        self.generations = 0  # generation jobs handed to the core, and their wall time until answered
+        self.generation_seconds = 0.0
 
     def close(self) -> None:
         self.core.close()
@@ -99,9 +103,14 @@ class TrainerEngine:
             )
 
     # ----- generation -----
-    def _submit(self, model: ModelName, request: GenerationRequest) -> Awaitable[tuple[list[Sample], int]]:
+    async def _submit(self, model: ModelName, request: GenerationRequest) -> tuple[list[Sample], int]:
         """One request to the core; answers its samples and the adapter version that produced them."""
-        return self.core.generate(model, request)
+        started = time.perf_counter()
+        try:
+            return await self.core.generate(model, request)
+        finally:
+            self.generations += 1
+            self.generation_seconds += time.perf_counter() - started
 
     async def _generate(
         self, model: ModelName, requests: list[GenerationRequest]
@@ -255,7 +264,10 @@ class TrainerEngine:
             keep_last=policy.keep_last,
         )
 
-    async def health(self, started_at: float) -> HealthResponse:
+    async def health(
+        self, started_at: float, http_requests: int = 0, http_seconds: float = 0.0
+    ) -> HealthResponse:
+        """http_requests, http_seconds: what the HTTP layer answered and how long it took (its own counters)."""
         stats = await self.core.stats()
         facts = self.facts
         return HealthResponse(
@@ -267,6 +279,12 @@ class TrainerEngine:
             step=stats.step,
             queue_depth=stats.queue_depth,
             batcher=BatcherStats.model_validate(stats.counters),
+            service=ServiceStats(
+                requests=http_requests,
+                request_seconds=http_seconds,
+                generations=self.generations,
+                generation_seconds=self.generation_seconds,
+            ),
             started_at=started_at,
         )
 

@@ -180,9 +180,10 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
                 for r in await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
             ]
 
-    before = httpx.get(trainer_service.url + "/health").json()["batcher"]
+    health_before = httpx.get(trainer_service.url + "/health").json()
     results = asyncio.run(run())
-    after = httpx.get(trainer_service.url + "/health").json()["batcher"]
+    health_after = httpx.get(trainer_service.url + "/health").json()
+    before, after = health_before["batcher"], health_after["batcher"]
     assert all(len(r["choices"]) == 1 for r in results)
     assert after["requests"] - before["requests"] == 8
     assert after["forward_batches"] - before["forward_batches"] < 8
@@ -195,6 +196,13 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
         after["forward_passes"] - before["forward_passes"] == delta["prefill_passes"] + delta["decode_steps"]
     )
     assert after["queue_wait_s"] >= before["queue_wait_s"] >= 0
+    # the HTTP side: 8 requests answered (the /health calls are not counted), each one generation, whose time with
+    # the engine lies within the requests' own
+    http = {
+        key: health_after["service"][key] - health_before["service"][key] for key in health_after["service"]
+    }
+    assert http["requests"] == 8 and http["generations"] == 8
+    assert 0 < http["generation_seconds"] <= http["request_seconds"]
 
 
 @pytest.mark.parametrize(

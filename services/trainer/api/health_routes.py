@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from services.protocol import HealthNotReady, HealthResponse
@@ -17,12 +17,13 @@ router = APIRouter()
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthNotReady}})
-async def health(loader: Loader) -> HealthResponse | JSONResponse:
+async def health(request: Request, loader: Loader) -> HealthResponse | JSONResponse:
     if loader.engine is not None and loader.failure() is None:
-        try:
+        http = request.app.state.http_counters
+        try:  # a new started_at = a restarted trainer
             return await loader.engine.health(
-                started_at=loader.started
-            )  # a new started_at = a restarted trainer
+                started_at=loader.started, http_requests=http.requests, http_seconds=http.seconds
+            )
         except EngineStopped:
             pass  # it stopped while we asked: answered as below
     error = loader.failure()
