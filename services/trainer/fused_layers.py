@@ -1,15 +1,19 @@
 """Layers of the decode copies (decode_weights.py) that do in one call what transformers' modules do in several.
 
-Why: a decode step at the trainer's batch sizes is bound by how many kernels it launches, not by their work.
-SmolLM2-135M (30 layers) runs ~1,350 kernels per step. On an H200, 256 rows take 4.8 ms of GPU time even as one
-CUDA graph, ~3.6 us per kernel. Per layer, transformers' RMSNorm is 8 of those kernels (casts, pow, mean, add,
-rsqrt, two products), and q/k/v and gate/up are 5 GEMMs of one input. So:
+Why: a decode step at the trainer's batch sizes is bound by how many kernels it runs, not by their work. On an
+H200, SmolLM2-135M (30 layers) at 256 rows ran 1,317 kernels per step through transformers' modules, ~3.3 us each
+(4.4 ms of GPU time even as one CUDA graph). Per layer: RMSNorm is 8 kernels (casts, pow, mean, add, rsqrt, two
+products) twice, the rotary embedding 10, q/k/v and gate/up 5 GEMMs of one input, the SwiGLU 2. So:
 - SiblingGroup: the projections of one input (a layer's q, k and v; the MLP's gate and up) as one GEMM over their
-  weights stacked, each member a SiblingSlice of the product. On CPU the stacked weight is pre-packed by oneDNN
-  (packed_linear.py), where one larger GEMM also beats three small ones (~53 against ~84 us at 32 rows).
-- FusedRMSNorm: torch's rms_norm with the weight, one fused kernel on CUDA.
-Both are exact in float32 (the CPU tests compare greedy tokens with the peft model). In bf16 they round once where
-transformers rounds twice, so a value may differ by one unit in the last place.
+  weights stacked. On CPU the stacked weight is pre-packed by oneDNN (packed_linear.py), where one larger GEMM also
+  beats three small ones (~53 against ~84 us at 32 rows).
+- FusedAttention / FusedMLP: the attention and MLP modules over those products, with the rotary embedding and the
+  SwiGLU as one kernel each on CUDA; FusedRMSNorm likewise. The kernels are Liger Kernel's (Triton), where
+  liger-kernel is installed (the gpu extra); elsewhere the same torch ops transformers runs.
+On CUDA that is 560 kernels per step and 2.7 ms (bench/RESULTS.md, "the decode step in fewer kernels"). Every
+replacement is checked against the module it replaces when the copies are made; on CPU in float32 the results are
+bit-equal, and the CUDA kernels round as transformers does up to the order of their sums
+(tests/trainer/test_cuda_fused_layers.py).
 """
 
 from __future__ import annotations
