@@ -80,8 +80,8 @@ class MergedDecoder:
     ):
         """dtype: the copies' floating-point weights in this dtype (cast once, shared by both copies); None = the
         model's own tensors, shared without a copy. pack: every linear layer pre-packed by oneDNN (CPU, where
-        packing_available says so). fuse: sibling projections as one GEMM and RMSNorms as one call
-        (fused_layers.py); off where torch.compile traces the step (it fuses on its own)."""
+        packing_available says so). fuse: sibling projections as one GEMM, attention, MLP and RMSNorm modules with
+        fewer kernels (fused_layers.py); off where torch.compile traces the step (it fuses on its own)."""
         from peft.tuners.lora import LoraLayer
 
         causal_lm = peft_model.get_base_model()

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .packed_linear import PackedLinear
 
@@ -247,8 +248,6 @@ class FusedAttention(torch.nn.Module):
         self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query, key, value = (
             part.view(shape).transpose(1, 2)
@@ -285,9 +284,11 @@ def fuse_blocks(model: torch.nn.Module) -> int:
 def _fused_block(module: torch.nn.Module) -> torch.nn.Module | None:
     siblings = lambda *names: all(isinstance(getattr(module, n, None), SiblingSlice) for n in names)  # noqa: E731
     if siblings("q_proj", "k_proj", "v_proj") and hasattr(module, "o_proj") and hasattr(module, "head_dim"):
-        fused = FusedAttention(module)
+        # FusedAttention keeps the model's own rotary function for the torch path: a model without one keeps its
+        # own attention.
         if not hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb"):
             return None
+        fused = FusedAttention(module)
         return fused if _same_attention(module, fused) else None
     if siblings("gate_proj", "up_proj") and hasattr(module, "down_proj"):
         fused = FusedMLP(module)

@@ -95,9 +95,8 @@ class DecodeEngine:
         # host time spent placing joining rows (their prefills launched, the inputs copied)
         self.prefill_seconds = 0.0
         self.decode_steps = 0  # decode forwards, all lanes
-        self.decoded_rows = (
-            0  # rows those forwards decoded, in all (decoded_rows / decode_steps: the mean batch)
-        )
+        # rows those forwards decoded, in all (decoded_rows / decode_steps: the mean batch)
+        self.decoded_rows = 0
 
     @staticmethod
     def unsupported(model) -> str | None:
