@@ -181,8 +181,11 @@ class Bench:
         greedy = self.find("slots", "greedy", rows=rows) or {}
         loop = self.find("loop", "sampled", rows=rows) or {}
         eager = self.find("slots_eager", "sampled", rows=rows) or {}
+        # at the top level, the loop with the most client processes (--client-processes): the least client-bound
+        processes = max(int(p) for p in str(self.args.client_processes).split(","))
         service = {str(f): (self.find("service", "sampled", in_flight=f) or {}).get("tok_s") for f in in_flight}
-        top = self.find("service", "sampled", in_flight=in_flight[-1]) or {}
+        top = self.find("service", "sampled", in_flight=in_flight[-1], client_processes=processes) or {}
+        service[str(in_flight[-1])] = top.get("tok_s")
         sampling = self.find("service", "workload_sampling") or {}
         search = self.find("service", "workload_search") or {}
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
@@ -198,6 +201,12 @@ class Bench:
             f"service_vs_inprocess_{in_flight[-1]}": ratio(top.get("tok_s"), slots.get("tok_s")),
             f"connection_errors_{in_flight[-1]}": top.get("connection_errors"),
             f"http_errors_{in_flight[-1]}": top.get("http_errors"),
+            f"client_processes_{in_flight[-1]}": processes,
+            # the same loop by number of client processes
+            f"service_tok_s_{in_flight[-1]}_by_client_processes": {
+                str(row["client_processes"]): row["tok_s"] for row in self.rows_out
+                if row.get("candidate") == "service" and row.get("mode") == "sampled"
+                and row.get("in_flight") == in_flight[-1] and "tok_s" in row},
             "search_tok_s": search.get("tok_s"),
             "sampling_tok_s": sampling.get("tok_s"),
             "search_vs_sampling_ratio": ratio(search.get("tok_s"), sampling.get("tok_s")),
@@ -271,12 +280,20 @@ def service_pythonpath() -> str:
 def http_parser(env: dict[str, str]) -> str:
     """The HTTP parser of the service's process: TRAINER_HTTP_PARSER where it names one, else (auto) httptools (C)
     where it is installed there, else h11."""
-    chosen = env.get("TRAINER_HTTP_PARSER", "auto")
+    return _auto_choice(env, "TRAINER_HTTP_PARSER", "httptools", "h11")
+
+
+def event_loop(env: dict[str, str]) -> str:
+    """The service's event loop: TRAINER_EVENT_LOOP where it names one, else (auto) uvloop where installed."""
+    return _auto_choice(env, "TRAINER_EVENT_LOOP", "uvloop", "asyncio")
+
+
+def _auto_choice(env: dict[str, str], variable: str, module: str, otherwise: str) -> str:
+    chosen = env.get(variable, "auto")
     if chosen != "auto":
         return chosen
-    pythonpath = env["PYTHONPATH"]
-    probe = "import importlib.util as u; print('httptools' if u.find_spec('httptools') else 'h11')"
-    found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": pythonpath},
+    probe = f"import importlib.util as u; print('{module}' if u.find_spec('{module}') else '{otherwise}')"
+    found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": env["PYTHONPATH"]},
                            capture_output=True, text=True)
     return found.stdout.strip() or "unknown"
 
@@ -319,16 +336,21 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
     level, within --service-budget-s."""
     import httpx
 
-    from bench.service_load import closed_loop, sampling_workload, search_workload
+    from bench.service_load import (
+        CompletionBody,
+        closed_loop,
+        closed_loop_processes,
+        run_client_loop,
+        sampling_workload,
+        search_workload,
+    )
 
     deadline = time.monotonic() + args.service_budget_s
     levels = [int(f) for f in args.in_flight.split(",")]
     bench.info["service"] = {}
 
-    def body(client: int, k: int) -> dict:
-        text = texts[(client * 7 + k) % len(texts)]
-        return {"model": "student", "prompt": f"{client} {k} {text}", "max_tokens": args.tokens,
-                "temperature": 1.0, "top_p": 1.0, "seed": client * 100_003 + k, "logprobs": 0}
+    body = CompletionBody(tuple(texts), args.tokens)
+    client_processes = [int(p) for p in str(args.client_processes).split(",")]
 
     def prompt(client: int, k: int) -> str:
         return f"q{client}.{k} {texts[(client * 13 + k) % len(texts)]}"
@@ -339,10 +361,10 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
         health = process.wait_ready(max(deadline - time.monotonic(), 1.0))
         info = {"ready_wait_s": time.perf_counter() - t, "device": health["device"],
                 "env": {k: v for k, v in process.env.items() if k.startswith("TRAINER_")},
-                "http_parser": http_parser(process.env)}
+                "http_parser": http_parser(process.env), "event_loop": event_loop(process.env)}
         t = time.perf_counter()
-        warm = asyncio.run(closed_loop(process.url, levels[-1], args.warmup_s, body))
-        asyncio.run(closed_loop(process.url, 1, min(args.warmup_s, 2.0), body))
+        warm = run_client_loop(closed_loop(process.url, levels[-1], args.warmup_s, body))
+        run_client_loop(closed_loop(process.url, 1, min(args.warmup_s, 2.0), body))
         info.update(warmup_s=time.perf_counter() - t, warmup_connection_errors=warm["connection_errors"])
         bench.info["service"][name] = info
         return process.url
@@ -353,16 +375,23 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
             return
         health = lambda: httpx.get(url + "/health", timeout=30).json()  # noqa: E731
         health_before = health()
-        result = asyncio.run(run())
+        result = run()
         health_after = health()
         before, after = health_before["batcher"], health_after["batcher"]
         # The HTTP side's share of a request's time (/health's `service`, where the service reports it): mean
         # seconds per request in the handlers and per generation with the engine, beside the client's latency.
         http = {}
         if health_after.get("service") and health_before.get("service"):
-            delta = {k: health_after["service"][k] - health_before["service"][k] for k in health_after["service"]}
+            delta = {k: health_after["service"][k] - health_before["service"][k] for k in health_after["service"]
+                     if k != "engine_hops"}
             http = {"server_s_per_request": delta["request_seconds"] / max(delta["requests"], 1),
                     "engine_s_per_generation": delta["generation_seconds"] / max(delta["generations"], 1)}
+            hops_after, hops_before = health_after["service"].get("engine_hops"), health_before["service"].get(
+                "engine_hops")
+            if hops_after and hops_before:  # the engine process's hops, mean seconds per generation
+                replies = max(hops_after["replies"] - hops_before["replies"], 1)
+                http["hops_s_per_generation"] = {k: (hops_after[k] - hops_before[k]) / replies
+                                                 for k in hops_after if k != "replies"}
         passes = after["forward_passes"] - before["forward_passes"]
         bench.record(candidate="service", mode=mode, **{**extra, **result}, forward_passes=passes,
                      ms_per_pass=1000 * result["wall_s"] / max(passes, 1),
@@ -375,13 +404,15 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
 
     url = ready("default", services["default"])
     for level in levels:
-        timed(url, "sampled", args.service_seconds,
-              lambda f=level: closed_loop(url, f, args.service_seconds, body), in_flight=level)
+        for processes in client_processes if level == levels[-1] else client_processes[:1]:
+            timed(url, "sampled", args.service_seconds,
+                  lambda f=level, p=processes: closed_loop_processes(url, f, args.service_seconds, body, p),
+                  in_flight=level, client_processes=processes)
     clients, seconds = args.workload_clients, args.workload_seconds
     timed(url, "workload_sampling", seconds,
-          lambda: sampling_workload(url, clients, seconds, prompt, max_tokens=args.tokens))
+          lambda: run_client_loop(sampling_workload(url, clients, seconds, prompt, max_tokens=args.tokens)))
     timed(url, "workload_search", seconds,
-          lambda: search_workload(url, clients, seconds, prompt, step_tokens=args.step_tokens))
+          lambda: run_client_loop(search_workload(url, clients, seconds, prompt, step_tokens=args.step_tokens)))
     for name, process in services.items():
         if name == "default":
             continue
@@ -390,7 +421,9 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
             continue
         variant_url = ready(name, process)
         timed(variant_url, f"variant_{name}", args.service_seconds,
-              lambda u=variant_url: closed_loop(u, levels[-1], args.service_seconds, body), in_flight=levels[-1],
+              lambda u=variant_url: closed_loop_processes(u, levels[-1], args.service_seconds, body,
+                                                          client_processes[-1]),
+              in_flight=levels[-1], client_processes=client_processes[-1],
               env=parse_variants(args.variants)[name])
 
 
@@ -412,6 +445,9 @@ def main() -> int:
     parser.add_argument("--workload-seconds", type=float, default=10.0, help="service: sampling / search, each")
     parser.add_argument("--workload-clients", type=int, default=32, help="service: clients of 8 samples each")
     parser.add_argument("--step-tokens", type=int, default=32, help="service: tokens of a search step")
+    parser.add_argument("--client-processes", default="1",
+                        help="service: client processes of the closed loops (comma-separated: the highest in-flight "
+                        "level is measured with each, the others and the variants with the first / last)")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="service: untimed load before the loops")
     parser.add_argument("--service-budget-s", type=float, default=130.0,
                         help="service: from the end of the in-process part, ready wait included")

@@ -1,6 +1,7 @@
 """Closed-loop load on an OpenAI-compatible completions server (the trainer service, vLLM), for the benchmarks.
 
     result = asyncio.run(closed_loop(url, in_flight=32, seconds=15, body=lambda client, i: {...}))
+    result = closed_loop_processes(url, in_flight=255, seconds=15, body=CompletionBody(texts), processes=4)
     result = asyncio.run(sampling_workload(url, clients=32, seconds=12, prompt=...))
     result = asyncio.run(search_workload(url, clients=32, seconds=12, prompt=...))
 
@@ -20,7 +21,10 @@ The two workloads compare request shapes on one service at the same rows in flig
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import functools
+import multiprocessing
 import random
 import ssl
 import statistics
@@ -73,6 +77,14 @@ class LoadCounter:
         self.tokens += answer["usage"]["completion_tokens"]
         return answer
 
+    def merge(self, other: LoadCounter) -> None:
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.rows += other.rows
+        self.transport_errors.update(other.transport_errors)
+        self.statuses.update(other.statuses)
+        self.latencies.extend(other.latencies)
+
     def report(self, wall: float, **extra: Any) -> dict[str, Any]:
         latencies = sorted(self.latencies) or [float("nan")]
         return {
@@ -83,6 +95,7 @@ class LoadCounter:
             "requests": self.requests,
             "rows": self.rows,
             "wall_s": wall,
+            "latency_mean_s": statistics.fmean(latencies),
             "latency_p50_s": statistics.median(latencies),
             "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "connection_errors": sum(self.transport_errors.values()),
@@ -112,20 +125,87 @@ async def closed_loop(
     timeout: float = 300.0,
 ) -> dict[str, Any]:
     """`in_flight` clients, each sending body(client, k) for its k-th request until `seconds` have passed."""
+    counter, wall = await _closed_loop_counts(url, range(in_flight), seconds, body, timeout)
+    return counter.report(wall, in_flight=in_flight)
+
+
+async def _closed_loop_counts(
+    url: str,
+    clients: range,
+    seconds: float,
+    body: Callable[[int, int], dict[str, Any]],
+    timeout: float = 300.0,
+    start_at: float | None = None,
+) -> tuple[LoadCounter, float]:
+    if start_at is not None:  # clients in several processes start together
+        await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
     counter = LoadCounter()
-    started = time.perf_counter()
+    started = time.monotonic()
     deadline = started + seconds
 
     async def client(index: int) -> None:
         async with _client(url, 1, timeout) as http:
             k = 0
-            while time.perf_counter() < deadline:
+            while time.monotonic() < deadline:
                 await counter.post(http, body(index, k))
                 k += 1
 
-    await asyncio.gather(*(client(i) for i in range(in_flight)))
-    wall = time.perf_counter() - started
-    return counter.report(wall, in_flight=in_flight)
+    await asyncio.gather(*(client(i) for i in clients))
+    return counter, time.monotonic() - started
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionBody:
+    """body(client, k) of a closed loop that can cross to a client process: a completion of max_tokens sampled
+    tokens from one of `texts`, prefixed so that no two requests share a prompt."""
+
+    texts: tuple[str, ...]
+    max_tokens: int = 128
+    model: str = "student"
+
+    def __call__(self, client: int, k: int) -> dict[str, Any]:
+        text = self.texts[(client * 7 + k) % len(self.texts)]
+        return {"model": self.model, "prompt": f"{client} {k} {text}", "max_tokens": self.max_tokens,
+                "temperature": 1.0, "top_p": 1.0, "seed": client * 100_003 + k, "logprobs": 0}
+
+
+def run_client_loop(coroutine):
+    """asyncio.run with uvloop's event loop where it imports (the service's own loop under uvicorn): the client
+    then costs less CPU per request than the server it measures."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def closed_loop_processes(
+    url: str,
+    in_flight: int,
+    seconds: float,
+    body: Callable[[int, int], dict[str, Any]],
+    processes: int,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """closed_loop with its clients split over `processes` client processes (body must pickle): at hundreds of
+    requests a second one client process's event loop queues the answers of a burst, and that wait would count
+    as the server's. The processes start their clients together; their counts are summed."""
+    if processes <= 1:
+        return run_client_loop(closed_loop(url, in_flight, seconds, body, timeout))
+    shares = [range(p, in_flight, processes) for p in range(processes)]
+    start_at = time.monotonic() + 5.0  # spawned processes import httpx and uvloop first
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        parts = list(pool.map(_client_process, [(url, share, seconds, body, timeout, start_at) for share in shares]))
+    counter = LoadCounter()
+    for part, _ in parts:
+        counter.merge(part)
+    return counter.report(max(wall for _, wall in parts), in_flight=in_flight, client_processes=processes)
+
+
+def _client_process(args: tuple) -> tuple[LoadCounter, float]:
+    url, clients, seconds, body, timeout, start_at = args
+    return run_client_loop(_closed_loop_counts(url, clients, seconds, body, timeout, start_at))
 
 
 async def sampling_workload(

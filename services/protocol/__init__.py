@@ -51,6 +51,7 @@ from .openai import (
 )
 from .service import (
     BatcherStats,
+    EngineHops,
     ErrorBody,
     ErrorInfo,
     HealthNotReady,
@@ -96,6 +97,7 @@ __all__ = [
     "CompletionRequest",
     "CompletionResponse",
     "CompletionScore",
+    "EngineHops",
     "ErrorBody",
     "ErrorInfo",
     "FinishReason",

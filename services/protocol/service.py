@@ -31,6 +31,18 @@ class BatcherStats(BaseModel):
     )
 
 
+class EngineHops(BaseModel):
+    """With TRAINER_ENGINE_PROCESS: where the generation jobs' time went between the two processes, in seconds
+    summed over `replies` jobs (each field / replies is a mean per job)."""
+
+    replies: int = Field(description="generation jobs answered by the engine process")
+    to_engine_s: float = Field(description="written to the pipe here -> read by the engine process")
+    in_engine_s: float = Field(description="read -> answered by the engine (its queue wait and decode)")
+    outbox_s: float = Field(description="answered -> the reply written to the pipe by the engine process")
+    from_engine_s: float = Field(description="written -> read by this process")
+    to_handler_s: float = Field(description="read -> the waiting request handler running again")
+
+
 class ServiceStats(BaseModel):
     """Where a request's time goes on the HTTP side (the trainer's front end; with TRAINER_ENGINE_PROCESS, the
     process apart from the engine's): per request, request_seconds / requests against the client's latency, and
@@ -43,6 +55,9 @@ class ServiceStats(BaseModel):
     generations: int = Field(description="generation jobs (one per prompt) handed to the engine")
     generation_seconds: float = Field(
         description="their wall time in all, from being handed to the engine until their samples came back"
+    )
+    engine_hops: EngineHops | None = Field(
+        default=None, description="with the engine in its own process: the hops of generation_seconds"
     )
 
 

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     http = http_parser(settings.http_parser)
     logging.getLogger(__name__).info(
-        "HTTP parser: %s; model %s",
+        "HTTP parser: %s; event loop: %s; model %s",
         http,
+        event_loop(settings.event_loop),
         "in its own process" if settings.engine_process else "in this process",
     )
     uvicorn.run(
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         timeout_keep_alive=settings.keep_alive_s,
         http=http,
+        loop=event_loop(settings.event_loop),
     )
 
 
@@ -56,6 +58,13 @@ def http_parser(choice: str) -> str:
     """TRAINER_HTTP_PARSER as uvicorn's `http`: "auto" is httptools where it imports (as uvicorn's own auto)."""
     if choice == "auto":
         return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    return choice
+
+
+def event_loop(choice: str) -> str:
+    """TRAINER_EVENT_LOOP as uvicorn's `loop`: "auto" is uvloop where it imports (as uvicorn's own auto)."""
+    if choice == "auto":
+        return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
     return choice
 
 

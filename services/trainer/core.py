@@ -85,6 +85,10 @@ class EngineCore:
     def close(self) -> None:
         raise NotImplementedError
 
+    def hops(self) -> dict[str, float] | None:
+        """Where generation jobs' time went between processes (a remote core's WireTimes), or None."""
+        return None
+
     async def generate(self, model: ModelName, request: GenerationRequest) -> tuple[list[Sample], int]:
         """The request's samples and the adapter version that produced them; request.on_token (if set) is called
         for each token as it is decoded, from a thread that is not the event loop's."""

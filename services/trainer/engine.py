@@ -27,6 +27,7 @@ from services.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionScore,
+    EngineHops,
     GrpoStepRequest,
     GrpoStepResponse,
     HealthResponse,
@@ -284,6 +285,9 @@ class TrainerEngine:
                 request_seconds=http_seconds,
                 generations=self.generations,
                 generation_seconds=self.generation_seconds,
+                engine_hops=EngineHops.model_validate(hops)
+                if (hops := self.core.hops()) is not None
+                else None,
             ),
             started_at=started_at,
         )

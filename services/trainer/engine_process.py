@@ -19,6 +19,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -53,6 +54,7 @@ class EngineServer:
         self.core: LocalCore | None = None
         self.outbox: queue.Queue[Any] = queue.Queue()  # messages and TokenEvents, in the order they happened
         self.running: dict[int, Any] = {}  # request id -> the core's future, for Cancel
+        self.read_at: dict[int, float] = {}  # request id -> when its Call was read (a Reply's stamps)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -83,6 +85,7 @@ class EngineServer:
             except (EOFError, OSError):  # the front end is gone: nothing is left to serve
                 os._exit(0)
             if isinstance(message, Call):
+                self.read_at[message.id] = time.monotonic()
                 self._call(message)
             elif isinstance(message, Cancel):
                 if (future := self.running.get(message.id)) is not None:
@@ -118,6 +121,7 @@ class EngineServer:
     def _reply(self, request_id: int, done: Any) -> None:
         self.running.pop(request_id, None)
         if done.cancelled():
+            self.read_at.pop(request_id, None)
             return  # the front end gave up on it and expects nothing
         error = done.exception()
         if error is not None:
@@ -127,7 +131,9 @@ class EngineServer:
 
     def _put_reply(self, request_id: int, result: Any = None, error: BaseException | None = None) -> None:
         version = self.core.adapter_version if self.core is not None else 0
-        self.outbox.put(Reply(request_id, version, result=result, error=portable(error)))
+        reply = Reply(request_id, version, result=result, error=portable(error))
+        reply.read_at, reply.answered_at = self.read_at.pop(request_id, 0.0), time.monotonic()
+        self.outbox.put(reply)
 
     # ----- tokens and replies out -----
     def _send_all(self) -> None:
@@ -144,6 +150,10 @@ class EngineServer:
                 os._exit(0)
 
     def _send(self, messages: list[Any]) -> None:
+        now = time.monotonic()
+        for message in messages:
+            if isinstance(message, Reply):
+                message.sent_at = now
         try:
             self.conn.send(messages)
         except (pickle.PicklingError, TypeError, AttributeError):

@@ -5,6 +5,9 @@ the requests it finished), so a step costs one write, not one per token or reque
 
     front end -> engine:  Call, Cancel, Stop
     engine -> front end:  Ready or LoadFailed (once, when the model has loaded or failed to), then Tokens and Reply
+
+A Call and its Reply carry time.monotonic() stamps of each hop (one clock for every process on a machine), from
+which the front end adds up where a request's time went (remote_core.WireTimes: /health's `service.engine_hops`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Call:
     payload: Any
     rows: int = 1
     stream: bool = False  # a generation whose tokens are sent back as they are decoded (Tokens)
+    sent_at: float = 0.0  # when the front end wrote it to the pipe
 
 
 @dataclass
@@ -57,6 +61,9 @@ class Reply:
     adapter_version: int  # the student's adapter version when the reply was sent
     result: Any = None
     error: BaseException | None = None  # a TrainerError keeps its class, status and field (errors.py)
+    read_at: float = 0.0  # when the engine process read its Call off the pipe
+    answered_at: float = 0.0  # when the engine core answered it (queue wait and decode done)
+    sent_at: float = 0.0  # when the engine process wrote this Reply to the pipe
 
 
 @dataclass

@@ -18,7 +18,8 @@ import itertools
 import logging
 import multiprocessing
 import threading
-from dataclasses import replace
+import time
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -31,6 +32,27 @@ from .items import OnToken
 from .settings import TrainerSettings
 
 log = logging.getLogger("services.trainer")
+
+
+@dataclass
+class WireTimes:
+    """Where the replies' time went, in seconds summed over them (from the stamps of engine_wire's Call and Reply),
+    so that the service's own share of a request shows beside the engine's (/health's `service.engine_hops`)."""
+
+    replies: int = 0
+    to_engine_s: float = 0.0  # this process wrote the Call -> the engine process read it
+    in_engine_s: float = 0.0  # read -> answered by the engine core (its queue wait and decode)
+    outbox_s: float = 0.0  # answered -> the Reply written to the pipe by the engine's sender thread
+    from_engine_s: float = 0.0  # written -> read here by the reader thread
+    to_handler_s: float = 0.0  # read -> the awaiting handler running again on the event loop
+
+    def add(self, call_sent: float, reply: Reply, reply_read: float, resumed: float) -> None:
+        self.replies += 1
+        self.to_engine_s += reply.read_at - call_sent
+        self.in_engine_s += reply.answered_at - reply.read_at
+        self.outbox_s += reply.sent_at - reply.answered_at
+        self.from_engine_s += reply_read - reply.sent_at
+        self.to_handler_s += resumed - reply_read
 
 
 class EngineLoadFailed(Exception):
@@ -79,6 +101,9 @@ class RemoteCore(EngineCore):
         self._pending: dict[int, tuple[concurrent.futures.Future, OnToken | None]] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        # request id -> its Reply and when the reader read it (for wire_times), until its caller resumes
+        self._arrived: dict[int, tuple[Reply, float]] = {}
+        self.wire = WireTimes()
         self._closing = False
         self.failure: str | None = None
         self._reader = threading.Thread(target=self._read, name="trainer-engine-reader", daemon=True)
@@ -102,16 +127,27 @@ class RemoteCore(EngineCore):
                 raise EngineStopped(self.failure)
             request_id = next(self._ids)
             self._pending[request_id] = (future, on_token)
-        self._send(Call(request_id, op, payload, rows, stream=on_token is not None))
+        call = Call(request_id, op, payload, rows, stream=on_token is not None, sent_at=time.monotonic())
+        self._send(call)
         try:
-            return await asyncio.wrap_future(future)
+            result = await asyncio.wrap_future(future)
         except asyncio.CancelledError:  # the client went away
+            self._arrived.pop(request_id, None)
             with self._lock:
                 waiting = self._pending.pop(request_id, None) is not None
             if waiting:
                 with contextlib.suppress(EngineStopped):
                     self._send(Cancel(request_id))
             raise
+        except Exception:
+            self._arrived.pop(request_id, None)
+            raise
+        if (arrived := self._arrived.pop(request_id, None)) is not None and op == GENERATE:
+            self.wire.add(call.sent_at, arrived[0], arrived[1], time.monotonic())
+        return result
+
+    def hops(self) -> dict[str, float]:
+        return asdict(self.wire)
 
     def _send(self, message: Any) -> None:
         try:
@@ -152,11 +188,14 @@ class RemoteCore(EngineCore):
                 entry[1](sample, token, logprob, top)
 
     def _answer(self, reply: Reply) -> None:
+        read = time.monotonic()
         self._version = reply.adapter_version
         with self._lock:
             entry = self._pending.pop(reply.id, None)
         if entry is None or not entry[0].set_running_or_notify_cancel():
             return  # cancelled: the caller is gone
+        if reply.error is None:
+            self._arrived[reply.id] = (reply, read)  # before the answer: its caller may resume at once
         if reply.error is not None:
             entry[0].set_exception(reply.error)
         else:

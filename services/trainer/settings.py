@@ -86,6 +86,9 @@ class TrainerSettings(BaseSettings):
     # uvicorn's HTTP parser: "auto" takes httptools (C, a dependency) where it imports, else h11 (pure Python,
     # ~8% of the process's GIL time at 255 requests in flight, bench/RESULTS.md); set one to compare them.
     http_parser: Literal["auto", "httptools", "h11"] = "auto"
+    # uvicorn's event loop: "auto" takes uvloop (a dependency on Linux and macOS) where it imports, else asyncio's
+    # own; set one to compare them.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     max_context: int = Field(default=2048, ge=16)
     # "slots": generation runs in services/trainer/decode (fixed KV slots, prefix reuse, CUDA graphs) wherever the
     # adapter can be merged; "loop": the transformers DynamicCache loop in student.py (always used where it cannot).

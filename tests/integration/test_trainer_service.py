@@ -198,11 +198,26 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
     assert after["queue_wait_s"] >= before["queue_wait_s"] >= 0
     # the HTTP side: 8 requests answered (the /health calls are not counted), each one generation, whose time with
     # the engine lies within the requests' own
+    hops_before, hops_after = (
+        health_before["service"].pop("engine_hops"),
+        health_after["service"].pop("engine_hops"),
+    )
     http = {
         key: health_after["service"][key] - health_before["service"][key] for key in health_after["service"]
     }
     assert http["requests"] == 8 and http["generations"] == 8
     assert 0 < http["generation_seconds"] <= http["request_seconds"]
+    # with the engine in its own process, the generations' time split into its hops: each one a real interval (one
+    # clock for both processes), together the generations' time with the engine
+    assert (hops_after is None) == (trainer_service.service.env["TRAINER_ENGINE_PROCESS"] == "false")
+    if hops_after is not None:
+        hops = {key: hops_after[key] - hops_before[key] for key in hops_after}
+        assert hops["replies"] == 8
+        assert all(seconds >= 0 for seconds in hops.values())
+        assert hops["in_engine_s"] > 0
+        total = sum(seconds for key, seconds in hops.items() if key != "replies")
+        assert total == pytest.approx(http["generation_seconds"], abs=0.05 * 8)
+        assert total <= http["generation_seconds"]
 
 
 @pytest.mark.parametrize(
