@@ -400,7 +400,7 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
                      admitted_requests=after["admitted_requests"] - before["admitted_requests"],
                      # where a request's time goes: waiting to join, prefills, and how full the decode steps are
                      **{key: after[key] - before[key] for key in ("queue_wait_s", "prefill_passes", "decode_steps",
-                                                                  "decoded_rows") if key in after}, **http)
+                                                                  "decoded_rows", "place_wait_s") if key in after}, **http)
 
     url = ready("default", services["default"])
     for level in levels:

@@ -29,6 +29,10 @@ class BatcherStats(BaseModel):
         default=0,
         description="rows those decode steps decoded, in all: decoded_rows / decode_steps is the mean batch",
     )
+    place_wait_s: float = Field(
+        default=0.0,
+        description="seconds the slot engine's rows waited in all, from joining a batch to having a KV slot",
+    )
 
 
 class EngineHops(BaseModel):

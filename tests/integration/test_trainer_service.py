@@ -196,6 +196,7 @@ def test_concurrent_requests_share_forward_batches(trainer_service):
         after["forward_passes"] - before["forward_passes"] == delta["prefill_passes"] + delta["decode_steps"]
     )
     assert after["queue_wait_s"] >= before["queue_wait_s"] >= 0
+    assert after["place_wait_s"] > before["place_wait_s"] >= 0  # 8 rows placed, each after some wait
     # the HTTP side: 8 requests answered (the /health calls are not counted), each one generation, whose time with
     # the engine lies within the requests' own
     hops_before, hops_after = (

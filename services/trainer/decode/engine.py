@@ -97,6 +97,7 @@ class DecodeEngine:
         self.decode_steps = 0  # decode forwards, all lanes
         # rows those forwards decoded, in all (decoded_rows / decode_steps: the mean batch)
         self.decoded_rows = 0
+        self.place_wait_seconds = 0.0  # rows' time from joining the run to having a slot, in all
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -190,7 +191,9 @@ class DecodeEngine:
                 continue
             started = time.perf_counter()
             placed, passes = lane.place(waiting)
-            self.prefill_seconds += time.perf_counter() - started
+            now = time.perf_counter()
+            self.prefill_seconds += now - started
+            self.place_wait_seconds += sum(now - row.added_at for row in placed)
             self.forward_passes += passes
             self.prefill_passes += passes
             if placed:

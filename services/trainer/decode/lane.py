@@ -13,6 +13,7 @@ a prompt that shares a prefix with another prompt joining at the same time waits
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,9 @@ class Row:
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: str | None = None
     stop_cut: int | None = None
+    added_at: float = field(
+        default_factory=time.perf_counter
+    )  # when it joined the engine's run (place_wait_s)
 
 
 @dataclass(eq=False)
