@@ -386,6 +386,12 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
                      if k != "engine_hops"}
             http = {"server_s_per_request": delta["request_seconds"] / max(delta["requests"], 1),
                     "engine_s_per_generation": delta["generation_seconds"] / max(delta["generations"], 1)}
+            # garbage collections in the window: the HTTP process's and the engine process's
+            http.update(http_gc_collections=delta.get("gc_collections"), http_gc_s=delta.get("gc_s"),
+                        http_gc_longest_s=health_after["service"].get("gc_longest_s"),
+                        engine_gc_collections=after.get("gc_collections", 0) - before.get("gc_collections", 0),
+                        engine_gc_s=after.get("gc_s", 0.0) - before.get("gc_s", 0.0),
+                        engine_gc_longest_s=after.get("gc_longest_s"))
             hops_after, hops_before = health_after["service"].get("engine_hops"), health_before["service"].get(
                 "engine_hops")
             if hops_after and hops_before:  # the engine process's hops, mean seconds per generation

@@ -33,6 +33,12 @@ class BatcherStats(BaseModel):
         default=0.0,
         description="seconds the slot engine's rows waited in all, from joining a batch to having a KV slot",
     )
+    gc_collections: int = Field(
+        default=0,
+        description="the engine process's garbage collections (with the model in this process: its)",
+    )
+    gc_s: float = Field(default=0.0, description="their seconds in all, each holding the GIL")
+    gc_longest_s: float = Field(default=0.0, description="the longest of them")
 
 
 class EngineHops(BaseModel):
@@ -60,6 +66,9 @@ class ServiceStats(BaseModel):
     generation_seconds: float = Field(
         description="their wall time in all, from being handed to the engine until their samples came back"
     )
+    gc_collections: int = Field(default=0, description="this process's garbage collections")
+    gc_s: float = Field(default=0.0, description="their seconds in all, each holding the GIL")
+    gc_longest_s: float = Field(default=0.0, description="the longest of them")
     engine_hops: EngineHops | None = Field(
         default=None, description="with the engine in its own process: the hops of generation_seconds"
     )

@@ -27,6 +27,7 @@ from . import checkpoints as ckpt
 from .adapter_export import AdapterExporter
 from .batching import EXCLUSIVE, Batch, Batcher
 from .checkpoint_retention import RetentionPolicy
+from .gc_pauses import GcPauses
 from .items import GenerationRequest, GrpoItem, Sample, ScoreItem
 from .settings import TrainerSettings
 
@@ -141,6 +142,7 @@ class LocalCore(EngineCore):
         )
         self.adapter_path: str | None = None  # the exported directory of the current version
         self.export_adapter()  # version 0, the fresh adapter
+        self.gc_pauses = GcPauses()  # this process's collections, reported with the engine's counters
         self.batcher = Batcher(
             self._run_batch,
             max_batch_rows=settings.max_batch_size,
@@ -168,6 +170,7 @@ class LocalCore(EngineCore):
 
     def close(self) -> None:
         self.batcher.close()
+        self.gc_pauses.close()
 
     def submit(self, op: str, payload: Any, rows: int = 1) -> concurrent.futures.Future:
         return self._operations[op](payload, rows)
@@ -186,6 +189,9 @@ class LocalCore(EngineCore):
                 **asdict(self.batcher.counters),
                 "forward_passes": s.forward_passes,
                 **decode_counters(s),
+                "gc_collections": self.gc_pauses.collections,
+                "gc_s": self.gc_pauses.seconds,
+                "gc_longest_s": self.gc_pauses.longest_s,
             },
         )
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from .core import GENERATE, LocalCore
 from .engine_wire import Call, Cancel, LoadFailed, Ready, Reply, Stop, Tokens
+from .gc_pauses import freeze_heap
 from .model_source import ModelSourceError
 from .settings import TrainerSettings
 
@@ -71,6 +72,8 @@ class EngineServer:
             self.stopped.wait()
             return
         self.core = core
+        if self.settings.freeze_gc:
+            log.info("froze %d objects of the engine process's heap", freeze_heap())
         self.outbox.put(
             Ready(facts=core.facts, tokenizer=core.tokenizer, adapter_version=core.adapter_version)
         )

@@ -86,6 +86,10 @@ class TrainerSettings(BaseSettings):
     # uvicorn's HTTP parser: "auto" takes httptools (C, a dependency) where it imports, else h11 (pure Python,
     # ~8% of the process's GIL time at 255 requests in flight, bench/RESULTS.md); set one to compare them.
     http_parser: Literal["auto", "httptools", "h11"] = "auto"
+    # Once loaded, each process exempts its heap from Python's garbage collector (gc.freeze; gc_pauses.py says
+    # why): full collections then walk only what serving allocates. False: collections walk everything, as by
+    # default (for comparison; /health's gc counters show the pauses either way).
+    freeze_gc: bool = True
     # uvicorn's event loop: "auto" takes uvloop (a dependency on Linux and macOS) where it imports, else asyncio's
     # own; set one to compare them.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"

@@ -40,3 +40,13 @@ def test_pieces_are_each_tokens_decode(engine):
     finally:
         del tokenizer.decode  # the instance attribute; the class's method again
     assert calls == []  # once per id: the second round came from the cache
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_encoding_equals_the_tokenizers_own(engine, special):
+    """The request side encodes with the fast tokenizer's Rust encoder directly: the same ids as transformers'
+    __call__, with and without special tokens, on every kind of text above."""
+    assert engine._backend is not None  # SmolLM2's tokenizer is a fast one: the direct path is what runs
+    tokenizer = engine.tokenizer
+    for text in TEXTS:
+        assert engine.encode(text, special=special) == tokenizer(text, add_special_tokens=special).input_ids

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.allowed_methods import AllowedMethods
 from services.body_limit import BodySizeLimit
 
+from ..gc_pauses import GcPauses
 from ..settings import TrainerSettings
 from . import checkpoint_routes, health_routes, openai_routes, training_routes
 from .errors import error_response, install_error_handlers
@@ -27,8 +28,10 @@ def create_app(settings: TrainerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.gc_pauses = GcPauses()
         threading.Thread(target=loader.run, name="trainer-loader", daemon=True).start()
         yield
+        app.state.gc_pauses.close()
         if loader.engine is not None:
             loader.engine.close()
 

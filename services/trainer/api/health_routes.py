@@ -22,7 +22,10 @@ async def health(request: Request, loader: Loader) -> HealthResponse | JSONRespo
         http = request.app.state.http_counters
         try:  # a new started_at = a restarted trainer
             return await loader.engine.health(
-                started_at=loader.started, http_requests=http.requests, http_seconds=http.seconds
+                started_at=loader.started,
+                http_requests=http.requests,
+                http_seconds=http.seconds,
+                gc_pauses=request.app.state.gc_pauses,
             )
         except EngineStopped:
             pass  # it stopped while we asked: answered as below

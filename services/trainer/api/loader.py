@@ -10,6 +10,7 @@ import time
 from ..core import EngineCore
 from ..engine import TrainerEngine
 from ..errors import NotReady
+from ..gc_pauses import freeze_heap
 from ..settings import TrainerSettings
 
 log = logging.getLogger("services.trainer")
@@ -45,6 +46,8 @@ class EngineLoader:
 
         try:
             self.engine = TrainerEngine(self._start_core(), self.settings)
+            if self.settings.freeze_gc:  # this process's heap (with the model too where it runs here)
+                log.info("froze %d objects of the service's heap", freeze_heap())
             log.info("trainer ready in %.1f s", time.time() - self.started)
         except (ModelSourceError, EngineLoadFailed) as exc:  # described where it happened
             self.error = describe_load_failure(exc) if isinstance(exc, ModelSourceError) else str(exc)

@@ -155,8 +155,11 @@ class DecodeEngine:
         try:
             while run.pending or run.live():
                 if admit is not None and run.live():
+                    by_name: dict[str, Lane] = {}  # looked up once per admission, not per request
                     for name, request in admit(max(self.config.slots - run.rows_in_flight(), 0)):
-                        run.add(self.lane(name), request)
+                        if name not in by_name:
+                            by_name[name] = self.lane(name)
+                        run.add(by_name[name], request)
                 self._place(run)
                 lanes = [lane for lane in run.lanes if lane.live_count]
                 for lane in lanes:
