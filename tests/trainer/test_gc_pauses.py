@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from services.trainer.gc_pauses import GcPauses, freeze_heap
+from services.trainer.gc_pauses import YOUNG_COLLECTION_EVERY, GcPauses, freeze_heap
 
 
 class Cycle:
@@ -26,9 +26,11 @@ def test_collections_are_counted_with_their_time():
 
 
 def test_a_frozen_heap_is_not_walked_again():
+    threshold = gc.get_threshold()
     try:
         alive = [Cycle() for _ in range(10_000)]
         frozen = freeze_heap()
+        assert gc.get_threshold()[0] == YOUNG_COLLECTION_EVERY
         assert frozen == gc.get_freeze_count() >= 10_000
         # The frozen cycles are exempt: a full collection finds nothing of theirs even once they are garbage,
         # while a cycle made after the freeze is still collected.
@@ -40,4 +42,5 @@ def test_a_frozen_heap_is_not_walked_again():
         )  # the new cycle (and its __dict__, where tracked apart), none of the 10,000
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
         gc.collect()
