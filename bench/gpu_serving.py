@@ -725,8 +725,11 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                 return [GenerationRequest(prompts[next(counter) % len(prompts)], max_tokens=args.tokens,
                                           temperature=1.0, top_p=1.0, seed=7, logprobs=0) for _ in range(take)]
 
+            answered = [0]  # tokens of the requests reported through on_done (generate keeps none of them)
+
             def on_done(index, samples):
                 finished[0] += 1
+                answered[0] += sum(s.num_generated for s in samples)
 
             lanes = engine.engine.lanes.values()
             for lane in lanes:
@@ -742,7 +745,7 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
             out = engine.generate(first, admit=admit, on_done=on_done)
             sync()
             wall = time.perf_counter() - t
-            generated = sum(s.num_generated for r in out for s in r)
+            generated = answered[0]
             passes = engine.engine.forward_passes - before[0]
             bench.record(candidate="slots", mode=f"continuous_admit{admit_every}", rows=max_rows,
                          tokens=generated, wall_s=wall, tok_s=generated / wall,

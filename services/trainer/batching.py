@@ -47,12 +47,16 @@ class Batch:
     """What a batch runner sees: the payloads, plus ways to take in late jobs and to answer jobs early."""
 
     def __init__(self, batcher: Batcher, kind: Any, jobs: list[Job]):
-        self._batcher, self.kind, self.jobs = batcher, kind, jobs
+        # jobs[i] is None once resolved: a continuous batch under steady traffic never ends, and its answered
+        # jobs (each holding its result) would pile up
+        self._batcher, self.kind = batcher, kind
+        self.jobs: list[Job | None] = list(jobs)
+        self.rows = sum(job.rows for job in jobs)  # rows of every job that ran in it, answered or not
         self._admit_calls = 0
 
     @property
     def payloads(self) -> list[Any]:
-        return [job.payload for job in self.jobs]
+        return [job.payload for job in self.jobs if job is not None]
 
     def admit(self, free_rows: int) -> list[Any]:
         """Payloads of waiting jobs of this batch's kind that fit in free_rows (they join the batch).
@@ -65,10 +69,14 @@ class Batch:
             return []
         joined = self._batcher._take_matching(self.kind, free_rows)
         self.jobs.extend(joined)
+        self.rows += sum(job.rows for job in joined)
         return [job.payload for job in joined]
 
     def resolve(self, index: int, result: Any) -> None:
-        self._batcher._finish(self.jobs[index], result=result)
+        job = self.jobs[index]
+        if job is not None:
+            self.jobs[index] = None
+            self._batcher._finish(job, result=result)
 
 
 class Batcher:
@@ -195,14 +203,15 @@ class Batcher:
         batch = Batch(self, jobs[0].kind, jobs)
         try:
             results = self._run_batch(batch.kind, batch)
-        except BaseException as exc:  # every caller of the batch learns of the failure
+        except BaseException as exc:  # every caller of the batch still waiting learns of the failure
             for job in batch.jobs:
-                self._finish(job, error=exc)
+                if job is not None:
+                    self._finish(job, error=exc)
         else:
             for job, result in zip(batch.jobs, results, strict=False):
-                self._finish(job, result=result)
-        rows = sum(job.rows for job in batch.jobs)
-        self.counters.max_batch_rows = max(self.counters.max_batch_rows, rows)
+                if job is not None:
+                    self._finish(job, result=result)
+        self.counters.max_batch_rows = max(self.counters.max_batch_rows, batch.rows)
         if len(batch.jobs) > 1:
             self.counters.merged_requests += len(batch.jobs)
 

@@ -178,9 +178,10 @@ class DecodeLoop:
                         for row in range(len(owner))
                         if owner[row] == index
                     ]
-                    results[index] = done
-                    if on_done is not None:
+                    if on_done is not None:  # reported, not kept (as the slot engine's generate)
                         on_done(index, done)
+                    else:
+                        results[index] = done
             if not keep:
                 break
             if len(keep) < len(rows):

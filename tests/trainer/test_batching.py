@@ -108,8 +108,10 @@ async def test_a_running_batch_admits_late_jobs_and_answers_early():
         while not joined and time.monotonic() < deadline:  # a decode loop polling between steps
             joined = batch.admit(free_rows=8)
             time.sleep(0.01)
+        job = batch.jobs[0]
         batch.resolve(0, "first, early")
-        answered_early.append(batch.jobs[0].future.done())
+        answered_early.append(job.future.done())
+        assert batch.jobs[0] is None  # answered: the batch no longer holds it (nor its result)
         return ["first, late", *[f"joined {p}" for p in joined]]
 
     batcher = Batcher(run_batch, max_batch_rows=32, wait_ms=0)

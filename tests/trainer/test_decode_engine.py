@@ -2,6 +2,9 @@
 sampling code that CUDA replays as graphs, run eagerly. Shapes are also bucketed as on CUDA in some tests, so steps
 that cover slots no row is using, and attention windows longer than any row, are exercised too."""
 
+import gc
+import weakref
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -102,15 +105,17 @@ def test_rows_join_and_leave_at_any_step_and_keep_their_text(student, request, s
             return [GenerationRequest(prompt, max_tokens=9, temperature=0)]
         return []
 
+    answers = {}
     results = student.generate(
         [
             GenerationRequest(PROMPTS[0], max_tokens=3, temperature=0),  # leaves early: its slot is reused
             GenerationRequest(PROMPTS[1], max_tokens=9, temperature=0),
         ],
         admit=admit,
-        on_done=lambda index, samples: done.append(index),
+        on_done=lambda index, samples: done.append(index) or answers.update({index: samples}),
     )
-    assert [r[0].token_ids for r in results] == [
+    assert results == [[], [], [], []]  # reported through on_done, not kept
+    assert [answers[i][0].token_ids for i in range(4)] == [
         alone[tuple(PROMPTS[0])][:3],
         alone[tuple(PROMPTS[1])],
         alone[tuple(PROMPTS[2])],
@@ -427,3 +432,30 @@ def test_sampler_takes_temperatures_and_top_p_near_zero_as_greedy():
             logits, temperature, top_p, seeds, counters, sampled=True, nucleus=nucleus, top_k=0
         )
         assert tokens.tolist() == [2, 1] and torch.isfinite(picked).all()
+
+
+def test_a_continuous_run_keeps_nothing_of_the_requests_it_answered(student):
+    """A decode loop under steady traffic never ends: once a request is reported through on_done, neither the
+    run nor its rows hold it (or its samples) any more, so a long run does not grow."""
+    gone: list[weakref.ref] = []
+    seen_alive: list[int] = []
+    calls = [0]
+
+    def admit(free_rows):
+        calls[0] += 1
+        gc.collect()
+        seen_alive.append(sum(ref() is not None for ref in gone))
+        if calls[0] > 40 or free_rows < 1:
+            return []
+        request = GenerationRequest(PROMPTS[calls[0] % 3], max_tokens=2, temperature=0)
+        gone.append(weakref.ref(request))
+        return [request]
+
+    student.generate(
+        [GenerationRequest(PROMPTS[0], max_tokens=60, temperature=0)],  # keeps the run going
+        admit=admit,
+        on_done=lambda index, samples: None,
+    )
+    assert len(gone) == 40
+    # Each admitted request lives for its 2 tokens, then is dropped: never more than a few alive at once.
+    assert max(seen_alive) <= 3 and seen_alive[-1] <= 1

@@ -147,8 +147,9 @@ class DecodeEngine:
     ) -> list[list[Any]]:
         """Generate every request's n samples; returns them per request, in the order of jobs and then of the
         admitted ones. `admit(free_rows)` may hand over more (lane, request) jobs between steps; `on_done(index,
-        samples)` reports a request as soon as its last sample is done; `finish(request, ids, logprobs, tops,
-        finish_reason, stop_cut)` turns a finished row into the caller's sample object."""
+        samples)` reports a request as soon as its last sample is done, and then its samples are not kept (its entry
+        in the returned list is empty); `finish(request, ids, logprobs, tops, finish_reason, stop_cut)` turns a
+        finished row into the caller's sample object."""
         run = _Run(self, finish, on_done)
         for name, request in jobs:
             run.add(self.lane(name), request)
@@ -247,7 +248,7 @@ class _Run:
 
     def __init__(self, engine: DecodeEngine, finish, on_done):
         self.engine, self.finish, self.on_done = engine, finish, on_done
-        self.requests: list[Any] = []
+        self.requests: list[Any] = []  # None once done
         self.rows: list[list[Row]] = []
         self.remaining: list[int] = []
         self.results: list[list[Any] | None] = []
@@ -285,11 +286,16 @@ class _Run:
         self.remaining[row.index] -= 1
         if self.remaining[row.index]:
             return
-        request = self.requests[row.index]
+        request, rows = self.requests[row.index], self.rows[row.index]
         samples = [
-            self.finish(request, r.tokens, r.logprobs, r.tops, r.finish or "length", r.stop_cut)
-            for r in self.rows[row.index]
+            self.finish(request, r.tokens, r.logprobs, r.tops, r.finish or "length", r.stop_cut) for r in rows
         ]
-        self.results[row.index] = samples
+        # Nothing of a finished request stays with the run: under steady traffic a continuous run never ends, and
+        # what it kept would grow without bound (and lengthen every garbage collection with it).
+        self.requests[row.index], self.rows[row.index] = None, []
+        for r in rows:
+            del self.lane_of[id(r)]
         if self.on_done is not None:
-            self.on_done(row.index, samples)
+            self.on_done(row.index, samples)  # reported here, not kept for the returned list
+        else:
+            self.results[row.index] = samples
