@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
 from types import SimpleNamespace
 from typing import Any, cast
@@ -218,9 +219,10 @@ class FusedMLP(torch.nn.Module):
 class FusedAttention(torch.nn.Module):
     """A Llama-style attention layer (q/k/v projections, rotary positions, the model's attention function, o_proj)
     with q, k and v as one GEMM and the rotary embedding of q and k as one Triton kernel on CUDA (transformers'
-    apply_rotary_pos_emb is 10 kernels). It never takes a KV cache: the decode copies attend over the slot cache
-    through the attention function (decode/attention.py). Attributes the attention functions read (layer_idx,
-    scaling, config, ...) are the original module's."""
+    apply_rotary_pos_emb is 10 kernels). The slot engine's decode copies attend over the slot cache through the
+    attention function (decode/attention.py); generation.py's loop passes a transformers KV cache, which is updated
+    as the original module updates it. Attributes the attention functions read (layer_idx, scaling, config, ...)
+    are the original module's."""
 
     SHARED = (
         "config",
@@ -232,6 +234,7 @@ class FusedAttention(torch.nn.Module):
         "attention_dropout",
     )
     config: Any
+    layer_idx: int
     head_dim: int
     scaling: float
     o_proj: torch.nn.Module
@@ -258,11 +261,29 @@ class FusedAttention(torch.nn.Module):
             query, key = kernels.rope(query, key, cos, sin)[:2]
         else:
             query, key = self.apply_rotary(query, key, cos, sin)
+        # transformers 5 names the KV cache `cache`; 4.x `past_key_values` (`past_key_value` before 4.56's rename)
+        cache = (
+            kwargs.pop("cache", None)
+            or kwargs.pop("past_key_values", None)
+            or kwargs.pop("past_key_value", None)
+        )
+        if cache is not None:
+            key, value = _update_cache(cache, key, value, self.layer_idx, cos, sin, kwargs)
         attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         out, weights = attend(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _update_cache(cache, key, value, layer_idx: int, cos, sin, kwargs: dict):
+    """The layer's keys and values appended to a transformers Cache, in the form of the installed version's update
+    (5.x takes the forward's kwargs; 4.x a dict of rotary tensors and cache positions)."""
+    if "kwargs" in inspect.signature(cache.update).parameters:
+        return cache.update(key, value, layer_idx, kwargs=kwargs)
+    return cache.update(
+        key, value, layer_idx, {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+    )
 
 
 @torch.no_grad()

@@ -85,13 +85,17 @@ class DecodeLoop:
         finish: list[str | None] = []
         stop_cut: list[int | None] = []
         results: list[list[Sample] | None] = []
+        rows_of: list[list[int]] = []  # per request: its rows
+        request_of: dict[int, GenerationRequest] = {}  # the requests not yet answered, by index
 
         def add_rows(new_requests: list[GenerationRequest]) -> list[int]:
             first_row = len(owner)
             for request in new_requests:
                 index = len(remaining)
+                request_of[index] = request
                 remaining.append(request.n)
                 results.append(None)
+                rows_of.append(list(range(len(owner), len(owner) + request.n)))
                 for j in range(request.n):
                     owner.append(index)
                     sample_index.append(j)
@@ -107,12 +111,11 @@ class DecodeLoop:
         rows = add_rows(requests)  # live rows, in cache order
         while rows:
             if admit is not None and (joining := admit(self._free_rows(len(rows)))):
-                requests.extend(joining)
                 new_cache, new_mask, new_logits = self._prefill(model, joining)
                 mask = join_cache(cache, mask, new_cache, new_mask)
                 logits = torch.cat([logits, new_logits])
                 rows = rows + add_rows(joining)
-            reqs = [requests[owner[r]] for r in rows]
+            reqs = [request_of[owner[r]] for r in rows]
             next_ids = sample_next(
                 logits,
                 [q.temperature for q in reqs],
@@ -168,20 +171,23 @@ class DecodeLoop:
                     done = [
                         finish_sample(
                             s,
-                            requests[index],
+                            request_of[index],
                             generated[row],
                             logprobs[row],
                             tops[row],
                             finish[row] or "length",
                             stop_cut[row],
                         )
-                        for row in range(len(owner))
-                        if owner[row] == index
+                        for row in rows_of[index]
                     ]
                     if on_done is not None:  # reported, not kept (as the slot engine's generate)
                         on_done(index, done)
+                        # Nothing of it stays: under steady traffic the loop never ends (see decode/engine.py).
+                        for row in rows_of[index]:
+                            generated[row], logprobs[row], tops[row], generators[row] = [], [], [], None
                     else:
                         results[index] = done
+                    del request_of[index]
             if not keep:
                 break
             if len(keep) < len(rows):

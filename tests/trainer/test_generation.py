@@ -1,5 +1,8 @@
 """The decode loop (generation.py) through Student.generate, on a tiny randomly initialised model (fast on 2 cores)."""
 
+import gc
+import weakref
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -71,3 +74,70 @@ def test_stop_position_after_every_token_matches_the_whole_text(student, stop):
     decoded = student.tokenizer.decode(tokens[: first_hit[0]], skip_special_tokens=True)
     assert first_hit[1] == decoded.index(stop) == student.tokenizer.decode(tokens).index(stop)
     assert stop not in student.tokenizer.decode(tokens[: first_hit[0] - 1], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def loop_student(tiny_random_model_dir, tmp_path_factory):
+    from support.tiny_student import make_student
+
+    student = make_student(tiny_random_model_dir, tmp_path_factory.mktemp("loop"), decode_engine="loop")
+    assert student.slot_decoder is None  # generation.py's loop, not the slot engine
+    return student
+
+
+def test_the_loop_keeps_nothing_of_the_requests_it_answered(loop_student):
+    """As the slot engine: once on_done reports a request, the running loop holds neither it nor its samples, so a
+    loop that never ends under steady traffic does not grow; and the answers are those of the requests alone."""
+    student = loop_student
+    prompts = [ids(student, text) for text in ("One two", "Three four five", "Six")]
+    alone = [
+        student.generate([GenerationRequest(p, max_tokens=2, temperature=0)])[0][0].token_ids for p in prompts
+    ]
+    assert alone == [transformers_greedy(student, p, 2) for p in prompts]
+    gone: list[weakref.ref] = []
+    seen_alive: list[int] = []
+    answers: dict[int, list[int]] = {}
+
+    def admit(free_rows):
+        gc.collect()
+        seen_alive.append(sum(ref() is not None for ref in gone))
+        if len(gone) >= 30 or free_rows < 1:
+            return []
+        request = GenerationRequest(prompts[len(gone) % 3], max_tokens=2, temperature=0)
+        gone.append(weakref.ref(request))
+        return [request]
+
+    results = student.generate(
+        [GenerationRequest(prompts[0], max_tokens=50, temperature=0)],  # keeps the loop going
+        admit=admit,
+        on_done=lambda index, samples: answers.update({index: samples[0].token_ids}),
+    )
+    assert len(gone) == 30 and all(r == [] for r in results)
+    assert max(seen_alive) <= 3 and seen_alive[-1] <= 1
+    assert [answers[i] for i in range(1, 31)] == [alone[(i - 1) % 3] for i in range(1, 31)]
+
+
+def test_the_loop_decodes_as_transformers_generate(loop_student):
+    """Through the merged decode copies with their fused attention, the loop's KV cache is filled as transformers'
+    own (a cache the fused layers ignored made every step after the prefill attend to its own token only)."""
+    prompts = [ids(loop_student, text) for text in ("Natalia sold clips to 48 of her friends", "1, 2, 3,")]
+    answers = loop_student.generate([GenerationRequest(p, max_tokens=12, temperature=0) for p in prompts])
+    assert [a[0].token_ids for a in answers] == [transformers_greedy(loop_student, p, 12) for p in prompts]
+
+
+def transformers_greedy(student, prompt, max_tokens):
+    """transformers' generate on the peft model (LoRA B is zero: the base model), up to an end of sequence."""
+    with torch.no_grad():
+        input_ids = torch.tensor([prompt])
+        out = student.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            pad_token_id=student.pad_id,
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    for k, token in enumerate(tokens):
+        if token in student.eos_ids:
+            return tokens[:k]
+    return tokens
