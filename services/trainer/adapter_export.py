@@ -23,13 +23,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from .durable_files import fsync_dir, write_synced
 from .errors import TrainerError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 DIR_PATTERN = re.compile(r"^v(\d{6,})-[0-9a-f]{8}$")
@@ -67,6 +67,8 @@ class AdapterExporter:
 
     def export(self, version: int, state: dict[str, torch.Tensor], config: Any) -> Path:
         """Write `state` (peft state-dict names) with `config` as version `version`; returns its directory."""
+        from safetensors.torch import save as save_safetensors  # in the engine's process only
+
         weights = save_safetensors(state, metadata={"format": "pt"})
         config_json = peft_config_json(config)
         digest = hashlib.sha256(config_json + weights).hexdigest()[:8]

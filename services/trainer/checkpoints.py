@@ -38,16 +38,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from services.protocol import CHECKPOINT_NAME
 
 from .checkpoint_retention import RetentionPolicy, StoredCheckpoint, plan_save
 from .durable_files import fsync_dir, write_synced
+
+if TYPE_CHECKING:  # torch loads where checkpoints are written or read (the engine), not where they are listed
+    import torch
 from .errors import InvalidRequest, TrainerError
 
 NAME_PATTERN = re.compile(CHECKPOINT_NAME)
@@ -156,6 +155,9 @@ def save_retained(
 
 
 def _encode(adapter: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> dict[str, bytes]:
+    import torch
+    from safetensors.torch import save as save_safetensors
+
     buffer = io.BytesIO()
     torch.save(optimizer, buffer)
     return {ADAPTER_FILE: save_safetensors(adapter), OPTIMIZER_FILE: buffer.getvalue()}
@@ -302,6 +304,9 @@ def load_checkpoint(root: Path, name: str) -> Checkpoint:
         if hashlib.sha256(blob).hexdigest() != expected.get("sha256"):
             raise CheckpointCorrupt(f"checkpoint {name}: {file} does not match its recorded sha256")
         blobs[file] = blob
+    import torch
+    from safetensors.torch import load as load_safetensors
+
     try:
         adapter = load_safetensors(blobs[ADAPTER_FILE])
         optimizer = torch.load(io.BytesIO(blobs[OPTIMIZER_FILE]), map_location="cpu", weights_only=True)

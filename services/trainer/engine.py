@@ -43,8 +43,7 @@ from . import checkpoints as ckpt
 from .core import EngineCore, retention_policy
 from .errors import InvalidRequest, TrainerError
 from .gc_pauses import GcPauses
-from .items import GenerationRequest, GrpoItem, Sample, ScoreItem
-from .learning import check_grpo_items
+from .items import GenerationRequest, GrpoItem, Sample, ScoreItem, check_grpo_items
 from .openai_format import ResponseShaper
 from .settings import TrainerSettings
 from .streaming import SampleStream

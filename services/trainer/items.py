@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .errors import InvalidRequest
 
 # (sample index, token id, its log-prob, its top alternatives): called on the worker thread as each token of a
 # request is decoded, before the decoder looks at whether it ends the sample. The log-prob is None unless the
@@ -81,3 +84,28 @@ class StepResult:
     micro_batches: int = 0
     updates: int = 1
     per_update: list[UpdateResult] = field(default_factory=list)
+
+
+def check_grpo_items(items: list[GrpoItem]) -> None:
+    """Raise InvalidRequest naming the first item field the step cannot use (token-level checks the request
+    model cannot make: an empty tokenisation, old log-probs of the wrong length)."""
+    if not items:
+        raise InvalidRequest("items", "at least one item is required")
+    for i, it in enumerate(items):
+        if not it.completion_ids:
+            raise InvalidRequest(f"items[{i}].completion", "must contain at least one token")
+        if not math.isfinite(it.advantage):
+            raise InvalidRequest(f"items[{i}].advantage", "must be finite")
+        if not math.isfinite(it.weight):
+            raise InvalidRequest(f"items[{i}].weight", "must be finite")
+        for name in ("old_logprobs", "sampler_logprobs"):
+            values = getattr(it, name)
+            if values is None:
+                continue
+            if len(values) != len(it.completion_ids):
+                raise InvalidRequest(
+                    f"items[{i}].{name}",
+                    f"{len(values)} values for {len(it.completion_ids)} completion tokens",
+                )
+            if not all(math.isfinite(x) for x in values):
+                raise InvalidRequest(f"items[{i}].{name}", "must be finite")

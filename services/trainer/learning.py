@@ -15,9 +15,9 @@ import torch
 
 from services.protocol import LossSettings
 
-from .errors import InvalidRequest, NotFiniteStep
+from .errors import NotFiniteStep
 from .grpo import grpo_loss
-from .items import GrpoItem, StepResult, UpdateResult
+from .items import GrpoItem, StepResult, UpdateResult, check_grpo_items
 from .scoring import completion_logprobs
 
 if TYPE_CHECKING:
@@ -244,31 +244,6 @@ def _restore(student: Student, snapshot: tuple[list[torch.Tensor], dict[str, Any
         for parameter, saved in zip(student.trainable, weights, strict=True):
             parameter.copy_(saved)
     student.optimizer.load_state_dict(optimizer_state)
-
-
-def check_grpo_items(items: list[GrpoItem]) -> None:
-    """Raise InvalidRequest naming the first item field the step cannot use (token-level checks the request
-    model cannot make: an empty tokenisation, old log-probs of the wrong length)."""
-    if not items:
-        raise InvalidRequest("items", "at least one item is required")
-    for i, it in enumerate(items):
-        if not it.completion_ids:
-            raise InvalidRequest(f"items[{i}].completion", "must contain at least one token")
-        if not math.isfinite(it.advantage):
-            raise InvalidRequest(f"items[{i}].advantage", "must be finite")
-        if not math.isfinite(it.weight):
-            raise InvalidRequest(f"items[{i}].weight", "must be finite")
-        for name in ("old_logprobs", "sampler_logprobs"):
-            values = getattr(it, name)
-            if values is None:
-                continue
-            if len(values) != len(it.completion_ids):
-                raise InvalidRequest(
-                    f"items[{i}].{name}",
-                    f"{len(values)} values for {len(it.completion_ids)} completion tokens",
-                )
-            if not all(math.isfinite(x) for x in values):
-                raise InvalidRequest(f"items[{i}].{name}", "must be finite")
 
 
 def _per_token(items: list[GrpoItem], name: str, mask: torch.Tensor) -> torch.Tensor | None:
