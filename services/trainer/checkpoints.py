@@ -44,10 +44,10 @@ from services.protocol import CHECKPOINT_NAME
 
 from .checkpoint_retention import RetentionPolicy, StoredCheckpoint, plan_save
 from .durable_files import fsync_dir, write_synced
+from .errors import InvalidRequest, TrainerError
 
 if TYPE_CHECKING:  # torch loads where checkpoints are written or read (the engine), not where they are listed
     import torch
-from .errors import InvalidRequest, TrainerError
 
 NAME_PATTERN = re.compile(CHECKPOINT_NAME)
 FORMAT = "azt-trainer-checkpoint/1"

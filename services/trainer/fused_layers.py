@@ -261,12 +261,10 @@ class FusedAttention(torch.nn.Module):
             query, key = kernels.rope(query, key, cos, sin)[:2]
         else:
             query, key = self.apply_rotary(query, key, cos, sin)
-        # transformers 5 names the KV cache `cache`; 4.x `past_key_values` (`past_key_value` before 4.56's rename)
-        cache = (
-            kwargs.pop("cache", None)
-            or kwargs.pop("past_key_values", None)
-            or kwargs.pop("past_key_value", None)
-        )
+        # transformers 5 names the KV cache `cache`; 4.x `past_key_values` (`past_key_value` before 4.56's rename).
+        # Each popped (none may reach the attention function), and never tested for truth: an empty cache has len 0.
+        caches = [kwargs.pop(name, None) for name in ("cache", "past_key_values", "past_key_value")]
+        cache = next((c for c in caches if c is not None), None)
         if cache is not None:
             key, value = _update_cache(cache, key, value, self.layer_idx, cos, sin, kwargs)
         attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
@@ -279,11 +277,17 @@ class FusedAttention(torch.nn.Module):
 def _update_cache(cache, key, value, layer_idx: int, cos, sin, kwargs: dict):
     """The layer's keys and values appended to a transformers Cache, in the form of the installed version's update
     (5.x takes the forward's kwargs; 4.x a dict of rotary tensors and cache positions)."""
-    if "kwargs" in inspect.signature(cache.update).parameters:
+    if _update_takes_kwargs(type(cache)):
         return cache.update(key, value, layer_idx, kwargs=kwargs)
     return cache.update(
         key, value, layer_idx, {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
     )
+
+
+@functools.cache
+def _update_takes_kwargs(cache_type: type) -> bool:
+    """Once per cache class, not per layer and step: inspect.signature costs tens of microseconds."""
+    return "kwargs" in inspect.signature(cache_type.update).parameters
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ class RemoteCore(EngineCore):
         self._pending: dict[int, tuple[concurrent.futures.Future, OnToken | None]] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        # request id -> its Reply and when the reader read it (for wire_times), until its caller resumes
+        # request id -> its answered Reply and when the reader read it (for self.wire), until its caller resumes
         self._arrived: dict[int, tuple[Reply, float]] = {}
         self.wire = WireTimes()
         self._closing = False
@@ -138,9 +138,6 @@ class RemoteCore(EngineCore):
             if waiting:
                 with contextlib.suppress(EngineStopped):
                     self._send(Cancel(request_id))
-            raise
-        except Exception:
-            self._arrived.pop(request_id, None)
             raise
         if (arrived := self._arrived.pop(request_id, None)) is not None and op == GENERATE:
             self.wire.add(call.sent_at, arrived[0], arrived[1], time.monotonic())
@@ -194,11 +191,10 @@ class RemoteCore(EngineCore):
             entry = self._pending.pop(reply.id, None)
         if entry is None or not entry[0].set_running_or_notify_cancel():
             return  # cancelled: the caller is gone
-        if reply.error is None:
-            self._arrived[reply.id] = (reply, read)  # before the answer: its caller may resume at once
         if reply.error is not None:
             entry[0].set_exception(reply.error)
         else:
+            self._arrived[reply.id] = (reply, read)  # before the answer: its caller may resume at once
             entry[0].set_result(reply.result)
 
     def _fail(self, reason: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from services.trainer.loading import load_student
 from services.trainer.settings import TrainerSettings
 
@@ -20,3 +22,20 @@ def make_student(model_dir, tmp_path, **overrides):
 
 def ids(student, text):
     return student.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def hf_greedy(student, prompt, max_tokens, use_adapter=True):
+    """transformers' own generate on the peft model: the reference the engine must reproduce (its tokens up to,
+    not including, an end of sequence, as Sample.token_ids holds them)."""
+    with torch.no_grad(), student.adapter(use_adapter):
+        input_ids = torch.tensor([prompt])
+        out = student.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            pad_token_id=student.pad_id,
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    ends = [i for i, t in enumerate(tokens) if t in student.eos_ids]
+    return tokens[: ends[0]] if ends else tokens

@@ -13,7 +13,7 @@ from services.protocol import LossSettings
 from services.trainer.decode.prefixes import BLOCK, PrefixIndex, block_hashes
 from services.trainer.decode.sampler import choose, row_uniform
 from services.trainer.items import GenerationRequest, GrpoItem
-from support.tiny_student import make_student
+from support.tiny_student import hf_greedy, make_student
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +44,6 @@ def overlapped(bucketed):
 
 def lane(student, name="student"):
     return student.slot_decoder.engine.lanes[name]
-
-
-def hf_greedy(student, prompt, max_tokens, use_adapter=True):
-    """transformers' own generate on the peft model: the reference the engine must reproduce (its tokens up to,
-    not including, an end of sequence, as Sample.token_ids holds them)."""
-    with torch.no_grad(), student.adapter(use_adapter):
-        ids = torch.tensor([prompt])
-        out = student.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_tokens,
-            pad_token_id=student.pad_id,
-        )
-    tokens = out[0, len(prompt) :].tolist()
-    ends = [i for i, t in enumerate(tokens) if t in student.eos_ids]
-    return tokens[: ends[0]] if ends else tokens
 
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 40, 17, 1, 26)]

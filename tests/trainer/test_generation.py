@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from services.trainer.generation import stop_position
 from services.trainer.items import GenerationRequest
-from support.tiny_student import ids
+from support.tiny_student import hf_greedy, ids
 
 
 def test_n_samples_share_one_prefill_and_rows_leave_when_done(student):
@@ -93,7 +93,7 @@ def test_the_loop_keeps_nothing_of_the_requests_it_answered(loop_student):
     alone = [
         student.generate([GenerationRequest(p, max_tokens=2, temperature=0)])[0][0].token_ids for p in prompts
     ]
-    assert alone == [transformers_greedy(student, p, 2) for p in prompts]
+    assert alone == [hf_greedy(student, p, 2) for p in prompts]
     gone: list[weakref.ref] = []
     seen_alive: list[int] = []
     answers: dict[int, list[int]] = {}
@@ -122,22 +122,4 @@ def test_the_loop_decodes_as_transformers_generate(loop_student):
     own (a cache the fused layers ignored made every step after the prefill attend to its own token only)."""
     prompts = [ids(loop_student, text) for text in ("Natalia sold clips to 48 of her friends", "1, 2, 3,")]
     answers = loop_student.generate([GenerationRequest(p, max_tokens=12, temperature=0) for p in prompts])
-    assert [a[0].token_ids for a in answers] == [transformers_greedy(loop_student, p, 12) for p in prompts]
-
-
-def transformers_greedy(student, prompt, max_tokens):
-    """transformers' generate on the peft model (LoRA B is zero: the base model), up to an end of sequence."""
-    with torch.no_grad():
-        input_ids = torch.tensor([prompt])
-        out = student.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            do_sample=False,
-            max_new_tokens=max_tokens,
-            pad_token_id=student.pad_id,
-        )
-    tokens = out[0, len(prompt) :].tolist()
-    for k, token in enumerate(tokens):
-        if token in student.eos_ids:
-            return tokens[:k]
-    return tokens
+    assert [a[0].token_ids for a in answers] == [hf_greedy(loop_student, p, 12) for p in prompts]

@@ -43,9 +43,8 @@ class Row:
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: str | None = None
     stop_cut: int | None = None
-    added_at: float = field(
-        default_factory=time.perf_counter
-    )  # when it joined the engine's run (place_wait_s)
+    # when it joined the engine's run (the engine's place_wait_s)
+    added_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)
