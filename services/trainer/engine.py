@@ -275,7 +275,8 @@ class TrainerEngine:
         started_at: float,
         http_requests: int = 0,
         http_seconds: float = 0.0,
-        gc_pauses: GcPauses | None = None,
+        *,
+        gc_pauses: GcPauses,
     ) -> HealthResponse:
         """http_requests, http_seconds: what the HTTP layer answered and how long it took (its own counters);
         gc_pauses: this process's garbage collections."""
@@ -295,9 +296,9 @@ class TrainerEngine:
                 request_seconds=http_seconds,
                 generations=self.generations,
                 generation_seconds=self.generation_seconds,
-                gc_collections=gc_pauses.collections if gc_pauses else 0,
-                gc_s=gc_pauses.seconds if gc_pauses else 0.0,
-                gc_longest_s=gc_pauses.longest_s if gc_pauses else 0.0,
+                gc_collections=gc_pauses.collections,
+                gc_s=gc_pauses.seconds,
+                gc_longest_s=gc_pauses.longest_s,
                 engine_hops=EngineHops.model_validate(hops)
                 if (hops := self.core.hops()) is not None
                 else None,
