@@ -3,12 +3,8 @@
 # per call. That machine has torch, transformers (so `tokenizers`), peft and httpx but no fastapi/uvicorn/pydantic/
 # gguf, no internet, and takes at most 64 MiB of files per call, so two git-ignored folders travel with it (name
 # them in the call's carry):
-#   .whl/         py3.12 wheels: fastapi, starlette, uvicorn, pydantic, pydantic_core, pydantic-settings,
-#                 python-dotenv, typing-inspection, annotated-types, annotated-doc, gguf, typing_extensions, anyio,
-#                 click, h11, opentelemetry-api, importlib-metadata, httpx-aiohttp, httptools (uvicorn's C HTTP
-#                 parser, which the service uses when present; pip download --only-binary=:all:
-#                 --python-version 3.12 ...; the device image has anyio, click, h11, annotated-doc, typing_extensions,
-#                 aiohttp and uvloop; fastapi 0.165 imports opentelemetry, whose absence stopped the trainer on 2026-11-30)
+#   .whl/         py3.12 wheels of what the service and the decode need there: bash bench/carry_wheels.sh fills it
+#                 (fastapi 0.165 imports opentelemetry, whose absence stopped the trainer on 2026-11-30)
 #   .gguf_parts/  the 98 MB SmolLM2 GGUF cut in two (split -b 50000000): part_aa in one call, part_ab in the next;
 #                 each is copied to /tmp/gguf there, which outlives the call while the machine stays warm
 # GSM8K is the copy shipped in orchestrator/gsm8k/dataset/ (tracked, so it travels with the tree).

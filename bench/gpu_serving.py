@@ -440,8 +440,8 @@ def main() -> int:
     parser.add_argument("--rows", default="1,32,128,256")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--candidates", default="loop,slots,slots_eager,service",
-                        help="also: slots_unfused, kernels, slots_compiled, slots_sync, search, mixed, hf_static, "
-                             "hf_cb")
+                        help="also: slots_unfused, kernels, continuous, prefill_kernels, slots_compiled, slots_sync, "
+                             "search, mixed, hf_static, hf_cb")
     parser.add_argument("--budget-s", type=float, default=70.0,
                         help="in-process: no new measurement starts after this many seconds")
     parser.add_argument("--hf-budget-s", type=float, default=75.0,
@@ -450,6 +450,13 @@ def main() -> int:
     parser.add_argument("--service-seconds", type=float, default=12.0, help="service: length of each closed loop")
     parser.add_argument("--workload-seconds", type=float, default=10.0, help="service: sampling / search, each")
     parser.add_argument("--workload-clients", type=int, default=32, help="service: clients of 8 samples each")
+    parser.add_argument("--admit-every", default="4",
+                        help="continuous: steps between admissions, one loop each (the service's "
+                             "TRAINER_ADMIT_EVERY_STEPS)")
+    parser.add_argument("--pack-both", action="store_true",
+                        help="continuous: padded prefills too, beside packed ones (DecodeConfig.pack_prefill)")
+    parser.add_argument("--prefill-prompts", type=int, default=9,
+                        help="prefill_kernels: prompts of the profiled admission")
     parser.add_argument("--step-tokens", type=int, default=32, help="service: tokens of a search step")
     parser.add_argument("--client-processes", default="1",
                         help="service: client processes of the closed loops (comma-separated: the highest in-flight "
@@ -706,15 +713,30 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
         def continuous():
             """The service's traffic without HTTP: max_rows requests in flight in one generate call, each finished
             request replaced by a new one at the next admission (every `admit_every` steps, as the service's
-            batcher admits), for --service-seconds. What the engine's continuous batching keeps of the in-process
-            figure, apart from what the HTTP side costs."""
-            for admit_every in (1, 4):
-                closed_loop_in_process(admit_every)
+            batcher admits), for --service-seconds at most 15 s. What the engine's continuous batching keeps of the
+            in-process figure, apart from what the HTTP side costs. Per --admit-every, packed prefills and (with
+            --pack-both) padded ones side by side (DecodeConfig.pack_prefill), each run twice in turn: the second
+            round replays the graphs the first captured, as a long-running service does."""
+            config = engine.engine.config
+            try:
+                for round_ in (1, 2):
+                    for every in (int(e) for e in args.admit_every.split(",")):
+                        for pack in (True, False) if args.pack_both else (True,):
+                            config.pack_prefill = pack
+                            closed_loop_in_process(every, pack, round_)
+            finally:
+                config.pack_prefill = True
 
-        def closed_loop_in_process(admit_every: int) -> None:
+        def closed_loop_in_process(admit_every: int, pack: bool, round_: int) -> None:
             deadline = time.monotonic() + min(args.service_seconds, 15.0)
             finished, calls, served = [0], [0], [0]
             counter = iter(range(10**9))
+
+            def fresh_prompt() -> list[int]:
+                """A prompt no earlier request shares a prefix with (its first two tokens are the request's
+                number), as the service's closed loop sends: every admitted request prefills its whole prompt."""
+                n = next(counter)
+                return [3 + n % 4096, 3 + n // 4096 % 4096, *prompts[n % len(prompts)]]
 
             def admit(free, every=admit_every):
                 calls[0] += 1
@@ -722,8 +744,8 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                     return []
                 take = min(free, finished[0] - served[0])
                 served[0] += take
-                return [GenerationRequest(prompts[next(counter) % len(prompts)], max_tokens=args.tokens,
-                                          temperature=1.0, top_p=1.0, seed=7, logprobs=0) for _ in range(take)]
+                return [GenerationRequest(fresh_prompt(), max_tokens=args.tokens, temperature=1.0, top_p=1.0,
+                                          seed=7, logprobs=0) for _ in range(take)]
 
             answered = [0]  # tokens of the requests reported through on_done (generate keeps none of them)
 
@@ -732,29 +754,104 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                 answered[0] += sum(s.num_generated for s in samples)
 
             lanes = engine.engine.lanes.values()
+            gpu_times: list = []
             for lane in lanes:
                 lane.index.clear()
+                lane.graphs.timings = gpu_times
             before = (engine.engine.forward_passes, engine.engine.prefill_passes, engine.engine.prefill_seconds,
                       sum(lane.graphs.captures for lane in lanes))
             sync()
             t = time.perf_counter()
             # A closed loop's steady state from the start: rows at every stage of their answers (rows that
             # all start together would all finish together, and admit nothing until the run is over).
-            first = [GenerationRequest(prompts[i], max_tokens=1 + i * (args.tokens - 1) // max(max_rows - 1, 1),
+            first = [GenerationRequest(fresh_prompt(), max_tokens=1 + i * (args.tokens - 1) // max(max_rows - 1, 1),
                                        temperature=1.0, top_p=1.0, seed=i, logprobs=0) for i in range(max_rows)]
-            out = engine.generate(first, admit=admit, on_done=on_done)
-            sync()
+            try:
+                out = engine.generate(first, admit=admit, on_done=on_done)
+                sync()
+            finally:
+                for lane in lanes:
+                    lane.graphs.timings = None
             wall = time.perf_counter() - t
             generated = answered[0]
             passes = engine.engine.forward_passes - before[0]
+            # GPU time of the graph replays by kind (prefills run eagerly the first time a shape comes: those are
+            # in prefill_s, not here)
+            gpu = {}
+            for kind in ("decode", "sample", "prefill"):
+                spans = [start.elapsed_time(end) for key, start, end in gpu_times if key[0] == kind]
+                gpu[f"gpu_{kind}_replays"] = len(spans)
+                gpu[f"gpu_{kind}_s"] = sum(spans) / 1000
             bench.record(candidate="slots", mode=f"continuous_admit{admit_every}", rows=max_rows,
+                         pack_prefill=pack, round=round_, fresh_prompts=True,
                          tokens=generated, wall_s=wall, tok_s=generated / wall,
                          ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
                          prefill_passes=engine.engine.prefill_passes - before[1],
                          prefill_s=engine.engine.prefill_seconds - before[2],
                          graphs_captured=sum(lane.graphs.captures for lane in lanes) - before[3],
-                         requests=len(out))
+                         requests=len(out), **gpu)
         bench.guarded("continuous", continuous)
+    if "prefill_kernels" in wanted and engine is not None:
+        def prefill_kernels():
+            """One admission's prefill alone (Lane.place of --prefill-prompts fresh prompts, as a service admission
+            every 4 steps brings at 255 in flight), packed and padded: its kernels and their GPU time from a
+            profile of an eager run, then the GPU time of its graph's replay."""
+            from services.trainer.decode.lane import Row
+
+            student_run("slots", 2, "sampled", 2, True)  # the lane exists, its weights are ready
+            lane = engine.engine.lane("student")
+            count = args.prefill_prompts
+            serial = iter(range(10**9))
+
+            def place_once() -> None:
+                n = next(serial)
+                rows = [Row(GenerationRequest([3 + n % 4096, 3 + i, *prompts[i % len(prompts)]], max_tokens=args.tokens,
+                                              temperature=1.0, top_p=1.0, seed=i, logprobs=0),
+                            index=i, sample=0, seed=i, stops=()) for i in range(count)]
+                with torch.inference_mode():  # as the engine's generate runs
+                    placed, _ = lane.place(rows)
+                sync()
+                for row in placed:
+                    lane.release(row.slot, keep_prefix=False)
+
+            config = engine.engine.config
+            try:
+                for pack in (True, False):
+                    config.pack_prefill = pack
+                    lane.graphs.enabled = False
+                    place_once()  # warm-up at this shape
+                    activities = [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else \
+                        [torch.profiler.ProfilerActivity.CPU]
+                    with torch.profiler.profile(activities=activities) as prof:
+                        place_once()
+                    if device == "cuda":
+                        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                    else:
+                        events = [e for e in prof.events() if e.name.startswith("aten::")]
+                    by_name: dict[str, list[float]] = {}
+                    for e in events:
+                        entry = by_name.setdefault(e.name[:90], [0, 0.0])
+                        entry[0] += 1
+                        entry[1] += e.device_time / 1000
+                    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+                    lane.graphs.enabled = device == "cuda"
+                    gpu_times: list = []
+                    for _ in range(3):  # eager, captured, replayed
+                        lane.graphs.timings = gpu_times
+                        place_once()
+                    lane.graphs.timings = None
+                    spans = [start.elapsed_time(end) for key, start, end in gpu_times if key[0] == "prefill"]
+                    prompt_tokens = sum(len(prompts[i % len(prompts)]) + 2 for i in range(count))
+                    bench.record(candidate="slots", mode="prefill_kernels", pack_prefill=pack, prompts=count,
+                                 prompt_tokens=prompt_tokens, kernels=len(events),
+                                 kernel_ms=sum(v[1] for v in by_name.values()),
+                                 graph_replay_ms=spans[-1] if spans else None,
+                                 top=[[name, n, round(ms, 3)] for name, (n, ms) in top])
+            finally:
+                config.pack_prefill = True
+                lane.graphs.enabled = device == "cuda"
+                lane.graphs.timings = None
+        bench.guarded("prefill_kernels", prefill_kernels)
     if "search" in wanted:
         def search():
             node = prompts[0][:160] if not args.smoke else prompts[0]

@@ -44,6 +44,37 @@ def register() -> str:
     return NAME
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where the tokens of a packed prefill (lane.py, Lane._prefill) sit for attention: several prompts' suffixes
+    run end to end as one sequence of L tokens, and attention needs each suffix in a row of its own, `rows` rows
+    of `width` queries (the mask's layout).
+
+    index: (L,) token t's place in that layout flattened (row * width + column); rows * width for a padding token.
+    own_keys: no row reuses cached positions (every suffix is its whole prompt), so each row attends over its own
+        new keys and values, laid out as its queries are: the cache is written, not read.
+    """
+
+    index: torch.Tensor
+    rows: int
+    width: int
+    own_keys: bool
+
+    def lay_out(self, states: torch.Tensor) -> torch.Tensor:
+        """(1, h, L, dim) in sequence order -> (rows, h, width, dim); padding places hold zeros."""
+        heads, dim = states.shape[1], states.shape[3]
+        flat = states.new_zeros(self.rows * self.width + 1, heads, dim)  # + 1: where padding tokens go
+        flat.index_copy_(0, self.index, states[0].transpose(0, 1))
+        return flat[:-1].view(self.rows, self.width, heads, dim).transpose(1, 2)
+
+    def gather(self, laid: torch.Tensor) -> torch.Tensor:
+        """(rows, heads, width, dim) -> (1, L, heads, dim) in sequence order (a padding token reads the last
+        place: its output is never used)."""
+        heads, dim = laid.shape[1], laid.shape[3]
+        flat = laid.transpose(1, 2).reshape(self.rows * self.width, heads, dim)
+        return flat[self.index.clamp(max=self.rows * self.width - 1)].unsqueeze(0)
+
+
 @dataclass
 class SlotAttention:
     """One forward's view of the slot cache.
@@ -51,7 +82,10 @@ class SlotAttention:
     write_slot, write_pos: (B * L,) where the new tokens' K and V go (row-major over batch and query position).
     read_slots: (B,) slots to attend over, gathered; None = slots 0..B-1 read in place (the decode step, whose
         batch row r is slot r, so nothing is copied).
-    window: positions [0, window) are read; the mask (B, 1, L, window) says which of them each query sees.
+    window: positions [0, window) are read; the mask (rows, 1, queries, window) says which of them each query
+        sees. Its queries are the forward's L, or g * L already repeated for the g query heads of a KV head (the
+        caller then repeats it once for every layer; see _attend).
+    packed: the layout of a packed prefill (B = 1); None: the forward's own (B, L) is the mask's layout.
     """
 
     cache: SlotCache
@@ -59,23 +93,37 @@ class SlotAttention:
     write_pos: torch.Tensor
     read_slots: torch.Tensor | None
     window: int
+    packed: PackedLayout | None = None
 
     def attend(self, layer, query, key, value, mask, scaling):
-        batch, heads, length, dim = query.shape
+        batch, _, length, dim = query.shape
         kv_heads = key.shape[1]
-        group = heads // kv_heads
         keys, values = self.cache.keys(layer), self.cache.values(layer)
         keys[self.write_slot, :, self.write_pos] = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
         values[self.write_slot, :, self.write_pos] = value.transpose(1, 2).reshape(
             batch * length, kv_heads, dim
         )
-        if self.read_slots is None:
+        layout = self.packed
+        if layout is not None and layout.own_keys:
+            keys, values = layout.lay_out(key), layout.lay_out(value)
+        elif self.read_slots is None:
             keys, values = keys[:batch, :, : self.window], values[:batch, :, : self.window]
         else:
             keys = keys[:, :, : self.window].index_select(0, self.read_slots)
             values = values[:, :, : self.window].index_select(0, self.read_slots)
-        grouped = query.reshape(batch, kv_heads, group * length, dim)
-        if group > 1 and length > 1:
-            mask = mask.repeat(1, 1, group, 1)  # query row (j, i) of a KV head is head j's position i
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
-        return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+        if layout is None:
+            return _attend(query, keys, values, mask, scaling).transpose(1, 2).contiguous(), None
+        return layout.gather(_attend(layout.lay_out(query), keys, values, mask, scaling)), None
+
+
+def _attend(query, keys, values, mask, scaling) -> torch.Tensor:
+    """SDPA of query (B, heads, L, dim) over keys and values (B, kv_heads, window, dim); returns (B, heads, L,
+    dim). Grouped-query attention without copying K and V (see the module's docstring)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, group * length, dim)
+    if group > 1 and mask.shape[2] == length > 1:  # not repeated yet by the caller
+        mask = mask.repeat(1, 1, group, 1)  # query row (j, i) of a KV head is head j's position i
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim)

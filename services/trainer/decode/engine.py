@@ -51,6 +51,9 @@ class DecodeConfig:
     # Pad prefill batches to bucketed shapes (units to a power of two, width and window rounded up), so that a
     # shape that recurs is replayed as a graph (CUDA); off, each prefill runs at its exact shape.
     prefill_buckets: bool = False
+    # Prompts of a prefill end to end, so its projections compute real tokens only (lane.py, Lane._prefill); off,
+    # each is padded to the longest (the layout before packing, kept to compare the two side by side).
+    pack_prefill: bool = True
     seed: int = 0  # for the seeds of requests without one
 
     @classmethod

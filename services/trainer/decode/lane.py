@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .attention import SlotAttention
+from .attention import PackedLayout, SlotAttention
 from .graphs import StepGraphs
 from .prefixes import BLOCK, PrefixIndex, block_hashes
 from .sampler import choose
@@ -72,10 +72,12 @@ class Lane:
         self.epoch: Any = None  # what the model's weights were when the cached prefixes were computed
         model_config = model.config
         heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        self.query_group = heads // kv_heads  # query heads per KV head
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
         self.cache = SlotCache(
             layers=model_config.num_hidden_layers,
-            kv_heads=getattr(model_config, "num_key_value_heads", None) or heads,
+            kv_heads=kv_heads,
             head_dim=head_dim,
             slots=slots,
             capacity=config.initial_capacity,
@@ -284,61 +286,100 @@ class Lane:
         return passes
 
     def _prefill(self, units: list[_Unit]) -> None:
-        """One forward over the units' prompt suffixes (right-padded), writing their KV into their slots after the
-        reused prefix, and leaving each unit's next-token logits in its slot's row of self.logits.
+        """One forward over the units' prompt suffixes, writing their KV into their slots after the reused
+        prefix, and leaving each unit's next-token logits in its slot's row of self.logits.
 
-        With prefill buckets (CUDA) the batch is padded to a bucketed (units, width, window): padding units write
-        to the scratch slot and the scratch row of self.logits. A bucket seen before is run as a CUDA graph over
-        input buffers of its own; the first time it runs eagerly, so shapes that come once cost no capture."""
+        The suffixes run packed, end to end as one sequence of T tokens: the projections and MLPs compute only
+        real tokens, however unequal the prompts. Attention alone needs them apart: it sees a (units, width,
+        window) layout, each suffix in a row of its own, padded to the longest (attention.PackedLayout maps one
+        layout to the other). Where no unit reuses a cached prefix (distinct prompts), each row attends over its
+        own new keys (window = width) and the cache is only written. With config.pack_prefill off, every suffix is
+        padded to `width` in the sequence as well (the layout before packing, kept for side-by-side benchmarks).
+
+        With prefill buckets (CUDA) the shapes are bucketed, (units, width, window) and T: padding units write
+        to the scratch slot and the scratch row of self.logits, padding tokens to the scratch slot. A bucket seen
+        before is run as a CUDA graph over input buffers of its own; the first time it runs eagerly, so shapes
+        that come once cost no capture."""
         suffixes = [unit.prompt[unit.reuse :] for unit in units]
         count, width = len(units), max(len(s) for s in suffixes)
         window = max(unit.reuse + len(suffix) for unit, suffix in zip(units, suffixes, strict=True))
         if self.config.prefill_buckets:
             count, width = 1 << (count - 1).bit_length(), _round_up(width, 32 if width <= 256 else 128)
             window = min(_round_up(window, self.config.window_step), self.cache.capacity)
+        own_keys = all(unit.reuse == 0 for unit in units)
+        if own_keys:
+            window = width
+        if self.config.pack_prefill:
+            starts = [0]
+            for suffix in suffixes:
+                starts.append(starts[-1] + len(suffix))
+            tokens = starts.pop()
+        else:
+            starts, tokens = [p * width for p in range(len(units))], count * width
+        if self.config.prefill_buckets:
+            # four buckets an octave (at most a quarter padding): few shapes, so that most prefills replay a graph
+            tokens = _round_up(tokens, 1 << max(6, tokens.bit_length() - 3))
         scratch = self.cache.scratch
-        ids = torch.zeros((count, width), dtype=torch.long)
-        positions = torch.zeros((count, width), dtype=torch.long)
-        lengths = torch.ones(count, dtype=torch.long)
+        ids = torch.zeros((1, tokens), dtype=torch.long)
+        positions = torch.zeros((1, tokens), dtype=torch.long)
+        write_slot = torch.full((tokens,), scratch, dtype=torch.long)
+        # each token's place in attention's layout; padding tokens: past its end
+        index = torch.full((tokens,), count * width, dtype=torch.long)
         slots = torch.full((count,), scratch, dtype=torch.long)
-        for p, (unit, suffix) in enumerate(zip(units, suffixes, strict=True)):
-            ids[p, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-            positions[p, : len(suffix)] = torch.arange(unit.reuse, unit.reuse + len(suffix))
-            lengths[p], slots[p] = len(suffix), unit.slot
-        valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        valid[len(units) :] = False
-        inputs = [ids, positions, valid, slots, lengths]
-        key = ("prefill", count, width, window)
+        last = torch.zeros(count, dtype=torch.long)
+        lengths = torch.zeros(count, dtype=torch.long)
+        # each row's first position (its reused prefix's length)
+        offsets = torch.zeros(count, dtype=torch.long)
+        for p, (unit, suffix, start) in enumerate(zip(units, suffixes, starts, strict=True)):
+            span = slice(start, start + len(suffix))
+            ids[0, span] = torch.tensor(suffix, dtype=torch.long)
+            positions[0, span] = torch.arange(unit.reuse, unit.reuse + len(suffix))
+            write_slot[span] = unit.slot
+            index[span] = torch.arange(p * width, p * width + len(suffix))
+            slots[p], last[p] = unit.slot, start + len(suffix) - 1
+            lengths[p], offsets[p] = len(suffix), unit.reuse
+        inputs = [ids, positions, write_slot, index, slots, last, lengths, offsets]
+        shape = (count, width, window, own_keys)
+        key = ("prefill", *shape, tokens)
         if not self.graphs.enabled or key not in self._prefills_seen:
             self._prefills_seen.add(key)
-            self._prefill_tensors([to_device(t, self.device) for t in inputs], self.key_positions[:window])
+            self._prefill_tensors([to_device(t, self.device) for t in inputs], *shape)
             return
         buffers = self._prefill_inputs.get(key)
         if buffers is None:
             buffers = self._prefill_inputs[key] = [torch.empty_like(t, device=self.device) for t in inputs]
         for buffer, tensor in zip(buffers, inputs, strict=True):
             buffer.copy_(to_device(tensor, self.device))
-        self.graphs.run(key, lambda: self._prefill_tensors(buffers, self.key_positions[:window]))
+        self.graphs.run(key, lambda: self._prefill_tensors(buffers, *shape))
 
-    def _prefill_tensors(self, inputs: list[torch.Tensor], key_positions: torch.Tensor) -> None:
+    def _prefill_tensors(
+        self, inputs: list[torch.Tensor], count: int, width: int, window: int, own_keys: bool
+    ):
         """The prefill forward as a function of tensors only (what a graph of it captures): inputs are
-        (ids, positions, valid, slots, lengths) as _prefill builds them."""
-        ids, positions, valid, slots, lengths = inputs
-        count = ids.shape[0]
-        write_slot = torch.where(valid, slots.unsqueeze(1), self.cache.scratch).flatten()
-        write_pos = torch.where(valid, positions, 0).flatten()
-        sees = (key_positions <= positions.unsqueeze(2)) & valid.unsqueeze(2)
+        (ids, positions, write_slot, index, slots, last, lengths, offsets) as _prefill builds them, for
+        attention's layout of `count` rows of `width` queries over `window` keys."""
+        ids, positions, write_slot, index, slots, last, lengths, offsets = inputs
+        # The attention layout's positions: row p holds its suffix at offsets[p] + [0, lengths[p]).
+        columns = torch.arange(width, device=ids.device)
+        key_positions = columns if own_keys else self.key_positions[:window]
+        valid = columns.unsqueeze(0) < lengths.unsqueeze(1)
+        row_positions = offsets.unsqueeze(1) + columns.unsqueeze(0)
+        sees = (key_positions <= row_positions.unsqueeze(2)) & valid.unsqueeze(2)
         sees |= ~valid.unsqueeze(2) & (key_positions == 0)  # a padding query sees one key: no all-masked row
-        state = SlotAttention(self.cache, write_slot, write_pos, slots, key_positions.shape[0])
+        # repeated here for the query heads sharing a KV head (attention._attend), not again in every layer
+        mask = additive(sees.unsqueeze(1), self.cache.kv.dtype).repeat(1, 1, self.query_group, 1)
+        layout = PackedLayout(index, count, width, own_keys)
+        state = SlotAttention(
+            self.cache, write_slot, positions[0], None if own_keys else slots, window, layout
+        )
         hidden = self.decoder(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=additive(sees.unsqueeze(1), self.cache.kv.dtype),
+            attention_mask=mask,
             use_cache=False,
             slot_kv=state,
         ).last_hidden_state
-        last = hidden[torch.arange(count, device=ids.device), lengths - 1]
-        self.logits.index_copy_(0, slots, self.lm_head(last).float())
+        self.logits.index_copy_(0, slots, self.lm_head(hidden[0, last]).float())
 
     def _occupy(self, row: Row, prompt_length: int) -> None:
         slot = row.slot
