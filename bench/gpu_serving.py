@@ -453,8 +453,9 @@ def main() -> int:
     parser.add_argument("--admit-every", default="4",
                         help="continuous: steps between admissions, one loop each (the service's "
                              "TRAINER_ADMIT_EVERY_STEPS)")
-    parser.add_argument("--pack-both", action="store_true",
-                        help="continuous: padded prefills too, beside packed ones (DecodeConfig.pack_prefill)")
+    parser.add_argument("--prefill-modes", default="varlen,layout",
+                        help="continuous, prefill_kernels: one loop each of varlen (packed, flash varlen attention), "
+                             "layout (packed, attention through the padded layout), padded (no packing)")
     parser.add_argument("--prefill-prompts", type=int, default=9,
                         help="prefill_kernels: prompts of the profiled admission")
     parser.add_argument("--step-tokens", type=int, default=32, help="service: tokens of a search step")
@@ -709,25 +710,31 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                          graphs_enabled=[lane.graphs.enabled for lane in lanes],
                          graphs_failure=[lane.graphs.failure for lane in lanes if lane.graphs.failure])
 
+    def prefill_mode(mode: str) -> None:
+        """varlen: packed prompts, flash varlen attention where it serves (the default); layout: packed, attention
+        through the padded layout; padded: every prompt padded to the longest (the layout before packing)."""
+        config = engine.engine.config
+        config.pack_prefill, config.varlen_prefill = {"varlen": (True, True), "layout": (True, False),
+                                                      "padded": (False, False)}[mode]
+
     if "continuous" in wanted and engine is not None:
         def continuous():
             """The service's traffic without HTTP: max_rows requests in flight in one generate call, each finished
             request replaced by a new one at the next admission (every `admit_every` steps, as the service's
             batcher admits), for --service-seconds at most 15 s. What the engine's continuous batching keeps of the
-            in-process figure, apart from what the HTTP side costs. Per --admit-every, packed prefills and (with
-            --pack-both) padded ones side by side (DecodeConfig.pack_prefill), each run twice in turn: the second
-            round replays the graphs the first captured, as a long-running service does."""
-            config = engine.engine.config
+            in-process figure, apart from what the HTTP side costs. Per --admit-every, each of --prefill-modes
+            side by side, each run twice in turn: the second round replays the graphs the first captured, as a
+            long-running service does."""
             try:
                 for round_ in (1, 2):
                     for every in (int(e) for e in args.admit_every.split(",")):
-                        for pack in (True, False) if args.pack_both else (True,):
-                            config.pack_prefill = pack
-                            closed_loop_in_process(every, pack, round_)
+                        for mode in args.prefill_modes.split(","):
+                            prefill_mode(mode)
+                            closed_loop_in_process(every, mode, round_)
             finally:
-                config.pack_prefill = True
+                prefill_mode("varlen")
 
-        def closed_loop_in_process(admit_every: int, pack: bool, round_: int) -> None:
+        def closed_loop_in_process(admit_every: int, mode: str, round_: int) -> None:
             deadline = time.monotonic() + min(args.service_seconds, 15.0)
             finished, calls, served = [0], [0], [0]
             counter = iter(range(10**9))
@@ -783,7 +790,7 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                 gpu[f"gpu_{kind}_replays"] = len(spans)
                 gpu[f"gpu_{kind}_s"] = sum(spans) / 1000
             bench.record(candidate="slots", mode=f"continuous_admit{admit_every}", rows=max_rows,
-                         pack_prefill=pack, round=round_, fresh_prompts=True,
+                         prefill=mode, round=round_, fresh_prompts=True,
                          tokens=generated, wall_s=wall, tok_s=generated / wall,
                          ms_per_pass=1000 * wall / max(passes, 1), passes=passes,
                          prefill_passes=engine.engine.prefill_passes - before[1],
@@ -794,7 +801,7 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
     if "prefill_kernels" in wanted and engine is not None:
         def prefill_kernels():
             """One admission's prefill alone (Lane.place of --prefill-prompts fresh prompts, as a service admission
-            every 4 steps brings at 255 in flight), packed and padded: its kernels and their GPU time from a
+            every 4 steps brings at 255 in flight), in each of --prefill-modes: its kernels and their GPU time from a
             profile of an eager run, then the GPU time of its graph's replay."""
             from services.trainer.decode.lane import Row
 
@@ -814,10 +821,9 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                 for row in placed:
                     lane.release(row.slot, keep_prefix=False)
 
-            config = engine.engine.config
             try:
-                for pack in (True, False):
-                    config.pack_prefill = pack
+                for mode in args.prefill_modes.split(","):
+                    prefill_mode(mode)
                     lane.graphs.enabled = False
                     place_once()  # warm-up at this shape
                     activities = [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else \
@@ -842,13 +848,13 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                     lane.graphs.timings = None
                     spans = [start.elapsed_time(end) for key, start, end in gpu_times if key[0] == "prefill"]
                     prompt_tokens = sum(len(prompts[i % len(prompts)]) + 2 for i in range(count))
-                    bench.record(candidate="slots", mode="prefill_kernels", pack_prefill=pack, prompts=count,
+                    bench.record(candidate="slots", mode="prefill_kernels", prefill=mode, prompts=count,
                                  prompt_tokens=prompt_tokens, kernels=len(events),
                                  kernel_ms=sum(v[1] for v in by_name.values()),
                                  graph_replay_ms=spans[-1] if spans else None,
                                  top=[[name, n, round(ms, 3)] for name, (n, ms) in top])
             finally:
-                config.pack_prefill = True
+                prefill_mode("varlen")
                 lane.graphs.enabled = device == "cuda"
                 lane.graphs.timings = None
         bench.guarded("prefill_kernels", prefill_kernels)

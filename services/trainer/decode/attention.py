@@ -14,7 +14,12 @@ out as g * L query rows of that KV head, so SDPA sees as many heads as the cache
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from .slots import SlotCache
 
 NAME = "slot_kv"
+log = logging.getLogger(__name__)
 
 
 def register() -> str:
@@ -53,12 +59,17 @@ class PackedLayout:
     index: (L,) token t's place in that layout flattened (row * width + column); rows * width for a padding token.
     own_keys: no row reuses cached positions (every suffix is its whole prompt), so each row attends over its own
         new keys and values, laid out as its queries are: the cache is written, not read.
+    sequences, varlen: with own keys on CUDA, where flash_varlen() serves: (rows + 2,) int32 boundaries of the
+        prompts in the sequence (the last span holds the padding tokens), and that attention function, which
+        runs on the sequence as it is, with no layout, mask or padding (None: through the layout).
     """
 
     index: torch.Tensor
     rows: int
     width: int
     own_keys: bool
+    sequences: torch.Tensor | None = None
+    varlen: Callable[..., torch.Tensor] | None = None
 
     def lay_out(self, states: torch.Tensor) -> torch.Tensor:
         """(1, h, L, dim) in sequence order -> (rows, h, width, dim); padding places hold zeros."""
@@ -104,6 +115,9 @@ class SlotAttention:
             batch * length, kv_heads, dim
         )
         layout = self.packed
+        if layout is not None and layout.varlen is not None:
+            tokens = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim) each
+            return layout.varlen(*tokens, layout.sequences, length, scaling).unsqueeze(0), None
         if layout is not None and layout.own_keys:
             keys, values = layout.lay_out(key), layout.lay_out(value)
         elif self.read_slots is None:
@@ -127,3 +141,58 @@ def _attend(query, keys, values, mask, scaling) -> torch.Tensor:
         mask = mask.repeat(1, 1, group, 1)  # query row (j, i) of a KV head is head j's position i
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, length, dim)
+
+
+@functools.cache
+def flash_varlen(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """torch's variable-length flash attention (torch.nn.attention.varlen, torch >= 2.10, CUDA), causal and with
+    grouped KV heads, as f(query, key, value, sequences, longest, scale) on (L, heads, dim) tokens -> (L, heads,
+    dim); None where it is missing, or where a probe of what the prefill needs (grouped heads, an empty
+    sequence) fails or disagrees with SDPA."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    options: dict[str, Any] = (
+        {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}  # torch 2.10
+    )
+    if "enable_gqa" in parameters:
+        options["enable_gqa"] = True
+
+    def varlen(query, key, value, sequences, longest, scale) -> torch.Tensor:
+        out = varlen_attn(query, key, value, sequences, sequences, longest, longest, scale=scale, **options)
+        return out[0] if isinstance(out, tuple) else out
+
+    try:  # two prompts of 5 and 3 tokens, an empty one, 9 query heads over 3 KV heads, strided as attend's
+        generator = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (
+            torch.randn(heads, 8, 64, device=device, dtype=torch.bfloat16, generator=generator).transpose(
+                0, 1
+            )
+            for heads in (9, 3, 3)
+        )
+        got = varlen(q, k, v, torch.tensor([0, 5, 8, 8], dtype=torch.int32, device=device), 8, 0.125)
+        want = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1),
+                    k[a:b].transpose(0, 1),
+                    v[a:b].transpose(0, 1),
+                    is_causal=True,
+                    scale=0.125,
+                    enable_gqa=True,
+                ).transpose(0, 1)
+                for a, b in ((0, 5), (5, 8))
+            ]
+        )
+        if not torch.allclose(got.float(), want.float(), atol=2e-2):
+            raise ValueError(f"differs from SDPA by {(got.float() - want.float()).abs().max().item()}")
+    except Exception as exc:  # a kernel this build or card lacks: attention goes through the layout instead
+        log.warning(
+            "flash varlen attention unusable here, prefills attend through the padded layout: %r", exc
+        )
+        return None
+    return varlen

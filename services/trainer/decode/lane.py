@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .attention import PackedLayout, SlotAttention
+from .attention import PackedLayout, SlotAttention, flash_varlen
 from .graphs import StepGraphs
 from .prefixes import BLOCK, PrefixIndex, block_hashes
 from .sampler import choose
@@ -112,6 +112,10 @@ class Lane:
         self.top_ids = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.long, device=device)
         self.slot_ids = torch.arange(slots, device=device)
         self.key_positions = torch.arange(self.cache.capacity, device=device)
+        # what a varlen prefill gives transformers as its mask: attention ignores it, and a mask given stops
+        # transformers from building one of its own
+        self._no_mask = torch.zeros((1, 1, 1, 1), dtype=model.dtype, device=device)
+        self._varlen = flash_varlen(device)  # None on CPU, or where this torch or card lacks it
         self._mode: tuple[bool, bool, int, bool] = (False, False, 0, False)
         self._prefills_seen: set[tuple] = set()  # prefill shapes run once eagerly: the next is captured
         self._prefill_inputs: dict[tuple, list[torch.Tensor]] = {}  # per captured prefill: its input buffers
@@ -309,6 +313,7 @@ class Lane:
         own_keys = all(unit.reuse == 0 for unit in units)
         if own_keys:
             window = width
+        varlen = own_keys and self.config.varlen_prefill and self._varlen is not None
         if self.config.pack_prefill:
             starts = [0]
             for suffix in suffixes:
@@ -339,7 +344,11 @@ class Lane:
             slots[p], last[p] = unit.slot, start + len(suffix) - 1
             lengths[p], offsets[p] = len(suffix), unit.reuse
         inputs = [ids, positions, write_slot, index, slots, last, lengths, offsets]
-        shape = (count, width, window, own_keys)
+        if varlen:  # each prompt a sequence, then empty ones for padding units, then the padding tokens
+            real_end = starts[len(units) - 1] + len(suffixes[-1])
+            bounds = [*starts[: len(units)], *[real_end] * (count - len(units) + 1), tokens]
+            inputs.append(torch.tensor(bounds, dtype=torch.int32))
+        shape = (count, width, window, own_keys, varlen)
         key = ("prefill", *shape, tokens)
         if not self.graphs.enabled or key not in self._prefills_seen:
             self._prefills_seen.add(key)
@@ -353,22 +362,29 @@ class Lane:
         self.graphs.run(key, lambda: self._prefill_tensors(buffers, *shape))
 
     def _prefill_tensors(
-        self, inputs: list[torch.Tensor], count: int, width: int, window: int, own_keys: bool
+        self, inputs: list[torch.Tensor], count: int, width: int, window: int, own_keys: bool, varlen: bool
     ):
         """The prefill forward as a function of tensors only (what a graph of it captures): inputs are
-        (ids, positions, write_slot, index, slots, last, lengths, offsets) as _prefill builds them, for
-        attention's layout of `count` rows of `width` queries over `window` keys."""
-        ids, positions, write_slot, index, slots, last, lengths, offsets = inputs
-        # The attention layout's positions: row p holds its suffix at offsets[p] + [0, lengths[p]).
-        columns = torch.arange(width, device=ids.device)
-        key_positions = columns if own_keys else self.key_positions[:window]
-        valid = columns.unsqueeze(0) < lengths.unsqueeze(1)
-        row_positions = offsets.unsqueeze(1) + columns.unsqueeze(0)
-        sees = (key_positions <= row_positions.unsqueeze(2)) & valid.unsqueeze(2)
-        sees |= ~valid.unsqueeze(2) & (key_positions == 0)  # a padding query sees one key: no all-masked row
-        # repeated here for the query heads sharing a KV head (attention._attend), not again in every layer
-        mask = additive(sees.unsqueeze(1), self.cache.kv.dtype).repeat(1, 1, self.query_group, 1)
-        layout = PackedLayout(index, count, width, own_keys)
+        (ids, positions, write_slot, index, slots, last, lengths, offsets[, sequences]) as _prefill builds them,
+        for attention's layout of `count` rows of `width` queries over `window` keys, or with `varlen` on the
+        sequence as it is (attention.PackedLayout)."""
+        ids, positions, write_slot, index, slots, last, lengths, offsets = inputs[:8]
+        if varlen:
+            layout = PackedLayout(index, count, width, own_keys, sequences=inputs[8], varlen=self._varlen)
+            mask = self._no_mask
+        else:
+            # The attention layout's positions: row p holds its suffix at offsets[p] + [0, lengths[p]).
+            columns = torch.arange(width, device=ids.device)
+            key_positions = columns if own_keys else self.key_positions[:window]
+            valid = columns.unsqueeze(0) < lengths.unsqueeze(1)
+            row_positions = offsets.unsqueeze(1) + columns.unsqueeze(0)
+            sees = (key_positions <= row_positions.unsqueeze(2)) & valid.unsqueeze(2)
+            sees |= ~valid.unsqueeze(2) & (
+                key_positions == 0
+            )  # a padding query sees one key: no all-masked row
+            # repeated here for the query heads sharing a KV head (attention._attend), not again in every layer
+            mask = additive(sees.unsqueeze(1), self.cache.kv.dtype).repeat(1, 1, self.query_group, 1)
+            layout = PackedLayout(index, count, width, own_keys)
         state = SlotAttention(
             self.cache, write_slot, positions[0], None if own_keys else slots, window, layout
         )

@@ -1,0 +1,75 @@
+"""On CUDA a prefill of prompts that reuse no cached prefix attends through torch's flash varlen attention on the
+packed sequence (decode/attention.py, flash_varlen); elsewhere, and with DecodeConfig.varlen_prefill off, through
+the padded layout. Both must leave each prompt's next-token logits as the model's own forward computes them, in
+an eager run and in the CUDA graph of its shape. Runs on a CUDA machine (bench/gpu_serving.py's); skipped
+elsewhere, where the layout path is tested by test_decode_engine.py."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from services.trainer.decode import DecodeConfig
+from services.trainer.decode.attention import flash_varlen, register
+from services.trainer.decode.lane import Lane, Row
+from services.trainer.items import GenerationRequest
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or flash_varlen(torch.device("cuda")) is None,
+    reason="needs CUDA and torch's flash varlen attention",
+)
+
+PROMPT_LENGTHS = (
+    5,
+    37,
+    70,
+)  # three prompts: a bucket of four units (one empty) and padding tokens at the end
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=64,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def test_varlen_and_layout_prefills_give_the_models_own_next_token_logits():
+    model = llama()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+    with torch.no_grad():
+        expected = torch.stack(
+            [model(input_ids=torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]
+        )
+    model.set_attn_implementation(register())
+    config = DecodeConfig.for_device(torch.device("cuda"), slots=8)
+    lane = Lane(model, slots=8, config=config, device=torch.device("cuda"))
+    assert lane._varlen is not None
+    for varlen in (True, False):
+        config.varlen_prefill = varlen
+        for run in range(3):  # eager, then captured, then replayed
+            rows = [
+                Row(GenerationRequest(p, max_tokens=4, temperature=0), index=i, sample=0, seed=i, stops=())
+                for i, p in enumerate(prompts)
+            ]
+            with torch.inference_mode():
+                placed, passes = lane.place(rows)
+            assert passes == 1 and len(placed) == len(prompts)
+            got = lane.logits[[row.slot for row in rows]].clone()
+            for row in placed:
+                lane.release(row.slot, keep_prefix=False)
+            assert torch.allclose(got, expected, atol=5e-2, rtol=5e-2), (
+                varlen,
+                run,
+                (got - expected).abs().max(),
+            )
+    assert lane.graphs.captures >= 2 and lane.graphs.failure is None
