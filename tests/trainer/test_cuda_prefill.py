@@ -43,33 +43,43 @@ def llama():
 
 
 def test_varlen_and_layout_prefills_give_the_models_own_next_token_logits():
+    """Prompts new to the cache (own keys), then prompts extending them (keys gathered from the slots), each way
+    eagerly, captured and replayed."""
     model = llama()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+    children = [[*p, *torch.randint(3, 256, (20,), generator=generator).tolist()] for p in prompts]
     with torch.no_grad():
-        expected = torch.stack(
-            [model(input_ids=torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]
-        )
+        expected = {
+            kind: torch.stack(
+                [model(input_ids=torch.tensor([p], device="cuda")).logits[0, -1].float() for p in group]
+            )
+            for kind, group in (("prompts", prompts), ("children", children))
+        }
     model.set_attn_implementation(register())
     config = DecodeConfig.for_device(torch.device("cuda"), slots=8)
     lane = Lane(model, slots=8, config=config, device=torch.device("cuda"))
-    assert lane._varlen is not None
+    assert lane.varlen_attention is not None
     for varlen in (True, False):
         config.varlen_prefill = varlen
         for run in range(3):  # eager, then captured, then replayed
-            rows = [
-                Row(GenerationRequest(p, max_tokens=4, temperature=0), index=i, sample=0, seed=i, stops=())
-                for i, p in enumerate(prompts)
-            ]
-            with torch.inference_mode():
-                placed, passes = lane.place(rows)
-            assert passes == 1 and len(placed) == len(prompts)
-            got = lane.logits[[row.slot for row in rows]].clone()
-            for row in placed:
-                lane.release(row.slot, keep_prefix=False)
-            assert torch.allclose(got, expected, atol=5e-2, rtol=5e-2), (
-                varlen,
-                run,
-                (got - expected).abs().max(),
-            )
-    assert lane.graphs.captures >= 2 and lane.graphs.failure is None
+            lane.index.clear()
+            for kind, group in (("prompts", prompts), ("children", children)):
+                reused = lane.reused_tokens
+                rows = [
+                    Row(
+                        GenerationRequest(p, max_tokens=4, temperature=0), index=i, sample=0, seed=i, stops=()
+                    )
+                    for i, p in enumerate(group)
+                ]
+                with torch.inference_mode():
+                    placed, passes = lane.place(rows)
+                assert passes == 1 and len(placed) == len(group)
+                got = lane.logits[[row.slot for row in rows]].clone()
+                for row in placed:
+                    lane.release(row.slot)  # its prompt stays for the children to reuse
+                if kind == "children":
+                    assert lane.reused_tokens - reused == 32 + 64  # whole blocks of the two longer prompts
+                error = (got - expected[kind]).abs().max()
+                assert torch.allclose(got, expected[kind], atol=5e-2, rtol=5e-2), (varlen, run, kind, error)
+    assert lane.graphs.captures >= 4 and lane.graphs.failure is None

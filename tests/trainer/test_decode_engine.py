@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from services.protocol import LossSettings
+from services.trainer.decode.attention import varlen_reference
 from services.trainer.decode.prefixes import BLOCK, PrefixIndex, block_hashes
 from services.trainer.decode.sampler import choose, row_uniform
 from services.trainer.items import GenerationRequest, GrpoItem
@@ -51,6 +52,26 @@ def padded(bucketed):
     config.pack_prefill = True
 
 
+@pytest.fixture
+def varlen(bucketed):
+    """... with prefills attending on their packed sequence through a varlen attention: varlen_reference, what
+    flash_varlen's kernel computes on CUDA (tests/trainer/test_cuda_prefill.py holds the two together there)."""
+    engine_lane = bucketed.slot_decoder.engine.lane("student")
+    engine_lane.index.clear()  # no prefix cached by an earlier test: the first prompts attend over their own keys
+    calls = {"own keys": 0, "gathered keys": 0}
+
+    def counted(query, key, value, sequences, key_sequences, *sizes):
+        calls["own keys" if key_sequences is sequences else "gathered keys"] += 1
+        return varlen_reference(query, key, value, sequences, key_sequences, *sizes)
+
+    engine_lane.varlen_attention = counted
+    yield bucketed
+    engine_lane.varlen_attention = None
+    assert calls["own keys"] and calls["gathered keys"], (
+        calls
+    )  # both ways ran: prompts new, and reusing prefixes
+
+
 def lane(student, name="student"):
     return student.slot_decoder.engine.lanes[name]
 
@@ -58,7 +79,7 @@ def lane(student, name="student"):
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 40, 17, 1, 26)]
 
 
-@pytest.mark.parametrize("shaped", ["exact", "bucketed", "overlapped", "padded"])
+@pytest.mark.parametrize("shaped", ["exact", "bucketed", "overlapped", "padded", "varlen"])
 def test_greedy_in_one_batch_equals_transformers_generate(student, request, shaped):
     if shaped != "exact":
         request.getfixturevalue(shaped)
@@ -136,7 +157,11 @@ def test_n_samples_share_one_prefill_and_seeded_rows_ignore_their_neighbours(stu
     assert [s.token_ids for s in crowded] == texts
 
 
-def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_admission(student, bucketed):
+@pytest.mark.parametrize("shaped", ["bucketed", "varlen"])
+def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_admission(
+    student, request, shaped
+):
+    request.getfixturevalue(shaped)
     engine_lane = student.slot_decoder.engine.lane("student")
     engine_lane.index.clear()
     parent = list(range(200, 200 + 3 * BLOCK + 5))

@@ -59,9 +59,13 @@ class PackedLayout:
     index: (L,) token t's place in that layout flattened (row * width + column); rows * width for a padding token.
     own_keys: no row reuses cached positions (every suffix is its whole prompt), so each row attends over its own
         new keys and values, laid out as its queries are: the cache is written, not read.
-    sequences, varlen: with own keys on CUDA, where flash_varlen() serves: (rows + 2,) int32 boundaries of the
-        prompts in the sequence (the last span holds the padding tokens), and that attention function, which
-        runs on the sequence as it is, with no layout, mask or padding (None: through the layout).
+    sequences, varlen: where a varlen attention serves (flash_varlen on CUDA): (rows + 2,) int32 boundaries of
+        the prompts' suffixes in the sequence (the last span holds the padding tokens), and that attention
+        function, which then runs on the sequence as it is, with no layout, mask or padding (None: through the
+        layout).
+    key_sequences, key_slots, key_positions: with varlen, where rows reuse cached prefixes: the keys to attend
+        over, gathered from the cache into one sequence (each row's slot at positions [0, prefix + suffix), the
+        new keys written there first), and their (rows + 2,) boundaries. None: each row's own new keys.
     """
 
     index: torch.Tensor
@@ -70,6 +74,9 @@ class PackedLayout:
     own_keys: bool
     sequences: torch.Tensor | None = None
     varlen: Callable[..., torch.Tensor] | None = None
+    key_sequences: torch.Tensor | None = None
+    key_slots: torch.Tensor | None = None
+    key_positions: torch.Tensor | None = None
 
     def lay_out(self, states: torch.Tensor) -> torch.Tensor:
         """(1, h, L, dim) in sequence order -> (rows, h, width, dim); padding places hold zeros."""
@@ -116,8 +123,27 @@ class SlotAttention:
         )
         layout = self.packed
         if layout is not None and layout.varlen is not None:
-            tokens = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim) each
-            return layout.varlen(*tokens, layout.sequences, length, scaling).unsqueeze(0), None
+            queries, new_keys, new_values = (
+                t[0].transpose(0, 1) for t in (query, key, value)
+            )  # (L, heads, dim)
+            if layout.key_sequences is None:
+                out = layout.varlen(
+                    queries, new_keys, new_values, layout.sequences, layout.sequences, length, length, scaling
+                )
+            else:  # (keys, kv_heads, dim): the advanced indices around the slice go first
+                keys = keys[layout.key_slots, :, layout.key_positions]
+                values = values[layout.key_slots, :, layout.key_positions]
+                out = layout.varlen(
+                    queries,
+                    keys,
+                    values,
+                    layout.sequences,
+                    layout.key_sequences,
+                    length,
+                    keys.shape[0],
+                    scaling,
+                )
+            return out.unsqueeze(0), None
         if layout is not None and layout.own_keys:
             keys, values = layout.lay_out(key), layout.lay_out(value)
         elif self.read_slots is None:
@@ -146,9 +172,9 @@ def _attend(query, keys, values, mask, scaling) -> torch.Tensor:
 @functools.cache
 def flash_varlen(device: torch.device) -> Callable[..., torch.Tensor] | None:
     """torch's variable-length flash attention (torch.nn.attention.varlen, torch >= 2.10, CUDA), causal and with
-    grouped KV heads, as f(query, key, value, sequences, longest, scale) on (L, heads, dim) tokens -> (L, heads,
-    dim); None where it is missing, or where a probe of what the prefill needs (grouped heads, an empty
-    sequence) fails or disagrees with SDPA."""
+    grouped KV heads, with varlen_reference's signature and meaning; None where it is missing, or where a probe
+    of what the prefill needs (grouped heads, an empty sequence, queries after a cached prefix) fails or
+    disagrees with varlen_reference."""
     if device.type != "cuda":
         return None
     try:
@@ -162,37 +188,64 @@ def flash_varlen(device: torch.device) -> Callable[..., torch.Tensor] | None:
     if "enable_gqa" in parameters:
         options["enable_gqa"] = True
 
-    def varlen(query, key, value, sequences, longest, scale) -> torch.Tensor:
-        out = varlen_attn(query, key, value, sequences, sequences, longest, longest, scale=scale, **options)
+    def varlen(query, key, value, sequences, key_sequences, longest, longest_keys, scale) -> torch.Tensor:
+        out = varlen_attn(
+            query, key, value, sequences, key_sequences, longest, longest_keys, scale=scale, **options
+        )
         return out[0] if isinstance(out, tuple) else out
 
-    try:  # two prompts of 5 and 3 tokens, an empty one, 9 query heads over 3 KV heads, strided as attend's
+    try:
         generator = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (
-            torch.randn(heads, 8, 64, device=device, dtype=torch.bfloat16, generator=generator).transpose(
+        q, k, v = (  # strided as attend's: (heads, L, dim) transposed
+            torch.randn(heads, 9, 64, device=device, dtype=torch.bfloat16, generator=generator).transpose(
                 0, 1
             )
             for heads in (9, 3, 3)
         )
-        got = varlen(q, k, v, torch.tensor([0, 5, 8, 8], dtype=torch.int32, device=device), 8, 0.125)
-        want = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1),
-                    k[a:b].transpose(0, 1),
-                    v[a:b].transpose(0, 1),
-                    is_causal=True,
-                    scale=0.125,
-                    enable_gqa=True,
-                ).transpose(0, 1)
-                for a, b in ((0, 5), (5, 8))
-            ]
-        )
-        if not torch.allclose(got.float(), want.float(), atol=2e-2):
-            raise ValueError(f"differs from SDPA by {(got.float() - want.float()).abs().max().item()}")
+        # prompts of 5 and 3 tokens and an empty one over their own keys; then suffixes of 3 and 2 tokens after
+        # cached prefixes of 4 and 0 tokens
+        for bounds, key_bounds in (([0, 5, 8, 8], [0, 5, 8, 8]), ([0, 3, 5, 5], [0, 7, 9, 9])):
+            sequences, key_sequences = (
+                torch.tensor(b, dtype=torch.int32, device=device) for b in (bounds, key_bounds)
+            )
+            queries = q[: bounds[-1]]
+            got = varlen(queries, k, v, sequences, key_sequences, bounds[-1], key_bounds[-1], 0.125)
+            want = varlen_reference(
+                queries, k, v, sequences, key_sequences, bounds[-1], key_bounds[-1], 0.125
+            )
+            if not torch.allclose(got.float(), want.float(), atol=2e-2):
+                raise ValueError(f"differs from SDPA by {(got.float() - want.float()).abs().max().item()}")
     except Exception as exc:  # a kernel this build or card lacks: attention goes through the layout instead
         log.warning(
             "flash varlen attention unusable here, prefills attend through the padded layout: %r", exc
         )
         return None
     return varlen
+
+
+def varlen_reference(
+    query, key, value, sequences, key_sequences, longest, longest_keys, scale
+) -> torch.Tensor:
+    """Causal attention of packed sequences, one SDPA per sequence: query (L, heads, dim) and key, value (K,
+    kv_heads, dim) hold the sequences end to end, sequences and key_sequences their (N + 1,) boundaries. Each
+    sequence's queries are its last tokens: query i of a sequence of q queries over k keys sees keys [0, i + k -
+    q]. Returns (L, heads, dim); tokens of empty key sequences get zeros. What flash_varlen's kernel computes, for
+    its probe and for the tests on machines without it (longest and longest_keys only size that kernel's grid)."""
+    out = torch.zeros_like(query)
+    bounds, key_bounds = sequences.tolist(), key_sequences.tolist()
+    for a, b, c, d in zip(bounds, bounds[1:], key_bounds, key_bounds[1:], strict=False):
+        if b == a or d == c:
+            continue
+        q, k = b - a, d - c
+        sees = (
+            torch.arange(k, device=query.device) <= torch.arange(q, device=query.device).unsqueeze(1) + k - q
+        )
+        out[a:b] = F.scaled_dot_product_attention(
+            query[a:b].transpose(0, 1),
+            key[c:d].transpose(0, 1),
+            value[c:d].transpose(0, 1),
+            attn_mask=sees,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    return out

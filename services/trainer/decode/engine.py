@@ -54,8 +54,9 @@ class DecodeConfig:
     # Prompts of a prefill end to end, so its projections compute real tokens only (lane.py, Lane._prefill); off,
     # each is padded to the longest (the layout before packing, kept to compare the two side by side).
     pack_prefill: bool = True
-    # Prompts that reuse no cached prefix attend through torch's flash varlen attention, on the packed sequence
-    # as it is (CUDA, where attention.flash_varlen serves); off, through the padded layout.
+    # Prefills attend through torch's flash varlen attention on the packed sequence as it is, over their own new
+    # keys or over keys gathered from their slots where they reuse cached prefixes (CUDA, where
+    # attention.flash_varlen serves); off, through the padded layout.
     varlen_prefill: bool = True
     seed: int = 0  # for the seeds of requests without one
 

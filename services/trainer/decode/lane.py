@@ -115,7 +115,8 @@ class Lane:
         # what a varlen prefill gives transformers as its mask: attention ignores it, and a mask given stops
         # transformers from building one of its own
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=model.dtype, device=device)
-        self._varlen = flash_varlen(device)  # None on CPU, or where this torch or card lacks it
+        # torch's flash varlen attention (attention.flash_varlen): None on CPU, or where this torch or card lacks it
+        self.varlen_attention = flash_varlen(device)
         self._mode: tuple[bool, bool, int, bool] = (False, False, 0, False)
         self._prefills_seen: set[tuple] = set()  # prefill shapes run once eagerly: the next is captured
         self._prefill_inputs: dict[tuple, list[torch.Tensor]] = {}  # per captured prefill: its input buffers
@@ -297,8 +298,10 @@ class Lane:
         real tokens, however unequal the prompts. Attention alone needs them apart: it sees a (units, width,
         window) layout, each suffix in a row of its own, padded to the longest (attention.PackedLayout maps one
         layout to the other). Where no unit reuses a cached prefix (distinct prompts), each row attends over its
-        own new keys (window = width) and the cache is only written. With config.pack_prefill off, every suffix is
-        padded to `width` in the sequence as well (the layout before packing, kept for side-by-side benchmarks).
+        own new keys (window = width) and the cache is only written. Where a varlen attention serves (CUDA), no
+        layout is needed: attention runs on the sequence itself, over the new keys or over each row's keys
+        gathered from its slot (_key_inputs). With config.pack_prefill off, every suffix is padded to `width` in
+        the sequence as well (the layout before packing, kept for side-by-side benchmarks).
 
         With prefill buckets (CUDA) the shapes are bucketed, (units, width, window) and T: padding units write
         to the scratch slot and the scratch row of self.logits, padding tokens to the scratch slot. A bucket seen
@@ -313,7 +316,12 @@ class Lane:
         own_keys = all(unit.reuse == 0 for unit in units)
         if own_keys:
             window = width
-        varlen = own_keys and self.config.varlen_prefill and self._varlen is not None
+        # flash varlen attention where it serves: over the new keys, or (packed) over keys gathered from the cache
+        varlen = (
+            self.config.varlen_prefill
+            and self.varlen_attention is not None
+            and (own_keys or self.config.pack_prefill)
+        )
         if self.config.pack_prefill:
             starts = [0]
             for suffix in suffixes:
@@ -344,12 +352,14 @@ class Lane:
             slots[p], last[p] = unit.slot, start + len(suffix) - 1
             lengths[p], offsets[p] = len(suffix), unit.reuse
         inputs = [ids, positions, write_slot, index, slots, last, lengths, offsets]
+        key_tokens = 0
         if varlen:  # each prompt a sequence, then empty ones for padding units, then the padding tokens
             real_end = starts[len(units) - 1] + len(suffixes[-1])
-            bounds = [*starts[: len(units)], *[real_end] * (count - len(units) + 1), tokens]
-            inputs.append(torch.tensor(bounds, dtype=torch.int32))
+            inputs.append(_bounds(starts[: len(units)], real_end, count, tokens))
+            if not own_keys:
+                key_tokens = self._key_inputs(units, tokens - real_end, count, inputs)
         shape = (count, width, window, own_keys, varlen)
-        key = ("prefill", *shape, tokens)
+        key = ("prefill", *shape, tokens, key_tokens)
         if not self.graphs.enabled or key not in self._prefills_seen:
             self._prefills_seen.add(key)
             self._prefill_tensors([to_device(t, self.device) for t in inputs], *shape)
@@ -361,6 +371,28 @@ class Lane:
             buffer.copy_(to_device(tensor, self.device))
         self.graphs.run(key, lambda: self._prefill_tensors(buffers, *shape))
 
+    def _key_inputs(self, units: list[_Unit], tail: int, count: int, inputs: list[torch.Tensor]) -> int:
+        """For a varlen prefill of rows that reuse cached prefixes: the keys each row attends over, its slot at
+        positions [0, prefix + suffix), as one gathered sequence (appended to inputs: its boundaries, then the
+        slot and the position of every key). The padding tokens' sequence gets at least as many keys (the
+        scratch slot's first) as it has tokens, so none of its queries is left without one. Returns the number
+        of keys (bucketed on CUDA)."""
+        lengths = [len(unit.prompt) for unit in units]
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        real = starts.pop()
+        keys = real + tail
+        if self.config.prefill_buckets:
+            keys = _round_up(keys, 1 << max(6, keys.bit_length() - 3))
+        key_slots = torch.full((keys,), self.cache.scratch, dtype=torch.long)
+        key_positions = torch.zeros(keys, dtype=torch.long)
+        for unit, start, length in zip(units, starts, lengths, strict=True):
+            key_slots[start : start + length] = unit.slot
+            key_positions[start : start + length] = torch.arange(length)
+        inputs += [_bounds(starts, real, count, keys), key_slots, key_positions]
+        return keys
+
     def _prefill_tensors(
         self, inputs: list[torch.Tensor], count: int, width: int, window: int, own_keys: bool, varlen: bool
     ):
@@ -370,7 +402,9 @@ class Lane:
         sequence as it is (attention.PackedLayout)."""
         ids, positions, write_slot, index, slots, last, lengths, offsets = inputs[:8]
         if varlen:
-            layout = PackedLayout(index, count, width, own_keys, sequences=inputs[8], varlen=self._varlen)
+            layout = PackedLayout(
+                index, count, width, own_keys, inputs[8], self.varlen_attention, *inputs[9:]
+            )
             mask = self._no_mask
         else:
             # The attention layout's positions: row p holds its suffix at offsets[p] + [0, lengths[p]).
@@ -546,3 +580,9 @@ def additive(sees: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def _bounds(starts: list[int], end: int, count: int, total: int) -> torch.Tensor:
+    """A varlen sequence's (count + 2,) int32 boundaries: its real spans (starting at `starts`, the last ending at
+    `end`), empty spans for the padding units up to `count`, and the padding tokens' span to `total`."""
+    return torch.tensor([*starts, *[end] * (count - len(starts) + 1), total], dtype=torch.int32)
