@@ -52,9 +52,11 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -327,8 +329,38 @@ def start_service(args, work: Path, device: str, extra_env: dict[str, str]):
         "TRAINER_DECODE_COMPILE": "false",
         **extra_env,
     }
+    if args.py_spy:  # py-spy, started beside the service rather than above it, may then read its processes
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "ptrace_any"), env["PYTHONPATH"]])
     process = trainer_process(free_port(), work, env=env, cwd=ROOT)
     return process.start()
+
+
+def py_spy_profiles(args, service_pid: int) -> list[subprocess.Popen]:
+    """py-spy record (raw stacks, per thread, idle frames too) on the service's HTTP process and its engine
+    process, and on the engine again counting only samples that hold the GIL; files beside --out."""
+    binary = shutil.which("py-spy") or next(
+        (str(Path(p) / "bin" / "py-spy") for p in service_pythonpath().split(os.pathsep)
+         if (Path(p) / "bin" / "py-spy").is_file()), None)
+    if binary is None:
+        print("--py-spy: no py-spy (carry its wheel in .whl)", flush=True)
+        return []
+    children = Path(f"/proc/{service_pid}/task/{service_pid}/children").read_text().split()
+    engine = next((int(c) for c in children
+                   if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text(errors="replace")), None)
+    targets = [("http", service_pid, [])]
+    if engine is not None:
+        targets += [("engine", engine, []), ("engine_gil", engine, ["--gil"])]
+    out = Path(args.out).parent
+    return [subprocess.Popen([binary, "record", "--pid", str(pid), "--duration", str(int(args.py_spy)),
+                              "--rate", "250", "--nonblocking", "--threads", "--idle", "--format", "raw",
+                              "--output", str(out / f"py_spy_{name}.txt"), *extra],
+                             stdout=open(out / f"py_spy_{name}.log", "w"), stderr=subprocess.STDOUT)
+            for name, pid, extra in targets]
+
+
+# where a request's time goes: waiting to join, prefills, how full the decode steps are, who waited for whom
+WAIT_COUNTERS = ("queue_wait_s", "prefill_passes", "decode_steps", "decoded_rows", "place_wait_s", "read_wait_s",
+                 "idle_launches")
 
 
 def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> None:
@@ -375,7 +407,17 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
             return
         health = lambda: httpx.get(url + "/health", timeout=30).json()  # noqa: E731
         health_before = health()
+        profilers: list[subprocess.Popen] = []
+        if args.py_spy and extra.get("in_flight") == levels[-1] and not bench.info.get("py_spy"):
+            # started once the client processes are up and the loop is steady (they take seconds to start)
+            delay = min(8.0, max(seconds - args.py_spy, 0.0))
+            start = threading.Timer(delay, lambda: profilers.extend(py_spy_profiles(args, services["default"].proc.pid)))
+            start.start()
+            bench.info["py_spy"] = {"seconds": args.py_spy, "delay_s": delay}
         result = run()
+        if bench.info.get("py_spy") and "exit_codes" not in bench.info["py_spy"]:
+            start.join()
+            bench.info["py_spy"]["exit_codes"] = [profiler.wait() for profiler in profilers]
         health_after = health()
         before, after = health_before["batcher"], health_after["batcher"]
         # The HTTP side's share of a request's time (/health's `service`, where the service reports it): mean
@@ -404,9 +446,7 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
                      tokens_per_pass=result["tokens"] / max(passes, 1),
                      forward_batches=after["forward_batches"] - before["forward_batches"],
                      admitted_requests=after["admitted_requests"] - before["admitted_requests"],
-                     # where a request's time goes: waiting to join, prefills, and how full the decode steps are
-                     **{key: after[key] - before[key] for key in ("queue_wait_s", "prefill_passes", "decode_steps",
-                                                                  "decoded_rows", "place_wait_s") if key in after}, **http)
+                     **{key: after[key] - before[key] for key in WAIT_COUNTERS if key in after}, **http)
 
     url = ready("default", services["default"])
     for level in levels:
@@ -469,6 +509,9 @@ def main() -> int:
                         "admit1:TRAINER_ADMIT_EVERY_STEPS=1",
                         help="service: more services with other TRAINER_* settings, each measured at the highest "
                         "in-flight level (name:VAR=value,VAR=value;name2:...; empty: none)")
+    parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
+                        help="service: profile its processes with py-spy (a carried wheel) for this long during the "
+                        "first closed loop at the highest in-flight level: raw stacks beside --out")
     parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "smollm2-135m"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model shape (2 layers, hidden 64, 512 tokens): on a CPU, "
                         "the engine's and the service's own costs stand out as they do beside a GPU's fast steps")
@@ -766,7 +809,8 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                 lane.index.clear()
                 lane.graphs.timings = gpu_times
             before = (engine.engine.forward_passes, engine.engine.prefill_passes, engine.engine.prefill_seconds,
-                      sum(lane.graphs.captures for lane in lanes))
+                      sum(lane.graphs.captures for lane in lanes), engine.engine.read_wait_seconds,
+                      engine.engine.idle_launches, engine.engine.decode_steps)
             sync()
             t = time.perf_counter()
             # A closed loop's steady state from the start: rows at every stage of their answers (rows that
@@ -796,6 +840,9 @@ def inprocess(bench: Bench, args, student, GenerationRequest, device: str, wante
                          prefill_passes=engine.engine.prefill_passes - before[1],
                          prefill_s=engine.engine.prefill_seconds - before[2],
                          graphs_captured=sum(lane.graphs.captures for lane in lanes) - before[3],
+                         read_wait_s=engine.engine.read_wait_seconds - before[4],
+                         idle_launches=engine.engine.idle_launches - before[5],
+                         decode_steps=engine.engine.decode_steps - before[6],
                          requests=len(out), **gpu)
         bench.guarded("continuous", continuous)
     if "prefill_kernels" in wanted and engine is not None:

@@ -33,6 +33,15 @@ class BatcherStats(BaseModel):
         default=0.0,
         description="seconds the slot engine's rows waited in all, from joining a batch to having a KV slot",
     )
+    read_wait_s: float = Field(
+        default=0.0,
+        description="seconds the slot engine's host waited for the device's sampled tokens (CUDA)",
+    )
+    idle_launches: int = Field(
+        default=0,
+        description="slot engine loop iterations that found the device idle, its last step done before the host "
+        "launched more (CUDA): the host, not the device, set the pace",
+    )
     gc_collections: int = Field(
         default=0,
         description="the engine process's garbage collections (with the model in this process: its)",

@@ -353,14 +353,24 @@ def _copy_outcome(source: concurrent.futures.Future, target: concurrent.futures.
 
 
 def decode_counters(student: Student) -> dict[str, float]:
-    """The slot engine's prefill passes, decode steps, decoded rows and rows' wait for a slot (zeros where
-    generation runs elsewhere)."""
+    """The slot engine's prefill passes, decode steps, decoded rows, rows' wait for a slot, and where its loop
+    waited: the host for the device (read_wait_s) or the device for the host (idle_launches; CUDA only). Zeros
+    where generation runs elsewhere."""
     engine = student.slot_decoder.engine if student.slot_decoder is not None else None
     if engine is None:
-        return {"prefill_passes": 0, "decode_steps": 0, "decoded_rows": 0, "place_wait_s": 0.0}
+        return {
+            "prefill_passes": 0,
+            "decode_steps": 0,
+            "decoded_rows": 0,
+            "place_wait_s": 0.0,
+            "read_wait_s": 0.0,
+            "idle_launches": 0,
+        }
     return {
         "prefill_passes": engine.prefill_passes,
         "decode_steps": engine.decode_steps,
         "decoded_rows": engine.decoded_rows,
         "place_wait_s": engine.place_wait_seconds,
+        "read_wait_s": engine.read_wait_seconds,
+        "idle_launches": engine.idle_launches,
     }

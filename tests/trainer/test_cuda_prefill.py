@@ -79,7 +79,39 @@ def test_varlen_and_layout_prefills_give_the_models_own_next_token_logits():
                 for row in placed:
                     lane.release(row.slot)  # its prompt stays for the children to reuse
                 if kind == "children":
-                    assert lane.reused_tokens - reused == 32 + 64  # whole blocks of the two longer prompts
+                    # the two longer prompts whole: found by their 16-token blocks, then matched as far as they agree
+                    assert lane.reused_tokens - reused == 37 + 70
                 error = (got - expected[kind]).abs().max()
                 assert torch.allclose(got, expected[kind], atol=5e-2, rtol=5e-2), (varlen, run, kind, error)
     assert lane.graphs.captures >= 4 and lane.graphs.failure is None
+
+
+def test_the_loop_counts_who_waited_for_whom():
+    """A run's waits on CUDA: the host's for the sampled tokens (read_wait_seconds, some every step), and the
+    launches that found the device idle (idle_launches, at most one a step); a varlen prefill's graph serves
+    prompts of other widths in the same token bucket (its key leaves width and window out)."""
+    from services.trainer.decode import DecodeEngine
+
+    model = llama()
+    engine = DecodeEngine(
+        lambda lane: (model, 0),
+        None,
+        eos_ids=[],
+        device=torch.device("cuda"),
+        config=DecodeConfig.for_device(torch.device("cuda"), slots=8),
+    )
+    generator = torch.Generator().manual_seed(2)
+    for lengths in ((40, 41), (40, 41), (33, 48)):  # eager, captured, then replayed at other widths
+        requests = [
+            GenerationRequest(torch.randint(3, 256, (n,), generator=generator).tolist(), max_tokens=12)
+            for n in lengths
+        ]
+        with torch.inference_mode():
+            samples = engine.generate([("student", r) for r in requests], finish=lambda r, ids, *rest: ids)
+        assert [len(s[0]) for s in samples] == [12, 12]
+    lane = engine.lanes["student"]
+    prefills = [key for key in lane._prefills_seen if key[0] == "prefill"]
+    assert len(prefills) == 1, prefills
+    assert engine.decode_steps >= 3 * 12
+    assert engine.read_wait_seconds > 0
+    assert 0 <= engine.idle_launches <= engine.decode_steps

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class PackedLayout:
         the prompts' suffixes in the sequence (the last span holds the padding tokens), and that attention
         function, which then runs on the sequence as it is, with no layout, mask or padding (None: through the
         layout).
+    longest: with varlen, a bound on the tokens of any one of those sequences (it sizes the kernel's grid: the
+        whole sequence's length would launch blocks for queries no sequence has).
     key_sequences, key_slots, key_positions: with varlen, where rows reuse cached prefixes: the keys to attend
         over, gathered from the cache into one sequence (each row's slot at positions [0, prefix + suffix), the
         new keys written there first), and their (rows + 2,) boundaries. None: each row's own new keys.
@@ -74,6 +77,7 @@ class PackedLayout:
     own_keys: bool
     sequences: torch.Tensor | None = None
     varlen: Callable[..., torch.Tensor] | None = None
+    longest: int = 0
     key_sequences: torch.Tensor | None = None
     key_slots: torch.Tensor | None = None
     key_positions: torch.Tensor | None = None
@@ -127,8 +131,16 @@ class SlotAttention:
                 t[0].transpose(0, 1) for t in (query, key, value)
             )  # (L, heads, dim)
             if layout.key_sequences is None:
+                longest = layout.longest or length
                 out = layout.varlen(
-                    queries, new_keys, new_values, layout.sequences, layout.sequences, length, length, scaling
+                    queries,
+                    new_keys,
+                    new_values,
+                    layout.sequences,
+                    layout.sequences,
+                    longest,
+                    longest,
+                    scaling,
                 )
             else:  # (keys, kv_heads, dim): the advanced indices around the slice go first
                 keys = keys[layout.key_slots, :, layout.key_positions]
@@ -139,7 +151,7 @@ class SlotAttention:
                     values,
                     layout.sequences,
                     layout.key_sequences,
-                    length,
+                    layout.longest or length,
                     keys.shape[0],
                     scaling,
                 )
@@ -230,9 +242,13 @@ def varlen_reference(
     kv_heads, dim) hold the sequences end to end, sequences and key_sequences their (N + 1,) boundaries. Each
     sequence's queries are its last tokens: query i of a sequence of q queries over k keys sees keys [0, i + k -
     q]. Returns (L, heads, dim); tokens of empty key sequences get zeros. What flash_varlen's kernel computes, for
-    its probe and for the tests on machines without it (longest and longest_keys only size that kernel's grid)."""
+    its probe and for the tests on machines without it. longest and longest_keys only size that kernel's grid,
+    and a sequence longer than they say is left partly uncomputed there: here it raises."""
     out = torch.zeros_like(query)
     bounds, key_bounds = sequences.tolist(), key_sequences.tolist()
+    for name, edges, bound in (("queries", bounds, longest), ("keys", key_bounds, longest_keys)):
+        if max(b - a for a, b in itertools.pairwise(edges)) > bound:
+            raise ValueError(f"a sequence of {name} is longer than the bound given, {bound}: {edges}")
     for a, b, c, d in zip(bounds, bounds[1:], key_bounds, key_bounds[1:], strict=False):
         if b == a or d == c:
             continue

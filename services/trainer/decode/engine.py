@@ -106,6 +106,16 @@ class DecodeEngine:
         self.decoded_rows = 0
         self.place_wait_seconds = 0.0  # rows' time from joining the run to having a slot, in all
 
+    @property
+    def read_wait_seconds(self) -> float:
+        """Host seconds spent waiting for the device's sampled tokens, all lanes (CUDA; 0 elsewhere)."""
+        return sum(lane.read_wait_seconds for lane in self.lanes.values())
+
+    @property
+    def idle_launches(self) -> int:
+        """Loop iterations that found the device idle, all lanes: the host, not the device, set the pace."""
+        return sum(lane.idle_launches for lane in self.lanes.values())
+
     @staticmethod
     def unsupported(model) -> str | None:
         """Why this engine cannot decode `model` correctly (the caller then keeps another decoder), or None."""
@@ -168,6 +178,8 @@ class DecodeEngine:
                         if name not in by_name:
                             by_name[name] = self.lane(name)
                         run.add(by_name[name], request)
+                for lane in run.lanes:
+                    lane.note_launch()
                 self._place(run)
                 lanes = [lane for lane in run.lanes if lane.live_count]
                 for lane in lanes:

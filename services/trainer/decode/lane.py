@@ -13,6 +13,7 @@ a prompt that shares a prefix with another prompt joining at the same time waits
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,11 @@ class Lane:
         self._prefill_inputs: dict[tuple, list[torch.Tensor]] = {}  # per captured prefill: its input buffers
         self._sampled: list[torch.Tensor] = []  # the last sample()'s choices, on the host (or on their way)
         self._sampled_ready: torch.cuda.Event | None = None
+        self._stepped: torch.cuda.Event | None = None  # the last decode step's end on the device (CUDA)
+        # Where a loop's time goes (CUDA): seconds the host waited in read() for the device, and launches that
+        # found the device already done with everything before them (it idled: the host was the bottleneck).
+        self.read_wait_seconds = 0.0
+        self.idle_launches = 0
         # torch.compile fuses the step's elementwise kernels (norms, rotary, residuals: ~40 kernels per layer
         # eager); dynamic shapes, so one compilation serves every (rows, window) graph.
         self._decode_step = (
@@ -323,15 +329,12 @@ class Lane:
             and (own_keys or self.config.pack_prefill)
         )
         if self.config.pack_prefill:
-            starts = [0]
-            for suffix in suffixes:
-                starts.append(starts[-1] + len(suffix))
+            starts = [0, *itertools.accumulate(map(len, suffixes))]
             tokens = starts.pop()
         else:
             starts, tokens = [p * width for p in range(len(units))], count * width
         if self.config.prefill_buckets:
-            # four buckets an octave (at most a quarter padding): few shapes, so that most prefills replay a graph
-            tokens = _round_up(tokens, 1 << max(6, tokens.bit_length() - 3))
+            tokens = _bucket_tokens(tokens)
         scratch = self.cache.scratch
         ids = torch.zeros((1, tokens), dtype=torch.long)
         positions = torch.zeros((1, tokens), dtype=torch.long)
@@ -353,13 +356,21 @@ class Lane:
             lengths[p], offsets[p] = len(suffix), unit.reuse
         inputs = [ids, positions, write_slot, index, slots, last, lengths, offsets]
         key_tokens = 0
+        longest = 0  # with varlen: the longest query sequence, which sizes the attention kernel's grid
         if varlen:  # each prompt a sequence, then empty ones for padding units, then the padding tokens
             real_end = starts[len(units) - 1] + len(suffixes[-1])
             inputs.append(_bounds(starts[: len(units)], real_end, count, tokens))
             if not own_keys:
                 key_tokens = self._key_inputs(units, tokens - real_end, count, inputs)
-        shape = (count, width, window, own_keys, varlen)
-        key = ("prefill", *shape, tokens, key_tokens)
+            longest = max(width, tokens - real_end)
+            if self.config.prefill_buckets:
+                # A graph replays its grid for every prefill of its key, so the bound must hold for all of them:
+                # no suffix is longer than `width`, nor the padding tokens' sequence than the token bucket's
+                # step. A power of two, so that few graphs differ in it alone.
+                longest = min(1 << (max(width, _token_step(tokens)) - 1).bit_length(), tokens)
+        shape = (count, width, window, own_keys, varlen, longest)
+        # On the varlen path neither `width` nor `window` shapes a tensor: graphs differ in the rest only.
+        key = ("prefill", *((count, own_keys, longest) if varlen else shape), tokens, key_tokens)
         if not self.graphs.enabled or key not in self._prefills_seen:
             self._prefills_seen.add(key)
             self._prefill_tensors([to_device(t, self.device) for t in inputs], *shape)
@@ -378,13 +389,11 @@ class Lane:
         scratch slot's first) as it has tokens, so none of its queries is left without one. Returns the number
         of keys (bucketed on CUDA)."""
         lengths = [len(unit.prompt) for unit in units]
-        starts = [0]
-        for length in lengths:
-            starts.append(starts[-1] + length)
+        starts = [0, *itertools.accumulate(lengths)]
         real = starts.pop()
         keys = real + tail
         if self.config.prefill_buckets:
-            keys = _round_up(keys, 1 << max(6, keys.bit_length() - 3))
+            keys = _bucket_tokens(keys)
         key_slots = torch.full((keys,), self.cache.scratch, dtype=torch.long)
         key_positions = torch.zeros(keys, dtype=torch.long)
         for unit, start, length in zip(units, starts, lengths, strict=True):
@@ -394,16 +403,23 @@ class Lane:
         return keys
 
     def _prefill_tensors(
-        self, inputs: list[torch.Tensor], count: int, width: int, window: int, own_keys: bool, varlen: bool
+        self,
+        inputs: list[torch.Tensor],
+        count: int,
+        width: int,
+        window: int,
+        own_keys: bool,
+        varlen: bool,
+        longest: int,
     ):
         """The prefill forward as a function of tensors only (what a graph of it captures): inputs are
         (ids, positions, write_slot, index, slots, last, lengths, offsets[, sequences]) as _prefill builds them,
         for attention's layout of `count` rows of `width` queries over `window` keys, or with `varlen` on the
-        sequence as it is (attention.PackedLayout)."""
+        sequence as it is, none of its sequences longer than `longest` (attention.PackedLayout)."""
         ids, positions, write_slot, index, slots, last, lengths, offsets = inputs[:8]
         if varlen:
             layout = PackedLayout(
-                index, count, width, own_keys, inputs[8], self.varlen_attention, *inputs[9:]
+                index, count, width, own_keys, inputs[8], self.varlen_attention, longest, *inputs[9:]
             )
             mask = self._no_mask
         else:
@@ -465,6 +481,13 @@ class Lane:
         else:
             self._sampled = [t.clone() for t in outputs]
 
+    def note_launch(self) -> None:
+        """Called before the host launches a loop iteration's device work: counts the launch as idle when the
+        device has already finished the last decode step (nothing queued kept it busy meanwhile)."""
+        if self._stepped is not None:
+            self.idle_launches += self._stepped.query()
+            self._stepped = None
+
     def _sample(self, rows: int, sampled: bool, nucleus: bool, top_k: int, logprobs: bool) -> None:
         tokens, picked, top_values, top_ids = choose(
             self.logits[:rows],
@@ -488,7 +511,9 @@ class Lane:
         """What the last sample() chose, per slot: the token, and (empty lists when no live row asked) its
         log-prob and the top alternatives' log-probs and ids."""
         if self._sampled_ready is not None:
+            started = time.perf_counter()
             self._sampled_ready.synchronize()  # the copies only, not whatever was queued after them
+            self.read_wait_seconds += time.perf_counter() - started
             self._sampled_ready = None
         _, _, top_k, want_logprobs = self._mode
         outputs = iter(self._sampled)
@@ -512,6 +537,9 @@ class Lane:
         window = self._window(rows)
         self.graphs.run(("decode", rows, window), lambda: self._decode(rows, window))
         self.pos.add_(self.live)
+        if self.device.type == "cuda":
+            self._stepped = torch.cuda.Event()
+            self._stepped.record()
         for slot in range(rows):
             if self.rows[slot] is not None:
                 self._pos[slot] += 1
@@ -580,6 +608,17 @@ def additive(sees: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def _token_step(tokens: int) -> int:
+    """The bucket step of a packed prefill of `tokens` tokens: four buckets an octave, none under 64."""
+    return 1 << max(6, tokens.bit_length() - 3)
+
+
+def _bucket_tokens(tokens: int) -> int:
+    """Tokens rounded up to their bucket (at most a quarter padding): few shapes, so most prefills replay a
+    graph."""
+    return _round_up(tokens, _token_step(tokens))
 
 
 def _bounds(starts: list[int], end: int, count: int, total: int) -> torch.Tensor:
