@@ -410,7 +410,7 @@ def measure_service(bench: Bench, args, services: dict, texts: list[str]) -> Non
         profilers: list[subprocess.Popen] = []
         if args.py_spy and extra.get("in_flight") == levels[-1] and not bench.info.get("py_spy"):
             # started once the client processes are up and the loop is steady (they take seconds to start)
-            delay = min(8.0, max(seconds - args.py_spy, 0.0))
+            delay = min(args.py_spy_at, max(seconds - args.py_spy, 0.0))
             start = threading.Timer(delay, lambda: profilers.extend(py_spy_profiles(args, services["default"].proc.pid)))
             start.start()
             bench.info["py_spy"] = {"seconds": args.py_spy, "delay_s": delay}
@@ -512,6 +512,8 @@ def main() -> int:
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
                         help="service: profile its processes with py-spy (a carried wheel) for this long during the "
                         "first closed loop at the highest in-flight level: raw stacks beside --out")
+    parser.add_argument("--py-spy-at", type=float, default=8.0, metavar="SECONDS",
+                        help="service: when the profile starts, seconds into that loop")
     parser.add_argument("--config", default=str(ROOT / "bench" / "configs" / "smollm2-135m"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model shape (2 layers, hidden 64, 512 tokens): on a CPU, "
                         "the engine's and the service's own costs stand out as they do beside a GPU's fast steps")

@@ -189,6 +189,24 @@ def test_a_prompt_extending_another_reuses_its_kv_across_calls_and_within_one_ad
     assert both[1][0].token_ids == hf_greedy(student, other, 4)
 
 
+@pytest.mark.parametrize("shaped", ["exact", "overlapped"])
+def test_a_prompt_extending_a_finished_answer_reuses_the_answers_kv(student, request, shaped):
+    """A finished row's slot holds its prompt and the tokens it fed back (all but the last, which ended it): a
+    prompt continuing the answer (the search's next step) prefills only what follows them."""
+    if shaped != "exact":
+        request.getfixturevalue(shaped)
+    engine_lane = student.slot_decoder.engine.lane("student")
+    engine_lane.index.clear()
+    prompt = list(range(300, 300 + 2 * BLOCK + 3))
+    answer = student.generate([GenerationRequest(prompt, max_tokens=8, temperature=0)])[0][0]
+    assert len(answer.token_ids) == 8  # no end of sequence: every token but the last was fed back
+    child = [*prompt, *answer.token_ids, 11]
+    before = engine_lane.prefill_tokens
+    again = student.generate([GenerationRequest(child, max_tokens=4, temperature=0)])[0][0]
+    assert engine_lane.prefill_tokens - before == 2  # the answer's last token and the new one
+    assert again.token_ids == hf_greedy(student, child, 4)
+
+
 def test_overlapped_steps_give_what_steps_in_order_give(student, bucketed):
     """The same mix (greedy and seeded rows, log-probs, a stop string, more rows than slots, a late request) in
     order and overlapped: the same samples, token for token."""
@@ -306,8 +324,9 @@ def test_prefix_index_finds_the_longest_verified_prefix_within_the_limit():
     b = [*a[:20], 999, 999, 5]
     assert index.longest(b, block_hashes(b), limit=len(b) - 1) == (1, 22)
     assert index.longest([1] * 40, block_hashes([1] * 40), limit=39) == (None, 0)
-    for token in a[40:48]:
-        index.append(0, token)  # a 3rd whole block completes: found by hash now
+    index.extend(0, a[40:44])
+    assert index.longest(a, block_hashes(a), limit=49) == (0, 44)  # verified past the last whole block
+    index.extend(0, a[44:48])  # a 3rd whole block completes: found by hash now
     index.forget(1)
     assert index.longest(a, block_hashes(a), limit=49) == (0, 48)
     assert index.longest(b, block_hashes(b), limit=len(b) - 1) == (0, 20)

@@ -252,8 +252,7 @@ class DecodeEngine:
             elif len(row.tokens) >= request.max_tokens:
                 row.finish = "length"
             else:
-                lane.feed(slot, token)
-                continue
+                continue  # it goes on: step() feeds the token (or did, in the overlapped order)
             lane.release(slot)
             run.done(row)
 

@@ -148,12 +148,16 @@ class Lane:
         return [slot for slot in range(self.slots) if self.rows[slot] is None]
 
     def release(self, slot: int, *, keep_prefix: bool = True) -> None:
-        """The slot's row is done; its content stays for prefix reuse unless keep_prefix is False."""
+        """The slot's row is done; its content (the prompt, and the tokens fed back: all but the last, which
+        ended the row) stays for prefix reuse unless keep_prefix is False."""
+        row = self.rows[slot]
         self.rows[slot] = None
         self.live_count -= 1
         self._live[slot], self._pos[slot] = 0, 0
         self._dirty = True
-        if not keep_prefix:
+        if keep_prefix and row is not None:
+            self.index.extend(slot, row.tokens[:-1])
+        else:
             self.index.forget(slot)
 
     def _bucket_rows(self, count: int) -> int:
@@ -525,10 +529,6 @@ class Lane:
 
     def live_rows(self) -> list[tuple[int, Row]]:
         return [(slot, row) for slot, row in enumerate(self.rows) if row is not None]
-
-    def feed(self, slot: int, token: int) -> None:
-        """The row in `slot` goes on: its sampled token is (or was, in the overlapped order) fed by step()."""
-        self.index.append(slot, token)
 
     def step(self) -> None:
         """One decode forward of every live row: its sampled token in, the next logits out."""

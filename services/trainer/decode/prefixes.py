@@ -1,8 +1,9 @@
 """Which slot holds which tokens' KV, so a prompt that starts with tokens some slot already holds reuses them.
 
-A slot's content is the tokens whose keys and values it holds, in order from position 0 (a prompt, then the
-tokens generated and fed back so far); it stays valid after its row finished, until the slot is given to another
-row. Prefixes are found by whole blocks of BLOCK tokens: each block is keyed by a hash chained over all blocks
+A slot's content is the tokens whose keys and values it holds, in order from position 0: a prompt, and once its
+row has finished, the tokens generated and fed back (added then, not one by one at every step: a prompt that
+extends an answer is sent after the answer came back). It stays valid after its row finished, until the slot is
+given to another row. Prefixes are found by whole blocks of BLOCK tokens: each block is keyed by a hash chained over all blocks
 before it (as vLLM's prefix caching does), so one dictionary look-up per block finds every slot that holds the
 same first k blocks. A match is then checked token by token (a hash is not proof) and extended past the last
 whole block as far as the tokens agree.
@@ -48,13 +49,12 @@ class PrefixIndex:
         self.tokens[slot] = list(tokens)
         self._add_blocks(slot, block_hashes(self.tokens[slot]))
 
-    def append(self, slot: int, token: int) -> None:
-        """One more token's KV was written at the end of the slot's content."""
+    def extend(self, slot: int, tokens: list[int]) -> None:
+        """More tokens' KV was written at the end of the slot's content."""
         held = self.tokens[slot]
-        held.append(token)
-        if len(held) % BLOCK == 0:
-            blocks = self._blocks[slot]
-            self._add_blocks(slot, block_hashes(held, len(blocks), blocks[-1] if blocks else None))
+        held.extend(tokens)
+        blocks = self._blocks[slot]
+        self._add_blocks(slot, block_hashes(held, len(blocks), blocks[-1] if blocks else None))
 
     def move(self, source: int, target: int) -> None:
         """The target slot now holds a copy of the source's content (the source keeps its own)."""
