@@ -54,6 +54,9 @@ class CoreFacts:
     device: str
     max_context: int
     vocab_size: int
+    eos_ids: tuple[
+        int, ...
+    ] = ()  # the ids that end a sample (a remote core's front end detokenizes with them)
 
 
 @dataclass
@@ -119,17 +122,20 @@ class EngineCore:
 
 class LocalCore(EngineCore):
     """The Student and its Batcher in this process. `submit(op, payload, rows)` answers a concurrent Future (the
-    engine process calls it from its reader thread; the async methods await it)."""
+    engine process calls it from its reader thread; the async methods await it). With detokenize off (the engine
+    process's core), generation answers DecodedRows, which the front end turns into Samples."""
 
-    def __init__(self, student: Student, settings: TrainerSettings):
+    def __init__(self, student: Student, settings: TrainerSettings, *, detokenize: bool = True):
         self.student = student
         self.settings = settings
+        student.detokenize = detokenize
         self.facts = CoreFacts(
             name=student.name,
             backend=student.backend,
             device=str(student.device),
             max_context=student.max_context,
             vocab_size=student.vocab_size,
+            eos_ids=tuple(student.eos_ids),
         )
         # The worker thread decodes with student.tokenizer; request handlers get their own copy (Rust tokenizers
         # must not be used from two threads at once).

@@ -65,7 +65,8 @@ class EngineServer:
         try:
             from .loading import load_student  # torch and transformers load here, in this process only
 
-            core = LocalCore(load_student(self.settings), self.settings)
+            # Generation answers ids: the front end detokenizes, off this process's decode thread.
+            core = LocalCore(load_student(self.settings), self.settings, detokenize=False)
         except Exception as exc:  # reported on /health by the front end, as an in-process load failure is
             log.exception("the engine failed to load")
             self.outbox.put(LoadFailed(describe_load_failure(exc)))

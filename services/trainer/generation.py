@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .decode.stops import stop_position
-from .items import GenerationRequest, Sample
+from .items import DecodedRow, Finished, GenerationRequest
 from .padding import pad, positions
 from .sampling import sample_next
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .student import Student
 
 Admit = Callable[[int], list[GenerationRequest]]
-OnDone = Callable[[int, list[Sample]], None]
+OnDone = Callable[[int, list[Finished]], None]
 
 
 class DecodeLoop:
@@ -42,7 +42,7 @@ class DecodeLoop:
         use_adapter: bool = True,
         admit: Admit | None = None,
         on_done: OnDone | None = None,
-    ) -> list[list[Sample]]:
+    ) -> list[list[Finished]]:
         s = self.student
         # Decoding runs the layers eagerly: compiled layers would recompile for every KV-cache length.
         stance = torch.compiler.set_stance("force_eager") if s.compiled else contextlib.nullcontext()
@@ -73,7 +73,7 @@ class DecodeLoop:
 
     def _run(
         self, model: Any, requests: list[GenerationRequest], admit: Admit | None, on_done: OnDone | None
-    ) -> list[list[Sample]]:
+    ) -> list[list[Finished]]:
         s = self.student
         owner: list[int] = []  # row -> request index
         sample_index: list[int] = []
@@ -84,7 +84,7 @@ class DecodeLoop:
         tops: list[list[list[tuple[int, float]]]] = []
         finish: list[str | None] = []
         stop_cut: list[int | None] = []
-        results: list[list[Sample] | None] = []
+        results: list[list[Finished] | None] = []
         rows_of: list[list[int]] = []  # per request: its rows
         request_of: dict[int, GenerationRequest] = {}  # the requests not yet answered, by index
 
@@ -169,14 +169,15 @@ class DecodeLoop:
                 if remaining[owner[r]] == 0:  # the request's last sample: report it now
                     index = owner[r]
                     done = [
-                        finish_sample(
-                            s,
+                        s.finish_row(
                             request_of[index],
-                            generated[row],
-                            logprobs[row],
-                            tops[row],
-                            finish[row] or "length",
-                            stop_cut[row],
+                            DecodedRow(
+                                generated[row],
+                                logprobs[row],
+                                tops[row],
+                                finish[row] or "length",
+                                stop_cut[row],
+                            ),
                         )
                         for row in rows_of[index]
                     ]
@@ -216,41 +217,6 @@ class DecodeLoop:
             return None
         seed = (request.seed * 1_000_003 + sample_index) % (2**63)
         return torch.Generator(device=self.student.device).manual_seed(seed)
-
-
-def finish_sample(
-    student: Student,
-    request: GenerationRequest,
-    ids: list[int],
-    logprobs: list[float],
-    tops: list[list[tuple[int, float]]],
-    finish_reason: str,
-    stop_cut: int | None,
-) -> Sample:
-    """The Sample of a finished row: its text cut at the stop string, and what the request asked to see."""
-    tokenizer = student.tokenizer
-    num_generated = len(ids)
-    if ids and ids[-1] in student.eos_ids:
-        ids = ids[:-1]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    stop_reason = None
-    if stop_cut is not None:
-        stop_reason = next((stop for stop in request.stop if text.startswith(stop, stop_cut)), None)
-        text = text[:stop_cut]
-        # The last token completed the stop string; keep it only if text it carries precedes the stop.
-        if ids and tokenizer.decode(ids[:-1], skip_special_tokens=True) == text:
-            ids = ids[:-1]
-    sample = Sample(
-        token_ids=ids,
-        text=text,
-        finish_reason=finish_reason,
-        num_generated=num_generated,
-        stop_reason=stop_reason,
-    )
-    if request.logprobs is not None:
-        sample.token_logprobs = logprobs[: len(ids)]
-        sample.top_logprobs = tops[: len(ids)] if request.logprobs else None
-    return sample
 
 
 def join_cache(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,24 @@ class Sample:
 
 
 @dataclass
+class DecodedRow:
+    """A finished sample as a decode loop leaves it, in ids: generation.finish_sample turns it into a Sample (its
+    text, cut at the stop string). The engine process (TRAINER_ENGINE_PROCESS) sends these back, so that the HTTP
+    process detokenizes and the decode thread does not."""
+
+    token_ids: list[int]  # every generated id, a final end-of-sequence token included
+    logprobs: list[float]  # per id, where the request asked for log-probs (else empty)
+    tops: list[list[tuple[int, float]]]  # per id, its top alternatives, where the request asked for some
+    finish_reason: str  # "stop" | "length"
+    stop_cut: int | None  # where a stop string starts in the text, when one ended the sample
+
+
+Finished = (
+    Sample | DecodedRow
+)  # what a generation gives per sample: a Sample, or a DecodedRow (Student.detokenize)
+
+
+@dataclass
 class ScoreItem:
     context_ids: list[int]  # conditioning only
     completion_ids: list[int]  # scored

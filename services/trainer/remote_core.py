@@ -1,6 +1,7 @@
 """RemoteCore: the engine core (core.py's interface) as a client of the engine process (engine_process.py), for
-TRAINER_ENGINE_PROCESS. The HTTP process keeps its event loop, pydantic, the chat template and tokenizing; the
-model's work crosses one Pipe (engine_wire.py) to the other process, which has a GIL of its own.
+TRAINER_ENGINE_PROCESS. The HTTP process keeps its event loop, pydantic, the chat template, tokenizing and
+detokenizing (the engine answers generations in ids, as DecodedRows); the model's work crosses one Pipe
+(engine_wire.py) to the other process, which has a GIL of its own.
 
 A reader thread takes the engine's messages off the pipe (never the event loop: a read may block): it answers each
 request's concurrent Future, which the awaiting handler sees through asyncio.wrap_future, and calls a streamed
@@ -25,6 +26,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .core import GENERATE, EngineCore
+from .detokenize import finish_sample
 from .engine_process import serve
 from .engine_wire import Call, Cancel, LoadFailed, Ready, Reply, Stop, Tokens
 from .errors import EngineStopped
@@ -141,6 +143,10 @@ class RemoteCore(EngineCore):
             raise
         if (arrived := self._arrived.pop(request_id, None)) is not None and op == GENERATE:
             self.wire.add(call.sent_at, arrived[0], arrived[1], time.monotonic())
+        if op == GENERATE:  # the engine answers ids (DecodedRows): their text is made here
+            decoded, version = result
+            request, eos_ids = payload[1], self.facts.eos_ids
+            result = ([finish_sample(self.tokenizer, eos_ids, request, row) for row in decoded], version)
         return result
 
     def hops(self) -> dict[str, float]:

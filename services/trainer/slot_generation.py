@@ -11,8 +11,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .decode import DecodeConfig, DecodeEngine
-from .generation import Admit, OnDone, finish_sample
-from .items import GenerationRequest, Sample
+from .generation import Admit, OnDone
+from .items import DecodedRow, Finished, GenerationRequest
 
 if TYPE_CHECKING:
     from .settings import TrainerSettings
@@ -53,7 +53,7 @@ class SlotGeneration:
         use_adapter: bool = True,
         admit: Admit | None = None,
         on_done: OnDone | None = None,
-    ) -> list[list[Sample]]:
+    ) -> list[list[Finished]]:
         lane = "student" if use_adapter else "base"
         return self.generate_lanes(
             [(lane, request) for request in requests],
@@ -67,12 +67,15 @@ class SlotGeneration:
         *,
         admit=None,
         on_done: OnDone | None = None,
-    ) -> list[list[Sample]]:
+    ) -> list[list[Finished]]:
         """Requests of both lanes ("student", "base") in one decode loop."""
         before = self.engine.forward_passes
         try:
             return self.engine.generate(
-                jobs, finish=lambda *row: finish_sample(self.student, *row), admit=admit, on_done=on_done
+                jobs,
+                finish=lambda request, *row: self.student.finish_row(request, DecodedRow(*row)),
+                admit=admit,
+                on_done=on_done,
             )
         finally:
             self.student.forward_passes += self.engine.forward_passes - before

@@ -21,8 +21,9 @@ from services.protocol import LossSettings
 
 from .backends import Backend
 from .decode_weights import MergedDecoder, merge_blocker
+from .detokenize import finish_sample
 from .generation import Admit, DecodeLoop, OnDone
-from .items import GenerationRequest, GrpoItem, Sample, ScoreItem, StepResult
+from .items import DecodedRow, Finished, GenerationRequest, GrpoItem, ScoreItem, StepResult
 from .learning import grpo_step
 from .packed_linear import packing_available
 from .scoring import score
@@ -53,6 +54,10 @@ class Student:
         self.max_context = settings.max_context
         self.max_batch_rows = settings.max_batch_size
         self.eos_ids = _eos_ids(model, tokenizer)
+        # Whether generation answers Samples (text included) or DecodedRows (ids only), which the caller turns
+        # into Samples: the engine process's core turns this off, so the HTTP process detokenizes instead of
+        # the decode thread.
+        self.detokenize = True
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.step = 0
         self.adapter_version = 0
@@ -129,8 +134,9 @@ class Student:
         use_adapter: bool = True,
         admit: Admit | None = None,
         on_done: OnDone | None = None,
-    ) -> list[list[Sample]]:
-        """Generate for many requests in one batched decode loop; returns each request's n samples.
+    ) -> list[list[Finished]]:
+        """Generate for many requests in one batched decode loop; returns each request's n samples (Samples, or
+        DecodedRows where self.detokenize is off).
 
         Continuous batching: between decode steps `admit(free_rows)` may hand over new requests (their indices
         follow the earlier ones); `on_done(index, samples)` reports each request as soon as it is finished.
@@ -138,6 +144,10 @@ class Student:
         # merged_decoder is None: generation through the peft model, which only the loop does
         loop = self.slot_decoder if self.slot_decoder and self.merged_decoder else self.decode_loop
         return loop.generate(requests, use_adapter=use_adapter, admit=admit, on_done=on_done)
+
+    def finish_row(self, request: GenerationRequest, row: DecodedRow) -> Finished:
+        """A finished row as generation answers it: a Sample, or the row itself where detokenize is off."""
+        return finish_sample(self.tokenizer, self.eos_ids, request, row) if self.detokenize else row
 
     @property
     def decodes_models_together(self) -> bool:
@@ -150,7 +160,7 @@ class Student:
         *,
         admit: Callable[[int], list[tuple[str, GenerationRequest]]] | None = None,
         on_done: OnDone | None = None,
-    ) -> list[list[Sample]]:
+    ) -> list[list[Finished]]:
         """As generate, for (model, request) jobs whose model is "student" or "base", all in one decode loop."""
         if self.slot_decoder is None or self.merged_decoder is None:
             raise RuntimeError(

@@ -67,6 +67,27 @@ async def test_greedy_generation_equals_the_in_process_students(core, student):
     assert {version for _, version in answers} == {0}
 
 
+async def test_the_front_end_detokenizes_and_cuts_at_stops_as_the_in_process_student(core, student):
+    """The engine answers ids (DecodedRows); the HTTP side's text, stop cut and log-probs equal in-process ones."""
+    assert core.facts.eos_ids == tuple(student.eos_ids)
+    prompt = ids(student, PROMPTS[0])
+    free = student.generate([GenerationRequest(prompt, max_tokens=16, temperature=0.0)])[0][0]
+    stop = free.text[4:6]  # a stop string the greedy answer holds, past its first tokens
+    assert stop.strip()
+    request = GenerationRequest(prompt, max_tokens=16, temperature=0.0, stop=[stop], logprobs=2)
+    (remote,), _ = await core.generate("student", request)
+    local = student.generate([request])[0][0]
+    assert remote.finish_reason == local.finish_reason == "stop" and remote.stop_reason == stop
+    assert (remote.text, remote.token_ids, remote.num_generated) == (
+        local.text,
+        local.token_ids,
+        local.num_generated,
+    )
+    assert free.text.startswith(remote.text + stop)
+    assert remote.top_logprobs is not None and len(remote.top_logprobs) == len(remote.token_ids)
+    assert remote.token_logprobs == pytest.approx(local.token_logprobs, abs=1e-4)
+
+
 async def test_streamed_tokens_arrive_in_order_and_before_the_answer(core, student):
     seen: list[tuple[int, int]] = []
     threads: set[str] = set()
