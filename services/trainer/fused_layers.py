@@ -22,6 +22,7 @@ import copy
 import functools
 import inspect
 import sys
+import threading
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -36,9 +37,9 @@ class SiblingGroup:
     """Projections of one input as one GEMM: y_i = x W_i^T for the members' weights W_i stacked by rows.
 
     Each member is a SiblingSlice in the model, called as the plain projection would be. The first member called
-    with an input computes the product for all of them. The others, called with that same tensor, take their slice
-    of it, and the last member drops it. A member called with another input (a model whose attention calls its
-    projections otherwise) computes the product again: slower, never wrong.
+    with an input computes the product for all of them. The others, called with that same tensor on the same
+    thread, take their slice of it, and the last member drops it. A member called with another input (a model whose
+    attention calls its projections otherwise) computes the product again: slower, never wrong.
 
     weight: the stacked weight (sum of sizes x in_features), used as it is (no copy): a caller may pass a tensor
     whose rows other layers view. pack: keep it only in oneDNN's packed layout (CPU)."""
@@ -52,8 +53,9 @@ class SiblingGroup:
         self.in_features = weight.shape[1]
         self.packed = PackedLinear(weight, None) if pack else None
         self.weight = None if pack else weight
-        self._input: torch.Tensor | None = None
-        self._outputs: tuple[torch.Tensor, ...] = ()
+        # per thread (the decode engine may prefill on one thread while it decodes on another): the input whose
+        # product is being handed out, and that product's slices
+        self._last: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,12 +91,13 @@ class SiblingGroup:
         return self.packed(x) if self.packed is not None else F.linear(x, self.dense_weight())
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is not self._input:
-            self._input, self._outputs = x, self.product(x).split(self.sizes, dim=-1)
-        out = self._outputs[index]
+        thread = threading.get_ident()
+        last = self._last.get(thread)
+        if last is None or last[0] is not x:
+            last = self._last[thread] = (x, self.product(x).split(self.sizes, dim=-1))
         if index == len(self.sizes) - 1:
-            self._input, self._outputs = None, ()
-        return out
+            del self._last[thread]
+        return last[1][index]
 
 
 class SiblingSlice(torch.nn.Module):

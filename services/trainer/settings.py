@@ -98,6 +98,9 @@ class TrainerSettings(BaseSettings):
     # adapter can be merged; "loop": the transformers DynamicCache loop in student.py (always used where it cannot).
     decode_engine: str = Field(default="slots", pattern="^(slots|loop)$")
     cuda_graphs: bool = True  # the slot engine replays its decode steps as CUDA graphs (CUDA only)
+    # The slot engine prefills joining rows on a thread of its own beside the decode step (decode/engine.py,
+    # DecodeConfig.concurrent_prefill); None: where it pays, on CPU.
+    decode_concurrent_prefill: bool | None = None
     decode_compile: bool = (
         False  # ... and torch.compiles the step inside them (fewer kernels; a compile at start)
     )

@@ -37,12 +37,16 @@ class SlotGeneration:
         if reason is not None:
             log.info("generation runs in the DecodeLoop: the slot engine does not handle %s", reason)
             return None
+        chosen = {}
+        if settings.decode_concurrent_prefill is not None:
+            chosen["concurrent_prefill"] = settings.decode_concurrent_prefill
         config = DecodeConfig.for_device(
             student.device,
             slots=settings.max_batch_size,
             cuda_graphs=settings.cuda_graphs,
             compile=settings.decode_compile,
             seed=settings.seed,
+            **chosen,
         )
         return cls(student, config)
 

@@ -3,6 +3,7 @@ sampling code that CUDA replays as graphs, run eagerly. Shapes are also bucketed
 that cover slots no row is using, and attention windows longer than any row, are exercised too."""
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -87,6 +88,33 @@ def test_greedy_in_one_batch_equals_transformers_generate(student, request, shap
     results = student.generate(requests)  # five requests, four slots: one waits for a slot
     for request, samples in zip(requests, results, strict=False):
         assert samples[0].token_ids == hf_greedy(student, request.prompt_ids, request.max_tokens)
+
+
+def test_joining_rows_prefill_on_their_own_thread_beside_the_decode_step(student, monkeypatch):
+    """On CPU a row that joins a running loop is prefilled on the prefill thread while the live rows decode, and
+    takes part from the next step: the answers are those of prefills in line."""
+    engine = student.slot_decoder.engine
+    assert engine.config.concurrent_prefill  # the CPU default
+    engine_lane = engine.lane("student")
+    threads: list[str] = []
+    prefill = engine_lane.prefill
+
+    def on_which_thread(plan, logits):
+        threads.append(threading.current_thread().name)
+        return prefill(plan, logits)
+
+    monkeypatch.setattr(engine_lane, "prefill", on_which_thread)
+    requests = [GenerationRequest(p, max_tokens=6 + i, temperature=0) for i, p in enumerate(PROMPTS)]
+    beside = student.generate(requests)  # five requests, four slots: the fifth joins a running loop
+    engine.config.concurrent_prefill = False
+    try:
+        in_line = student.generate(requests)
+    finally:
+        engine.config.concurrent_prefill = True
+    assert [s[0].token_ids for s in beside] == [s[0].token_ids for s in in_line]
+    assert threads[0] == threading.current_thread().name  # the first rows: nothing to decode beside them yet
+    assert any(name.startswith("decode-prefill") for name in threads)
+    assert not engine_lane.reserved
 
 
 def test_sampled_logprobs_and_top_alternatives_equal_a_direct_forward(student):

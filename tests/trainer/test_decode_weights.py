@@ -1,6 +1,8 @@
 """Generation through the plain models with the adapter merged in (decode_weights.py) matches generation through
 the peft model, for the student and for base, and never uses stale merged weights."""
 
+import threading
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -218,6 +220,41 @@ def test_a_fused_group_serves_each_member_its_own_product_whatever_the_call_orde
     group.load({1: torch.zeros(4, 16)})  # one member rewritten, the others kept
     assert torch.equal(k(x), torch.zeros(5, 4)) and torch.allclose(q(x), x @ weights[0].T, atol=1e-5)
     assert torch.equal(k.dense_weight(), torch.zeros(4, 16))
+
+
+def test_a_fused_group_keeps_each_threads_product_apart():
+    """The decode engine may prefill on one thread while it decodes on another, through the same layers: members
+    called on two threads, interleaved, each get their own thread's product, computed once per thread."""
+    weights = [torch.randn(n, 16) for n in (8, 4, 4)]
+    group = SiblingGroup(torch.cat(weights), [8, 4, 4], pack=False)
+    q, k, v = (SiblingSlice(group, i) for i in range(3))
+    products = []
+    product = group.product
+    group.product = lambda x: products.append(x) or product(x)  # type: ignore[method-assign]
+    x, y = torch.randn(5, 16), torch.randn(3, 16)
+    a_started, b_done = threading.Event(), threading.Event()
+    got = {}
+
+    def a():
+        got["q"] = q(x)
+        a_started.set()
+        b_done.wait(10)
+        got["k"], got["v"] = k(x), v(x)
+
+    def b():
+        a_started.wait(10)
+        got["y"] = (q(y), k(y), v(y))
+        b_done.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    for name, i in (("q", 0), ("k", 1), ("v", 2)):
+        assert torch.allclose(got[name], x @ weights[i].T, atol=1e-5)
+        assert torch.allclose(got["y"][i], y @ weights[i].T, atol=1e-5)
+    assert len(products) == 2 and not group._last  # once per thread, and nothing kept after the last member
 
 
 def test_a_norm_that_is_not_plain_rms_norm_keeps_its_own_module():

@@ -7,8 +7,10 @@ Each loop iteration: take in requests that arrived (`admit`) and prefill them in
 every live row's next token (sampler.py); read the tokens on the host, where rows that hit end of sequence, a
 stop string (stops.py) or max_tokens leave their slot; and one decode forward per lane (a CUDA graph replay on
 CUDA, graphs.py), which on CUDA is launched before the host reads the tokens (DecodeConfig.overlap), so the
-host's bookkeeping hides behind the device's work. Rows of the student and of base decode in the same loop (two
-lanes, two forwards per step), so a batch never waits for the other model's.
+host's bookkeeping hides behind the device's work. On CPU the joining rows' prefill instead runs on a thread of its
+own beside the live rows' step (DecodeConfig.concurrent_prefill), and they join at the next step. Rows of the
+student and of base decode in the same loop (two lanes, two forwards per step), so a batch never waits for the
+other model's.
 
 What it does not know: HTTP, queues, adapters. `provide_model(lane)` returns the model to decode a lane with and
 an epoch that changes whenever that model's weights change (cached prefixes are then dropped).
@@ -16,9 +18,11 @@ an epoch that changes whenever that model's weights change (cached prefixes are 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +55,10 @@ class DecodeConfig:
     # Pad prefill batches to bucketed shapes (units to a power of two, width and window rounded up), so that a
     # shape that recurs is replayed as a graph (CUDA); off, each prefill runs at its exact shape.
     prefill_buckets: bool = False
+    # Prefill joining rows on a thread of their own while the loop decodes the live ones (the rows join after
+    # that step): a CPU's decode step barely uses a second core, and the two touch disjoint slots (Lane.plan).
+    # Off on CUDA, where both would queue on one stream and the overlapped order already hides the host's work.
+    concurrent_prefill: bool = False
     # Prompts of a prefill end to end, so its projections compute real tokens only (lane.py, Lane._prefill); off,
     # each is padded to the longest (the layout before packing, kept to compare the two side by side).
     pack_prefill: bool = True
@@ -63,7 +71,7 @@ class DecodeConfig:
     @classmethod
     def for_device(cls, device: torch.device, **overrides) -> DecodeConfig:
         """On CUDA: bucketed shapes (a graph per shape) and overlapped steps. On CPU: exact shapes (no graphs, so
-        padding would only cost) and steps in order (the host waits for each step anyway)."""
+        padding would only cost), steps in order (the host waits for each step anyway) and prefills beside them."""
         if device.type == "cuda":
             slots = overrides.get("slots", cls.slots)
             steps = tuple(range(CUDA_ROW_BUCKETS[-1] + 128, slots, 128))  # past 256: every 128 rows
@@ -75,6 +83,8 @@ class DecodeConfig:
                 "prefill_buckets": True,
                 **overrides,
             }
+        else:
+            overrides = {"concurrent_prefill": True, **overrides}
         return cls(**overrides)
 
 
@@ -105,6 +115,8 @@ class DecodeEngine:
         # rows those forwards decoded, in all (decoded_rows / decode_steps: the mean batch)
         self.decoded_rows = 0
         self.place_wait_seconds = 0.0  # rows' time from joining the run to having a slot, in all
+        # config.concurrent_prefill's thread, made when first needed
+        self._prefiller: ThreadPoolExecutor | None = None
 
     @property
     def read_wait_seconds(self) -> float:
@@ -170,6 +182,7 @@ class DecodeEngine:
         run = _Run(self, finish, on_done)
         for name, request in jobs:
             run.add(self.lane(name), request)
+        joining: Future | None = None  # a prefill running beside this step (config.concurrent_prefill)
         try:
             while run.pending or run.live():
                 if admit is not None and run.live():
@@ -180,7 +193,10 @@ class DecodeEngine:
                         run.add(by_name[name], request)
                 for lane in run.lanes:
                     lane.note_launch()
-                self._place(run)
+                if self.config.concurrent_prefill and run.live():
+                    joining = self._prefill_beside(run)
+                else:
+                    self._place(run)
                 lanes = [lane for lane in run.lanes if lane.live_count]
                 for lane in lanes:
                     lane.sample()
@@ -195,8 +211,16 @@ class DecodeEngine:
                         if lane.live_count:
                             self._count_step(lane)
                             lane.step()
+                if joining is not None:
+                    planned, joining = joining, None
+                    self._join(*planned.result())
         finally:
+            # after a failure: the prefill thread must be done with the cache before anything else touches it
+            if joining is not None:
+                with contextlib.suppress(Exception):
+                    joining.result()
             for lane in run.lanes:  # after a failure, no row of this run may keep a slot
+                lane.reserved.clear()
                 for slot, row in enumerate(lane.rows):
                     if row is not None:
                         lane.release(slot, keep_prefix=False)
@@ -222,6 +246,37 @@ class DecodeEngine:
             if placed:
                 gone = set(map(id, placed))
                 run.pending = [row for row in run.pending if id(row) not in gone]
+
+    def _prefill_beside(self, run: _Run) -> Future | None:
+        """Plan the waiting rows' places (this thread), then prefill them on the prefill thread while this one
+        decodes the live rows; the future answers what _join needs. None when no row waits or fits."""
+        plans: list[tuple[Lane, list[Any], torch.Tensor]] = []
+        for lane in run.lanes:
+            waiting = [row for row in run.pending if row_lane(run, row) is lane]
+            plan = lane.plan(waiting) if waiting else []
+            if plan:
+                plans.append((lane, plan, lane.staged_logits()))
+        if not plans:
+            return None
+        planned = {id(row) for _, plan, _ in plans for unit in plan for row in unit.rows}
+        run.pending = [row for row in run.pending if id(row) not in planned]
+        if self._prefiller is None:
+            self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="decode-prefill")
+        return self._prefiller.submit(self._prefill_planned, plans)
+
+    @torch.inference_mode()  # per thread: the prefill thread's own
+    def _prefill_planned(self, plans: list[tuple[Lane, list[Any], torch.Tensor]]) -> tuple[list, int, float]:
+        started = time.perf_counter()
+        passes = sum(lane.prefill(plan, logits) for lane, plan, logits in plans)
+        return plans, passes, time.perf_counter() - started
+
+    def _join(self, plans: list[tuple[Lane, list[Any], torch.Tensor]], passes: int, seconds: float) -> None:
+        now = time.perf_counter()
+        placed = [row for lane, plan, logits in plans for row in lane.join(plan, logits)]
+        self.prefill_seconds += seconds
+        self.place_wait_seconds += sum(now - row.added_at for row in placed)
+        self.forward_passes += passes
+        self.prefill_passes += passes
 
     def _collect(self, lane: Lane, run: _Run) -> None:
         tokens, picked, top_values, top_ids = lane.read()

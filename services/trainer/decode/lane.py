@@ -91,6 +91,10 @@ class Lane:
         self.graphs = StepGraphs(config.cuda_graphs and device.type == "cuda")
         self.rows: list[Row | None] = [None] * slots
         self.live_count = 0
+        # Slots a planned admission writes or reads while it is prefilled (its rows' slots and the slots it copies
+        # prefixes from): no other row is given or moved into them until it joins (plan, prefill, join).
+        self.reserved: set[int] = set()
+        self._staged_logits: torch.Tensor | None = None  # where a concurrent prefill leaves its logits
         self.prefill_tokens = 0  # prompt tokens computed (not reused), a figure for tests and benchmarks
         self.reused_tokens = 0  # prompt tokens whose KV was copied from a slot or a shared prefill
         # Host copies of the per-slot parameters, uploaded when they change.
@@ -146,7 +150,8 @@ class Lane:
         return [slot for slot in range(self.slots) if self.rows[slot] is not None]
 
     def free_slots(self) -> list[int]:
-        return [slot for slot in range(self.slots) if self.rows[slot] is None]
+        """Slots no row holds and no joining row has reserved."""
+        return [slot for slot in range(self.slots) if self.rows[slot] is None and slot not in self.reserved]
 
     def release(self, slot: int, *, keep_prefix: bool = True) -> None:
         """The slot's row is done; its content (the prompt, and the tokens fed back: all but the last, which
@@ -205,6 +210,17 @@ class Lane:
     def place(self, rows: list[Row]) -> tuple[list[Row], int]:
         """Give as many of `rows` as fit a slot, prefilling what their prompts need. Returns (rows placed,
         prefill forward passes run)."""
+        plan = self.plan(rows)
+        if not plan:
+            return [], 0
+        passes = self.prefill(plan, self.logits)
+        return self.join(plan, self.logits), passes
+
+    def plan(self, rows: list[Row]) -> list[_Unit]:
+        """The first step of place(): as many of `rows` as fit get a slot, which is reserved (and whose prompt the
+        prefix index holds from now on) until join(). Between plan() and join() the lane may decode its live rows
+        while another thread runs prefill(): the two touch disjoint slots (decode steps write the KV of rows that
+        are not live to the scratch slot, and their logits only to self.logits)."""
         free = self.free_slots()
         units: dict[tuple[int, ...], _Unit] = {}
         for row in rows[: len(free)]:
@@ -215,7 +231,7 @@ class Lane:
                 unit = units[key] = _Unit(prompt, [], block_hashes(prompt))
             unit.rows.append(row)
         if not units:
-            return [], 0
+            return []
         plan = list(units.values())
         self._ensure_room(
             positions=max(len(unit.prompt) + row.request.max_tokens for unit in plan for row in unit.rows)
@@ -225,23 +241,42 @@ class Lane:
         # Every slot a step may cover, up to the bucket of the highest slot in use, has memory.
         highest = max(row.slot for unit in plan for row in unit.rows)
         self._ensure_room(slots=self._bucket_rows(max(highest, *self.live_slots(), 0) + 1))
-        passes = self._prefill_all(plan)
+        for unit in plan:
+            self.reserved.update(row.slot for row in unit.rows)
+            if unit.source is not None:
+                self.reserved.add(unit.source)
+            self.index.assign(unit.slot, unit.prompt)
+        return plan
+
+    def staged_logits(self) -> torch.Tensor:
+        """A buffer shaped as self.logits for a prefill that runs beside decode steps (which write self.logits)."""
+        if self._staged_logits is None:
+            self._staged_logits = torch.zeros_like(self.logits)
+        return self._staged_logits
+
+    def join(self, plan: list[_Unit], logits: torch.Tensor) -> list[Row]:
+        """The last step of place(): the planned rows, prefilled into `logits`, take their slots (they are live
+        from the next step)."""
         placed = []
         for unit in plan:
             first = unit.rows[0]
             others = [row.slot for row in unit.rows[1:]]
             self.cache.copy(first.slot, others, len(unit.prompt))
-            if others:
-                targets = to_device(torch.tensor(others), self.device)
-                self.logits.index_copy_(0, targets, self.logits[first.slot].clone().expand(len(others), -1))
+            targets = others if logits is self.logits else [first.slot, *others]
+            if targets:
+                index = to_device(torch.tensor(targets), self.device)
+                self.logits.index_copy_(0, index, logits[first.slot].clone().expand(len(targets), -1))
             self.prefill_tokens += len(unit.prompt) - unit.reuse
             self.reused_tokens += unit.reuse + len(unit.prompt) * len(others)
+            if unit.source is not None:
+                self.reserved.discard(unit.source)
             for row in unit.rows:
+                self.reserved.discard(row.slot)
                 self._occupy(row, len(unit.prompt))
                 if row is not first:
                     self.index.assign(row.slot, unit.prompt)
                 placed.append(row)
-        return placed, passes
+        return placed
 
     def _find_prefixes(self, plan: list[_Unit]) -> None:
         """Per unit: the longest prefix to reuse, from a slot's content or from a unit joining before it."""
@@ -264,7 +299,12 @@ class Lane:
         others take the lowest free slots, which keeps the live slots packed low (fewer rows per step)."""
         claimed: set[int] = set()
         for unit in plan:
-            if unit.source is not None and self.rows[unit.source] is None and unit.source not in claimed:
+            if (
+                unit.source is not None
+                and self.rows[unit.source] is None
+                and unit.source not in self.reserved
+                and unit.source not in claimed
+            ):
                 unit.slot = unit.source
                 claimed.add(unit.source)
         spare = iter([slot for slot in free if slot not in claimed])
@@ -275,7 +315,9 @@ class Lane:
             for row in unit.rows[1:]:
                 row.slot = next(spare)
 
-    def _prefill_all(self, plan: list[_Unit]) -> int:
+    def prefill(self, plan: list[_Unit], logits: torch.Tensor) -> int:
+        """The middle step of place(): the planned units' prefill forwards, each unit's next-token logits left in
+        its slot's row of `logits`. Returns the forward passes run."""
         # Every copy out of an existing slot first: a slot that is a source may also be a new row's slot.
         for unit in plan:
             if unit.source is not None:
@@ -286,24 +328,24 @@ class Lane:
             for unit in units:
                 if unit.after is not None:
                     self.cache.copy(unit.after.slot, [unit.slot], unit.reuse)
-                self.index.assign(unit.slot, unit.prompt)
             units.sort(key=lambda unit: len(unit.prompt) - unit.reuse)
             chunk: list[_Unit] = []
             for unit in units:
                 width = max([len(u.prompt) - u.reuse for u in chunk] + [len(unit.prompt) - unit.reuse])
                 if chunk and width * (len(chunk) + 1) > self.config.max_prefill_tokens:
-                    self._prefill(chunk)
+                    self._prefill(chunk, logits)
                     passes += 1
                     chunk = []
                 chunk.append(unit)
             if chunk:
-                self._prefill(chunk)
+                self._prefill(chunk, logits)
                 passes += 1
         return passes
 
-    def _prefill(self, units: list[_Unit]) -> None:
+    def _prefill(self, units: list[_Unit], logits: torch.Tensor) -> None:
         """One forward over the units' prompt suffixes, writing their KV into their slots after the reused
-        prefix, and leaving each unit's next-token logits in its slot's row of self.logits.
+        prefix, and leaving each unit's next-token logits in its slot's row of `logits` (self.logits, or a staged
+        copy for a prefill beside decode steps, which runs eagerly).
 
         The suffixes run packed, end to end as one sequence of T tokens: the projections and MLPs compute only
         real tokens, however unequal the prompts. Attention alone needs them apart: it sees a (units, width,
@@ -375,9 +417,9 @@ class Lane:
         sizes = [len(part) for part in inputs]
         # through an int64 array: twice as fast as torch.tensor over a list
         host = torch.frombuffer(array.array("q", itertools.chain.from_iterable(inputs)), dtype=torch.long)
-        if not self.graphs.enabled or key not in self._prefills_seen:
+        if not self.graphs.enabled or key not in self._prefills_seen or logits is not self.logits:
             self._prefills_seen.add(key)
-            self._prefill_tensors(list(to_device(host, self.device).split(sizes)), *shape)
+            self._prefill_tensors(list(to_device(host, self.device).split(sizes)), *shape, logits=logits)
             return
         buffer = self._prefill_inputs.get(key)
         if buffer is None:
@@ -414,6 +456,7 @@ class Lane:
         own_keys: bool,
         varlen: bool,
         longest: int,
+        logits: torch.Tensor | None = None,
     ):
         """The prefill forward as a function of tensors only (what a graph of it captures): inputs are 1-D int64
         views of one buffer, (ids, positions, write_slot, index, slots, last, lengths, offsets[, sequences[,
@@ -454,7 +497,8 @@ class Lane:
             use_cache=False,
             slot_kv=state,
         ).last_hidden_state
-        self.logits.index_copy_(0, slots, self.lm_head(hidden[0, last]).float())
+        target = self.logits if logits is None else logits
+        target.index_copy_(0, slots, self.lm_head(hidden[0, last]).float())
 
     def _occupy(self, row: Row, prompt_length: int) -> None:
         slot = row.slot
@@ -583,8 +627,8 @@ class Lane:
         if not live:
             return
         target = self._bucket_rows(len(live))
-        holes = [slot for slot in range(target) if self.rows[slot] is None]
-        while live and live[-1] >= target:
+        holes = [slot for slot in range(target) if self.rows[slot] is None and slot not in self.reserved]
+        while live and holes and live[-1] >= target:
             self._move(live.pop(), holes.pop(0))
 
     def _move(self, source: int, target: int) -> None:
