@@ -54,9 +54,8 @@ class CoreFacts:
     device: str
     max_context: int
     vocab_size: int
-    eos_ids: tuple[
-        int, ...
-    ] = ()  # the ids that end a sample (a remote core's front end detokenizes with them)
+    # the ids that end a sample (a remote core's front end detokenizes with them)
+    eos_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -109,7 +109,7 @@ class DecodeEngine:
         self._seeds = random.Random(config.seed)
         self.forward_passes = 0  # prefill and decode forwards, all lanes
         self.prefill_passes = 0  # of which prefill forwards (joining rows)
-        # host time spent placing joining rows (their prefills launched, the inputs copied)
+        # host time spent in the joining rows' prefills (their inputs built and copied, their forwards launched)
         self.prefill_seconds = 0.0
         self.decode_steps = 0  # decode forwards, all lanes
         # rows those forwards decoded, in all (decoded_rows / decode_steps: the mean batch)
@@ -232,37 +232,34 @@ class DecodeEngine:
         self.decoded_rows += lane.live_count
 
     def _place(self, run: _Run) -> None:
-        for lane in run.lanes:
-            waiting = [row for row in run.pending if row_lane(run, row) is lane]
-            if not waiting:
-                continue
-            started = time.perf_counter()
-            placed, passes = lane.place(waiting)
-            now = time.perf_counter()
-            self.prefill_seconds += now - started
-            self.place_wait_seconds += sum(now - row.added_at for row in placed)
-            self.forward_passes += passes
-            self.prefill_passes += passes
-            if placed:
-                gone = set(map(id, placed))
-                run.pending = [row for row in run.pending if id(row) not in gone]
+        """Place the waiting rows and prefill them now, on this thread."""
+        plans = self._plan(run, staged=False)
+        if plans:
+            self._join(*self._prefill_planned(plans))
 
     def _prefill_beside(self, run: _Run) -> Future | None:
         """Plan the waiting rows' places (this thread), then prefill them on the prefill thread while this one
         decodes the live rows; the future answers what _join needs. None when no row waits or fits."""
-        plans: list[tuple[Lane, list[Any], torch.Tensor]] = []
+        plans = self._plan(run, staged=True)
+        if not plans:
+            return None
+        if self._prefiller is None:
+            self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="decode-prefill")
+        return self._prefiller.submit(self._prefill_planned, plans)
+
+    def _plan(self, run: _Run, *, staged: bool) -> list[tuple[Lane, list[Any], torch.Tensor]]:
+        """Per lane: the waiting rows given slots (no longer pending), and the logits their prefill fills (a
+        staged buffer where it runs beside decode steps, which write the lane's own)."""
+        plans = []
         for lane in run.lanes:
             waiting = [row for row in run.pending if row_lane(run, row) is lane]
             plan = lane.plan(waiting) if waiting else []
             if plan:
-                plans.append((lane, plan, lane.staged_logits()))
-        if not plans:
-            return None
-        planned = {id(row) for _, plan, _ in plans for unit in plan for row in unit.rows}
-        run.pending = [row for row in run.pending if id(row) not in planned]
-        if self._prefiller is None:
-            self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="decode-prefill")
-        return self._prefiller.submit(self._prefill_planned, plans)
+                plans.append((lane, plan, lane.staged_logits() if staged else lane.logits))
+        if plans:
+            planned = {id(row) for _, plan, _ in plans for unit in plan for row in unit.rows}
+            run.pending = [row for row in run.pending if id(row) not in planned]
+        return plans
 
     @torch.inference_mode()  # per thread: the prefill thread's own
     def _prefill_planned(self, plans: list[tuple[Lane, list[Any], torch.Tensor]]) -> tuple[list, int, float]:
