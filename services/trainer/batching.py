@@ -53,6 +53,15 @@ class Batch:
         self.jobs: list[Job | None] = list(jobs)
         self.rows = sum(job.rows for job in jobs)  # rows of every job that ran in it, answered or not
         self._admit_calls = 0
+        self._count(jobs_before=0)
+
+    def _count(self, jobs_before: int) -> None:
+        """The batcher's counters as the batch forms and grows, not after it ends: a continuous batch answers
+        its jobs as they finish, and a caller may read the counters as soon as its answer comes."""
+        counters = self._batcher.counters
+        counters.max_batch_rows = max(counters.max_batch_rows, self.rows)
+        if len(self.jobs) > 1:  # every job of a batch of two or more is merged, the first one too
+            counters.merged_requests += len(self.jobs) - (jobs_before if jobs_before > 1 else 0)
 
     @property
     def payloads(self) -> list[Any]:
@@ -68,8 +77,11 @@ class Batch:
         if self._admit_calls % self._batcher.admit_every:
             return []
         joined = self._batcher._take_matching(self.kind, free_rows)
-        self.jobs.extend(joined)
-        self.rows += sum(job.rows for job in joined)
+        if joined:
+            jobs_before = len(self.jobs)
+            self.jobs.extend(joined)
+            self.rows += sum(job.rows for job in joined)
+            self._count(jobs_before)
         return [job.payload for job in joined]
 
     def resolve(self, index: int, result: Any) -> None:
@@ -211,9 +223,6 @@ class Batcher:
             for job, result in zip(batch.jobs, results, strict=False):
                 if job is not None:
                     self._finish(job, result=result)
-        self.counters.max_batch_rows = max(self.counters.max_batch_rows, batch.rows)
-        if len(batch.jobs) > 1:
-            self.counters.merged_requests += len(batch.jobs)
 
     def _run_exclusive(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():

@@ -98,6 +98,9 @@ def cuda_client(tmp_path_factory):
         learning_rate=1e-3,
         max_context=512,
         checkpoint_dir=root / "checkpoints",
+        # in this process, so test_generation_agrees_with_scoring can reach the Student behind the app (the
+        # engine process's CUDA path is what bench/gpu_serving.py serves)
+        engine_process=False,
     )
     app = create_app(settings)
     with TestClient(app) as client:

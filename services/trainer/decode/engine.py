@@ -8,7 +8,8 @@ every live row's next token (sampler.py); read the tokens on the host, where row
 stop string (stops.py) or max_tokens leave their slot; and one decode forward per lane (a CUDA graph replay on
 CUDA, graphs.py), which on CUDA is launched before the host reads the tokens (DecodeConfig.overlap), so the
 host's bookkeeping hides behind the device's work. On CPU the joining rows' prefill instead runs on a thread of its
-own beside the live rows' step (DecodeConfig.concurrent_prefill), and they join at the next step. Rows of the
+own while the live rows take their steps (DecodeConfig.concurrent_prefill), and they join at the first step after
+it is done; the loop never waits for it while it has rows to step. Rows of the
 student and of base decode in the same loop (two lanes, two forwards per step), so a batch never waits for the
 other model's.
 
@@ -55,8 +56,9 @@ class DecodeConfig:
     # Pad prefill batches to bucketed shapes (units to a power of two, width and window rounded up), so that a
     # shape that recurs is replayed as a graph (CUDA); off, each prefill runs at its exact shape.
     prefill_buckets: bool = False
-    # Prefill joining rows on a thread of their own while the loop decodes the live ones (the rows join after
-    # that step): a CPU's decode step barely uses a second core, and the two touch disjoint slots (Lane.plan).
+    # Prefill joining rows on a thread of their own while the loop decodes the live ones (the rows join at the
+    # first step after their prefill, one prefill at a time): a CPU's decode step barely uses a second core, and
+    # the two touch disjoint slots (Lane.plan).
     # Off on CUDA, where both would queue on one stream and the overlapped order already hides the host's work.
     concurrent_prefill: bool = False
     # Prompts of a prefill end to end, so its projections compute real tokens only (lane.py, Lane._prefill); off,
@@ -182,10 +184,13 @@ class DecodeEngine:
         run = _Run(self, finish, on_done)
         for name, request in jobs:
             run.add(self.lane(name), request)
-        joining: Future | None = None  # a prefill running beside this step (config.concurrent_prefill)
+        # A prefill running beside the decode steps (config.concurrent_prefill), and how many rows it places. It
+        # may take several steps: the loop steps the live rows meanwhile, and its rows join at the first step
+        # after it is done.
+        joining: Future | None = None
         try:
-            while run.pending or run.live():
-                if admit is not None and run.live():
+            while run.pending or run.live() or joining is not None:
+                if admit is not None and (run.live() or joining is not None):
                     by_name: dict[str, Lane] = {}  # looked up once per admission, not per request
                     for name, request in admit(max(self.config.slots - run.rows_in_flight(), 0)):
                         if name not in by_name:
@@ -193,7 +198,12 @@ class DecodeEngine:
                         run.add(by_name[name], request)
                 for lane in run.lanes:
                     lane.note_launch()
-                if self.config.concurrent_prefill and run.live():
+                if joining is not None and (joining.done() or not run.live()):
+                    self._join(run, *joining.result())
+                    joining = None  # nothing of the joined rows stays referenced from here
+                if joining is not None:
+                    pass  # one prefill at a time: the waiting rows go to the next
+                elif self.config.concurrent_prefill and run.live():
                     joining = self._prefill_beside(run)
                 else:
                     self._place(run)
@@ -211,9 +221,6 @@ class DecodeEngine:
                         if lane.live_count:
                             self._count_step(lane)
                             lane.step()
-                if joining is not None:
-                    planned, joining = joining, None
-                    self._join(*planned.result())
         finally:
             # after a failure: the prefill thread must be done with the cache before anything else touches it
             if joining is not None:
@@ -235,7 +242,7 @@ class DecodeEngine:
         """Place the waiting rows and prefill them now, on this thread."""
         plans = self._plan(run, staged=False)
         if plans:
-            self._join(*self._prefill_planned(plans))
+            self._join(run, *self._prefill_planned(plans))
 
     def _prefill_beside(self, run: _Run) -> Future | None:
         """Plan the waiting rows' places (this thread), then prefill them on the prefill thread while this one
@@ -244,7 +251,12 @@ class DecodeEngine:
         if not plans:
             return None
         if self._prefiller is None:
-            self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="decode-prefill")
+            # Half the intra-op threads, so the prefill and the step that runs beside it do not each spread over
+            # every core (on 2 cores: one thread each, +5% tokens/s over two each, bench/RESULTS.md).
+            threads = max(1, torch.get_num_threads() // 2)
+            self._prefiller = ThreadPoolExecutor(
+                1, thread_name_prefix="decode-prefill", initializer=torch.set_num_threads, initargs=(threads,)
+            )
         return self._prefiller.submit(self._prefill_planned, plans)
 
     def _plan(self, run: _Run, *, staged: bool) -> list[tuple[Lane, list[Any], torch.Tensor]]:
@@ -259,6 +271,7 @@ class DecodeEngine:
         if plans:
             planned = {id(row) for _, plan, _ in plans for unit in plan for row in unit.rows}
             run.pending = [row for row in run.pending if id(row) not in planned]
+            run.prefilling = len(planned)
         return plans
 
     @torch.inference_mode()  # per thread: the prefill thread's own
@@ -267,9 +280,12 @@ class DecodeEngine:
         passes = sum(lane.prefill(plan, logits) for lane, plan, logits in plans)
         return plans, passes, time.perf_counter() - started
 
-    def _join(self, plans: list[tuple[Lane, list[Any], torch.Tensor]], passes: int, seconds: float) -> None:
+    def _join(
+        self, run: _Run, plans: list[tuple[Lane, list[Any], torch.Tensor]], passes: int, seconds: float
+    ) -> None:
         now = time.perf_counter()
         placed = [row for lane, plan, logits in plans for row in lane.join(plan, logits)]
+        run.prefilling = 0
         self.prefill_seconds += seconds
         self.place_wait_seconds += sum(now - row.added_at for row in placed)
         self.forward_passes += passes
@@ -323,6 +339,7 @@ class _Run:
         self.remaining: list[int] = []
         self.results: list[list[Any] | None] = []
         self.pending: list[Row] = []
+        self.prefilling = 0  # rows given slots and being prefilled: neither pending nor live
         self.lanes: list[Lane] = []
         self.lane_of: dict[int, Lane] = {}
 
@@ -350,7 +367,7 @@ class _Run:
         return sum(lane.live_count for lane in self.lanes)
 
     def rows_in_flight(self) -> int:
-        return self.live() + len(self.pending)
+        return self.live() + self.prefilling + len(self.pending)
 
     def done(self, row: Row) -> None:
         self.remaining[row.index] -= 1
