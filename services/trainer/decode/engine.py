@@ -184,9 +184,8 @@ class DecodeEngine:
         run = _Run(self, finish, on_done)
         for name, request in jobs:
             run.add(self.lane(name), request)
-        # A prefill running beside the decode steps (config.concurrent_prefill), and how many rows it places. It
-        # may take several steps: the loop steps the live rows meanwhile, and its rows join at the first step
-        # after it is done.
+        # A prefill running beside the decode steps (config.concurrent_prefill). It may take several steps: the
+        # loop steps the live rows meanwhile, and its rows join at the first step after it is done.
         joining: Future | None = None
         try:
             while run.pending or run.live() or joining is not None:
@@ -201,12 +200,11 @@ class DecodeEngine:
                 if joining is not None and (joining.done() or not run.live()):
                     self._join(run, *joining.result())
                     joining = None  # nothing of the joined rows stays referenced from here
-                if joining is not None:
-                    pass  # one prefill at a time: the waiting rows go to the next
-                elif self.config.concurrent_prefill and run.live():
-                    joining = self._prefill_beside(run)
-                else:
-                    self._place(run)
+                if joining is None:  # one prefill at a time: while one runs, the waiting rows go to the next
+                    if self.config.concurrent_prefill and run.live():
+                        joining = self._prefill_beside(run)
+                    else:
+                        self._place(run)
                 lanes = [lane for lane in run.lanes if lane.live_count]
                 for lane in lanes:
                     lane.sample()
@@ -252,7 +250,7 @@ class DecodeEngine:
             return None
         if self._prefiller is None:
             # Half the intra-op threads, so the prefill and the step that runs beside it do not each spread over
-            # every core (on 2 cores: one thread each, +5% tokens/s over two each, bench/RESULTS.md).
+            # every core (on 2 cores: one thread each, +4-6% tokens/s over two each in two rounds, bench/RESULTS.md).
             threads = max(1, torch.get_num_threads() // 2)
             self._prefiller = ThreadPoolExecutor(
                 1, thread_name_prefix="decode-prefill", initializer=torch.set_num_threads, initargs=(threads,)
