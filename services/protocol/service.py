@@ -90,6 +90,11 @@ class HealthResponse(BaseModel):
     backend: str = Field(description="transformers | unsloth")
     device: str
     model: str
+    decode_dtype: str = Field(
+        default="",
+        description="the weights' dtype generation decodes with (TRAINER_DECODE_DTYPE resolved: float32 or bfloat16 "
+        "on CPU); sampled log-probs come from it, scoring and training from the model",
+    )
     adapter_version: int
     adapter_path: str | None = Field(
         default=None,

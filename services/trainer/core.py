@@ -56,6 +56,8 @@ class CoreFacts:
     vocab_size: int
     # the ids that end a sample (a remote core's front end detokenizes with them)
     eos_ids: tuple[int, ...] = ()
+    # the weights' dtype generation decodes with ("float32", "bfloat16"): sampled log-probs come from it
+    decode_dtype: str = ""
 
 
 @dataclass
@@ -135,6 +137,7 @@ class LocalCore(EngineCore):
             max_context=student.max_context,
             vocab_size=student.vocab_size,
             eos_ids=tuple(student.eos_ids),
+            decode_dtype=str(student.decode_dtype).removeprefix("torch."),
         )
         # The worker thread decodes with student.tokenizer; request handlers get their own copy (Rust tokenizers
         # must not be used from two threads at once).

@@ -286,6 +286,7 @@ class TrainerEngine:
             backend=facts.backend,
             device=facts.device,
             model=facts.name,
+            decode_dtype=facts.decode_dtype,
             adapter_version=stats.adapter_version,
             adapter_path=stats.adapter_path,
             step=stats.step,

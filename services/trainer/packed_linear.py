@@ -15,11 +15,24 @@ summation order differs).
 from __future__ import annotations
 
 import logging
+import platform
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+def native_bf16_matmul() -> bool:
+    """Whether this is an x86 CPU with bf16 matrix instructions (AVX512-BF16 or AMX tiles). oneDNN runs bf16 on
+    any AVX-512 CPU (`torch.ops.mkldnn._is_mkldnn_bf16_supported`), but without them by emulation, slower than
+    float32. Other architectures answer False: bf16 decoding has not been measured there."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    checks = (
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return any(check is not None and check() for check in checks)
 
 
 def packing_available(dtype: torch.dtype) -> bool:

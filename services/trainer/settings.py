@@ -105,11 +105,12 @@ class TrainerSettings(BaseSettings):
         False  # ... and torch.compiles the step inside them (fewer kernels; a compile at start)
     )
     # The weights' dtype of the merged decode copies (decode_weights.py): "model" = the model's own (float32 on CPU,
-    # bf16 on CUDA); "bfloat16" = bf16 copies on a float32 model, for CPUs with bf16 matrix instructions (avx512_bf16,
-    # AMX), where a decode step's GEMMs run 2.5-4.5x faster (bench/RESULTS.md). Sampled log-probs then come from the
-    # bf16 copy, not the float32 model that scores and trains (as with a bf16 vLLM student). Scoring and training
-    # are unchanged.
-    decode_dtype: Literal["model", "bfloat16"] = "model"
+    # bf16 on CUDA); "bfloat16" = bf16 copies on a float32 model; "auto" = bf16 on x86 CPUs with bf16 matrix
+    # instructions (avx512_bf16, AMX), where a decode step's GEMMs run 2.5-4.5x faster (bench/RESULTS.md), the
+    # model's own elsewhere (decode_weights.choose_decode_dtype). With bf16 copies, sampled log-probs come from
+    # them, not the float32 model that scores and trains (as with a bf16 vLLM student). Scoring and training are
+    # unchanged; /health's decode_dtype says which one generation uses.
+    decode_dtype: Literal["auto", "model", "bfloat16"] = "auto"
     # On CPU, the decode copies' linear layers hold their weights pre-packed by oneDNN (packed_linear.py): 2-3x
     # faster decode GEMMs, for one packed copy of the base weights in memory (float32: ~540 MB for SmolLM2-135M;
     # bf16: in place of the plain bf16 casts). Ignored on CUDA, where this torch or CPU cannot pack, and with

@@ -20,7 +20,7 @@ import torch
 from services.protocol import LossSettings
 
 from .backends import Backend
-from .decode_weights import MergedDecoder, merge_blocker
+from .decode_weights import MergedDecoder, choose_decode_dtype, merge_blocker
 from .detokenize import finish_sample
 from .generation import Admit, DecodeLoop, OnDone
 from .items import DecodedRow, Finished, GenerationRequest, GrpoItem, ScoreItem, StepResult
@@ -89,21 +89,24 @@ class Student:
         # Generation decodes through plain copies with the adapter merged in (decode_weights.py: peft's wrappers
         # cost ~35% of a decode step); None = through the model as the backend has it, where merging is not possible.
         blocker = backend.merged_decode_off or merge_blocker(model)
-        decode_dtype = torch.bfloat16 if settings.decode_dtype == "bfloat16" else None
+        model_dtype = causal_lm.dtype
+        decode_dtype = choose_decode_dtype(settings.decode_dtype, model_dtype, device)
         pack = (
             settings.decode_packed
             and device.type == "cpu"
             and not settings.decode_compile  # dynamo cannot trace oneDNN's opaque packed weights
-            and packing_available(decode_dtype or model.get_base_model().dtype)
+            and packing_available(decode_dtype)
         )
         self.merged_decoder = (
             MergedDecoder(model, dtype=decode_dtype, pack=pack, fuse=not settings.decode_compile)
             if blocker is None
             else None
         )
+        # the weights' dtype generation decodes with (sampled log-probs come from it; /health reports it)
+        self.decode_dtype = decode_dtype if blocker is None else model_dtype
         if blocker is not None:
             log.info("generation runs through the peft model: the adapter cannot be merged with %s", blocker)
-            if decode_dtype is not None:
+            if settings.decode_dtype == "bfloat16" and model_dtype != torch.bfloat16:
                 log.warning(
                     "TRAINER_DECODE_DTYPE=bfloat16 has no effect: generation runs through the peft model"
                 )

@@ -31,7 +31,9 @@ def trainer_service(trainer_model_dir, tmp_path_factory, request):
     runs against both."""
     from support.trainer_process import TrainerProcess
 
-    env = {"TRAINER_ENGINE_PROCESS": str(request.param).lower()}
+    # float32 decoding: these tests hold generation to transformers' float32 generate and scoring (on a CPU with
+    # bf16 instructions the default decodes through a bf16 copy; tests/trainer/test_decode_weights.py covers it)
+    env = {"TRAINER_ENGINE_PROCESS": str(request.param).lower(), "TRAINER_DECODE_DTYPE": "model"}
     with TrainerProcess(checkpoint_dir=tmp_path_factory.mktemp("trainer-ckpt"), env=env) as trainer:
         yield trainer
 
@@ -62,6 +64,7 @@ def test_health_and_models(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["backend"] == "transformers" and health["device"] == "cpu"
     assert health["adapter_version"] == 0 and health["step"] == 0
+    assert health["decode_dtype"] == "float32"  # TRAINER_DECODE_DTYPE=model on the float32 CPU model
     assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"student", "base"}
 
 

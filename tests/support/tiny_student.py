@@ -9,13 +9,16 @@ from services.trainer.settings import TrainerSettings
 
 
 def make_student(model_dir, tmp_path, **overrides):
+    """Decoding in the model's own float32 unless `decode_dtype` says otherwise: these tests hold generation to
+    float32 references (transformers' generate, the model's scoring) at 1e-4. The bf16 decode copy that "auto"
+    picks on CPUs with bf16 instructions has tests of its own (test_decode_weights.py)."""
     settings = TrainerSettings(
         model_source=str(model_dir),
         checkpoint_dir=tmp_path / "ckpt",
         lora_r=4,
         lora_alpha=8,
         learning_rate=1e-2,
-        **overrides,
+        **{"decode_dtype": "model", **overrides},
     )
     return load_student(settings)
 

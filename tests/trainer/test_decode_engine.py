@@ -113,8 +113,12 @@ def test_joining_rows_prefill_on_their_own_thread_beside_the_decode_step(student
         return passes
 
     monkeypatch.setattr(engine_lane, "prefill", on_which_thread)
-    requests = [GenerationRequest(p, max_tokens=6 + i, temperature=0) for i, p in enumerate(PROMPTS)]
-    beside = student.generate(requests)  # five requests, four slots: the fifth joins a running loop
+    # Five requests, four slots: the fifth joins when the first frees its slot after 2 tokens, while three rows
+    # still have up to 38 steps to go (an end of sequence may end one early, all three at once is unlikely).
+    requests = [
+        GenerationRequest(p, max_tokens=2 if i == 0 else 40, temperature=0) for i, p in enumerate(PROMPTS)
+    ]
+    beside = student.generate(requests)
     engine.config.concurrent_prefill = False
     try:
         in_line = student.generate(requests)

@@ -1,17 +1,20 @@
 """Generation through the plain models with the adapter merged in (decode_weights.py) matches generation through
 the peft model, for the student and for base, and never uses stale merged weights."""
 
+import platform
 import threading
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from services.protocol import LossSettings
-from services.trainer.decode_weights import merge_blocker
+from services.trainer.decode_weights import ModelDtypeHead, choose_decode_dtype, merge_blocker
 from services.trainer.fused_layers import FusedRMSNorm, SiblingGroup, SiblingSlice
-from services.trainer.items import GenerationRequest, GrpoItem
-from services.trainer.packed_linear import PackedLinear, packing_available
+from services.trainer.items import GenerationRequest, GrpoItem, ScoreItem
+from services.trainer.packed_linear import PackedLinear, native_bf16_matmul, packing_available
+from services.trainer.settings import TrainerSettings
 from support.tiny_student import make_student
 
 PROMPTS = [[5, 6, 7, 8, 9], [42], [100, 200, 300]]
@@ -131,8 +134,13 @@ def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_
     assert decoder.packed == packed
     assert student.model.get_base_model().dtype == torch.float32  # scoring and training stay float32
     assert decoder.base.dtype == decoder.student.dtype == torch.bfloat16
+    head = decoder.student.get_output_embeddings()
+    assert isinstance(head, ModelDtypeHead) and decoder.base.get_output_embeddings() is head  # one, shared
+    assert isinstance(head.linear, PackedLinear) == packed and weight(head.linear).dtype == torch.float32
     assert all(
-        weight(m).dtype == torch.bfloat16 for m in decoder.student.modules() if hasattr(m, "in_features")
+        weight(m).dtype == torch.bfloat16
+        for m in decoder.student.modules()
+        if hasattr(m, "in_features") and m not in (head, head.linear)
     )
     if not packed:
         # one bf16 cast of each base tensor, shared by both copies; the student owns only its target weights
@@ -159,6 +167,61 @@ def test_a_bf16_decode_copy_casts_once_merges_in_float32_and_leaves_training_in_
         for prompt, tokens in zip(PROMPTS, greedy(student), strict=True):
             logprobs = student.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
             assert logprobs.max() - logprobs[tokens[0]] < 0.05
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file(),
+    reason="reads Linux's x86 CPU flags",
+)
+def test_native_bf16_matmul_is_the_cpus_avx512_bf16_or_amx():
+    assert native_bf16_matmul() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags())
+
+
+def test_auto_decodes_in_bf16_only_a_float32_model_on_a_cpu_with_bf16_instructions():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16_here = native_bf16_matmul() and packing_available(torch.bfloat16)
+    assert choose_decode_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if bf16_here else torch.float32)
+    assert choose_decode_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
+    assert choose_decode_dtype("auto", torch.float32, cuda) == torch.float32  # no cast on a GPU
+    assert choose_decode_dtype("model", torch.float32, cpu) == torch.float32
+    assert choose_decode_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+
+
+def test_the_default_students_sampled_log_probs_stay_near_its_float32_scoring_and_weigh_near_one(
+    tiny_random_model_dir, tmp_path
+):
+    """The shipped default (auto) decodes on this CPU in the dtype choose_decode_dtype picks. Where that is the
+    bf16 copy, sampled log-probs differ from the float32 model's by bf16's rounding: GRPO's importance weights
+    (old / sampler) then stay near 1 and none is truncated, as with a bf16 vLLM student."""
+    default = TrainerSettings.model_fields["decode_dtype"].default
+    student = make_student(tiny_random_model_dir, tmp_path, decode_dtype=default)
+    expected = choose_decode_dtype(default, torch.float32, torch.device("cpu"))
+    assert student.decode_dtype == student.merged_decoder.student.dtype == expected
+    big_step(student)  # a merged adapter, not B = 0
+    requests = [
+        GenerationRequest(p, max_tokens=16, temperature=1.0, seed=i, logprobs=0)
+        for i, p in enumerate(PROMPTS)
+    ]
+    samples = [s[0] for s in student.generate(requests)]
+    scored = student.logprobs([ScoreItem(p, s.token_ids) for p, s in zip(PROMPTS, samples, strict=True)])
+    gaps = [
+        abs(a - b)
+        for s, want in zip(samples, scored, strict=True)
+        for a, b in zip(s.token_logprobs, want, strict=True)
+    ]
+    assert gaps and max(gaps) < (0.05 if expected == torch.bfloat16 else 1e-4)
+    items = [
+        GrpoItem(p, s.token_ids, advantage=1.0, sampler_logprobs=s.token_logprobs)
+        for p, s in zip(PROMPTS, samples, strict=True)
+    ]
+    result = student.grpo_step(items, LossSettings(beta=0.0, learning_rate=1e-6))
+    assert result.is_weight_mean == pytest.approx(1.0, abs=0.01) and result.is_truncated_fraction == 0.0
 
 
 def packed_of(layer):

@@ -33,6 +33,7 @@ def tiny_settings(model_dir, tmp_path) -> TrainerSettings:
         lora_r=4,
         lora_alpha=8,
         learning_rate=1e-2,
+        decode_dtype="model",
     )
 
 
