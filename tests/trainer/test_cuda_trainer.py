@@ -131,6 +131,7 @@ def test_health_reports_the_cuda_backend(cuda_client):
     assert health["status"] == "ok"
     assert health["device"].startswith("cuda")
     assert health["backend"] == BACKEND
+    assert health["decode_dtype"] == "bfloat16"  # TRAINER_DECODE_DTYPE=auto on CUDA: the model's own, no cast
 
 
 def test_student_is_4bit_nf4_with_bf16_compute_and_8bit_adamw(cuda_client):
