@@ -14,6 +14,7 @@ summation order differs).
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 
@@ -35,6 +36,7 @@ def native_bf16_matmul() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+@functools.cache  # a fact of this torch build and CPU: probed once per dtype (the Student asks twice as it loads)
 def packing_available(dtype: torch.dtype) -> bool:
     """Whether this torch and CPU pre-pack `dtype` linear weights, checked by packing a small one and comparing its
     product with F.linear (a torch without the ops, or a CPU without bf16 support, answers False)."""
